@@ -1,0 +1,1 @@
+//! The per-disk write journal kept at the recovery site.

@@ -1,0 +1,5 @@
+//! The data path that runs on every hypervisor host: write interception over NBD,
+//! the replication stream and, at the recovery site, the journal.
+
+pub mod journal;
+pub mod nbd;

@@ -1,0 +1,1 @@
+//! The NBD server through which guests read and write protected disks.

@@ -1,0 +1,1 @@
+//! The `bulwark` command line.

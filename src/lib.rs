@@ -1,0 +1,14 @@
+//! Bulwark: a multi-VM protection-group disaster-recovery orchestrator.
+//!
+//! Code map:
+//! - [`model`]: the pure domain (VPG settings, statuses, SLA maths). No I/O.
+//! - [`proto`]: every type that crosses a process boundary (REST bodies, agent messages).
+//! - [`manager`]: the control plane (HTTP API, database, SLA evaluation, operations).
+//! - [`agent`]: the data path (NBD interception, replication stream, journal).
+//! - [`cli`]: the `bulwark` command line.
+
+pub mod agent;
+pub mod cli;
+pub mod manager;
+pub mod model;
+pub mod proto;
