@@ -1,2 +1,16 @@
-//! Schema migrations for the manager database (SQLite and PostgreSQL alike).
+//! Schema migrations for the manager database. The schema builder keeps one set of
+//! migrations valid for SQLite and PostgreSQL alike. A migration is never edited after
+//! it lands: changes come as new migrations appended to the list.
+
 pub use sea_orm_migration::prelude::*;
+
+mod m20261123_000001_initial;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261123_000001_initial::Migration)]
+    }
+}

@@ -1,1 +1,12 @@
-//! The pure domain model: no I/O.
+//! The pure domain model: VPG settings and their rules, statuses and their derivation,
+//! the per-VM replication state, SLA arithmetic. Nothing here does I/O, reads a clock or
+//! knows about HTTP or the database; callers pass facts in and get decisions out.
+
+pub mod access;
+pub mod membership;
+pub mod names;
+pub mod settings;
+pub mod status;
+pub mod validation;
+
+pub use validation::ValidationError;

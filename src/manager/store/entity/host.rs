@@ -1,0 +1,26 @@
+//! The `hosts` table.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "hosts")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub site_id: String,
+    pub name: String,
+    pub address: Option<String>,
+    pub data_address: Option<String>,
+    pub nbd_address: Option<String>,
+    pub storage_path: Option<String>,
+    pub connectivity: String,
+    pub agent_version: Option<String>,
+    pub last_seen_at: Option<DateTimeUtc>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

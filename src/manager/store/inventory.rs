@@ -1,0 +1,771 @@
+//! Sites, hosts, VMs and disks.
+
+use super::entity::{disk, host, member, site, vm, vpg};
+use super::{
+    finish_page, i64_of, new_id, now, on_unique, page_limit, u64_of, Actor, NewEvent, Store,
+    StoreError,
+};
+use crate::model::names::Name;
+use crate::model::status::{derive_vm_state, VmFacts, VmReplicationState};
+use crate::model::ValidationError;
+use crate::proto::api::{
+    Connectivity, Disk, DiskCreate, Host, HostCreate, HostPatch, HostQuery, Nic, Page, PageQuery,
+    PowerState, Site, SiteCreate, SitePatch, SiteQuery, Vm, VmCreate, VmPatch, VmQuery,
+};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
+};
+use std::collections::HashMap;
+
+const MAX_DISKS_PER_VM: usize = 64;
+const MAX_NICS_PER_VM: usize = 32;
+
+fn to_site(m: site::Model) -> Site {
+    Site {
+        id: m.id,
+        name: m.name,
+        description: m.description,
+        location: m.location,
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+    }
+}
+
+fn to_host(m: host::Model) -> Host {
+    Host {
+        id: m.id,
+        site_id: m.site_id,
+        name: m.name,
+        address: m.address,
+        data_address: m.data_address,
+        nbd_address: m.nbd_address,
+        storage_path: m.storage_path,
+        connectivity: Connectivity::parse(&m.connectivity).unwrap_or(Connectivity::Unknown),
+        agent_version: m.agent_version,
+        last_seen_at: m.last_seen_at,
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+    }
+}
+
+fn to_disk(m: disk::Model) -> Disk {
+    Disk {
+        id: m.id,
+        vm_id: m.vm_id,
+        name: m.name,
+        size_bytes: u64_of(m.size_bytes),
+        path: m.path,
+        created_at: m.created_at,
+    }
+}
+
+fn check_text(field: &str, v: &Option<String>) -> Result<(), ValidationError> {
+    match v {
+        Some(s) if s.len() > 1024 || s.chars().any(char::is_control) => Err(ValidationError::new(
+            "validation.text_invalid",
+            field,
+            "must be at most 1024 printable characters",
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_nics(nics: &[Nic]) -> Result<(), ValidationError> {
+    if nics.len() > MAX_NICS_PER_VM {
+        return Err(ValidationError::new(
+            "vm.too_many_nics",
+            "nics",
+            format!("a VM has at most {MAX_NICS_PER_VM} NICs"),
+        ));
+    }
+    for (i, n) in nics.iter().enumerate() {
+        let at = format!("nics[{i}]");
+        Name::parse(&n.name).map_err(|e| e.under(&at))?;
+        if nics[..i].iter().any(|o| o.name == n.name) {
+            return Err(ValidationError::new(
+                "vm.duplicate_nic",
+                at,
+                format!("NIC `{}` is listed twice", n.name),
+            ));
+        }
+        for (j, a) in n.addresses.iter().enumerate() {
+            if crate::model::settings::Cidr::parse(a).is_none() {
+                return Err(ValidationError::new(
+                    "vm.nic_address_invalid",
+                    format!("{at}.addresses[{j}]"),
+                    format!("`{a}` is not an address in CIDR form such as 10.1.4.20/24"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_disk(d: &DiskCreate) -> Result<(), ValidationError> {
+    Name::parse(&d.name)?;
+    if d.size_bytes == 0 || d.size_bytes % 512 != 0 || d.size_bytes > i64::MAX as u64 {
+        return Err(ValidationError::new(
+            "disk.size_invalid",
+            "size_bytes",
+            "disk size must be a positive multiple of 512 bytes",
+        ));
+    }
+    check_text("path", &d.path)
+}
+
+impl Store {
+    // ---- sites ---------------------------------------------------------------------
+
+    pub async fn list_sites(&self, q: &SiteQuery, p: &PageQuery) -> Result<Page<Site>, StoreError> {
+        let limit = page_limit(p.limit)?;
+        let mut sel = site::Entity::find().order_by_asc(site::Column::Id);
+        if let Some(c) = &p.cursor {
+            sel = sel.filter(site::Column::Id.gt(c.as_str()));
+        }
+        if let Some(n) = &q.name {
+            sel = sel.filter(site::Column::Name.eq(n.as_str()));
+        }
+        let rows = sel.limit(limit + 1).all(&self.db).await?;
+        Ok(finish_page(rows, limit, |m| m.id.clone(), to_site))
+    }
+
+    pub async fn get_site(&self, id: &str) -> Result<Site, StoreError> {
+        site::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .map(to_site)
+            .ok_or_else(|| StoreError::not_found("site", id))
+    }
+
+    pub async fn create_site(&self, actor: &Actor, input: SiteCreate) -> Result<Site, StoreError> {
+        let name = Name::parse(&input.name)?;
+        check_text("description", &Some(input.description.clone()))?;
+        check_text("location", &input.location)?;
+        let t = now();
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let m = site::ActiveModel {
+            id: Set(new_id()),
+            name: Set(name.to_string()),
+            description: Set(input.description),
+            location: Set(input.location),
+            created_at: Set(t),
+            updated_at: Set(t),
+        }
+        .insert(&txn)
+        .await
+        .map_err(on_unique("site.name_taken", format!("a site named `{name}` exists")))?;
+        NewEvent::info("site.created", "site", &m.id, format!("site {name} created"))
+            .write(&txn, actor)
+            .await?;
+        txn.commit().await?;
+        Ok(to_site(m))
+    }
+
+    pub async fn update_site(&self, actor: &Actor, id: &str, p: SitePatch) -> Result<Site, StoreError> {
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let cur = site::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found("site", id))?;
+        let mut am = cur.into_active_model();
+        if let Some(n) = p.name {
+            am.name = Set(Name::parse(&n)?.to_string());
+        }
+        if let Some(d) = p.description {
+            check_text("description", &Some(d.clone()))?;
+            am.description = Set(d);
+        }
+        if let Some(l) = p.location {
+            check_text("location", &l)?;
+            am.location = Set(l);
+        }
+        am.updated_at = Set(now());
+        let m = am
+            .update(&txn)
+            .await
+            .map_err(on_unique("site.name_taken", "a site with that name exists".into()))?;
+        NewEvent::info("site.updated", "site", id, format!("site {} updated", m.name))
+            .write(&txn, actor)
+            .await?;
+        txn.commit().await?;
+        Ok(to_site(m))
+    }
+
+    pub async fn delete_site(&self, actor: &Actor, id: &str) -> Result<(), StoreError> {
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let cur = site::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found("site", id))?;
+        let hosts = host::Entity::find()
+            .filter(host::Column::SiteId.eq(id))
+            .count(&txn)
+            .await?;
+        if hosts > 0 {
+            return Err(StoreError::conflict(
+                "site.in_use",
+                format!("site {} still has {hosts} host(s)", cur.name),
+            ));
+        }
+        let vpgs = vpg::Entity::find()
+            .filter(
+                vpg::Column::ProtectedSiteId
+                    .eq(id)
+                    .or(vpg::Column::RecoverySiteId.eq(id)),
+            )
+            .count(&txn)
+            .await?;
+        if vpgs > 0 {
+            return Err(StoreError::conflict(
+                "site.in_use",
+                format!("site {} is used by {vpgs} VPG(s)", cur.name),
+            ));
+        }
+        site::Entity::delete_by_id(id).exec(&txn).await?;
+        NewEvent::info("site.deleted", "site", id, format!("site {} deleted", cur.name))
+            .write(&txn, actor)
+            .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    // ---- hosts ---------------------------------------------------------------------
+
+    pub async fn list_hosts(&self, q: &HostQuery, p: &PageQuery) -> Result<Page<Host>, StoreError> {
+        let limit = page_limit(p.limit)?;
+        let mut sel = host::Entity::find().order_by_asc(host::Column::Id);
+        if let Some(c) = &p.cursor {
+            sel = sel.filter(host::Column::Id.gt(c.as_str()));
+        }
+        if let Some(s) = &q.site {
+            sel = sel.filter(host::Column::SiteId.eq(s.as_str()));
+        }
+        if let Some(c) = q.connectivity {
+            sel = sel.filter(host::Column::Connectivity.eq(c.as_str()));
+        }
+        let rows = sel.limit(limit + 1).all(&self.db).await?;
+        Ok(finish_page(rows, limit, |m| m.id.clone(), to_host))
+    }
+
+    pub async fn get_host(&self, id: &str) -> Result<Host, StoreError> {
+        host::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .map(to_host)
+            .ok_or_else(|| StoreError::not_found("host", id))
+    }
+
+    pub async fn create_host(&self, actor: &Actor, input: HostCreate) -> Result<Host, StoreError> {
+        let name = Name::parse(&input.name)?;
+        for (f, v) in [
+            ("address", &input.address),
+            ("data_address", &input.data_address),
+            ("nbd_address", &input.nbd_address),
+            ("storage_path", &input.storage_path),
+        ] {
+            check_text(f, v)?;
+        }
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        if site::Entity::find_by_id(&input.site_id).one(&txn).await?.is_none() {
+            return Err(ValidationError::new(
+                "host.unknown_site",
+                "site_id",
+                format!("no site with id {}", input.site_id),
+            )
+            .into());
+        }
+        let t = now();
+        let m = host::ActiveModel {
+            id: Set(new_id()),
+            site_id: Set(input.site_id),
+            name: Set(name.to_string()),
+            address: Set(input.address),
+            data_address: Set(input.data_address),
+            nbd_address: Set(input.nbd_address),
+            storage_path: Set(input.storage_path),
+            connectivity: Set(Connectivity::Unknown.as_str().to_string()),
+            agent_version: Set(None),
+            last_seen_at: Set(None),
+            created_at: Set(t),
+            updated_at: Set(t),
+        }
+        .insert(&txn)
+        .await
+        .map_err(on_unique("host.name_taken", format!("a host named `{name}` exists")))?;
+        NewEvent::info("host.created", "host", &m.id, format!("host {name} created"))
+            .write(&txn, actor)
+            .await?;
+        txn.commit().await?;
+        Ok(to_host(m))
+    }
+
+    pub async fn update_host(&self, actor: &Actor, id: &str, p: HostPatch) -> Result<Host, StoreError> {
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let cur = host::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found("host", id))?;
+        let mut am = cur.into_active_model();
+        if let Some(n) = p.name {
+            am.name = Set(Name::parse(&n)?.to_string());
+        }
+        macro_rules! opt {
+            ($f:ident) => {
+                if let Some(v) = p.$f {
+                    check_text(stringify!($f), &v)?;
+                    am.$f = Set(v);
+                }
+            };
+        }
+        opt!(address);
+        opt!(data_address);
+        opt!(nbd_address);
+        opt!(storage_path);
+        am.updated_at = Set(now());
+        let m = am
+            .update(&txn)
+            .await
+            .map_err(on_unique("host.name_taken", "a host with that name exists".into()))?;
+        NewEvent::info("host.updated", "host", id, format!("host {} updated", m.name))
+            .write(&txn, actor)
+            .await?;
+        txn.commit().await?;
+        Ok(to_host(m))
+    }
+
+    pub async fn delete_host(&self, actor: &Actor, id: &str) -> Result<(), StoreError> {
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let cur = host::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found("host", id))?;
+        let vms = vm::Entity::find()
+            .filter(vm::Column::HostId.eq(id))
+            .count(&txn)
+            .await?;
+        if vms > 0 {
+            return Err(StoreError::conflict(
+                "host.in_use",
+                format!("host {} still runs {vms} VM(s)", cur.name),
+            ));
+        }
+        let recovering = member::Entity::find()
+            .filter(member::Column::RecoveryHostId.eq(id))
+            .count(&txn)
+            .await?;
+        if recovering > 0 {
+            return Err(StoreError::conflict(
+                "host.in_use",
+                format!("host {} is the recovery host of {recovering} protected VM(s)", cur.name),
+            ));
+        }
+        host::Entity::delete_by_id(id).exec(&txn).await?;
+        NewEvent::info("host.deleted", "host", id, format!("host {} deleted", cur.name))
+            .write(&txn, actor)
+            .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    // ---- VMs and disks -----------------------------------------------------------------
+
+    /// Builds API VMs for `rows` with two extra queries (disks, memberships) in all,
+    /// never one per VM.
+    async fn to_vms(&self, db: &impl ConnectionTrait, rows: Vec<vm::Model>) -> Result<Vec<Vm>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = rows.iter().map(|v| v.id.clone()).collect();
+        let host_ids: Vec<String> = rows.iter().map(|v| v.host_id.clone()).collect();
+        let mut disks: HashMap<String, Vec<Disk>> = HashMap::new();
+        for d in disk::Entity::find()
+            .filter(disk::Column::VmId.is_in(ids.clone()))
+            .order_by_asc(disk::Column::Name)
+            .all(db)
+            .await?
+        {
+            disks.entry(d.vm_id.clone()).or_default().push(to_disk(d));
+        }
+        let members: HashMap<String, String> = member::Entity::find()
+            .filter(member::Column::VmId.is_in(ids))
+            .all(db)
+            .await?
+            .into_iter()
+            .map(|m| (m.vm_id, m.vpg_id))
+            .collect();
+        let vpg_ids: Vec<String> = members.values().cloned().collect();
+        let lifecycles: HashMap<String, (String, bool)> = if vpg_ids.is_empty() {
+            HashMap::new()
+        } else {
+            vpg::Entity::find()
+                .filter(vpg::Column::Id.is_in(vpg_ids))
+                .all(db)
+                .await?
+                .into_iter()
+                .map(|v| (v.id, (v.lifecycle, v.paused)))
+                .collect()
+        };
+        let sites: HashMap<String, String> = host::Entity::find()
+            .filter(host::Column::Id.is_in(host_ids))
+            .all(db)
+            .await?
+            .into_iter()
+            .map(|h| (h.id, h.site_id))
+            .collect();
+        Ok(rows
+            .into_iter()
+            .map(|m| {
+                let vpg_id = members.get(&m.id).cloned();
+                let state = vm_state(vpg_id.as_ref().and_then(|v| lifecycles.get(v)));
+                Vm {
+                    site_id: sites.get(&m.host_id).cloned().unwrap_or_default(),
+                    disks: disks.remove(&m.id).unwrap_or_default(),
+                    nics: serde_json::from_value(m.nics).unwrap_or_default(),
+                    power_state: PowerState::parse(&m.power_state).unwrap_or(PowerState::Off),
+                    cpus: u32::try_from(m.cpus).unwrap_or(0),
+                    memory_mib: u64_of(m.memory_mib),
+                    replication_state: state,
+                    vpg_id,
+                    id: m.id,
+                    host_id: m.host_id,
+                    name: m.name,
+                    created_at: m.created_at,
+                    updated_at: m.updated_at,
+                }
+            })
+            .collect())
+    }
+
+    pub async fn list_vms(&self, q: &VmQuery, p: &PageQuery) -> Result<Page<Vm>, StoreError> {
+        let limit = page_limit(p.limit)?;
+        let mut sel = vm::Entity::find().order_by_asc(vm::Column::Id);
+        if let Some(c) = &p.cursor {
+            sel = sel.filter(vm::Column::Id.gt(c.as_str()));
+        }
+        if let Some(h) = &q.host {
+            sel = sel.filter(vm::Column::HostId.eq(h.as_str()));
+        }
+        if let Some(n) = &q.name {
+            sel = sel.filter(vm::Column::Name.eq(n.as_str()));
+        }
+        if let Some(s) = &q.site {
+            let hosts: Vec<String> = host::Entity::find()
+                .filter(host::Column::SiteId.eq(s.as_str()))
+                .select_only()
+                .column(host::Column::Id)
+                .into_tuple()
+                .all(&self.db)
+                .await?;
+            sel = sel.filter(vm::Column::HostId.is_in(hosts));
+        }
+        if let Some(protected) = q.protected {
+            use sea_orm::sea_query::Query;
+            let sub = Query::select()
+                .column(member::Column::VmId)
+                .from(member::Entity)
+                .to_owned();
+            sel = if protected {
+                sel.filter(vm::Column::Id.in_subquery(sub))
+            } else {
+                sel.filter(vm::Column::Id.not_in_subquery(sub))
+            };
+        }
+        let rows = sel.limit(limit + 1).all(&self.db).await?;
+        let more = rows.len() as u64 > limit;
+        let mut vms = self.to_vms(&self.db, rows).await?;
+        vms.truncate(limit as usize);
+        let next_cursor = if more { vms.last().map(|v| v.id.clone()) } else { None };
+        Ok(Page { items: vms, next_cursor })
+    }
+
+    pub async fn get_vm(&self, id: &str) -> Result<Vm, StoreError> {
+        let m = vm::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| StoreError::not_found("vm", id))?;
+        let mut v = self.to_vms(&self.db, vec![m]).await?;
+        v.pop().ok_or_else(|| StoreError::not_found("vm", id))
+    }
+
+    pub async fn create_vm(&self, actor: &Actor, input: VmCreate) -> Result<Vm, StoreError> {
+        let name = Name::parse(&input.name)?;
+        check_nics(&input.nics)?;
+        if input.disks.len() > MAX_DISKS_PER_VM {
+            return Err(ValidationError::new(
+                "vm.too_many_disks",
+                "disks",
+                format!("a VM has at most {MAX_DISKS_PER_VM} disks"),
+            )
+            .into());
+        }
+        for (i, d) in input.disks.iter().enumerate() {
+            check_disk(d).map_err(|e| e.under(&format!("disks[{i}]")))?;
+            if input.disks[..i].iter().any(|o| o.name == d.name) {
+                return Err(ValidationError::new(
+                    "vm.duplicate_disk",
+                    format!("disks[{i}].name"),
+                    format!("disk `{}` is listed twice", d.name),
+                )
+                .into());
+            }
+        }
+        if input.cpus == 0 || input.cpus > 1024 {
+            return Err(ValidationError::new("vm.cpus_out_of_range", "cpus", "cpus must be 1 to 1024").into());
+        }
+        let memory = i64_of(input.memory_mib, "memory_mib")?;
+        if memory == 0 {
+            return Err(ValidationError::new("vm.memory_out_of_range", "memory_mib", "memory must be positive").into());
+        }
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        if host::Entity::find_by_id(&input.host_id).one(&txn).await?.is_none() {
+            return Err(ValidationError::new(
+                "vm.unknown_host",
+                "host_id",
+                format!("no host with id {}", input.host_id),
+            )
+            .into());
+        }
+        let t = now();
+        let id = new_id();
+        let m = vm::ActiveModel {
+            id: Set(id.clone()),
+            host_id: Set(input.host_id),
+            name: Set(name.to_string()),
+            power_state: Set(input.power_state.as_str().to_string()),
+            cpus: Set(input.cpus as i32),
+            memory_mib: Set(memory),
+            nics: Set(serde_json::to_value(&input.nics).unwrap_or_default()),
+            created_at: Set(t),
+            updated_at: Set(t),
+        }
+        .insert(&txn)
+        .await
+        .map_err(on_unique("vm.name_taken", format!("the host already has a VM named `{name}`")))?;
+        for d in input.disks {
+            insert_disk(&txn, &id, d).await?;
+        }
+        NewEvent::info("vm.created", "vm", &id, format!("VM {name} created"))
+            .write(&txn, actor)
+            .await?;
+        let mut out = self.to_vms(&txn, vec![m]).await?;
+        txn.commit().await?;
+        out.pop().ok_or_else(|| StoreError::not_found("vm", &id))
+    }
+
+    pub async fn update_vm(&self, actor: &Actor, id: &str, p: VmPatch) -> Result<Vm, StoreError> {
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let cur = vm::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found("vm", id))?;
+        let old_host = cur.host_id.clone();
+        let mut am = cur.into_active_model();
+        if let Some(n) = p.name {
+            am.name = Set(Name::parse(&n)?.to_string());
+        }
+        if let Some(h) = p.host_id {
+            let sites: Vec<(String, String)> = host::Entity::find()
+                .filter(host::Column::Id.is_in([h.clone(), old_host.clone()]))
+                .select_only()
+                .column(host::Column::Id)
+                .column(host::Column::SiteId)
+                .into_tuple()
+                .all(&txn)
+                .await?;
+            let site_of = |id: &str| sites.iter().find(|(h, _)| h == id).map(|(_, s)| s.clone());
+            match (site_of(&h), site_of(&old_host)) {
+                (None, _) => {
+                    return Err(ValidationError::new("vm.unknown_host", "host_id", format!("no host with id {h}")).into())
+                }
+                (Some(new), Some(old)) if new != old => {
+                    return Err(ValidationError::new(
+                        "vm.host_in_other_site",
+                        "host_id",
+                        "a VM can move only to a host of its own site",
+                    )
+                    .into())
+                }
+                _ => am.host_id = Set(h),
+            }
+        }
+        if let Some(ps) = p.power_state {
+            am.power_state = Set(ps.as_str().to_string());
+        }
+        if let Some(c) = p.cpus {
+            if c == 0 || c > 1024 {
+                return Err(ValidationError::new("vm.cpus_out_of_range", "cpus", "cpus must be 1 to 1024").into());
+            }
+            am.cpus = Set(c as i32);
+        }
+        if let Some(mem) = p.memory_mib {
+            let mem = i64_of(mem, "memory_mib")?;
+            if mem == 0 {
+                return Err(ValidationError::new("vm.memory_out_of_range", "memory_mib", "memory must be positive").into());
+            }
+            am.memory_mib = Set(mem);
+        }
+        if let Some(nics) = p.nics {
+            check_nics(&nics)?;
+            am.nics = Set(serde_json::to_value(&nics).unwrap_or_default());
+        }
+        am.updated_at = Set(now());
+        let m = am
+            .update(&txn)
+            .await
+            .map_err(on_unique("vm.name_taken", "the host already has a VM with that name".into()))?;
+        NewEvent::info("vm.updated", "vm", id, format!("VM {} updated", m.name))
+            .write(&txn, actor)
+            .await?;
+        let mut out = self.to_vms(&txn, vec![m]).await?;
+        txn.commit().await?;
+        out.pop().ok_or_else(|| StoreError::not_found("vm", id))
+    }
+
+    pub async fn delete_vm(&self, actor: &Actor, id: &str) -> Result<(), StoreError> {
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let cur = vm::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found("vm", id))?;
+        if let Some(m) = member::Entity::find()
+            .filter(member::Column::VmId.eq(id))
+            .one(&txn)
+            .await?
+        {
+            return Err(StoreError::conflict(
+                "vm.protected",
+                format!("VM {} belongs to VPG {}; remove it from the VPG first", cur.name, m.vpg_id),
+            ));
+        }
+        vm::Entity::delete_by_id(id).exec(&txn).await?;
+        NewEvent::info("vm.deleted", "vm", id, format!("VM {} deleted", cur.name))
+            .write(&txn, actor)
+            .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    pub async fn list_disks(&self, vm_id: &str) -> Result<Vec<Disk>, StoreError> {
+        if vm::Entity::find_by_id(vm_id).one(&self.db).await?.is_none() {
+            return Err(StoreError::not_found("vm", vm_id));
+        }
+        Ok(disk::Entity::find()
+            .filter(disk::Column::VmId.eq(vm_id))
+            .order_by_asc(disk::Column::Name)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(to_disk)
+            .collect())
+    }
+
+    pub async fn add_disk(&self, actor: &Actor, vm_id: &str, d: DiskCreate) -> Result<Disk, StoreError> {
+        check_disk(&d)?;
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        if vm::Entity::find_by_id(vm_id).one(&txn).await?.is_none() {
+            return Err(StoreError::not_found("vm", vm_id));
+        }
+        let count = disk::Entity::find()
+            .filter(disk::Column::VmId.eq(vm_id))
+            .count(&txn)
+            .await?;
+        if count as usize >= MAX_DISKS_PER_VM {
+            return Err(ValidationError::new(
+                "vm.too_many_disks",
+                "disks",
+                format!("a VM has at most {MAX_DISKS_PER_VM} disks"),
+            )
+            .into());
+        }
+        let m = insert_disk(&txn, vm_id, d).await?;
+        NewEvent::info("disk.created", "disk", &m.id, format!("disk {} added", m.name))
+            .details(serde_json::json!({ "vm_id": vm_id }))
+            .write(&txn, actor)
+            .await?;
+        txn.commit().await?;
+        Ok(to_disk(m))
+    }
+
+    pub async fn delete_disk(&self, actor: &Actor, vm_id: &str, disk_id: &str) -> Result<(), StoreError> {
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let d = disk::Entity::find_by_id(disk_id)
+            .filter(disk::Column::VmId.eq(vm_id))
+            .one(&txn)
+            .await?
+            .ok_or_else(|| StoreError::not_found("disk", disk_id))?;
+        if member::Entity::find()
+            .filter(member::Column::VmId.eq(vm_id))
+            .one(&txn)
+            .await?
+            .is_some()
+        {
+            return Err(StoreError::conflict(
+                "vm.protected",
+                "the VM is protected; remove it from its VPG before removing a disk",
+            ));
+        }
+        disk::Entity::delete_by_id(disk_id).exec(&txn).await?;
+        NewEvent::info("disk.deleted", "disk", disk_id, format!("disk {} removed", d.name))
+            .details(serde_json::json!({ "vm_id": vm_id }))
+            .write(&txn, actor)
+            .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+}
+
+async fn insert_disk(db: &impl ConnectionTrait, vm_id: &str, d: DiskCreate) -> Result<disk::Model, StoreError> {
+    let name = d.name.trim().to_string();
+    disk::ActiveModel {
+        id: Set(new_id()),
+        vm_id: Set(vm_id.to_string()),
+        name: Set(name.clone()),
+        size_bytes: Set(i64_of(d.size_bytes, "size_bytes")?),
+        path: Set(d.path),
+        created_at: Set(now()),
+    }
+    .insert(db)
+    .await
+    .map_err(on_unique("disk.name_taken", format!("the VM already has a disk named `{name}`")))
+}
+
+/// The Hyper-V-style state of a VM from its VPG's lifecycle (None: not protected).
+pub(crate) fn vm_state(vpg: Option<&(String, bool)>) -> VmReplicationState {
+    let facts = match vpg {
+        None => VmFacts {
+            protected: false,
+            initial_sync_done: false,
+            syncing: false,
+            sync_pending: false,
+            sync_interrupted: false,
+            paused: false,
+            error: false,
+            prepared_for_move: false,
+            failed_over: false,
+        },
+        Some((lifecycle, paused)) => VmFacts {
+            protected: true,
+            initial_sync_done: lifecycle != "creating",
+            syncing: false,
+            sync_pending: false,
+            sync_interrupted: false,
+            paused: *paused,
+            error: false,
+            prepared_for_move: false,
+            failed_over: lifecycle == "recovered",
+        },
+    };
+    derive_vm_state(&facts)
+}

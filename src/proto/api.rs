@@ -1,0 +1,575 @@
+//! REST request and response bodies of `/api/v1`. Enumerations travel as snake_case
+//! strings; `GET /api/v1/lookups` lists every value with its label and description.
+
+use crate::model::access::Role;
+use crate::model::settings::{MemberSettings, VpgSettings, VpgSettingsPatch};
+use crate::model::status::{VmReplicationState, VpgStatus, VpgSubStatus};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+/// `absent` → None, `null` → Some(None), value → Some(Some(v)): lets a PATCH clear a field.
+fn double_option<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// One page of a list. Pass `next_cursor` back as `cursor` for the next page.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items per page, 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+// ---- sites -------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Site {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub location: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteCreate {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub location: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SitePatch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub location: Option<Option<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SiteQuery {
+    /// Exact name.
+    pub name: Option<String>,
+}
+
+// ---- hosts -------------------------------------------------------------------------
+
+/// Whether the manager hears from a host's agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Connectivity {
+    /// No agent has registered for this host yet.
+    Unknown,
+    Connected,
+    Disconnected,
+}
+
+impl Connectivity {
+    pub const ALL: [Connectivity; 3] = [Self::Unknown, Self::Connected, Self::Disconnected];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Connected => "connected",
+            Self::Disconnected => "disconnected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub id: String,
+    pub site_id: String,
+    pub name: String,
+    /// Management address of the host.
+    pub address: Option<String>,
+    /// Where the agent accepts replication streams (host:port).
+    pub data_address: Option<String>,
+    /// Where the agent serves NBD exports (host:port).
+    pub nbd_address: Option<String>,
+    /// Default storage for journals and replica disks received by this host.
+    pub storage_path: Option<String>,
+    pub connectivity: Connectivity,
+    pub agent_version: Option<String>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostCreate {
+    pub site_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub data_address: Option<String>,
+    #[serde(default)]
+    pub nbd_address: Option<String>,
+    #[serde(default)]
+    pub storage_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostPatch {
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub address: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub data_address: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub nbd_address: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub storage_path: Option<Option<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HostQuery {
+    /// Only hosts of this site.
+    pub site: Option<String>,
+    pub connectivity: Option<Connectivity>,
+}
+
+// ---- VMs and disks -----------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    On,
+    Off,
+}
+
+impl PowerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::On, Self::Off].into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// A network interface as the hypervisor reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    pub name: String,
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Addresses in CIDR form, e.g. `10.1.4.20/24`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Disk {
+    pub id: String,
+    pub vm_id: String,
+    pub name: String,
+    pub size_bytes: u64,
+    /// Location on the host (raw image file or block device).
+    pub path: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCreate {
+    pub name: String,
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    pub id: String,
+    pub host_id: String,
+    pub site_id: String,
+    pub name: String,
+    pub power_state: PowerState,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub nics: Vec<Nic>,
+    pub disks: Vec<Disk>,
+    /// The VPG protecting this VM, if any.
+    pub vpg_id: Option<String>,
+    pub replication_state: VmReplicationState,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    pub host_id: String,
+    pub name: String,
+    #[serde(default = "default_power")]
+    pub power_state: PowerState,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+    #[serde(default)]
+    pub disks: Vec<DiskCreate>,
+}
+
+fn default_power() -> PowerState {
+    PowerState::Off
+}
+fn default_cpus() -> u32 {
+    1
+}
+fn default_memory() -> u64 {
+    1024
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmPatch {
+    pub name: Option<String>,
+    /// Moving a VM to another host (vMotion-style) within its site.
+    pub host_id: Option<String>,
+    pub power_state: Option<PowerState>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub nics: Option<Vec<Nic>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VmQuery {
+    pub host: Option<String>,
+    pub site: Option<String>,
+    /// `true`: only VMs in a VPG; `false`: only VMs in none (candidates for a new VPG).
+    pub protected: Option<bool>,
+    pub name: Option<String>,
+}
+
+// ---- VPGs --------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Member {
+    #[serde(flatten)]
+    pub settings: MemberSettings,
+    pub vm_name: String,
+    pub replication_state: VmReplicationState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Vpg {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub protected_site_id: Option<String>,
+    pub recovery_site_id: String,
+    pub status: VpgStatus,
+    pub sub_status: VpgSubStatus,
+    pub paused: bool,
+    pub settings: VpgSettings,
+    pub vm_count: u32,
+    /// Present on `GET /vpgs/{id}`; omitted from lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<Member>>,
+    /// Seconds since the newest recoverable checkpoint; null before the first one.
+    pub rpo_actual_secs: Option<f64>,
+    pub history_actual_secs: Option<u64>,
+    pub journal_bytes: u64,
+    pub last_test_at: Option<DateTime<Utc>>,
+    /// Increases with every change; send it back in `If-Match` to update safely.
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VpgCreate {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Optional: the site of the member VMs is used when absent.
+    #[serde(default)]
+    pub protected_site_id: Option<String>,
+    pub recovery_site_id: String,
+    #[serde(default)]
+    pub settings: VpgSettings,
+    #[serde(default)]
+    pub members: Vec<MemberSettings>,
+}
+
+/// Full replacement of a VPG's definition (`PUT`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VpgReplace {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub recovery_site_id: String,
+    #[serde(default)]
+    pub protected_site_id: Option<String>,
+    pub settings: VpgSettings,
+    pub members: Vec<MemberSettings>,
+}
+
+/// Partial update of a VPG (`PATCH`): absent fields keep their value.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VpgPatch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub recovery_site_id: Option<String>,
+    pub settings: Option<VpgSettingsPatch>,
+    /// Replaces the whole member list when present.
+    pub members: Option<Vec<MemberSettings>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VpgQuery {
+    pub status: Option<VpgStatus>,
+    /// VPGs protecting from or recovering to this site.
+    pub site: Option<String>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MemberRemoveQuery {
+    /// Keep the replica disks at the recovery site (default true).
+    pub keep_recovery_disks: Option<bool>,
+}
+
+// ---- checkpoints, tasks, events, alerts ----------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Checkpoint {
+    pub id: i64,
+    pub vpg_id: String,
+    pub taken_at: DateTime<Utc>,
+    /// `scheduled`, `user_tagged` or `app_consistent`.
+    pub kind: String,
+    pub tag: Option<String>,
+    pub recoverable: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CheckpointQuery {
+    pub recoverable: Option<bool>,
+    /// Only checkpoints with a tag.
+    pub tagged: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TaskStep {
+    pub name: String,
+    /// `pending`, `running`, `succeeded`, `failed` or `skipped`.
+    pub state: String,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Task {
+    pub id: String,
+    pub vpg_id: Option<String>,
+    pub kind: String,
+    /// `pending`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    /// 0 to 100.
+    pub progress: f64,
+    pub steps: Vec<TaskStep>,
+    pub current_step: u32,
+    pub error: Option<String>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TaskQuery {
+    pub vpg: Option<String>,
+    pub state: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// Dotted kind, e.g. `vpg.created`, `sync.finished`.
+    pub kind: String,
+    /// `info`, `warning` or `error`.
+    pub severity: String,
+    /// Who caused it: a token name, `system` or an agent.
+    pub actor: String,
+    pub vpg_id: Option<String>,
+    pub subject_type: String,
+    pub subject_id: Option<String>,
+    pub message: String,
+    pub details: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    pub vpg: Option<String>,
+    /// Exact kind, or a prefix ending in `.` (e.g. `vpg.`).
+    pub kind: Option<String>,
+    pub severity: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Alert {
+    pub id: String,
+    pub kind: String,
+    /// `warning` or `error`.
+    pub severity: String,
+    pub vpg_id: Option<String>,
+    pub host_id: Option<String>,
+    pub site_id: Option<String>,
+    pub message: String,
+    /// VPGs sharing this alert's root cause.
+    pub affected_count: u32,
+    pub raised_at: DateTime<Utc>,
+    pub cleared_at: Option<DateTime<Utc>>,
+    pub acknowledged_by: Option<String>,
+    pub acknowledged_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AlertQuery {
+    pub vpg: Option<String>,
+    /// `true`: not cleared yet; `false`: cleared.
+    pub open: Option<bool>,
+    pub severity: Option<String>,
+    pub kind: Option<String>,
+}
+
+// ---- tokens ------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    /// The first characters of the secret, to recognise it.
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreate {
+    pub name: String,
+    pub role: Role,
+    /// Days until the token stops working; never when absent.
+    #[serde(default)]
+    pub expires_in_days: Option<u32>,
+}
+
+/// The only time a token's secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    pub token: Token,
+    pub secret: String,
+}
+
+/// Who the presented token belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    pub token_id: String,
+    pub name: String,
+    pub role: Role,
+}
+
+// ---- lookups and health ------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LookupValue {
+    pub id: String,
+    pub label: String,
+    pub description: String,
+}
+
+/// Every enumeration of the API with its values.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Lookups {
+    pub vpg_statuses: Vec<LookupValue>,
+    pub vpg_sub_statuses: Vec<LookupValue>,
+    pub vm_replication_states: Vec<LookupValue>,
+    pub sync_kinds: Vec<LookupValue>,
+    pub priorities: Vec<LookupValue>,
+    pub resync_modes: Vec<LookupValue>,
+    pub roles: Vec<LookupValue>,
+    pub connectivity: Vec<LookupValue>,
+    pub power_states: Vec<LookupValue>,
+    pub checkpoint_kinds: Vec<LookupValue>,
+    pub task_states: Vec<LookupValue>,
+    pub alert_severities: Vec<LookupValue>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+/// RFC 7807 problem document; `code` is stable and meant for programs.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    pub code: String,
+    /// The offending input field, when one is to blame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
