@@ -7,7 +7,11 @@ use sea_orm_migration::prelude::*;
 pub struct Migration;
 
 fn id(c: impl IntoIden + 'static) -> ColumnDef {
-    ColumnDef::new(c).string_len(36).not_null().primary_key().to_owned()
+    ColumnDef::new(c)
+        .string_len(36)
+        .not_null()
+        .primary_key()
+        .to_owned()
 }
 
 fn serial(c: impl IntoIden + 'static) -> ColumnDef {
@@ -28,11 +32,17 @@ fn opt_id(c: impl IntoIden + 'static) -> ColumnDef {
 }
 
 fn ts(c: impl IntoIden + 'static) -> ColumnDef {
-    ColumnDef::new(c).timestamp_with_time_zone().not_null().to_owned()
+    ColumnDef::new(c)
+        .timestamp_with_time_zone()
+        .not_null()
+        .to_owned()
 }
 
 fn opt_ts(c: impl IntoIden + 'static) -> ColumnDef {
-    ColumnDef::new(c).timestamp_with_time_zone().null().to_owned()
+    ColumnDef::new(c)
+        .timestamp_with_time_zone()
+        .null()
+        .to_owned()
 }
 
 fn text(c: impl IntoIden + 'static) -> ColumnDef {
@@ -43,7 +53,11 @@ fn opt_text(c: impl IntoIden + 'static) -> ColumnDef {
     ColumnDef::new(c).string().null().to_owned()
 }
 
-fn index(name: &str, table: impl IntoIden + 'static, cols: &[&'static str]) -> IndexCreateStatement {
+fn index(
+    name: &str,
+    table: impl IntoIden + 'static,
+    cols: &[&'static str],
+) -> IndexCreateStatement {
     let mut i = Index::create();
     i.name(name).table(table);
     for c in cols {
@@ -130,8 +144,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("uq_vms_host_name", Vms::Table, &["host_id", "name"]).unique().to_owned())
-            .await?;
+        m.create_index(
+            index("uq_vms_host_name", Vms::Table, &["host_id", "name"])
+                .unique()
+                .to_owned(),
+        )
+        .await?;
         m.create_index(index("idx_vms_name", Vms::Table, &["name"]))
             .await?;
 
@@ -153,8 +171,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("uq_disks_vm_name", Disks::Table, &["vm_id", "name"]).unique().to_owned())
-            .await?;
+        m.create_index(
+            index("uq_disks_vm_name", Disks::Table, &["vm_id", "name"])
+                .unique()
+                .to_owned(),
+        )
+        .await?;
 
         m.create_table(
             Table::create()
@@ -194,10 +216,18 @@ impl MigrationTrait for Migration {
         .await?;
         m.create_index(index("idx_vpgs_status", Vpgs::Table, &["status"]))
             .await?;
-        m.create_index(index("idx_vpgs_protected_site", Vpgs::Table, &["protected_site_id"]))
-            .await?;
-        m.create_index(index("idx_vpgs_recovery_site", Vpgs::Table, &["recovery_site_id"]))
-            .await?;
+        m.create_index(index(
+            "idx_vpgs_protected_site",
+            Vpgs::Table,
+            &["protected_site_id"],
+        ))
+        .await?;
+        m.create_index(index(
+            "idx_vpgs_recovery_site",
+            Vpgs::Table,
+            &["recovery_site_id"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -231,10 +261,18 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("idx_members_vpg", VpgMembers::Table, &["vpg_id", "boot_group"]))
-            .await?;
-        m.create_index(index("idx_members_recovery_host", VpgMembers::Table, &["recovery_host_id"]))
-            .await?;
+        m.create_index(index(
+            "idx_members_vpg",
+            VpgMembers::Table,
+            &["vpg_id", "boot_group"],
+        ))
+        .await?;
+        m.create_index(index(
+            "idx_members_recovery_host",
+            VpgMembers::Table,
+            &["recovery_host_id"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -244,7 +282,11 @@ impl MigrationTrait for Migration {
                 .col(ts(Checkpoints::TakenAt))
                 .col(text(Checkpoints::Kind))
                 .col(opt_text(Checkpoints::Tag))
-                .col(ColumnDef::new(Checkpoints::Recoverable).boolean().not_null())
+                .col(
+                    ColumnDef::new(Checkpoints::Recoverable)
+                        .boolean()
+                        .not_null(),
+                )
                 .foreign_key(&mut fk(
                     "fk_checkpoints_vpg",
                     (Checkpoints::Table, Checkpoints::VpgId),
@@ -254,8 +296,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("idx_checkpoints_vpg_taken", Checkpoints::Table, &["vpg_id", "taken_at"]))
-            .await?;
+        m.create_index(index(
+            "idx_checkpoints_vpg_taken",
+            Checkpoints::Table,
+            &["vpg_id", "taken_at"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()
@@ -278,8 +324,12 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("idx_tasks_vpg", Tasks::Table, &["vpg_id", "created_at"]))
-            .await?;
+        m.create_index(index(
+            "idx_tasks_vpg",
+            Tasks::Table,
+            &["vpg_id", "created_at"],
+        ))
+        .await?;
         m.create_index(index("idx_tasks_state", Tasks::Table, &["state"]))
             .await?;
 
@@ -325,12 +375,24 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
-        m.create_index(index("idx_alerts_open", Alerts::Table, &["cleared_at", "raised_at"]))
-            .await?;
-        m.create_index(index("idx_alerts_vpg", Alerts::Table, &["vpg_id", "raised_at"]))
-            .await?;
-        m.create_index(index("idx_alerts_kind", Alerts::Table, &["kind", "raised_at"]))
-            .await?;
+        m.create_index(index(
+            "idx_alerts_open",
+            Alerts::Table,
+            &["cleared_at", "raised_at"],
+        ))
+        .await?;
+        m.create_index(index(
+            "idx_alerts_vpg",
+            Alerts::Table,
+            &["vpg_id", "raised_at"],
+        ))
+        .await?;
+        m.create_index(index(
+            "idx_alerts_kind",
+            Alerts::Table,
+            &["kind", "raised_at"],
+        ))
+        .await?;
 
         m.create_table(
             Table::create()

@@ -1,1 +1,300 @@
-//! The `bulwark` command line.
+//! The `bulwark` command line: one binary, roles as subcommands (`manager`, later
+//! `agent` and `demo`), offline administration (`migrate`, `token`), and a client of
+//! the REST API for automation (`site`, `host`, `vm`, `vpg`).
+
+mod client;
+mod output;
+
+use crate::manager::config::{ConfigFile, ManagerConfig, DEFAULT_DATABASE_URL};
+use crate::manager::server::{shutdown_signal, Application};
+use crate::manager::store::{Actor, Store};
+use crate::model::access::Role;
+use crate::proto::api::TokenCreate;
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bulwark",
+    version,
+    about = "Disaster recovery for groups of virtual machines"
+)]
+pub struct Cli {
+    /// Log as plain text or as JSON lines.
+    #[arg(long, global = true, env = "BULWARK_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Configuration file (TOML).
+    #[arg(
+        long,
+        global = true,
+        env = "BULWARK_CONFIG",
+        default_value = "bulwark.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the manager (control plane, REST API, console).
+    Manager(ManagerArgs),
+    /// Apply, revert or list database migrations.
+    Migrate {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Manage API tokens directly in the database (works before the manager runs).
+    Token {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Sites (REST client).
+    Site(client::ResourceArgs),
+    /// Hosts (REST client).
+    Host(client::ResourceArgs),
+    /// VMs (REST client).
+    Vm(client::ResourceArgs),
+    /// VPGs (REST client).
+    Vpg(client::ResourceArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ManagerArgs {
+    /// Address to serve HTTP on.
+    #[arg(long, env = "BULWARK_LISTEN")]
+    listen: Option<String>,
+    /// `sqlite://FILE?mode=rwc` (default `sqlite://bulwark.db?mode=rwc`) or `postgres://…`.
+    #[arg(long, env = "BULWARK_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Directory of the web console.
+    #[arg(long, env = "BULWARK_WEB_DIR")]
+    web_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct DbArgs {
+    #[arg(long, env = "BULWARK_DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert migrations (the last one by default).
+    Down {
+        #[arg(long, default_value_t = 1)]
+        steps: u32,
+        /// Revert all of them.
+        #[arg(long, conflicts_with = "steps")]
+        all: bool,
+    },
+    /// List migrations and whether each is applied.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenAction {
+    /// Create a token and print its secret (shown only once).
+    Create {
+        #[arg(long, default_value = "cli")]
+        name: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("`{s}` is not a role: viewer, operator or admin"))
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let file = if cli.config.exists() {
+        match ConfigFile::load(&cli.config) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        ConfigFile::default()
+    };
+    init_tracing(cli.log_format, &file);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, file)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(flag: Option<LogFormat>, file: &ConfigFile) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("BULWARK_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .or_else(|| file.log.clone())
+        .unwrap_or_else(|| "info".into());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = flag == Some(LogFormat::Json)
+        || (flag.is_none() && file.log_format.as_deref() == Some("json"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn database_url(db: &DbArgs, file: &ConfigFile) -> String {
+    db.database_url
+        .clone()
+        .or_else(|| file.manager.database_url.clone())
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string())
+}
+
+async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
+    match command {
+        Command::Manager(a) => {
+            let config = ManagerConfig::resolve(&file, a.listen, a.database_url, a.web_dir)?;
+            let app = Application::build(&config)
+                .await
+                .context("starting the manager")?;
+            if let Some(secret) = &app.bootstrap_secret {
+                eprintln!(
+                    "\nNo API token existed, so an admin token was created. It is shown only now:\n\n    {secret}\n\nUse it as `Authorization: Bearer <token>`, or `export BULWARK_TOKEN={secret}` for the CLI.\n"
+                );
+            }
+            eprintln!("Bulwark manager on http://{}/", app.local_addr());
+            app.run_until(shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate { db, action } => {
+            let store = Store::connect(&database_url(&db, &file))
+                .await
+                .context("connecting to the database")?;
+            match action {
+                MigrateAction::Up => store.migrate_up().await?,
+                MigrateAction::Down { steps, all } => {
+                    store
+                        .migrate_down(if all { None } else { Some(steps) })
+                        .await?
+                }
+                MigrateAction::Status => {}
+            }
+            for m in store.migration_status().await? {
+                println!(
+                    "{:<10} {}",
+                    if m.applied { "applied" } else { "pending" },
+                    m.name
+                );
+            }
+            store.close().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { db, action } => {
+            let store = Store::connect(&database_url(&db, &file))
+                .await
+                .context("connecting to the database")?;
+            store.migrate_up().await?;
+            let actor = Actor(format!("cli:{}", whoami()));
+            match action {
+                TokenAction::Create {
+                    name,
+                    role,
+                    expires_in_days,
+                } => {
+                    let t = store
+                        .create_token(
+                            &actor,
+                            TokenCreate {
+                                name,
+                                role,
+                                expires_in_days,
+                            },
+                        )
+                        .await?;
+                    eprintln!(
+                        "created {} token `{}` (id {}); the secret is shown only now:",
+                        t.token.role, t.token.name, t.token.id
+                    );
+                    println!("{}", t.secret);
+                }
+                TokenAction::List => {
+                    let mut cursor = None;
+                    loop {
+                        let page = store
+                            .list_tokens(&crate::proto::api::PageQuery {
+                                limit: Some(1000),
+                                cursor,
+                            })
+                            .await?;
+                        for t in &page.items {
+                            let state = if t.revoked_at.is_some() {
+                                "revoked"
+                            } else {
+                                "active"
+                            };
+                            println!(
+                                "{}  {:<8} {:<8} {}  {}",
+                                t.id, t.role, state, t.prefix, t.name
+                            );
+                        }
+                        match page.next_cursor {
+                            Some(c) => cursor = Some(c),
+                            None => break,
+                        }
+                    }
+                }
+                TokenAction::Revoke { id } => {
+                    let t = store.revoke_token(&actor, &id).await?;
+                    println!("revoked {} ({})", t.id, t.name);
+                }
+            }
+            store.close().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Site(a) => client::run("sites", a).await,
+        Command::Host(a) => client::run("hosts", a).await,
+        Command::Vm(a) => client::run("vms", a).await,
+        Command::Vpg(a) => client::run("vpgs", a).await,
+    }
+}
+
+fn whoami() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+}

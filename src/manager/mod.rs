@@ -1,4 +1,8 @@
 //! The control plane: configuration in a database, the REST API, and (as they land)
 //! agent control, checkpoint rounds, SLA evaluation and recovery operations.
 
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod server;
 pub mod store;

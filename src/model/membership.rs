@@ -151,22 +151,103 @@ mod tests {
     #[test]
     fn table() {
         let (vms, hosts) = world();
-        type Case<'a> = (Option<&'a str>, Option<&'a str>, &'a str, Vec<MemberSettings>, Result<Option<&'a str>, &'a str>);
+        type Case<'a> = (
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+            Vec<MemberSettings>,
+            Result<Option<&'a str>, &'a str>,
+        );
         let cases: Vec<Case> = vec![
-            (None, None, "B", vec![member("a1", Some("hb")), member("a2", None)], Ok(Some("A"))),
+            (
+                None,
+                None,
+                "B",
+                vec![member("a1", Some("hb")), member("a2", None)],
+                Ok(Some("A")),
+            ),
             (None, Some("A"), "B", vec![], Ok(Some("A"))),
             (None, None, "B", vec![], Ok(None)),
-            (None, None, "B", vec![member("zz", None)], Err("vpg.unknown_vm")),
-            (None, None, "B", vec![member("a1", None), member("a1", None)], Err("vpg.duplicate_member")),
-            (None, None, "B", vec![member("a3", None)], Err("vpg.vm_already_protected")),
-            (Some("other"), None, "B", vec![member("a3", None)], Ok(Some("A"))),
-            (None, None, "B", vec![member("a1", None), member("b1", None)], Err("vpg.vms_span_sites")),
-            (None, Some("B"), "C", vec![member("a1", None)], Err("vpg.vm_not_in_protected_site")),
-            (None, None, "A", vec![member("a1", None)], Err("vpg.recovery_site_is_protected_site")),
-            (None, Some("B"), "B", vec![], Err("vpg.recovery_site_is_protected_site")),
-            (None, None, "B", vec![member("a1", Some("nope"))], Err("vpg.unknown_recovery_host")),
-            (None, None, "B", vec![member("a1", Some("ha"))], Err("vpg.recovery_host_not_in_recovery_site")),
-            (None, None, "B", vec![MemberSettings { boot_group: 1000, ..member("a1", None) }], Err("vpg.boot_group_out_of_range")),
+            (
+                None,
+                None,
+                "B",
+                vec![member("zz", None)],
+                Err("vpg.unknown_vm"),
+            ),
+            (
+                None,
+                None,
+                "B",
+                vec![member("a1", None), member("a1", None)],
+                Err("vpg.duplicate_member"),
+            ),
+            (
+                None,
+                None,
+                "B",
+                vec![member("a3", None)],
+                Err("vpg.vm_already_protected"),
+            ),
+            (
+                Some("other"),
+                None,
+                "B",
+                vec![member("a3", None)],
+                Ok(Some("A")),
+            ),
+            (
+                None,
+                None,
+                "B",
+                vec![member("a1", None), member("b1", None)],
+                Err("vpg.vms_span_sites"),
+            ),
+            (
+                None,
+                Some("B"),
+                "C",
+                vec![member("a1", None)],
+                Err("vpg.vm_not_in_protected_site"),
+            ),
+            (
+                None,
+                None,
+                "A",
+                vec![member("a1", None)],
+                Err("vpg.recovery_site_is_protected_site"),
+            ),
+            (
+                None,
+                Some("B"),
+                "B",
+                vec![],
+                Err("vpg.recovery_site_is_protected_site"),
+            ),
+            (
+                None,
+                None,
+                "B",
+                vec![member("a1", Some("nope"))],
+                Err("vpg.unknown_recovery_host"),
+            ),
+            (
+                None,
+                None,
+                "B",
+                vec![member("a1", Some("ha"))],
+                Err("vpg.recovery_host_not_in_recovery_site"),
+            ),
+            (
+                None,
+                None,
+                "B",
+                vec![MemberSettings {
+                    boot_group: 1000,
+                    ..member("a1", None)
+                }],
+                Err("vpg.boot_group_out_of_range"),
+            ),
         ];
         for (i, (vpg, declared, recovery, members, want)) in cases.into_iter().enumerate() {
             let got = check_membership(vpg, declared, recovery, &members, &vms, &hosts);
@@ -180,10 +261,20 @@ mod tests {
     #[test]
     fn member_errors_carry_their_path() {
         let (vms, hosts) = world();
-        let e = check_membership(None, None, "B", &[member("a1", None), member("b1", None)], &vms, &hosts)
-            .unwrap_err();
+        let e = check_membership(
+            None,
+            None,
+            "B",
+            &[member("a1", None), member("b1", None)],
+            &vms,
+            &hosts,
+        )
+        .unwrap_err();
         assert_eq!(e.field, "members[1].vm_id");
-        let bad = MemberSettings { boot_delay_secs: 99999, ..member("a1", None) };
+        let bad = MemberSettings {
+            boot_delay_secs: 99999,
+            ..member("a1", None)
+        };
         let e = check_membership(None, None, "B", &[bad], &vms, &hosts).unwrap_err();
         assert_eq!(e.field, "members[0].boot_delay_secs");
     }

@@ -157,7 +157,11 @@ impl Cidr {
     fn mask(&self) -> u128 {
         let (_, width) = Self::bits(self.addr);
         let host_bits = u32::from(width - self.prefix);
-        let all = if width == 32 { u32::MAX as u128 } else { u128::MAX };
+        let all = if width == 32 {
+            u32::MAX as u128
+        } else {
+            u128::MAX
+        };
         if host_bits >= 128 {
             0
         } else {
@@ -352,7 +356,10 @@ impl VpgSettings {
                     "from and to must be of the same family and prefix length".into(),
                 ));
             }
-            if seen.iter().any(|s: &Cidr| s.contains(from.addr) || from.contains(s.addr)) {
+            if seen
+                .iter()
+                .any(|s: &Cidr| s.contains(from.addr) || from.contains(s.addr))
+            {
                 return Err(field_err(
                     "vpg.network_mapping_overlap",
                     &field,
@@ -473,7 +480,11 @@ pub struct MemberSettings {
 
 fn check_ip(field: &str, s: &str) -> Result<IpAddr, ValidationError> {
     s.parse().map_err(|_| {
-        ValidationError::new("vpg.reip_invalid", field, format!("`{s}` is not an IP address"))
+        ValidationError::new(
+            "vpg.reip_invalid",
+            field,
+            format!("`{s}` is not an IP address"),
+        )
     })
 }
 
@@ -576,26 +587,106 @@ mod tests {
 
     #[test]
     fn each_rule_has_its_code() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut VpgSettings)>)> = vec![
-            ("vpg.rpo_target_out_of_range", Box::new(|s| s.rpo_target_secs = 9)),
-            ("vpg.rpo_target_out_of_range", Box::new(|s| s.rpo_target_secs = 86401)),
-            ("vpg.journal_history_out_of_range", Box::new(|s| s.journal_history_secs = 3599)),
-            ("vpg.journal_history_out_of_range", Box::new(|s| s.journal_history_secs = 30 * 86400 + 1)),
-            ("vpg.journal_hard_limit_too_small", Box::new(|s| s.journal_hard_limit_bytes = 1000)),
-            ("vpg.journal_warning_not_below_hard_limit", Box::new(|s| s.journal_warning_bytes = s.journal_hard_limit_bytes)),
-            ("vpg.journal_warning_not_below_hard_limit", Box::new(|s| s.journal_warning_bytes = 0)),
-            ("vpg.checkpoint_interval_out_of_range", Box::new(|s| s.checkpoint_interval_ms = 999)),
-            ("vpg.checkpoint_interval_not_below_rpo", Box::new(|s| { s.rpo_target_secs = 10; s.checkpoint_interval_ms = 10_000 })),
-            ("vpg.test_reminder_out_of_range", Box::new(|s| s.test_reminder_days = 4000)),
-            ("vpg.resync_window_empty", Box::new(|s| s.resync_policy = ResyncPolicy::Window { start: TimeOfDay(60), end: TimeOfDay(60) })),
-            ("vpg.network_name_invalid", Box::new(|s| s.test_network = Some(" ".into()))),
-            ("vpg.network_mapping_invalid", Box::new(|s| s.network_mappings = vec![NetworkMapping { from: "10.0.0.0/33".into(), to: "10.1.0.0/16".into() }])),
-            ("vpg.network_mapping_invalid", Box::new(|s| s.network_mappings = vec![NetworkMapping { from: "10.0.0.0/16".into(), to: "10.1.0.0/24".into() }])),
-            ("vpg.network_mapping_invalid", Box::new(|s| s.network_mappings = vec![NetworkMapping { from: "10.0.0.0/16".into(), to: "fd00::/16".into() }])),
-            ("vpg.network_mapping_overlap", Box::new(|s| s.network_mappings = vec![
-                NetworkMapping { from: "10.0.0.0/16".into(), to: "10.1.0.0/16".into() },
-                NetworkMapping { from: "10.0.5.0/24".into(), to: "10.2.5.0/24".into() },
-            ])),
+        type Mutate = Box<dyn Fn(&mut VpgSettings)>;
+        let cases: Vec<(&str, Mutate)> = vec![
+            (
+                "vpg.rpo_target_out_of_range",
+                Box::new(|s| s.rpo_target_secs = 9),
+            ),
+            (
+                "vpg.rpo_target_out_of_range",
+                Box::new(|s| s.rpo_target_secs = 86401),
+            ),
+            (
+                "vpg.journal_history_out_of_range",
+                Box::new(|s| s.journal_history_secs = 3599),
+            ),
+            (
+                "vpg.journal_history_out_of_range",
+                Box::new(|s| s.journal_history_secs = 30 * 86400 + 1),
+            ),
+            (
+                "vpg.journal_hard_limit_too_small",
+                Box::new(|s| s.journal_hard_limit_bytes = 1000),
+            ),
+            (
+                "vpg.journal_warning_not_below_hard_limit",
+                Box::new(|s| s.journal_warning_bytes = s.journal_hard_limit_bytes),
+            ),
+            (
+                "vpg.journal_warning_not_below_hard_limit",
+                Box::new(|s| s.journal_warning_bytes = 0),
+            ),
+            (
+                "vpg.checkpoint_interval_out_of_range",
+                Box::new(|s| s.checkpoint_interval_ms = 999),
+            ),
+            (
+                "vpg.checkpoint_interval_not_below_rpo",
+                Box::new(|s| {
+                    s.rpo_target_secs = 10;
+                    s.checkpoint_interval_ms = 10_000
+                }),
+            ),
+            (
+                "vpg.test_reminder_out_of_range",
+                Box::new(|s| s.test_reminder_days = 4000),
+            ),
+            (
+                "vpg.resync_window_empty",
+                Box::new(|s| {
+                    s.resync_policy = ResyncPolicy::Window {
+                        start: TimeOfDay(60),
+                        end: TimeOfDay(60),
+                    }
+                }),
+            ),
+            (
+                "vpg.network_name_invalid",
+                Box::new(|s| s.test_network = Some(" ".into())),
+            ),
+            (
+                "vpg.network_mapping_invalid",
+                Box::new(|s| {
+                    s.network_mappings = vec![NetworkMapping {
+                        from: "10.0.0.0/33".into(),
+                        to: "10.1.0.0/16".into(),
+                    }]
+                }),
+            ),
+            (
+                "vpg.network_mapping_invalid",
+                Box::new(|s| {
+                    s.network_mappings = vec![NetworkMapping {
+                        from: "10.0.0.0/16".into(),
+                        to: "10.1.0.0/24".into(),
+                    }]
+                }),
+            ),
+            (
+                "vpg.network_mapping_invalid",
+                Box::new(|s| {
+                    s.network_mappings = vec![NetworkMapping {
+                        from: "10.0.0.0/16".into(),
+                        to: "fd00::/16".into(),
+                    }]
+                }),
+            ),
+            (
+                "vpg.network_mapping_overlap",
+                Box::new(|s| {
+                    s.network_mappings = vec![
+                        NetworkMapping {
+                            from: "10.0.0.0/16".into(),
+                            to: "10.1.0.0/16".into(),
+                        },
+                        NetworkMapping {
+                            from: "10.0.5.0/24".into(),
+                            to: "10.2.5.0/24".into(),
+                        },
+                    ]
+                }),
+            ),
         ];
         for (code, mutate) in cases {
             let mut s = VpgSettings::default();
@@ -660,15 +751,29 @@ mod tests {
     #[test]
     fn network_mappings_keep_the_host_part() {
         let maps = vec![
-            NetworkMapping { from: "10.1.0.0/16".into(), to: "10.201.0.0/16".into() },
-            NetworkMapping { from: "fd00:1::/64".into(), to: "fd00:9::/64".into() },
+            NetworkMapping {
+                from: "10.1.0.0/16".into(),
+                to: "10.201.0.0/16".into(),
+            },
+            NetworkMapping {
+                from: "fd00:1::/64".into(),
+                to: "fd00:9::/64".into(),
+            },
         ];
         let m = |s: &str| map_address(s.parse().unwrap(), &maps).map(|a| a.to_string());
         assert_eq!(m("10.1.4.20").as_deref(), Some("10.201.4.20"));
         assert_eq!(m("10.2.4.20"), None);
         assert_eq!(m("fd00:1::7").as_deref(), Some("fd00:9::7"));
-        let zero = vec![NetworkMapping { from: "0.0.0.0/0".into(), to: "0.0.0.0/0".into() }];
-        assert_eq!(map_address("1.2.3.4".parse().unwrap(), &zero).map(|a| a.to_string()).as_deref(), Some("1.2.3.4"));
+        let zero = vec![NetworkMapping {
+            from: "0.0.0.0/0".into(),
+            to: "0.0.0.0/0".into(),
+        }];
+        assert_eq!(
+            map_address("1.2.3.4".parse().unwrap(), &zero)
+                .map(|a| a.to_string())
+                .as_deref(),
+            Some("1.2.3.4")
+        );
     }
 
     #[test]
@@ -685,16 +790,75 @@ mod tests {
         };
         base.validate().unwrap();
         let code = |m: MemberSettings| m.validate().unwrap_err().code;
-        assert_eq!(code(MemberSettings { boot_group: 101, ..base.clone() }), "vpg.boot_group_out_of_range");
-        assert_eq!(code(MemberSettings { boot_delay_secs: 3601, ..base.clone() }), "vpg.boot_delay_out_of_range");
-        assert_eq!(code(MemberSettings { recovery_storage_path: Some(" ".into()), ..base.clone() }), "vpg.recovery_storage_path_invalid");
-        let nic = |reip: Option<ReIp>| NicSettings { nic: "eth0".into(), failover_network: None, test_network: None, reip };
-        let reip = |a: &str, p: u8, gw: Option<&str>| ReIp { address: a.into(), prefix: p, gateway: gw.map(Into::into), dns: vec!["10.0.0.53".into()] };
-        assert_eq!(code(MemberSettings { nics: vec![nic(None), nic(None)], ..base.clone() }), "vpg.duplicate_nic");
-        let e = MemberSettings { nics: vec![nic(Some(reip("10.0.0.300", 24, None)))], ..base.clone() }.validate().unwrap_err();
-        assert_eq!((e.code, e.field.as_str()), ("vpg.reip_invalid", "nics[0].address"));
-        assert_eq!(code(MemberSettings { nics: vec![nic(Some(reip("10.0.0.5", 33, None)))], ..base.clone() }), "vpg.reip_invalid");
-        assert_eq!(code(MemberSettings { nics: vec![nic(Some(reip("10.0.0.5", 24, Some("10.0.1.1"))))], ..base.clone() }), "vpg.reip_gateway_outside_subnet");
-        MemberSettings { nics: vec![nic(Some(reip("10.0.0.5", 24, Some("10.0.0.1"))))], ..base }.validate().unwrap();
+        assert_eq!(
+            code(MemberSettings {
+                boot_group: 101,
+                ..base.clone()
+            }),
+            "vpg.boot_group_out_of_range"
+        );
+        assert_eq!(
+            code(MemberSettings {
+                boot_delay_secs: 3601,
+                ..base.clone()
+            }),
+            "vpg.boot_delay_out_of_range"
+        );
+        assert_eq!(
+            code(MemberSettings {
+                recovery_storage_path: Some(" ".into()),
+                ..base.clone()
+            }),
+            "vpg.recovery_storage_path_invalid"
+        );
+        let nic = |reip: Option<ReIp>| NicSettings {
+            nic: "eth0".into(),
+            failover_network: None,
+            test_network: None,
+            reip,
+        };
+        let reip = |a: &str, p: u8, gw: Option<&str>| ReIp {
+            address: a.into(),
+            prefix: p,
+            gateway: gw.map(Into::into),
+            dns: vec!["10.0.0.53".into()],
+        };
+        assert_eq!(
+            code(MemberSettings {
+                nics: vec![nic(None), nic(None)],
+                ..base.clone()
+            }),
+            "vpg.duplicate_nic"
+        );
+        let e = MemberSettings {
+            nics: vec![nic(Some(reip("10.0.0.300", 24, None)))],
+            ..base.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            (e.code, e.field.as_str()),
+            ("vpg.reip_invalid", "nics[0].address")
+        );
+        assert_eq!(
+            code(MemberSettings {
+                nics: vec![nic(Some(reip("10.0.0.5", 33, None)))],
+                ..base.clone()
+            }),
+            "vpg.reip_invalid"
+        );
+        assert_eq!(
+            code(MemberSettings {
+                nics: vec![nic(Some(reip("10.0.0.5", 24, Some("10.0.1.1"))))],
+                ..base.clone()
+            }),
+            "vpg.reip_gateway_outside_subnet"
+        );
+        MemberSettings {
+            nics: vec![nic(Some(reip("10.0.0.5", 24, Some("10.0.0.1"))))],
+            ..base
+        }
+        .validate()
+        .unwrap();
     }
 }

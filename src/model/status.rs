@@ -278,7 +278,10 @@ pub fn derive_status(f: &VpgFacts) -> (VpgStatus, VpgSubStatus) {
     }
     if f.lifecycle == Lifecycle::Creating {
         let sub = match f.sync {
-            Some(SyncActivity { kind: SyncKind::Initial, .. }) => Sub::InitialSync,
+            Some(SyncActivity {
+                kind: SyncKind::Initial,
+                ..
+            }) => Sub::InitialSync,
             Some(_) => Sub::Syncing,
             None if f.paused => Sub::UserPausedProtection,
             None => Sub::CreatingVpg,
@@ -395,7 +398,11 @@ mod tests {
     }
 
     fn sync(kind: SyncKind, single_disk: bool, forced: bool) -> Option<SyncActivity> {
-        Some(SyncActivity { kind, single_disk, forced })
+        Some(SyncActivity {
+            kind,
+            single_disk,
+            forced,
+        })
     }
 
     #[test]
@@ -403,58 +410,376 @@ mod tests {
         type Edit = fn(&mut VpgFacts);
         let table: &[(&str, Edit, S, Sub)] = &[
             ("healthy", |_| {}, S::MeetingSla, Sub::None),
-            ("rpo over target", |f| f.rpo_actual = Some(secs(301)), S::RpoNotMeetingSla, Sub::None),
-            ("rpo exactly at target", |f| f.rpo_actual = Some(secs(300)), S::MeetingSla, Sub::None),
-            ("no checkpoint yet", |f| { f.rpo_actual = None; f.has_recoverable_checkpoint = false }, S::RpoNotMeetingSla, Sub::None),
-            ("history short", |f| f.history_actual = secs(3600), S::HistoryNotMeetingSla, Sub::None),
-            ("both short", |f| { f.history_actual = secs(3600); f.rpo_actual = Some(secs(900)) }, S::NotMeetingSla, Sub::None),
-            ("young VPG: history capped by protection age", |f| { f.history_actual = secs(3590); f.protected_for = secs(3600) }, S::MeetingSla, Sub::None),
-            ("young VPG still short of its age", |f| { f.history_actual = secs(1000); f.protected_for = secs(3600) }, S::HistoryNotMeetingSla, Sub::None),
-            ("deleting", |f| { f.lifecycle = Lifecycle::Deleting; f.operation = Some(Op::FailoverBeforeCommit) }, S::Deleting, Sub::DeletingTheVpg),
-            ("waiting removal", |f| f.lifecycle = Lifecycle::WaitingRemoval, S::Deleting, Sub::VpgWaitingToBeRemoved),
-            ("creating", |f| { f.lifecycle = Lifecycle::Creating; f.has_recoverable_checkpoint = false; f.rpo_actual = None }, S::Initializing, Sub::CreatingVpg),
-            ("creating, initial sync", |f| { f.lifecycle = Lifecycle::Creating; f.sync = sync(SyncKind::Initial, false, false) }, S::Initializing, Sub::InitialSync),
-            ("creating, other sync", |f| { f.lifecycle = Lifecycle::Creating; f.sync = sync(SyncKind::Delta, false, false) }, S::Initializing, Sub::Syncing),
-            ("creating, paused", |f| { f.lifecycle = Lifecycle::Creating; f.paused = true }, S::Initializing, Sub::UserPausedProtection),
-            ("no VMs", |f| f.members = 0, S::NotMeetingSla, Sub::VpgHasNoVms),
-            ("no VMs while creating", |f| { f.members = 0; f.lifecycle = Lifecycle::Creating }, S::NotMeetingSla, Sub::VpgHasNoVms),
-            ("needs configuration", |f| f.members_needing_configuration = 1, S::NotMeetingSla, Sub::NeedsConfiguration),
-            ("needs configuration beats creating", |f| { f.members_needing_configuration = 2; f.lifecycle = Lifecycle::Creating }, S::NotMeetingSla, Sub::NeedsConfiguration),
-            ("failover before commit", |f| f.operation = Some(Op::FailoverBeforeCommit), S::FailingOver, Sub::FailingOverBeforeCommit),
-            ("committing failover", |f| f.operation = Some(Op::CommittingFailover), S::FailingOver, Sub::CommittingFailover),
-            ("promoting after failover", |f| f.operation = Some(Op::PromotingFailover), S::FailingOver, Sub::Promoting),
-            ("rolling back failover", |f| f.operation = Some(Op::RollingBackFailover), S::FailingOver, Sub::RollingBackFailover),
-            ("move before commit", |f| f.operation = Some(Op::MoveBeforeCommit), S::Moving, Sub::MovingBeforeCommit),
-            ("committing move", |f| f.operation = Some(Op::CommittingMove), S::Moving, Sub::CommittingMove),
-            ("promoting a move", |f| f.operation = Some(Op::PromotingMove), S::Moving, Sub::Promoting),
-            ("rolling back move", |f| f.operation = Some(Op::RollingBackMove), S::Moving, Sub::RollingBackMove),
-            ("operation beats site loss", |f| { f.operation = Some(Op::FailoverBeforeCommit); f.protected_site_connected = false }, S::FailingOver, Sub::FailingOverBeforeCommit),
-            ("testing failover keeps SLA status", |f| f.operation = Some(Op::TestingFailover), S::MeetingSla, Sub::TestingFailover),
-            ("testing failover with lag", |f| { f.operation = Some(Op::TestingFailover); f.rpo_actual = Some(secs(400)) }, S::RpoNotMeetingSla, Sub::TestingFailover),
-            ("recovered", |f| f.lifecycle = Lifecycle::Recovered, S::Recovered, Sub::None),
-            ("journal storage error", |f| f.journal_storage_error = true, S::NotMeetingSla, Sub::JournalStorageError),
-            ("recovery storage error", |f| f.recovery_storage_error = true, S::NotMeetingSla, Sub::RecoveryStorageError),
+            (
+                "rpo over target",
+                |f| f.rpo_actual = Some(secs(301)),
+                S::RpoNotMeetingSla,
+                Sub::None,
+            ),
+            (
+                "rpo exactly at target",
+                |f| f.rpo_actual = Some(secs(300)),
+                S::MeetingSla,
+                Sub::None,
+            ),
+            (
+                "no checkpoint yet",
+                |f| {
+                    f.rpo_actual = None;
+                    f.has_recoverable_checkpoint = false
+                },
+                S::RpoNotMeetingSla,
+                Sub::None,
+            ),
+            (
+                "history short",
+                |f| f.history_actual = secs(3600),
+                S::HistoryNotMeetingSla,
+                Sub::None,
+            ),
+            (
+                "both short",
+                |f| {
+                    f.history_actual = secs(3600);
+                    f.rpo_actual = Some(secs(900))
+                },
+                S::NotMeetingSla,
+                Sub::None,
+            ),
+            (
+                "young VPG: history capped by protection age",
+                |f| {
+                    f.history_actual = secs(3590);
+                    f.protected_for = secs(3600)
+                },
+                S::MeetingSla,
+                Sub::None,
+            ),
+            (
+                "young VPG still short of its age",
+                |f| {
+                    f.history_actual = secs(1000);
+                    f.protected_for = secs(3600)
+                },
+                S::HistoryNotMeetingSla,
+                Sub::None,
+            ),
+            (
+                "deleting",
+                |f| {
+                    f.lifecycle = Lifecycle::Deleting;
+                    f.operation = Some(Op::FailoverBeforeCommit)
+                },
+                S::Deleting,
+                Sub::DeletingTheVpg,
+            ),
+            (
+                "waiting removal",
+                |f| f.lifecycle = Lifecycle::WaitingRemoval,
+                S::Deleting,
+                Sub::VpgWaitingToBeRemoved,
+            ),
+            (
+                "creating",
+                |f| {
+                    f.lifecycle = Lifecycle::Creating;
+                    f.has_recoverable_checkpoint = false;
+                    f.rpo_actual = None
+                },
+                S::Initializing,
+                Sub::CreatingVpg,
+            ),
+            (
+                "creating, initial sync",
+                |f| {
+                    f.lifecycle = Lifecycle::Creating;
+                    f.sync = sync(SyncKind::Initial, false, false)
+                },
+                S::Initializing,
+                Sub::InitialSync,
+            ),
+            (
+                "creating, other sync",
+                |f| {
+                    f.lifecycle = Lifecycle::Creating;
+                    f.sync = sync(SyncKind::Delta, false, false)
+                },
+                S::Initializing,
+                Sub::Syncing,
+            ),
+            (
+                "creating, paused",
+                |f| {
+                    f.lifecycle = Lifecycle::Creating;
+                    f.paused = true
+                },
+                S::Initializing,
+                Sub::UserPausedProtection,
+            ),
+            (
+                "no VMs",
+                |f| f.members = 0,
+                S::NotMeetingSla,
+                Sub::VpgHasNoVms,
+            ),
+            (
+                "no VMs while creating",
+                |f| {
+                    f.members = 0;
+                    f.lifecycle = Lifecycle::Creating
+                },
+                S::NotMeetingSla,
+                Sub::VpgHasNoVms,
+            ),
+            (
+                "needs configuration",
+                |f| f.members_needing_configuration = 1,
+                S::NotMeetingSla,
+                Sub::NeedsConfiguration,
+            ),
+            (
+                "needs configuration beats creating",
+                |f| {
+                    f.members_needing_configuration = 2;
+                    f.lifecycle = Lifecycle::Creating
+                },
+                S::NotMeetingSla,
+                Sub::NeedsConfiguration,
+            ),
+            (
+                "failover before commit",
+                |f| f.operation = Some(Op::FailoverBeforeCommit),
+                S::FailingOver,
+                Sub::FailingOverBeforeCommit,
+            ),
+            (
+                "committing failover",
+                |f| f.operation = Some(Op::CommittingFailover),
+                S::FailingOver,
+                Sub::CommittingFailover,
+            ),
+            (
+                "promoting after failover",
+                |f| f.operation = Some(Op::PromotingFailover),
+                S::FailingOver,
+                Sub::Promoting,
+            ),
+            (
+                "rolling back failover",
+                |f| f.operation = Some(Op::RollingBackFailover),
+                S::FailingOver,
+                Sub::RollingBackFailover,
+            ),
+            (
+                "move before commit",
+                |f| f.operation = Some(Op::MoveBeforeCommit),
+                S::Moving,
+                Sub::MovingBeforeCommit,
+            ),
+            (
+                "committing move",
+                |f| f.operation = Some(Op::CommittingMove),
+                S::Moving,
+                Sub::CommittingMove,
+            ),
+            (
+                "promoting a move",
+                |f| f.operation = Some(Op::PromotingMove),
+                S::Moving,
+                Sub::Promoting,
+            ),
+            (
+                "rolling back move",
+                |f| f.operation = Some(Op::RollingBackMove),
+                S::Moving,
+                Sub::RollingBackMove,
+            ),
+            (
+                "operation beats site loss",
+                |f| {
+                    f.operation = Some(Op::FailoverBeforeCommit);
+                    f.protected_site_connected = false
+                },
+                S::FailingOver,
+                Sub::FailingOverBeforeCommit,
+            ),
+            (
+                "testing failover keeps SLA status",
+                |f| f.operation = Some(Op::TestingFailover),
+                S::MeetingSla,
+                Sub::TestingFailover,
+            ),
+            (
+                "testing failover with lag",
+                |f| {
+                    f.operation = Some(Op::TestingFailover);
+                    f.rpo_actual = Some(secs(400))
+                },
+                S::RpoNotMeetingSla,
+                Sub::TestingFailover,
+            ),
+            (
+                "recovered",
+                |f| f.lifecycle = Lifecycle::Recovered,
+                S::Recovered,
+                Sub::None,
+            ),
+            (
+                "journal storage error",
+                |f| f.journal_storage_error = true,
+                S::NotMeetingSla,
+                Sub::JournalStorageError,
+            ),
+            (
+                "recovery storage error",
+                |f| f.recovery_storage_error = true,
+                S::NotMeetingSla,
+                Sub::RecoveryStorageError,
+            ),
             ("error", |f| f.error = true, S::NotMeetingSla, Sub::Error),
-            ("paused keeps SLA arithmetic", |f| f.paused = true, S::MeetingSla, Sub::UserPausedProtection),
-            ("paused and late", |f| { f.paused = true; f.rpo_actual = Some(secs(9000)) }, S::RpoNotMeetingSla, Sub::UserPausedProtection),
-            ("recovery site lost", |f| f.recovery_site_connected = false, S::NotMeetingSla, Sub::SiteDisconnection),
-            ("recovery site lost, no checkpoints", |f| { f.recovery_site_connected = false; f.has_recoverable_checkpoint = false; f.rpo_actual = None }, S::NotMeetingSla, Sub::SiteDisconnectionNoCheckpoints),
-            ("protected site lost", |f| f.protected_site_connected = false, S::MeetingSla, Sub::RecoveryIsPossible),
-            ("protected site lost, late", |f| { f.protected_site_connected = false; f.rpo_actual = Some(secs(600)) }, S::RpoNotMeetingSla, Sub::RecoveryIsPossible),
-            ("protected site lost, nothing to recover", |f| { f.protected_site_connected = false; f.has_recoverable_checkpoint = false; f.rpo_actual = None }, S::RpoNotMeetingSla, Sub::None),
-            ("bitmap sync keeps SLA status", |f| f.sync = sync(SyncKind::Bitmap, false, false), S::MeetingSla, Sub::BitmapSyncing),
-            ("bitmap sync, late", |f| { f.sync = sync(SyncKind::Bitmap, false, false); f.rpo_actual = Some(secs(999)) }, S::RpoNotMeetingSla, Sub::BitmapSyncing),
-            ("forced delta keeps SLA status", |f| f.sync = sync(SyncKind::Delta, false, true), S::MeetingSla, Sub::DeltaSyncing),
-            ("unforced delta", |f| f.sync = sync(SyncKind::Delta, false, false), S::NotMeetingSla, Sub::DeltaSyncing),
-            ("delta on one disk", |f| f.sync = sync(SyncKind::Delta, true, false), S::NotMeetingSla, Sub::DeltaSyncingDisk),
-            ("full sync", |f| f.sync = sync(SyncKind::Full, false, false), S::NotMeetingSla, Sub::FullSyncing),
-            ("full sync of one disk", |f| f.sync = sync(SyncKind::Full, true, true), S::NotMeetingSla, Sub::FullSyncingDisk),
-            ("disk initial sync", |f| f.sync = sync(SyncKind::Initial, true, false), S::Initializing, Sub::DiskInitialSync),
-            ("re-initial sync of all", |f| f.sync = sync(SyncKind::Initial, false, false), S::Initializing, Sub::InitialSync),
-            ("sync pending", |f| f.sync_pending = true, S::NotMeetingSla, Sub::SyncPending),
-            ("vm not protected", |f| f.members_not_protected = 1, S::NotMeetingSla, Sub::VmNotProtected),
-            ("storage error beats sync", |f| { f.journal_storage_error = true; f.sync = sync(SyncKind::Full, false, false) }, S::NotMeetingSla, Sub::JournalStorageError),
-            ("site loss beats sync", |f| { f.recovery_site_connected = false; f.sync = sync(SyncKind::Bitmap, false, false) }, S::NotMeetingSla, Sub::SiteDisconnection),
+            (
+                "paused keeps SLA arithmetic",
+                |f| f.paused = true,
+                S::MeetingSla,
+                Sub::UserPausedProtection,
+            ),
+            (
+                "paused and late",
+                |f| {
+                    f.paused = true;
+                    f.rpo_actual = Some(secs(9000))
+                },
+                S::RpoNotMeetingSla,
+                Sub::UserPausedProtection,
+            ),
+            (
+                "recovery site lost",
+                |f| f.recovery_site_connected = false,
+                S::NotMeetingSla,
+                Sub::SiteDisconnection,
+            ),
+            (
+                "recovery site lost, no checkpoints",
+                |f| {
+                    f.recovery_site_connected = false;
+                    f.has_recoverable_checkpoint = false;
+                    f.rpo_actual = None
+                },
+                S::NotMeetingSla,
+                Sub::SiteDisconnectionNoCheckpoints,
+            ),
+            (
+                "protected site lost",
+                |f| f.protected_site_connected = false,
+                S::MeetingSla,
+                Sub::RecoveryIsPossible,
+            ),
+            (
+                "protected site lost, late",
+                |f| {
+                    f.protected_site_connected = false;
+                    f.rpo_actual = Some(secs(600))
+                },
+                S::RpoNotMeetingSla,
+                Sub::RecoveryIsPossible,
+            ),
+            (
+                "protected site lost, nothing to recover",
+                |f| {
+                    f.protected_site_connected = false;
+                    f.has_recoverable_checkpoint = false;
+                    f.rpo_actual = None
+                },
+                S::RpoNotMeetingSla,
+                Sub::None,
+            ),
+            (
+                "bitmap sync keeps SLA status",
+                |f| f.sync = sync(SyncKind::Bitmap, false, false),
+                S::MeetingSla,
+                Sub::BitmapSyncing,
+            ),
+            (
+                "bitmap sync, late",
+                |f| {
+                    f.sync = sync(SyncKind::Bitmap, false, false);
+                    f.rpo_actual = Some(secs(999))
+                },
+                S::RpoNotMeetingSla,
+                Sub::BitmapSyncing,
+            ),
+            (
+                "forced delta keeps SLA status",
+                |f| f.sync = sync(SyncKind::Delta, false, true),
+                S::MeetingSla,
+                Sub::DeltaSyncing,
+            ),
+            (
+                "unforced delta",
+                |f| f.sync = sync(SyncKind::Delta, false, false),
+                S::NotMeetingSla,
+                Sub::DeltaSyncing,
+            ),
+            (
+                "delta on one disk",
+                |f| f.sync = sync(SyncKind::Delta, true, false),
+                S::NotMeetingSla,
+                Sub::DeltaSyncingDisk,
+            ),
+            (
+                "full sync",
+                |f| f.sync = sync(SyncKind::Full, false, false),
+                S::NotMeetingSla,
+                Sub::FullSyncing,
+            ),
+            (
+                "full sync of one disk",
+                |f| f.sync = sync(SyncKind::Full, true, true),
+                S::NotMeetingSla,
+                Sub::FullSyncingDisk,
+            ),
+            (
+                "disk initial sync",
+                |f| f.sync = sync(SyncKind::Initial, true, false),
+                S::Initializing,
+                Sub::DiskInitialSync,
+            ),
+            (
+                "re-initial sync of all",
+                |f| f.sync = sync(SyncKind::Initial, false, false),
+                S::Initializing,
+                Sub::InitialSync,
+            ),
+            (
+                "sync pending",
+                |f| f.sync_pending = true,
+                S::NotMeetingSla,
+                Sub::SyncPending,
+            ),
+            (
+                "vm not protected",
+                |f| f.members_not_protected = 1,
+                S::NotMeetingSla,
+                Sub::VmNotProtected,
+            ),
+            (
+                "storage error beats sync",
+                |f| {
+                    f.journal_storage_error = true;
+                    f.sync = sync(SyncKind::Full, false, false)
+                },
+                S::NotMeetingSla,
+                Sub::JournalStorageError,
+            ),
+            (
+                "site loss beats sync",
+                |f| {
+                    f.recovery_site_connected = false;
+                    f.sync = sync(SyncKind::Bitmap, false, false)
+                },
+                S::NotMeetingSla,
+                Sub::SiteDisconnection,
+            ),
         ];
         for (name, edit, status, sub) in table {
             let mut f = VpgFacts::healthy(3);
@@ -481,15 +806,39 @@ mod tests {
         let table: &[(Edit, R)] = &[
             (|_| {}, R::ReplicationEnabled),
             (|f| f.protected = false, R::NotEnabled),
-            (|f| f.initial_sync_done = false, R::PendingInitialReplication),
-            (|f| { f.initial_sync_done = false; f.syncing = true }, R::PendingInitialReplication),
+            (
+                |f| f.initial_sync_done = false,
+                R::PendingInitialReplication,
+            ),
+            (
+                |f| {
+                    f.initial_sync_done = false;
+                    f.syncing = true
+                },
+                R::PendingInitialReplication,
+            ),
             (|f| f.syncing = true, R::Resynchronizing),
             (|f| f.sync_pending = true, R::ResynchronizationRequired),
             (|f| f.sync_interrupted = true, R::ResynchronizeSuspended),
             (|f| f.paused = true, R::Paused),
-            (|f| { f.paused = true; f.error = true }, R::Error),
-            (|f| f.prepared_for_move = true, R::PreparedForPlannedFailover),
-            (|f| { f.failed_over = true; f.protected = false }, R::FailoverComplete),
+            (
+                |f| {
+                    f.paused = true;
+                    f.error = true
+                },
+                R::Error,
+            ),
+            (
+                |f| f.prepared_for_move = true,
+                R::PreparedForPlannedFailover,
+            ),
+            (
+                |f| {
+                    f.failed_over = true;
+                    f.protected = false
+                },
+                R::FailoverComplete,
+            ),
         ];
         for (i, (edit, want)) in table.iter().enumerate() {
             let mut f = base;
@@ -513,6 +862,9 @@ mod tests {
         ids.dedup();
         assert_eq!(ids.len(), VpgSubStatus::ALL.len());
         assert_eq!(VpgStatus::MeetingSla.label(), "Meeting SLA");
-        assert_eq!(VpgSubStatus::FailingOverBeforeCommit.label(), "Failing over – before commit");
+        assert_eq!(
+            VpgSubStatus::FailingOverBeforeCommit.label(),
+            "Failing over – before commit"
+        );
     }
 }

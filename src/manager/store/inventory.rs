@@ -155,15 +155,28 @@ impl Store {
         }
         .insert(&txn)
         .await
-        .map_err(on_unique("site.name_taken", format!("a site named `{name}` exists")))?;
-        NewEvent::info("site.created", "site", &m.id, format!("site {name} created"))
-            .write(&txn, actor)
-            .await?;
+        .map_err(on_unique(
+            "site.name_taken",
+            format!("a site named `{name}` exists"),
+        ))?;
+        NewEvent::info(
+            "site.created",
+            "site",
+            &m.id,
+            format!("site {name} created"),
+        )
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         Ok(to_site(m))
     }
 
-    pub async fn update_site(&self, actor: &Actor, id: &str, p: SitePatch) -> Result<Site, StoreError> {
+    pub async fn update_site(
+        &self,
+        actor: &Actor,
+        id: &str,
+        p: SitePatch,
+    ) -> Result<Site, StoreError> {
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
         let cur = site::Entity::find_by_id(id)
@@ -183,13 +196,18 @@ impl Store {
             am.location = Set(l);
         }
         am.updated_at = Set(now());
-        let m = am
-            .update(&txn)
-            .await
-            .map_err(on_unique("site.name_taken", "a site with that name exists".into()))?;
-        NewEvent::info("site.updated", "site", id, format!("site {} updated", m.name))
-            .write(&txn, actor)
-            .await?;
+        let m = am.update(&txn).await.map_err(on_unique(
+            "site.name_taken",
+            "a site with that name exists".into(),
+        ))?;
+        NewEvent::info(
+            "site.updated",
+            "site",
+            id,
+            format!("site {} updated", m.name),
+        )
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         Ok(to_site(m))
     }
@@ -226,9 +244,14 @@ impl Store {
             ));
         }
         site::Entity::delete_by_id(id).exec(&txn).await?;
-        NewEvent::info("site.deleted", "site", id, format!("site {} deleted", cur.name))
-            .write(&txn, actor)
-            .await?;
+        NewEvent::info(
+            "site.deleted",
+            "site",
+            id,
+            format!("site {} deleted", cur.name),
+        )
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         Ok(())
     }
@@ -271,7 +294,11 @@ impl Store {
         }
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
-        if site::Entity::find_by_id(&input.site_id).one(&txn).await?.is_none() {
+        if site::Entity::find_by_id(&input.site_id)
+            .one(&txn)
+            .await?
+            .is_none()
+        {
             return Err(ValidationError::new(
                 "host.unknown_site",
                 "site_id",
@@ -296,15 +323,28 @@ impl Store {
         }
         .insert(&txn)
         .await
-        .map_err(on_unique("host.name_taken", format!("a host named `{name}` exists")))?;
-        NewEvent::info("host.created", "host", &m.id, format!("host {name} created"))
-            .write(&txn, actor)
-            .await?;
+        .map_err(on_unique(
+            "host.name_taken",
+            format!("a host named `{name}` exists"),
+        ))?;
+        NewEvent::info(
+            "host.created",
+            "host",
+            &m.id,
+            format!("host {name} created"),
+        )
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         Ok(to_host(m))
     }
 
-    pub async fn update_host(&self, actor: &Actor, id: &str, p: HostPatch) -> Result<Host, StoreError> {
+    pub async fn update_host(
+        &self,
+        actor: &Actor,
+        id: &str,
+        p: HostPatch,
+    ) -> Result<Host, StoreError> {
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
         let cur = host::Entity::find_by_id(id)
@@ -328,13 +368,18 @@ impl Store {
         opt!(nbd_address);
         opt!(storage_path);
         am.updated_at = Set(now());
-        let m = am
-            .update(&txn)
-            .await
-            .map_err(on_unique("host.name_taken", "a host with that name exists".into()))?;
-        NewEvent::info("host.updated", "host", id, format!("host {} updated", m.name))
-            .write(&txn, actor)
-            .await?;
+        let m = am.update(&txn).await.map_err(on_unique(
+            "host.name_taken",
+            "a host with that name exists".into(),
+        ))?;
+        NewEvent::info(
+            "host.updated",
+            "host",
+            id,
+            format!("host {} updated", m.name),
+        )
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         Ok(to_host(m))
     }
@@ -363,13 +408,21 @@ impl Store {
         if recovering > 0 {
             return Err(StoreError::conflict(
                 "host.in_use",
-                format!("host {} is the recovery host of {recovering} protected VM(s)", cur.name),
+                format!(
+                    "host {} is the recovery host of {recovering} protected VM(s)",
+                    cur.name
+                ),
             ));
         }
         host::Entity::delete_by_id(id).exec(&txn).await?;
-        NewEvent::info("host.deleted", "host", id, format!("host {} deleted", cur.name))
-            .write(&txn, actor)
-            .await?;
+        NewEvent::info(
+            "host.deleted",
+            "host",
+            id,
+            format!("host {} deleted", cur.name),
+        )
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         Ok(())
     }
@@ -378,7 +431,11 @@ impl Store {
 
     /// Builds API VMs for `rows` with two extra queries (disks, memberships) in all,
     /// never one per VM.
-    async fn to_vms(&self, db: &impl ConnectionTrait, rows: Vec<vm::Model>) -> Result<Vec<Vm>, StoreError> {
+    async fn to_vms(
+        &self,
+        db: &impl ConnectionTrait,
+        rows: Vec<vm::Model>,
+    ) -> Result<Vec<Vm>, StoreError> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -481,8 +538,15 @@ impl Store {
         let more = rows.len() as u64 > limit;
         let mut vms = self.to_vms(&self.db, rows).await?;
         vms.truncate(limit as usize);
-        let next_cursor = if more { vms.last().map(|v| v.id.clone()) } else { None };
-        Ok(Page { items: vms, next_cursor })
+        let next_cursor = if more {
+            vms.last().map(|v| v.id.clone())
+        } else {
+            None
+        };
+        Ok(Page {
+            items: vms,
+            next_cursor,
+        })
     }
 
     pub async fn get_vm(&self, id: &str) -> Result<Vm, StoreError> {
@@ -517,15 +581,29 @@ impl Store {
             }
         }
         if input.cpus == 0 || input.cpus > 1024 {
-            return Err(ValidationError::new("vm.cpus_out_of_range", "cpus", "cpus must be 1 to 1024").into());
+            return Err(ValidationError::new(
+                "vm.cpus_out_of_range",
+                "cpus",
+                "cpus must be 1 to 1024",
+            )
+            .into());
         }
         let memory = i64_of(input.memory_mib, "memory_mib")?;
         if memory == 0 {
-            return Err(ValidationError::new("vm.memory_out_of_range", "memory_mib", "memory must be positive").into());
+            return Err(ValidationError::new(
+                "vm.memory_out_of_range",
+                "memory_mib",
+                "memory must be positive",
+            )
+            .into());
         }
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
-        if host::Entity::find_by_id(&input.host_id).one(&txn).await?.is_none() {
+        if host::Entity::find_by_id(&input.host_id)
+            .one(&txn)
+            .await?
+            .is_none()
+        {
             return Err(ValidationError::new(
                 "vm.unknown_host",
                 "host_id",
@@ -548,7 +626,10 @@ impl Store {
         }
         .insert(&txn)
         .await
-        .map_err(on_unique("vm.name_taken", format!("the host already has a VM named `{name}`")))?;
+        .map_err(on_unique(
+            "vm.name_taken",
+            format!("the host already has a VM named `{name}`"),
+        ))?;
         for d in input.disks {
             insert_disk(&txn, &id, d).await?;
         }
@@ -584,7 +665,12 @@ impl Store {
             let site_of = |id: &str| sites.iter().find(|(h, _)| h == id).map(|(_, s)| s.clone());
             match (site_of(&h), site_of(&old_host)) {
                 (None, _) => {
-                    return Err(ValidationError::new("vm.unknown_host", "host_id", format!("no host with id {h}")).into())
+                    return Err(ValidationError::new(
+                        "vm.unknown_host",
+                        "host_id",
+                        format!("no host with id {h}"),
+                    )
+                    .into())
                 }
                 (Some(new), Some(old)) if new != old => {
                     return Err(ValidationError::new(
@@ -602,14 +688,24 @@ impl Store {
         }
         if let Some(c) = p.cpus {
             if c == 0 || c > 1024 {
-                return Err(ValidationError::new("vm.cpus_out_of_range", "cpus", "cpus must be 1 to 1024").into());
+                return Err(ValidationError::new(
+                    "vm.cpus_out_of_range",
+                    "cpus",
+                    "cpus must be 1 to 1024",
+                )
+                .into());
             }
             am.cpus = Set(c as i32);
         }
         if let Some(mem) = p.memory_mib {
             let mem = i64_of(mem, "memory_mib")?;
             if mem == 0 {
-                return Err(ValidationError::new("vm.memory_out_of_range", "memory_mib", "memory must be positive").into());
+                return Err(ValidationError::new(
+                    "vm.memory_out_of_range",
+                    "memory_mib",
+                    "memory must be positive",
+                )
+                .into());
             }
             am.memory_mib = Set(mem);
         }
@@ -618,10 +714,10 @@ impl Store {
             am.nics = Set(serde_json::to_value(&nics).unwrap_or_default());
         }
         am.updated_at = Set(now());
-        let m = am
-            .update(&txn)
-            .await
-            .map_err(on_unique("vm.name_taken", "the host already has a VM with that name".into()))?;
+        let m = am.update(&txn).await.map_err(on_unique(
+            "vm.name_taken",
+            "the host already has a VM with that name".into(),
+        ))?;
         NewEvent::info("vm.updated", "vm", id, format!("VM {} updated", m.name))
             .write(&txn, actor)
             .await?;
@@ -644,7 +740,10 @@ impl Store {
         {
             return Err(StoreError::conflict(
                 "vm.protected",
-                format!("VM {} belongs to VPG {}; remove it from the VPG first", cur.name, m.vpg_id),
+                format!(
+                    "VM {} belongs to VPG {}; remove it from the VPG first",
+                    cur.name, m.vpg_id
+                ),
             ));
         }
         vm::Entity::delete_by_id(id).exec(&txn).await?;
@@ -669,7 +768,12 @@ impl Store {
             .collect())
     }
 
-    pub async fn add_disk(&self, actor: &Actor, vm_id: &str, d: DiskCreate) -> Result<Disk, StoreError> {
+    pub async fn add_disk(
+        &self,
+        actor: &Actor,
+        vm_id: &str,
+        d: DiskCreate,
+    ) -> Result<Disk, StoreError> {
         check_disk(&d)?;
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
@@ -689,15 +793,25 @@ impl Store {
             .into());
         }
         let m = insert_disk(&txn, vm_id, d).await?;
-        NewEvent::info("disk.created", "disk", &m.id, format!("disk {} added", m.name))
-            .details(serde_json::json!({ "vm_id": vm_id }))
-            .write(&txn, actor)
-            .await?;
+        NewEvent::info(
+            "disk.created",
+            "disk",
+            &m.id,
+            format!("disk {} added", m.name),
+        )
+        .details(serde_json::json!({ "vm_id": vm_id }))
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         Ok(to_disk(m))
     }
 
-    pub async fn delete_disk(&self, actor: &Actor, vm_id: &str, disk_id: &str) -> Result<(), StoreError> {
+    pub async fn delete_disk(
+        &self,
+        actor: &Actor,
+        vm_id: &str,
+        disk_id: &str,
+    ) -> Result<(), StoreError> {
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
         let d = disk::Entity::find_by_id(disk_id)
@@ -717,16 +831,25 @@ impl Store {
             ));
         }
         disk::Entity::delete_by_id(disk_id).exec(&txn).await?;
-        NewEvent::info("disk.deleted", "disk", disk_id, format!("disk {} removed", d.name))
-            .details(serde_json::json!({ "vm_id": vm_id }))
-            .write(&txn, actor)
-            .await?;
+        NewEvent::info(
+            "disk.deleted",
+            "disk",
+            disk_id,
+            format!("disk {} removed", d.name),
+        )
+        .details(serde_json::json!({ "vm_id": vm_id }))
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         Ok(())
     }
 }
 
-async fn insert_disk(db: &impl ConnectionTrait, vm_id: &str, d: DiskCreate) -> Result<disk::Model, StoreError> {
+async fn insert_disk(
+    db: &impl ConnectionTrait,
+    vm_id: &str,
+    d: DiskCreate,
+) -> Result<disk::Model, StoreError> {
     let name = d.name.trim().to_string();
     disk::ActiveModel {
         id: Set(new_id()),
@@ -738,7 +861,10 @@ async fn insert_disk(db: &impl ConnectionTrait, vm_id: &str, d: DiskCreate) -> R
     }
     .insert(db)
     .await
-    .map_err(on_unique("disk.name_taken", format!("the VM already has a disk named `{name}`")))
+    .map_err(on_unique(
+        "disk.name_taken",
+        format!("the VM already has a disk named `{name}`"),
+    ))
 }
 
 /// The Hyper-V-style state of a VM from its VPG's lifecycle (None: not protected).

@@ -218,7 +218,12 @@ pub(crate) struct NewEvent<'a> {
 }
 
 impl<'a> NewEvent<'a> {
-    pub fn info(kind: &'a str, subject_type: &'a str, subject_id: &'a str, message: String) -> Self {
+    pub fn info(
+        kind: &'a str,
+        subject_type: &'a str,
+        subject_id: &'a str,
+        message: String,
+    ) -> Self {
         Self {
             kind,
             severity: "info",
@@ -265,11 +270,6 @@ pub(crate) fn u64_of(v: i64) -> u64 {
 
 pub(crate) fn i64_of(v: u64, field: &str) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| {
-        ValidationError::new(
-            "request.number_out_of_range",
-            field,
-            "number is too large",
-        )
-        .into()
+        ValidationError::new("request.number_out_of_range", field, "number is too large").into()
     })
 }

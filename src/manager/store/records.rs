@@ -92,7 +92,11 @@ impl Store {
         q: &CheckpointQuery,
         p: &PageQuery,
     ) -> Result<Page<Checkpoint>, StoreError> {
-        if vpg::Entity::find_by_id(vpg_id).one(&self.db).await?.is_none() {
+        if vpg::Entity::find_by_id(vpg_id)
+            .one(&self.db)
+            .await?
+            .is_none()
+        {
             return Err(StoreError::not_found("vpg", vpg_id));
         }
         let limit = page_limit(p.limit)?;
@@ -111,7 +115,12 @@ impl Store {
             None => {}
         }
         let rows = sel.limit(limit + 1).all(&self.db).await?;
-        Ok(finish_page(rows, limit, |m| m.id.to_string(), to_checkpoint))
+        Ok(finish_page(
+            rows,
+            limit,
+            |m| m.id.to_string(),
+            to_checkpoint,
+        ))
     }
 
     /// Newest first.
@@ -140,7 +149,11 @@ impl Store {
     }
 
     /// Newest first.
-    pub async fn list_events(&self, q: &EventQuery, p: &PageQuery) -> Result<Page<Event>, StoreError> {
+    pub async fn list_events(
+        &self,
+        q: &EventQuery,
+        p: &PageQuery,
+    ) -> Result<Page<Event>, StoreError> {
         let limit = page_limit(p.limit)?;
         let mut sel = event::Entity::find().order_by_desc(event::Column::Id);
         if let Some(c) = cursor_i64(&p.cursor)? {
@@ -164,7 +177,11 @@ impl Store {
     }
 
     /// Newest first.
-    pub async fn list_alerts(&self, q: &AlertQuery, p: &PageQuery) -> Result<Page<Alert>, StoreError> {
+    pub async fn list_alerts(
+        &self,
+        q: &AlertQuery,
+        p: &PageQuery,
+    ) -> Result<Page<Alert>, StoreError> {
         let limit = page_limit(p.limit)?;
         let mut sel = alert::Entity::find().order_by_desc(alert::Column::Id);
         if let Some(c) = &p.cursor {
@@ -196,4 +213,3 @@ impl Store {
             .ok_or_else(|| StoreError::not_found("alert", id))
     }
 }
-

@@ -51,7 +51,11 @@ fn to_token(m: api_token::Model) -> Token {
 }
 
 impl Store {
-    pub async fn create_token(&self, actor: &Actor, input: TokenCreate) -> Result<TokenCreated, StoreError> {
+    pub async fn create_token(
+        &self,
+        actor: &Actor,
+        input: TokenCreate,
+    ) -> Result<TokenCreated, StoreError> {
         let name = Name::parse(&input.name)?;
         if input.expires_in_days == Some(0) || input.expires_in_days.is_some_and(|d| d > 3650) {
             return Err(ValidationError::new(
@@ -73,7 +77,9 @@ impl Store {
             prefix: Set(secret[..SHOWN_PREFIX_LEN].to_string()),
             created_at: Set(t),
             last_used_at: Set(None),
-            expires_at: Set(input.expires_in_days.map(|d| t + Duration::days(i64::from(d)))),
+            expires_at: Set(input
+                .expires_in_days
+                .map(|d| t + Duration::days(i64::from(d)))),
             revoked_at: Set(None),
         }
         .insert(&txn)
@@ -118,15 +124,23 @@ impl Store {
         let mut am = cur.into_active_model();
         am.revoked_at = Set(Some(now()));
         let m = am.update(&txn).await?;
-        NewEvent::info("token.revoked", "token", id, format!("token {name} revoked"))
-            .write(&txn, actor)
-            .await?;
+        NewEvent::info(
+            "token.revoked",
+            "token",
+            id,
+            format!("token {name} revoked"),
+        )
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         Ok(to_token(m))
     }
 
     /// The live token behind `secret`, or None (unknown, revoked or expired).
-    pub async fn authenticate(&self, secret: &str) -> Result<Option<AuthenticatedToken>, StoreError> {
+    pub async fn authenticate(
+        &self,
+        secret: &str,
+    ) -> Result<Option<AuthenticatedToken>, StoreError> {
         if !secret.starts_with(SECRET_PREFIX) || secret.len() > 128 {
             return Ok(None);
         }
@@ -148,7 +162,10 @@ impl Store {
             .is_none_or(|u| (t - u).num_seconds() >= LAST_USED_GRANULARITY_SECS)
         {
             api_token::Entity::update_many()
-                .col_expr(api_token::Column::LastUsedAt, sea_orm::sea_query::Expr::value(t))
+                .col_expr(
+                    api_token::Column::LastUsedAt,
+                    sea_orm::sea_query::Expr::value(t),
+                )
                 .filter(api_token::Column::Id.eq(m.id.as_str()))
                 .exec(&self.db)
                 .await?;

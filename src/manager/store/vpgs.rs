@@ -14,8 +14,8 @@ use crate::model::ValidationError;
 use crate::proto::api::{Member, Page, PageQuery, Vpg, VpgCreate, VpgPatch, VpgQuery, VpgReplace};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Set, TransactionTrait,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -52,7 +52,10 @@ pub(crate) fn config_facts(
     VpgFacts {
         lifecycle,
         members: members.len(),
-        members_needing_configuration: members.iter().filter(|m| member_needs_configuration(m)).count(),
+        members_needing_configuration: members
+            .iter()
+            .filter(|m| member_needs_configuration(m))
+            .count(),
         paused,
         has_recoverable_checkpoint: false,
         rpo_actual: None,
@@ -65,16 +68,17 @@ pub(crate) fn config_facts(
 }
 
 fn member_settings(m: &member::Model) -> MemberSettings {
-    let mut s: MemberSettings = serde_json::from_value(m.settings.clone()).unwrap_or(MemberSettings {
-        vm_id: String::new(),
-        recovery_host_id: None,
-        recovery_storage_path: None,
-        boot_group: 0,
-        boot_delay_secs: 0,
-        failover_network: None,
-        test_network: None,
-        nics: vec![],
-    });
+    let mut s: MemberSettings =
+        serde_json::from_value(m.settings.clone()).unwrap_or(MemberSettings {
+            vm_id: String::new(),
+            recovery_host_id: None,
+            recovery_storage_path: None,
+            boot_group: 0,
+            boot_delay_secs: 0,
+            failover_network: None,
+            test_network: None,
+            nics: vec![],
+        });
     s.vm_id = m.vm_id.clone();
     s.recovery_host_id = m.recovery_host_id.clone();
     s
@@ -115,7 +119,11 @@ fn check_description(d: &str) -> Result<(), ValidationError> {
 }
 
 impl Store {
-    async fn members_of(&self, db: &impl ConnectionTrait, vpg: &vpg::Model) -> Result<Vec<Member>, StoreError> {
+    async fn members_of(
+        &self,
+        db: &impl ConnectionTrait,
+        vpg: &vpg::Model,
+    ) -> Result<Vec<Member>, StoreError> {
         let rows = member::Entity::find()
             .filter(member::Column::VpgId.eq(vpg.id.as_str()))
             .order_by_asc(member::Column::BootGroup)
@@ -174,10 +182,15 @@ impl Store {
             .await?
             .into_iter()
             .collect();
-        Ok(finish_page(rows, limit, |m| m.id.clone(), |m| {
-            let n = counts.get(&m.id).copied().unwrap_or(0);
-            to_vpg(m, u32::try_from(n).unwrap_or(0), None)
-        }))
+        Ok(finish_page(
+            rows,
+            limit,
+            |m| m.id.clone(),
+            |m| {
+                let n = counts.get(&m.id).copied().unwrap_or(0);
+                to_vpg(m, u32::try_from(n).unwrap_or(0), None)
+            },
+        ))
     }
 
     pub async fn get_vpg(&self, id: &str) -> Result<Vpg, StoreError> {
@@ -330,7 +343,12 @@ impl Store {
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
         let protected = self.check_definition(&txn, None, &d).await?;
-        let (status, sub) = derive_status(&config_facts(Lifecycle::Creating, false, &d.settings, &d.members));
+        let (status, sub) = derive_status(&config_facts(
+            Lifecycle::Creating,
+            false,
+            &d.settings,
+            &d.members,
+        ));
         let id = new_id();
         let t = now();
         vpg::ActiveModel {
@@ -355,13 +373,21 @@ impl Store {
         }
         .insert(&txn)
         .await
-        .map_err(on_unique("vpg.name_taken", format!("a VPG named `{}` exists", d.name)))?;
+        .map_err(on_unique(
+            "vpg.name_taken",
+            format!("a VPG named `{}` exists", d.name),
+        ))?;
         self.write_members(&txn, &id, &d.members).await?;
-        NewEvent::info("vpg.created", "vpg", &id, format!("VPG {} created with {} VM(s)", d.name, d.members.len()))
-            .vpg(&id)
-            .details(serde_json::json!({ "settings": d.settings, "members": d.members }))
-            .write(&txn, actor)
-            .await?;
+        NewEvent::info(
+            "vpg.created",
+            "vpg",
+            &id,
+            format!("VPG {} created with {} VM(s)", d.name, d.members.len()),
+        )
+        .vpg(&id)
+        .details(serde_json::json!({ "settings": d.settings, "members": d.members }))
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         self.get_vpg(&id).await
     }
@@ -385,11 +411,20 @@ impl Store {
         let version = u64_of(cur.version);
         if let Some(expected) = expected_version {
             if expected != version {
-                return Err(StoreError::VersionMismatch { expected, current: version });
+                return Err(StoreError::VersionMismatch {
+                    expected,
+                    current: version,
+                });
             }
         }
-        if matches!(lifecycle_of(&cur.lifecycle), Lifecycle::Deleting | Lifecycle::WaitingRemoval) {
-            return Err(StoreError::conflict("vpg.deleting", "the VPG is being deleted"));
+        if matches!(
+            lifecycle_of(&cur.lifecycle),
+            Lifecycle::Deleting | Lifecycle::WaitingRemoval
+        ) {
+            return Err(StoreError::conflict(
+                "vpg.deleting",
+                "the VPG is being deleted",
+            ));
         }
         let members: Vec<MemberSettings> = member::Entity::find()
             .filter(member::Column::VpgId.eq(id))
@@ -413,13 +448,24 @@ impl Store {
         // An empty VPG keeps the site it protected.
         let protected = protected.or(cur.protected_site_id.clone());
         let lifecycle = lifecycle_of(&cur.lifecycle);
-        let (status, sub) = derive_status(&config_facts(lifecycle, cur.paused, &d.settings, &d.members));
+        let (status, sub) = derive_status(&config_facts(
+            lifecycle,
+            cur.paused,
+            &d.settings,
+            &d.members,
+        ));
         let res = vpg::Entity::update_many()
             .col_expr(vpg::Column::Name, Expr::value(d.name.to_string()))
             .col_expr(vpg::Column::Description, Expr::value(d.description.clone()))
             .col_expr(vpg::Column::ProtectedSiteId, Expr::value(protected))
-            .col_expr(vpg::Column::RecoverySiteId, Expr::value(d.recovery_site_id.clone()))
-            .col_expr(vpg::Column::Settings, Expr::value(serde_json::to_value(&d.settings).unwrap_or_default()))
+            .col_expr(
+                vpg::Column::RecoverySiteId,
+                Expr::value(d.recovery_site_id.clone()),
+            )
+            .col_expr(
+                vpg::Column::Settings,
+                Expr::value(serde_json::to_value(&d.settings).unwrap_or_default()),
+            )
             .col_expr(vpg::Column::Status, Expr::value(status.as_str()))
             .col_expr(vpg::Column::SubStatus, Expr::value(sub.as_str()))
             .col_expr(vpg::Column::Version, Expr::col(vpg::Column::Version).add(1))
@@ -428,7 +474,10 @@ impl Store {
             .filter(vpg::Column::Version.eq(cur.version))
             .exec(&txn)
             .await
-            .map_err(on_unique("vpg.name_taken", format!("a VPG named `{}` exists", d.name)))?;
+            .map_err(on_unique(
+                "vpg.name_taken",
+                format!("a VPG named `{}` exists", d.name),
+            ))?;
         if res.rows_affected == 0 {
             return Err(StoreError::VersionMismatch {
                 expected: expected_version.unwrap_or(version),
@@ -440,10 +489,16 @@ impl Store {
         }
         let mut details = serde_json::Map::new();
         if before.0 != d.settings {
-            details.insert("settings".into(), serde_json::to_value(&d.settings).unwrap_or_default());
+            details.insert(
+                "settings".into(),
+                serde_json::to_value(&d.settings).unwrap_or_default(),
+            );
         }
         if before.1 != d.members {
-            details.insert("members".into(), serde_json::to_value(&d.members).unwrap_or_default());
+            details.insert(
+                "members".into(),
+                serde_json::to_value(&d.members).unwrap_or_default(),
+            );
         }
         NewEvent::info(kind, "vpg", id, format!("VPG {} updated", d.name))
             .vpg(id)
@@ -510,7 +565,10 @@ impl Store {
     ) -> Result<Vpg, StoreError> {
         self.change_definition(actor, vpg_id, expected_version, "vpg.member_added", |d| {
             if d.members.iter().any(|o| o.vm_id == m.vm_id) {
-                return Err(StoreError::conflict("vpg.duplicate_member", format!("VM {} is already a member", m.vm_id)));
+                return Err(StoreError::conflict(
+                    "vpg.duplicate_member",
+                    format!("VM {} is already a member", m.vm_id),
+                ));
             }
             d.members.push(m);
             Ok(())
@@ -565,7 +623,12 @@ impl Store {
 
     /// Removes a VPG's definition. (With agents attached this becomes the Delete
     /// operation, which goes through "Deleting the VPG" first.)
-    pub async fn delete_vpg(&self, actor: &Actor, id: &str, expected_version: Option<u64>) -> Result<(), StoreError> {
+    pub async fn delete_vpg(
+        &self,
+        actor: &Actor,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<(), StoreError> {
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
         let cur = vpg::Entity::find_by_id(id)
@@ -574,7 +637,10 @@ impl Store {
             .ok_or_else(|| StoreError::not_found("vpg", id))?;
         if let Some(expected) = expected_version {
             if expected != u64_of(cur.version) {
-                return Err(StoreError::VersionMismatch { expected, current: u64_of(cur.version) });
+                return Err(StoreError::VersionMismatch {
+                    expected,
+                    current: u64_of(cur.version),
+                });
             }
         }
         member::Entity::delete_many()
@@ -582,10 +648,15 @@ impl Store {
             .exec(&txn)
             .await?;
         vpg::Entity::delete_by_id(id).exec(&txn).await?;
-        NewEvent::info("vpg.deleted", "vpg", id, format!("VPG {} deleted", cur.name))
-            .vpg(id)
-            .write(&txn, actor)
-            .await?;
+        NewEvent::info(
+            "vpg.deleted",
+            "vpg",
+            id,
+            format!("VPG {} deleted", cur.name),
+        )
+        .vpg(id)
+        .write(&txn, actor)
+        .await?;
         txn.commit().await?;
         Ok(())
     }

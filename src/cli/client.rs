@@ -1,0 +1,241 @@
+//! A small client of the REST API: list, get, create, update and delete of sites,
+//! hosts, VMs and VPGs, by id or by name, as a table or as JSON.
+
+use super::output;
+use crate::proto::api::Problem;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args, Debug)]
+pub struct ResourceArgs {
+    /// Manager URL.
+    #[arg(
+        long,
+        env = "BULWARK_URL",
+        default_value = "http://127.0.0.1:8470",
+        global = true
+    )]
+    url: String,
+    /// API token (`bwk_…`).
+    #[arg(long, env = "BULWARK_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    #[arg(long, short, value_enum, default_value = "table", global = true)]
+    output: Output,
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Action {
+    /// List, with optional filters such as `--filter status=meeting_sla`.
+    List {
+        #[arg(long = "filter", value_name = "KEY=VALUE")]
+        filters: Vec<String>,
+    },
+    /// Show one, by id or name.
+    Get { name: String },
+    /// Create from a JSON document (a file, or `-` for standard input).
+    Create {
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    /// Change one with a JSON merge document (a file, or `-`).
+    Update {
+        name: String,
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    /// Delete one, by id or name.
+    Delete { name: String },
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req
+            .send()
+            .await
+            .with_context(|| format!("calling {}", self.base))?;
+        let status = res.status();
+        let text = res.text().await.context("reading the response")?;
+        if !status.is_success() {
+            if let Ok(p) = serde_json::from_str::<Problem>(&text) {
+                let field = p.field.map(|f| format!(" [{f}]")).unwrap_or_default();
+                bail!("{} {}: {}{field} ({})", p.status, p.title, p.detail, p.code);
+            }
+            bail!("{status}: {text}");
+        }
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        };
+        Ok((status, v))
+    }
+
+    /// Finds the id of `name_or_id` in `collection`.
+    async fn resolve(&self, collection: &str, name_or_id: &str) -> Result<String> {
+        let by_id = self
+            .http
+            .get(format!("{}/api/v1/{collection}/{name_or_id}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        if by_id.status().is_success() {
+            return Ok(name_or_id.to_string());
+        }
+        let (_, page) = self
+            .call(
+                Method::GET,
+                &format!("/api/v1/{collection}?name={}", encode(name_or_id)),
+                None,
+            )
+            .await?;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        match items.as_slice() {
+            [one] => one["id"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("no id in answer")),
+            [] => bail!(
+                "no {} named or with id `{name_or_id}`",
+                singular(collection)
+            ),
+            _ => bail!("several {collection} are named `{name_or_id}`; use an id"),
+        }
+    }
+}
+
+fn singular(collection: &str) -> &str {
+    collection.strip_suffix('s').unwrap_or(collection)
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn read_doc(file: &PathBuf) -> Result<Value> {
+    let mut text = String::new();
+    if file.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text)?;
+    } else {
+        text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    }
+    serde_json::from_str(&text).context("the document is not JSON")
+}
+
+pub async fn run(collection: &str, a: ResourceArgs) -> Result<ExitCode> {
+    let token = a.token.ok_or_else(|| {
+        anyhow!("no API token: pass --token or set BULWARK_TOKEN (see `bulwark token create`)")
+    })?;
+    let client = Client {
+        http: reqwest::Client::new(),
+        base: a.url.trim_end_matches('/').to_string(),
+        token,
+    };
+    match a.action {
+        Action::List { filters } => {
+            let mut items = Vec::new();
+            let mut query: Vec<String> = Vec::new();
+            for f in &filters {
+                let (k, v) = f
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("filter `{f}` is not KEY=VALUE"))?;
+                query.push(format!("{}={}", encode(k), encode(v)));
+            }
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut q = query.clone();
+                q.push("limit=1000".into());
+                if let Some(c) = &cursor {
+                    q.push(format!("cursor={}", encode(c)));
+                }
+                let (_, page) = client
+                    .call(
+                        Method::GET,
+                        &format!("/api/v1/{collection}?{}", q.join("&")),
+                        None,
+                    )
+                    .await?;
+                items.extend(page["items"].as_array().cloned().unwrap_or_default());
+                match page["next_cursor"].as_str() {
+                    Some(c) => cursor = Some(c.to_string()),
+                    None => break,
+                }
+            }
+            output::list(collection, &items, a.output);
+        }
+        Action::Get { name } => {
+            let id = client.resolve(collection, &name).await?;
+            let (_, v) = client
+                .call(Method::GET, &format!("/api/v1/{collection}/{id}"), None)
+                .await?;
+            output::one(&v, a.output);
+        }
+        Action::Create { file } => {
+            let (_, v) = client
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/{collection}"),
+                    Some(read_doc(&file)?),
+                )
+                .await?;
+            output::one(&v, a.output);
+        }
+        Action::Update { name, file } => {
+            let id = client.resolve(collection, &name).await?;
+            let (_, v) = client
+                .call(
+                    Method::PATCH,
+                    &format!("/api/v1/{collection}/{id}"),
+                    Some(read_doc(&file)?),
+                )
+                .await?;
+            output::one(&v, a.output);
+        }
+        Action::Delete { name } => {
+            let id = client.resolve(collection, &name).await?;
+            client
+                .call(Method::DELETE, &format!("/api/v1/{collection}/{id}"), None)
+                .await?;
+            eprintln!("deleted {} {id}", singular(collection));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,146 @@
+//! Health, readiness, metrics, lookups and the OpenAPI document.
+
+use super::error::ApiError;
+use super::extract::{ApiJson, Caller};
+use super::AppState;
+use crate::model::access::Role;
+use crate::model::settings::Priority;
+use crate::model::status::{SyncKind, VmReplicationState, VpgStatus, VpgSubStatus};
+use crate::proto::api::{Connectivity, Health, LookupValue, Lookups, Problem};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+#[utoipa::path(get, path = "/healthz", tag = "meta", responses((status = 200, body = Health)))]
+pub async fn healthz() -> ApiJson<Health> {
+    ApiJson(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "meta",
+    responses((status = 200, body = Health), (status = 503, body = Problem)))]
+pub async fn readyz(State(s): State<AppState>) -> Result<ApiJson<Health>, ApiError> {
+    match s.store.ping().await {
+        Ok(()) => Ok(ApiJson(Health {
+            status: "ready".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        })),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check: database unreachable");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "manager.database_unreachable",
+                "the database does not answer",
+            ))
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "meta",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+pub async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let counts = s.store.vpg_status_counts().await?;
+    let body = s.metrics.render(&counts);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
+}
+
+fn values<T: Copy>(
+    all: &[T],
+    f: impl Fn(T) -> (&'static str, &'static str, &'static str),
+) -> Vec<LookupValue> {
+    all.iter()
+        .map(|v| {
+            let (id, label, description) = f(*v);
+            LookupValue {
+                id: id.into(),
+                label: label.into(),
+                description: description.into(),
+            }
+        })
+        .collect()
+}
+
+fn fixed(rows: &[(&str, &str, &str)]) -> Vec<LookupValue> {
+    rows.iter()
+        .map(|(id, label, description)| LookupValue {
+            id: (*id).into(),
+            label: (*label).into(),
+            description: (*description).into(),
+        })
+        .collect()
+}
+
+#[utoipa::path(get, path = "/api/v1/lookups", tag = "meta",
+    responses((status = 200, body = Lookups), (status = 401, body = Problem)), security(("bearer" = [])))]
+pub async fn lookups(c: Caller) -> Result<ApiJson<Lookups>, ApiError> {
+    c.require(Role::Viewer)?;
+    Ok(ApiJson(Lookups {
+        vpg_statuses: values(VpgStatus::ALL, |s| (s.as_str(), s.label(), s.description())),
+        vpg_sub_statuses: values(VpgSubStatus::ALL, |s| {
+            (s.as_str(), s.label(), s.description())
+        }),
+        vm_replication_states: values(VmReplicationState::ALL, |s| {
+            (s.as_str(), s.label(), s.description())
+        }),
+        sync_kinds: values(SyncKind::ALL, |s| (s.as_str(), s.label(), s.description())),
+        priorities: values(&Priority::ALL, |p| {
+            (p.as_str(), p.as_str(), p.description())
+        }),
+        roles: values(&Role::ALL, |r| (r.as_str(), r.as_str(), r.description())),
+        connectivity: values(&Connectivity::ALL, |c| {
+            let d = match c {
+                Connectivity::Unknown => "no agent has registered for this host yet",
+                Connectivity::Connected => "the host's agent is heard from",
+                Connectivity::Disconnected => "the host's agent missed its heartbeats",
+            };
+            (c.as_str(), c.as_str(), d)
+        }),
+        resync_modes: fixed(&[
+            ("automatic", "Automatic", "a needed sync starts at once"),
+            ("manual", "Manual", "a needed sync waits for an operator"),
+            (
+                "window",
+                "Off-peak window",
+                "a needed sync starts only inside the daily window",
+            ),
+        ]),
+        power_states: fixed(&[("on", "On", "running"), ("off", "Off", "not running")]),
+        checkpoint_kinds: fixed(&[
+            ("scheduled", "Scheduled", "taken every checkpoint interval"),
+            ("user_tagged", "Tagged", "taken on request with a name"),
+            (
+                "app_consistent",
+                "App-consistent",
+                "taken with the guests quiesced",
+            ),
+        ]),
+        task_states: fixed(&[
+            ("pending", "Pending", "accepted, not started"),
+            ("running", "Running", "in progress"),
+            ("succeeded", "Succeeded", "finished as asked"),
+            ("failed", "Failed", "stopped on an error"),
+            ("cancelled", "Cancelled", "stopped on request"),
+        ]),
+        alert_severities: fixed(&[
+            ("warning", "Warning", "attention needed soon"),
+            ("error", "Error", "protection or recovery is at risk now"),
+        ]),
+    }))
+}
+
+pub async fn openapi(State(s): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        s.openapi_json.as_ref().clone(),
+    )
+        .into_response()
+}

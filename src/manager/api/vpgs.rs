@@ -1,0 +1,193 @@
+//! Handlers for VPGs, their members and checkpoints.
+
+use super::error::ApiError;
+use super::extract::{etag, if_match, ApiJson, ApiPath, ApiQuery, Caller};
+use super::{created, AppState};
+use crate::model::access::Role;
+use crate::model::settings::MemberSettings;
+use crate::proto::api::{
+    Checkpoint, CheckpointQuery, Member, MemberRemoveQuery, Page, PageQuery, Problem, Vpg,
+    VpgCreate, VpgPatch, VpgQuery, VpgReplace,
+};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+fn with_etag(v: Vpg) -> Response {
+    ([etag(v.version)], ApiJson(v)).into_response()
+}
+
+#[utoipa::path(get, path = "/api/v1/vpgs", tag = "vpgs", params(VpgQuery, PageQuery),
+    responses((status = 200, body = Page<Vpg>), (status = 401, body = Problem)), security(("bearer" = [])))]
+pub async fn list_vpgs(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiQuery(q): ApiQuery<VpgQuery>,
+    ApiQuery(p): ApiQuery<PageQuery>,
+) -> Result<ApiJson<Page<Vpg>>, ApiError> {
+    c.require(Role::Viewer)?;
+    Ok(ApiJson(s.store.list_vpgs(&q, &p).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/vpgs", tag = "vpgs", request_body = VpgCreate,
+    responses((status = 201, body = Vpg), (status = 409, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+pub async fn create_vpg(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiJson(body): ApiJson<VpgCreate>,
+) -> Result<Response, ApiError> {
+    c.require(Role::Admin)?;
+    let v = s.store.create_vpg(&c.actor(), body).await?;
+    let tag = etag(v.version);
+    let mut res = created(format!("/api/v1/vpgs/{}", v.id), v);
+    res.headers_mut().insert(tag.0, tag.1);
+    Ok(res)
+}
+
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}", tag = "vpgs", params(("id" = String, Path)),
+    responses((status = 200, body = Vpg, headers(("ETag" = String))), (status = 404, body = Problem)), security(("bearer" = [])))]
+pub async fn get_vpg(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    c.require(Role::Viewer)?;
+    Ok(with_etag(s.store.get_vpg(&id).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/vpgs/{id}", tag = "vpgs", params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    request_body = VpgPatch,
+    responses((status = 200, body = Vpg), (status = 404, body = Problem), (status = 412, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn update_vpg(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<VpgPatch>,
+) -> Result<Response, ApiError> {
+    c.require(Role::Admin)?;
+    let v = s
+        .store
+        .update_vpg(&c.actor(), &id, if_match(&headers)?, body)
+        .await?;
+    Ok(with_etag(v))
+}
+
+#[utoipa::path(put, path = "/api/v1/vpgs/{id}", tag = "vpgs", params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    request_body = VpgReplace,
+    responses((status = 200, body = Vpg), (status = 404, body = Problem), (status = 412, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn replace_vpg(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<VpgReplace>,
+) -> Result<Response, ApiError> {
+    c.require(Role::Admin)?;
+    let v = s
+        .store
+        .replace_vpg(&c.actor(), &id, if_match(&headers)?, body)
+        .await?;
+    Ok(with_etag(v))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vpgs/{id}", tag = "vpgs", params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    responses((status = 204), (status = 404, body = Problem), (status = 412, body = Problem)), security(("bearer" = [])))]
+pub async fn delete_vpg(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    c.require(Role::Admin)?;
+    s.store
+        .delete_vpg(&c.actor(), &id, if_match(&headers)?)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/members", tag = "vpgs", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<Member>), (status = 404, body = Problem)), security(("bearer" = [])))]
+pub async fn list_members(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<ApiJson<Vec<Member>>, ApiError> {
+    c.require(Role::Viewer)?;
+    Ok(ApiJson(
+        s.store.get_vpg(&id).await?.members.unwrap_or_default(),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/vpgs/{id}/members", tag = "vpgs", params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    request_body = MemberSettings,
+    responses((status = 200, body = Vpg), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn add_member(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<MemberSettings>,
+) -> Result<Response, ApiError> {
+    c.require(Role::Admin)?;
+    let v = s
+        .store
+        .add_member(&c.actor(), &id, if_match(&headers)?, body)
+        .await?;
+    Ok(with_etag(v))
+}
+
+#[utoipa::path(put, path = "/api/v1/vpgs/{id}/members/{vm_id}", tag = "vpgs",
+    params(("id" = String, Path), ("vm_id" = String, Path), ("If-Match" = Option<String>, Header)),
+    request_body = MemberSettings,
+    responses((status = 200, body = Vpg), (status = 404, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+pub async fn update_member(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath((id, vm_id)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<MemberSettings>,
+) -> Result<Response, ApiError> {
+    c.require(Role::Admin)?;
+    let v = s
+        .store
+        .update_member(&c.actor(), &id, &vm_id, if_match(&headers)?, body)
+        .await?;
+    Ok(with_etag(v))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vpgs/{id}/members/{vm_id}", tag = "vpgs",
+    params(("id" = String, Path), ("vm_id" = String, Path), ("If-Match" = Option<String>, Header), MemberRemoveQuery),
+    responses((status = 200, body = Vpg), (status = 404, body = Problem)), security(("bearer" = [])))]
+pub async fn remove_member(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath((id, vm_id)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<MemberRemoveQuery>,
+) -> Result<Response, ApiError> {
+    c.require(Role::Admin)?;
+    let keep = q.keep_recovery_disks.unwrap_or(true);
+    let v = s
+        .store
+        .remove_member(&c.actor(), &id, &vm_id, if_match(&headers)?, keep)
+        .await?;
+    Ok(with_etag(v))
+}
+
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/checkpoints", tag = "vpgs",
+    params(("id" = String, Path), CheckpointQuery, PageQuery),
+    responses((status = 200, body = Page<Checkpoint>), (status = 404, body = Problem)), security(("bearer" = [])))]
+pub async fn list_checkpoints(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<CheckpointQuery>,
+    ApiQuery(p): ApiQuery<PageQuery>,
+) -> Result<ApiJson<Page<Checkpoint>>, ApiError> {
+    c.require(Role::Viewer)?;
+    Ok(ApiJson(s.store.list_checkpoints(&id, &q, &p).await?))
+}

@@ -1,0 +1,135 @@
+//! Starting and stopping the manager: `Application::build` connects, migrates, binds
+//! and returns the bound address; `run_until` serves until the shutdown future ends.
+
+use super::api;
+use super::config::ManagerConfig;
+use super::metrics::Metrics;
+use super::store::{Store, StoreError};
+use axum::Router;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    store: Store,
+    /// The admin token created on first start, if this start created one.
+    pub bootstrap_secret: Option<String>,
+}
+
+impl Application {
+    pub async fn build(config: &ManagerConfig) -> Result<Self, ServerError> {
+        tracing::info!(database = %redact(&config.database_url), "connecting to the database");
+        let store = Store::connect(&config.database_url).await?;
+        tracing::info!("applying migrations");
+        store.migrate_up().await?;
+        let bootstrap_secret = if config.bootstrap_token {
+            store.bootstrap_admin_token().await?.map(|t| t.secret)
+        } else {
+            None
+        };
+        let metrics = Arc::new(Metrics::new());
+        let router = api::router(store.clone(), metrics, config.web_dir.as_deref());
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        Ok(Self {
+            listener,
+            router,
+            store,
+            bootstrap_secret,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        tracing::info!(addr = %self.local_addr(), "manager listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(ServerError::Serve)?;
+        tracing::info!("manager stopped; closing the database");
+        self.store.close().await?;
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received, shutting down"),
+        _ = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+/// A database URL with any password replaced, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact("sqlite://bulwark.db"), "sqlite://bulwark.db");
+    }
+}
