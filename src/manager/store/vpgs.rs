@@ -393,14 +393,39 @@ impl Store {
     }
 
     /// Applies `change` to the current definition and stores it if the result is valid
-    /// and the version still matches.
+    /// and the version still matches. Without an expected version a lost race is
+    /// retried on the newer definition (last writer wins, nothing is half-applied).
     async fn change_definition(
         &self,
         actor: &Actor,
         id: &str,
         expected_version: Option<u64>,
         kind: &str,
-        change: impl FnOnce(&mut Definition) -> Result<(), StoreError>,
+        change: impl Fn(&mut Definition) -> Result<(), StoreError>,
+    ) -> Result<Vpg, StoreError> {
+        let mut attempts = 0;
+        loop {
+            match self
+                .try_change_definition(actor, id, expected_version, kind, &change)
+                .await
+            {
+                Err(StoreError::VersionMismatch { .. })
+                    if expected_version.is_none() && attempts < 10 =>
+                {
+                    attempts += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_change_definition(
+        &self,
+        actor: &Actor,
+        id: &str,
+        expected_version: Option<u64>,
+        kind: &str,
+        change: &impl Fn(&mut Definition) -> Result<(), StoreError>,
     ) -> Result<Vpg, StoreError> {
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
@@ -517,20 +542,20 @@ impl Store {
         p: VpgPatch,
     ) -> Result<Vpg, StoreError> {
         self.change_definition(actor, id, expected_version, "vpg.updated", |d| {
-            if let Some(n) = p.name {
-                d.name = Name::parse(&n)?;
+            if let Some(n) = &p.name {
+                d.name = Name::parse(n)?;
             }
-            if let Some(desc) = p.description {
-                d.description = desc;
+            if let Some(desc) = &p.description {
+                d.description = desc.clone();
             }
-            if let Some(r) = p.recovery_site_id {
-                d.recovery_site_id = r;
+            if let Some(r) = &p.recovery_site_id {
+                d.recovery_site_id = r.clone();
             }
-            if let Some(s) = p.settings {
-                d.settings.apply(s);
+            if let Some(s) = &p.settings {
+                d.settings.apply(s.clone());
             }
-            if let Some(m) = p.members {
-                d.members = m;
+            if let Some(m) = &p.members {
+                d.members = m.clone();
             }
             Ok(())
         })
@@ -546,11 +571,11 @@ impl Store {
     ) -> Result<Vpg, StoreError> {
         self.change_definition(actor, id, expected_version, "vpg.updated", |d| {
             d.name = Name::parse(&r.name)?;
-            d.description = r.description;
-            d.recovery_site_id = r.recovery_site_id;
-            d.declared_protected_site = r.protected_site_id;
-            d.settings = r.settings;
-            d.members = r.members;
+            d.description = r.description.clone();
+            d.recovery_site_id = r.recovery_site_id.clone();
+            d.declared_protected_site = r.protected_site_id.clone();
+            d.settings = r.settings.clone();
+            d.members = r.members.clone();
             Ok(())
         })
         .await
@@ -570,7 +595,7 @@ impl Store {
                     format!("VM {} is already a member", m.vm_id),
                 ));
             }
-            d.members.push(m);
+            d.members.push(m.clone());
             Ok(())
         })
         .await
@@ -591,7 +616,7 @@ impl Store {
                 .iter_mut()
                 .find(|o| o.vm_id == vm_id)
                 .ok_or_else(|| StoreError::not_found("member", vm_id))?;
-            *slot = m;
+            *slot = m.clone();
             Ok(())
         })
         .await

@@ -1,0 +1,12 @@
+//! The HTTP API, exercised through a real server on a loopback port, against SQLite
+//! and against PostgreSQL (each test gets its own fresh database, dropped after).
+
+mod helpers;
+
+mod access;
+mod concurrency;
+mod crud;
+mod migrations;
+mod openapi;
+mod pagination;
+mod validation;
