@@ -1,6 +1,8 @@
 //! The real `bulwark` binary: offline token and migration commands, the manager as a
 //! process (first-run token, graceful SIGTERM), and the REST client commands.
 
+#![allow(clippy::unwrap_used, clippy::zombie_processes)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,7 +34,15 @@ impl Drop for Manager {
 /// Starts `bulwark manager` on a free port and waits for it to say where it listens.
 fn start_manager(db: &str) -> Manager {
     let mut child = Command::new(BIN)
-        .args(["manager", "--listen", "127.0.0.1:0", "--database-url", db, "--log-format", "json"])
+        .args([
+            "manager",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            db,
+            "--log-format",
+            "json",
+        ])
         .env("BULWARK_CONFIG", "/nonexistent/bulwark.toml")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -50,14 +60,20 @@ fn start_manager(db: &str) -> Manager {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut bootstrap = None;
     loop {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("manager starts within 30 s");
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("manager starts within 30 s");
         if let Some(t) = line.trim().strip_prefix("bwk_") {
             bootstrap = Some(format!("bwk_{t}"));
         }
         if let Some(rest) = line.strip_prefix("Bulwark manager on ") {
             let url = rest.trim_end_matches('/').to_string();
             std::thread::spawn(move || while rx.recv().is_ok() {});
-            return Manager { child, url, bootstrap };
+            return Manager {
+                child,
+                url,
+                bootstrap,
+            };
         }
     }
 }
@@ -74,7 +90,12 @@ fn client(m: &Manager, token: &str, args: &[&str], stdin: Option<&str>) -> (bool
         .spawn()
         .unwrap();
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     }
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();
@@ -99,8 +120,21 @@ fn offline_commands_and_manager_process() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("pending"));
 
     // A token made offline means the manager does not bootstrap one.
-    let out = bulwark(&["token", "--database-url", &db, "create", "--name", "ops", "--role", "admin"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bulwark(&[
+        "token",
+        "--database-url",
+        &db,
+        "create",
+        "--name",
+        "ops",
+        "--role",
+        "admin",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(token.starts_with("bwk_"));
     let out = bulwark(&["token", "--database-url", &db, "create", "--role", "root"]);
@@ -108,12 +142,25 @@ fn offline_commands_and_manager_process() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a role"));
 
     let m = start_manager(&db);
-    assert!(m.bootstrap.is_none(), "tokens exist, so none is bootstrapped");
+    assert!(
+        m.bootstrap.is_none(),
+        "tokens exist, so none is bootstrapped"
+    );
 
-    let (ok, out, err) = client(&m, &token, &["site", "create", "-f", "-"], Some(r#"{"name": "prod"}"#));
+    let (ok, out, err) = client(
+        &m,
+        &token,
+        &["site", "create", "-f", "-"],
+        Some(r#"{"name": "prod"}"#),
+    );
     assert!(ok, "{err}");
     assert!(out.contains("\"name\": \"prod\""));
-    let (ok, _, err) = client(&m, &token, &["site", "create", "-f", "-"], Some(r#"{"name": "prod"}"#));
+    let (ok, _, err) = client(
+        &m,
+        &token,
+        &["site", "create", "-f", "-"],
+        Some(r#"{"name": "prod"}"#),
+    );
     assert!(!ok);
     assert!(err.contains("site.name_taken"), "{err}");
     let (ok, out, _) = client(&m, &token, &["site", "list"], None);
@@ -134,7 +181,10 @@ fn offline_commands_and_manager_process() {
     // SIGTERM stops the manager cleanly.
     let mut m = m;
     let child = &mut m.child;
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -152,7 +202,10 @@ fn first_start_bootstraps_an_admin_token() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}?mode=rwc", dir.path().join("b.db").display());
     let m = start_manager(&db);
-    let token = m.bootstrap.clone().expect("the first start prints an admin token");
+    let token = m
+        .bootstrap
+        .clone()
+        .expect("the first start prints an admin token");
     let (ok, out, err) = client(&m, &token, &["vpg", "list"], None);
     assert!(ok, "{err}");
     assert!(out.starts_with("ID"));

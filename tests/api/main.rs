@@ -1,6 +1,8 @@
 //! The HTTP API, exercised through a real server on a loopback port, against SQLite
 //! and against PostgreSQL (each test gets its own fresh database, dropped after).
 
+#![allow(clippy::unwrap_used)]
+
 mod helpers;
 
 mod access;
