@@ -119,14 +119,8 @@ mod tests {
 
     fn member(vm: &str, host: Option<&str>) -> MemberSettings {
         MemberSettings {
-            vm_id: vm.into(),
             recovery_host_id: host.map(Into::into),
-            recovery_storage_path: None,
-            boot_group: 0,
-            boot_delay_secs: 0,
-            failover_network: None,
-            test_network: None,
-            nics: vec![],
+            ..MemberSettings::for_vm(vm)
         }
     }
 

@@ -521,6 +521,20 @@ impl ReIp {
 }
 
 impl MemberSettings {
+    /// A member with nothing but its VM set (every other setting at its default).
+    pub fn for_vm(vm_id: impl Into<String>) -> Self {
+        Self {
+            vm_id: vm_id.into(),
+            recovery_host_id: None,
+            recovery_storage_path: None,
+            boot_group: 0,
+            boot_delay_secs: 0,
+            failover_network: None,
+            test_network: None,
+            nics: vec![],
+        }
+    }
+
     /// Rules local to one member; cross-entity rules live in [`super::membership`].
     pub fn validate(&self) -> Result<(), ValidationError> {
         if self.boot_group > MAX_BOOT_GROUP {
@@ -778,16 +792,7 @@ mod tests {
 
     #[test]
     fn member_rules() {
-        let base = MemberSettings {
-            vm_id: "vm".into(),
-            recovery_host_id: None,
-            recovery_storage_path: None,
-            boot_group: 0,
-            boot_delay_secs: 0,
-            failover_network: None,
-            test_network: None,
-            nics: vec![],
-        };
+        let base = MemberSettings::for_vm("vm");
         base.validate().unwrap();
         let code = |m: MemberSettings| m.validate().unwrap_err().code;
         assert_eq!(

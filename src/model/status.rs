@@ -336,8 +336,8 @@ pub fn derive_status(f: &VpgFacts) -> (VpgStatus, VpgSubStatus) {
     (status, Sub::None)
 }
 
-/// Facts about one member VM for its Hyper-V-style state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Facts about one member VM for its Hyper-V-style state (default: not protected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct VmFacts {
     pub protected: bool,
     pub initial_sync_done: bool,
@@ -793,13 +793,7 @@ mod tests {
         let base = VmFacts {
             protected: true,
             initial_sync_done: true,
-            syncing: false,
-            sync_pending: false,
-            sync_interrupted: false,
-            paused: false,
-            error: false,
-            prepared_for_move: false,
-            failed_over: false,
+            ..VmFacts::default()
         };
         use VmReplicationState as R;
         type Edit = fn(&mut VmFacts);

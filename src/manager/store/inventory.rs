@@ -870,27 +870,13 @@ async fn insert_disk(
 /// The Hyper-V-style state of a VM from its VPG's lifecycle (None: not protected).
 pub(crate) fn vm_state(vpg: Option<&(String, bool)>) -> VmReplicationState {
     let facts = match vpg {
-        None => VmFacts {
-            protected: false,
-            initial_sync_done: false,
-            syncing: false,
-            sync_pending: false,
-            sync_interrupted: false,
-            paused: false,
-            error: false,
-            prepared_for_move: false,
-            failed_over: false,
-        },
+        None => VmFacts::default(),
         Some((lifecycle, paused)) => VmFacts {
             protected: true,
             initial_sync_done: lifecycle != "creating",
-            syncing: false,
-            sync_pending: false,
-            sync_interrupted: false,
             paused: *paused,
-            error: false,
-            prepared_for_move: false,
             failed_over: lifecycle == "recovered",
+            ..VmFacts::default()
         },
     };
     derive_vm_state(&facts)

@@ -68,17 +68,8 @@ pub(crate) fn config_facts(
 }
 
 fn member_settings(m: &member::Model) -> MemberSettings {
-    let mut s: MemberSettings =
-        serde_json::from_value(m.settings.clone()).unwrap_or(MemberSettings {
-            vm_id: String::new(),
-            recovery_host_id: None,
-            recovery_storage_path: None,
-            boot_group: 0,
-            boot_delay_secs: 0,
-            failover_network: None,
-            test_network: None,
-            nics: vec![],
-        });
+    let mut s: MemberSettings = serde_json::from_value(m.settings.clone())
+        .unwrap_or_else(|_| MemberSettings::for_vm(m.vm_id.clone()));
     s.vm_id = m.vm_id.clone();
     s.recovery_host_id = m.recovery_host_id.clone();
     s
