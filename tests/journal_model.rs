@@ -10,6 +10,12 @@ use bulwark::agent::journal::{
     Appended, CheckpointKind, Journal, JournalConfig, JournalError, PromotePolicy, Record, View,
 };
 use proptest::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+/// How often the interesting things happened, printed with `--nocapture`, to show the
+/// generator reaches them: promotions that moved, commits, crashes, cuts at a flipped
+/// byte, checkpoint views compared.
+static COUNTS: [AtomicUsize; 5] = [const { AtomicUsize::new(0) }; 5];
 
 const DISK: u64 = 48 << 10;
 const MAX_LEN: u64 = 6000;
@@ -332,6 +338,7 @@ impl Harness {
             assert_eq!(after[0].seq, want.max(before[0].seq));
         }
         if let Some(base) = &rep.promoted_to {
+            COUNTS[0].fetch_add(1, Relaxed);
             assert_eq!(after[0].id, base.id);
             self.durable_ckpts.retain(|c| c.seq >= base.seq);
             let replica = std::fs::read(&self.replica).unwrap();
@@ -357,6 +364,7 @@ impl Harness {
         let v = self.views.pop().unwrap();
         let id = v.view.checkpoint().id;
         let rep = self.j.commit(v.view).unwrap();
+        COUNTS[1].fetch_add(1, Relaxed);
         assert_eq!(rep.checkpoint.id, id);
         let seq = rep.checkpoint.seq;
         let replica = std::fs::read(&self.replica).unwrap();
@@ -389,7 +397,7 @@ impl Harness {
         let mut flipped_at = None;
         if len > lo {
             let new_len = lo + u64::from(cut) % (len - lo + 1);
-            let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&last).unwrap();
             f.set_len(new_len).unwrap();
             if let Some(fl) = flip {
                 if new_len > lo {
@@ -403,7 +411,9 @@ impl Harness {
             }
         }
         self.reopen();
+        COUNTS[2].fetch_add(1, Relaxed);
         if let Some(at) = flipped_at {
+            COUNTS[3].fetch_add(1, Relaxed);
             let now = std::fs::metadata(&last).map(|m| m.len()).unwrap_or(0);
             assert!(now <= at, "journal kept bytes past a corrupt record ({now} > {at})");
         }
@@ -434,6 +444,7 @@ impl Harness {
         let mut buf = vec![0u8; DISK as usize];
         for c in &self.durable_ckpts {
             let v = self.j.open_view(c.id).unwrap();
+            COUNTS[4].fetch_add(1, Relaxed);
             v.read_at(&mut buf, 0).unwrap();
             assert!(buf == c.content, "view at checkpoint {} differs from the model", c.id);
             // Odd-sized reads at odd offsets cross chunk and extent edges.
@@ -461,5 +472,7 @@ proptest! {
             h.step(op);
             h.check();
         }
+        let c: Vec<usize> = COUNTS.iter().map(|c| c.load(Relaxed)).collect();
+        println!("promotions {} commits {} crashes {} flips {} views compared {}", c[0], c[1], c[2], c[3], c[4]);
     }
 }
