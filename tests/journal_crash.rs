@@ -1,12 +1,15 @@
 //! Crash during promotion and commit at every step boundary (fault injection), restart,
 //! and the same replica disk and journal as a run without the crash.
+// Helpers outside #[test] fns are test code too (clippy's allow-unwrap-in-tests misses them).
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bulwark::agent::journal::{
-    CheckpointInfo, CheckpointKind, FaultPoint, Journal, JournalConfig, JournalError, PromotePolicy, Record,
+    CheckpointInfo, CheckpointKind, FaultPoint, Journal, JournalConfig, JournalError,
+    PromotePolicy, Record,
 };
 
 const DISK: u64 = 64 << 10;
@@ -23,7 +26,8 @@ struct Injector {
 impl Injector {
     fn new(fail_at: Option<usize>) -> Arc<Injector> {
         let i = Injector::default();
-        i.fail_at.store(fail_at.unwrap_or(usize::MAX), Ordering::SeqCst);
+        i.fail_at
+            .store(fail_at.unwrap_or(usize::MAX), Ordering::SeqCst);
         Arc::new(i)
     }
     fn hook(self: &Arc<Self>) -> bulwark::agent::journal::FaultHook {
@@ -60,7 +64,13 @@ fn fill(j: &mut Journal) {
         let off = (i * 7919) % (DISK - 3000);
         match i % 6 {
             5 => j
-                .append(Record::checkpoint(seq, ts, 100 + i, CheckpointKind::Scheduled, None))
+                .append(Record::checkpoint(
+                    seq,
+                    ts,
+                    100 + i,
+                    CheckpointKind::Scheduled,
+                    None,
+                ))
                 .unwrap(),
             4 if i % 12 == 4 => j.append(Record::zero(seq, ts, off, 2500)).unwrap(),
             4 => j.append(Record::trim(seq, ts, off, 1800)).unwrap(),
@@ -127,9 +137,16 @@ fn policy() -> PromotePolicy {
 /// After recovery the journal must keep working the same way.
 fn more(j: &mut Journal) {
     let d = j.last_seq();
-    j.append(Record::write(d + 1, 0, 100, &[9u8; 3000])).unwrap();
-    j.append(Record::checkpoint(d + 2, 99_000, 999, CheckpointKind::UserTagged, Some("after")))
+    j.append(Record::write(d + 1, 0, 100, &[9u8; 3000]))
         .unwrap();
+    j.append(Record::checkpoint(
+        d + 2,
+        99_000,
+        999,
+        CheckpointKind::UserTagged,
+        Some("after"),
+    ))
+    .unwrap();
     j.sync().unwrap();
 }
 
@@ -148,7 +165,10 @@ impl Scenario {
                 inj.armed.store(false, Ordering::SeqCst);
                 let rep = r?;
                 // A rerun after a redo on open finds nothing left to do.
-                assert!(rep.promoted_to.is_none() || rep.promoted_to.as_ref().map(|c| c.seq) == Some(36));
+                assert!(
+                    rep.promoted_to.is_none()
+                        || rep.promoted_to.as_ref().map(|c| c.seq) == Some(36)
+                );
                 assert_eq!(j.stats().promoted_seq, 36);
                 Ok(())
             }
@@ -169,7 +189,12 @@ fn commit_scenario(j: &mut Journal, inj: &Arc<Injector>) -> Result<(), JournalEr
     r.map(|_| ())
 }
 
-fn run(root: &Path, scenario: Scenario, fail_at: Option<usize>, redo_fail_at: Option<usize>) -> (Snapshot, Vec<FaultPoint>) {
+fn run(
+    root: &Path,
+    scenario: Scenario,
+    fail_at: Option<usize>,
+    redo_fail_at: Option<usize>,
+) -> (Snapshot, Vec<FaultPoint>) {
     let dir = root.join("j");
     let replica = root.join("replica");
     let inj = Injector::new(fail_at);
@@ -225,7 +250,11 @@ fn every_point(scenario: Scenario, expect: &[FaultPoint]) {
         .filter(|&k| points[k] == FaultPoint::RecordApplied)
         .collect();
     let picked: Vec<usize> = (0..points.len())
-        .filter(|&k| points[k] != FaultPoint::RecordApplied || k == applied[0] || k == applied[applied.len() / 2])
+        .filter(|&k| {
+            points[k] != FaultPoint::RecordApplied
+                || k == applied[0]
+                || k == applied[applied.len() / 2]
+        })
         .collect();
     for &k in &picked {
         // Also crash a second time while `open` redoes the work, at its first boundary

@@ -2,6 +2,8 @@
 //! syncs, resends, promotions, views with scratch writes, commits, rollbacks and crashes
 //! (tail truncated at a random byte, optionally a flipped byte in the unsynced tail),
 //! checked after every step against a plain in-memory model of the disk.
+// Helpers outside #[test] fns are test code too (clippy's allow-unwrap-in-tests misses them).
+#![allow(clippy::unwrap_used)]
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -22,18 +24,50 @@ const MAX_LEN: u64 = 6000;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { off: u16, len: u16, seed: u8 },
-    Zero { off: u16, len: u16 },
-    Trim { off: u16, len: u16 },
-    Checkpoint { tag: bool, gap: bool },
+    Write {
+        off: u16,
+        len: u16,
+        seed: u8,
+    },
+    Zero {
+        off: u16,
+        len: u16,
+    },
+    Trim {
+        off: u16,
+        len: u16,
+    },
+    Checkpoint {
+        tag: bool,
+        gap: bool,
+    },
     Sync,
-    Resend { back: u8 },
-    Promote { history: u8, hard: bool },
-    OpenView { pick: u8 },
-    ScratchWrite { pick: u8, off: u16, len: u16, seed: u8 },
-    CloseView { pick: u8 },
-    Commit { pick: u8 },
-    Crash { cut: u16, flip: Option<u16> },
+    Resend {
+        back: u8,
+    },
+    Promote {
+        history: u8,
+        hard: bool,
+    },
+    OpenView {
+        pick: u8,
+    },
+    ScratchWrite {
+        pick: u8,
+        off: u16,
+        len: u16,
+        seed: u8,
+    },
+    CloseView {
+        pick: u8,
+    },
+    Commit {
+        pick: u8,
+    },
+    Crash {
+        cut: u16,
+        flip: Option<u16>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -62,7 +96,12 @@ fn range(off: u16, len: u16) -> (u64, u64) {
 
 fn fill(seed: u8, seq: u64, len: u64) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed).wrapping_add(seq as u8))
+        .map(|i| {
+            (i as u8)
+                .wrapping_mul(31)
+                .wrapping_add(seed)
+                .wrapping_add(seq as u8)
+        })
         .collect()
 }
 
@@ -274,7 +313,12 @@ impl Harness {
                 let view = self.j.open_view(c.id).unwrap();
                 self.views.push(MView { view, content });
             }
-            Op::ScratchWrite { pick, off, len, seed } => {
+            Op::ScratchWrite {
+                pick,
+                off,
+                len,
+                seed,
+            } => {
                 if self.views.is_empty() {
                     return;
                 }
@@ -325,7 +369,10 @@ impl Harness {
             assert!(!after.is_empty());
         }
         for v in &self.views {
-            assert!(after.iter().any(|c| c.id == v.view.checkpoint().id), "promotion passed an open view");
+            assert!(
+                after.iter().any(|c| c.id == v.view.checkpoint().id),
+                "promotion passed an open view"
+            );
         }
         // Without views or a hard limit, promotion goes exactly to the window.
         if self.views.is_empty() && !hard && !before.is_empty() {
@@ -342,7 +389,10 @@ impl Harness {
             assert_eq!(after[0].id, base.id);
             self.durable_ckpts.retain(|c| c.seq >= base.seq);
             let replica = std::fs::read(&self.replica).unwrap();
-            assert!(replica == self.durable_ckpts[0].content, "replica is not the oldest checkpoint");
+            assert!(
+                replica == self.durable_ckpts[0].content,
+                "replica is not the oldest checkpoint"
+            );
         }
     }
 
@@ -368,7 +418,10 @@ impl Harness {
         assert_eq!(rep.checkpoint.id, id);
         let seq = rep.checkpoint.seq;
         let replica = std::fs::read(&self.replica).unwrap();
-        assert!(replica == v.content, "replica differs from the committed view");
+        assert!(
+            replica == v.content,
+            "replica differs from the committed view"
+        );
         self.durable_ckpts.retain(|c| c.id == id);
         self.durable_ckpts[0].content = v.content.clone();
         self.durable_disk = v.content.clone();
@@ -397,7 +450,11 @@ impl Harness {
         let mut flipped_at = None;
         if len > lo {
             let new_len = lo + u64::from(cut) % (len - lo + 1);
-            let f = std::fs::OpenOptions::new().read(true).write(true).open(&last).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&last)
+                .unwrap();
             f.set_len(new_len).unwrap();
             if let Some(fl) = flip {
                 if new_len > lo {
@@ -415,10 +472,18 @@ impl Harness {
         if let Some(at) = flipped_at {
             COUNTS[3].fetch_add(1, Relaxed);
             let now = std::fs::metadata(&last).map(|m| m.len()).unwrap_or(0);
-            assert!(now <= at, "journal kept bytes past a corrupt record ({now} > {at})");
+            assert!(
+                now <= at,
+                "journal kept bytes past a corrupt record ({now} > {at})"
+            );
         }
         let l = self.j.last_seq();
-        assert!(l >= self.durable_seq, "durable record lost: {} < {}", l, self.durable_seq);
+        assert!(
+            l >= self.durable_seq,
+            "durable record lost: {} < {}",
+            l,
+            self.durable_seq
+        );
         assert!(l <= self.seq.max(self.durable_seq));
         assert_eq!(self.j.durable_seq(), l);
         // The model keeps what the journal recovered of the unsynced tail.
@@ -446,7 +511,11 @@ impl Harness {
             let v = self.j.open_view(c.id).unwrap();
             COUNTS[4].fetch_add(1, Relaxed);
             v.read_at(&mut buf, 0).unwrap();
-            assert!(buf == c.content, "view at checkpoint {} differs from the model", c.id);
+            assert!(
+                buf == c.content,
+                "view at checkpoint {} differs from the model",
+                c.id
+            );
             // Odd-sized reads at odd offsets cross chunk and extent edges.
             let mut small = vec![0u8; 5000];
             v.read_at(&mut small, 4093).unwrap();
@@ -454,7 +523,11 @@ impl Harness {
         }
         for v in &self.views {
             v.view.read_at(&mut buf, 0).unwrap();
-            assert!(buf == v.content, "open view {} differs from its model", v.view.checkpoint().id);
+            assert!(
+                buf == v.content,
+                "open view {} differs from its model",
+                v.view.checkpoint().id
+            );
         }
         let st = self.j.stats();
         assert_eq!(st.durable_seq, self.j.durable_seq());

@@ -171,7 +171,10 @@ impl fmt::Display for BenchReport {
                 r.index_bytes as f64 / r.records.max(1) as f64,
             )?;
         }
-        writeln!(f, "\nreads through a view at the newest checkpoint (warm page cache)")?;
+        writeln!(
+            f,
+            "\nreads through a view at the newest checkpoint (warm page cache)"
+        )?;
         writeln!(
             f,
             "{:>9} {:>14} {:>10} {:>10} {:>8}",
@@ -215,7 +218,9 @@ fn remove_dir(p: &Path) -> Result<()> {
 
 /// Runs the whole benchmark; every file it makes is removed before it returns.
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
-    let root = opts.dir.join(format!("bulwark-journal-bench-{}", std::process::id()));
+    let root = opts
+        .dir
+        .join(format!("bulwark-journal-bench-{}", std::process::id()));
     remove_dir(&root)?;
     std::fs::create_dir_all(&root).map_err(|e| io_at("create", &root, e))?;
     let r = run_in(opts, &root);
@@ -244,7 +249,14 @@ fn run_in(opts: &BenchOptions, root: &Path) -> Result<BenchReport> {
         let (mut j, mut raw, mut once) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..opts.repeats.max(1) {
             raw.push(raw_write(root, &pool, ingest_bytes, group)?);
-            j.push(journal_ingest(root, &pool, size, ingest_bytes, group, rep as u64)?);
+            j.push(journal_ingest(
+                root,
+                &pool,
+                size,
+                ingest_bytes,
+                group,
+                rep as u64,
+            )?);
             once.push(raw_write(root, &pool, ingest_bytes, u64::MAX)?);
         }
         report.ingest.push(IngestRow {
@@ -268,7 +280,8 @@ fn raw_write(root: &Path, pool: &[u8], bytes: u64, group: u64) -> Result<f64> {
     while done < bytes {
         let n = (bytes - done).min(1 << 20) as usize;
         let at = (done as usize) % (pool.len() - n);
-        f.write_all(&pool[at..at + n]).map_err(|e| io_at("write", &path, e))?;
+        f.write_all(&pool[at..at + n])
+            .map_err(|e| io_at("write", &path, e))?;
         done += n as u64;
         since += n as u64;
         if since >= group {
@@ -283,7 +296,14 @@ fn raw_write(root: &Path, pool: &[u8], bytes: u64, group: u64) -> Result<f64> {
     Ok(mbps(bytes, d))
 }
 
-fn journal_ingest(root: &Path, pool: &[u8], size: usize, bytes: u64, group: u64, seed: u64) -> Result<f64> {
+fn journal_ingest(
+    root: &Path,
+    pool: &[u8],
+    size: usize,
+    bytes: u64,
+    group: u64,
+    seed: u64,
+) -> Result<f64> {
     let dir = root.join("ingest");
     remove_dir(&dir)?;
     let disk = 64u64 << 30;
@@ -387,7 +407,9 @@ fn views_and_reads(
         let rf = File::open(&replica).map_err(|e| io_at("open", &replica, e))?;
         // Random 4 KiB: the same offsets through the view and straight from the file.
         let n = ((disk / 4096) / 4).clamp(1000, 200_000);
-        let offs: Vec<u64> = (0..n).map(|_| rng.random_range(0..disk / 4096) * 4096).collect();
+        let offs: Vec<u64> = (0..n)
+            .map(|_| rng.random_range(0..disk / 4096) * 4096)
+            .collect();
         let mut b = vec![0u8; 4096];
         let t = Instant::now();
         for &o in &offs {
@@ -396,7 +418,8 @@ fn views_and_reads(
         let vt = t.elapsed();
         let t = Instant::now();
         for &o in &offs {
-            rf.read_exact_at(&mut b, o).map_err(|e| io_at("read", &replica, e))?;
+            rf.read_exact_at(&mut b, o)
+                .map_err(|e| io_at("read", &replica, e))?;
         }
         let rt = t.elapsed();
         report.reads.push(ReadRow {
@@ -416,7 +439,8 @@ fn views_and_reads(
         let t = Instant::now();
         let mut o = 0;
         while o + (1 << 20) <= disk {
-            rf.read_exact_at(&mut b, o).map_err(|e| io_at("read", &replica, e))?;
+            rf.read_exact_at(&mut b, o)
+                .map_err(|e| io_at("read", &replica, e))?;
             o += 1 << 20;
         }
         let rt = t.elapsed();

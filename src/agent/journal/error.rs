@@ -55,7 +55,11 @@ pub enum JournalError {
 }
 
 impl JournalError {
-    pub(crate) fn corrupt(path: impl Into<PathBuf>, offset: u64, reason: impl Into<String>) -> Self {
+    pub(crate) fn corrupt(
+        path: impl Into<PathBuf>,
+        offset: u64,
+        reason: impl Into<String>,
+    ) -> Self {
         JournalError::Corrupt {
             path: path.into(),
             offset,

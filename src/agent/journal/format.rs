@@ -187,7 +187,12 @@ impl Header {
 
 const CKPT_FIXED: usize = 8 + 1 + 2;
 
-pub(crate) fn encode_checkpoint(id: u64, kind: CheckpointKind, tag: Option<&str>, out: &mut Vec<u8>) {
+pub(crate) fn encode_checkpoint(
+    id: u64,
+    kind: CheckpointKind,
+    tag: Option<&str>,
+    out: &mut Vec<u8>,
+) {
     out.clear();
     out.extend_from_slice(&id.to_le_bytes());
     out.push(kind as u8);
@@ -197,7 +202,11 @@ pub(crate) fn encode_checkpoint(id: u64, kind: CheckpointKind, tag: Option<&str>
 }
 
 /// Decodes a checkpoint payload; `seq` and `wall_ms` come from the header.
-pub(crate) fn decode_checkpoint(p: &[u8], seq: u64, wall_ms: i64) -> Result<CheckpointInfo, &'static str> {
+pub(crate) fn decode_checkpoint(
+    p: &[u8],
+    seq: u64,
+    wall_ms: i64,
+) -> Result<CheckpointInfo, &'static str> {
     if p.len() < CKPT_FIXED {
         return Err("short checkpoint payload");
     }
@@ -265,13 +274,23 @@ pub(crate) fn check_segment_header(b: &[u8], disk: u64, segment: u32) -> Result<
 pub(crate) enum Intent {
     None,
     /// Apply every record ≤ `ckpt.seq` to the replica.
-    Promote { ckpt: CheckpointInfo },
+    Promote {
+        ckpt: CheckpointInfo,
+    },
     /// Commit at `ckpt`: apply records ≤ it, then the scratch of view `view` (if it left
     /// a map file), then drop every segment. `floor` is the highest seq ever accepted,
     /// kept so resent records stay de-duplicated after the journal is emptied.
-    CommitApply { ckpt: CheckpointInfo, view: u64, floor: u64 },
+    CommitApply {
+        ckpt: CheckpointInfo,
+        view: u64,
+        floor: u64,
+    },
     /// The replica holds the commit; what is left is deleting segments and scratch.
-    CommitClean { ckpt: CheckpointInfo, view: u64, floor: u64 },
+    CommitClean {
+        ckpt: CheckpointInfo,
+        view: u64,
+        floor: u64,
+    },
 }
 
 /// The crash-safe state file `journal.state`.

@@ -44,7 +44,11 @@ pub(crate) struct Entry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Loc {
     Zero,
-    Data { seg: u32, pos: u64, compressed: bool },
+    Data {
+        seg: u32,
+        pos: u64,
+        compressed: bool,
+    },
 }
 
 /// Where the bytes of one piece of a query come from.
@@ -148,7 +152,14 @@ impl Index {
                 seg,
                 pos,
                 compressed,
-            } => (pos, if compressed { seg | COMPRESSED_BIT } else { seg }),
+            } => (
+                pos,
+                if compressed {
+                    seg | COMPRESSED_BIT
+                } else {
+                    seg
+                },
+            ),
         };
         let mut at = offset;
         while at < end {
@@ -159,7 +170,11 @@ impl Index {
                 seq,
                 pos,
                 seg,
-                skip: if pos == ZERO_POS { 0 } else { (at - offset) as u32 },
+                skip: if pos == ZERO_POS {
+                    0
+                } else {
+                    (at - offset) as u32
+                },
                 start: (at - base) as u32,
                 len: (piece_end - at) as u32,
             };
@@ -275,7 +290,16 @@ fn maybe_mark(ch: &mut Chunk, mark_min: usize, chunk_len: u32) {
     };
     let seq = last.seq;
     let mut pieces = Vec::new();
-    query_chunk(ch, 0, 0, chunk_len, seq, &mut pieces, &mut Vec::new(), &mut Vec::new());
+    query_chunk(
+        ch,
+        0,
+        0,
+        chunk_len,
+        seq,
+        &mut pieces,
+        &mut Vec::new(),
+        &mut Vec::new(),
+    );
     pieces.sort_unstable_by_key(|p| p.off);
     let exts = pieces
         .iter()
@@ -292,7 +316,11 @@ fn maybe_mark(ch: &mut Chunk, mark_min: usize, chunk_len: u32) {
                 } => (
                     seq,
                     pos,
-                    if compressed { seg | COMPRESSED_BIT } else { seg },
+                    if compressed {
+                        seg | COMPRESSED_BIT
+                    } else {
+                        seg
+                    },
                     skip as u32,
                 ),
             };
@@ -393,7 +421,13 @@ fn piece(e: &Entry, base: u64, s: u32, t: u32) -> Piece {
 }
 
 /// Takes `e`'s range out of the uncovered intervals, emitting what it covers.
-fn cover(e: &Entry, base: u64, unc: &mut Vec<(u32, u32)>, tmp: &mut Vec<(u32, u32)>, out: &mut Vec<Piece>) {
+fn cover(
+    e: &Entry,
+    base: u64,
+    unc: &mut Vec<(u32, u32)>,
+    tmp: &mut Vec<(u32, u32)>,
+    out: &mut Vec<Piece>,
+) {
     let (s, t) = (e.start, e.end());
     if !unc.iter().any(|&(x, y)| s < y && t > x) {
         return;

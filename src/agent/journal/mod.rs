@@ -164,7 +164,13 @@ impl<'a> Record<'a> {
             body: RecordBody::Trim { offset, len },
         }
     }
-    pub fn checkpoint(seq: u64, wall_ms: i64, id: u64, kind: CheckpointKind, tag: Option<&'a str>) -> Self {
+    pub fn checkpoint(
+        seq: u64,
+        wall_ms: i64,
+        id: u64,
+        kind: CheckpointKind,
+        tag: Option<&'a str>,
+    ) -> Self {
         Record {
             seq,
             timestamp_ms: wall_ms,
@@ -266,10 +272,14 @@ impl JournalConfig {
             return Err(JournalError::Config("segment size below 4 KiB".into()));
         }
         if !(9..=30).contains(&self.index_chunk_shift) {
-            return Err(JournalError::Config("index chunk shift outside 9..=30".into()));
+            return Err(JournalError::Config(
+                "index chunk shift outside 9..=30".into(),
+            ));
         }
         if (self.disk_size >> self.index_chunk_shift) > (1 << 28) {
-            return Err(JournalError::Config("index chunk too small for this disk".into()));
+            return Err(JournalError::Config(
+                "index chunk too small for this disk".into(),
+            ));
         }
         Ok(())
     }
@@ -426,7 +436,8 @@ pub(crate) fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result
         .truncate(true)
         .open(&tmp)
         .map_err(|e| io_at("create", &tmp, e))?;
-    f.write_all_at(bytes, 0).map_err(|e| io_at("write", &tmp, e))?;
+    f.write_all_at(bytes, 0)
+        .map_err(|e| io_at("write", &tmp, e))?;
     f.sync_all().map_err(|e| io_at("fsync", &tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, &path).map_err(|e| io_at("rename into place", &path, e))?;
@@ -463,7 +474,11 @@ impl Journal {
     /// the last segment followed by a record that says it was durable, is
     /// `JournalError::Corrupt`. A promotion or commit the state file says was in flight is
     /// then finished before anything else. Scratch layers of views do not survive.
-    pub fn open(dir: impl AsRef<Path>, replica_path: impl AsRef<Path>, cfg: JournalConfig) -> Result<Journal> {
+    pub fn open(
+        dir: impl AsRef<Path>,
+        replica_path: impl AsRef<Path>,
+        cfg: JournalConfig,
+    ) -> Result<Journal> {
         cfg.validate()?;
         let dir = dir.as_ref().to_path_buf();
         let scratch = dir.join(SCRATCH_DIR);
@@ -506,7 +521,9 @@ impl Journal {
             next_view: AtomicU64::new(1),
         });
         let compressor = match cfg.compress_level {
-            Some(level) => Some(zstd::bulk::Compressor::new(level).map_err(io_err("create zstd compressor"))?),
+            Some(level) => {
+                Some(zstd::bulk::Compressor::new(level).map_err(io_err("create zstd compressor"))?)
+            }
             None => None,
         };
         let mut j = Journal {
@@ -587,9 +604,13 @@ impl Journal {
                 .write(true)
                 .open(&path)
                 .map_err(|e| io_at("open segment", &path, e))?;
-            let len = file.metadata().map_err(|e| io_at("stat segment", &path, e))?.len();
+            let len = file
+                .metadata()
+                .map_err(|e| io_at("stat segment", &path, e))?
+                .len();
             let mut hdr = [0u8; SEGMENT_HEADER_LEN];
-            let got = segment::read_full_at(&file, &mut hdr, 0).map_err(|e| io_at("read segment", &path, e))?;
+            let got = segment::read_full_at(&file, &mut hdr, 0)
+                .map_err(|e| io_at("read segment", &path, e))?;
             if let Err(reason) = format::check_segment_header(&hdr[..got], self.cfg.disk_id, id) {
                 if !is_last {
                     return Err(JournalError::corrupt(&path, 0, reason));
@@ -627,10 +648,18 @@ impl Journal {
                         payload,
                     } => {
                         if header.disk != self.cfg.disk_id {
-                            return Err(JournalError::corrupt(&path, pos, "record of another disk"));
+                            return Err(JournalError::corrupt(
+                                &path,
+                                pos,
+                                "record of another disk",
+                            ));
                         }
                         if header.seq <= last_seq {
-                            return Err(JournalError::corrupt(&path, pos, "sequence does not increase"));
+                            return Err(JournalError::corrupt(
+                                &path,
+                                pos,
+                                "sequence does not increase",
+                            ));
                         }
                         last_seq = header.seq;
                         if meta.first_seq == 0 {
@@ -650,7 +679,9 @@ impl Journal {
                 if !is_last {
                     return Err(JournalError::corrupt(&path, pos, reason));
                 }
-                if let Some(at) = find_durable_after(&file, &path, pos, len, self.cfg.disk_id, last_seq)? {
+                if let Some(at) =
+                    find_durable_after(&file, &path, pos, len, self.cfg.disk_id, last_seq)?
+                {
                     return Err(JournalError::corrupt(
                         &path,
                         pos,
@@ -658,7 +689,8 @@ impl Journal {
                     ));
                 }
                 tracing::warn!(segment = %path.display(), pos, reason, "cutting torn journal tail");
-                file.set_len(pos).map_err(|e| io_at("truncate torn tail", &path, e))?;
+                file.set_len(pos)
+                    .map_err(|e| io_at("truncate torn tail", &path, e))?;
                 file.sync_data().map_err(|e| io_at("fdatasync", &path, e))?;
                 meta.len = pos;
             }
@@ -677,7 +709,13 @@ impl Journal {
     /// Adds a record found on disk (or just appended) to the index and checkpoints.
     /// Records at or below the promoted point are in the replica already; only the
     /// checkpoint marker at exactly that point is kept (it is the base).
-    fn index_record(&mut self, h: &Header, seg: u32, pos: u64, payload: &[u8]) -> Result<(), &'static str> {
+    fn index_record(
+        &mut self,
+        h: &Header,
+        seg: u32,
+        pos: u64,
+        payload: &[u8],
+    ) -> Result<(), &'static str> {
         if h.seq == self.promoted_seq && h.kind != Kind::Checkpoint {
             return Ok(());
         }
@@ -696,7 +734,12 @@ impl Journal {
                     compressed: h.flags & FLAG_COMPRESSED != 0,
                 },
             ),
-            Kind::Zero | Kind::Trim => self.shared.write_side().index.insert(h.seq, h.offset, h.length, Loc::Zero),
+            Kind::Zero | Kind::Trim => {
+                self.shared
+                    .write_side()
+                    .index
+                    .insert(h.seq, h.offset, h.length, Loc::Zero)
+            }
             Kind::Checkpoint => {
                 let info = format::decode_checkpoint(payload, h.seq, h.timestamp)?;
                 let at = self.log_bytes;
@@ -812,7 +855,9 @@ impl Journal {
     pub(crate) fn sync_active_and_dir(&mut self) -> Result<()> {
         self.flush_buf()?;
         if let Some(seg) = self.segs.last() {
-            seg.file.sync_data().map_err(io_err("fdatasync journal segment"))?;
+            seg.file
+                .sync_data()
+                .map_err(io_err("fdatasync journal segment"))?;
         }
         if self.dir_dirty {
             sync_dir(&self.shared.dir)?;
@@ -840,7 +885,11 @@ impl Journal {
             seq: rec.seq,
             reason: reason.to_string(),
         };
-        let in_disk = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|e| e <= self.cfg.disk_size);
+        let in_disk = |offset: u64, len: u64| {
+            offset
+                .checked_add(len)
+                .is_some_and(|e| e <= self.cfg.disk_size)
+        };
         let mut flags = 0u8;
         let (kind, offset, length, payload): (Kind, u64, u64, &[u8]) = match rec.body {
             RecordBody::Write { offset, data } => {
@@ -854,7 +903,8 @@ impl Journal {
                 let payload = match self.compressor.as_mut() {
                     Some(c) if data.len() >= 512 => {
                         self.cbuf.clear();
-                        self.cbuf.reserve(zstd::zstd_safe::compress_bound(data.len()));
+                        self.cbuf
+                            .reserve(zstd::zstd_safe::compress_bound(data.len()));
                         match c.compress_to_buffer(data, &mut self.cbuf) {
                             // Only worth it if it saves an eighth.
                             Ok(n) if n < data.len() - data.len() / 8 => {
@@ -903,10 +953,9 @@ impl Journal {
             crc: 0,
         };
         let total = format::record_len(header.stored_len);
-        let need_rotate = self
-            .segs
-            .last()
-            .is_none_or(|s| s.len > SEGMENT_HEADER_LEN as u64 && s.len + total > self.cfg.segment_size);
+        let need_rotate = self.segs.last().is_none_or(|s| {
+            s.len > SEGMENT_HEADER_LEN as u64 && s.len + total > self.cfg.segment_size
+        });
         if need_rotate {
             // `payload` may borrow `cbuf`/`pbuf`, which rotation does not touch; but the
             // borrow checker cannot see that through `&mut self`, so re-encode after.

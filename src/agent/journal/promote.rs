@@ -19,11 +19,14 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::error::{io_at, io_err};
-use super::format::{decode_scratch_map, Header, Intent, Kind, StateFile, FLAG_COMPRESSED, SEGMENT_HEADER_LEN};
+use super::format::{
+    decode_scratch_map, Header, Intent, Kind, StateFile, FLAG_COMPRESSED, SEGMENT_HEADER_LEN,
+};
 use super::segment::{segment_path, Next, RecordReader};
 use super::view::scratch_paths;
 use super::{
-    sync_dir, write_file_durably, CheckpointInfo, FaultPoint, Journal, JournalError, Shared, View, STATE_FILE,
+    sync_dir, write_file_durably, CheckpointInfo, FaultPoint, Journal, JournalError, Shared, View,
+    STATE_FILE,
 };
 
 type Result<T, E = JournalError> = std::result::Result<T, E>;
@@ -143,7 +146,10 @@ impl Journal {
         rep.size_warning = policy.warn_bytes.is_some_and(|w| after >= w);
         rep.over_hard_limit = policy.hard_limit_bytes.is_some_and(|l| after > l);
         if let Some(w) = window.filter(|&w| w > self.promoted_seq) {
-            let base = self.ckpts.get(&self.promoted_seq).or_else(|| self.ckpts.values().next());
+            let base = self
+                .ckpts
+                .get(&self.promoted_seq)
+                .or_else(|| self.ckpts.values().next());
             if let (Some(wc), Some(b)) = (self.ckpts.get(&w), base) {
                 rep.lag_ms = wc.info.wall_ms - b.info.wall_ms;
                 rep.lag_bytes = wc.log_at.saturating_sub(b.log_at);
@@ -256,7 +262,11 @@ impl Journal {
             .iter()
             .filter(|s| s.records > 0 && s.last_seq > from && s.first_seq <= to)
             .map(|s| {
-                let end = if Some(s.id) == active { self.buf_pos } else { s.len };
+                let end = if Some(s.id) == active {
+                    self.buf_pos
+                } else {
+                    s.len
+                };
                 (s.id, s.file.clone(), end)
             })
             .collect();
@@ -270,7 +280,9 @@ impl Journal {
             loop {
                 match reader.next()? {
                     Next::End => break,
-                    Next::Bad { pos, reason } => return Err(JournalError::corrupt(&path, pos, reason)),
+                    Next::Bad { pos, reason } => {
+                        return Err(JournalError::corrupt(&path, pos, reason))
+                    }
                     Next::Record {
                         pos,
                         header,
@@ -283,11 +295,14 @@ impl Journal {
                             rbuf = reader.into_buf();
                             break 'segs;
                         }
-                        apply_record(&self.shared, &header, payload, &mut dbuf)
-                            .map_err(|e| match e {
-                                JournalError::Corrupt { reason, .. } => JournalError::corrupt(&path, pos, reason),
+                        apply_record(&self.shared, &header, payload, &mut dbuf).map_err(
+                            |e| match e {
+                                JournalError::Corrupt { reason, .. } => {
+                                    JournalError::corrupt(&path, pos, reason)
+                                }
                                 e => e,
-                            })?;
+                            },
+                        )?;
                         n += 1;
                         reached |= header.seq == to;
                         self.fault(FaultPoint::RecordApplied)?;
@@ -314,7 +329,9 @@ impl Journal {
     pub fn commit(&mut self, view: View) -> Result<CommitReport> {
         self.check_ok()?;
         if !Arc::ptr_eq(&view.shared, &self.shared) {
-            return Err(JournalError::Config("the view belongs to another journal".into()));
+            return Err(JournalError::Config(
+                "the view belongs to another journal".into(),
+            ));
         }
         let open: usize = self.shared.pins().by_seq.values().sum();
         if open > 1 {
@@ -363,7 +380,13 @@ impl Journal {
     }
 
     /// The commit after its intent is durable; also the redo on open.
-    fn finish_commit(&mut self, ckpt: &CheckpointInfo, view: u64, floor: u64, clean_only: bool) -> Result<u64> {
+    fn finish_commit(
+        &mut self,
+        ckpt: &CheckpointInfo,
+        view: u64,
+        floor: u64,
+        clean_only: bool,
+    ) -> Result<u64> {
         let mut applied = 0;
         if !clean_only {
             applied = self.apply_range(self.promoted_seq, ckpt.seq)?;
@@ -465,7 +488,9 @@ impl Journal {
     /// after the view's checkpoint were never dropped).
     pub fn rollback(&mut self, view: View) -> Result<()> {
         if !Arc::ptr_eq(&view.shared, &self.shared) {
-            return Err(JournalError::Config("the view belongs to another journal".into()));
+            return Err(JournalError::Config(
+                "the view belongs to another journal".into(),
+            ));
         }
         drop(view);
         Ok(())
@@ -504,7 +529,11 @@ fn apply_record(shared: &Shared, h: &Header, payload: &[u8], dbuf: &mut Vec<u8>)
                 .and_then(|mut d| d.decompress_to_buffer(payload, dbuf))
                 .map_err(|e| JournalError::corrupt(&shared.dir, 0, format!("zstd: {e}")))?;
             if n as u64 != h.length {
-                return Err(JournalError::corrupt(&shared.dir, 0, "decompressed length differs"));
+                return Err(JournalError::corrupt(
+                    &shared.dir,
+                    0,
+                    "decompressed length differs",
+                ));
             }
             replica.write_all_at(&dbuf[..n], h.offset).map_err(werr)
         }
@@ -518,7 +547,14 @@ fn apply_record(shared: &Shared, h: &Header, payload: &[u8], dbuf: &mut Vec<u8>)
 fn zero_range(shared: &Shared, offset: u64, len: u64) -> Result<()> {
     use rustix::fs::{fallocate, FallocateFlags};
     let replica = &shared.replica;
-    if fallocate(replica, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len).is_ok() {
+    if fallocate(
+        replica,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .is_ok()
+    {
         return Ok(());
     }
     static ZEROS: [u8; 64 << 10] = [0; 64 << 10];

@@ -23,7 +23,9 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u32>, JournalError> {
         let ent = ent.map_err(|e| io_at("list journal directory", dir, e))?;
         let name = ent.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(stem) = name.strip_suffix(".seg") else { continue };
+        let Some(stem) = name.strip_suffix(".seg") else {
+            continue;
+        };
         if stem.len() != 8 {
             continue;
         }
@@ -157,6 +159,16 @@ impl<'f> RecordReader<'f> {
                 reason: "record CRC mismatch",
             });
         }
+        // Padding is outside the CRC; the writer always zeroes it.
+        if self.buf[at + HEADER_LEN + stored..at + total as usize]
+            .iter()
+            .any(|&b| b != 0)
+        {
+            return Ok(Next::Bad {
+                pos,
+                reason: "non-zero record padding",
+            });
+        }
         self.pos = pos + total;
         Ok(Next::Record {
             pos,
@@ -183,7 +195,8 @@ pub(crate) fn find_durable_after(
         return Ok(None);
     }
     let mut tail = vec![0u8; (end - from) as usize];
-    let got = read_full_at(file, &mut tail, from).map_err(|e| io_at("read segment tail", path, e))?;
+    let got =
+        read_full_at(file, &mut tail, from).map_err(|e| io_at("read segment tail", path, e))?;
     tail.truncate(got);
     let magic = RECORD_MAGIC.to_le_bytes();
     let mut at = ((from + 7) & !7) - from;

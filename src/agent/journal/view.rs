@@ -52,7 +52,10 @@ struct Scratch {
 
 pub(crate) fn scratch_paths(shared: &Shared, id: u64) -> (PathBuf, PathBuf) {
     let d = shared.dir.join(SCRATCH_DIR);
-    (d.join(format!("{id:016x}.data")), d.join(format!("{id:016x}.map")))
+    (
+        d.join(format!("{id:016x}.data")),
+        d.join(format!("{id:016x}.map")),
+    )
 }
 
 impl View {
@@ -99,7 +102,11 @@ impl View {
         let s = self.scratch.read().unwrap_or_else(|e| e.into_inner());
         let end = offset + buf.len() as u64;
         let mut at = offset;
-        let before = s.ranges.range(..=offset).next_back().filter(|(_, &e)| e > offset);
+        let before = s
+            .ranges
+            .range(..=offset)
+            .next_back()
+            .filter(|(_, &e)| e > offset);
         let after = s.ranges.range(offset + 1..end);
         for (&rs, &re) in before.into_iter().chain(after) {
             if at < rs {
@@ -178,7 +185,11 @@ impl View {
             .ok_or_else(|| JournalError::Config("bad scratch path".into()))?
             .to_string();
         s.keep_files = true;
-        write_file_durably(&self.shared.dir.join(SCRATCH_DIR), &name, &encode_scratch_map(&ranges))?;
+        write_file_durably(
+            &self.shared.dir.join(SCRATCH_DIR),
+            &name,
+            &encode_scratch_map(&ranges),
+        )?;
         Ok(true)
     }
 }
@@ -215,7 +226,8 @@ pub(crate) fn read_base(shared: &Shared, buf: &mut [u8], offset: u64, at_seq: u6
     let mut pieces = Vec::new();
     let ios: Vec<Io> = {
         let rs = shared.read_side();
-        rs.index.query(offset, buf.len() as u64, at_seq, &mut pieces);
+        rs.index
+            .query(offset, buf.len() as u64, at_seq, &mut pieces);
         pieces
             .iter()
             .map(|p| Io {
@@ -264,14 +276,22 @@ pub(crate) fn read_base(shared: &Shared, buf: &mut [u8], offset: u64, at_seq: u6
 }
 
 fn read_replica(shared: &Shared, dst: &mut [u8], off: u64) -> Result<()> {
-    let n = read_full_at(&shared.replica, dst, off).map_err(|e| io_at("read replica", &shared.replica_path, e))?;
+    let n = read_full_at(&shared.replica, dst, off)
+        .map_err(|e| io_at("read replica", &shared.replica_path, e))?;
     // A replica shorter than the disk (a block device is never extended) reads as zeros
     // past its end, like a sparse file.
     dst[n..].fill(0);
     Ok(())
 }
 
-fn read_compressed(shared: &Shared, f: &File, seg: u32, pos: u64, skip: u64, dst: &mut [u8]) -> Result<()> {
+fn read_compressed(
+    shared: &Shared,
+    f: &File,
+    seg: u32,
+    pos: u64,
+    skip: u64,
+    dst: &mut [u8],
+) -> Result<()> {
     let path = || super::segment::segment_path(&shared.dir, seg);
     let mut hb = [0u8; HEADER_LEN];
     f.read_exact_at(&mut hb, pos)
@@ -293,6 +313,10 @@ fn read_compressed(shared: &Shared, f: &File, seg: u32, pos: u64, skip: u64, dst
             dst.copy_from_slice(src);
             Ok(())
         }
-        _ => Err(JournalError::corrupt(path(), pos, "decompressed length differs")),
+        _ => Err(JournalError::corrupt(
+            path(),
+            pos,
+            "decompressed length differs",
+        )),
     }
 }
