@@ -471,4 +471,21 @@ mod tests {
         assert_eq!(r.reads.len(), 4);
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
+
+    /// The full benchmark until `bulwark bench journal` is wired:
+    /// `BULWARK_BENCH_DIR=/tmp cargo test --release --lib agent::journal::bench -- --ignored --nocapture`
+    /// (`BULWARK_BENCH_SCALE` shrinks it).
+    #[test]
+    #[ignore = "minutes long and ~14 GB of disk; run by hand in release"]
+    fn full_bench() {
+        let dir = std::env::var("BULWARK_BENCH_DIR").unwrap_or_else(|_| "/tmp".into());
+        let mut opts = super::BenchOptions::new(dir);
+        if let Ok(s) = std::env::var("BULWARK_BENCH_SCALE") {
+            opts.scale = s.parse().unwrap();
+        }
+        let t = std::time::Instant::now();
+        let r = super::run(&opts).unwrap();
+        println!("{r}");
+        println!("(bench took {:.0} s)", t.elapsed().as_secs_f64());
+    }
 }

@@ -195,12 +195,23 @@ impl Index {
     /// Resolves `[off, off + len)` as of `at_seq` into pieces sorted by offset that cover
     /// the range exactly. `out` is cleared first.
     pub(crate) fn query(&self, off: u64, len: u64, at_seq: u64, out: &mut Vec<Piece>) {
+        self.query_with(off, len, at_seq, out, &mut Vec::new(), &mut Vec::new());
+    }
+
+    /// [`Index::query`] with caller-owned work buffers (the view read path reuses them).
+    pub(crate) fn query_with(
+        &self,
+        off: u64,
+        len: u64,
+        at_seq: u64,
+        out: &mut Vec<Piece>,
+        unc: &mut Vec<(u32, u32)>,
+        tmp: &mut Vec<(u32, u32)>,
+    ) {
         out.clear();
         let size = 1u64 << self.shift;
         let end = off + len;
         let mut at = off;
-        let mut unc = Vec::new();
-        let mut tmp = Vec::new();
         while at < end {
             let c = (at >> self.shift) as usize;
             let base = (c as u64) << self.shift;
@@ -218,8 +229,8 @@ impl Index {
                     (stop - base) as u32,
                     at_seq,
                     out,
-                    &mut unc,
-                    &mut tmp,
+                    unc,
+                    tmp,
                 ),
             }
             at = stop;
