@@ -1037,6 +1037,12 @@ impl Journal {
         Ok(self.durable_seq)
     }
 
+    /// Syncs and closes. Dropping a journal without this loses the records buffered since
+    /// the last `sync`, exactly as a crash would (they were never acknowledged).
+    pub fn close(mut self) -> Result<u64> {
+        self.sync()
+    }
+
     /// Appends every record then syncs once; returns the durable seq.
     pub fn append_all<'a>(&mut self, recs: impl IntoIterator<Item = Record<'a>>) -> Result<u64> {
         for r in recs {
