@@ -98,7 +98,7 @@ impl Journal {
     fn promote_inner(&mut self, policy: &PromotePolicy) -> Result<PromoteReport> {
         let cands: Vec<(u64, i64)> = self
             .ckpts
-            .range(self.promoted_seq..=self.durable_seq)
+            .range(self.promoted_seq..=self.durable_seq.max(self.promoted_seq))
             .map(|(&s, c)| (s, c.info.wall_ms))
             .collect();
         let mut rep = PromoteReport::default();
