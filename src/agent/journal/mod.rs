@@ -1,1 +1,1149 @@
 //! The per-disk write journal kept at the recovery site.
+//!
+//! Code map:
+//! - [`Journal`] (this file): open and recovery, append and group commit, checkpoints,
+//!   stats. One journal per protected disk, in its own directory.
+//! - `format`: the on-disk encodings (record, segment header, state file, scratch map).
+//! - `segment`: segment files, the sequential record reader, torn-tail analysis.
+//! - `index`: the multi-version extent index that makes opening a view O(1).
+//! - [`View`] (`view`): a point-in-time disk with a writable scratch layer.
+//! - `promote`: promotion, retention, commit, rollback and their redo after a crash.
+//! - [`bench`]: the `bulwark bench journal` benchmark.
+//!
+//! Directory layout: `XXXXXXXX.seg` segment files (hex id, ascending = older), the
+//! crash-safe `journal.state` (what the replica holds, and the promotion or commit in
+//! flight), `scratch/` for the scratch layers of open views. The replica disk is a file
+//! elsewhere, named by the caller.
+//!
+//! Why per disk and not per VPG: sequence numbers are per disk, the replica and its
+//! promotion are per disk, and a damaged journal then costs one disk a sync instead of
+//! the whole group. Group commit still amortises `fdatasync` over every record a disk
+//! received since the last sync; the agent syncs the disks of a VPG in parallel.
+//!
+//! Invariants:
+//! 1. Records in the segments have strictly increasing seq; segments hold whole records.
+//! 2. Every record with seq ≤ `promoted_seq` is in the replica, and the replica holds
+//!    nothing newer than `promoted_seq` except during a commit recorded in the state.
+//! 3. Nothing is applied to the replica before an intent naming it is durable in the
+//!    state file; segments are deleted oldest first, only once the state file says their
+//!    records are promoted. So any crash leaves a state that `open` finishes (redo).
+//! 4. Only records that were durable (fsynced) are ever promoted; only durable
+//!    checkpoints are offered for views.
+//! 5. No view exists at a checkpoint older than the promotion floor, and promotion never
+//!    passes the oldest open view (`Pins`).
+//!
+//! Thread-safety: [`Journal`] is `Send`; every mutating call takes `&mut self` (the agent
+//! owns it on one thread, or behind a mutex). [`View`] is `Send + Sync` and independent
+//! of the `Journal` borrow: views read (and write their scratch) from any thread while
+//! the journal appends and promotes. They share the index and the segment handles under
+//! one `RwLock` held only to resolve a read, never during I/O.
+
+pub mod bench;
+mod error;
+mod format;
+mod index;
+mod promote;
+mod segment;
+mod view;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+pub use error::JournalError;
+pub use format::{MAX_TAG_LEN, MAX_WRITE_LEN};
+pub use index::IndexMemory;
+pub use promote::{CommitReport, PromotePolicy, PromoteReport};
+pub use view::View;
+
+use error::{io_at, io_err};
+use format::{
+    encode_checkpoint, encode_segment_header, Header, Intent, Kind, StateFile, FLAG_COMPRESSED,
+    HEADER_LEN, SEGMENT_HEADER_LEN,
+};
+use index::{Index, Loc};
+use segment::{find_durable_after, list_segments, segment_path, Next, RecordReader};
+
+type Result<T, E = JournalError> = std::result::Result<T, E>;
+
+pub(crate) const STATE_FILE: &str = "journal.state";
+pub(crate) const SCRATCH_DIR: &str = "scratch";
+/// How many promoted-away checkpoint ids are remembered to answer
+/// `CheckpointNotRetained` instead of `UnknownCheckpoint`.
+const RETIRED_IDS: usize = 100_000;
+
+/// Kind of a checkpoint, as the manager chose it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CheckpointKind {
+    Scheduled = 1,
+    UserTagged = 2,
+    AppConsistent = 3,
+}
+
+impl CheckpointKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Scheduled),
+            2 => Some(Self::UserTagged),
+            3 => Some(Self::AppConsistent),
+            _ => None,
+        }
+    }
+}
+
+/// A checkpoint as the journal knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// Chosen by the manager; unique per journal.
+    pub id: u64,
+    /// Sequence number of the marker in this disk's stream.
+    pub seq: u64,
+    /// Wall time of the checkpoint, unix ms.
+    pub wall_ms: i64,
+    pub kind: CheckpointKind,
+    pub tag: Option<String>,
+}
+
+/// What a record does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordBody<'a> {
+    Write {
+        offset: u64,
+        data: &'a [u8],
+    },
+    /// WRITE_ZEROES: reads as zeros.
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    /// TRIM: reads as zeros too (the disk model treats discarded ranges as zeros).
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    /// A checkpoint marker; its wall time is the record's timestamp.
+    Checkpoint {
+        id: u64,
+        kind: CheckpointKind,
+        tag: Option<&'a str>,
+    },
+}
+
+/// One record of the replication stream, as the receiver hands it to the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// Assigned by the protected side; strictly increasing per disk.
+    pub seq: u64,
+    /// Unix ms when the write happened (for checkpoints: the checkpoint's wall time).
+    pub timestamp_ms: i64,
+    pub body: RecordBody<'a>,
+}
+
+impl<'a> Record<'a> {
+    pub fn write(seq: u64, timestamp_ms: i64, offset: u64, data: &'a [u8]) -> Self {
+        Record {
+            seq,
+            timestamp_ms,
+            body: RecordBody::Write { offset, data },
+        }
+    }
+    pub fn zero(seq: u64, timestamp_ms: i64, offset: u64, len: u64) -> Self {
+        Record {
+            seq,
+            timestamp_ms,
+            body: RecordBody::Zero { offset, len },
+        }
+    }
+    pub fn trim(seq: u64, timestamp_ms: i64, offset: u64, len: u64) -> Self {
+        Record {
+            seq,
+            timestamp_ms,
+            body: RecordBody::Trim { offset, len },
+        }
+    }
+    pub fn checkpoint(
+        seq: u64,
+        wall_ms: i64,
+        id: u64,
+        kind: CheckpointKind,
+        tag: Option<&'a str>,
+    ) -> Self {
+        Record {
+            seq,
+            timestamp_ms: wall_ms,
+            body: RecordBody::Checkpoint { id, kind, tag },
+        }
+    }
+}
+
+/// What `append` did with a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Buffered; durable after the next `sync`.
+    Accepted,
+    /// Its seq was already taken (a resend after a reconnect): ignored, idempotently.
+    Duplicate,
+}
+
+/// Each step boundary of promotion and commit, for fault injection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    PromoteIntentWritten,
+    /// After each record applied to the replica (promotion or commit).
+    RecordApplied,
+    PromoteApplied,
+    PromoteReplicaSynced,
+    PromoteStateWritten,
+    /// After each segment file deleted (promotion or commit).
+    SegmentDeleted,
+    CommitScratchPersisted,
+    CommitIntentWritten,
+    CommitApplied,
+    CommitScratchApplied,
+    CommitReplicaSynced,
+    CommitCleanWritten,
+    CommitSegmentsDeleted,
+    CommitStateWritten,
+}
+
+/// Called at every [`FaultPoint`]; an error stops the operation on the spot, as if the
+/// process had died there (the journal is then closed and must be reopened).
+pub type FaultHook = Arc<dyn Fn(FaultPoint) -> Result<(), JournalError> + Send + Sync>;
+
+/// How a journal is laid out and tuned.
+#[derive(Clone)]
+pub struct JournalConfig {
+    /// Written into every record and segment; a file of another disk is refused.
+    pub disk_id: u64,
+    /// Size of the protected disk in bytes.
+    pub disk_size: u64,
+    /// A segment is closed once it reaches this size (default 64 MiB).
+    pub segment_size: u64,
+    /// Appended bytes are handed to the kernel once this many are buffered (default 4 MiB).
+    pub write_buffer: usize,
+    /// zstd level for write payloads (`None`: store as received; compression is slower
+    /// than the disk here, see DESIGN §11).
+    pub compress_level: Option<i32>,
+    /// log2 of the index chunk (default 20 = 1 MiB). Tuning; tests use small chunks.
+    pub index_chunk_shift: u32,
+    /// Fewest record pieces between two index marks of a chunk (default 32).
+    pub index_mark_min: usize,
+    /// Test hook, see [`FaultPoint`].
+    pub fault: Option<FaultHook>,
+}
+
+impl std::fmt::Debug for JournalConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JournalConfig")
+            .field("disk_id", &self.disk_id)
+            .field("disk_size", &self.disk_size)
+            .field("segment_size", &self.segment_size)
+            .field("write_buffer", &self.write_buffer)
+            .field("compress_level", &self.compress_level)
+            .field("index_chunk_shift", &self.index_chunk_shift)
+            .field("index_mark_min", &self.index_mark_min)
+            .field("fault", &self.fault.is_some())
+            .finish()
+    }
+}
+
+impl JournalConfig {
+    pub fn new(disk_id: u64, disk_size: u64) -> Self {
+        JournalConfig {
+            disk_id,
+            disk_size,
+            segment_size: 64 << 20,
+            write_buffer: 4 << 20,
+            compress_level: None,
+            index_chunk_shift: 20,
+            index_mark_min: 32,
+            fault: None,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.disk_size == 0 {
+            return Err(JournalError::Config("disk size is zero".into()));
+        }
+        if self.segment_size < 4096 {
+            return Err(JournalError::Config("segment size below 4 KiB".into()));
+        }
+        if !(9..=30).contains(&self.index_chunk_shift) {
+            return Err(JournalError::Config(
+                "index chunk shift outside 9..=30".into(),
+            ));
+        }
+        if (self.disk_size >> self.index_chunk_shift) > (1 << 28) {
+            return Err(JournalError::Config(
+                "index chunk too small for this disk".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Figures for the manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalStats {
+    pub disk_id: u64,
+    /// Oldest recoverable checkpoint (the replica is at it once promotion reached it).
+    pub oldest_checkpoint: Option<CheckpointInfo>,
+    /// Newest durable checkpoint.
+    pub newest_checkpoint: Option<CheckpointInfo>,
+    /// Newest minus oldest checkpoint wall time: the journal history actually kept.
+    pub history_span_ms: i64,
+    pub checkpoints: usize,
+    /// Bytes of segment files, buffered bytes included.
+    pub bytes_used: u64,
+    pub segments: usize,
+    /// Records in the journal not yet promoted (checkpoint markers included).
+    pub records: u64,
+    pub last_seq: u64,
+    /// What the agent may acknowledge to the protected side.
+    pub durable_seq: u64,
+    pub promoted_seq: u64,
+    /// As of the last `promote`: how far the history window's target is ahead of what is
+    /// promoted (non-zero when an open view holds promotion back).
+    pub promote_lag_ms: i64,
+    pub promote_lag_bytes: u64,
+    /// As of the last `promote`: the hard limit forced promotion past the window.
+    pub history_short: bool,
+    /// As of the last `promote`: bytes used at or above the warning threshold.
+    pub size_warning: bool,
+    /// As of the last `promote`: still above the hard limit (an open view, or too few
+    /// checkpoints, kept promotion from freeing enough).
+    pub over_hard_limit: bool,
+    pub open_views: usize,
+    pub index: IndexMemory,
+}
+
+/// The part views share with the journal.
+pub(crate) struct Shared {
+    pub(crate) dir: PathBuf,
+    pub(crate) disk_size: u64,
+    pub(crate) replica: File,
+    pub(crate) replica_path: PathBuf,
+    pub(crate) read: RwLock<ReadSide>,
+    pub(crate) pins: Mutex<Pins>,
+    pub(crate) next_view: AtomicU64,
+}
+
+pub(crate) struct ReadSide {
+    pub(crate) index: Index,
+    /// Read handles of live segments. A view clones the handle it needs, so a segment
+    /// deleted under it stays readable until the read ends.
+    pub(crate) segs: HashMap<u32, Arc<File>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Pins {
+    /// Open views per checkpoint seq.
+    pub(crate) by_seq: BTreeMap<u64, usize>,
+    /// Promotion may have touched records up to here: no view may open below it.
+    pub(crate) floor: u64,
+}
+
+impl Shared {
+    pub(crate) fn read_side(&self) -> RwLockReadGuard<'_, ReadSide> {
+        // A panic while holding the lock cannot leave the index half-updated in a way
+        // that breaks memory safety; keep serving rather than cascade panics.
+        self.read.read().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(crate) fn write_side(&self) -> RwLockWriteGuard<'_, ReadSide> {
+        self.read.write().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(crate) fn pins(&self) -> MutexGuard<'_, Pins> {
+        self.pins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub(crate) struct SegMeta {
+    pub(crate) id: u32,
+    pub(crate) file: Arc<File>,
+    /// Bytes, including any still in the write buffer (active segment).
+    pub(crate) len: u64,
+    /// 0 when the segment holds no record.
+    pub(crate) first_seq: u64,
+    pub(crate) last_seq: u64,
+    pub(crate) records: u64,
+}
+
+pub(crate) struct CkptEntry {
+    pub(crate) info: CheckpointInfo,
+    /// `Journal::log_bytes` right after the marker: bytes of history up to it.
+    pub(crate) log_at: u64,
+}
+
+/// The journal of one protected disk. See the module documentation.
+pub struct Journal {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) cfg: JournalConfig,
+    /// Oldest first; the last one is the active segment appends go to.
+    pub(crate) segs: Vec<SegMeta>,
+    pub(crate) next_seg: u32,
+    /// Encoded records not yet handed to the kernel; they belong at `buf_pos` in the
+    /// active segment.
+    pub(crate) buf: Vec<u8>,
+    pub(crate) buf_pos: u64,
+    pub(crate) last_seq: u64,
+    pub(crate) durable_seq: u64,
+    pub(crate) seq_floor: u64,
+    pub(crate) promoted_seq: u64,
+    /// The checkpoint the replica is at, once promotion or a commit reached one.
+    pub(crate) base: Option<CheckpointInfo>,
+    pub(crate) ckpts: BTreeMap<u64, CkptEntry>,
+    pub(crate) ckpt_ids: HashMap<u64, u64>,
+    pub(crate) retired: HashSet<u64>,
+    pub(crate) retired_order: VecDeque<u64>,
+    pub(crate) records: u64,
+    /// Bytes of records appended since open beyond the promoted point (a clock for
+    /// history size; only differences matter).
+    pub(crate) log_bytes: u64,
+    pub(crate) dir_dirty: bool,
+    pub(crate) failed: Option<String>,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    cbuf: Vec<u8>,
+    pbuf: Vec<u8>,
+    /// Reused by segment scans and promotion.
+    pub(crate) rbuf: Vec<u8>,
+    pub(crate) dbuf: Vec<u8>,
+    pub(crate) last_promote: Option<(PromotePolicy, PromoteReport)>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("dir", &self.shared.dir)
+            .field("disk_id", &self.cfg.disk_id)
+            .field("last_seq", &self.last_seq)
+            .field("durable_seq", &self.durable_seq)
+            .field("promoted_seq", &self.promoted_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Writes `name` in `dir` so that after a crash it holds either the old or the new bytes:
+/// temp file, fsync, rename, fsync of the directory.
+pub(crate) fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| io_at("create", &tmp, e))?;
+    f.write_all_at(bytes, 0)
+        .map_err(|e| io_at("write", &tmp, e))?;
+    f.sync_all().map_err(|e| io_at("fsync", &tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, &path).map_err(|e| io_at("rename into place", &path, e))?;
+    sync_dir(dir)
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_at("fsync directory", dir, e))
+}
+
+fn read_state(dir: &Path, disk: u64) -> Result<StateFile> {
+    let path = dir.join(STATE_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => StateFile::decode(&b).map_err(|r| JournalError::corrupt(&path, 0, r)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile {
+            disk,
+            promoted_seq: 0,
+            seq_floor: 0,
+            base: None,
+            intent: Intent::None,
+        }),
+        Err(e) => Err(io_at("read", &path, e)),
+    }
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir` for the replica disk at `replica_path`
+    /// (created, sparse, if missing; extended to the disk size if shorter).
+    ///
+    /// Recovery: every segment is scanned once and its CRCs checked; a torn tail of the
+    /// last segment is cut at the last valid record; damage anywhere else, or damage in
+    /// the last segment followed by a record that says it was durable, is
+    /// `JournalError::Corrupt`. A promotion or commit the state file says was in flight is
+    /// then finished before anything else. Scratch layers of views do not survive.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        replica_path: impl AsRef<Path>,
+        cfg: JournalConfig,
+    ) -> Result<Journal> {
+        cfg.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        let scratch = dir.join(SCRATCH_DIR);
+        std::fs::create_dir_all(&scratch).map_err(|e| io_at("create", &scratch, e))?;
+        let replica_path = replica_path.as_ref().to_path_buf();
+        let replica = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&replica_path)
+            .map_err(|e| io_at("open replica", &replica_path, e))?;
+        let meta = replica
+            .metadata()
+            .map_err(|e| io_at("stat replica", &replica_path, e))?;
+        if meta.is_file() && meta.len() < cfg.disk_size {
+            replica
+                .set_len(cfg.disk_size)
+                .map_err(|e| io_at("extend replica", &replica_path, e))?;
+        }
+        let state = read_state(&dir, cfg.disk_id)?;
+        if state.disk != cfg.disk_id {
+            return Err(JournalError::Config(format!(
+                "{} belongs to disk {}, not {}",
+                dir.display(),
+                state.disk,
+                cfg.disk_id
+            )));
+        }
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            disk_size: cfg.disk_size,
+            replica,
+            replica_path,
+            read: RwLock::new(ReadSide {
+                index: Index::new(cfg.disk_size, cfg.index_chunk_shift, cfg.index_mark_min),
+                segs: HashMap::new(),
+            }),
+            pins: Mutex::new(Pins::default()),
+            next_view: AtomicU64::new(1),
+        });
+        let compressor = match cfg.compress_level {
+            Some(level) => {
+                Some(zstd::bulk::Compressor::new(level).map_err(io_err("create zstd compressor"))?)
+            }
+            None => None,
+        };
+        let mut j = Journal {
+            shared,
+            cfg,
+            segs: Vec::new(),
+            next_seg: 1,
+            buf: Vec::new(),
+            buf_pos: 0,
+            last_seq: 0,
+            durable_seq: 0,
+            seq_floor: state.seq_floor,
+            promoted_seq: state.promoted_seq,
+            base: state.base.clone(),
+            ckpts: BTreeMap::new(),
+            ckpt_ids: HashMap::new(),
+            retired: HashSet::new(),
+            retired_order: VecDeque::new(),
+            records: 0,
+            log_bytes: 0,
+            dir_dirty: false,
+            failed: None,
+            compressor,
+            cbuf: Vec::new(),
+            pbuf: Vec::new(),
+            rbuf: Vec::new(),
+            dbuf: Vec::new(),
+            last_promote: None,
+        };
+        j.shared.pins().floor = state.promoted_seq;
+        j.load(&state)?;
+        let r = j.redo(&state);
+        j.guard(r)?;
+        j.clean_scratch_dir()?;
+        let r = j.drop_promoted_segments();
+        j.guard(r)?;
+        if j.segs.is_empty() {
+            let r = j.create_segment();
+            j.guard(r)?;
+        }
+        // What survived the crash may sit in the page cache only: make it durable before
+        // saying so.
+        let r = j.sync_active_and_dir();
+        j.guard(r)?;
+        j.durable_seq = j.last_seq;
+        Ok(j)
+    }
+
+    /// Scans every segment, cuts a torn tail, rebuilds the index and checkpoints.
+    pub(crate) fn load(&mut self, state: &StateFile) -> Result<()> {
+        self.segs.clear();
+        self.ckpts.clear();
+        self.ckpt_ids.clear();
+        self.records = 0;
+        self.log_bytes = 0;
+        self.promoted_seq = state.promoted_seq;
+        self.seq_floor = state.seq_floor;
+        self.base = state.base.clone();
+        self.buf.clear();
+        {
+            let mut rs = self.shared.write_side();
+            rs.index.clear();
+            rs.segs.clear();
+        }
+        if let Some(base) = &state.base {
+            self.insert_ckpt(base.clone(), 0);
+        }
+        let dir = self.shared.dir.clone();
+        let ids = list_segments(&dir)?;
+        let mut last_seq = 0u64;
+        let mut rbuf = std::mem::take(&mut self.rbuf);
+        for (i, &id) in ids.iter().enumerate() {
+            self.next_seg = self.next_seg.max(id.saturating_add(1));
+            let is_last = i + 1 == ids.len();
+            let path = segment_path(&dir, id);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_at("open segment", &path, e))?;
+            let len = file
+                .metadata()
+                .map_err(|e| io_at("stat segment", &path, e))?
+                .len();
+            let mut hdr = [0u8; SEGMENT_HEADER_LEN];
+            let got = segment::read_full_at(&file, &mut hdr, 0)
+                .map_err(|e| io_at("read segment", &path, e))?;
+            if let Err(reason) = format::check_segment_header(&hdr[..got], self.cfg.disk_id, id) {
+                if !is_last {
+                    return Err(JournalError::corrupt(&path, 0, reason));
+                }
+                if find_durable_after(&file, &path, 0, len, self.cfg.disk_id, last_seq)?.is_some() {
+                    return Err(JournalError::corrupt(&path, 0, reason));
+                }
+                tracing::warn!(segment = %path.display(), reason, "removing torn journal segment");
+                drop(file);
+                std::fs::remove_file(&path).map_err(|e| io_at("remove torn segment", &path, e))?;
+                self.dir_dirty = true;
+                continue;
+            }
+            let file = Arc::new(file);
+            let mut meta = SegMeta {
+                id,
+                file: file.clone(),
+                len,
+                first_seq: 0,
+                last_seq: 0,
+                records: 0,
+            };
+            let mut reader = RecordReader::new(&file, &path, SEGMENT_HEADER_LEN as u64, len, rbuf);
+            let mut cut = None;
+            loop {
+                match reader.next()? {
+                    Next::End => break,
+                    Next::Bad { pos, reason } => {
+                        cut = Some((pos, reason));
+                        break;
+                    }
+                    Next::Record {
+                        pos,
+                        header,
+                        payload,
+                    } => {
+                        if header.disk != self.cfg.disk_id {
+                            return Err(JournalError::corrupt(
+                                &path,
+                                pos,
+                                "record of another disk",
+                            ));
+                        }
+                        if header.seq <= last_seq {
+                            return Err(JournalError::corrupt(
+                                &path,
+                                pos,
+                                "sequence does not increase",
+                            ));
+                        }
+                        last_seq = header.seq;
+                        if meta.first_seq == 0 {
+                            meta.first_seq = header.seq;
+                        }
+                        meta.last_seq = header.seq;
+                        meta.records += 1;
+                        if header.seq >= self.promoted_seq {
+                            self.index_record(&header, id, pos, payload)
+                                .map_err(|r| JournalError::corrupt(&path, pos, r))?;
+                        }
+                    }
+                }
+            }
+            rbuf = reader.into_buf();
+            if let Some((pos, reason)) = cut {
+                if !is_last {
+                    return Err(JournalError::corrupt(&path, pos, reason));
+                }
+                if let Some(at) =
+                    find_durable_after(&file, &path, pos, len, self.cfg.disk_id, last_seq)?
+                {
+                    return Err(JournalError::corrupt(
+                        &path,
+                        pos,
+                        format!("{reason}; the record at byte {at} says later data was durable"),
+                    ));
+                }
+                tracing::warn!(segment = %path.display(), pos, reason, "cutting torn journal tail");
+                file.set_len(pos)
+                    .map_err(|e| io_at("truncate torn tail", &path, e))?;
+                file.sync_data().map_err(|e| io_at("fdatasync", &path, e))?;
+                meta.len = pos;
+            }
+            self.shared.write_side().segs.insert(id, file);
+            self.segs.push(meta);
+        }
+        self.rbuf = rbuf;
+        self.last_seq = last_seq.max(self.promoted_seq).max(self.seq_floor);
+        self.durable_seq = self.last_seq;
+        self.buf_pos = self.segs.last().map_or(0, |s| s.len);
+        let records = self.records;
+        self.shared.write_side().index.set_records(records);
+        Ok(())
+    }
+
+    /// Adds a record found on disk (or just appended) to the index and checkpoints.
+    /// Records at or below the promoted point are in the replica already; only the
+    /// checkpoint marker at exactly that point is kept (it is the base).
+    fn index_record(
+        &mut self,
+        h: &Header,
+        seg: u32,
+        pos: u64,
+        payload: &[u8],
+    ) -> Result<(), &'static str> {
+        if h.seq == self.promoted_seq && h.kind != Kind::Checkpoint {
+            return Ok(());
+        }
+        if h.seq > self.promoted_seq {
+            self.records += 1;
+            self.log_bytes += format::record_len(h.stored_len);
+        }
+        match h.kind {
+            Kind::Write => self.shared.write_side().index.insert(
+                h.seq,
+                h.offset,
+                h.length,
+                Loc::Data {
+                    seg,
+                    pos,
+                    compressed: h.flags & FLAG_COMPRESSED != 0,
+                },
+            ),
+            Kind::Zero | Kind::Trim => {
+                self.shared
+                    .write_side()
+                    .index
+                    .insert(h.seq, h.offset, h.length, Loc::Zero)
+            }
+            Kind::Checkpoint => {
+                let info = format::decode_checkpoint(payload, h.seq, h.timestamp)?;
+                let at = self.log_bytes;
+                self.insert_ckpt(info, at);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn insert_ckpt(&mut self, info: CheckpointInfo, log_at: u64) {
+        self.ckpt_ids.insert(info.id, info.seq);
+        self.ckpts.insert(info.seq, CkptEntry { info, log_at });
+    }
+
+    pub(crate) fn retire_ckpts_below(&mut self, seq: u64) {
+        let keep = self.ckpts.split_off(&seq);
+        let gone = std::mem::replace(&mut self.ckpts, keep);
+        for (_, c) in gone {
+            self.ckpt_ids.remove(&c.info.id);
+            if self.retired.insert(c.info.id) {
+                self.retired_order.push_back(c.info.id);
+                if self.retired_order.len() > RETIRED_IDS {
+                    if let Some(old) = self.retired_order.pop_front() {
+                        self.retired.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+
+    fn clean_scratch_dir(&self) -> Result<()> {
+        let dir = self.shared.dir.join(SCRATCH_DIR);
+        let rd = std::fs::read_dir(&dir).map_err(|e| io_at("list", &dir, e))?;
+        for ent in rd {
+            let ent = ent.map_err(|e| io_at("list", &dir, e))?;
+            let p = ent.path();
+            std::fs::remove_file(&p).map_err(|e| io_at("remove stale scratch", &p, e))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_ok(&self) -> Result<()> {
+        match &self.failed {
+            Some(why) => Err(JournalError::Closed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes the journal on an I/O-level failure: after a failed write or fsync the
+    /// kernel's view of the file can no longer be trusted (the "fsyncgate" lesson).
+    pub(crate) fn guard<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if self.failed.is_none() {
+                tracing::error!(dir = %self.shared.dir.display(), error = %e, "journal storage error");
+                self.failed = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    pub(crate) fn fault(&self, p: FaultPoint) -> Result<()> {
+        match &self.cfg.fault {
+            Some(h) => h(p),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn create_segment(&mut self) -> Result<()> {
+        let id = self.next_seg;
+        if id >= 1 << 31 {
+            return Err(JournalError::Config("segment ids exhausted".into()));
+        }
+        let path = segment_path(&self.shared.dir, id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| io_at("create segment", &path, e))?;
+        file.write_all_at(&encode_segment_header(self.cfg.disk_id, id), 0)
+            .map_err(|e| io_at("write segment header", &path, e))?;
+        let file = Arc::new(file);
+        self.shared.write_side().segs.insert(id, file.clone());
+        self.segs.push(SegMeta {
+            id,
+            file,
+            len: SEGMENT_HEADER_LEN as u64,
+            first_seq: 0,
+            last_seq: 0,
+            records: 0,
+        });
+        self.next_seg = id + 1;
+        self.buf_pos = SEGMENT_HEADER_LEN as u64;
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    pub(crate) fn flush_buf(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let Some(seg) = self.segs.last() else {
+            return Err(JournalError::Closed("no active segment".into()));
+        };
+        seg.file
+            .write_all_at(&self.buf, self.buf_pos)
+            .map_err(io_err("write journal segment"))?;
+        self.buf_pos += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    pub(crate) fn sync_active_and_dir(&mut self) -> Result<()> {
+        self.flush_buf()?;
+        if let Some(seg) = self.segs.last() {
+            seg.file
+                .sync_data()
+                .map_err(io_err("fdatasync journal segment"))?;
+        }
+        if self.dir_dirty {
+            sync_dir(&self.shared.dir)?;
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<()> {
+        // The old segment is made durable before the new one exists, so after a crash
+        // only the last segment can have a torn tail.
+        self.sync_active_and_dir()?;
+        self.durable_seq = self.last_seq;
+        self.create_segment()
+    }
+
+    /// Buffers one record (not durable until [`Journal::sync`]). A record whose seq is
+    /// not above every seq seen so far is a resend and is ignored: `Appended::Duplicate`.
+    pub fn append(&mut self, rec: Record<'_>) -> Result<Appended> {
+        self.check_ok()?;
+        if rec.seq <= self.last_seq.max(self.seq_floor) {
+            return Ok(Appended::Duplicate);
+        }
+        let invalid = |reason: &str| JournalError::InvalidRecord {
+            seq: rec.seq,
+            reason: reason.to_string(),
+        };
+        let in_disk = |offset: u64, len: u64| {
+            offset
+                .checked_add(len)
+                .is_some_and(|e| e <= self.cfg.disk_size)
+        };
+        let mut flags = 0u8;
+        let (kind, offset, length, payload): (Kind, u64, u64, &[u8]) = match rec.body {
+            RecordBody::Write { offset, data } => {
+                let len = data.len() as u64;
+                if len == 0 || len > MAX_WRITE_LEN {
+                    return Err(invalid("write length must be 1..=4 GiB-1"));
+                }
+                if !in_disk(offset, len) {
+                    return Err(invalid("write outside the disk"));
+                }
+                let payload = match self.compressor.as_mut() {
+                    Some(c) if data.len() >= 512 => {
+                        self.cbuf.clear();
+                        self.cbuf
+                            .reserve(zstd::zstd_safe::compress_bound(data.len()));
+                        match c.compress_to_buffer(data, &mut self.cbuf) {
+                            // Only worth it if it saves an eighth.
+                            Ok(n) if n < data.len() - data.len() / 8 => {
+                                flags = FLAG_COMPRESSED;
+                                &self.cbuf[..]
+                            }
+                            _ => data,
+                        }
+                    }
+                    _ => data,
+                };
+                (Kind::Write, offset, len, payload)
+            }
+            RecordBody::Zero { offset, len } | RecordBody::Trim { offset, len } => {
+                if len == 0 || !in_disk(offset, len) {
+                    return Err(invalid("zero/trim range empty or outside the disk"));
+                }
+                let kind = if matches!(rec.body, RecordBody::Zero { .. }) {
+                    Kind::Zero
+                } else {
+                    Kind::Trim
+                };
+                (kind, offset, len, &[][..])
+            }
+            RecordBody::Checkpoint { id, kind, tag } => {
+                if tag.is_some_and(|t| t.len() > MAX_TAG_LEN) {
+                    return Err(invalid("checkpoint tag too long"));
+                }
+                if self.ckpt_ids.contains_key(&id) {
+                    return Err(invalid("checkpoint id already in the journal"));
+                }
+                encode_checkpoint(id, kind, tag, &mut self.pbuf);
+                (Kind::Checkpoint, 0, 0, &self.pbuf[..])
+            }
+        };
+        let mut header = Header {
+            kind,
+            flags,
+            seq: rec.seq,
+            disk: self.cfg.disk_id,
+            offset,
+            length,
+            timestamp: rec.timestamp_ms,
+            durable: self.durable_seq,
+            stored_len: payload.len() as u32,
+            crc: 0,
+        };
+        let total = format::record_len(header.stored_len);
+        let need_rotate = self.segs.last().is_none_or(|s| {
+            s.len > SEGMENT_HEADER_LEN as u64 && s.len + total > self.cfg.segment_size
+        });
+        if need_rotate {
+            // `payload` may borrow `cbuf`/`pbuf`, which rotation does not touch; but the
+            // borrow checker cannot see that through `&mut self`, so re-encode after.
+            return self.append_after_rotate(rec);
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        header.seal(payload, &mut hb);
+        let pos = self.buf_pos + self.buf.len() as u64;
+        self.buf.extend_from_slice(&hb);
+        self.buf.extend_from_slice(payload);
+        let pad = (total as usize) - HEADER_LEN - payload.len();
+        self.buf.extend_from_slice(&[0u8; 8][..pad]);
+        let Some(seg) = self.segs.last_mut() else {
+            return Err(JournalError::Closed("no active segment".into()));
+        };
+        seg.len += total;
+        seg.records += 1;
+        if seg.first_seq == 0 {
+            seg.first_seq = rec.seq;
+        }
+        seg.last_seq = rec.seq;
+        let seg_id = seg.id;
+        self.last_seq = rec.seq;
+        match rec.body {
+            RecordBody::Checkpoint { id, kind, tag } => {
+                self.records += 1;
+                self.log_bytes += total;
+                let info = CheckpointInfo {
+                    id,
+                    seq: rec.seq,
+                    wall_ms: rec.timestamp_ms,
+                    kind,
+                    tag: tag.map(str::to_string),
+                };
+                let at = self.log_bytes;
+                self.insert_ckpt(info, at);
+            }
+            _ => {
+                self.records += 1;
+                self.log_bytes += total;
+                let loc = if kind == Kind::Write {
+                    Loc::Data {
+                        seg: seg_id,
+                        pos,
+                        compressed: flags & FLAG_COMPRESSED != 0,
+                    }
+                } else {
+                    Loc::Zero
+                };
+                let mut rs = self.shared.write_side();
+                rs.index.insert(rec.seq, offset, length, loc);
+                rs.index.set_records(self.records);
+            }
+        }
+        if self.buf.len() >= self.cfg.write_buffer {
+            let r = self.flush_buf();
+            self.guard(r)?;
+        }
+        Ok(Appended::Accepted)
+    }
+
+    fn append_after_rotate(&mut self, rec: Record<'_>) -> Result<Appended> {
+        let r = self.rotate();
+        self.guard(r)?;
+        self.append(rec)
+    }
+
+    /// Group commit: hands every buffered record to the kernel and makes all of them
+    /// durable with one `fdatasync` (plus a directory fsync if a segment was created).
+    /// Returns the highest durable seq: what the agent acknowledges.
+    pub fn sync(&mut self) -> Result<u64> {
+        self.check_ok()?;
+        if self.durable_seq == self.last_seq && self.buf.is_empty() && !self.dir_dirty {
+            return Ok(self.durable_seq);
+        }
+        let r = self.sync_active_and_dir();
+        self.guard(r)?;
+        self.durable_seq = self.last_seq;
+        Ok(self.durable_seq)
+    }
+
+    /// Syncs and closes. Dropping a journal without this loses the records buffered since
+    /// the last `sync`, exactly as a crash would (they were never acknowledged).
+    pub fn close(mut self) -> Result<u64> {
+        self.sync()
+    }
+
+    /// Appends every record then syncs once; returns the durable seq.
+    pub fn append_all<'a>(&mut self, recs: impl IntoIterator<Item = Record<'a>>) -> Result<u64> {
+        for r in recs {
+            self.append(r)?;
+        }
+        self.sync()
+    }
+
+    /// Highest seq made durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    /// Highest seq accepted (durable or not).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    pub fn disk_size(&self) -> u64 {
+        self.cfg.disk_size
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Retained, durable checkpoints, oldest first: each one can be opened as a view.
+    pub fn checkpoints(&self) -> Vec<CheckpointInfo> {
+        self.ckpts
+            .range(..=self.durable_seq)
+            .map(|(_, c)| c.info.clone())
+            .collect()
+    }
+
+    fn lookup_ckpt(&self, id: u64) -> Result<&CheckpointInfo> {
+        match self.ckpt_ids.get(&id).and_then(|s| self.ckpts.get(s)) {
+            Some(c) if c.info.seq > self.durable_seq => Err(JournalError::CheckpointNotDurable(id)),
+            Some(c) => Ok(&c.info),
+            None if self.retired.contains(&id) => Err(JournalError::CheckpointNotRetained(id)),
+            None => Err(JournalError::UnknownCheckpoint(id)),
+        }
+    }
+
+    /// Opens the disk as of checkpoint `id`: no data is copied and nothing rescanned.
+    /// The view pins the checkpoint until dropped.
+    pub fn open_view(&self, id: u64) -> Result<View> {
+        self.check_ok()?;
+        let info = self.lookup_ckpt(id)?.clone();
+        {
+            let mut pins = self.shared.pins();
+            if info.seq < pins.floor {
+                return Err(JournalError::CheckpointNotRetained(id));
+            }
+            *pins.by_seq.entry(info.seq).or_insert(0) += 1;
+        }
+        Ok(View::new(self.shared.clone(), info))
+    }
+
+    /// Figures for the manager; the window-related ones are as of the last `promote`.
+    pub fn stats(&self) -> JournalStats {
+        let cps = self.checkpoints();
+        let oldest = cps.first().cloned();
+        let newest = cps.last().cloned();
+        let history_span_ms = match (&oldest, &newest) {
+            (Some(o), Some(n)) => n.wall_ms - o.wall_ms,
+            _ => 0,
+        };
+        let (lag_ms, lag_bytes, short, warn, over) = match &self.last_promote {
+            Some((_, r)) => (
+                r.lag_ms,
+                r.lag_bytes,
+                r.history_short,
+                r.size_warning,
+                r.over_hard_limit,
+            ),
+            None => (0, 0, false, false, false),
+        };
+        let open_views = self.shared.pins().by_seq.values().sum();
+        JournalStats {
+            disk_id: self.cfg.disk_id,
+            oldest_checkpoint: oldest,
+            newest_checkpoint: newest,
+            history_span_ms,
+            checkpoints: cps.len(),
+            bytes_used: self.bytes_used(),
+            segments: self.segs.len(),
+            records: self.records,
+            last_seq: self.last_seq,
+            durable_seq: self.durable_seq,
+            promoted_seq: self.promoted_seq,
+            promote_lag_ms: lag_ms,
+            promote_lag_bytes: lag_bytes,
+            history_short: short,
+            size_warning: warn,
+            over_hard_limit: over,
+            open_views,
+            index: self.shared.read_side().index.memory(),
+        }
+    }
+
+    pub(crate) fn bytes_used(&self) -> u64 {
+        self.segs.iter().map(|s| s.len).sum()
+    }
+}
