@@ -69,6 +69,28 @@ enum Command {
     Vm(client::ResourceArgs),
     /// VPGs (REST client).
     Vpg(client::ResourceArgs),
+    /// Measure a component against this machine's raw limits (ratios from one run).
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchWhat {
+    /// Journal ingest vs raw write+fdatasync, view open time and index memory at 1 and
+    /// 8 GiB, reads through a view vs the replica file.
+    Journal {
+        /// Directory on the disk to measure (files are deleted afterwards).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// 1.0 is the full run (~14 GB of disk at the peak, a few minutes).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Repeats of each ingest measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -288,6 +310,28 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
             store.close().await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench { what } => match what {
+            BenchWhat::Journal {
+                dir,
+                scale,
+                repeats,
+            } => {
+                use crate::agent::journal::bench;
+                if !(scale > 0.0 && scale <= 1.0) {
+                    anyhow::bail!("--scale must be in (0, 1]");
+                }
+                let opts = bench::BenchOptions {
+                    dir,
+                    scale,
+                    repeats: repeats.max(1),
+                };
+                let report = tokio::task::spawn_blocking(move || bench::run(&opts))
+                    .await
+                    .context("the benchmark thread failed")??;
+                println!("{report}");
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Command::Site(a) => client::run("sites", a).await,
         Command::Host(a) => client::run("hosts", a).await,
         Command::Vm(a) => client::run("vms", a).await,
