@@ -1,0 +1,198 @@
+//! The listener: binds, accepts connections (bounded), runs a handler per connection
+//! (negotiation, then transmission), and on shutdown stops accepting and waits for every
+//! handler to finish its in-flight requests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::codec::FrameReader;
+use super::connection;
+use super::handshake::{self, Outcome};
+use super::pool::BufPool;
+use super::registry::ExportRegistry;
+use super::NbdError;
+
+/// Limits of one server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest READ/WRITE accepted (also advertised as the maximum block size).
+    pub max_request: u32,
+    /// Requests in flight per connection.
+    pub max_inflight: usize,
+    /// Payload bytes in flight per connection (reads and writes).
+    pub max_inflight_bytes: usize,
+    /// Concurrent connections; further clients wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time a client gets to finish negotiation.
+    pub handshake_timeout: Duration,
+    /// A refused WRITE's payload up to this size is read and discarded (keeping the
+    /// connection); a larger one ends the connection.
+    pub drain_limit: u64,
+    /// Idle payload buffers kept per size class.
+    pub pool_keep_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_request: 32 << 20,
+            max_inflight: 64,
+            max_inflight_bytes: 128 << 20,
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(30),
+            drain_limit: 64 << 20,
+            pool_keep_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A bound NBD server. Build with [`bind`](Self::bind), serve with [`run`](Self::run).
+#[derive(Debug)]
+pub struct NbdServer {
+    listener: TcpListener,
+    registry: ExportRegistry,
+    config: Arc<ServerConfig>,
+    pool: Arc<BufPool>,
+}
+
+impl NbdServer {
+    /// Binds the listening socket (use port 0 for an ephemeral port).
+    pub async fn bind(
+        addr: impl ToSocketAddrs,
+        registry: ExportRegistry,
+        config: ServerConfig,
+    ) -> Result<Self, NbdError> {
+        let listener = TcpListener::bind(addr).await?;
+        let pool = BufPool::new(config.pool_keep_bytes);
+        Ok(NbdServer {
+            listener,
+            registry,
+            config: Arc::new(config),
+            pool,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, NbdError> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// The export registry served.
+    pub fn registry(&self) -> &ExportRegistry {
+        &self.registry
+    }
+
+    /// Serves until `shutdown` is cancelled, then waits for every connection to answer
+    /// its in-flight requests and close.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), NbdError> {
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
+        let mut backoff = Duration::from_millis(10);
+        tracing::info!(addr = ?self.listener.local_addr().ok(), "nbd server listening");
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = Arc::clone(&limit).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (sock, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+            };
+            backoff = Duration::from_millis(10);
+            let handler = Handler {
+                registry: self.registry.clone(),
+                config: Arc::clone(&self.config),
+                pool: Arc::clone(&self.pool),
+                shutdown: shutdown.clone(),
+                _permit: permit,
+            };
+            tracker.spawn(
+                handler
+                    .run(sock)
+                    .instrument(tracing::debug_span!("nbd_conn", %peer)),
+            );
+        }
+        tracker.close();
+        tracker.wait().await;
+        tracing::info!("nbd server stopped");
+        Ok(())
+    }
+}
+
+/// Per-connection state.
+struct Handler {
+    registry: ExportRegistry,
+    config: Arc<ServerConfig>,
+    pool: Arc<BufPool>,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Handler {
+    async fn run(self, sock: TcpStream) {
+        // Small replies must not wait for Nagle.
+        if let Err(e) = sock.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY failed");
+        }
+        let (rd, mut wr) = sock.into_split();
+        let mut rd = FrameReader::new(rd);
+        let negotiated = tokio::select! {
+            _ = self.shutdown.cancelled() => return,
+            r = tokio::time::timeout(
+                self.config.handshake_timeout,
+                handshake::negotiate(&mut rd, &mut wr, &self.registry, &self.config),
+            ) => r,
+        };
+        let export = match negotiated {
+            Ok(Ok(Outcome::Transmission(export))) => export,
+            Ok(Ok(Outcome::Closed)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "negotiation ended");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("negotiation timed out");
+                return;
+            }
+        };
+        tracing::debug!(export = export.name(), "transmission started");
+        // One token for "server shutting down or export removed".
+        let cancel = self.shutdown.child_token();
+        let _stop_watch = cancel.clone().drop_guard();
+        {
+            let cancel = cancel.clone();
+            let removed = export.removed().clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = removed.cancelled() => cancel.cancel(),
+                    _ = cancel.cancelled() => {}
+                }
+            });
+        }
+        let res =
+            connection::serve(rd, wr, Arc::clone(&export), &self.config, self.pool, cancel).await;
+        match res {
+            Ok(()) => tracing::debug!(export = export.name(), "connection closed"),
+            Err(e) => tracing::debug!(export = export.name(), error = %e, "connection ended"),
+        }
+    }
+}
