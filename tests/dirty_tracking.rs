@@ -1,5 +1,6 @@
 //! Dirty bitmap and activity log: model-based property tests, the crash invariant checked
 //! against the files after every step, steady-state cost, concurrency, and damaged files.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -111,9 +112,14 @@ fn hot_extents_cost_no_transactions() {
     assert_eq!(tx, 8);
     for round in 0..10_000u64 {
         let i = round % 8;
-        t.mark(i * 4 * MIB + (round * 4096) % (4 * MIB - 4096), 4096).unwrap();
+        t.mark(i * 4 * MIB + (round * 4096) % (4 * MIB - 4096), 4096)
+            .unwrap();
     }
-    assert_eq!(t.activity_log().transactions(), tx, "writes into hot extents wrote the log");
+    assert_eq!(
+        t.activity_log().transactions(),
+        tx,
+        "writes into hot extents wrote the log"
+    );
     assert_eq!(t.persist_count(), 0, "no persist was needed");
     // Idle extents leave the log after two periodic persists without use.
     t.persist().unwrap();
@@ -127,7 +133,11 @@ fn concurrent_marks_with_a_tiny_log() {
     let dir = tempfile::tempdir().unwrap();
     let paths = DirtyPaths::in_dir(dir.path(), "conc");
     let size = 256 * MIB;
-    let cfg = DirtyConfig { region_size: 64 * KIB as u32, extent_size: MIB, al_capacity: 4 };
+    let cfg = DirtyConfig {
+        region_size: 64 * KIB as u32,
+        extent_size: MIB,
+        al_capacity: 4,
+    };
     let (t, _) = DirtyTracker::open(paths.clone(), size, cfg).unwrap();
     let t = Arc::new(t);
     let threads: Vec<_> = (0..4u64)
@@ -137,7 +147,9 @@ fn concurrent_marks_with_a_tiny_log() {
                 let mut x = k * 7 + 1;
                 let mut mine = Vec::new();
                 for _ in 0..150 {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let off = (x >> 20) % (size - 2 * MIB);
                     let len = 1 + (x >> 8) % (2 * MIB);
                     t.mark(off, len).unwrap();
@@ -150,7 +162,10 @@ fn concurrent_marks_with_a_tiny_log() {
             })
         })
         .collect();
-    let written: Vec<(u64, u64)> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let written: Vec<(u64, u64)> = threads
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let (bm, _) = DirtyBitmap::load(&paths.bitmap).unwrap();
     let al = ActivityLog::recover(&paths.activity_log).unwrap();
     for (o, l) in written {
@@ -180,16 +195,28 @@ fn damaged_or_missing_files_mean_everything_is_dirty() {
     bytes[n - 1] ^= 1;
     std::fs::write(&paths.bitmap, &bytes).unwrap();
     let (t, rec) = DirtyTracker::open(paths.clone(), size, cfg).unwrap();
-    assert!(matches!(rec.state, RecoveryState::Lost { .. }), "{:?}", rec.state);
+    assert!(
+        matches!(rec.state, RecoveryState::Lost { .. }),
+        "{:?}",
+        rec.state
+    );
     assert_eq!(t.bitmap().dirty_count(), t.bitmap().region_count());
     drop(t);
     // Bitmap gone but a log present: Lost as well.
     std::fs::remove_file(&paths.bitmap).unwrap();
     let (_, rec) = DirtyTracker::open(paths.clone(), size, cfg).unwrap();
-    assert!(matches!(rec.state, RecoveryState::Lost { .. }), "{:?}", rec.state);
+    assert!(
+        matches!(rec.state, RecoveryState::Lost { .. }),
+        "{:?}",
+        rec.state
+    );
     // A different disk size: Lost.
     let (_, rec) = DirtyTracker::open(paths.clone(), size * 2, cfg).unwrap();
-    assert!(matches!(rec.state, RecoveryState::Lost { .. }), "{:?}", rec.state);
+    assert!(
+        matches!(rec.state, RecoveryState::Lost { .. }),
+        "{:?}",
+        rec.state
+    );
     // A leftover temp file from a crash during save does not matter.
     std::fs::write(dir.path().join("dmg.dirty.tmp"), b"junk").unwrap();
     let (t, rec) = DirtyTracker::open(paths.clone(), size * 2, cfg).unwrap();

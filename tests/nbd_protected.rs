@@ -2,13 +2,18 @@
 //! order with the right bytes, the dirty bitmap covers every write, and after a crash
 //! (drop without clean shutdown) the bitmap is unclean and bitmap ∪ activity log covers
 //! everything written.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
 mod nbd_common;
 
 use std::sync::Arc;
 
-use bulwark::agent::dirty::{ActivityLog, DirtyBitmap, DirtyConfig, DirtyPaths, DirtyTracker, RecoveryState};
-use bulwark::agent::nbd::{CompletionGate, ExportRegistry, FileDevice, ProtectedDevice, RecordedEvent, RecordingSink};
+use bulwark::agent::dirty::{
+    ActivityLog, DirtyBitmap, DirtyConfig, DirtyPaths, DirtyTracker, RecoveryState,
+};
+use bulwark::agent::nbd::{
+    CompletionGate, ExportRegistry, FileDevice, ProtectedDevice, RecordedEvent, RecordingSink,
+};
 use nbd_common::*;
 
 const MIB: u64 = 1 << 20;
@@ -16,7 +21,9 @@ const MIB: u64 = 1 << 20;
 fn range_of(e: &RecordedEvent) -> (u64, u64) {
     match e {
         RecordedEvent::Write { offset, data, .. } => (*offset, data.len() as u64),
-        RecordedEvent::Zeroes { offset, len } | RecordedEvent::Trim { offset, len } => (*offset, *len),
+        RecordedEvent::Zeroes { offset, len } | RecordedEvent::Trim { offset, len } => {
+            (*offset, *len)
+        }
     }
 }
 
@@ -27,12 +34,22 @@ async fn sink_and_dirty_tracking_see_every_write() {
     let img = dir.path().join("p.img");
     let paths = DirtyPaths::in_dir(dir.path(), "p");
     // Small activity log (16 × 1 MiB) so the workload forces evictions and persists.
-    let cfg = DirtyConfig { region_size: 65536, extent_size: MIB, al_capacity: 16 };
+    let cfg = DirtyConfig {
+        region_size: 65536,
+        extent_size: MIB,
+        al_capacity: 16,
+    };
     let (tracker, rec) = DirtyTracker::open(paths.clone(), size, cfg).unwrap();
     assert_eq!(rec.state, RecoveryState::New);
     let tracker = Arc::new(tracker);
     let sink = RecordingSink::new();
-    let dev = ProtectedDevice::new(FileDevice::create(&img, size).unwrap(), tracker.clone(), sink.clone(), CompletionGate::new()).unwrap();
+    let dev = ProtectedDevice::new(
+        FileDevice::create(&img, size).unwrap(),
+        tracker.clone(),
+        sink.clone(),
+        CompletionGate::new(),
+    )
+    .unwrap();
     let registry = ExportRegistry::new();
     registry.add("p", Arc::new(dev)).unwrap();
     let server = TestServer::start(registry).await;
@@ -42,10 +59,18 @@ async fn sink_and_dirty_tracking_see_every_write() {
     let mut cmds = Vec::new();
     for i in 0..40u64 {
         let off = (i * 1_234_567) % (size - 300_000);
-        cmds.push(format!("write -P {} {off} {}", i + 1, 4096 + (i % 5) * 50_000));
+        cmds.push(format!(
+            "write -P {} {off} {}",
+            i + 1,
+            4096 + (i % 5) * 50_000
+        ));
     }
     for i in 0..48u64 {
-        cmds.push(format!("aio_write -P {} {} 65536", 100 + i, (i % 12) * 40_000));
+        cmds.push(format!(
+            "aio_write -P {} {} 65536",
+            100 + i,
+            (i % 12) * 40_000
+        ));
     }
     cmds.push("aio_flush".into());
     cmds.push(format!("write -z {} 300000", 10 * MIB + 17));
@@ -63,23 +88,35 @@ async fn sink_and_dirty_tracking_see_every_write() {
         e.apply(&mut replica);
     }
     let disk = std::fs::read(&img).unwrap();
-    assert!(disk == replica, "replaying the sink does not reproduce the disk");
+    assert!(
+        disk == replica,
+        "replaying the sink does not reproduce the disk"
+    );
     // Every event's range is dirty.
     for e in &events {
         let (o, l) = range_of(e);
         let bm = tracker.bitmap();
         let first = o / bm.region_size();
         let last = (o + l - 1) / bm.region_size();
-        assert!((first..=last).all(|r| bm.is_dirty(r)), "event at {o}+{l} not dirty");
+        assert!(
+            (first..=last).all(|r| bm.is_dirty(r)),
+            "event at {o}+{l} not dirty"
+        );
     }
-    assert!(tracker.persist_count() > 0, "a 16-extent log must have forced persists");
+    assert!(
+        tracker.persist_count() > 0,
+        "a 16-extent log must have forced persists"
+    );
     assert!(tracker.activity_log().active_extents().len() <= 16);
 
     // Clean shutdown: the file is exact and says so.
     tracker.close_clean().unwrap();
     let (loaded, clean) = DirtyBitmap::load(&paths.bitmap).unwrap();
     assert!(clean);
-    assert_eq!(loaded.dirty_regions().collect::<Vec<_>>(), tracker.bitmap().dirty_regions().collect::<Vec<_>>());
+    assert_eq!(
+        loaded.dirty_regions().collect::<Vec<_>>(),
+        tracker.bitmap().dirty_regions().collect::<Vec<_>>()
+    );
     drop(tracker);
     let (t2, rec) = DirtyTracker::open(paths, size, cfg).unwrap();
     assert_eq!(rec.state, RecoveryState::Clean);
@@ -92,11 +129,21 @@ async fn crash_leaves_unclean_bitmap_and_bounded_activity_log() {
     let size = 256 * MIB;
     let img = dir.path().join("c.img");
     let paths = DirtyPaths::in_dir(dir.path(), "c");
-    let cfg = DirtyConfig { region_size: 65536, extent_size: 4 * MIB, al_capacity: 8 };
+    let cfg = DirtyConfig {
+        region_size: 65536,
+        extent_size: 4 * MIB,
+        al_capacity: 8,
+    };
     let (tracker, _) = DirtyTracker::open(paths.clone(), size, cfg).unwrap();
     let tracker = Arc::new(tracker);
     let sink = RecordingSink::new();
-    let dev = ProtectedDevice::new(FileDevice::create(&img, size).unwrap(), tracker.clone(), sink.clone(), CompletionGate::new()).unwrap();
+    let dev = ProtectedDevice::new(
+        FileDevice::create(&img, size).unwrap(),
+        tracker.clone(),
+        sink.clone(),
+        CompletionGate::new(),
+    )
+    .unwrap();
     let registry = ExportRegistry::new();
     registry.add("c", Arc::new(dev)).unwrap();
     let server = TestServer::start(registry).await;
@@ -126,13 +173,21 @@ async fn crash_leaves_unclean_bitmap_and_bounded_activity_log() {
     let (bm, clean) = DirtyBitmap::load(&paths.bitmap).unwrap();
     assert!(!clean, "bitmap must say unclean after a crash");
     let al = ActivityLog::recover(&paths.activity_log).unwrap();
-    assert!(al.extents.len() <= 8, "activity log holds at most its capacity: {:?}", al.extents);
+    assert!(
+        al.extents.len() <= 8,
+        "activity log holds at most its capacity: {:?}",
+        al.extents
+    );
     assert!(!al.extents.is_empty());
     for &(off, len) in &written {
         let in_bitmap = bm.is_range_dirty(off, len)
             && (off / 65536..=(off + len - 1) / 65536).all(|r| bm.is_dirty(r));
-        let in_al = (off / (4 * MIB)..=(off + len - 1) / (4 * MIB)).all(|e| al.extents.contains(&e));
-        assert!(in_bitmap || in_al, "write at {off} covered by neither the bitmap file nor the activity log");
+        let in_al =
+            (off / (4 * MIB)..=(off + len - 1) / (4 * MIB)).all(|e| al.extents.contains(&e));
+        assert!(
+            in_bitmap || in_al,
+            "write at {off} covered by neither the bitmap file nor the activity log"
+        );
     }
     // The last writes are recent: they are in the activity log.
     let (last_off, _) = written[written.len() - 1];

@@ -1,5 +1,6 @@
 //! Our NBD server against real clients: qemu-io workloads checked byte for byte against a
 //! model, qemu-img convert/info round trips, qemu-nbd --list, and error paths as qemu sees them.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
 mod nbd_common;
 
@@ -99,7 +100,9 @@ async fn qemu_io_mixed_workload_matches_model() {
         assert_qemu_ok(&out);
         let t = String::from_utf8_lossy(&out.stdout);
         // Every write/read printed its statistics line.
-        assert!(t.matches("wrote ").count() >= cmds.iter().filter(|c| c.contains("write")).count() / 2);
+        assert!(
+            t.matches("wrote ").count() >= cmds.iter().filter(|c| c.contains("write")).count() / 2
+        );
     }
     let disk = std::fs::read(&img).unwrap();
     assert_eq!(disk.len(), model.len());
@@ -121,7 +124,11 @@ async fn qemu_img_convert_roundtrip_info_and_list() {
     let img = dir.path().join("disk.img");
     let registry = ExportRegistry::new();
     registry
-        .add_with_description("disk", "a test disk", Arc::new(FileDevice::create(&img, size).unwrap()))
+        .add_with_description(
+            "disk",
+            "a test disk",
+            Arc::new(FileDevice::create(&img, size).unwrap()),
+        )
         .unwrap();
     let ro_img = dir.path().join("ro.img");
     write_file(&ro_img, &data[..(MIB as usize)]);
@@ -134,15 +141,50 @@ async fn qemu_img_convert_roundtrip_info_and_list() {
     let t = Duration::from_secs(60);
 
     // Into the export.
-    let o = run("qemu-img", &s(&["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &url]), t).await;
+    let o = run(
+        "qemu-img",
+        &s(&[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            src.to_str().unwrap(),
+            &url,
+        ]),
+        t,
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
-    assert!(std::fs::read(&img).unwrap() == data, "export content differs from source");
+    assert!(
+        std::fs::read(&img).unwrap() == data,
+        "export content differs from source"
+    );
 
     // Out of it.
     let out = dir.path().join("out.raw");
-    let o = run("qemu-img", &s(&["convert", "-f", "raw", "-O", "raw", &url, out.to_str().unwrap()]), t).await;
+    let o = run(
+        "qemu-img",
+        &s(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url,
+            out.to_str().unwrap(),
+        ]),
+        t,
+    )
+    .await;
     assert!(o.status.success(), "{}", text(&o));
-    let o = run("cmp", &s(&[src.to_str().unwrap(), out.to_str().unwrap()]), t).await;
+    let o = run(
+        "cmp",
+        &s(&[src.to_str().unwrap(), out.to_str().unwrap()]),
+        t,
+    )
+    .await;
     assert!(o.status.success(), "cmp: {}", text(&o));
 
     // Size as qemu sees it.
@@ -153,7 +195,12 @@ async fn qemu_img_convert_roundtrip_info_and_list() {
 
     // Export list (NBD_OPT_LIST, then NBD_OPT_INFO per export).
     let port = server.addr.port().to_string();
-    let o = run("qemu-nbd", &s(&["--list", "-b", "127.0.0.1", "-p", &port]), t).await;
+    let o = run(
+        "qemu-nbd",
+        &s(&["--list", "-b", "127.0.0.1", "-p", &port]),
+        t,
+    )
+    .await;
     let listing = text(&o);
     assert!(o.status.success(), "{listing}");
     assert!(listing.contains("exports available: 2"), "{listing}");
@@ -185,13 +232,20 @@ async fn qemu_sees_errors_and_keeps_going() {
         .to_vec();
     let o = qemu_io(&server.url("disk"), &[], &cmds).await;
     let t = text(&o);
-    assert!(t.contains("read failed") || t.contains("Input/output error") || t.contains("Invalid argument"), "{t}");
+    assert!(
+        t.contains("read failed")
+            || t.contains("Input/output error")
+            || t.contains("Invalid argument"),
+        "{t}"
+    );
     assert!(t.contains("wrote 4096/4096 bytes at offset 0"), "{t}");
     assert!(t.contains("read 4096/4096 bytes at offset 0"), "{t}");
     assert!(!t.contains("Pattern verification failed"), "{t}");
 
     // Read-only export: qemu reads it, refuses to write.
-    let cmds: Vec<String> = ["read -P 0x5a 0 64k", "write -P 1 0 4k"].map(String::from).to_vec();
+    let cmds: Vec<String> = ["read -P 0x5a 0 64k", "write -P 1 0 4k"]
+        .map(String::from)
+        .to_vec();
     let o = qemu_io(&server.url("ro"), &["-r"], &cmds).await;
     let t = text(&o);
     assert!(t.contains("read 65536/65536 bytes"), "{t}");
@@ -199,7 +253,11 @@ async fn qemu_sees_errors_and_keeps_going() {
     assert_eq!(std::fs::read(&ro_img).unwrap(), vec![0x5a; MIB as usize]);
     // Opening it read-write is refused at open time.
     let o = qemu_io(&server.url("ro"), &[], &["write -P 1 0 4k".to_string()]).await;
-    assert!(!o.status.success() || text(&o).contains("failed"), "{}", text(&o));
+    assert!(
+        !o.status.success() || text(&o).contains("failed"),
+        "{}",
+        text(&o)
+    );
 
     // Unknown export: refused during negotiation.
     let o = qemu_io(&server.url("nope"), &[], &["read 0 4k".to_string()]).await;

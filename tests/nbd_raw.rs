@@ -1,5 +1,6 @@
 //! Protocol-level tests with our own client and raw TCP: negotiation replies, error values,
 //! pipelining, malformed and oversize input, export removal, shutdown, completion hold.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
 mod nbd_common;
 
@@ -22,7 +23,10 @@ const T: Duration = Duration::from_secs(10);
 async fn disk_server(dir: &std::path::Path, size: u64) -> TestServer {
     let registry = ExportRegistry::new();
     registry
-        .add("disk", Arc::new(FileDevice::create(&dir.join("disk.img"), size).unwrap()))
+        .add(
+            "disk",
+            Arc::new(FileDevice::create(&dir.join("disk.img"), size).unwrap()),
+        )
         .unwrap();
     TestServer::start(registry).await
 }
@@ -34,7 +38,10 @@ async fn raw_greet(addr: std::net::SocketAddr, cflags: u32) -> TcpStream {
     s.read_exact(&mut hello).await.unwrap();
     assert_eq!(&hello[0..8], b"NBDMAGIC");
     assert_eq!(&hello[8..16], b"IHAVEOPT");
-    assert_eq!(u16::from_be_bytes([hello[16], hello[17]]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    assert_eq!(
+        u16::from_be_bytes([hello[16], hello[17]]),
+        FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+    );
     s.write_all(&cflags.to_be_bytes()).await.unwrap();
     s
 }
@@ -51,7 +58,10 @@ async fn raw_option(s: &mut TcpStream, option: u32, data: &[u8]) {
 /// Reads one option reply: (option, reply type, data).
 async fn raw_reply(s: &mut TcpStream) -> (u32, u32, Vec<u8>) {
     let mut h = [0u8; 20];
-    tokio::time::timeout(T, s.read_exact(&mut h)).await.unwrap().unwrap();
+    tokio::time::timeout(T, s.read_exact(&mut h))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&h[0..8], &OPTION_REPLY_MAGIC.to_be_bytes());
     let be = |o: usize| u32::from_be_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
     let mut data = vec![0u8; be(16) as usize];
@@ -94,7 +104,13 @@ async fn negotiation_replies() {
     // Unsupported options get ERR_UNSUP and the session continues; INFO for an unknown
     // export gets ERR_UNKNOWN; INFO for ours gets EXPORT, NAME, BLOCK_SIZE, then ACK.
     let mut s = raw_greet(server.addr, cf).await;
-    for opt in [OPT_STRUCTURED_REPLY, OPT_STARTTLS, OPT_EXTENDED_HEADERS, OPT_SET_META_CONTEXT, 4242] {
+    for opt in [
+        OPT_STRUCTURED_REPLY,
+        OPT_STARTTLS,
+        OPT_EXTENDED_HEADERS,
+        OPT_SET_META_CONTEXT,
+        4242,
+    ] {
         raw_option(&mut s, opt, &[]).await;
         let (o, r, _) = raw_reply(&mut s).await;
         assert_eq!((o, r), (opt, REP_ERR_UNSUP));
@@ -103,7 +119,12 @@ async fn negotiation_replies() {
     let (_, r, msg) = raw_reply(&mut s).await;
     assert_eq!(r, REP_ERR_UNKNOWN);
     assert!(String::from_utf8_lossy(&msg).contains("nope"));
-    raw_option(&mut s, OPT_INFO, &go_data("disk", &[INFO_NAME, INFO_BLOCK_SIZE])).await;
+    raw_option(
+        &mut s,
+        OPT_INFO,
+        &go_data("disk", &[INFO_NAME, INFO_BLOCK_SIZE]),
+    )
+    .await;
     let mut kinds = Vec::new();
     loop {
         let (o, r, d) = raw_reply(&mut s).await;
@@ -117,7 +138,12 @@ async fn negotiation_replies() {
         if kind == INFO_EXPORT {
             assert_eq!(u64::from_be_bytes(d[2..10].try_into().unwrap()), 8 * MIB);
             let flags = u16::from_be_bytes([d[10], d[11]]);
-            let want = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_CAN_MULTI_CONN;
+            let want = FLAG_HAS_FLAGS
+                | FLAG_SEND_FLUSH
+                | FLAG_SEND_FUA
+                | FLAG_SEND_TRIM
+                | FLAG_SEND_WRITE_ZEROES
+                | FLAG_CAN_MULTI_CONN;
             assert_eq!(flags, want);
         }
         if kind == INFO_NAME {
@@ -155,7 +181,15 @@ async fn negotiation_replies() {
         assert_eq!(u64::from_be_bytes(b[0..8].try_into().unwrap()), 8 * MIB);
         assert!(b[10..].iter().all(|&x| x == 0));
         // Transmission works on it.
-        s.write_all(&encode_request(&Request { flags: 0, kind: CMD_FLUSH, handle: 9, offset: 0, length: 0 })).await.unwrap();
+        s.write_all(&encode_request(&Request {
+            flags: 0,
+            kind: CMD_FLUSH,
+            handle: 9,
+            offset: 0,
+            length: 0,
+        }))
+        .await
+        .unwrap();
         let mut r = [0u8; 16];
         s.read_exact(&mut r).await.unwrap();
         assert_eq!(r, simple_reply(0, 9));
@@ -169,8 +203,20 @@ async fn negotiation_replies() {
     assert!(closed(&mut s).await);
     // Our client sees the same through its API.
     let c = NbdClient::connect(server.addr, "nope").await.unwrap_err();
-    assert!(matches!(c, NbdError::OptionRefused { reply: REP_ERR_UNKNOWN, .. }), "{c}");
-    assert_eq!(NbdClient::list(server.addr).await.unwrap(), vec!["disk".to_string()]);
+    assert!(
+        matches!(
+            c,
+            NbdError::OptionRefused {
+                reply: REP_ERR_UNKNOWN,
+                ..
+            }
+        ),
+        "{c}"
+    );
+    assert_eq!(
+        NbdClient::list(server.addr).await.unwrap(),
+        vec!["disk".to_string()]
+    );
     server.shutdown().await;
 }
 
@@ -178,10 +224,17 @@ async fn negotiation_replies() {
 async fn transmission_errors_keep_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let registry = ExportRegistry::new();
-    registry.add("disk", Arc::new(FileDevice::create(&dir.path().join("d.img"), 8 * MIB).unwrap())).unwrap();
+    registry
+        .add(
+            "disk",
+            Arc::new(FileDevice::create(&dir.path().join("d.img"), 8 * MIB).unwrap()),
+        )
+        .unwrap();
     let ro = dir.path().join("ro.img");
     std::fs::write(&ro, vec![3u8; 65536]).unwrap();
-    registry.add("ro", Arc::new(FileDevice::open(&ro, true).unwrap())).unwrap();
+    registry
+        .add("ro", Arc::new(FileDevice::open(&ro, true).unwrap()))
+        .unwrap();
     let server = TestServer::start(registry).await;
     let mut c = NbdClient::connect(server.addr, "disk").await.unwrap();
     assert_eq!(c.info().size, 8 * MIB);
@@ -199,10 +252,20 @@ async fn transmission_errors_keep_the_connection() {
     // Oversize read: refused without allocating 1 GiB.
     assert_eq!(remote(c.read(0, 1 << 30).await.map(drop)), EINVAL);
     // Unknown command, unknown flag, DF without structured replies.
-    for (kind, flags) in [(CMD_CACHE, 0), (99, 0), (CMD_BLOCK_STATUS, 0), (CMD_READ, 1 << 2), (CMD_WRITE_ZEROES, 1 << 4)] {
+    for (kind, flags) in [
+        (CMD_CACHE, 0),
+        (99, 0),
+        (CMD_BLOCK_STATUS, 0),
+        (CMD_READ, 1 << 2),
+        (CMD_WRITE_ZEROES, 1 << 4),
+    ] {
         let h = c.send(kind, flags, 0, 512, &[]).await.unwrap();
         let r = c.recv().await.unwrap();
-        assert_eq!((r.handle, r.error), (h, EINVAL), "kind {kind} flags {flags}");
+        assert_eq!(
+            (r.handle, r.error),
+            (h, EINVAL),
+            "kind {kind} flags {flags}"
+        );
     }
     // Oversize write within the drain limit: payload discarded, error, connection fine.
     let big = vec![0x77u8; (40 * MIB) as usize];
@@ -239,13 +302,26 @@ async fn pipelined_requests_all_answered() {
     let mut expect = std::collections::HashMap::new();
     for i in 0..200u64 {
         let data = vec![(i % 251) as u8 + 1; 8192 + (i as usize % 7) * 512];
-        let h = c.send(CMD_WRITE, if i % 10 == 0 { CMD_FLAG_FUA } else { 0 }, i * 65536, data.len() as u32, &data).await.unwrap();
+        let h = c
+            .send(
+                CMD_WRITE,
+                if i % 10 == 0 { CMD_FLAG_FUA } else { 0 },
+                i * 65536,
+                data.len() as u32,
+                &data,
+            )
+            .await
+            .unwrap();
         expect.insert(h, None);
     }
     for _ in 0..200 {
         let r = tokio::time::timeout(T, c.recv()).await.unwrap().unwrap();
         assert_eq!(r.error, 0);
-        assert!(expect.remove(&r.handle).is_some(), "unexpected or duplicate handle {}", r.handle);
+        assert!(
+            expect.remove(&r.handle).is_some(),
+            "unexpected or duplicate handle {}",
+            r.handle
+        );
     }
     for i in 0..200u64 {
         let h = c.send(CMD_READ, 0, i * 65536, 8192, &[]).await.unwrap();
@@ -265,7 +341,9 @@ async fn pipelined_requests_all_answered() {
 async fn malformed_clients_do_not_hurt_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let server = disk_server(dir.path(), 4 * MIB).await;
-    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
 
     // Garbage instead of client flags / options.
     let mut s = TcpStream::connect(server.addr).await.unwrap();
@@ -289,7 +367,15 @@ async fn malformed_clients_do_not_hurt_the_server() {
     raw_option(&mut s, OPT_EXPORT_NAME, b"disk").await;
     let mut b = [0u8; 10];
     s.read_exact(&mut b).await.unwrap();
-    s.write_all(&encode_request(&Request { flags: 0, kind: CMD_WRITE, handle: 5, offset: 0, length: u32::MAX })).await.unwrap();
+    s.write_all(&encode_request(&Request {
+        flags: 0,
+        kind: CMD_WRITE,
+        handle: 5,
+        offset: 0,
+        length: u32::MAX,
+    }))
+    .await
+    .unwrap();
     let mut r = [0u8; 16];
     s.read_exact(&mut r).await.unwrap();
     assert_eq!(r, simple_reply(EINVAL, 5));
@@ -306,7 +392,15 @@ async fn malformed_clients_do_not_hurt_the_server() {
     let mut s = raw_greet(server.addr, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
     raw_option(&mut s, OPT_EXPORT_NAME, b"disk").await;
     s.read_exact(&mut b).await.unwrap();
-    s.write_all(&encode_request(&Request { flags: 0, kind: CMD_WRITE, handle: 6, offset: 0, length: 65536 })).await.unwrap();
+    s.write_all(&encode_request(&Request {
+        flags: 0,
+        kind: CMD_WRITE,
+        handle: 6,
+        offset: 0,
+        length: 65536,
+    }))
+    .await
+    .unwrap();
     s.write_all(&[1u8; 1000]).await.unwrap();
     drop(s);
 
@@ -325,14 +419,35 @@ async fn exports_come_and_go_at_run_time() {
     let registry = ExportRegistry::new();
     let server = TestServer::start(registry.clone()).await;
     assert!(NbdClient::list(server.addr).await.unwrap().is_empty());
-    registry.add("a", Arc::new(FileDevice::create(&dir.path().join("a"), MIB).unwrap())).unwrap();
-    registry.add("b", Arc::new(FileDevice::create(&dir.path().join("b"), 2 * MIB).unwrap())).unwrap();
+    registry
+        .add(
+            "a",
+            Arc::new(FileDevice::create(&dir.path().join("a"), MIB).unwrap()),
+        )
+        .unwrap();
+    registry
+        .add(
+            "b",
+            Arc::new(FileDevice::create(&dir.path().join("b"), 2 * MIB).unwrap()),
+        )
+        .unwrap();
     assert!(matches!(
-        registry.add("a", Arc::new(FileDevice::create(&dir.path().join("c"), MIB).unwrap())),
+        registry.add(
+            "a",
+            Arc::new(FileDevice::create(&dir.path().join("c"), MIB).unwrap())
+        ),
         Err(NbdError::ExportExists(_))
     ));
-    assert!(registry.add("bad\0name", Arc::new(FileDevice::create(&dir.path().join("d"), MIB).unwrap())).is_err());
-    assert_eq!(NbdClient::list(server.addr).await.unwrap(), vec!["a".to_string(), "b".to_string()]);
+    assert!(registry
+        .add(
+            "bad\0name",
+            Arc::new(FileDevice::create(&dir.path().join("d"), MIB).unwrap())
+        )
+        .is_err());
+    assert_eq!(
+        NbdClient::list(server.addr).await.unwrap(),
+        vec!["a".to_string(), "b".to_string()]
+    );
     let mut c = NbdClient::connect(server.addr, "a").await.unwrap();
     c.write(0, b"x", false).await.unwrap();
     // Removing "a" disconnects its client; "b" is untouched.
@@ -361,7 +476,12 @@ async fn held_completions_are_acknowledged_only_after_release() {
     let dir = tempfile::tempdir().unwrap();
     let size = 8 * MIB;
     let file = FileDevice::create(&dir.path().join("p.img"), size).unwrap();
-    let (tracker, _) = DirtyTracker::open(DirtyPaths::in_dir(dir.path(), "p"), size, DirtyConfig::default()).unwrap();
+    let (tracker, _) = DirtyTracker::open(
+        DirtyPaths::in_dir(dir.path(), "p"),
+        size,
+        DirtyConfig::default(),
+    )
+    .unwrap();
     let sink = RecordingSink::new();
     let gate = CompletionGate::new();
     let dev = ProtectedDevice::new(file, Arc::new(tracker), sink.clone(), gate.clone()).unwrap();
@@ -375,7 +495,9 @@ async fn held_completions_are_acknowledged_only_after_release() {
     let hw = c.send(CMD_WRITE, 0, 4096, 5, b"held!").await.unwrap();
     let hz = c.send(CMD_WRITE_ZEROES, 0, 0, 3, &[]).await.unwrap();
     // Not acknowledged while held …
-    assert!(tokio::time::timeout(Duration::from_millis(300), c.recv()).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_millis(300), c.recv())
+        .await
+        .is_err());
     // … but accepted, applied locally and handed to the sink (bounded wait for the thread).
     for _ in 0..100 {
         if sink.len() == 3 {
@@ -387,25 +509,46 @@ async fn held_completions_are_acknowledged_only_after_release() {
     // Reads and flushes are not held.
     let hr = c.send(CMD_READ, 0, 4096, 5, &[]).await.unwrap();
     let r = tokio::time::timeout(T, c.recv()).await.unwrap().unwrap();
-    assert_eq!((r.handle, r.error, r.data.as_slice()), (hr, 0, &b"held!"[..]));
+    assert_eq!(
+        (r.handle, r.error, r.data.as_slice()),
+        (hr, 0, &b"held!"[..])
+    );
     let hf = c.send(CMD_FLUSH, 0, 0, 0, &[]).await.unwrap();
     let r = tokio::time::timeout(T, c.recv()).await.unwrap().unwrap();
     assert_eq!((r.handle, r.error), (hf, 0));
-    assert!(tokio::time::timeout(Duration::from_millis(100), c.recv()).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_millis(100), c.recv())
+        .await
+        .is_err());
 
     let held_for = hold.release();
     assert!(held_for >= Duration::from_millis(400));
     let mut got = vec![
-        tokio::time::timeout(T, c.recv()).await.unwrap().unwrap().handle,
-        tokio::time::timeout(T, c.recv()).await.unwrap().unwrap().handle,
+        tokio::time::timeout(T, c.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .handle,
+        tokio::time::timeout(T, c.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .handle,
     ];
     got.sort_unstable();
     assert_eq!(got, vec![hw, hz]);
     assert_eq!(
         sink.take(),
         vec![
-            RecordedEvent::Write { offset: 0, data: b"before".to_vec(), fua: false },
-            RecordedEvent::Write { offset: 4096, data: b"held!".to_vec(), fua: false },
+            RecordedEvent::Write {
+                offset: 0,
+                data: b"before".to_vec(),
+                fua: false
+            },
+            RecordedEvent::Write {
+                offset: 4096,
+                data: b"held!".to_vec(),
+                fua: false
+            },
             RecordedEvent::Zeroes { offset: 0, len: 3 },
         ]
     );
@@ -422,7 +565,11 @@ async fn shutdown_answers_in_flight_then_closes() {
     let data = vec![9u8; MIB as usize];
     let mut handles = Vec::new();
     for i in 0..8u64 {
-        handles.push(c.send(CMD_WRITE, 0, i * MIB, MIB as u32, &data).await.unwrap());
+        handles.push(
+            c.send(CMD_WRITE, 0, i * MIB, MIB as u32, &data)
+                .await
+                .unwrap(),
+        );
     }
     let stop = server.stop.clone();
     let waiter = tokio::spawn(server.shutdown());

@@ -1,6 +1,6 @@
 //! Shared helpers of the NBD integration tests: a server on 127.0.0.1:0 that stops on drop,
 //! and `qemu-io` / `qemu-img` runners with timeouts that kill the child on drop.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -213,7 +213,10 @@ impl ActivityLog {
         }
         let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
         if crc32c::crc32c(&h[0..36]) != u32_at(36) {
-            return Err(DirtyError::corrupt(path, "activity-log header checksum mismatch"));
+            return Err(DirtyError::corrupt(
+                path,
+                "activity-log header checksum mismatch",
+            ));
         }
         if u32_at(8) != VERSION {
             return Err(DirtyError::corrupt(
@@ -234,7 +237,10 @@ impl ActivityLog {
             || slots > 64
             || slot_size != slot_size_for(capacity)
         {
-            return Err(DirtyError::corrupt(path, "inconsistent activity-log header"));
+            return Err(DirtyError::corrupt(
+                path,
+                "inconsistent activity-log header",
+            ));
         }
         let n_extents = disk_size.div_ceil(1 << extent_shift);
         let mut best: Option<(u64, BTreeSet<u64>)> = None;
@@ -334,7 +340,7 @@ impl ActivityLog {
         mark: &dyn Fn(),
         make_room: &dyn Fn() -> Result<(), DirtyError>,
     ) -> Result<(), DirtyError> {
-        if last - first >= self.max_span().max(1) + 1 {
+        if last - first > self.max_span().max(1) {
             return Err(DirtyError::Config(format!(
                 "range spans {} extents, more than {}",
                 last - first + 1,
@@ -496,7 +502,12 @@ impl ActivityLog {
         Ok(removed)
     }
 
-    fn write_snapshot(&self, buf: &mut Vec<u8>, seq: u64, extents: &[u64]) -> Result<(), DirtyError> {
+    fn write_snapshot(
+        &self,
+        buf: &mut Vec<u8>,
+        seq: u64,
+        extents: &[u64],
+    ) -> Result<(), DirtyError> {
         buf.clear();
         buf.extend_from_slice(&SLOT_MAGIC);
         buf.extend_from_slice(&(extents.len() as u32).to_le_bytes());
@@ -571,21 +582,27 @@ mod tests {
             Ok(())
         };
         for x in 0..4u64 {
-            al.touch(x, x, &|| marks.set(marks.get() + 1), &persist).unwrap();
+            al.touch(x, x, &|| marks.set(marks.get() + 1), &persist)
+                .unwrap();
         }
         assert_eq!(al.active_extents(), vec![0, 1, 2, 3]);
         assert_eq!(al.transactions(), 4);
         // Hot extents: no transaction.
-        al.touch(1, 2, &|| marks.set(marks.get() + 1), &persist).unwrap();
+        al.touch(1, 2, &|| marks.set(marks.get() + 1), &persist)
+            .unwrap();
         assert_eq!(al.transactions(), 4);
         assert_eq!(persists.get(), 0);
         // Full and nothing covered: a persist is forced, then the LRU entry (0) goes.
-        al.touch(9, 9, &|| marks.set(marks.get() + 1), &persist).unwrap();
+        al.touch(9, 9, &|| marks.set(marks.get() + 1), &persist)
+            .unwrap();
         assert_eq!(persists.get(), 1);
         assert_eq!(al.active_extents(), vec![1, 2, 3, 9]);
         assert_eq!(marks.get(), 6);
         let rec = ActivityLog::recover(&p).unwrap();
-        assert_eq!(rec.extents.into_iter().collect::<Vec<_>>(), vec![1, 2, 3, 9]);
+        assert_eq!(
+            rec.extents.into_iter().collect::<Vec<_>>(),
+            vec![1, 2, 3, 9]
+        );
         assert_eq!(rec.seq, 5);
         // Idle eviction: everything covered after a persist; used before clock 100.
         persist().unwrap();

@@ -232,11 +232,17 @@ impl DirtyBitmap {
     /// Parses a bitmap file's bytes; `path` is only used in errors.
     pub fn decode(bytes: &[u8], path: &Path) -> Result<(DirtyBitmap, bool), DirtyError> {
         if bytes.len() < HEADER_LEN {
-            return Err(DirtyError::corrupt(path, "bitmap file shorter than its header"));
+            return Err(DirtyError::corrupt(
+                path,
+                "bitmap file shorter than its header",
+            ));
         }
         let h = &bytes[..HEADER_LEN];
         if h[0..8] != MAGIC {
-            return Err(DirtyError::corrupt(path, "not a dirty-bitmap file (bad magic)"));
+            return Err(DirtyError::corrupt(
+                path,
+                "not a dirty-bitmap file (bad magic)",
+            ));
         }
         let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
         let u64_at = |o: usize| {
@@ -263,10 +269,16 @@ impl DirtyBitmap {
         }
         let payload = &bytes[HEADER_LEN..];
         if payload.len() as u64 != nbits.div_ceil(64) * 8 {
-            return Err(DirtyError::corrupt(path, "bitmap payload has the wrong length"));
+            return Err(DirtyError::corrupt(
+                path,
+                "bitmap payload has the wrong length",
+            ));
         }
         if crc32c::crc32c(payload) != u32_at(48) {
-            return Err(DirtyError::corrupt(path, "bitmap payload checksum mismatch"));
+            return Err(DirtyError::corrupt(
+                path,
+                "bitmap payload checksum mismatch",
+            ));
         }
         let bm = DirtyBitmap::with_shift(disk_size, region_shift)?;
         for (word, chunk) in bm.words.iter().zip(payload.chunks_exact(8)) {
@@ -361,7 +373,10 @@ mod tests {
         let bm = DirtyBitmap::new(200 * 512, 512).unwrap();
         bm.mark(512 * 60, 512 * 80);
         assert_eq!(bm.dirty_count(), 80);
-        assert_eq!(bm.dirty_ranges().collect::<Vec<_>>(), vec![512 * 60..512 * 140]);
+        assert_eq!(
+            bm.dirty_ranges().collect::<Vec<_>>(),
+            vec![512 * 60..512 * 140]
+        );
         bm.mark_all();
         assert_eq!(bm.dirty_count(), 200);
     }
@@ -381,7 +396,10 @@ mod tests {
         for i in [0usize, 13, 60, HEADER_LEN + 3] {
             let mut bad = buf.clone();
             bad[i] ^= 0x40;
-            assert!(DirtyBitmap::decode(&bad, Path::new("x")).is_err(), "byte {i}");
+            assert!(
+                DirtyBitmap::decode(&bad, Path::new("x")).is_err(),
+                "byte {i}"
+            );
         }
         assert!(DirtyBitmap::decode(&buf[..buf.len() - 8], Path::new("x")).is_err());
     }

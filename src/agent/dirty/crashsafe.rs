@@ -9,7 +9,10 @@ use super::DirtyError;
 
 /// The temp path used while replacing `path` (same directory, so `rename` is atomic).
 pub fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".tmp");
     path.with_file_name(name)
 }
@@ -39,5 +42,6 @@ pub fn sync_parent_dir(path: &Path) -> Result<(), DirtyError> {
         _ => Path::new("."),
     };
     let d = File::open(dir).map_err(|e| DirtyError::io("open dir", dir, e))?;
-    d.sync_all().map_err(|e| DirtyError::io("fsync dir", dir, e))
+    d.sync_all()
+        .map_err(|e| DirtyError::io("fsync dir", dir, e))
 }

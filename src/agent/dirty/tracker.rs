@@ -148,10 +148,7 @@ impl DirtyTracker {
                             }
                             Ok(rec) => lost(
                                 &bitmap,
-                                format!(
-                                    "activity log is for a disk of {} bytes",
-                                    rec.disk_size
-                                ),
+                                format!("activity log is for a disk of {} bytes", rec.disk_size),
                             ),
                             Err(e) => lost(&bitmap, format!("activity log unusable: {e}")),
                         }
@@ -188,7 +185,9 @@ impl DirtyTracker {
             prev_clock: AtomicU64::new(0),
             persists: AtomicU64::new(0),
         };
-        tracker.prev_clock.store(tracker.al.clock(), Ordering::Relaxed);
+        tracker
+            .prev_clock
+            .store(tracker.al.clock(), Ordering::Relaxed);
         Ok((
             tracker,
             Recovery {
@@ -221,12 +220,10 @@ impl DirtyTracker {
             let chunk_last = last.min(x + span - 1);
             let s = offset.max(x << shift);
             let e = end.min((chunk_last + 1) << shift);
-            self.al.touch(
-                x,
-                chunk_last,
-                &|| self.bitmap.mark(s, e - s),
-                &|| self.persist_bitmap(false),
-            )?;
+            self.al
+                .touch(x, chunk_last, &|| self.bitmap.mark(s, e - s), &|| {
+                    self.persist_bitmap(false)
+                })?;
             x = chunk_last + 1;
         }
         Ok(())
@@ -235,7 +232,8 @@ impl DirtyTracker {
     fn persist_bitmap(&self, clean: bool) -> Result<(), DirtyError> {
         let mut st = self.persist.lock().unwrap_or_else(PoisonError::into_inner);
         let e = self.al.begin_cover();
-        self.bitmap.save_with(&self.paths.bitmap, clean, &mut st.buf)?;
+        self.bitmap
+            .save_with(&self.paths.bitmap, clean, &mut st.buf)?;
         self.al.end_cover(e);
         self.persists.fetch_add(1, Ordering::Relaxed);
         Ok(())

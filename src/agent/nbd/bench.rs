@@ -244,7 +244,13 @@ async fn run_cmd(program: &str, args: &[String]) -> Result<(f64, String), NbdErr
 }
 
 /// `qemu-img bench` against `url`; returns the run time it reports.
-async fn qemu_img_bench(url: &str, write: bool, size: &str, depth: u32, count: u32) -> Result<f64, NbdError> {
+async fn qemu_img_bench(
+    url: &str,
+    write: bool,
+    size: &str,
+    depth: u32,
+    count: u32,
+) -> Result<f64, NbdError> {
     let mut args: Vec<String> = vec!["bench".into()];
     if write {
         args.push("-w".into());
@@ -252,7 +258,13 @@ async fn qemu_img_bench(url: &str, write: bool, size: &str, depth: u32, count: u
     for a in ["-t", "none", "-f", "raw", "-s", size] {
         args.push(a.into());
     }
-    args.extend(["-d".into(), depth.to_string(), "-c".into(), count.to_string(), url.into()]);
+    args.extend([
+        "-d".into(),
+        depth.to_string(),
+        "-c".into(),
+        count.to_string(),
+        url.into(),
+    ]);
     let (_, out) = run_cmd("qemu-img", &args).await?;
     // "Run completed in 1.234 seconds."
     out.split("Run completed in ")
@@ -265,8 +277,15 @@ async fn qemu_img_bench(url: &str, write: bool, size: &str, depth: u32, count: u
 /// Runs the benchmark. Takes about a minute with the defaults; removes its files.
 pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
     let (_, version) = run_cmd("qemu-nbd", &["--version".to_string()]).await?;
-    let qemu_version = version.lines().next().unwrap_or("qemu-nbd").trim().to_string();
-    let dir = opts.dir.join(format!("bulwark-nbd-bench-{}", std::process::id()));
+    let qemu_version = version
+        .lines()
+        .next()
+        .unwrap_or("qemu-nbd")
+        .trim()
+        .to_string();
+    let dir = opts
+        .dir
+        .join(format!("bulwark-nbd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let scratch = Scratch(dir.clone());
     let size = opts.image_size.max(1 << 20);
@@ -298,7 +317,13 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
     // qemu-nbd on the same disk.
     let port = free_port()?;
     let mut qemu = Command::new("qemu-nbd")
-        .args(["-f", "raw", "--cache=writeback", "--aio=threads", "--discard=unmap"])
+        .args([
+            "-f",
+            "raw",
+            "--cache=writeback",
+            "--aio=threads",
+            "--discard=unmap",
+        ])
         .args(["-b", "127.0.0.1", "-p", &port.to_string(), "-x", "bench"])
         .args(["--persistent", "--shared=8"])
         .arg(&qemu_img)
@@ -355,10 +380,14 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
                 });
             };
             let into = |url: &str| {
-                ["convert", "-n", "-f", "raw", "-O", "raw", src.as_str(), url].map(String::from).to_vec()
+                ["convert", "-n", "-f", "raw", "-O", "raw", src.as_str(), url]
+                    .map(String::from)
+                    .to_vec()
             };
             let outof = |url: &str| {
-                ["convert", "-f", "raw", "-O", "raw", url, out.as_str()].map(String::from).to_vec()
+                ["convert", "-f", "raw", "-O", "raw", url, out.as_str()]
+                    .map(String::from)
+                    .to_vec()
             };
             let (mut q, mut o) = (f64::MAX, f64::MAX);
             for _ in 0..rounds {

@@ -45,7 +45,9 @@ pub struct NbdClient {
     reads: HashMap<u64, u32>,
 }
 
-async fn greet(stream: TcpStream) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), NbdError> {
+async fn greet(
+    stream: TcpStream,
+) -> Result<(FrameReader<OwnedReadHalf>, OwnedWriteHalf), NbdError> {
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
     let mut rd = FrameReader::new(rd);
@@ -76,7 +78,9 @@ async fn send_option(wr: &mut OwnedWriteHalf, option: u32, data: &[u8]) -> Resul
     Ok(())
 }
 
-async fn option_reply(rd: &mut FrameReader<OwnedReadHalf>) -> Result<(OptionReply, Vec<u8>), NbdError> {
+async fn option_reply(
+    rd: &mut FrameReader<OwnedReadHalf>,
+) -> Result<(OptionReply, Vec<u8>), NbdError> {
     let rep = rd
         .read_frame(parse_option_reply)
         .await?
@@ -133,7 +137,11 @@ impl NbdClient {
                 }
                 REP_INFO => {}
                 REP_ACK if got_export => break,
-                REP_ACK => return Err(NbdError::Protocol("GO acknowledged without export info".into())),
+                REP_ACK => {
+                    return Err(NbdError::Protocol(
+                        "GO acknowledged without export info".into(),
+                    ))
+                }
                 _ => return Err(refused(&rep, &data)),
             }
         }
@@ -223,11 +231,21 @@ impl NbdClient {
         })
     }
 
-    async fn call(&mut self, kind: u16, flags: u16, offset: u64, length: u32, payload: &[u8]) -> Result<Vec<u8>, NbdError> {
+    async fn call(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, NbdError> {
         let h = self.send(kind, flags, offset, length, payload).await?;
         let r = self.recv().await?;
         if r.handle != h {
-            return Err(NbdError::Protocol(format!("reply for handle {} while waiting for {h}", r.handle)));
+            return Err(NbdError::Protocol(format!(
+                "reply for handle {} while waiting for {h}",
+                r.handle
+            )));
         }
         if r.error != 0 {
             return Err(NbdError::Remote(r.error));
@@ -243,7 +261,9 @@ impl NbdClient {
     /// Writes `data` at `offset`.
     pub async fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
-        self.call(CMD_WRITE, flags, offset, data.len() as u32, data).await.map(drop)
+        self.call(CMD_WRITE, flags, offset, data.len() as u32, data)
+            .await
+            .map(drop)
     }
 
     /// Flushes.
@@ -257,9 +277,16 @@ impl NbdClient {
     }
 
     /// Writes zeroes (`no_hole`: must stay allocated).
-    pub async fn write_zeroes(&mut self, offset: u64, len: u32, no_hole: bool) -> Result<(), NbdError> {
+    pub async fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+    ) -> Result<(), NbdError> {
         let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
-        self.call(CMD_WRITE_ZEROES, flags, offset, len, &[]).await.map(drop)
+        self.call(CMD_WRITE_ZEROES, flags, offset, len, &[])
+            .await
+            .map(drop)
     }
 
     /// Sends `NBD_CMD_DISC` and closes.

@@ -51,7 +51,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
-                return Err(NbdError::Protocol("connection closed inside a frame".into()));
+                return Err(NbdError::Protocol(
+                    "connection closed inside a frame".into(),
+                ));
             }
         }
     }

@@ -113,7 +113,13 @@ async fn read_requests<R: AsyncRead + Unpin>(
                     r = rd.skip(u64::from(req.length)) => r?,
                 }
             }
-            tracing::debug!(kind = req.kind, offset = req.offset, len = req.length, errno, "request refused");
+            tracing::debug!(
+                kind = req.kind,
+                offset = req.offset,
+                len = req.length,
+                errno,
+                "request refused"
+            );
             let _ = tx.send(Reply::error(req.handle, errno, slot));
             continue;
         }
@@ -151,7 +157,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 });
             }
             CMD_FLUSH => {
-                run_blocking(tx, handle, false, permits, move || dev.flush().map(|()| None));
+                run_blocking(tx, handle, false, permits, move || {
+                    dev.flush().map(|()| None)
+                });
             }
             CMD_TRIM => {
                 let n = u64::from(req.length);

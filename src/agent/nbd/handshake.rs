@@ -88,7 +88,12 @@ where
                 )));
             }
             rd.skip(u64::from(opt.length)).await?;
-            put_option_reply(&mut out, opt.option, REP_ERR_TOO_BIG, b"option data too large");
+            put_option_reply(
+                &mut out,
+                opt.option,
+                REP_ERR_TOO_BIG,
+                b"option data too large",
+            );
             wr.write_all(&out).await?;
             continue;
         }
@@ -105,9 +110,7 @@ where
             OPT_EXPORT_NAME => {
                 let name = proto::parse_name(&data).map_err(|e| NbdError::Protocol(e.0.into()))?;
                 // No error reply exists for EXPORT_NAME: an unknown name ends the session.
-                let export = registry
-                    .get(&name)
-                    .ok_or(NbdError::UnknownExport(name))?;
+                let export = registry.get(&name).ok_or(NbdError::UnknownExport(name))?;
                 out.extend_from_slice(&export.device().size().to_be_bytes());
                 out.extend_from_slice(&transmission_flags(&export).to_be_bytes());
                 if !no_zeroes {

@@ -32,7 +32,9 @@ pub mod server;
 pub use client::NbdClient;
 pub use device::{BlockDevice, FileDevice};
 pub use gate::{CompletionGate, HoldGuard};
-pub use protected::{NullSink, ProtectedDevice, RecordedEvent, RecordingSink, WriteEvent, WriteSink};
+pub use protected::{
+    NullSink, ProtectedDevice, RecordedEvent, RecordingSink, WriteEvent, WriteSink,
+};
 pub use registry::ExportRegistry;
 pub use server::{NbdServer, ServerConfig};
 

@@ -25,7 +25,11 @@ impl BufPool {
     }
 
     fn class_of(len: usize) -> Option<usize> {
-        let shift = len.max(1).next_power_of_two().trailing_zeros().max(MIN_CLASS_SHIFT);
+        let shift = len
+            .max(1)
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(MIN_CLASS_SHIFT);
         (shift <= MAX_CLASS_SHIFT).then(|| (shift - MIN_CLASS_SHIFT) as usize)
     }
 

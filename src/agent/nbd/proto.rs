@@ -270,7 +270,9 @@ pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest, InvalidOption> {
     let n = be16(rest) as usize;
     let rest = &rest[2..];
     if rest.len() != 2 * n {
-        return Err(InvalidOption("information request count does not match length"));
+        return Err(InvalidOption(
+            "information request count does not match length",
+        ));
     }
     let requests = rest.chunks_exact(2).map(be16).collect();
     Ok(InfoRequest { name, requests })
