@@ -43,15 +43,17 @@ async fn sink_and_dirty_tracking_see_every_write() {
     assert_eq!(rec.state, RecoveryState::New);
     let tracker = Arc::new(tracker);
     let sink = RecordingSink::new();
-    let dev = ProtectedDevice::new(
-        FileDevice::create(&img, size).unwrap(),
-        tracker.clone(),
-        sink.clone(),
-        CompletionGate::new(),
-    )
-    .unwrap();
+    let dev = Arc::new(
+        ProtectedDevice::new(
+            FileDevice::create(&img, size).unwrap(),
+            tracker.clone(),
+            sink.clone(),
+            CompletionGate::new(),
+        )
+        .unwrap(),
+    );
     let registry = ExportRegistry::new();
-    registry.add("p", Arc::new(dev)).unwrap();
+    registry.add("p", dev.clone()).unwrap();
     let server = TestServer::start(registry).await;
 
     // Overlapping writes, in-flight bursts that overlap each other (order decided by the
@@ -110,14 +112,14 @@ async fn sink_and_dirty_tracking_see_every_write() {
     assert!(tracker.activity_log().active_extents().len() <= 16);
 
     // Clean shutdown: the file is exact and says so.
-    tracker.close_clean().unwrap();
+    dev.shutdown_clean().unwrap();
     let (loaded, clean) = DirtyBitmap::load(&paths.bitmap).unwrap();
     assert!(clean);
     assert_eq!(
         loaded.dirty_regions().collect::<Vec<_>>(),
         tracker.bitmap().dirty_regions().collect::<Vec<_>>()
     );
-    drop(tracker);
+    drop((tracker, dev));
     let (t2, rec) = DirtyTracker::open(paths, size, cfg).unwrap();
     assert_eq!(rec.state, RecoveryState::Clean);
     assert_eq!(t2.bitmap().dirty_count(), loaded.dirty_count());

@@ -452,7 +452,11 @@ async fn exports_come_and_go_at_run_time() {
     c.write(0, b"x", false).await.unwrap();
     // Removing "a" disconnects its client; "b" is untouched.
     let mut cb = NbdClient::connect(server.addr, "b").await.unwrap();
-    assert!(registry.remove("a").is_some());
+    let drained = tokio::time::timeout(T, registry.remove_and_drain("a")).await;
+    assert!(
+        drained.unwrap().is_some(),
+        "drain of a removed export must finish"
+    );
     assert!(registry.remove("a").is_none());
     let r = tokio::time::timeout(T, async {
         loop {

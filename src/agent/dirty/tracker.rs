@@ -268,8 +268,10 @@ impl DirtyTracker {
         Ok(())
     }
 
-    /// Clears regions lying entirely inside `offset..offset+len`. Call only after the
-    /// replica made that data durable *and* no newer write to the range is still queued.
+    /// Clears regions lying entirely inside `offset..offset+len`. Call only once the replica
+    /// *and the local disk* (a flush after the write) hold that data durably, and no newer
+    /// write to the range is still queued for replication (see
+    /// `ProtectedDevice::clear_replicated`, which flushes the local disk first).
     pub fn clear_range(&self, offset: u64, len: u64) {
         self.bitmap.clear_range(offset, len);
     }

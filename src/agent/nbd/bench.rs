@@ -349,9 +349,16 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
         ];
         for (name, write, bs, bytes, depth) in cases {
             let (mut q, mut o) = (f64::MAX, f64::MAX);
-            for _ in 0..rounds {
-                q = q.min(qemu_img_bench(&qemu_url, write, bs, depth, n).await?);
-                o = o.min(qemu_img_bench(&ours_url, write, bs, depth, n).await?);
+            for r in 0..rounds {
+                // Alternate who goes first, so neither always inherits the other's
+                // page-cache writeback.
+                if r % 2 == 0 {
+                    q = q.min(qemu_img_bench(&qemu_url, write, bs, depth, n).await?);
+                    o = o.min(qemu_img_bench(&ours_url, write, bs, depth, n).await?);
+                } else {
+                    o = o.min(qemu_img_bench(&ours_url, write, bs, depth, n).await?);
+                    q = q.min(qemu_img_bench(&qemu_url, write, bs, depth, n).await?);
+                }
             }
             let m = |s| Measure {
                 seconds: s,
@@ -390,17 +397,33 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
                     .to_vec()
             };
             let (mut q, mut o) = (f64::MAX, f64::MAX);
-            for _ in 0..rounds {
-                q = q.min(run_cmd("qemu-img", &into(&qemu_url)).await?.0);
-                o = o.min(run_cmd("qemu-img", &into(&ours_url)).await?.0);
+            for r in 0..rounds {
+                let (first, second) = if r % 2 == 0 {
+                    (&qemu_url, &ours_url)
+                } else {
+                    (&ours_url, &qemu_url)
+                };
+                let a = run_cmd("qemu-img", &into(first)).await?.0;
+                let b = run_cmd("qemu-img", &into(second)).await?.0;
+                let (tq, to) = if r % 2 == 0 { (a, b) } else { (b, a) };
+                q = q.min(tq);
+                o = o.min(to);
             }
             conv("convert file -> nbd", q, o);
             let (mut q, mut o) = (f64::MAX, f64::MAX);
-            for _ in 0..rounds {
-                q = q.min(run_cmd("qemu-img", &outof(&qemu_url)).await?.0);
+            for r in 0..rounds {
+                let (first, second) = if r % 2 == 0 {
+                    (&qemu_url, &ours_url)
+                } else {
+                    (&ours_url, &qemu_url)
+                };
+                let a = run_cmd("qemu-img", &outof(first)).await?.0;
                 let _ = std::fs::remove_file(&out_img);
-                o = o.min(run_cmd("qemu-img", &outof(&ours_url)).await?.0);
+                let b = run_cmd("qemu-img", &outof(second)).await?.0;
                 let _ = std::fs::remove_file(&out_img);
+                let (tq, to) = if r % 2 == 0 { (a, b) } else { (b, a) };
+                q = q.min(tq);
+                o = o.min(to);
             }
             conv("convert nbd -> file", q, o);
         }

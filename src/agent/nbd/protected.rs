@@ -269,6 +269,28 @@ impl<D: BlockDevice> ProtectedDevice<D> {
         &self.inner
     }
 
+    /// Clears the dirty bits of ranges the replica has made durable. First makes the local
+    /// disk durable (one fdatasync for the batch): a bit may only go once *both* copies
+    /// hold the data, or a power loss here could silently leave the local disk older than
+    /// the replica. The caller guarantees no newer write to these ranges is still queued
+    /// for replication. Blocking.
+    pub fn clear_replicated(&self, ranges: &[(u64, u64)]) -> Result<(), NbdError> {
+        self.inner.flush()?;
+        for &(offset, len) in ranges {
+            self.tracker.clear_range(offset, len);
+        }
+        Ok(())
+    }
+
+    /// Clean shutdown of the disk, once no request is in flight (export removed and
+    /// drained, see [`ExportRegistry::remove_and_drain`](super::ExportRegistry::remove_and_drain)):
+    /// fdatasync the local disk, then persist the bitmap with its clean flag. Blocking.
+    pub fn shutdown_clean(&self) -> Result<(), NbdError> {
+        self.inner.flush()?;
+        self.tracker.close_clean()?;
+        Ok(())
+    }
+
     fn change(
         &self,
         offset: u64,

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio_util::task::TaskTracker;
 
 use super::device::BlockDevice;
 use super::proto;
@@ -18,6 +20,8 @@ pub struct Export {
     device: Arc<dyn BlockDevice>,
     /// Cancelled when the export is removed; its connections watch it.
     removed: CancellationToken,
+    /// One token per connection in transmission on this export.
+    connections: TaskTracker,
 }
 
 impl std::fmt::Debug for Export {
@@ -48,6 +52,16 @@ impl Export {
 
     pub(crate) fn removed(&self) -> &CancellationToken {
         &self.removed
+    }
+
+    /// Registers a connection; it counts until the token is dropped.
+    pub(crate) fn connection_token(&self) -> TaskTrackerToken {
+        self.connections.token()
+    }
+
+    /// Number of connections currently in transmission on this export.
+    pub fn connection_count(&self) -> usize {
+        self.connections.len()
     }
 }
 
@@ -90,6 +104,7 @@ impl ExportRegistry {
                 description: description.to_string(),
                 device,
                 removed: CancellationToken::new(),
+                connections: TaskTracker::new(),
             }),
         );
         tracing::info!(export = name, "export added");
@@ -105,8 +120,24 @@ impl ExportRegistry {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name)?;
         removed.removed.cancel();
+        removed.connections.close();
         tracing::info!(export = name, "export removed");
         Some(Arc::clone(&removed.device))
+    }
+
+    /// [`remove`](Self::remove), then waits until every connection to the export has
+    /// answered its in-flight requests and closed: afterwards nothing touches the device
+    /// through this server, so it can be shut down cleanly.
+    pub async fn remove_and_drain(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
+        let export = self
+            .inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()?;
+        let device = self.remove(name)?;
+        export.connections.wait().await;
+        Some(device)
     }
 
     /// Whether `name` is exported.

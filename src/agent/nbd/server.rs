@@ -174,6 +174,11 @@ impl Handler {
                 return;
             }
         };
+        // Counted until this handler ends (the export's drain waits for it).
+        let _conn = export.connection_token();
+        if export.removed().is_cancelled() {
+            return; // removed while we negotiated
+        }
         tracing::debug!(export = export.name(), "transmission started");
         // One token for "server shutting down or export removed".
         let cancel = self.shutdown.child_token();
