@@ -587,3 +587,50 @@ async fn shutdown_answers_in_flight_then_closes() {
     assert!(answered <= handles.len());
     tokio::time::timeout(T, waiter).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trim_punches_holes_and_no_hole_zeroes_stay_allocated() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let server = disk_server(dir.path(), 8 * MIB).await;
+    let blocks = || std::fs::metadata(&img).unwrap().blocks() * 512;
+    let mut c = NbdClient::connect(server.addr, "disk").await.unwrap();
+    c.write(0, &vec![0xabu8; (3 * MIB) as usize], false)
+        .await
+        .unwrap();
+    c.flush().await.unwrap();
+    let full = blocks();
+    assert!(full >= 3 * MIB, "{full}");
+    // TRIM: a hole, reading as zeroes (unaligned edges zeroed too).
+    c.trim(100, (MIB - 100) as u32).await.unwrap();
+    assert!(blocks() <= full - MIB + 8192, "trim did not punch a hole");
+    assert_eq!(c.read(0, 100).await.unwrap(), vec![0xab; 100]);
+    assert!(c
+        .read(100, (MIB - 100) as u32)
+        .await
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    // WRITE_ZEROES with NO_HOLE: zeroes, still allocated.
+    let before = blocks();
+    c.write_zeroes(MIB, MIB as u32, true).await.unwrap();
+    assert!(blocks() >= before, "NO_HOLE zeroing deallocated");
+    assert!(c
+        .read(MIB, MIB as u32)
+        .await
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    // WRITE_ZEROES allowing holes: deallocates.
+    c.write_zeroes(2 * MIB, MIB as u32, false).await.unwrap();
+    assert!(blocks() < before, "may-trim zeroing kept the blocks");
+    assert!(c
+        .read(2 * MIB, MIB as u32)
+        .await
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    c.disconnect().await.unwrap();
+    server.shutdown().await;
+}

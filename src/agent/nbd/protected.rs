@@ -161,8 +161,15 @@ impl WriteSink for RecordingSink {
 /// Byte ranges currently being changed; overlapping changes wait for each other.
 #[derive(Debug, Default)]
 struct RangeLocks {
-    active: Mutex<Vec<(u64, u64)>>,
+    active: Mutex<Ranges>,
     freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Ranges {
+    held: Vec<(u64, u64)>,
+    /// Threads waiting: the release skips the wake-up syscall when there are none.
+    waiters: usize,
 }
 
 struct RangeGuard<'a> {
@@ -173,13 +180,15 @@ struct RangeGuard<'a> {
 impl RangeLocks {
     fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
-        while active.iter().any(|&(s, e)| s < end && start < e) {
+        while active.held.iter().any(|&(s, e)| s < end && start < e) {
+            active.waiters += 1;
             active = self
                 .freed
                 .wait(active)
                 .unwrap_or_else(PoisonError::into_inner);
+            active.waiters -= 1;
         }
-        active.push((start, end));
+        active.held.push((start, end));
         RangeGuard {
             locks: self,
             range: (start, end),
@@ -194,11 +203,14 @@ impl Drop for RangeGuard<'_> {
             .active
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(i) = active.iter().position(|r| *r == self.range) {
-            active.swap_remove(i);
+        if let Some(i) = active.held.iter().position(|r| *r == self.range) {
+            active.held.swap_remove(i);
         }
+        let wake = active.waiters > 0;
         drop(active);
-        self.locks.freed.notify_all();
+        if wake {
+            self.locks.freed.notify_all();
+        }
     }
 }
 

@@ -26,7 +26,8 @@ pub struct ServerConfig {
     pub max_request: u32,
     /// Requests in flight per connection.
     pub max_inflight: usize,
-    /// Payload bytes in flight per connection (reads and writes).
+    /// Payload bytes in flight per connection (reads and writes); raised to at least one
+    /// `max_request`. Worst-case payload memory is `max_connections` × this.
     pub max_inflight_bytes: usize,
     /// Concurrent connections; further clients wait in the kernel's backlog.
     pub max_connections: usize,
@@ -44,7 +45,7 @@ impl Default for ServerConfig {
         ServerConfig {
             max_request: 32 << 20,
             max_inflight: 64,
-            max_inflight_bytes: 128 << 20,
+            max_inflight_bytes: 64 << 20,
             max_connections: 256,
             handshake_timeout: Duration::from_secs(30),
             drain_limit: 64 << 20,
