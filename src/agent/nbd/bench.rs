@@ -18,9 +18,12 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use super::device::FileDevice;
+use super::gate::CompletionGate;
+use super::protected::{NullSink, ProtectedDevice};
 use super::registry::ExportRegistry;
 use super::server::{NbdServer, ServerConfig};
 use super::NbdError;
+use crate::agent::dirty::{DirtyConfig, DirtyPaths, DirtyTracker};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -35,6 +38,9 @@ pub struct BenchOpts {
     pub rounds: usize,
     /// Skip the `qemu-img convert` measurements.
     pub skip_convert: bool,
+    /// Also measure the write cases through a [`ProtectedDevice`] (dirty bitmap, activity
+    /// log, range locks, completion gate; a no-op sink), against the same qemu-nbd figures.
+    pub protected: bool,
 }
 
 impl Default for BenchOpts {
@@ -45,6 +51,7 @@ impl Default for BenchOpts {
             count: 20_000,
             rounds: 2,
             skip_convert: false,
+            protected: true,
         }
     }
 }
@@ -119,7 +126,7 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "qemu-nbd: {} (-f raw --cache=writeback --aio=threads); ours: FileDevice (pread/pwrite, page cache)",
+            "qemu-nbd: {} (-f raw --cache=writeback --aio=threads); ours: FileDevice (pread/pwrite, page cache); (protected) = ProtectedDevice: FileDevice + dirty bitmap + activity log + gate, no-op sink",
             self.qemu_version
         )?;
         writeln!(
@@ -293,11 +300,20 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
     let qemu_img = dir.join("qemu.img");
     let src_img = dir.join("src.raw");
     let out_img = dir.join("out.raw");
-    let (a, b, c) = (ours_img.clone(), qemu_img.clone(), src_img.clone());
-    let skip_convert = opts.skip_convert;
+    let prot_img = dir.join("protected.img");
+    let (a, b, c, d) = (
+        ours_img.clone(),
+        qemu_img.clone(),
+        src_img.clone(),
+        prot_img.clone(),
+    );
+    let (skip_convert, protected) = (opts.skip_convert, opts.protected);
     tokio::task::spawn_blocking(move || -> Result<(), NbdError> {
         fill_file(&a, size, 1)?;
         fill_file(&b, size, 1)?;
+        if protected {
+            fill_file(&d, size, 1)?;
+        }
         if !skip_convert {
             fill_file(&c, size, 7)?;
         }
@@ -309,8 +325,23 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
     // Our server, in this process.
     let registry = ExportRegistry::new();
     registry.add("bench", Arc::new(FileDevice::open(&ours_img, false)?))?;
+    if opts.protected {
+        let (tracker, _) = DirtyTracker::open(
+            DirtyPaths::in_dir(&dir, "protected"),
+            size,
+            DirtyConfig::default(),
+        )?;
+        let dev = ProtectedDevice::new(
+            FileDevice::open(&prot_img, false)?,
+            Arc::new(tracker),
+            Arc::new(NullSink),
+            CompletionGate::new(),
+        )?;
+        registry.add("protected", Arc::new(dev))?;
+    }
     let server = NbdServer::bind("127.0.0.1:0", registry, ServerConfig::default()).await?;
     let ours_url = format!("nbd://{}/bench", server.local_addr()?);
+    let prot_url = format!("nbd://{}/protected", server.local_addr()?);
     let stop = CancellationToken::new();
     let server_task = tokio::spawn(server.run(stop.clone()));
 
@@ -370,6 +401,24 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
                 qemu: m(q),
                 ours: m(o),
             });
+        }
+        if opts.protected {
+            for (name, write, bs, _, depth) in cases.into_iter().filter(|c| c.1) {
+                let mut p = f64::MAX;
+                for _ in 0..rounds {
+                    p = p.min(qemu_img_bench(&prot_url, write, bs, depth, n).await?);
+                }
+                if let Some(base) = rows.iter().find(|r| r.name == name).cloned() {
+                    rows.push(BenchRow {
+                        name: format!("{name} (protected)"),
+                        qemu: base.qemu,
+                        ours: Measure {
+                            seconds: p,
+                            ..base.ours
+                        },
+                    });
+                }
+            }
         }
         if !opts.skip_convert {
             let src = src_img.display().to_string();
