@@ -131,13 +131,13 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "{:<24} {:>11} {:>9} {:>9}   {:>11} {:>9} {:>9}   {:>9}",
+            "{:<30} {:>10} {:>8} {:>8}   {:>10} {:>8} {:>8}   {:>9}",
             "test", "qemu op/s", "MB/s", "mean µs", "ours op/s", "MB/s", "mean µs", "ours/qemu"
         )?;
         for r in &self.rows {
             writeln!(
                 f,
-                "{:<24} {:>11.0} {:>9.1} {:>9.1}   {:>11.0} {:>9.1} {:>9.1}   {:>9.2}",
+                "{:<30} {:>10.0} {:>8.1} {:>8.1}   {:>10.0} {:>8.1} {:>8.1}   {:>9.2}",
                 r.name,
                 r.qemu.ops_per_sec(),
                 r.qemu.mb_per_sec(),
