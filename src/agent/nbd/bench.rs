@@ -3,10 +3,12 @@
 //!
 //! Both servers serve a raw file through the page cache: ours with pread/pwrite
 //! ([`FileDevice`]), qemu-nbd with `--cache=writeback --aio=threads`. FLUSH = fdatasync on
-//! both. Each measurement alternates the two servers and keeps the best of `rounds` runs
-//! (the machines are shared and noisy).
+//! both. Each cell is the best of `rounds` runs, the servers alternating who goes first
+//! (the machines are shared and noisy). Besides wall time, the server's own CPU time per
+//! request is reported (from `/proc/<pid>/stat`): it is much less sensitive to other load.
 
 use std::fmt;
+use std::future::Future;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
@@ -61,6 +63,8 @@ impl Default for BenchOpts {
 pub struct Measure {
     /// Wall time of the run (best of the rounds).
     pub seconds: f64,
+    /// Server CPU time (user + system) during the run (least of the rounds).
+    pub cpu_seconds: f64,
     /// Requests completed.
     pub ops: u64,
     /// Bytes moved.
@@ -76,9 +80,13 @@ impl Measure {
     pub fn mb_per_sec(&self) -> f64 {
         self.bytes as f64 / 1e6 / self.seconds
     }
-    /// Mean time per request in microseconds (meaningful at depth 1).
+    /// Mean wall time per request in microseconds (the latency at depth 1).
     pub fn mean_us(&self) -> f64 {
         self.seconds * 1e6 / self.ops as f64
+    }
+    /// Server CPU microseconds per request.
+    pub fn cpu_us_per_op(&self) -> f64 {
+        self.cpu_seconds * 1e6 / self.ops as f64
     }
 }
 
@@ -112,8 +120,9 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
-    fn row(&self, prefix: &str) -> Option<&BenchRow> {
-        self.rows.iter().find(|r| r.name.starts_with(prefix))
+    /// The row named `name`.
+    pub fn row(&self, name: &str) -> Option<&BenchRow> {
+        self.rows.iter().find(|r| r.name == name)
     }
 }
 
@@ -121,34 +130,53 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "NBD server benchmark over 127.0.0.1 TCP, client qemu-img; best of {} runs per cell",
+            "NBD server benchmark, 127.0.0.1 TCP, client qemu-img; best of {} runs per cell, servers alternating",
             self.rounds
         )?;
         writeln!(
             f,
-            "qemu-nbd: {} (-f raw --cache=writeback --aio=threads); ours: FileDevice (pread/pwrite, page cache); (protected) = ProtectedDevice: FileDevice + dirty bitmap + activity log + gate, no-op sink",
+            "qemu-nbd = {} -f raw --cache=writeback --aio=threads; ours = FileDevice (pread/pwrite, page cache);",
             self.qemu_version
         )?;
         writeln!(
             f,
-            "{:<30} {:>10} {:>8} {:>8}   {:>10} {:>8} {:>8}   {:>9}",
-            "test", "qemu op/s", "MB/s", "mean µs", "ours op/s", "MB/s", "mean µs", "ours/qemu"
+            "(protected) = ProtectedDevice: FileDevice + dirty bitmap + activity log + range lock + gate, no-op sink"
+        )?;
+        writeln!(
+            f,
+            "{:<30} {:>9} {:>7} {:>7} {:>6}   {:>9} {:>7} {:>7} {:>6}   {:>9}",
+            "test",
+            "qemu op/s",
+            "MB/s",
+            "mean µs",
+            "cpu µs",
+            "ours op/s",
+            "MB/s",
+            "mean µs",
+            "cpu µs",
+            "ours/qemu"
         )?;
         for r in &self.rows {
             writeln!(
                 f,
-                "{:<30} {:>10.0} {:>8.1} {:>8.1}   {:>10.0} {:>8.1} {:>8.1}   {:>9.2}",
+                "{:<30} {:>9.0} {:>7.1} {:>7.1} {:>6.1}   {:>9.0} {:>7.1} {:>7.1} {:>6.1}   {:>9.2}",
                 r.name,
                 r.qemu.ops_per_sec(),
                 r.qemu.mb_per_sec(),
                 r.qemu.mean_us(),
+                r.qemu.cpu_us_per_op(),
                 r.ours.ops_per_sec(),
                 r.ours.mb_per_sec(),
                 r.ours.mean_us(),
+                r.ours.cpu_us_per_op(),
                 r.ratio()
             )?;
         }
-        if let Some(r) = self.row("write 4k depth 1") {
+        writeln!(
+            f,
+            "(cpu µs = server CPU per request; convert rows: one request = the whole file)"
+        )?;
+        if let Some(r) = self.row(CASES[0].name) {
             writeln!(
                 f,
                 "4 KiB depth-1 write mean latency: qemu-nbd {:.1} µs, ours {:.1} µs, ours/qemu {:.2} (target <= 1.10)",
@@ -160,7 +188,7 @@ impl fmt::Display for BenchReport {
         let seq: Vec<String> = self
             .rows
             .iter()
-            .filter(|r| r.name.starts_with("convert"))
+            .filter(|r| r.name.starts_with("convert") || r.name == CASES[2].name)
             .map(|r| format!("{} {:.2}", r.name, r.ratio()))
             .collect();
         if !seq.is_empty() {
@@ -173,6 +201,46 @@ impl fmt::Display for BenchReport {
         Ok(())
     }
 }
+
+/// A `qemu-img bench` case.
+struct Case {
+    name: &'static str,
+    write: bool,
+    size: &'static str,
+    bytes: u64,
+    depth: u32,
+}
+
+const CASES: [Case; 4] = [
+    Case {
+        name: "write 4k depth 1",
+        write: true,
+        size: "4k",
+        bytes: 4096,
+        depth: 1,
+    },
+    Case {
+        name: "write 4k depth 16",
+        write: true,
+        size: "4k",
+        bytes: 4096,
+        depth: 16,
+    },
+    Case {
+        name: "write 64k depth 1",
+        write: true,
+        size: "64k",
+        bytes: 65536,
+        depth: 1,
+    },
+    Case {
+        name: "read 4k depth 1",
+        write: false,
+        size: "4k",
+        bytes: 4096,
+        depth: 1,
+    },
+];
 
 /// Deletes the scratch directory whatever happens.
 struct Scratch(PathBuf);
@@ -208,6 +276,18 @@ fn fill_file(path: &Path, size: u64, seed: u64) -> Result<(), NbdError> {
     }
     f.sync_data()?;
     Ok(())
+}
+
+/// User + system CPU seconds of a process (`"self"` or a pid), from `/proc/<pid>/stat`
+/// (clock ticks of 1/100 s: USER_HZ is 100 on Linux).
+fn proc_cpu(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace();
+    let utime: f64 = fields.nth(11)?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn free_port() -> Result<u16, NbdError> {
@@ -251,26 +331,20 @@ async fn run_cmd(program: &str, args: &[String]) -> Result<(f64, String), NbdErr
 }
 
 /// `qemu-img bench` against `url`; returns the run time it reports.
-async fn qemu_img_bench(
-    url: &str,
-    write: bool,
-    size: &str,
-    depth: u32,
-    count: u32,
-) -> Result<f64, NbdError> {
+async fn qemu_img_bench(url: String, case: &Case, count: u32) -> Result<f64, NbdError> {
     let mut args: Vec<String> = vec!["bench".into()];
-    if write {
+    if case.write {
         args.push("-w".into());
     }
-    for a in ["-t", "none", "-f", "raw", "-s", size] {
+    for a in ["-t", "none", "-f", "raw", "-s", case.size] {
         args.push(a.into());
     }
     args.extend([
         "-d".into(),
-        depth.to_string(),
+        case.depth.to_string(),
         "-c".into(),
         count.to_string(),
-        url.into(),
+        url,
     ]);
     let (_, out) = run_cmd("qemu-img", &args).await?;
     // "Run completed in 1.234 seconds."
@@ -281,7 +355,38 @@ async fn qemu_img_bench(
         .ok_or_else(|| bench_err(format!("unexpected qemu-img bench output: {out}")))
 }
 
-/// Runs the benchmark. Takes about a minute with the defaults; removes its files.
+/// A server under test: where to reach it and whose CPU to count.
+struct Target {
+    url: String,
+    pid: String,
+}
+
+/// Runs `job(url)` against each target `rounds` times, rotating who goes first; returns
+/// per target (best wall seconds, least server CPU seconds).
+async fn measure<F, Fut>(
+    targets: &[&Target],
+    rounds: usize,
+    job: F,
+) -> Result<Vec<(f64, f64)>, NbdError>
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<f64, NbdError>>,
+{
+    let mut best = vec![(f64::MAX, f64::MAX); targets.len()];
+    for r in 0..rounds {
+        for k in 0..targets.len() {
+            let i = (k + r) % targets.len();
+            let t = targets[i];
+            let cpu0 = proc_cpu(&t.pid).unwrap_or(0.0);
+            let wall = job(t.url.clone()).await?;
+            let cpu = proc_cpu(&t.pid).unwrap_or(0.0) - cpu0;
+            best[i] = (best[i].0.min(wall), best[i].1.min(cpu));
+        }
+    }
+    Ok(best)
+}
+
+/// Runs the benchmark (about 1–2 minutes with the defaults); removes its files.
 pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
     let (_, version) = run_cmd("qemu-nbd", &["--version".to_string()]).await?;
     let qemu_version = version
@@ -298,29 +403,31 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
     let size = opts.image_size.max(1 << 20);
     let ours_img = dir.join("ours.img");
     let qemu_img = dir.join("qemu.img");
+    let prot_img = dir.join("protected.img");
     let src_img = dir.join("src.raw");
     let out_img = dir.join("out.raw");
-    let prot_img = dir.join("protected.img");
-    let (a, b, c, d) = (
-        ours_img.clone(),
-        qemu_img.clone(),
-        src_img.clone(),
-        prot_img.clone(),
-    );
-    let (skip_convert, protected) = (opts.skip_convert, opts.protected);
-    tokio::task::spawn_blocking(move || -> Result<(), NbdError> {
-        fill_file(&a, size, 1)?;
-        fill_file(&b, size, 1)?;
-        if protected {
-            fill_file(&d, size, 1)?;
-        }
-        if !skip_convert {
-            fill_file(&c, size, 7)?;
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| bench_err(e.to_string()))??;
+    {
+        let (a, b, c, d) = (
+            ours_img.clone(),
+            qemu_img.clone(),
+            prot_img.clone(),
+            src_img.clone(),
+        );
+        let (protected, convert) = (opts.protected, !opts.skip_convert);
+        tokio::task::spawn_blocking(move || -> Result<(), NbdError> {
+            fill_file(&a, size, 1)?;
+            fill_file(&b, size, 1)?;
+            if protected {
+                fill_file(&c, size, 1)?;
+            }
+            if convert {
+                fill_file(&d, size, 7)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| bench_err(e.to_string()))??;
+    }
 
     // Our server, in this process.
     let registry = ExportRegistry::new();
@@ -340,8 +447,7 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
         registry.add("protected", Arc::new(dev))?;
     }
     let server = NbdServer::bind("127.0.0.1:0", registry, ServerConfig::default()).await?;
-    let ours_url = format!("nbd://{}/bench", server.local_addr()?);
-    let prot_url = format!("nbd://{}/protected", server.local_addr()?);
+    let addr = server.local_addr()?;
     let stop = CancellationToken::new();
     let server_task = tokio::spawn(server.run(stop.clone()));
 
@@ -365,116 +471,96 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
         .spawn()
         .map_err(|e| bench_err(format!("cannot start qemu-nbd: {e}")))?;
     let qemu_addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let qemu_url = format!("nbd://{qemu_addr}/bench");
+    let qemu_t = Target {
+        url: format!("nbd://{qemu_addr}/bench"),
+        pid: qemu.id().map(|p| p.to_string()).unwrap_or_default(),
+    };
+    let ours_t = Target {
+        url: format!("nbd://{addr}/bench"),
+        pid: "self".into(),
+    };
+    let prot_t = Target {
+        url: format!("nbd://{addr}/protected"),
+        pid: "self".into(),
+    };
 
     let result = async {
         wait_listening(qemu_addr, &mut qemu).await?;
         let rounds = opts.rounds.max(1);
         let n = opts.count.max(1);
         let mut rows = Vec::new();
-        let cases: [(&str, bool, &str, u64, u32); 4] = [
-            ("write 4k depth 1", true, "4k", 4096, 1),
-            ("write 4k depth 16", true, "4k", 4096, 16),
-            ("write 64k depth 1", true, "64k", 65536, 1),
-            ("read 4k depth 1", false, "4k", 4096, 1),
-        ];
-        for (name, write, bs, bytes, depth) in cases {
-            let (mut q, mut o) = (f64::MAX, f64::MAX);
-            for r in 0..rounds {
-                // Alternate who goes first, so neither always inherits the other's
-                // page-cache writeback.
-                if r % 2 == 0 {
-                    q = q.min(qemu_img_bench(&qemu_url, write, bs, depth, n).await?);
-                    o = o.min(qemu_img_bench(&ours_url, write, bs, depth, n).await?);
-                } else {
-                    o = o.min(qemu_img_bench(&ours_url, write, bs, depth, n).await?);
-                    q = q.min(qemu_img_bench(&qemu_url, write, bs, depth, n).await?);
-                }
-            }
-            let m = |s| Measure {
+        for case in &CASES {
+            let with_prot = opts.protected && case.write;
+            let targets: Vec<&Target> = if with_prot {
+                vec![&qemu_t, &ours_t, &prot_t]
+            } else {
+                vec![&qemu_t, &ours_t]
+            };
+            let res = measure(&targets, rounds, |url| qemu_img_bench(url, case, n)).await?;
+            let m = |(s, c): (f64, f64)| Measure {
                 seconds: s,
+                cpu_seconds: c,
                 ops: u64::from(n),
-                bytes: u64::from(n) * bytes,
+                bytes: u64::from(n) * case.bytes,
             };
             rows.push(BenchRow {
-                name: name.to_string(),
-                qemu: m(q),
-                ours: m(o),
+                name: case.name.to_string(),
+                qemu: m(res[0]),
+                ours: m(res[1]),
             });
-        }
-        if opts.protected {
-            for (name, write, bs, _, depth) in cases.into_iter().filter(|c| c.1) {
-                let mut p = f64::MAX;
-                for _ in 0..rounds {
-                    p = p.min(qemu_img_bench(&prot_url, write, bs, depth, n).await?);
-                }
-                if let Some(base) = rows.iter().find(|r| r.name == name).cloned() {
-                    rows.push(BenchRow {
-                        name: format!("{name} (protected)"),
-                        qemu: base.qemu,
-                        ours: Measure {
-                            seconds: p,
-                            ..base.ours
-                        },
-                    });
-                }
+            if with_prot {
+                rows.push(BenchRow {
+                    name: format!("{} (protected)", case.name),
+                    qemu: m(res[0]),
+                    ours: m(res[2]),
+                });
             }
         }
         if !opts.skip_convert {
             let src = src_img.display().to_string();
             let out = out_img.display().to_string();
-            let mut conv = |name: &str, q: f64, o: f64| {
-                let m = |s| Measure {
-                    seconds: s,
-                    ops: 1,
-                    bytes: size,
-                };
-                rows.push(BenchRow {
-                    name: name.to_string(),
-                    qemu: m(q),
-                    ours: m(o),
-                });
+            let m = |(s, c): (f64, f64)| Measure {
+                seconds: s,
+                cpu_seconds: c,
+                ops: 1,
+                bytes: size,
             };
-            let into = |url: &str| {
-                ["convert", "-n", "-f", "raw", "-O", "raw", src.as_str(), url]
-                    .map(String::from)
-                    .to_vec()
+            let into = |url: String| {
+                let args = [
+                    "convert",
+                    "-n",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "raw",
+                    src.as_str(),
+                    &url,
+                ]
+                .map(String::from);
+                async move { run_cmd("qemu-img", &args).await.map(|r| r.0) }
             };
-            let outof = |url: &str| {
-                ["convert", "-f", "raw", "-O", "raw", url, out.as_str()]
-                    .map(String::from)
-                    .to_vec()
+            let res = measure(&[&qemu_t, &ours_t], rounds, into).await?;
+            rows.push(BenchRow {
+                name: "convert file -> nbd".into(),
+                qemu: m(res[0]),
+                ours: m(res[1]),
+            });
+            let outof = |url: String| {
+                let args =
+                    ["convert", "-f", "raw", "-O", "raw", &url, out.as_str()].map(String::from);
+                let out_img = out_img.clone();
+                async move {
+                    let r = run_cmd("qemu-img", &args).await.map(|r| r.0);
+                    let _ = std::fs::remove_file(&out_img);
+                    r
+                }
             };
-            let (mut q, mut o) = (f64::MAX, f64::MAX);
-            for r in 0..rounds {
-                let (first, second) = if r % 2 == 0 {
-                    (&qemu_url, &ours_url)
-                } else {
-                    (&ours_url, &qemu_url)
-                };
-                let a = run_cmd("qemu-img", &into(first)).await?.0;
-                let b = run_cmd("qemu-img", &into(second)).await?.0;
-                let (tq, to) = if r % 2 == 0 { (a, b) } else { (b, a) };
-                q = q.min(tq);
-                o = o.min(to);
-            }
-            conv("convert file -> nbd", q, o);
-            let (mut q, mut o) = (f64::MAX, f64::MAX);
-            for r in 0..rounds {
-                let (first, second) = if r % 2 == 0 {
-                    (&qemu_url, &ours_url)
-                } else {
-                    (&ours_url, &qemu_url)
-                };
-                let a = run_cmd("qemu-img", &outof(first)).await?.0;
-                let _ = std::fs::remove_file(&out_img);
-                let b = run_cmd("qemu-img", &outof(second)).await?.0;
-                let _ = std::fs::remove_file(&out_img);
-                let (tq, to) = if r % 2 == 0 { (a, b) } else { (b, a) };
-                q = q.min(tq);
-                o = o.min(to);
-            }
-            conv("convert nbd -> file", q, o);
+            let res = measure(&[&qemu_t, &ours_t], rounds, outof).await?;
+            rows.push(BenchRow {
+                name: "convert nbd -> file".into(),
+                qemu: m(res[0]),
+                ours: m(res[1]),
+            });
         }
         Ok::<_, NbdError>(rows)
     }
