@@ -78,7 +78,17 @@ async fn sink_and_dirty_tracking_see_every_write() {
     cmds.push(format!("write -z {} 300000", 10 * MIB + 17));
     cmds.push(format!("discard {} 2000000", 20 * MIB + 5));
     cmds.push(format!("write -f -P 0xee {} 4096", size - 4096));
-    let out = qemu_io(&server.url("p"), &["-d", "unmap"], &cmds).await;
+    // Half writethrough (FUA: blocking path), half writeback (plain writes: inline fast
+    // path through `ProtectedDevice::write_nowait`).
+    let half = cmds.len() / 2;
+    let out = qemu_io(&server.url("p"), &["-d", "unmap"], &cmds[..half]).await;
+    assert_qemu_ok(&out);
+    let out = qemu_io(
+        &server.url("p"),
+        &["-d", "unmap", "-t", "writeback"],
+        &cmds[half..],
+    )
+    .await;
     assert_qemu_ok(&out);
     server.shutdown().await;
 
@@ -166,7 +176,7 @@ async fn crash_leaves_unclean_bitmap_and_bounded_activity_log() {
     })
     .await
     .unwrap();
-    let out = qemu_io(&server.url("c"), &[], &cmds[20..]).await;
+    let out = qemu_io(&server.url("c"), &["-t", "writeback"], &cmds[20..]).await;
     assert_qemu_ok(&out);
     server.shutdown().await;
 

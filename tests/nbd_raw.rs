@@ -294,8 +294,26 @@ async fn transmission_errors_keep_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_all_answered() {
+    // With the inline fast path (default) and without (every request on a blocking thread).
+    for inline_max in [64 << 10, 0] {
+        pipelined(inline_max).await;
+    }
+}
+
+async fn pipelined(inline_max: u32) {
     let dir = tempfile::tempdir().unwrap();
-    let server = disk_server(dir.path(), 16 * MIB).await;
+    let registry = ExportRegistry::new();
+    registry
+        .add(
+            "disk",
+            Arc::new(FileDevice::create(&dir.path().join("disk.img"), 16 * MIB).unwrap()),
+        )
+        .unwrap();
+    let config = bulwark::agent::nbd::ServerConfig {
+        inline_max,
+        ..Default::default()
+    };
+    let server = TestServer::start_with(registry, config).await;
     let mut c = NbdClient::connect(server.addr, "disk").await.unwrap();
     // 200 writes in flight (more than the 64 slots: the server must keep reading as slots
     // free), then 200 reads, then check every handle came back once with the right data.

@@ -353,19 +353,7 @@ impl ActivityLog {
             {
                 let st = read(&self.state);
                 if (first..=last).all(|x| st.contains_key(&x)) {
-                    mark();
-                    let e = self.epoch.load(Ordering::SeqCst);
-                    let now = self.clock.load(Ordering::Relaxed);
-                    for x in first..=last {
-                        if let Some(ent) = st.get(&x) {
-                            if ent.last_epoch.load(Ordering::SeqCst) < e {
-                                ent.last_epoch.fetch_max(e, Ordering::SeqCst);
-                            }
-                            if ent.last_use.load(Ordering::Relaxed) != now {
-                                ent.last_use.store(now, Ordering::Relaxed);
-                            }
-                        }
-                    }
+                    self.mark_active(&st, first, last, mark);
                     return Ok(());
                 }
             }
@@ -374,6 +362,36 @@ impl ActivityLog {
         Err(DirtyError::Config(
             "activity log thrashing: could not keep extents active".into(),
         ))
+    }
+
+    /// The fast path of [`touch`](Self::touch) alone: runs `mark` and returns true only if
+    /// every extent is already active and the shared lock is free to take.
+    pub(crate) fn try_touch(&self, first: u64, last: u64, mark: &dyn Fn()) -> bool {
+        let Ok(st) = self.state.try_read() else {
+            return false;
+        };
+        if !(first..=last).all(|x| st.contains_key(&x)) {
+            return false;
+        }
+        self.mark_active(&st, first, last, mark);
+        true
+    }
+
+    /// Rule 1 under the shared lock `st`: bits first, then the extents' epoch and LRU clock.
+    fn mark_active(&self, st: &HashMap<u64, Entry>, first: u64, last: u64, mark: &dyn Fn()) {
+        mark();
+        let e = self.epoch.load(Ordering::SeqCst);
+        let now = self.clock.load(Ordering::Relaxed);
+        for x in first..=last {
+            if let Some(ent) = st.get(&x) {
+                if ent.last_epoch.load(Ordering::SeqCst) < e {
+                    ent.last_epoch.fetch_max(e, Ordering::SeqCst);
+                }
+                if ent.last_use.load(Ordering::Relaxed) != now {
+                    ent.last_use.store(now, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Makes `first..=last` (and whatever else is pending) durable in the log.

@@ -229,6 +229,21 @@ impl DirtyTracker {
         Ok(())
     }
 
+    /// [`mark`](Self::mark) only if it needs no I/O and no waiting (the extents are already
+    /// in the activity log and no lock is contended); `None` otherwise.
+    pub fn try_mark(&self, offset: u64, len: u64) -> Option<Result<(), DirtyError>> {
+        let closed = self.closed.try_read().ok()?;
+        if *closed {
+            return Some(Err(DirtyError::Closed));
+        }
+        let Some((first, last)) = self.al.extent_range(offset, len) else {
+            return Some(Ok(()));
+        };
+        self.al
+            .try_touch(first, last, &|| self.bitmap.mark(offset, len))
+            .then_some(Ok(()))
+    }
+
     fn persist_bitmap(&self, clean: bool) -> Result<(), DirtyError> {
         let mut st = self.persist.lock().unwrap_or_else(PoisonError::into_inner);
         let e = self.al.begin_cover();

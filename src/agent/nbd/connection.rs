@@ -5,10 +5,20 @@
 //!
 //! ```text
 //! socket ─▶ reader ─(validate, read payload)─▶ spawn_blocking(device op) ─▶ mpsc ─▶ writer ─▶ socket
+//!                 └─(small read/write: device fast path, no hand-off)────────▶ mpsc ─▶ writer
 //! ```
+//!
+//! The fast path saves the two thread hand-offs per request (about a quarter of a 4 KiB
+//! request's latency here). It is taken only for requests up to `inline_max` bytes and only
+//! if the device says the call cannot wait on the disk ([`BlockDevice::read_nowait`],
+//! [`BlockDevice::write_nowait`]). Because a buffered write can still be throttled by the
+//! kernel, an [`InlineBreaker`] turns the fast path off server-wide for a second whenever
+//! one inline call took longer than a millisecond.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -17,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use super::codec::FrameReader;
 use super::device::BlockDevice;
 use super::gate::CompletionGate;
-use super::pool::{BufPool, PooledBuf};
+use super::pool::PooledBuf;
 use super::proto::*;
 use super::registry::Export;
-use super::server::ServerConfig;
+use super::server::Shared;
 use super::NbdError;
 
 /// Accounting unit of the in-flight byte budget.
@@ -38,19 +48,67 @@ struct Reply {
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
 
+/// An inline call slower than this trips the breaker.
+const INLINE_SLOW: Duration = Duration::from_millis(1);
+/// How long a tripped breaker keeps the fast path off.
+const INLINE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Server-wide switch for the inline fast path: off for [`INLINE_BACKOFF`] after any
+/// inline device call took longer than [`INLINE_SLOW`] (the runtime thread was blocked).
+#[derive(Debug)]
+pub(crate) struct InlineBreaker {
+    base: Instant,
+    /// Fast path allowed again from this many milliseconds after `base`.
+    off_until_ms: AtomicU64,
+    trips: AtomicU64,
+}
+
+impl Default for InlineBreaker {
+    fn default() -> Self {
+        InlineBreaker {
+            base: Instant::now(),
+            off_until_ms: AtomicU64::new(0),
+            trips: AtomicU64::new(0),
+        }
+    }
+}
+
+impl InlineBreaker {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn allowed(&self) -> bool {
+        self.now_ms() >= self.off_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, took: Duration) {
+        if took > INLINE_SLOW {
+            let until = self.now_ms() + INLINE_BACKOFF.as_millis() as u64;
+            self.off_until_ms.store(until, Ordering::Relaxed);
+            let n = self.trips.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::debug!(
+                took_us = took.as_micros() as u64,
+                trips = n,
+                "inline device call was slow; fast path off for a while"
+            );
+        }
+    }
+}
+
 /// Serves requests until the client disconnects, `cancel` fires, or the stream breaks.
 pub(crate) async fn serve<R, W>(
     mut rd: FrameReader<R>,
     wr: W,
     export: Arc<Export>,
-    config: &ServerConfig,
-    pool: Arc<BufPool>,
+    shared: Arc<Shared>,
     cancel: CancellationToken,
 ) -> Result<(), NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let config = &shared.config;
     let dev = Arc::clone(export.device());
     let gate = dev.completion_gate();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
@@ -61,7 +119,7 @@ where
         .min(Semaphore::MAX_PERMITS);
     let bytes = Arc::new(Semaphore::new(byte_units));
 
-    let res = read_requests(&mut rd, &dev, config, &pool, &tx, &slots, &bytes, &cancel).await;
+    let res = read_requests(&mut rd, &dev, &shared, &tx, &slots, &bytes, &cancel).await;
     // In-flight jobs hold their own senders; the writer ends once the last one replied.
     drop(tx);
     let wres = match writer.await {
@@ -71,17 +129,16 @@ where
     res.and(wres)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn read_requests<R: AsyncRead + Unpin>(
     rd: &mut FrameReader<R>,
     dev: &Arc<dyn BlockDevice>,
-    config: &ServerConfig,
-    pool: &Arc<BufPool>,
+    shared: &Shared,
     tx: &mpsc::UnboundedSender<Reply>,
     slots: &Arc<Semaphore>,
     bytes: &Arc<Semaphore>,
     cancel: &CancellationToken,
 ) -> Result<(), NbdError> {
+    let (config, pool) = (&shared.config, &shared.pool);
     let size = dev.size();
     let read_only = dev.read_only();
     loop {
@@ -137,11 +194,31 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let permits = (slot, byte_permit);
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let (off, handle) = (req.offset, req.handle);
+        let inline = len <= config.inline_max as usize && shared.breaker.allowed();
         let dev = Arc::clone(dev);
         match req.kind {
             CMD_DISC => return Ok(()),
             CMD_READ => {
                 let mut buf = pool.get(len);
+                if inline {
+                    let t0 = Instant::now();
+                    let r = dev.read_nowait(buf.as_mut_slice(), off);
+                    shared.breaker.record(t0.elapsed());
+                    if let Some(r) = r {
+                        let (error, data) = match r {
+                            Ok(()) => (0, Some(buf)),
+                            Err(e) => (errno_for(&e), None),
+                        };
+                        let _ = tx.send(Reply {
+                            handle,
+                            error,
+                            data,
+                            gated: false,
+                            _permits: permits,
+                        });
+                        continue;
+                    }
+                }
                 run_blocking(tx, handle, false, permits, move || {
                     dev.read_at(buf.as_mut_slice(), off).map(|()| Some(buf))
                 });
@@ -151,6 +228,22 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     r = rd.read_exact_into(buf.as_mut_slice()) => r?,
+                }
+                if inline && !fua {
+                    let t0 = Instant::now();
+                    let r = dev.write_nowait(buf.as_slice(), off);
+                    shared.breaker.record(t0.elapsed());
+                    if let Some(r) = r {
+                        let error = r.err().map_or(0, |e| errno_for(&e));
+                        let _ = tx.send(Reply {
+                            handle,
+                            error,
+                            data: None,
+                            gated: error == 0,
+                            _permits: permits,
+                        });
+                        continue;
+                    }
                 }
                 run_blocking(tx, handle, true, permits, move || {
                     dev.write_at(buf.as_slice(), off, fua).map(|()| None)

@@ -2,7 +2,7 @@
 //! file served with pread/pwrite (page cache, like `qemu-nbd --cache=writeback`).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +36,20 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Fills `buf` from `offset` (`offset + buf.len() <= size()`, checked by the server).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 
+    /// Fast path for small reads, called on the async thread: does what `read_at` does if
+    /// that cannot wait for the disk (data in the page cache), else returns `None` having
+    /// done nothing observable; the server then calls `read_at` on a blocking thread.
+    fn read_nowait(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<()>> {
+        None
+    }
+
+    /// Fast path for small non-FUA writes, called on the async thread: does what
+    /// `write_at(buf, offset, false)` does if that completes in microseconds, else returns
+    /// `None` (possibly after writing part of `buf`: the blocking retry writes it all again).
+    fn write_nowait(&self, _buf: &[u8], _offset: u64) -> Option<io::Result<()>> {
+        None
+    }
+
     /// Writes `buf` at `offset`; with `fua`, durable before returning.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
 
@@ -68,6 +82,12 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)
     }
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        (**self).read_nowait(buf, offset)
+    }
+    fn write_nowait(&self, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
+        (**self).write_nowait(buf, offset)
+    }
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         (**self).write_at(buf, offset, fua)
     }
@@ -92,6 +112,11 @@ static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 /// WRITE_ZEROES uses `FALLOC_FL_ZERO_RANGE` (or a hole if allowed), each falling back to
 /// writing zeroes where the filesystem refuses. FUA writes use `pwritev2(RWF_DSYNC)`
 /// (falling back to pwrite + fdatasync); FLUSH is `fdatasync`.
+///
+/// Fast paths: reads try `preadv2(RWF_NOWAIT)` (served from the page cache or not at all);
+/// writes try `pwritev2(RWF_NOWAIT)` and, where the filesystem does not support that for
+/// buffered writes (ext4), a plain buffered pwrite (microseconds unless the kernel is
+/// throttling dirty pages, which the server's inline breaker detects and backs off from).
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
@@ -101,6 +126,8 @@ pub struct FileDevice {
     punch_hole: AtomicBool,
     zero_range: AtomicBool,
     dsync_write: AtomicBool,
+    nowait_read: AtomicBool,
+    nowait_write: AtomicBool,
 }
 
 fn unsupported(e: &rustix::io::Errno) -> bool {
@@ -154,6 +181,8 @@ impl FileDevice {
             punch_hole: AtomicBool::new(true),
             zero_range: AtomicBool::new(true),
             dsync_write: AtomicBool::new(true),
+            nowait_read: AtomicBool::new(true),
+            nowait_write: AtomicBool::new(true),
         })
     }
 
@@ -248,6 +277,49 @@ impl BlockDevice for FileDevice {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if !self.nowait_read.load(Ordering::Relaxed) {
+            return None;
+        }
+        let want = buf.len();
+        match rustix::io::preadv2(
+            &self.file,
+            &mut [IoSliceMut::new(buf)],
+            offset,
+            ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(n) if n == want => Some(Ok(())),
+            Err(e) if unsupported(&e) => {
+                self.nowait_read.store(false, Ordering::Relaxed);
+                None
+            }
+            // Short (partly cached), EAGAIN (not cached), or an error the blocking path
+            // will report properly.
+            _ => None,
+        }
+    }
+
+    fn write_nowait(&self, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
+        if self.read_only {
+            return None;
+        }
+        if self.nowait_write.load(Ordering::Relaxed) {
+            match rustix::io::pwritev2(
+                &self.file,
+                &[IoSlice::new(buf)],
+                offset,
+                ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(n) if n == buf.len() => return Some(Ok(())),
+                Err(e) if unsupported(&e) => self.nowait_write.store(false, Ordering::Relaxed),
+                _ => return None,
+            }
+        }
+        // No RWF_NOWAIT for buffered writes here: a buffered pwrite only copies into the
+        // page cache.
+        Some(self.file.write_all_at(buf, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {

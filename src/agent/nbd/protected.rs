@@ -178,6 +178,19 @@ struct RangeGuard<'a> {
 }
 
 impl RangeLocks {
+    /// Locks `start..end` if nothing overlapping is locked; never waits.
+    fn try_lock(&self, start: u64, end: u64) -> Option<RangeGuard<'_>> {
+        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        if active.held.iter().any(|&(s, e)| s < end && start < e) {
+            return None;
+        }
+        active.held.push((start, end));
+        Some(RangeGuard {
+            locks: self,
+            range: (start, end),
+        })
+    }
+
     fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
         while active.held.iter().any(|&(s, e)| s < end && start < e) {
@@ -340,6 +353,34 @@ impl<D: BlockDevice> BlockDevice for ProtectedDevice<D> {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.inner.read_at(buf, offset)
+    }
+
+    fn read_nowait(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        self.inner.read_nowait(buf, offset)
+    }
+
+    /// The same steps as `write_at`, each without waiting: the range must be free, the
+    /// extents already in the activity log, and the local write quick; else `None`.
+    fn write_nowait(&self, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
+        let len = buf.len() as u64;
+        let end = offset.checked_add(len)?;
+        if len == 0 || end > self.inner.size() {
+            return None;
+        }
+        let _range = self.ranges.try_lock(offset, end)?;
+        if let Err(e) = self.tracker.try_mark(offset, len)? {
+            return Some(Err(dirty_io(e)));
+        }
+        // Marked but not written if this is `None`: harmless, the retry marks again.
+        if let Err(e) = self.inner.write_nowait(buf, offset)? {
+            return Some(Err(e));
+        }
+        self.sink.accept(&WriteEvent::Write {
+            offset,
+            data: buf,
+            fua: false,
+        });
+        Some(Ok(()))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::codec::FrameReader;
-use super::connection;
+use super::connection::{self, InlineBreaker};
 use super::handshake::{self, Outcome};
 use super::pool::BufPool;
 use super::registry::ExportRegistry;
@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub drain_limit: u64,
     /// Idle payload buffers kept per size class.
     pub pool_keep_bytes: usize,
+    /// Reads and non-FUA writes up to this size first try the device's non-blocking fast
+    /// path on the async thread (no thread hand-off); 0 disables it.
+    pub inline_max: u32,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +53,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             drain_limit: 64 << 20,
             pool_keep_bytes: 64 << 20,
+            inline_max: 64 << 10,
         }
     }
 }
@@ -59,8 +63,15 @@ impl Default for ServerConfig {
 pub struct NbdServer {
     listener: TcpListener,
     registry: ExportRegistry,
-    config: Arc<ServerConfig>,
-    pool: Arc<BufPool>,
+    shared: Arc<Shared>,
+}
+
+/// What every connection of a server shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(crate) pool: Arc<BufPool>,
+    pub(crate) breaker: InlineBreaker,
 }
 
 impl NbdServer {
@@ -75,8 +86,11 @@ impl NbdServer {
         Ok(NbdServer {
             listener,
             registry,
-            config: Arc::new(config),
-            pool,
+            shared: Arc::new(Shared {
+                config,
+                pool,
+                breaker: InlineBreaker::default(),
+            }),
         })
     }
 
@@ -94,7 +108,7 @@ impl NbdServer {
     /// its in-flight requests and close.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), NbdError> {
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
+        let limit = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
         let mut backoff = Duration::from_millis(10);
         tracing::info!(addr = ?self.listener.local_addr().ok(), "nbd server listening");
         loop {
@@ -121,8 +135,7 @@ impl NbdServer {
             backoff = Duration::from_millis(10);
             let handler = Handler {
                 registry: self.registry.clone(),
-                config: Arc::clone(&self.config),
-                pool: Arc::clone(&self.pool),
+                shared: Arc::clone(&self.shared),
                 shutdown: shutdown.clone(),
                 _permit: permit,
             };
@@ -142,8 +155,7 @@ impl NbdServer {
 /// Per-connection state.
 struct Handler {
     registry: ExportRegistry,
-    config: Arc<ServerConfig>,
-    pool: Arc<BufPool>,
+    shared: Arc<Shared>,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
 }
@@ -159,8 +171,8 @@ impl Handler {
         let negotiated = tokio::select! {
             _ = self.shutdown.cancelled() => return,
             r = tokio::time::timeout(
-                self.config.handshake_timeout,
-                handshake::negotiate(&mut rd, &mut wr, &self.registry, &self.config),
+                self.shared.config.handshake_timeout,
+                handshake::negotiate(&mut rd, &mut wr, &self.registry, &self.shared.config),
             ) => r,
         };
         let export = match negotiated {
@@ -194,8 +206,7 @@ impl Handler {
                 }
             });
         }
-        let res =
-            connection::serve(rd, wr, Arc::clone(&export), &self.config, self.pool, cancel).await;
+        let res = connection::serve(rd, wr, Arc::clone(&export), self.shared, cancel).await;
         match res {
             Ok(()) => tracing::debug!(export = export.name(), "connection closed"),
             Err(e) => tracing::debug!(export = export.name(), error = %e, "connection ended"),
