@@ -295,6 +295,17 @@ fn fill_file(path: &Path, size: u64, seed: u64) -> Result<(), NbdError> {
     Ok(())
 }
 
+/// Creates `path` with `size` bytes allocated (unwritten extents: cheap, reads as zeroes),
+/// or sparse where the filesystem cannot preallocate.
+fn prealloc_file(path: &Path, size: u64) -> Result<(), NbdError> {
+    let f = std::fs::File::create(path)?;
+    if rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, size).is_err() {
+        f.set_len(size)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
 /// User + system CPU seconds of a process (`"self"` or a pid), from `/proc/<pid>/stat`
 /// (clock ticks of 1/100 s: USER_HZ is 100 on Linux).
 fn proc_cpu(pid: &str) -> Option<f64> {
@@ -431,11 +442,13 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
             src_img.clone(),
         );
         let (protected, convert) = (opts.protected, !opts.skip_convert);
+        // The exports are preallocated alike (both servers see the same extent state);
+        // only the convert source needs real data.
         tokio::task::spawn_blocking(move || -> Result<(), NbdError> {
-            fill_file(&a, size, 1)?;
-            fill_file(&b, size, 1)?;
+            prealloc_file(&a, size)?;
+            prealloc_file(&b, size)?;
             if protected {
-                fill_file(&c, size, 1)?;
+                prealloc_file(&c, size)?;
             }
             if convert {
                 fill_file(&d, size, 7)?;
