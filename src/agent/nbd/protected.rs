@@ -49,9 +49,11 @@ pub enum WriteEvent<'a> {
 }
 
 /// Receives every accepted change, after the local write succeeded and before the guest is
-/// answered, in local application order for overlapping ranges. Called on blocking threads,
-/// concurrently for non-overlapping ranges. Must not block for long: when it cannot keep a
-/// record (queue full, peer gone) it drops it; the dirty bitmap still has the region.
+/// answered, in local application order for overlapping ranges. Called concurrently for
+/// non-overlapping ranges, on blocking threads *and*, for small writes taking the server's
+/// fast path, on async runtime threads: it must never block (take a short lock, copy,
+/// return). When it cannot keep a record (queue full, peer gone) it drops it; the dirty
+/// bitmap still has the region.
 pub trait WriteSink: Send + Sync + 'static {
     /// Takes one change. Copy `data` if it must outlive the call.
     fn accept(&self, event: &WriteEvent<'_>);
