@@ -15,6 +15,48 @@
 //! - [`pool`]: reusable payload buffers.
 //! - [`client`]: a minimal client for tests and probes.
 //! - [`bench`]: `bulwark bench nbd`, our server against `qemu-nbd` with `qemu-img`.
+//!
+//! How the agent wires a protected disk (blocking calls belong on a blocking thread):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), bulwark::agent::nbd::NbdError> {
+//! use std::{path::Path, sync::Arc, time::Duration};
+//! use bulwark::agent::dirty::{DirtyConfig, DirtyPaths, DirtyTracker};
+//! use bulwark::agent::nbd::*;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let size = FileDevice::open(Path::new("/var/lib/vm/web-0.raw"), false)?.size();
+//! let (tracker, recovery) = DirtyTracker::open(
+//!     DirtyPaths::in_dir(Path::new("/var/lib/bulwark/dirty"), "web-0"),
+//!     size,
+//!     DirtyConfig::default(),
+//! )?; // recovery.state: New / Clean / Unclean / Lost → which sync to run
+//! let tracker = Arc::new(tracker);
+//! let stop = CancellationToken::new();
+//! tracker.spawn_persister(Duration::from_secs(5), stop.clone());
+//! let gate = CompletionGate::new(); // one per group of disks checkpointed together
+//! let disk = Arc::new(ProtectedDevice::new(
+//!     FileDevice::open(Path::new("/var/lib/vm/web-0.raw"), false)?,
+//!     tracker,
+//!     Arc::new(NullSink), // the replication splitter goes here
+//!     gate.clone(),
+//! )?);
+//! let registry = ExportRegistry::new();
+//! registry.add("web-0", disk.clone())?;
+//! let server = NbdServer::bind("127.0.0.1:10809", registry.clone(), ServerConfig::default()).await?;
+//! tokio::spawn(server.run(stop.clone()));
+//!
+//! // Checkpoint: hold completions, put marker C in every disk's stream, release.
+//! let hold = gate.hold();
+//! /* splitter.insert_marker(C) for every disk */
+//! let held_for = hold.release();
+//!
+//! // Clean shutdown of the disk.
+//! registry.remove_and_drain("web-0").await;
+//! tokio::task::spawn_blocking(move || disk.shutdown_clean()).await.ok();
+//! # let _ = (recovery, held_for);
+//! # Ok(()) }
+//! ```
 
 pub mod bench;
 pub mod client;
