@@ -12,7 +12,7 @@
 //! request's latency here). It is taken only for requests up to `inline_max` bytes and only
 //! if the device says the call cannot wait on the disk ([`BlockDevice::read_nowait`],
 //! [`BlockDevice::write_nowait`]). Because a buffered write can still be throttled by the
-//! kernel, an [`InlineBreaker`] turns the fast path off server-wide for a second whenever
+//! kernel, an `InlineBreaker` turns the fast path off server-wide for a second whenever
 //! one inline call took longer than a millisecond.
 
 use std::panic::AssertUnwindSafe;

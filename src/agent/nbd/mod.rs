@@ -14,7 +14,7 @@
 //! - [`gate`]: [`CompletionGate`], holding write completions for a consistency checkpoint.
 //! - [`pool`]: reusable payload buffers.
 //! - [`client`]: a minimal client for tests and probes.
-//! - [`bench`]: `bulwark bench nbd`, our server against `qemu-nbd` with `qemu-img`.
+//! - [`bench`](mod@bench): `bulwark bench nbd`, our server against `qemu-nbd` with `qemu-img`.
 //!
 //! How the agent wires a protected disk (blocking calls belong on a blocking thread):
 //!
