@@ -410,3 +410,75 @@ async fn put_reply<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, r: Reply) -> std
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_trips_on_slow_calls_only() {
+        let b = InlineBreaker::default();
+        assert!(b.allowed());
+        b.record(Duration::from_micros(200));
+        assert!(b.allowed());
+        b.record(Duration::from_millis(3));
+        assert!(!b.allowed());
+        assert_eq!(b.trips.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn validation_errors() {
+        let r = |kind, flags, offset, length| Request {
+            flags,
+            kind,
+            handle: 1,
+            offset,
+            length,
+        };
+        let max = 32 << 20;
+        assert_eq!(validate(&r(CMD_READ, 0, 0, 512), 1024, false, max), Ok(()));
+        assert_eq!(
+            validate(&r(CMD_READ, 0, 1000, 25), 1024, false, max),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            validate(&r(CMD_WRITE, 0, 1000, 25), 1024, false, max),
+            Err(ENOSPC)
+        );
+        assert_eq!(
+            validate(&r(CMD_WRITE, 0, 0, 1), 1024, true, max),
+            Err(EPERM)
+        );
+        assert_eq!(validate(&r(CMD_TRIM, 0, 0, 1), 1024, true, max), Err(EPERM));
+        assert_eq!(
+            validate(&r(CMD_FLUSH, CMD_FLAG_FUA, 0, 0), 1024, true, max),
+            Ok(())
+        );
+        assert_eq!(
+            validate(&r(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 1), 1024, false, max),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            validate(
+                &r(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 1),
+                1024,
+                false,
+                max
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            validate(&r(CMD_READ, 0, 0, max + 1), u64::MAX, false, max),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            validate(&r(CMD_READ, 0, u64::MAX, 2), u64::MAX, false, max),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            validate(&r(CMD_CACHE, 0, 0, 1), 1024, false, max),
+            Err(EINVAL)
+        );
+        assert_eq!(validate(&r(42, 0, 0, 1), 1024, false, max), Err(EINVAL));
+    }
+}
