@@ -352,6 +352,13 @@ async fn pipelined(inline_max: u32) {
     }
     assert!(expect.is_empty());
     c.disconnect().await.unwrap();
+    let st = server.stats.snapshot();
+    assert_eq!((st.requests, st.errors, st.connections), (400, 0, 1));
+    if inline_max == 0 {
+        assert_eq!(st.inline, 0);
+    } else {
+        assert!(st.inline > 0, "{st:?}");
+    }
     server.shutdown().await;
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use bulwark::agent::nbd::{ExportRegistry, NbdServer, ServerConfig};
+use bulwark::agent::nbd::{ExportRegistry, NbdServer, ServerConfig, ServerStats};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 pub struct TestServer {
     pub addr: SocketAddr,
     pub registry: ExportRegistry,
+    pub stats: std::sync::Arc<ServerStats>,
     pub stop: CancellationToken,
     pub task: Option<tokio::task::JoinHandle<Result<(), bulwark::agent::nbd::NbdError>>>,
 }
@@ -29,11 +30,13 @@ impl TestServer {
             .await
             .unwrap();
         let addr = server.local_addr().unwrap();
+        let stats = server.stats();
         let stop = CancellationToken::new();
         let task = tokio::spawn(server.run(stop.clone()));
         TestServer {
             addr,
             registry,
+            stats,
             stop,
             task: Some(task),
         }

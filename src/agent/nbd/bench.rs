@@ -23,7 +23,7 @@ use super::device::FileDevice;
 use super::gate::CompletionGate;
 use super::protected::{NullSink, ProtectedDevice};
 use super::registry::ExportRegistry;
-use super::server::{NbdServer, ServerConfig};
+use super::server::{NbdServer, ServerConfig, StatsSnapshot};
 use super::NbdError;
 use crate::agent::dirty::{DirtyConfig, DirtyPaths, DirtyTracker};
 
@@ -117,6 +117,8 @@ pub struct BenchReport {
     pub rounds: usize,
     /// The measurements.
     pub rows: Vec<BenchRow>,
+    /// Our server's counters at the end.
+    pub ours_stats: StatsSnapshot,
 }
 
 impl BenchReport {
@@ -192,6 +194,15 @@ impl fmt::Display for BenchReport {
         writeln!(
             f,
             "(mean µs = wall time per request, the latency at depth 1; cpu µs = server CPU per request)"
+        )?;
+        let s = &self.ours_stats;
+        writeln!(
+            f,
+            "ours served {} requests, {:.0}% on the inline fast path, {} errors, {} inline-breaker trips",
+            s.requests,
+            100.0 * s.inline as f64 / s.requests.max(1) as f64,
+            s.errors,
+            s.breaker_trips
         )?;
         if let Some(r) = self.row(CASES[0].name) {
             writeln!(
@@ -478,6 +489,7 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
     }
     let server = NbdServer::bind("127.0.0.1:0", registry, ServerConfig::default()).await?;
     let addr = server.local_addr()?;
+    let stats = server.stats();
     let stop = CancellationToken::new();
     let server_task = tokio::spawn(server.run(stop.clone()));
 
@@ -609,5 +621,6 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
         qemu_version,
         rounds: opts.rounds.max(1),
         rows: result?,
+        ours_stats: stats.snapshot(),
     })
 }

@@ -30,7 +30,7 @@ use super::gate::CompletionGate;
 use super::pool::PooledBuf;
 use super::proto::*;
 use super::registry::Export;
-use super::server::Shared;
+use super::server::{ServerStats, Shared};
 use super::NbdError;
 
 /// Accounting unit of the in-flight byte budget.
@@ -82,7 +82,8 @@ impl InlineBreaker {
         self.now_ms() >= self.off_until_ms.load(Ordering::Relaxed)
     }
 
-    fn record(&self, took: Duration) {
+    /// Records an inline call's duration; true if it tripped the breaker.
+    fn record(&self, took: Duration) -> bool {
         if took > INLINE_SLOW {
             let until = self.now_ms() + INLINE_BACKOFF.as_millis() as u64;
             self.off_until_ms.store(until, Ordering::Relaxed);
@@ -92,7 +93,9 @@ impl InlineBreaker {
                 trips = n,
                 "inline device call was slow; fast path off for a while"
             );
+            return true;
         }
+        false
     }
 }
 
@@ -112,7 +115,13 @@ where
     let dev = Arc::clone(export.device());
     let gate = dev.completion_gate();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_replies(wr, rx, gate, cancel.clone()));
+    let writer = tokio::spawn(write_replies(
+        wr,
+        rx,
+        gate,
+        Arc::clone(&shared.stats),
+        cancel.clone(),
+    ));
     let slots = Arc::new(Semaphore::new(config.max_inflight.max(1)));
     let byte_units = (config.max_inflight_bytes / BYTE_UNIT)
         .max(config.max_request as usize / BYTE_UNIT + 1)
@@ -138,7 +147,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
     bytes: &Arc<Semaphore>,
     cancel: &CancellationToken,
 ) -> Result<(), NbdError> {
-    let (config, pool) = (&shared.config, &shared.pool);
+    let (config, pool, stats) = (&shared.config, &shared.pool, &shared.stats);
+    let trip = |took: Duration| {
+        if shared.breaker.record(took) {
+            stats.breaker_trips.fetch_add(1, Ordering::Relaxed);
+        }
+    };
     let size = dev.size();
     let read_only = dev.read_only();
     loop {
@@ -155,6 +169,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let Some(req) = req else {
             return Ok(()); // hard disconnect by the client at a frame boundary
         };
+        if req.kind != CMD_DISC {
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(errno) = validate(&req, size, read_only, config.max_request) {
             if req.kind == CMD_WRITE {
                 // Keep the stream in sync by discarding the payload, if that is sane.
@@ -203,8 +220,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 if inline {
                     let t0 = Instant::now();
                     let r = dev.read_nowait(buf.as_mut_slice(), off);
-                    shared.breaker.record(t0.elapsed());
+                    trip(t0.elapsed());
                     if let Some(r) = r {
+                        stats.inline.fetch_add(1, Ordering::Relaxed);
                         let (error, data) = match r {
                             Ok(()) => (0, Some(buf)),
                             Err(e) => (errno_for(&e), None),
@@ -232,8 +250,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 if inline && !fua {
                     let t0 = Instant::now();
                     let r = dev.write_nowait(buf.as_slice(), off);
-                    shared.breaker.record(t0.elapsed());
+                    trip(t0.elapsed());
                     if let Some(r) = r {
+                        stats.inline.fetch_add(1, Ordering::Relaxed);
                         let error = r.err().map_or(0, |e| errno_for(&e));
                         let _ = tx.send(Reply {
                             handle,
@@ -353,6 +372,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     wr: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     gate: Option<Arc<CompletionGate>>,
+    stats: Arc<ServerStats>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(64 * 1024, wr);
@@ -380,6 +400,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             _ => rx.recv().await,
         };
         let Some(reply) = next else { break };
+        if reply.error != 0 {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
         if reply.gated && gate.as_ref().is_some_and(|g| g.is_held()) {
             held.push(reply);
             continue;

@@ -78,7 +78,7 @@ pub use protected::{
     NullSink, ProtectedDevice, RecordedEvent, RecordingSink, WriteEvent, WriteSink,
 };
 pub use registry::ExportRegistry;
-pub use server::{NbdServer, ServerConfig};
+pub use server::{NbdServer, ServerConfig, ServerStats, StatsSnapshot};
 
 use std::path::PathBuf;
 

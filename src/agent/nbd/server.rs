@@ -3,6 +3,7 @@
 //! handler to finish its in-flight requests.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +73,46 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     pub(crate) pool: Arc<BufPool>,
     pub(crate) breaker: InlineBreaker,
+    pub(crate) stats: Arc<ServerStats>,
+}
+
+/// Counters of one server, readable while it runs (for metrics).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub(crate) connections: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) inline: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) breaker_trips: AtomicU64,
+}
+
+/// A copy of [`ServerStats`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatsSnapshot {
+    /// Connections that reached transmission.
+    pub connections: u64,
+    /// Requests answered or being answered (DISC excluded).
+    pub requests: u64,
+    /// Requests served by the device's non-blocking fast path on the async thread.
+    pub inline: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+    /// Times a slow inline call turned the fast path off for a while.
+    pub breaker_trips: u64,
+}
+
+impl ServerStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections: get(&self.connections),
+            requests: get(&self.requests),
+            inline: get(&self.inline),
+            errors: get(&self.errors),
+            breaker_trips: get(&self.breaker_trips),
+        }
+    }
 }
 
 impl NbdServer {
@@ -90,6 +131,7 @@ impl NbdServer {
                 config,
                 pool,
                 breaker: InlineBreaker::default(),
+                stats: Arc::new(ServerStats::default()),
             }),
         })
     }
@@ -102,6 +144,11 @@ impl NbdServer {
     /// The export registry served.
     pub fn registry(&self) -> &ExportRegistry {
         &self.registry
+    }
+
+    /// The server's counters (keep the handle: `run` consumes the server).
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.shared.stats)
     }
 
     /// Serves until `shutdown` is cancelled, then waits for every connection to answer
@@ -193,6 +240,10 @@ impl Handler {
             return; // removed while we negotiated
         }
         tracing::debug!(export = export.name(), "transmission started");
+        self.shared
+            .stats
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
         // One token for "server shutting down or export removed".
         let cancel = self.shutdown.child_token();
         let _stop_watch = cancel.clone().drop_guard();
