@@ -1,6 +1,7 @@
 //! Reusable payload buffers. Filling fresh memory runs ~10× slower here than reused memory
 //! (page faults), so request payloads come from per-size-class free lists.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 const MIN_CLASS_SHIFT: u32 = 12; // 4 KiB
@@ -11,17 +12,25 @@ const CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
 #[derive(Debug)]
 pub struct BufPool {
     classes: Vec<Mutex<Vec<Vec<u8>>>>,
-    /// Bytes kept per class at most (at least two buffers are kept).
+    /// Idle bytes kept at most, all classes together.
     keep_bytes: usize,
+    /// Idle bytes currently kept.
+    idle: AtomicUsize,
 }
 
 impl BufPool {
-    /// A pool that keeps up to `keep_bytes` of idle buffers per size class.
+    /// A pool that keeps up to `keep_bytes` of idle buffers in all.
     pub fn new(keep_bytes: usize) -> Arc<Self> {
         Arc::new(BufPool {
             classes: (0..CLASSES).map(|_| Mutex::new(Vec::new())).collect(),
             keep_bytes,
+            idle: AtomicUsize::new(0),
         })
+    }
+
+    /// Idle bytes held by the pool.
+    pub fn idle_bytes(&self) -> usize {
+        self.idle.load(Ordering::Relaxed)
     }
 
     fn class_of(len: usize) -> Option<usize> {
@@ -41,7 +50,13 @@ impl BufPool {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .pop();
-                reused.unwrap_or_else(|| vec![0u8; 1 << (c as u32 + MIN_CLASS_SHIFT)])
+                match reused {
+                    Some(b) => {
+                        self.idle.fetch_sub(b.len(), Ordering::Relaxed);
+                        b
+                    }
+                    None => vec![0u8; 1 << (c as u32 + MIN_CLASS_SHIFT)],
+                }
             }
             None => vec![0u8; len],
         };
@@ -59,13 +74,16 @@ impl BufPool {
         if buf.len() != 1 << (c as u32 + MIN_CLASS_SHIFT) {
             return; // an odd size (oversize request): not pooled
         }
-        let keep = (self.keep_bytes >> (c as u32 + MIN_CLASS_SHIFT)).max(2);
-        let mut list = self.classes[c]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if list.len() < keep {
-            list.push(buf);
+        // Reserve room in the idle budget first; give it back if over.
+        let n = buf.len();
+        if self.idle.fetch_add(n, Ordering::Relaxed) + n > self.keep_bytes {
+            self.idle.fetch_sub(n, Ordering::Relaxed);
+            return;
         }
+        self.classes[c]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(buf);
     }
 }
 
@@ -122,5 +140,11 @@ mod tests {
         assert_eq!(b.len(), 8192);
         let big = pool.get((1 << 26) + 1);
         assert_eq!(big.len(), (1 << 26) + 1);
+        drop(big);
+        drop(b);
+        assert_eq!(pool.idle_bytes(), 8192);
+        // Over the budget: not kept.
+        drop(pool.get(1 << 20));
+        assert_eq!(pool.idle_bytes(), 8192);
     }
 }

@@ -37,7 +37,7 @@ pub struct ServerConfig {
     /// A refused WRITE's payload up to this size is read and discarded (keeping the
     /// connection); a larger one ends the connection.
     pub drain_limit: u64,
-    /// Idle payload buffers kept per size class.
+    /// Idle payload buffers kept for reuse, in bytes, all sizes together.
     pub pool_keep_bytes: usize,
     /// Reads and non-FUA writes up to this size first try the device's non-blocking fast
     /// path on the async thread (no thread hand-off); 0 disables it.
