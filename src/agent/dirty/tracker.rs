@@ -291,7 +291,8 @@ impl DirtyTracker {
         self.bitmap.clear_range(offset, len);
     }
 
-    /// The bitmap (for iterating dirty regions).
+    /// The bitmap, for iterating dirty regions. Writes must be marked through
+    /// [`mark`](Self::mark), never on the bitmap directly (that would skip the activity log).
     pub fn bitmap(&self) -> &DirtyBitmap {
         &self.bitmap
     }
