@@ -66,6 +66,12 @@ proptest! {
         prop_assert_eq!(back.dirty_regions().collect::<Vec<_>>(), model.into_iter().collect::<Vec<_>>());
     }
 
+}
+
+proptest! {
+    // Every step may fdatasync: fewer cases keep this test a few seconds long.
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
     /// Crash invariant, checked against the files on disk after every step: every region
     /// written so far is dirty in the persisted bitmap or inside a logged extent.
     #[test]
