@@ -1,5 +1,6 @@
 //! The data path that runs on every hypervisor host: write interception over NBD,
 //! the replication stream and, at the recovery site, the journal.
 
+pub mod dirty;
 pub mod journal;
 pub mod nbd;
