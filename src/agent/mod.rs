@@ -3,3 +3,4 @@
 
 pub mod journal;
 pub mod nbd;
+pub mod tls;

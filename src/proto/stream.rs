@@ -103,11 +103,24 @@ pub struct DiskLag {
 /// What a record does to its disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordBody {
-    Write { offset: u64, data: Vec<u8> },
-    Zero { offset: u64, len: u64 },
-    Trim { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
     /// A checkpoint marker; `kind` is the journal's `CheckpointKind` as a byte.
-    Checkpoint { id: u64, kind: u8, tag: Option<String> },
+    Checkpoint {
+        id: u64,
+        kind: u8,
+        tag: Option<String>,
+    },
 }
 
 /// One record of one disk's stream.
@@ -290,7 +303,10 @@ impl Frame {
                     }
                 }
                 Compression::Lz4 => {
-                    out.resize(before + lz4_flex::block::get_maximum_output_size(scratch.len()), 0);
+                    out.resize(
+                        before + lz4_flex::block::get_maximum_output_size(scratch.len()),
+                        0,
+                    );
                     match lz4_flex::block::compress_into(scratch, &mut out[before..]) {
                         Ok(n) => {
                             out.truncate(before + n);
@@ -527,7 +543,9 @@ fn decode_payload(ty: u8, payload: &[u8]) -> Result<Frame, FrameError> {
                 Frame::Ack { disks }
             }
         }
-        T_REFUSED => Frame::Refused { reason: r.string()? },
+        T_REFUSED => Frame::Refused {
+            reason: r.string()?,
+        },
         T_WRITE..=T_CHECKPOINT => {
             let disk = r.u64()?;
             let seq = r.u64()?;
@@ -605,11 +623,19 @@ mod tests {
             (any::<u64>(), prop::collection::vec(any::<u8>(), 1..600))
                 .prop_map(|(offset, data)| RecordBody::Write { offset, data }),
             // Compressible data so compression actually engages.
-            (any::<u64>(), 1usize..2000, any::<u8>())
-                .prop_map(|(offset, n, b)| RecordBody::Write { offset, data: vec![b; n] }),
+            (any::<u64>(), 1usize..2000, any::<u8>()).prop_map(|(offset, n, b)| {
+                RecordBody::Write {
+                    offset,
+                    data: vec![b; n],
+                }
+            }),
             (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| RecordBody::Zero { offset, len }),
             (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| RecordBody::Trim { offset, len }),
-            (any::<u64>(), any::<u8>(), proptest::option::of("[a-zé ]{0,20}"))
+            (
+                any::<u64>(),
+                any::<u8>(),
+                proptest::option::of("[a-zé ]{0,20}")
+            )
                 .prop_map(|(id, kind, tag)| RecordBody::Checkpoint { id, kind, tag }),
         ];
         (any::<u64>(), 1u64.., any::<i64>(), body).prop_map(|(disk, seq, timestamp_ms, body)| {
@@ -652,8 +678,11 @@ mod tests {
             acks.prop_map(|disks| Frame::Ack { disks }),
             ".{0,40}".prop_map(|reason| Frame::Refused { reason }),
             arb_record().prop_map(Frame::Record),
-            (any::<u64>(), prop::collection::vec(any::<(u64, u64, u64, u64)>(), 0..3)).prop_map(
-                |(nonce, l)| Frame::Ping {
+            (
+                any::<u64>(),
+                prop::collection::vec(any::<(u64, u64, u64, u64)>(), 0..3)
+            )
+                .prop_map(|(nonce, l)| Frame::Ping {
                     nonce,
                     lag: l
                         .into_iter()
@@ -664,8 +693,7 @@ mod tests {
                             oldest_unacked_ms: d
                         })
                         .collect()
-                }
-            ),
+                }),
             any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
         ]
     }
@@ -718,10 +746,15 @@ mod tests {
 
     #[test]
     fn oversized_header_is_refused_without_allocation() {
-        let mut b = Frame::Pong { nonce: 1 }.to_bytes(Compression::None).unwrap();
+        let mut b = Frame::Pong { nonce: 1 }
+            .to_bytes(Compression::None)
+            .unwrap();
         b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         let mut c = Cursor::new(&b[..]);
-        assert_eq!(Frame::parse(&mut c), Err(FrameError::TooLarge(u32::MAX as u64)));
+        assert_eq!(
+            Frame::parse(&mut c),
+            Err(FrameError::TooLarge(u32::MAX as u64))
+        );
     }
 
     #[test]
