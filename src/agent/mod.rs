@@ -3,4 +3,5 @@
 
 pub mod journal;
 pub mod nbd;
+pub mod stream;
 pub mod tls;
