@@ -387,3 +387,55 @@ async fn peer_away_past_bound_goes_bitmap_only() {
     );
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_limit_holds_and_lag_reaches_the_receiver() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let st = storage(dir.path());
+    let rx = RunningReceiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ServerTransport::Insecure,
+        &[(PRO, &st)],
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    let mut cfg = sender_config(rx.addr, ClientTransport::Insecure);
+    cfg.bandwidth_limit = Some(1_000_000);
+    let (sender, _events) = Sender::start(cfg, specs(&DISKS), cancel.clone()).unwrap();
+    let mut w = Workload::new(8, &DISKS);
+    let start = Instant::now();
+    let mut bytes = 0usize;
+    while bytes < 2_500_000 {
+        let r = w.next(7, 64 << 10);
+        bytes += r.cost();
+        sender.enqueue(r).unwrap();
+    }
+    sender.enqueue(w.checkpoint(7)).unwrap();
+    sender.enqueue(w.checkpoint(42)).unwrap();
+    // While it trickles, the receiver learns the sender's backlog from the pings.
+    let mut saw_backlog = false;
+    while !sender.is_drained() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "too slow: {:?}",
+            sender.stats()
+        );
+        saw_backlog |= rx.handle.lag().iter().any(|l| {
+            l.disk_id == 7 && l.sender.queued_records > 0 && l.sender.oldest_unacked_ms > 0
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = start.elapsed();
+    // 2.5 MB at 1 MB/s with a 100 KB burst: at least ~2.3 s.
+    assert!(
+        took >= Duration::from_millis(2200),
+        "limit not applied: {took:?}"
+    );
+    assert!(saw_backlog, "no lag figures reached the receiver");
+    cancel.cancel();
+    rx.stop().await;
+    for d in DISKS {
+        verify_disk(&st, d, &w);
+    }
+}

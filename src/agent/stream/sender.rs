@@ -294,8 +294,8 @@ impl std::fmt::Debug for Sender {
 }
 
 impl Sender {
-    /// Starts the connection task (named `stream-sender`) for `disks`; returns the handle
-    /// and the events channel.
+    /// Starts the connection task (span `stream-sender`) for `disks`; returns the handle
+    /// and the events channel. Must be called inside a Tokio runtime.
     pub fn start(
         cfg: SenderConfig,
         disks: Vec<DiskSpec>,
@@ -604,12 +604,9 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
                 d.accepted = true;
             }
         }
-        for (id, d) in st.disks.iter() {
-            if !ids.contains(id) {
-                tracing::warn!(disk = id, "receiver did not accept disk");
-                inner.event(StreamEvent::DiskNotAccepted { disk: *id });
-            }
-            let _ = d;
+        for id in st.disks.keys().filter(|id| !ids.contains(id)) {
+            tracing::warn!(disk = id, "receiver did not accept disk");
+            inner.event(StreamEvent::DiskNotAccepted { disk: *id });
         }
     }
     tracing::info!(peer = %cfg.peer, disks = accepted.len(), "replication stream connected");
