@@ -6,6 +6,17 @@
 //! the host name there and in the CN). The recovery agent verifies the client chain
 //! against its CA during the handshake, then checks that the certificate is valid for the
 //! host name the `Hello` claims; only then is the allow-list consulted.
+//!
+//! Certificates from one's own PKI work the same; with openssl, for a lab:
+//! ```text
+//! openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+//!   -subj "/CN=Bulwark lab CA" -keyout ca.key -out ca.pem \
+//!   -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+//! openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=HOST" \
+//!   -keyout HOST.key -out HOST.csr
+//! openssl x509 -req -in HOST.csr -CA ca.pem -CAkey ca.key -days 825 -out HOST.pem \
+//!   -extfile <(printf 'subjectAltName=DNS:HOST\nextendedKeyUsage=serverAuth,clientAuth')
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

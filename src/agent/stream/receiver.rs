@@ -242,11 +242,14 @@ async fn serve(
     let (stream, cert): (Box<dyn Io>, Option<CertificateDer<'static>>) = match &cfg.transport {
         ServerTransport::Insecure => (Box::new(tcp), None),
         ServerTransport::Tls(config) => {
-            let tls = tokio::time::timeout(
+            let accept = tokio::time::timeout(
                 cfg.handshake_timeout,
                 tokio_rustls::TlsAcceptor::from(config.clone()).accept(tcp),
-            )
-            .await
+            );
+            let tls = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = accept => r,
+            }
             .map_err(|_| StreamError::Timeout("TLS handshake"))?
             .map_err(|e| StreamError::Tls(e.to_string()))?;
             let cert = tls
@@ -265,9 +268,12 @@ async fn serve(
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr, Compression::None);
 
-    let hello = tokio::time::timeout(cfg.handshake_timeout, reader.read_frame())
-        .await
-        .map_err(|_| StreamError::Timeout("waiting for Hello"))??;
+    // Shutdown does not wait out a slow handshake.
+    let hello = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        r = tokio::time::timeout(cfg.handshake_timeout, reader.read_frame()) => r,
+    }
+    .map_err(|_| StreamError::Timeout("waiting for Hello"))??;
     let (version, host, disks) = match hello {
         Some(Frame::Hello {
             protocol_version,
