@@ -4,3 +4,5 @@
 pub mod dirty;
 pub mod journal;
 pub mod nbd;
+pub mod stream;
+pub mod tls;

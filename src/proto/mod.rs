@@ -3,3 +3,4 @@
 //! built. This module imports neither axum nor sea-orm.
 
 pub mod api;
+pub mod stream;

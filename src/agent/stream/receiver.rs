@@ -1,0 +1,641 @@
+//! The recovery side of the stream: listener, one handler per connection (TLS, Hello,
+//! allow-list, Welcome, frames) and one journal thread per connection that appends,
+//! group-commits and produces the acks.
+//!
+//! Journals live in a registry shared by all connections of a receiver, keyed by
+//! (protected host, disk): a reconnect finds its journal open, with records buffered by
+//! the previous connection; the journal's seq check drops the resent ones. A new
+//! connection from a host cancels the one it replaces.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::conn::{FrameReader, FrameWriter};
+use super::{io, now_ms, Io, ServerTransport, StreamError};
+use crate::agent::journal::{CheckpointKind, Journal, JournalConfig, Record};
+use crate::agent::tls::cert_names_host;
+use crate::proto::stream::{
+    Compression, DiskAck, DiskHello, DiskLag, Frame, RecordBody, StreamRecord, PROTOCOL_VERSION,
+};
+
+/// How the receiver runs.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    pub listen: SocketAddr,
+    pub transport: ServerTransport,
+    /// Protected hosts allowed to stream here, each with its storage path (journals and
+    /// replica disks go under it, one directory per disk).
+    pub allow: HashMap<String, PathBuf>,
+    /// Journal tuning for disks opened by this receiver.
+    pub segment_size: u64,
+    pub write_buffer: usize,
+    /// Group commit: a sync at the latest after this many received bytes (otherwise
+    /// whenever no more frames are waiting).
+    pub sync_bytes: usize,
+    pub handshake_timeout: Duration,
+    /// No frame from the sender for this long ends the connection (it pings every
+    /// second or so).
+    pub peer_timeout: Duration,
+}
+
+impl ReceiverConfig {
+    pub fn new(listen: SocketAddr, transport: ServerTransport) -> Self {
+        ReceiverConfig {
+            listen,
+            transport,
+            allow: HashMap::new(),
+            segment_size: 64 << 20,
+            write_buffer: 4 << 20,
+            sync_bytes: 8 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            peer_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Replication lag of one disk as the recovery side sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskLagReport {
+    pub host: String,
+    pub disk_id: u64,
+    /// Highest seq received (maybe not durable yet).
+    pub received_seq: u64,
+    pub durable_seq: u64,
+    /// Received, not yet durable.
+    pub pending_records: u64,
+    pub pending_bytes: u64,
+    /// Now minus the write time of the newest durable record.
+    pub durable_age_ms: u64,
+    /// As the sender last reported (Ping): records and bytes it holds unacknowledged,
+    /// and the age of the oldest.
+    pub sender: DiskLag,
+}
+
+type SharedJournal = Arc<Mutex<Journal>>;
+
+#[derive(Default)]
+struct LagState {
+    report: DiskLagReport,
+    /// Write time of the newest received / durable record, unix ms.
+    received_ts: i64,
+    durable_ts: i64,
+}
+
+struct Shared {
+    cfg: ReceiverConfig,
+    journals: Mutex<HashMap<(String, u64), SharedJournal>>,
+    conns: Mutex<HashMap<String, CancellationToken>>,
+    lag: Mutex<BTreeMap<(String, u64), LagState>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads figures of a running [`Receiver`].
+#[derive(Clone)]
+pub struct ReceiverHandle {
+    shared: Arc<Shared>,
+}
+
+impl ReceiverHandle {
+    /// Per-disk lag, every disk that ever connected to this receiver.
+    pub fn lag(&self) -> Vec<DiskLagReport> {
+        let now = now_ms();
+        lock(&self.shared.lag)
+            .values()
+            .map(|l| {
+                let mut r = l.report.clone();
+                r.durable_age_ms = if l.durable_ts == 0 {
+                    0
+                } else {
+                    (now - l.durable_ts).max(0) as u64
+                };
+                r
+            })
+            .collect()
+    }
+}
+
+/// The recovery side's listener. [`Receiver::bind`] then [`Receiver::run`].
+pub struct Receiver {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Receiver {
+    pub async fn bind(cfg: ReceiverConfig) -> Result<Receiver, StreamError> {
+        if matches!(cfg.transport, ServerTransport::Insecure) {
+            tracing::warn!(listen = %cfg.listen, "replication receiver without TLS (--insecure): data and identity are unprotected");
+        }
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(io("bind replication listener"))?;
+        Ok(Receiver {
+            listener,
+            shared: Arc::new(Shared {
+                cfg,
+                journals: Mutex::new(HashMap::new()),
+                conns: Mutex::new(HashMap::new()),
+                lag: Mutex::new(BTreeMap::new()),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, StreamError> {
+        self.listener.local_addr().map_err(io("local address"))
+    }
+
+    pub fn handle(&self) -> ReceiverHandle {
+        ReceiverHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `cancel`; then stops every connection, waits for them, and syncs and
+    /// closes every journal.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), StreamError> {
+        let mut handlers = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok((tcp, peer)) => {
+                        let shared = self.shared.clone();
+                        let token = cancel.child_token();
+                        handlers.spawn(
+                            handle(shared, tcp, peer, token)
+                                .instrument(tracing::info_span!("stream-receiver-conn", %peer)),
+                        );
+                    }
+                    Err(e) => {
+                        // Out of descriptors and the like: wait a little, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
+            }
+        }
+        drop(self.listener);
+        while handlers.join_next().await.is_some() {}
+        let journals: Vec<SharedJournal> = lock(&self.shared.journals)
+            .drain()
+            .map(|(_, j)| j)
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for j in journals {
+                if let Err(e) = lock(&j).sync() {
+                    tracing::error!(error = %e, "journal sync at shutdown failed");
+                }
+            }
+        })
+        .await
+        .map_err(|e| StreamError::Protocol(format!("journal close task: {e}")))?;
+        Ok(())
+    }
+}
+
+async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
+    match serve(&shared, tcp, cancel).await {
+        Ok(()) => tracing::info!(%peer, "replication connection closed"),
+        Err(StreamError::Refused(reason)) => {
+            tracing::warn!(%peer, %reason, "replication stream refused")
+        }
+        Err(e @ StreamError::Frame(_)) => {
+            tracing::error!(%peer, error = %e, "bad frame: closing the connection")
+        }
+        Err(e) => tracing::warn!(%peer, error = %e, "replication connection ended"),
+    }
+}
+
+async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    reason: String,
+) -> StreamError {
+    let _ = writer
+        .send(&Frame::Refused {
+            reason: reason.clone(),
+        })
+        .await;
+    writer.shutdown().await;
+    StreamError::Refused(reason)
+}
+
+async fn serve(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    cancel: CancellationToken,
+) -> Result<(), StreamError> {
+    let cfg = &shared.cfg;
+    let _ = tcp.set_nodelay(true);
+    let (stream, cert): (Box<dyn Io>, Option<CertificateDer<'static>>) = match &cfg.transport {
+        ServerTransport::Insecure => (Box::new(tcp), None),
+        ServerTransport::Tls(config) => {
+            let accept = tokio::time::timeout(
+                cfg.handshake_timeout,
+                tokio_rustls::TlsAcceptor::from(config.clone()).accept(tcp),
+            );
+            let tls = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = accept => r,
+            }
+            .map_err(|_| StreamError::Timeout("TLS handshake"))?
+            .map_err(|e| StreamError::Tls(e.to_string()))?;
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            if cert.is_none() {
+                return Err(StreamError::Tls("no client certificate".into()));
+            }
+            (Box::new(tls), cert)
+        }
+    };
+    let (rd, wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr, Compression::None);
+
+    // Shutdown does not wait out a slow handshake.
+    let hello = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        r = tokio::time::timeout(cfg.handshake_timeout, reader.read_frame()) => r,
+    }
+    .map_err(|_| StreamError::Timeout("waiting for Hello"))??;
+    let (version, host, disks) = match hello {
+        Some(Frame::Hello {
+            protocol_version,
+            host_name,
+            disks,
+        }) => (protocol_version, host_name, disks),
+        Some(other) => {
+            let reason = format!("expected Hello, got {other:?}");
+            return Err(refuse(&mut writer, reason).await);
+        }
+        None => return Err(StreamError::Closed),
+    };
+    if version != PROTOCOL_VERSION {
+        let reason = format!(
+            "protocol version {version} not supported (this agent speaks {PROTOCOL_VERSION})"
+        );
+        return Err(refuse(&mut writer, reason).await);
+    }
+    let Some(storage) = cfg.allow.get(&host).cloned() else {
+        let reason = format!("host {host:?} is not on this recovery agent's allow-list");
+        return Err(refuse(&mut writer, reason).await);
+    };
+    if let Some(cert) = &cert {
+        if !cert_names_host(cert, &host) {
+            let reason = format!("the client certificate does not name host {host:?}");
+            return Err(refuse(&mut writer, reason).await);
+        }
+    }
+    // This connection replaces any earlier one from the same host.
+    let cancel = cancel.child_token();
+    if let Some(old) = lock(&shared.conns).insert(host.clone(), cancel.clone()) {
+        old.cancel();
+    }
+
+    let s2 = shared.clone();
+    let (h2, st2) = (host.clone(), storage.clone());
+    let opened = tokio::task::spawn_blocking(move || open_disks(&s2, &h2, &st2, &disks))
+        .await
+        .map_err(|e| StreamError::Protocol(format!("journal open task: {e}")))?;
+    let welcome: Vec<DiskAck> = opened
+        .iter()
+        .map(|(id, _, durable)| DiskAck {
+            disk_id: *id,
+            durable_seq: *durable,
+        })
+        .collect();
+    writer.send(&Frame::Welcome { disks: welcome }).await?;
+    tracing::info!(%host, disks = opened.len(), "replication stream accepted");
+    let journals: HashMap<u64, SharedJournal> =
+        opened.into_iter().map(|(id, j, _)| (id, j)).collect();
+
+    // Reader (this task) → journal thread → writer task.
+    let (btx, brx) = mpsc::channel::<Vec<StreamRecord>>(16);
+    let (atx, mut arx) = mpsc::unbounded_channel::<Frame>();
+    let jshared = shared.clone();
+    let jhost = host.clone();
+    let jatx = atx.clone();
+    let sync_bytes = cfg.sync_bytes;
+    let span = tracing::info_span!("stream-journal", %host);
+    let journal_task = tokio::task::spawn_blocking(move || {
+        let _e = span.enter();
+        let r = journal_loop(brx, &journals, &jatx, &jshared, &jhost, sync_bytes);
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "journal append failed: closing the connection");
+        }
+        r
+    });
+    let writer_task = tokio::spawn(
+        async move {
+            while let Some(f) = arx.recv().await {
+                writer.push(&f)?;
+                while let Ok(f) = arx.try_recv() {
+                    writer.push(&f)?;
+                }
+                writer.flush().await?;
+            }
+            Ok::<(), StreamError>(())
+        }
+        .instrument(tracing::info_span!("stream-receiver-acks")),
+    );
+
+    let r = read_loop(
+        &mut reader,
+        &btx,
+        &atx,
+        shared,
+        &host,
+        cfg.peer_timeout,
+        &cancel,
+    )
+    .await;
+    drop(btx);
+    drop(atx);
+    // The journal thread finishes what it was handed (and syncs it) before we go.
+    let jr = journal_task
+        .await
+        .map_err(|e| StreamError::Protocol(format!("journal task: {e}")));
+    writer_task.abort();
+    // Forget our entry, but not a newer connection's (which is not cancelled).
+    cancel.cancel();
+    {
+        let mut conns = lock(&shared.conns);
+        if conns.get(&host).is_some_and(|t| t.is_cancelled()) {
+            conns.remove(&host);
+        }
+    }
+    r?;
+    jr?
+}
+
+async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    btx: &mpsc::Sender<Vec<StreamRecord>>,
+    atx: &mpsc::UnboundedSender<Frame>,
+    shared: &Shared,
+    host: &str,
+    peer_timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<(), StreamError> {
+    const MAX_BATCH: usize = 4 << 20;
+    let mut batch: Vec<StreamRecord> = Vec::new();
+    let mut batch_bytes = 0usize;
+    loop {
+        // Everything already buffered goes to the journal thread as one batch.
+        let mut failure = None;
+        loop {
+            match reader.try_frame() {
+                Ok(Some(Frame::Record(r))) => {
+                    batch_bytes += r.cost();
+                    batch.push(r);
+                    if batch_bytes >= MAX_BATCH {
+                        break;
+                    }
+                }
+                Ok(Some(Frame::Ping { nonce, lag })) => {
+                    let _ = atx.send(Frame::Pong { nonce });
+                    let mut all = lock(&shared.lag);
+                    for l in lag {
+                        let e = all.entry((host.to_string(), l.disk_id)).or_default();
+                        e.report.host = host.to_string();
+                        e.report.disk_id = l.disk_id;
+                        e.report.sender = l;
+                    }
+                }
+                Ok(Some(Frame::Pong { .. })) => {}
+                Ok(Some(other)) => {
+                    failure = Some(StreamError::Protocol(format!(
+                        "unexpected frame from sender: {other:?}"
+                    )));
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // Records before the bad frame are good; nothing after it is used.
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            batch_bytes = 0;
+            if btx.send(std::mem::take(&mut batch)).await.is_err() {
+                return Err(StreamError::Protocol("journal thread stopped".into()));
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if batch_bytes > 0 {
+            continue;
+        }
+        let more = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = tokio::time::timeout(peer_timeout, reader.fill()) => {
+                r.map_err(|_| StreamError::Timeout("no frame from the sender"))??
+            }
+        };
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// Opens (or finds in the registry) the journal of every disk of a Hello. A disk whose
+/// journal cannot be opened, or whose size differs, is left out of the Welcome.
+fn open_disks(
+    shared: &Shared,
+    host: &str,
+    storage: &Path,
+    disks: &[DiskHello],
+) -> Vec<(u64, SharedJournal, u64)> {
+    let mut reg = lock(&shared.journals);
+    let mut out = Vec::new();
+    for d in disks {
+        let key = (host.to_string(), d.disk_id);
+        let j = match reg.get(&key) {
+            Some(j) => j.clone(),
+            None => {
+                let dir = storage.join(format!("disk-{:016x}", d.disk_id));
+                let mut cfg = JournalConfig::new(d.disk_id, d.size);
+                cfg.segment_size = shared.cfg.segment_size;
+                cfg.write_buffer = shared.cfg.write_buffer;
+                let r = std::fs::create_dir_all(&dir)
+                    .map_err(io("create disk directory"))
+                    .and_then(|()| {
+                        Journal::open(dir.join("journal"), dir.join("replica.img"), cfg)
+                            .map_err(StreamError::from)
+                    });
+                match r {
+                    Ok(j) => {
+                        let j = Arc::new(Mutex::new(j));
+                        reg.insert(key, j.clone());
+                        j
+                    }
+                    Err(e) => {
+                        tracing::error!(disk = d.disk_id, error = %e, "cannot open journal");
+                        continue;
+                    }
+                }
+            }
+        };
+        let durable = {
+            let mut g = lock(&j);
+            if g.disk_size() != d.size {
+                tracing::error!(
+                    disk = d.disk_id,
+                    journal = g.disk_size(),
+                    hello = d.size,
+                    "disk size differs from its journal's: not accepted"
+                );
+                continue;
+            }
+            // Records a dropped connection left buffered become durable now, so the
+            // Welcome's seq is what the journal really holds.
+            match g.sync() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(disk = d.disk_id, error = %e, "journal sync failed");
+                    continue;
+                }
+            }
+        };
+        let mut lag = lock(&shared.lag);
+        let l = &mut lag.entry((host.to_string(), d.disk_id)).or_default().report;
+        l.host = host.to_string();
+        l.disk_id = d.disk_id;
+        l.durable_seq = durable;
+        l.received_seq = l.received_seq.max(durable);
+        out.push((d.disk_id, j, durable));
+    }
+    out
+}
+
+fn checkpoint_kind(k: u8) -> Option<CheckpointKind> {
+    match k {
+        1 => Some(CheckpointKind::Scheduled),
+        2 => Some(CheckpointKind::UserTagged),
+        3 => Some(CheckpointKind::AppConsistent),
+        _ => None,
+    }
+}
+
+/// Appends batches to the journals; syncs when no batch is waiting (or every
+/// `sync_bytes`) and sends one Ack for the disks touched.
+fn journal_loop(
+    mut rx: mpsc::Receiver<Vec<StreamRecord>>,
+    journals: &HashMap<u64, SharedJournal>,
+    acks: &mpsc::UnboundedSender<Frame>,
+    shared: &Shared,
+    host: &str,
+    sync_bytes: usize,
+) -> Result<(), StreamError> {
+    let mut touched = BTreeSet::new();
+    let mut pending = 0usize;
+    let mut pending_records = BTreeMap::<u64, (u64, u64)>::new();
+    while let Some(batch) = rx.blocking_recv() {
+        let mut next = Some(batch);
+        while let Some(batch) = next.take() {
+            for rec in &batch {
+                let Some(j) = journals.get(&rec.disk) else {
+                    return Err(StreamError::Protocol(format!(
+                        "record for disk {} which was not accepted",
+                        rec.disk
+                    )));
+                };
+                let r = match &rec.body {
+                    RecordBody::Write { offset, data } => {
+                        Record::write(rec.seq, rec.timestamp_ms, *offset, data)
+                    }
+                    RecordBody::Zero { offset, len } => {
+                        Record::zero(rec.seq, rec.timestamp_ms, *offset, *len)
+                    }
+                    RecordBody::Trim { offset, len } => {
+                        Record::trim(rec.seq, rec.timestamp_ms, *offset, *len)
+                    }
+                    RecordBody::Checkpoint { id, kind, tag } => {
+                        let Some(kind) = checkpoint_kind(*kind) else {
+                            return Err(StreamError::Protocol(format!(
+                                "unknown checkpoint kind {kind}"
+                            )));
+                        };
+                        Record::checkpoint(rec.seq, rec.timestamp_ms, *id, kind, tag.as_deref())
+                    }
+                };
+                lock(j).append(r)?;
+                touched.insert(rec.disk);
+                pending += rec.cost();
+                let p = pending_records.entry(rec.disk).or_default();
+                p.0 += 1;
+                p.1 += rec.cost() as u64;
+            }
+            update_received(shared, host, &batch, &pending_records);
+            if pending < sync_bytes {
+                next = rx.try_recv().ok();
+            }
+        }
+        let mut disks = Vec::with_capacity(touched.len());
+        for id in std::mem::take(&mut touched) {
+            if let Some(j) = journals.get(&id) {
+                let durable = lock(j).sync()?;
+                disks.push(DiskAck {
+                    disk_id: id,
+                    durable_seq: durable,
+                });
+            }
+        }
+        pending = 0;
+        pending_records.clear();
+        update_durable(shared, host, &disks);
+        // The writer may be gone (connection closing); the journal is durable anyway.
+        let _ = acks.send(Frame::Ack { disks });
+    }
+    Ok(())
+}
+
+fn update_received(
+    shared: &Shared,
+    host: &str,
+    batch: &[StreamRecord],
+    pending: &BTreeMap<u64, (u64, u64)>,
+) {
+    let mut lag = lock(&shared.lag);
+    for rec in batch {
+        let l = lag.entry((host.to_string(), rec.disk)).or_default();
+        l.report.received_seq = l.report.received_seq.max(rec.seq);
+        l.received_ts = l.received_ts.max(rec.timestamp_ms);
+    }
+    for (disk, (n, b)) in pending {
+        let l = lag.entry((host.to_string(), *disk)).or_default();
+        l.report.pending_records = *n;
+        l.report.pending_bytes = *b;
+    }
+}
+
+fn update_durable(shared: &Shared, host: &str, disks: &[DiskAck]) {
+    let mut lag = lock(&shared.lag);
+    for a in disks {
+        let l = lag.entry((host.to_string(), a.disk_id)).or_default();
+        l.report.durable_seq = a.durable_seq;
+        l.report.pending_records = 0;
+        l.report.pending_bytes = 0;
+        // The sync made everything received durable.
+        l.durable_ts = l.received_ts;
+    }
+}

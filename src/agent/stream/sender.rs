@@ -1,0 +1,812 @@
+//! The protected side of the stream: the per-disk outbound queue (memory, then spill),
+//! the connection task (dial, Hello/Welcome, send, acks, back-off) and the bitmap-only
+//! fallback.
+//!
+//! Sequence numbers are assigned by the caller (the protected disk owns its counter, so
+//! it survives the sender); `enqueue` only checks they increase per disk.
+//!
+//! Per-disk state machine:
+//! ```text
+//!   Streaming ──(memory and spill full, or peer away > away_bound)──▶ BitmapOnly
+//!   BitmapOnly ──(sync_finished(disk))──▶ Streaming
+//! ```
+//! In Streaming a record is queued in memory, or, once memory is full (or the disk
+//! already has spilled records, to keep order), appended to the disk's spill log. It
+//! stays until acknowledged durable. Going BitmapOnly drops the disk's queue and reports
+//! `NeedsBitmapSync`; records enqueued meanwhile are dropped on the spot (the dirty
+//! bitmap the NBD side keeps has them).
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::conn::{FrameReader, FrameWriter};
+use super::spill::Spill;
+use super::{io, now_ms, ClientTransport, Io, StreamError};
+use crate::proto::stream::{
+    Compression, DiskAck, DiskHello, DiskLag, Frame, RecordBody, StreamRecord, MAX_WRITE_DATA,
+    PROTOCOL_VERSION,
+};
+
+/// A disk this sender streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub disk_id: u64,
+    pub size: u64,
+    pub generation: u64,
+}
+
+/// How the sender runs.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// This (protected) host's name: what the recovery side's allow-list names.
+    pub host_name: String,
+    pub peer: SocketAddr,
+    pub transport: ClientTransport,
+    /// Per-frame compression, from the VPG's setting.
+    pub compression: Compression,
+    /// Bytes per second on the wire (after compression); `None`: unlimited.
+    pub bandwidth_limit: Option<u64>,
+    /// Record bytes (data plus a fixed overhead per record) kept in memory, all disks.
+    pub queue_memory: usize,
+    /// Where spill logs go (`None`: no spilling).
+    pub spill_dir: Option<PathBuf>,
+    /// Record bytes the spill logs may hold, all disks.
+    pub spill_limit: usize,
+    /// A disk with records queued goes bitmap-only once the peer has been unreachable
+    /// this long.
+    pub away_bound: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+    /// A Ping (with the lag figures) goes out this often.
+    pub ping_interval: Duration,
+    /// No frame from the peer for this long ends the connection.
+    pub peer_timeout: Duration,
+}
+
+impl SenderConfig {
+    pub fn new(host_name: impl Into<String>, peer: SocketAddr, transport: ClientTransport) -> Self {
+        SenderConfig {
+            host_name: host_name.into(),
+            peer,
+            transport,
+            compression: Compression::None,
+            bandwidth_limit: None,
+            queue_memory: 256 << 20,
+            spill_dir: None,
+            spill_limit: 0,
+            away_bound: Duration::from_secs(300),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(1),
+            peer_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where a disk stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskMode {
+    Streaming,
+    /// Records are not queued; the dirty bitmap is the truth until a Bitmap Sync.
+    BitmapOnly,
+}
+
+/// What `enqueue` did with a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    Memory,
+    Spilled,
+    /// Dropped: the disk is bitmap-only (now or already).
+    BitmapOnly,
+}
+
+/// What the sender tells its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    Connected,
+    Disconnected {
+        error: String,
+    },
+    Refused {
+        reason: String,
+    },
+    /// The disk's queue was dropped; only a Bitmap Sync brings the replica level again.
+    /// Records up to `acked_seq` are durable at the recovery site.
+    NeedsBitmapSync {
+        disk: u64,
+        acked_seq: u64,
+        reason: String,
+    },
+    /// The receiver did not accept this disk in its Welcome.
+    DiskNotAccepted {
+        disk: u64,
+    },
+}
+
+/// Figures per disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskStats {
+    pub disk_id: u64,
+    pub mode: DiskMode,
+    pub queued_records: u64,
+    /// Record cost (data plus overhead) queued, memory and spill.
+    pub queued_bytes: u64,
+    pub spilled_bytes: u64,
+    pub oldest_unacked_ms: u64,
+    pub acked_seq: u64,
+    pub last_seq: u64,
+}
+
+struct Queued {
+    rec: Arc<StreamRecord>,
+    cost: usize,
+}
+
+struct DiskQ {
+    spec: DiskSpec,
+    mode: DiskMode,
+    /// Oldest first; seqs increasing; all older than anything in `spill`.
+    mem: VecDeque<Queued>,
+    mem_cost: usize,
+    spill: Option<Spill>,
+    last_seq: u64,
+    acked: u64,
+    /// Highest seq written on the current connection.
+    sent: u64,
+    accepted: bool,
+}
+
+impl DiskQ {
+    fn queued(&self) -> usize {
+        self.mem.len() + self.spill.as_ref().map_or(0, |s| s.index.len())
+    }
+}
+
+struct State {
+    disks: BTreeMap<u64, DiskQ>,
+    mem_cost: usize,
+    spill_cost: usize,
+    /// Since when the peer has been unreachable (`None` while connected).
+    away_since: Option<Instant>,
+}
+
+struct Inner {
+    cfg: SenderConfig,
+    state: Mutex<State>,
+    wake: Notify,
+    events: mpsc::UnboundedSender<StreamEvent>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic under the lock leaves the queue consistent enough to keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn event(&self, e: StreamEvent) {
+        let _ = self.events.send(e);
+    }
+
+    /// Drops the disk's queue and reports that a Bitmap Sync is needed.
+    fn go_bitmap(&self, st: &mut State, disk: u64, reason: &str) {
+        let Some(d) = st.disks.get_mut(&disk) else {
+            return;
+        };
+        if d.mode == DiskMode::BitmapOnly {
+            return;
+        }
+        d.mode = DiskMode::BitmapOnly;
+        st.mem_cost -= d.mem_cost;
+        d.mem.clear();
+        d.mem_cost = 0;
+        if let Some(s) = d.spill.as_mut() {
+            st.spill_cost -= s.cost;
+            if let Err(e) = s.clear() {
+                tracing::warn!(disk, error = %e, "could not truncate spill log");
+            }
+        }
+        tracing::warn!(
+            disk,
+            acked_seq = d.acked,
+            reason,
+            "disk switched to bitmap-only"
+        );
+        self.event(StreamEvent::NeedsBitmapSync {
+            disk,
+            acked_seq: d.acked,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Past the away bound, every disk with something queued goes bitmap-only.
+    fn check_away(&self, st: &mut State) {
+        let Some(since) = st.away_since else { return };
+        if since.elapsed() < self.cfg.away_bound {
+            return;
+        }
+        let ids: Vec<u64> = st
+            .disks
+            .iter()
+            .filter(|(_, d)| d.mode == DiskMode::Streaming && d.queued() > 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.go_bitmap(st, id, "peer away longer than the bound");
+        }
+    }
+
+    fn apply_ack(&self, st: &mut State, a: DiskAck) {
+        let Some(d) = st.disks.get_mut(&a.disk_id) else {
+            return;
+        };
+        if a.durable_seq < d.acked {
+            tracing::warn!(
+                disk = a.disk_id,
+                durable = a.durable_seq,
+                acked = d.acked,
+                "receiver's durable seq went backwards"
+            );
+            return;
+        }
+        d.acked = a.durable_seq;
+        while d.mem.front().is_some_and(|q| q.rec.seq <= d.acked) {
+            if let Some(q) = d.mem.pop_front() {
+                d.mem_cost -= q.cost;
+                st.mem_cost -= q.cost;
+            }
+        }
+        if let Some(s) = d.spill.as_mut() {
+            while s.index.front().is_some_and(|e| e.0 <= d.acked) {
+                let before = s.cost;
+                if let Err(e) = s.skip_front() {
+                    tracing::warn!(disk = a.disk_id, error = %e, "spill log");
+                }
+                st.spill_cost -= before - s.cost;
+            }
+        }
+    }
+}
+
+/// The protected side of one stream. Cheap to clone; the connection task stops when
+/// the cancellation token given to [`Sender::start`] is cancelled.
+#[derive(Clone)]
+pub struct Sender {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("peer", &self.inner.cfg.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sender {
+    /// Starts the connection task (span `stream-sender`) for `disks`; returns the handle
+    /// and the events channel. Must be called inside a Tokio runtime.
+    pub fn start(
+        cfg: SenderConfig,
+        disks: Vec<DiskSpec>,
+        cancel: CancellationToken,
+    ) -> Result<(Sender, mpsc::UnboundedReceiver<StreamEvent>), StreamError> {
+        if matches!(cfg.transport, ClientTransport::Insecure) {
+            tracing::warn!(peer = %cfg.peer, "replication stream without TLS (--insecure): data and identity are unprotected");
+        }
+        if cfg.queue_memory == 0 {
+            return Err(StreamError::Config("queue memory bound is zero".into()));
+        }
+        if let Some(dir) = &cfg.spill_dir {
+            std::fs::create_dir_all(dir).map_err(|source| StreamError::Spill {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut map = BTreeMap::new();
+        for spec in disks {
+            let spill = match &cfg.spill_dir {
+                Some(dir) if cfg.spill_limit > 0 => Some(Spill::create(
+                    dir.join(format!("spill-{:016x}.log", spec.disk_id)),
+                )?),
+                _ => None,
+            };
+            map.insert(
+                spec.disk_id,
+                DiskQ {
+                    spec,
+                    mode: DiskMode::Streaming,
+                    mem: VecDeque::new(),
+                    mem_cost: 0,
+                    spill,
+                    last_seq: 0,
+                    acked: 0,
+                    sent: 0,
+                    accepted: false,
+                },
+            );
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            cfg,
+            state: Mutex::new(State {
+                disks: map,
+                mem_cost: 0,
+                spill_cost: 0,
+                away_since: Some(Instant::now()),
+            }),
+            wake: Notify::new(),
+            events: tx,
+        });
+        let task = inner.clone();
+        tokio::spawn(run(task, cancel).instrument(tracing::info_span!("stream-sender")));
+        Ok((Sender { inner }, rx))
+    }
+
+    /// Queues one record of `disk`. Never waits for the network: it takes one short
+    /// lock and, when memory is full, does one buffered append to the spill log.
+    /// `rec.seq` must be above the disk's last enqueued seq.
+    pub fn enqueue(&self, rec: StreamRecord) -> Result<Enqueued, StreamError> {
+        if let RecordBody::Write { data, .. } = &rec.body {
+            if data.is_empty() || data.len() > MAX_WRITE_DATA {
+                return Err(StreamError::TooLarge(data.len()));
+            }
+        }
+        let inner = &*self.inner;
+        let mut guard = inner.lock();
+        let st = &mut *guard;
+        let disk = rec.disk;
+        let Some(d) = st.disks.get_mut(&disk) else {
+            return Err(StreamError::UnknownDisk(disk));
+        };
+        if rec.seq <= d.last_seq {
+            return Err(StreamError::OutOfOrder {
+                disk,
+                seq: rec.seq,
+                last: d.last_seq,
+            });
+        }
+        d.last_seq = rec.seq;
+        if d.mode == DiskMode::BitmapOnly {
+            return Ok(Enqueued::BitmapOnly);
+        }
+        if st
+            .away_since
+            .is_some_and(|t| t.elapsed() >= inner.cfg.away_bound)
+        {
+            inner.go_bitmap(st, disk, "peer away longer than the bound");
+            return Ok(Enqueued::BitmapOnly);
+        }
+        let cost = rec.cost();
+        let spill_empty = d.spill.as_ref().is_none_or(|s| s.is_empty());
+        let r = if spill_empty && st.mem_cost + cost <= inner.cfg.queue_memory {
+            d.mem.push_back(Queued {
+                rec: Arc::new(rec),
+                cost,
+            });
+            d.mem_cost += cost;
+            st.mem_cost += cost;
+            Enqueued::Memory
+        } else if let Some(s) = d
+            .spill
+            .as_mut()
+            .filter(|_| st.spill_cost + cost <= inner.cfg.spill_limit)
+        {
+            match s.push(&rec) {
+                Ok(()) => {
+                    st.spill_cost += cost;
+                    Enqueued::Spilled
+                }
+                Err(e) => {
+                    tracing::error!(disk, error = %e, "spill log write failed");
+                    inner.go_bitmap(st, disk, "spill log write failed");
+                    Enqueued::BitmapOnly
+                }
+            }
+        } else {
+            inner.go_bitmap(st, disk, "outbound queue and spill log full");
+            Enqueued::BitmapOnly
+        };
+        drop(guard);
+        inner.wake.notify_one();
+        Ok(r)
+    }
+
+    /// A Bitmap Sync of `disk` finished: stream its records again (seqs go on from the
+    /// disk's counter; the journal accepts the gap).
+    pub fn sync_finished(&self, disk: u64) -> Result<(), StreamError> {
+        let mut st = self.inner.lock();
+        let d = st
+            .disks
+            .get_mut(&disk)
+            .ok_or(StreamError::UnknownDisk(disk))?;
+        d.mode = DiskMode::Streaming;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Vec<DiskStats> {
+        let st = self.inner.lock();
+        let now = now_ms();
+        st.disks
+            .values()
+            .map(|d| {
+                let oldest = d
+                    .mem
+                    .front()
+                    .map(|q| q.rec.timestamp_ms)
+                    .or_else(|| d.spill.as_ref().and_then(|s| s.oldest_ms()));
+                DiskStats {
+                    disk_id: d.spec.disk_id,
+                    mode: d.mode,
+                    queued_records: d.queued() as u64,
+                    queued_bytes: (d.mem_cost + d.spill.as_ref().map_or(0, |s| s.cost)) as u64,
+                    spilled_bytes: d.spill.as_ref().map_or(0, |s| s.bytes()),
+                    oldest_unacked_ms: oldest.map_or(0, |t| (now - t).max(0) as u64),
+                    acked_seq: d.acked,
+                    last_seq: d.last_seq,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether every queued record of every disk has been acknowledged.
+    pub fn is_drained(&self) -> bool {
+        self.inner.lock().disks.values().all(|d| d.queued() == 0)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.inner.lock().away_since.is_none()
+    }
+}
+
+/// The connection task: dial, run, back off, again, until cancelled.
+async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
+    let mut backoff = inner.cfg.backoff_min;
+    loop {
+        let started = Instant::now();
+        let r = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = connection(&inner, &cancel) => r,
+        };
+        {
+            let mut st = inner.lock();
+            if st.away_since.is_none() {
+                st.away_since = Some(Instant::now());
+            }
+            for d in st.disks.values_mut() {
+                d.accepted = false;
+            }
+        }
+        match r {
+            Ok(()) => return,
+            Err(StreamError::Refused(reason)) => {
+                tracing::error!(peer = %inner.cfg.peer, %reason, "recovery agent refused the stream");
+                inner.event(StreamEvent::Refused { reason });
+                backoff = inner.cfg.backoff_max;
+            }
+            Err(e) => {
+                tracing::warn!(peer = %inner.cfg.peer, error = %e, "replication connection lost");
+                inner.event(StreamEvent::Disconnected {
+                    error: e.to_string(),
+                });
+                // A connection that stood for a while resets the back-off.
+                if started.elapsed() > inner.cfg.backoff_max {
+                    backoff = inner.cfg.backoff_min;
+                }
+            }
+        }
+        // Exponential back-off with jitter: sleep in [b/2, b], then double b.
+        let b = backoff.as_millis() as u64;
+        let sleep = Duration::from_millis(rand::rng().random_range(b / 2..=b.max(1)));
+        backoff = (backoff * 2).min(inner.cfg.backoff_max);
+        let deadline = Instant::now() + sleep;
+        // Check the away bound while waiting, so a disk goes bitmap-only on time even
+        // when the guest is idle.
+        while Instant::now() < deadline {
+            {
+                let mut st = inner.lock();
+                inner.check_away(&mut st);
+            }
+            let step = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(step) => {}
+            }
+        }
+    }
+}
+
+async fn dial(cfg: &SenderConfig) -> Result<Box<dyn Io>, StreamError> {
+    let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(cfg.peer))
+        .await
+        .map_err(|_| StreamError::Timeout("connect"))?
+        .map_err(io("connect"))?;
+    let _ = tcp.set_nodelay(true);
+    match &cfg.transport {
+        ClientTransport::Insecure => Ok(Box::new(tcp)),
+        ClientTransport::Tls {
+            config,
+            server_name,
+        } => {
+            let name = rustls::pki_types::ServerName::try_from(server_name.clone())
+                .map_err(|e| StreamError::Tls(format!("server name {server_name:?}: {e}")))?;
+            let tls = tokio::time::timeout(
+                cfg.connect_timeout,
+                tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp),
+            )
+            .await
+            .map_err(|_| StreamError::Timeout("TLS handshake"))?
+            .map_err(|e| StreamError::Tls(e.to_string()))?;
+            Ok(Box::new(tls))
+        }
+    }
+}
+
+/// One connection's life: handshake, then send and receive until an error.
+async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<(), StreamError> {
+    let cfg = &inner.cfg;
+    let io_stream = dial(cfg).await?;
+    let (rd, wr) = tokio::io::split(io_stream);
+    let mut reader = FrameReader::new(rd);
+    let mut writer = FrameWriter::new(wr, cfg.compression);
+    let disks: Vec<DiskHello> = inner
+        .lock()
+        .disks
+        .values()
+        .map(|d| DiskHello {
+            disk_id: d.spec.disk_id,
+            size: d.spec.size,
+            generation: d.spec.generation,
+        })
+        .collect();
+    writer
+        .send(&Frame::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            host_name: cfg.host_name.clone(),
+            disks,
+        })
+        .await?;
+    let welcome = tokio::time::timeout(cfg.peer_timeout, reader.read_frame())
+        .await
+        .map_err(|_| StreamError::Timeout("waiting for Welcome"))??;
+    let accepted = match welcome {
+        Some(Frame::Welcome { disks }) => disks,
+        Some(Frame::Refused { reason }) => return Err(StreamError::Refused(reason)),
+        Some(other) => {
+            return Err(StreamError::Protocol(format!(
+                "expected Welcome, got {other:?}"
+            )))
+        }
+        None => return Err(StreamError::Closed),
+    };
+    {
+        let mut guard = inner.lock();
+        let st = &mut *guard;
+        st.away_since = None;
+        let ids: HashSet<u64> = accepted.iter().map(|a| a.disk_id).collect();
+        for a in &accepted {
+            inner.apply_ack(st, *a);
+            if let Some(d) = st.disks.get_mut(&a.disk_id) {
+                // Resend everything above what the receiver holds durably.
+                d.sent = d.acked;
+                d.accepted = true;
+            }
+        }
+        for id in st.disks.keys().filter(|id| !ids.contains(id)) {
+            tracing::warn!(disk = id, "receiver did not accept disk");
+            inner.event(StreamEvent::DiskNotAccepted { disk: *id });
+        }
+    }
+    tracing::info!(peer = %cfg.peer, disks = accepted.len(), "replication stream connected");
+    inner.event(StreamEvent::Connected);
+    inner.wake.notify_one();
+
+    let conn_cancel = cancel.child_token();
+    let _stop_reader = conn_cancel.clone().drop_guard();
+    let rinner = inner.clone();
+    let rcancel = conn_cancel.clone();
+    let peer_timeout = cfg.peer_timeout;
+    let mut reader_task = tokio::spawn(
+        async move {
+            loop {
+                let f = tokio::select! {
+                    _ = rcancel.cancelled() => return Ok(()),
+                    f = tokio::time::timeout(peer_timeout, reader.read_frame()) => f,
+                };
+                match f.map_err(|_| StreamError::Timeout("no frame from the receiver"))?? {
+                    Some(Frame::Ack { disks }) => {
+                        {
+                            let mut st = rinner.lock();
+                            for a in disks {
+                                rinner.apply_ack(&mut st, a);
+                            }
+                        }
+                        // Acks free memory: the writer may refill from the spill log.
+                        rinner.wake.notify_one();
+                    }
+                    Some(Frame::Pong { .. }) => {}
+                    Some(Frame::Refused { reason }) => return Err(StreamError::Refused(reason)),
+                    Some(other) => {
+                        return Err(StreamError::Protocol(format!(
+                            "unexpected frame from receiver: {other:?}"
+                        )))
+                    }
+                    None => return Err(StreamError::Closed),
+                }
+            }
+        }
+        .instrument(tracing::info_span!("stream-sender-acks")),
+    );
+
+    let mut bucket = cfg.bandwidth_limit.map(Bucket::new);
+    let mut next_ping = tokio::time::Instant::now();
+    let mut nonce = 0u64;
+    let mut batch: Vec<Arc<StreamRecord>> = Vec::new();
+    loop {
+        if tokio::time::Instant::now() >= next_ping {
+            // Pings go out under load too: they carry the lag figures.
+            nonce += 1;
+            let lag = lag_figures(inner);
+            writer.push(&Frame::Ping { nonce, lag })?;
+            next_ping = tokio::time::Instant::now() + cfg.ping_interval;
+        }
+        batch.clear();
+        collect(inner, &mut batch)?;
+        if batch.is_empty() {
+            writer.flush().await?;
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = &mut reader_task => {
+                    return match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(StreamError::Protocol(format!("ack reader: {e}"))),
+                    };
+                }
+                _ = inner.wake.notified() => {}
+                _ = tokio::time::sleep_until(next_ping) => {}
+            }
+            continue;
+        }
+        for rec in &batch {
+            // The Arc keeps the queue's copy; the frame needs an owned record. This clone
+            // is the one copy of the data on the send path.
+            writer.push(&Frame::Record(StreamRecord::clone(rec)))?;
+        }
+        if let Some(b) = bucket.as_mut() {
+            b.take(writer.buffered()).await;
+        }
+        if reader_task.is_finished() {
+            return match reader_task.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(StreamError::Protocol(format!("ack reader: {e}"))),
+            };
+        }
+        writer.flush().await?;
+    }
+}
+
+/// Takes the next records to send (up to ~1 MiB), refilling memory from spill logs.
+fn collect(inner: &Inner, batch: &mut Vec<Arc<StreamRecord>>) -> Result<(), StreamError> {
+    const BATCH: usize = 1 << 20;
+    let mut guard = inner.lock();
+    let st = &mut *guard;
+    let mut bytes = 0usize;
+    let limit = inner.cfg.queue_memory;
+    for d in st.disks.values_mut() {
+        if !d.accepted || d.mode != DiskMode::Streaming {
+            continue;
+        }
+        loop {
+            let start = d.mem.partition_point(|q| q.rec.seq <= d.sent);
+            if start == d.mem.len() {
+                // Everything in memory is sent: bring the next spilled record in while
+                // memory allows (always one, so a disk cannot stall).
+                let Some(s) = d.spill.as_mut() else { break };
+                let Some(&(_, _, cost, _)) = s.index.front() else {
+                    break;
+                };
+                if st.mem_cost + cost > limit && !d.mem.is_empty() {
+                    break;
+                }
+                match s.pop() {
+                    Ok(Some(rec)) => {
+                        st.spill_cost -= cost;
+                        d.mem.push_back(Queued {
+                            rec: Arc::new(rec),
+                            cost,
+                        });
+                        d.mem_cost += cost;
+                        st.mem_cost += cost;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(disk = d.spec.disk_id, error = %e, "spill log read failed");
+                        return Err(e);
+                    }
+                }
+                continue;
+            }
+            for q in d.mem.range(start..) {
+                batch.push(q.rec.clone());
+                d.sent = q.rec.seq;
+                bytes += q.cost;
+                if bytes >= BATCH {
+                    break;
+                }
+            }
+            break;
+        }
+        if bytes >= BATCH {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn lag_figures(inner: &Inner) -> Vec<DiskLag> {
+    let st = inner.lock();
+    let now = now_ms();
+    st.disks
+        .values()
+        .map(|d| {
+            let oldest = d
+                .mem
+                .front()
+                .map(|q| q.rec.timestamp_ms)
+                .or_else(|| d.spill.as_ref().and_then(|s| s.oldest_ms()));
+            DiskLag {
+                disk_id: d.spec.disk_id,
+                queued_records: d.queued() as u64,
+                queued_bytes: (d.mem_cost + d.spill.as_ref().map_or(0, |s| s.cost)) as u64,
+                oldest_unacked_ms: oldest.map_or(0, |t| (now - t).max(0) as u64),
+            }
+        })
+        .collect()
+}
+
+/// Token bucket for the bandwidth limit: a burst of a tenth of a second; a send larger
+/// than the tokens goes into debt and waits it off.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Bucket {
+        let rate = rate.max(1) as f64;
+        let burst = (rate / 10.0).max(64.0 * 1024.0);
+        Bucket {
+            rate,
+            tokens: burst,
+            burst,
+            last: Instant::now(),
+        }
+    }
+
+    async fn take(&mut self, n: usize) {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        self.tokens -= n as f64;
+        if self.tokens < 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(-self.tokens / self.rate)).await;
+        }
+    }
+}

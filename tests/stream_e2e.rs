@@ -1,0 +1,441 @@
+//! The replication stream end to end over loopback: sender → (proxy) → receiver →
+//! journal, checked byte for byte against an in-memory model of each disk.
+#![allow(clippy::unwrap_used)]
+
+mod stream_util;
+
+use std::time::{Duration, Instant};
+
+use bulwark::agent::stream::{
+    ClientTransport, DiskMode, Enqueued, Sender, ServerTransport, StreamEvent,
+};
+use bulwark::proto::stream::Compression;
+use stream_util::*;
+use tokio_util::sync::CancellationToken;
+
+const DISKS: [u64; 2] = [7, 42];
+
+/// Enqueues `n` records per disk (interleaved) in chunks, calling `between` after each
+/// chunk; ends every disk with a checkpoint. Returns the slowest enqueue.
+async fn load(
+    sender: &Sender,
+    w: &mut Workload,
+    n: usize,
+    chunks: usize,
+    mut between: impl FnMut(usize),
+) -> Duration {
+    let mut worst = Duration::ZERO;
+    for c in 0..chunks {
+        let mut recs = Vec::new();
+        for _ in 0..n / chunks {
+            for d in DISKS {
+                recs.push(w.next(d, 64 << 10));
+            }
+        }
+        worst = worst.max(enqueue_all(sender, recs));
+        between(c);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let last: Vec<_> = DISKS.iter().map(|&d| w.checkpoint(d)).collect();
+    worst.max(enqueue_all(sender, last))
+}
+
+async fn multiplexed(compression: Compression, n: usize) {
+    init_tracing();
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let st = storage(dir.path());
+    let rx = RunningReceiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        certs.server(),
+        &[(PRO, &st)],
+    )
+    .await;
+    let mut cfg = sender_config(rx.addr, certs.client(PRO));
+    cfg.compression = compression;
+    let cancel = CancellationToken::new();
+    let (sender, mut events) = Sender::start(cfg, specs(&DISKS), cancel.clone()).unwrap();
+    let mut w = Workload::new(1, &DISKS);
+    let worst = load(&sender, &mut w, n, 4, |_| {}).await;
+    wait_drained(&sender, Duration::from_secs(60)).await;
+    let lag = rx.handle.lag();
+    assert_eq!(lag.len(), 2);
+    for l in &lag {
+        assert_eq!(l.durable_seq, w.next_seq[&l.disk_id] - 1);
+    }
+    cancel.cancel();
+    rx.stop().await;
+    for d in DISKS {
+        verify_disk(&st, d, &w);
+    }
+    let ev = drain_events(&mut events);
+    assert!(ev.contains(&StreamEvent::Connected), "{ev:?}");
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, StreamEvent::NeedsBitmapSync { .. })),
+        "{ev:?}"
+    );
+    assert!(worst < Duration::from_millis(200), "enqueue took {worst:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_disks_multiplexed_over_tls() {
+    multiplexed(Compression::None, 2000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_round_trip() {
+    multiplexed(Compression::Zstd, 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lz4_round_trip() {
+    multiplexed(Compression::Lz4, 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cut_mid_load_loses_and_repeats_nothing() {
+    init_tracing();
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let st = storage(dir.path());
+    let rx = RunningReceiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        certs.server(),
+        &[(PRO, &st)],
+    )
+    .await;
+    let proxy = Proxy::start(rx.addr).await;
+    let cancel = CancellationToken::new();
+    let (sender, mut events) = Sender::start(
+        sender_config(proxy.addr, certs.client(PRO)),
+        specs(&DISKS),
+        cancel.clone(),
+    )
+    .unwrap();
+    let mut w = Workload::new(2, &DISKS);
+    let handle = rx.handle.clone();
+    let mut seen = std::collections::HashMap::new();
+    let mut check_monotonic = || {
+        for l in handle.lag() {
+            let prev = seen.insert(l.disk_id, l.durable_seq).unwrap_or(0);
+            assert!(
+                l.durable_seq >= prev,
+                "durable seq went back on disk {}",
+                l.disk_id
+            );
+        }
+    };
+    load(&sender, &mut w, 1500, 10, |c| {
+        check_monotonic();
+        if c % 3 == 1 {
+            proxy.cut();
+        }
+    })
+    .await;
+    wait_drained(&sender, Duration::from_secs(60)).await;
+    check_monotonic();
+    assert!(proxy.connections.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+    cancel.cancel();
+    rx.stop().await;
+    proxy.stop();
+    for d in DISKS {
+        verify_disk(&st, d, &w);
+    }
+    let ev = drain_events(&mut events);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, StreamEvent::Disconnected { .. })),
+        "{ev:?}"
+    );
+    assert!(!ev
+        .iter()
+        .any(|e| matches!(e, StreamEvent::NeedsBitmapSync { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_restart_mid_load() {
+    init_tracing();
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let st = storage(dir.path());
+    let rx = RunningReceiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        certs.server(),
+        &[(PRO, &st)],
+    )
+    .await;
+    let addr = rx.addr;
+    let cancel = CancellationToken::new();
+    let (sender, _events) = Sender::start(
+        sender_config(addr, certs.client(PRO)),
+        specs(&DISKS),
+        cancel.clone(),
+    )
+    .unwrap();
+    let mut w = Workload::new(3, &DISKS);
+    let mut recs = Vec::new();
+    for _ in 0..600 {
+        for d in DISKS {
+            recs.push(w.next(d, 64 << 10));
+        }
+    }
+    enqueue_all(&sender, recs);
+    // Stop it mid-load: part of the queue is acknowledged, part not.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    rx.stop().await;
+    let acked_before: Vec<u64> = sender.stats().iter().map(|s| s.acked_seq).collect();
+    let mut recs = Vec::new();
+    for _ in 0..600 {
+        for d in DISKS {
+            recs.push(w.next(d, 64 << 10));
+        }
+    }
+    recs.extend(DISKS.iter().map(|&d| w.checkpoint(d)));
+    enqueue_all(&sender, recs);
+    let rx = RunningReceiver::start(addr, certs.server(), &[(PRO, &st)]).await;
+    wait_drained(&sender, Duration::from_secs(60)).await;
+    let acked_after: Vec<u64> = sender.stats().iter().map(|s| s.acked_seq).collect();
+    for (a, b) in acked_before.iter().zip(&acked_after) {
+        assert!(b >= a);
+    }
+    cancel.cancel();
+    rx.stop().await;
+    for d in DISKS {
+        verify_disk(&st, d, &w);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_frame_is_detected_and_resent() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let st = storage(dir.path());
+    // Plain TCP: under TLS a flipped byte fails the TLS record MAC before our CRC.
+    let rx = RunningReceiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ServerTransport::Insecure,
+        &[(PRO, &st)],
+    )
+    .await;
+    let proxy = Proxy::start(rx.addr).await;
+    proxy.flip_at(300_000);
+    let cancel = CancellationToken::new();
+    let (sender, mut events) = Sender::start(
+        sender_config(proxy.addr, ClientTransport::Insecure),
+        specs(&DISKS),
+        cancel.clone(),
+    )
+    .unwrap();
+    let mut w = Workload::new(4, &DISKS);
+    load(&sender, &mut w, 600, 3, |_| {}).await;
+    wait_drained(&sender, Duration::from_secs(60)).await;
+    cancel.cancel();
+    rx.stop().await;
+    proxy.stop();
+    for d in DISKS {
+        verify_disk(&st, d, &w);
+    }
+    let ev = drain_events(&mut events);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, StreamEvent::Disconnected { .. })),
+        "the corruption should have cost a reconnect: {ev:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_memory_spills_and_stays_exact() {
+    init_tracing();
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let st = storage(dir.path());
+    let rx = RunningReceiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        certs.server(),
+        &[(PRO, &st)],
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    let mut cfg = sender_config(rx.addr, certs.client(PRO));
+    cfg.queue_memory = 256 << 10;
+    cfg.spill_dir = Some(dir.path().join("spill"));
+    cfg.spill_limit = 256 << 20;
+    let (sender, mut events) = Sender::start(cfg, specs(&DISKS), cancel.clone()).unwrap();
+    let mut w = Workload::new(5, &DISKS);
+    let mut spilled = 0;
+    for _ in 0..1500 {
+        for d in DISKS {
+            if sender.enqueue(w.next(d, 64 << 10)).unwrap() == Enqueued::Spilled {
+                spilled += 1;
+            }
+        }
+    }
+    for d in DISKS {
+        sender.enqueue(w.checkpoint(d)).unwrap();
+    }
+    assert!(spilled > 100, "spilled only {spilled}");
+    wait_drained(&sender, Duration::from_secs(60)).await;
+    assert!(sender.stats().iter().all(|s| s.spilled_bytes == 0));
+    cancel.cancel();
+    rx.stop().await;
+    for d in DISKS {
+        verify_disk(&st, d, &w);
+    }
+    let ev = drain_events(&mut events);
+    assert!(!ev
+        .iter()
+        .any(|e| matches!(e, StreamEvent::NeedsBitmapSync { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_goes_bitmap_only_without_blocking() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    // Nobody listens there: the peer is away.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let mut cfg = sender_config(nobody, ClientTransport::Insecure);
+    cfg.queue_memory = 128 << 10;
+    cfg.spill_dir = Some(dir.path().join("spill"));
+    cfg.spill_limit = 256 << 10;
+    let (sender, mut events) = Sender::start(cfg, specs(&DISKS), cancel.clone()).unwrap();
+    let mut w = Workload::new(6, &DISKS);
+    let mut worst = Duration::ZERO;
+    let mut outcome = std::collections::HashMap::new();
+    for _ in 0..200 {
+        let rec = w.next(7, 64 << 10);
+        let t = Instant::now();
+        let r = sender.enqueue(rec).unwrap();
+        worst = worst.max(t.elapsed());
+        *outcome.entry(format!("{r:?}")).or_insert(0) += 1;
+    }
+    assert!(worst < Duration::from_millis(100), "enqueue took {worst:?}");
+    assert!(
+        outcome.contains_key("Memory")
+            && outcome.contains_key("Spilled")
+            && outcome.contains_key("BitmapOnly"),
+        "{outcome:?}"
+    );
+    let st = sender.stats();
+    let d7 = st.iter().find(|s| s.disk_id == 7).unwrap();
+    assert_eq!(d7.mode, DiskMode::BitmapOnly);
+    assert_eq!(d7.queued_records, 0);
+    let d42 = st.iter().find(|s| s.disk_id == 42).unwrap();
+    assert_eq!(d42.mode, DiskMode::Streaming);
+    let ev = drain_events(&mut events);
+    assert!(
+        ev.contains(&StreamEvent::NeedsBitmapSync {
+            disk: 7,
+            acked_seq: 0,
+            reason: "outbound queue and spill log full".into()
+        }),
+        "{ev:?}"
+    );
+    // Further records of the disk are dropped until the sync is done.
+    assert_eq!(
+        sender.enqueue(w.next(7, 4096)).unwrap(),
+        Enqueued::BitmapOnly
+    );
+    sender.sync_finished(7).unwrap();
+    assert_eq!(sender.enqueue(w.next(7, 4096)).unwrap(), Enqueued::Memory);
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_away_past_bound_goes_bitmap_only() {
+    init_tracing();
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let mut cfg = sender_config(nobody, ClientTransport::Insecure);
+    cfg.away_bound = Duration::from_millis(400);
+    let (sender, mut events) = Sender::start(cfg, specs(&DISKS), cancel.clone()).unwrap();
+    let mut w = Workload::new(7, &DISKS);
+    assert_eq!(sender.enqueue(w.next(42, 4096)).unwrap(), Enqueued::Memory);
+    // No further write: the connection task itself must notice the bound.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ev = drain_events(&mut events);
+        if ev
+            .iter()
+            .any(|e| matches!(e, StreamEvent::NeedsBitmapSync { disk: 42, .. }))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no NeedsBitmapSync");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let st = sender.stats();
+    assert_eq!(
+        st.iter().find(|s| s.disk_id == 42).unwrap().mode,
+        DiskMode::BitmapOnly
+    );
+    // Disk 7 had nothing queued: nothing to resync, it stays streaming until it writes.
+    assert_eq!(
+        st.iter().find(|s| s.disk_id == 7).unwrap().mode,
+        DiskMode::Streaming
+    );
+    assert_eq!(
+        sender.enqueue(w.next(7, 4096)).unwrap(),
+        Enqueued::BitmapOnly
+    );
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_limit_holds_and_lag_reaches_the_receiver() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let st = storage(dir.path());
+    let rx = RunningReceiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ServerTransport::Insecure,
+        &[(PRO, &st)],
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    let mut cfg = sender_config(rx.addr, ClientTransport::Insecure);
+    cfg.bandwidth_limit = Some(1_000_000);
+    let (sender, _events) = Sender::start(cfg, specs(&DISKS), cancel.clone()).unwrap();
+    let mut w = Workload::new(8, &DISKS);
+    let start = Instant::now();
+    let mut bytes = 0usize;
+    while bytes < 2_500_000 {
+        let r = w.next(7, 64 << 10);
+        bytes += r.cost();
+        sender.enqueue(r).unwrap();
+    }
+    sender.enqueue(w.checkpoint(7)).unwrap();
+    sender.enqueue(w.checkpoint(42)).unwrap();
+    // While it trickles, the receiver learns the sender's backlog from the pings.
+    let mut saw_backlog = false;
+    while !sender.is_drained() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "too slow: {:?}",
+            sender.stats()
+        );
+        saw_backlog |= rx.handle.lag().iter().any(|l| {
+            l.disk_id == 7 && l.sender.queued_records > 0 && l.sender.oldest_unacked_ms > 0
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = start.elapsed();
+    // 2.5 MB at 1 MB/s with a 100 KB burst: at least ~2.3 s.
+    assert!(
+        took >= Duration::from_millis(2200),
+        "limit not applied: {took:?}"
+    );
+    assert!(saw_backlog, "no lag figures reached the receiver");
+    cancel.cancel();
+    rx.stop().await;
+    for d in DISKS {
+        verify_disk(&st, d, &w);
+    }
+}
