@@ -69,6 +69,11 @@ enum Command {
     Vm(client::ResourceArgs),
     /// VPGs (REST client).
     Vpg(client::ResourceArgs),
+    /// Host agent tools (the agent process itself comes with orchestration).
+    Agent {
+        #[command(subcommand)]
+        action: AgentAction,
+    },
     /// Measure a component against this machine's raw limits (ratios from one run).
     Bench {
         #[command(subcommand)]
@@ -90,6 +95,34 @@ enum BenchWhat {
         /// Repeats of each ingest measurement (the median is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+    },
+    /// Our NBD server against qemu-nbd on the same disk, driven by qemu-img.
+    Nbd {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Also measure writes through a protected device (dirty tracking, gate).
+        #[arg(long)]
+        protected: bool,
+    },
+    /// Replication stream over loopback TLS into a journal vs the journal alone, and
+    /// acknowledgement latency at half the measured capacity.
+    Stream {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentAction {
+    /// Make a lab CA (once) and a certificate per host for mutual TLS of the
+    /// replication stream.
+    Certs {
+        /// Directory for ca.pem/ca.key and <host>.pem/<host>.key.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Host names to issue certificates for.
+        #[arg(required = true)]
+        hosts: Vec<String>,
     },
 }
 
@@ -331,7 +364,36 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                 println!("{report}");
                 Ok(ExitCode::SUCCESS)
             }
+            BenchWhat::Nbd { dir, protected } => {
+                use crate::agent::nbd::bench;
+                let opts = bench::BenchOpts {
+                    dir,
+                    protected,
+                    ..Default::default()
+                };
+                println!("{}", bench::run(&opts).await?);
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchWhat::Stream { dir } => {
+                use crate::agent::stream::bench;
+                println!("{}", bench::run(&bench::BenchOptions::new(dir)).await?);
+                Ok(ExitCode::SUCCESS)
+            }
         },
+        Command::Agent {
+            action: AgentAction::Certs { dir, hosts },
+        } => {
+            let files = crate::agent::tls::lab_certs(&dir, &hosts)?;
+            for f in files {
+                println!(
+                    "{}  {}  (CA {})",
+                    f.cert.display(),
+                    f.key.display(),
+                    f.ca.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Site(a) => client::run("sites", a).await,
         Command::Host(a) => client::run("hosts", a).await,
         Command::Vm(a) => client::run("vms", a).await,
