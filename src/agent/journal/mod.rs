@@ -211,11 +211,13 @@ pub enum FaultPoint {
     CommitCleanWritten,
     CommitSegmentsDeleted,
     CommitStateWritten,
-    /// On the sync thread, before each `fdatasync` of a segment: an error fails that
-    /// sync exactly as an `fdatasync` error would (the journal closes, the durable seq
-    /// stays). A hook may also block here to hold the thread back (tests of the
+    /// On the sync thread, before each `fdatasync` of a segment (by id): an error fails
+    /// that sync exactly as an `fdatasync` error would (the journal closes, the durable
+    /// seq stays). A hook may also block here to hold the thread back (tests of the
     /// pipeline); it must let go once [`FaultPoint::SyncWait`] was seen.
-    SegmentSync,
+    SegmentSync {
+        segment: u32,
+    },
     /// A caller is about to block until the sync thread makes progress (`sync`,
     /// segment rotation, back-pressure, a commit waiting for syncs in flight). Only
     /// reached when the wait is real.
@@ -238,10 +240,12 @@ pub struct JournalConfig {
     /// Appended bytes are handed to the kernel once this many are buffered (default 4 MiB).
     pub write_buffer: usize,
     /// Back-pressure: `append` blocks while more than this many bytes handed to the
-    /// kernel are not yet durable, after asking for a sync of them (default 16 MiB).
-    /// This bounds how far appends run ahead of the disk, hence the append → durable
-    /// latency (about this many bytes at disk speed) and the dirty page cache, when the
-    /// caller asks for syncs without waiting for them. 0: no bound.
+    /// kernel are not yet durable (default 16 MiB), and asks for a sync by itself once
+    /// half of it is written and not asked for. This bounds how far appends run ahead
+    /// of the disk, hence the append → durable latency (about this many bytes at disk
+    /// speed) and the dirty page cache, when the caller asks for syncs without waiting
+    /// for them; it also means a sync at least every `max_unsynced / 2` bytes whatever
+    /// the caller's cadence. 0: no bound, syncs only when asked.
     pub max_unsynced: u64,
     /// zstd level for write payloads (`None`: store as received; compression is slower
     /// than the disk here, see DESIGN §11).
@@ -339,6 +343,10 @@ pub struct JournalStats {
     pub over_hard_limit: bool,
     pub open_views: usize,
     pub index: IndexMemory,
+    /// The segment appends go to (file `{id:08x}.seg`) and its length, buffered bytes
+    /// included: the end of the newest record.
+    pub active_segment: u32,
+    pub active_segment_bytes: u64,
 }
 
 /// The part views share with the journal.
@@ -410,8 +418,10 @@ pub struct Journal {
     pub(crate) buf: Vec<u8>,
     pub(crate) buf_pos: u64,
     pub(crate) last_seq: u64,
-    /// Highest seq a sync was requested for (queued or done).
+    /// Highest seq a sync was requested for (queued or done), and the segment and
+    /// length that request covers.
     pub(crate) requested_seq: u64,
+    pub(crate) requested_at: (u32, u64),
     /// Runs the `fdatasync`s and owns the durable seq. Declared after everything else it
     /// could touch so that dropping the journal stops it before files are closed (they
     /// are `Arc`s anyway).
@@ -562,6 +572,7 @@ impl Journal {
             buf_pos: 0,
             last_seq: 0,
             requested_seq: 0,
+            requested_at: (0, 0),
             syncer,
             seq_floor: state.seq_floor,
             promoted_seq: state.promoted_seq,
@@ -925,49 +936,58 @@ impl Journal {
             })?;
             self.dir_dirty = false;
             self.requested_seq = self.last_seq;
+            self.requested_at = (seg.id, self.buf_pos);
         }
         Ok(self.last_seq)
     }
 
     /// Back-pressure (see [`JournalConfig::max_unsynced`]); called after each buffer
-    /// handed to the kernel.
+    /// handed to the kernel. Two thresholds make it double-buffered: a sync is requested
+    /// on the caller's behalf once half the bound is written and not asked for, so that
+    /// by the time the bound is reached the oldest half is already being synced and the
+    /// wait is only for it, with the next half queued behind it (the device never
+    /// idles). Without the first threshold, a caller asking rarely would hit the bound
+    /// with nothing requested and wait for a whole `fdatasync` of it, appends stopped.
     fn throttle(&mut self) -> Result<()> {
         let max = self.cfg.max_unsynced;
         let Some(seg) = self.segs.last().map(|s| s.id) else {
             return Ok(());
         };
-        let durable_end = |p: &DurablePos| {
-            if p.seg == seg {
-                p.end
+        if max == 0 {
+            return Ok(());
+        }
+        // Bytes of the active segment below this are covered: nothing before the
+        // segment header is ever unsynced.
+        let covered = |p: (u32, u64)| {
+            if p.0 == seg {
+                p.1
             } else {
-                // Nothing of the active segment is durable yet.
                 SEGMENT_HEADER_LEN as u64
             }
         };
-        if max == 0
-            || self
-                .buf_pos
-                .saturating_sub(durable_end(&self.syncer.durable_pos()))
-                <= max
-        {
+        if self.buf_pos.saturating_sub(covered(self.requested_at)) >= max / 2 {
+            self.request_sync_inner()?;
+        }
+        let d = self.syncer.durable_pos();
+        if self.buf_pos.saturating_sub(covered((d.seg, d.end))) <= max {
             return Ok(());
         }
-        // Everything written must be asked for, or the wait below could be for bytes
-        // no request covers.
-        self.request_sync_inner()?;
+        // Reachable: everything below `buf_pos - max / 2` is requested (above), and
+        // requests complete in order.
         let want = self.buf_pos - max;
-        self.syncer
-            .wait(|p| p.seg == seg && p.end >= want || p.seg > seg)?;
+        self.syncer.wait(|p| p.seg == seg && p.end >= want)?;
         Ok(())
     }
 
     /// Marks everything appended as durable: `open` and `commit` synced it themselves,
     /// with no request in flight.
     pub(crate) fn force_durable(&mut self) {
+        let seg = self.segs.last().map_or(0, |s| s.id);
         self.requested_seq = self.last_seq;
+        self.requested_at = (seg, self.buf_pos);
         self.syncer.force(DurablePos {
             seq: self.last_seq,
-            seg: self.segs.last().map_or(0, |s| s.id),
+            seg,
             end: self.buf_pos,
         });
     }
@@ -1266,6 +1286,8 @@ impl Journal {
             over_hard_limit: over,
             open_views,
             index: self.shared.read_side().index.memory(),
+            active_segment: self.segs.last().map_or(0, |s| s.id),
+            active_segment_bytes: self.segs.last().map_or(0, |s| s.len),
         }
     }
 

@@ -64,6 +64,8 @@ struct State {
     /// The thread took a request and has not finished it.
     busy: bool,
     durable: DurablePos,
+    /// Highest seq ever queued.
+    requested: u64,
     /// The first sync failure; set once, never cleared (the journal must be reopened).
     failed: Option<String>,
     /// The journal is gone: the thread exits, waiters give up.
@@ -172,7 +174,7 @@ impl Inner {
 
     fn sync_one(&self, req: &SyncReq) -> Result<()> {
         if let Some(h) = &self.fault {
-            h(FaultPoint::SegmentSync)?;
+            h(FaultPoint::SegmentSync { segment: req.seg })?;
         }
         if req.dir {
             sync_dir(&self.dir)?;
@@ -211,6 +213,13 @@ impl Durability {
         self.inner.durable.load(Ordering::Acquire)
     }
 
+    /// Highest seq a sync was asked for (by `request_sync`, `sync`, or the journal
+    /// itself: segment rotation, back-pressure). Above [`Durability::durable_seq`] while
+    /// a sync is queued or running; equal once the thread caught up.
+    pub fn requested_seq(&self) -> u64 {
+        self.inner.state().requested
+    }
+
     /// Blocks until `seq` is durable or `timeout` passed; returns the durable seq then
     /// (below `seq` on a timeout: compare). It only waits: some thread must have asked
     /// for a sync covering `seq` ([`super::Journal::request_sync`]) or it times out.
@@ -244,6 +253,7 @@ impl Syncer {
                     seg: 0,
                     end: 0,
                 },
+                requested: 0,
                 failed: None,
                 stop: false,
             }),
@@ -291,6 +301,7 @@ impl Syncer {
         if let Some(why) = &st.failed {
             return Err(JournalError::Closed(why.clone()));
         }
+        st.requested = st.requested.max(req.seq);
         match st.queue.back_mut() {
             // Not yet taken by the thread: one fdatasync will cover both.
             Some(last) if last.seg == req.seg => {
@@ -338,6 +349,7 @@ impl Syncer {
         );
         if pos.seq >= st.durable.seq {
             st.durable = pos;
+            st.requested = st.requested.max(pos.seq);
             self.inner.durable.store(pos.seq, Ordering::Release);
         }
         drop(st);
