@@ -64,8 +64,12 @@ enum Op {
     Sync,
     /// `request_sync` without waiting.
     RequestSync,
-    /// Let the sync thread do one `fdatasync`, if it is waiting for one.
-    SyncStep,
+    /// Let the sync thread do one `fdatasync`, if it is waiting for one; with `hold`, it
+    /// stops again after the call returned, before the durable seq moves (the window in
+    /// which later appends and requests must not be claimed by it).
+    SyncStep {
+        hold: bool,
+    },
     /// Let it run until what was requested is durable, then `wait_durable`.
     WaitDurable,
     /// `wait_durable` on a sync that cannot progress: times out, nothing moves.
@@ -110,7 +114,7 @@ fn op() -> impl Strategy<Value = Op> {
         12 => (any::<bool>(), any::<bool>()).prop_map(|(tag, gap)| Op::Checkpoint { tag, gap }),
         8 => Just(Op::Sync),
         10 => Just(Op::RequestSync),
-        8 => Just(Op::SyncStep),
+        8 => any::<bool>().prop_map(|hold| Op::SyncStep { hold }),
         3 => Just(Op::WaitDurable),
         2 => Just(Op::WaitTimeout),
         3 => any::<u8>().prop_map(|back| Op::Resend { back }),
@@ -193,16 +197,27 @@ struct MView {
 }
 
 /// What the sync thread may do; see the module documentation.
+/// Where the sync thread parks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Park {
+    /// Before its `fdatasync` (every time, unless the gate is open).
+    Before,
+    /// After the `fdatasync` returned, before the durable seq moves (when `hold_after`).
+    After,
+}
+
 #[derive(Default)]
 struct GateState {
     /// Run freely (a caller blocks on the thread).
     open: bool,
-    /// `fdatasync`s granted one by one.
+    /// Parkings let go one by one.
     credits: u32,
+    /// Park the next sync again once its `fdatasync` returned.
+    hold_after: bool,
     /// Fail the sync in flight and every later one (a crash before it was done).
     fail: bool,
-    /// The thread is parked at the gate.
-    waiting: bool,
+    /// Where the thread is parked, if it is.
+    waiting: Option<Park>,
     /// Per segment file: its length when an `fdatasync` of it was last let through.
     synced: HashMap<PathBuf, u64>,
 }
@@ -223,34 +238,51 @@ impl Gate {
                     st.open = true;
                     g.cv.notify_all();
                 }
-                FaultPoint::SegmentSync { segment } => loop {
-                    if st.fail {
-                        st.waiting = false;
-                        g.cv.notify_all();
-                        return Err(JournalError::Injected(p));
+                FaultPoint::SegmentSync { segment } => {
+                    st = g.park(st, Park::Before, p)?;
+                    // The fdatasync starts after this: it covers what the file holds now.
+                    let path = g.dir.join(format!("{segment:08x}.seg"));
+                    // Absent: a promotion deleted it while the sync was queued.
+                    if let Ok(m) = std::fs::metadata(&path) {
+                        let e = st.synced.entry(path).or_insert(0);
+                        *e = (*e).max(m.len());
                     }
-                    if st.open || st.credits > 0 {
-                        if !st.open {
-                            st.credits -= 1;
-                        }
-                        st.waiting = false;
-                        let path = g.dir.join(format!("{segment:08x}.seg"));
-                        // Absent: a promotion deleted it while the sync was queued.
-                        if let Ok(m) = std::fs::metadata(&path) {
-                            let e = st.synced.entry(path).or_insert(0);
-                            *e = (*e).max(m.len());
-                        }
-                        g.cv.notify_all();
-                        return Ok(());
-                    }
-                    st.waiting = true;
-                    g.cv.notify_all();
-                    st = g.cv.wait(st).unwrap();
-                },
+                }
+                FaultPoint::SegmentSynced { .. } if st.hold_after => {
+                    st = g.park(st, Park::After, p)?;
+                    st.hold_after = false;
+                }
                 _ => {}
             }
+            drop(st);
             Ok(())
         })
+    }
+
+    fn park<'a>(
+        &self,
+        mut st: std::sync::MutexGuard<'a, GateState>,
+        at: Park,
+        p: FaultPoint,
+    ) -> Result<std::sync::MutexGuard<'a, GateState>, JournalError> {
+        loop {
+            if st.fail {
+                st.waiting = None;
+                self.cv.notify_all();
+                return Err(JournalError::Injected(p));
+            }
+            if st.open || st.credits > 0 {
+                if !st.open {
+                    st.credits -= 1;
+                }
+                st.waiting = None;
+                self.cv.notify_all();
+                return Ok(st);
+            }
+            st.waiting = Some(at);
+            self.cv.notify_all();
+            st = self.cv.wait(st).unwrap();
+        }
     }
 
     /// Everything in the directory is on disk (after `open`, which synced it).
@@ -273,6 +305,10 @@ impl Gate {
     }
 
     fn waiting(&self) -> bool {
+        self.st.lock().unwrap().waiting.is_some()
+    }
+
+    fn parked_at(&self) -> Option<Park> {
         self.st.lock().unwrap().waiting
     }
 }
@@ -451,14 +487,31 @@ impl Harness {
         self.note_durable();
     }
 
-    /// Grants one `fdatasync` to a parked thread and waits until it is done.
-    fn step_sync(&mut self) -> bool {
-        if !self.gate.waiting() {
+    /// Lets a parked thread go on: through its `fdatasync` and on to park right after it
+    /// (`hold`, from before it), or until the durable seq moved.
+    fn step_sync(&mut self, hold: bool) -> bool {
+        let Some(at) = self.gate.parked_at() else {
             return false;
-        }
+        };
         let before = self.dur.durable_seq();
-        self.gate.set(|g| g.credits += 1);
         let (gate, dur) = (self.gate.clone(), self.dur.clone());
+        if at == Park::Before && hold {
+            self.gate.set(|g| {
+                g.credits += 1;
+                g.hold_after = true;
+            });
+            until("the sync thread to park after its fdatasync", || {
+                gate.parked_at() == Some(Park::After)
+            });
+            assert_eq!(
+                dur.durable_seq(),
+                before,
+                "durable before the sync was done"
+            );
+            COUNTS[7].fetch_add(1, Relaxed);
+            return true;
+        }
+        self.gate.set(|g| g.credits += 1);
         until("a granted sync", || dur.durable_seq() > before);
         until("the sync thread to settle", || {
             gate.waiting() || dur.durable_seq() >= dur.requested_seq()
@@ -534,13 +587,13 @@ impl Harness {
                     until("the sync thread to take a request", || gate.waiting());
                 }
             }
-            Op::SyncStep => {
-                self.step_sync();
+            Op::SyncStep { hold } => {
+                self.step_sync(hold);
             }
             Op::WaitDurable => {
                 let t = self.dur.requested_seq();
                 while self.dur.durable_seq() < t {
-                    assert!(self.step_sync(), "a requested sync is not running");
+                    assert!(self.step_sync(false), "a requested sync is not running");
                 }
                 let d = self.j().wait_durable(t, Duration::from_secs(5)).unwrap();
                 assert!(d >= t);

@@ -218,6 +218,12 @@ pub enum FaultPoint {
     SegmentSync {
         segment: u32,
     },
+    /// On the sync thread, after that `fdatasync` returned and before the durable seq
+    /// moves: an error discards the sync as a failed `fdatasync`. Holding the thread
+    /// here lets a test append and request while a sync is "in the device".
+    SegmentSynced {
+        segment: u32,
+    },
     /// A caller is about to block until the sync thread makes progress (`sync`,
     /// segment rotation, back-pressure, a commit waiting for syncs in flight). Only
     /// reached when the wait is real.
@@ -654,7 +660,11 @@ impl Journal {
                 if !is_last {
                     return Err(JournalError::corrupt(&path, 0, reason));
                 }
-                if find_durable_after(&file, &path, 0, len, self.cfg.disk_id, last_seq)?.is_some() {
+                // Records up to the promoted point (or a commit's floor) need no segment:
+                // a durable hint at or below them is no sign of lost data, even when the
+                // segments that held them are gone and nothing precedes the damage here.
+                let known = last_seq.max(self.promoted_seq).max(self.seq_floor);
+                if find_durable_after(&file, &path, 0, len, self.cfg.disk_id, known)?.is_some() {
                     return Err(JournalError::corrupt(&path, 0, reason));
                 }
                 tracing::warn!(segment = %path.display(), reason, "removing torn journal segment");
@@ -718,8 +728,9 @@ impl Journal {
                 if !is_last {
                     return Err(JournalError::corrupt(&path, pos, reason));
                 }
+                let known = last_seq.max(self.promoted_seq).max(self.seq_floor);
                 if let Some(at) =
-                    find_durable_after(&file, &path, pos, len, self.cfg.disk_id, last_seq)?
+                    find_durable_after(&file, &path, pos, len, self.cfg.disk_id, known)?
                 {
                     return Err(JournalError::corrupt(
                         &path,

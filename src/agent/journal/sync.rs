@@ -94,7 +94,9 @@ impl Inner {
 
     /// Waits until `ready` holds, the thread failed or stopped, or the deadline passed.
     /// Returns the durable position at the end. `Ok` does not mean `ready` held when a
-    /// deadline was given.
+    /// deadline was given. Without a deadline (the journal's own waits, for a request it
+    /// just queued) the thread going idle with `ready` still false is an error instead
+    /// of a hang: nothing would ever make it true.
     fn wait_for(
         &self,
         deadline: Option<Instant>,
@@ -110,6 +112,11 @@ impl Inner {
             }
             if st.stop {
                 return Err(JournalError::Closed("the journal was closed".into()));
+            }
+            if deadline.is_none() && st.queue.is_empty() && !st.busy {
+                return Err(JournalError::Closed(
+                    "internal error: waited for a sync that was never requested".into(),
+                ));
             }
             st = match deadline {
                 None => self.done.wait(st).unwrap_or_else(|e| e.into_inner()),
@@ -185,7 +192,11 @@ impl Inner {
                 &segment_path(&self.dir, req.seg),
                 e,
             )
-        })
+        })?;
+        if let Some(h) = &self.fault {
+            h(FaultPoint::SegmentSynced { segment: req.seg })?;
+        }
+        Ok(())
     }
 }
 
