@@ -1,5 +1,6 @@
 //! Views under concurrent promotion and appends, retention limits and their stats,
-//! corruption detection, compression, and the error cases of the journal API.
+//! corruption detection, compression, the error cases of the journal API, and the
+//! pipelined sync API (requests, waits from another thread, back-pressure, close).
 // Helpers outside #[test] fns are test code too (clippy's allow-unwrap-in-tests misses them).
 #![allow(clippy::unwrap_used)]
 
@@ -391,4 +392,133 @@ fn api_errors_and_dedup() {
         Journal::open(root.path().join("j"), root.path().join("replica"), other),
         Err(JournalError::Config(_))
     ));
+}
+
+#[test]
+fn pipelined_sync_api() {
+    use bulwark::agent::journal::FaultPoint;
+    use std::time::Duration;
+    let root = tempfile::tempdir().unwrap();
+    let mut cfg = config();
+    cfg.segment_size = 1 << 20;
+    // Back-pressure after 64 KiB not yet durable; a sync asked for by itself at 32 KiB.
+    cfg.max_unsynced = 64 << 10;
+    cfg.write_buffer = 8 << 10;
+    let waits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = waits.clone();
+    cfg.fault = Some(Arc::new(move |p| {
+        match p {
+            FaultPoint::SyncWait => {
+                w.fetch_add(1, Ordering::SeqCst);
+            }
+            // A slow disk, so that appends surely run ahead of it.
+            FaultPoint::SegmentSync { .. } => std::thread::sleep(Duration::from_millis(2)),
+            _ => {}
+        }
+        Ok(())
+    }));
+    let mut j = Journal::open(root.path().join("j"), root.path().join("replica"), cfg).unwrap();
+    let dur = j.durability();
+    assert_eq!(dur.durable_seq(), 0);
+    // Another thread acknowledges what becomes durable, as the replication receiver's
+    // acknowledger would, while this one appends and only asks for syncs.
+    let acker = {
+        let dur = dur.clone();
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut d = 0;
+            while d < 200 {
+                let got = dur.wait_durable(d + 1, Duration::from_secs(10)).unwrap();
+                assert!(got > d, "timed out at {d}");
+                acked.push(got);
+                d = got;
+            }
+            acked
+        })
+    };
+    let data = vec![0x5au8; 4096];
+    for seq in 1..=200u64 {
+        j.append(Record::write(seq, 0, (seq % 60) * 4096, &data))
+            .unwrap();
+        assert!(j.durable_seq() <= seq);
+        if seq % 10 == 0 {
+            let t = j.request_sync().unwrap();
+            assert_eq!(t, seq);
+            assert!(dur.requested_seq() >= t);
+        }
+    }
+    let acked = acker.join().unwrap();
+    assert_eq!(acked.last(), Some(&200));
+    assert!(acked.windows(2).all(|w| w[0] < w[1]));
+    // 200 records of 4 KiB past a 64 KiB bound: appends had to wait now and then.
+    assert!(waits.load(Ordering::SeqCst) > 0);
+    // A wait for a seq nobody asked a sync for times out and says where things are.
+    j.append(Record::write(201, 0, 0, &data)).unwrap();
+    assert_eq!(j.wait_durable(201, Duration::from_millis(20)).unwrap(), 200);
+    assert_eq!(j.stats().durable_seq, 200);
+    let t = j.request_sync().unwrap();
+    assert_eq!(j.wait_durable(t, Duration::from_secs(10)).unwrap(), 201);
+    // Nothing new: a sync returns at once with the durable seq.
+    assert_eq!(j.sync().unwrap(), 201);
+    j.append(Record::write(202, 0, 0, &data)).unwrap();
+    assert_eq!(j.close().unwrap(), 202);
+    // The handle outlives the journal: it still knows the last durable seq, and a wait
+    // for more fails instead of hanging.
+    assert_eq!(dur.durable_seq(), 202);
+    assert!(matches!(
+        dur.wait_durable(203, Duration::from_secs(10)),
+        Err(JournalError::Closed(_))
+    ));
+    let j = open(root.path());
+    assert_eq!(j.last_seq(), 202);
+}
+
+#[test]
+fn sync_failure_closes_the_journal_and_moves_nothing() {
+    use bulwark::agent::journal::FaultPoint;
+    use std::time::Duration;
+    let root = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let f = fail.clone();
+    let mut cfg = config();
+    cfg.fault = Some(Arc::new(move |p| {
+        if matches!(p, FaultPoint::SegmentSync { .. }) && f.load(Ordering::SeqCst) {
+            return Err(JournalError::Injected(p));
+        }
+        Ok(())
+    }));
+    let mut j = Journal::open(root.path().join("j"), root.path().join("replica"), cfg).unwrap();
+    j.append(Record::write(1, 0, 0, &[1; 100])).unwrap();
+    assert_eq!(j.sync().unwrap(), 1);
+    fail.store(true, Ordering::SeqCst);
+    j.append(Record::write(2, 0, 0, &[2; 100])).unwrap();
+    let t = j.request_sync().unwrap();
+    let dur = j.durability();
+    let e = dur.wait_durable(t, Duration::from_secs(10)).unwrap_err();
+    assert!(matches!(e, JournalError::Closed(_)), "{e}");
+    assert_eq!(j.durable_seq(), 1);
+    for e in [
+        j.append(Record::write(3, 0, 0, &[3; 100])).unwrap_err(),
+        j.sync().unwrap_err(),
+        j.request_sync().unwrap_err(),
+    ] {
+        assert!(matches!(e, JournalError::Closed(_)), "{e}");
+    }
+    assert!(j.close().is_err());
+    // The blocking path reports it too.
+    fail.store(false, Ordering::SeqCst);
+    let f2 = Arc::new(AtomicBool::new(true));
+    let f3 = f2.clone();
+    let mut cfg = config();
+    cfg.fault = Some(Arc::new(move |p| {
+        if matches!(p, FaultPoint::SegmentSynced { .. }) && f3.load(Ordering::SeqCst) {
+            return Err(JournalError::Injected(p));
+        }
+        Ok(())
+    }));
+    let mut j = Journal::open(root.path().join("j"), root.path().join("replica"), cfg).unwrap();
+    assert_eq!(j.durable_seq(), 2, "what was written survives a reopen");
+    j.append(Record::write(3, 0, 0, &[3; 100])).unwrap();
+    assert!(matches!(j.sync(), Err(JournalError::Closed(_))));
+    assert_eq!(j.durable_seq(), 2);
 }

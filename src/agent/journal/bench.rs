@@ -1,7 +1,7 @@
-//! The `bulwark bench journal` benchmark: ingest against raw writes, view open time and
-//! index memory against journal size, view reads against replica reads. Every figure is
-//! a ratio to a baseline measured in the same run on the same disk, because the machines
-//! are shared and noisy (DESIGN §11).
+//! The `bulwark bench journal` benchmark: ingest against raw writes (and the append →
+//! durable latency), view open time and index memory against journal size, view reads
+//! against replica reads. Every figure is a ratio to a baseline measured in the same run
+//! on the same disk, because the machines are shared and noisy (DESIGN §11).
 
 use std::fmt;
 use std::fs::File;
@@ -59,8 +59,15 @@ pub struct IngestRow {
     /// One `sync` (journal) / `fdatasync` (raw same) per this many bytes.
     pub group_bytes: u64,
     pub bytes: u64,
-    /// Journal: append every record, `sync` every `group_bytes`.
+    /// Journal: append every record, `request_sync` (not waited for) every
+    /// `group_bytes`, one blocking `sync` at the end.
     pub journal_mbps: f64,
+    /// Time from the start of a record's `append` to the moment the durable seq covered
+    /// it (as a thread waiting on [`super::Durability`] saw it): median and 99th
+    /// percentile over the records of the run. This is the acknowledgement latency of
+    /// the replication receiver while ingest runs flat out.
+    pub durable_p50: Duration,
+    pub durable_p99: Duration,
     /// Raw file, 1 MiB writes, `fdatasync` every `group_bytes` (same cadence).
     pub raw_mbps: f64,
     /// Raw file, 1 MiB writes, one `fdatasync` at the end.
@@ -116,18 +123,28 @@ impl fmt::Display for BenchReport {
         writeln!(f, "journal benchmark in {}", self.dir.display())?;
         writeln!(
             f,
-            "\ningest, MB/s = MiB/s: journal (sync every `group` bytes) vs raw 1 MiB writes with \
-             fdatasync at the same cadence, and vs raw with one fdatasync at the end"
+            "\ningest, MB/s = MiB/s: journal (pipelined: a sync requested every `group` bytes, \
+             not waited for) vs raw 1 MiB writes with fdatasync at the same cadence, and vs raw \
+             with one fdatasync at the end; append -> durable latency p50/p99"
         )?;
         writeln!(
             f,
-            "{:>8} {:>9} {:>10} {:>10} {:>10} {:>8} {:>14} {:>8}",
-            "record", "group", "bytes", "journal", "raw same", "ratio", "raw 1 sync", "ratio"
+            "{:>8} {:>9} {:>10} {:>10} {:>10} {:>8} {:>14} {:>8} {:>10} {:>10}",
+            "record",
+            "group",
+            "bytes",
+            "journal",
+            "raw same",
+            "ratio",
+            "raw 1 sync",
+            "ratio",
+            "p50 ms",
+            "p99 ms"
         )?;
         for r in &self.ingest {
             writeln!(
                 f,
-                "{:>8} {:>9} {:>10} {:>10.0} {:>10.0} {:>8.2} {:>14.0} {:>8.2}",
+                "{:>8} {:>9} {:>10} {:>10.0} {:>10.0} {:>8.2} {:>14.0} {:>8.2} {:>10.1} {:>10.1}",
                 size_label(r.record_size),
                 gib(r.group_bytes),
                 gib(r.bytes),
@@ -135,7 +152,9 @@ impl fmt::Display for BenchReport {
                 r.raw_mbps,
                 r.journal_mbps / r.raw_mbps,
                 r.raw_once_mbps,
-                r.journal_mbps / r.raw_once_mbps
+                r.journal_mbps / r.raw_once_mbps,
+                r.durable_p50.as_secs_f64() * 1e3,
+                r.durable_p99.as_secs_f64() * 1e3,
             )?;
         }
         writeln!(
@@ -244,6 +263,17 @@ fn run_in(opts: &BenchOptions, root: &Path) -> Result<BenchReport> {
         views: Vec::new(),
         reads: Vec::new(),
     };
+    ingest_rows(opts, root, &pool, &mut report)?;
+    views_and_reads(opts, root, &pool, &mut rng, &mut report)?;
+    Ok(report)
+}
+
+fn ingest_rows(
+    opts: &BenchOptions,
+    root: &Path,
+    pool: &[u8],
+    report: &mut BenchReport,
+) -> Result<()> {
     let ingest_bytes = opts.bytes(1 << 30, 8 << 20);
     // 4 MiB groups: ~100 syncs/s at disk speed, each ack covering ~10 ms of writes.
     // 32 MiB groups show what the cadence itself costs.
@@ -255,29 +285,27 @@ fn run_in(opts: &BenchOptions, root: &Path) -> Result<BenchReport> {
         (1 << 20, 32 << 20),
     ] {
         let (mut j, mut raw, mut once) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut p50, mut p99) = (Vec::new(), Vec::new());
         for rep in 0..opts.repeats.max(1) {
-            raw.push(raw_write(root, &pool, ingest_bytes, group)?);
-            j.push(journal_ingest(
-                root,
-                &pool,
-                size,
-                ingest_bytes,
-                group,
-                rep as u64,
-            )?);
-            once.push(raw_write(root, &pool, ingest_bytes, u64::MAX)?);
+            raw.push(raw_write(root, pool, ingest_bytes, group)?);
+            let r = journal_ingest(root, pool, size, ingest_bytes, group, rep as u64)?;
+            j.push(r.mbps);
+            p50.push(r.p50.as_secs_f64());
+            p99.push(r.p99.as_secs_f64());
+            once.push(raw_write(root, pool, ingest_bytes, u64::MAX)?);
         }
         report.ingest.push(IngestRow {
             record_size: size,
             group_bytes: group,
             bytes: ingest_bytes,
             journal_mbps: median(j),
+            durable_p50: Duration::from_secs_f64(median(p50)),
+            durable_p99: Duration::from_secs_f64(median(p99)),
             raw_mbps: median(raw),
             raw_once_mbps: median(once),
         });
     }
-    views_and_reads(opts, root, &pool, &mut rng, &mut report)?;
-    Ok(report)
+    Ok(())
 }
 
 /// Sequential 1 MiB writes of `bytes`, `fdatasync` every `group` bytes and at the end.
@@ -305,6 +333,15 @@ fn raw_write(root: &Path, pool: &[u8], bytes: u64, group: u64) -> Result<f64> {
     Ok(mbps(bytes, d))
 }
 
+struct Ingest {
+    mbps: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// Appends `bytes` of `size`-byte records at random offsets, asking for a sync every
+/// `group` bytes without waiting (the replication receiver's pattern), and waits once at
+/// the end. A second thread watches the durable seq to time each record's way to disk.
 fn journal_ingest(
     root: &Path,
     pool: &[u8],
@@ -312,31 +349,77 @@ fn journal_ingest(
     bytes: u64,
     group: u64,
     seed: u64,
-) -> Result<f64> {
+) -> Result<Ingest> {
     let dir = root.join("ingest");
     remove_dir(&dir)?;
     let disk = 64u64 << 30;
-    let cfg = JournalConfig::new(1, disk);
+    let mut cfg = JournalConfig::new(1, disk);
+    // Leave room for two groups in flight, or back-pressure would impose its own cadence
+    // (a sync every `max_unsynced / 2`) on the 32 MiB rows.
+    cfg.max_unsynced = cfg.max_unsynced.max(2 * group);
     let mut j = Journal::open(&dir, root.join("ingest.replica"), cfg)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let n = bytes / size as u64;
     let per_group = (group / size as u64).max(1);
+    let durability = j.durability();
+    let watcher = std::thread::spawn(move || {
+        // (durable seq, when it was seen), one per completed sync.
+        let mut seen: Vec<(u64, Instant)> = Vec::new();
+        let mut d = durability.durable_seq();
+        while d < n {
+            match durability.wait_durable(d + 1, Duration::from_secs(1)) {
+                Ok(x) if x > d => {
+                    seen.push((x, Instant::now()));
+                    d = x;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        seen
+    });
+    let mut started = Vec::with_capacity(n as usize);
     let t = Instant::now();
     for i in 0..n {
         let off = rng.random_range(0..(disk - size as u64) / 4096) * 4096;
         let at = rng.random_range(0..(pool.len() - size) / 8) * 8;
+        started.push(Instant::now());
         j.append(Record::write(i + 1, 0, off, &pool[at..at + size]))?;
         if (i + 1) % per_group == 0 {
-            j.sync()?;
+            j.request_sync()?;
         }
     }
     j.sync()?;
     let d = t.elapsed();
     drop(j);
+    let seen = watcher
+        .join()
+        .map_err(|_| JournalError::Config("the durability watcher panicked".into()))?;
+    let mut lat = Vec::with_capacity(started.len());
+    let mut k = 0;
+    for (i, s) in started.iter().enumerate() {
+        let seq = i as u64 + 1;
+        while k < seen.len() && seen[k].0 < seq {
+            k += 1;
+        }
+        if let Some(&(_, at)) = seen.get(k) {
+            lat.push(at.saturating_duration_since(*s));
+        }
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     remove_dir(&dir)?;
     let rp = root.join("ingest.replica");
     std::fs::remove_file(&rp).map_err(|e| io_at("remove", &rp, e))?;
-    Ok(mbps(n * size as u64, d))
+    Ok(Ingest {
+        mbps: mbps(n * size as u64, d),
+        p50: pct(0.5),
+        p99: pct(0.99),
+    })
 }
 
 fn views_and_reads(
@@ -496,5 +579,36 @@ mod tests {
         let r = super::run(&opts).unwrap();
         println!("{r}");
         println!("(bench took {:.0} s)", t.elapsed().as_secs_f64());
+    }
+
+    /// Only the ingest rows, for tuning the commit path:
+    /// `BULWARK_BENCH_DIR=/tmp BULWARK_BENCH_SCALE=0.25 cargo test --release --lib
+    /// agent::journal::bench::tests::ingest_only -- --ignored --nocapture`
+    #[test]
+    #[ignore = "minutes long; run by hand in release"]
+    fn ingest_only() {
+        use rand::{RngCore, SeedableRng};
+        let dir = std::env::var("BULWARK_BENCH_DIR").unwrap_or_else(|_| "/tmp".into());
+        let mut opts = super::BenchOptions::new(dir);
+        if let Ok(s) = std::env::var("BULWARK_BENCH_SCALE") {
+            opts.scale = s.parse().unwrap();
+        }
+        let root = opts
+            .dir
+            .join(format!("bulwark-ingest-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let mut pool = vec![0u8; 32 << 20];
+        rand::rngs::StdRng::seed_from_u64(1).fill_bytes(&mut pool);
+        let mut r = super::BenchReport {
+            dir: opts.dir.clone(),
+            replica_bytes: 0,
+            ingest: Vec::new(),
+            views: Vec::new(),
+            reads: Vec::new(),
+        };
+        let res = super::ingest_rows(&opts, &root, &pool, &mut r);
+        std::fs::remove_dir_all(&root).unwrap();
+        res.unwrap();
+        println!("{r}");
     }
 }

@@ -44,6 +44,7 @@ mod format;
 mod index;
 mod promote;
 mod segment;
+mod sync;
 mod view;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -52,11 +53,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 pub use error::JournalError;
 pub use format::{MAX_TAG_LEN, MAX_WRITE_LEN};
 pub use index::IndexMemory;
 pub use promote::{CommitReport, PromotePolicy, PromoteReport};
+pub use sync::Durability;
 pub use view::View;
 
 use error::{io_at, io_err};
@@ -66,6 +69,7 @@ use format::{
 };
 use index::{Index, Loc};
 use segment::{find_durable_after, list_segments, segment_path, Next, RecordReader};
+use sync::{DurablePos, SyncReq, Syncer};
 
 type Result<T, E = JournalError> = std::result::Result<T, E>;
 
@@ -182,7 +186,7 @@ impl<'a> Record<'a> {
 /// What `append` did with a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
-    /// Buffered; durable after the next `sync`.
+    /// Buffered; durable once a sync requested after it completes.
     Accepted,
     /// Its seq was already taken (a resend after a reconnect): ignored, idempotently.
     Duplicate,
@@ -207,6 +211,23 @@ pub enum FaultPoint {
     CommitCleanWritten,
     CommitSegmentsDeleted,
     CommitStateWritten,
+    /// On the sync thread, before each `fdatasync` of a segment (by id): an error fails
+    /// that sync exactly as an `fdatasync` error would (the journal closes, the durable
+    /// seq stays). A hook may also block here to hold the thread back (tests of the
+    /// pipeline); it must let go once [`FaultPoint::SyncWait`] was seen.
+    SegmentSync {
+        segment: u32,
+    },
+    /// On the sync thread, after that `fdatasync` returned and before the durable seq
+    /// moves: an error discards the sync as a failed `fdatasync`. Holding the thread
+    /// here lets a test append and request while a sync is "in the device".
+    SegmentSynced {
+        segment: u32,
+    },
+    /// A caller is about to block until the sync thread makes progress (`sync`,
+    /// segment rotation, back-pressure, a commit waiting for syncs in flight). Only
+    /// reached when the wait is real.
+    SyncWait,
 }
 
 /// Called at every [`FaultPoint`]; an error stops the operation on the spot, as if the
@@ -224,6 +245,14 @@ pub struct JournalConfig {
     pub segment_size: u64,
     /// Appended bytes are handed to the kernel once this many are buffered (default 4 MiB).
     pub write_buffer: usize,
+    /// Back-pressure: `append` blocks while more than this many bytes handed to the
+    /// kernel are not yet durable (default 16 MiB), and asks for a sync by itself once
+    /// half of it is written and not asked for. This bounds how far appends run ahead
+    /// of the disk, hence the append → durable latency (about this many bytes at disk
+    /// speed) and the dirty page cache, when the caller asks for syncs without waiting
+    /// for them; it also means a sync at least every `max_unsynced / 2` bytes whatever
+    /// the caller's cadence. 0: no bound, syncs only when asked.
+    pub max_unsynced: u64,
     /// zstd level for write payloads (`None`: store as received; compression is slower
     /// than the disk here, see DESIGN §11).
     pub compress_level: Option<i32>,
@@ -242,6 +271,7 @@ impl std::fmt::Debug for JournalConfig {
             .field("disk_size", &self.disk_size)
             .field("segment_size", &self.segment_size)
             .field("write_buffer", &self.write_buffer)
+            .field("max_unsynced", &self.max_unsynced)
             .field("compress_level", &self.compress_level)
             .field("index_chunk_shift", &self.index_chunk_shift)
             .field("index_mark_min", &self.index_mark_min)
@@ -257,6 +287,7 @@ impl JournalConfig {
             disk_size,
             segment_size: 64 << 20,
             write_buffer: 4 << 20,
+            max_unsynced: 16 << 20,
             compress_level: None,
             index_chunk_shift: 20,
             index_mark_min: 32,
@@ -318,6 +349,10 @@ pub struct JournalStats {
     pub over_hard_limit: bool,
     pub open_views: usize,
     pub index: IndexMemory,
+    /// The segment appends go to (file `{id:08x}.seg`) and its length, buffered bytes
+    /// included: the end of the newest record.
+    pub active_segment: u32,
+    pub active_segment_bytes: u64,
 }
 
 /// The part views share with the journal.
@@ -389,7 +424,14 @@ pub struct Journal {
     pub(crate) buf: Vec<u8>,
     pub(crate) buf_pos: u64,
     pub(crate) last_seq: u64,
-    pub(crate) durable_seq: u64,
+    /// Highest seq a sync was requested for (queued or done), and the segment and
+    /// length that request covers.
+    pub(crate) requested_seq: u64,
+    pub(crate) requested_at: (u32, u64),
+    /// Runs the `fdatasync`s and owns the durable seq. Declared after everything else it
+    /// could touch so that dropping the journal stops it before files are closed (they
+    /// are `Arc`s anyway).
+    pub(crate) syncer: Syncer,
     pub(crate) seq_floor: u64,
     pub(crate) promoted_seq: u64,
     /// The checkpoint the replica is at, once promotion or a commit reached one.
@@ -419,7 +461,7 @@ impl std::fmt::Debug for Journal {
             .field("dir", &self.shared.dir)
             .field("disk_id", &self.cfg.disk_id)
             .field("last_seq", &self.last_seq)
-            .field("durable_seq", &self.durable_seq)
+            .field("durable_seq", &self.durable_seq())
             .field("promoted_seq", &self.promoted_seq)
             .finish_non_exhaustive()
     }
@@ -526,6 +568,7 @@ impl Journal {
             }
             None => None,
         };
+        let syncer = Syncer::start(dir.clone(), cfg.fault.clone())?;
         let mut j = Journal {
             shared,
             cfg,
@@ -534,7 +577,9 @@ impl Journal {
             buf: Vec::new(),
             buf_pos: 0,
             last_seq: 0,
-            durable_seq: 0,
+            requested_seq: 0,
+            requested_at: (0, 0),
+            syncer,
             seq_floor: state.seq_floor,
             promoted_seq: state.promoted_seq,
             base: state.base.clone(),
@@ -568,7 +613,7 @@ impl Journal {
         // saying so.
         let r = j.sync_active_and_dir();
         j.guard(r)?;
-        j.durable_seq = j.last_seq;
+        j.force_durable();
         Ok(j)
     }
 
@@ -615,7 +660,11 @@ impl Journal {
                 if !is_last {
                     return Err(JournalError::corrupt(&path, 0, reason));
                 }
-                if find_durable_after(&file, &path, 0, len, self.cfg.disk_id, last_seq)?.is_some() {
+                // Records up to the promoted point (or a commit's floor) need no segment:
+                // a durable hint at or below them is no sign of lost data, even when the
+                // segments that held them are gone and nothing precedes the damage here.
+                let known = last_seq.max(self.promoted_seq).max(self.seq_floor);
+                if find_durable_after(&file, &path, 0, len, self.cfg.disk_id, known)?.is_some() {
                     return Err(JournalError::corrupt(&path, 0, reason));
                 }
                 tracing::warn!(segment = %path.display(), reason, "removing torn journal segment");
@@ -679,8 +728,9 @@ impl Journal {
                 if !is_last {
                     return Err(JournalError::corrupt(&path, pos, reason));
                 }
+                let known = last_seq.max(self.promoted_seq).max(self.seq_floor);
                 if let Some(at) =
-                    find_durable_after(&file, &path, pos, len, self.cfg.disk_id, last_seq)?
+                    find_durable_after(&file, &path, pos, len, self.cfg.disk_id, known)?
                 {
                     return Err(JournalError::corrupt(
                         &path,
@@ -698,8 +748,8 @@ impl Journal {
             self.segs.push(meta);
         }
         self.rbuf = rbuf;
+        // Not durable yet: `open` syncs what survived before it says so.
         self.last_seq = last_seq.max(self.promoted_seq).max(self.seq_floor);
-        self.durable_seq = self.last_seq;
         self.buf_pos = self.segs.last().map_or(0, |s| s.len);
         let records = self.records;
         self.shared.write_side().index.set_records(records);
@@ -781,10 +831,15 @@ impl Journal {
         Ok(())
     }
 
+    /// `Closed` once anything failed: a write or fsync here, an injected fault, or an
+    /// `fdatasync` on the sync thread.
     pub(crate) fn check_ok(&self) -> Result<()> {
         match &self.failed {
             Some(why) => Err(JournalError::Closed(why.clone())),
-            None => Ok(()),
+            None => match self.syncer.failure() {
+                Some(why) => Err(JournalError::Closed(why)),
+                None => Ok(()),
+            },
         }
     }
 
@@ -868,10 +923,84 @@ impl Journal {
 
     fn rotate(&mut self) -> Result<()> {
         // The old segment is made durable before the new one exists, so after a crash
-        // only the last segment can have a torn tail.
-        self.sync_active_and_dir()?;
-        self.durable_seq = self.last_seq;
+        // only the last segment can have a torn tail. This waits for the sync thread (the
+        // one stall of the pipeline, once per segment): while it runs the device is busy
+        // writing that segment anyway.
+        let seq = self.request_sync_inner()?;
+        self.syncer.wait(|p| p.seq >= seq)?;
         self.create_segment()
+    }
+
+    /// Hands the buffer to the kernel and queues a sync of everything appended.
+    fn request_sync_inner(&mut self) -> Result<u64> {
+        self.flush_buf()?;
+        if self.last_seq > self.requested_seq || self.dir_dirty {
+            let Some(seg) = self.segs.last() else {
+                return Err(JournalError::Closed("no active segment".into()));
+            };
+            self.syncer.request(SyncReq {
+                seg: seg.id,
+                file: seg.file.clone(),
+                end: self.buf_pos,
+                seq: self.last_seq,
+                dir: self.dir_dirty,
+            })?;
+            self.dir_dirty = false;
+            self.requested_seq = self.last_seq;
+            self.requested_at = (seg.id, self.buf_pos);
+        }
+        Ok(self.last_seq)
+    }
+
+    /// Back-pressure (see [`JournalConfig::max_unsynced`]); called after each buffer
+    /// handed to the kernel. Two thresholds make it double-buffered: a sync is requested
+    /// on the caller's behalf once half the bound is written and not asked for, so that
+    /// by the time the bound is reached the oldest half is already being synced and the
+    /// wait is only for it, with the next half queued behind it (the device never
+    /// idles). Without the first threshold, a caller asking rarely would hit the bound
+    /// with nothing requested and wait for a whole `fdatasync` of it, appends stopped.
+    fn throttle(&mut self) -> Result<()> {
+        let max = self.cfg.max_unsynced;
+        let Some(seg) = self.segs.last().map(|s| s.id) else {
+            return Ok(());
+        };
+        if max == 0 {
+            return Ok(());
+        }
+        // Bytes of the active segment below this are covered: nothing before the
+        // segment header is ever unsynced.
+        let covered = |p: (u32, u64)| {
+            if p.0 == seg {
+                p.1
+            } else {
+                SEGMENT_HEADER_LEN as u64
+            }
+        };
+        if self.buf_pos.saturating_sub(covered(self.requested_at)) >= max / 2 {
+            self.request_sync_inner()?;
+        }
+        let d = self.syncer.durable_pos();
+        if self.buf_pos.saturating_sub(covered((d.seg, d.end))) <= max {
+            return Ok(());
+        }
+        // Reachable: everything below `buf_pos - max / 2` is requested (above), and
+        // requests complete in order.
+        let want = self.buf_pos - max;
+        self.syncer.wait(|p| p.seg == seg && p.end >= want)?;
+        Ok(())
+    }
+
+    /// Marks everything appended as durable: `open` and `commit` synced it themselves,
+    /// with no request in flight.
+    pub(crate) fn force_durable(&mut self) {
+        let seg = self.segs.last().map_or(0, |s| s.id);
+        self.requested_seq = self.last_seq;
+        self.requested_at = (seg, self.buf_pos);
+        self.syncer.force(DurablePos {
+            seq: self.last_seq,
+            seg,
+            end: self.buf_pos,
+        });
     }
 
     /// Buffers one record (not durable until [`Journal::sync`]). A record whose seq is
@@ -948,7 +1077,7 @@ impl Journal {
             offset,
             length,
             timestamp: rec.timestamp_ms,
-            durable: self.durable_seq,
+            durable: self.syncer.durable_seq(),
             stored_len: payload.len() as u32,
             crc: 0,
         };
@@ -1011,7 +1140,7 @@ impl Journal {
             }
         }
         if self.buf.len() >= self.cfg.write_buffer {
-            let r = self.flush_buf();
+            let r = self.flush_buf().and_then(|()| self.throttle());
             self.guard(r)?;
         }
         Ok(Appended::Accepted)
@@ -1023,22 +1152,47 @@ impl Journal {
         self.append(rec)
     }
 
-    /// Group commit: hands every buffered record to the kernel and makes all of them
-    /// durable with one `fdatasync` (plus a directory fsync if a segment was created).
-    /// Returns the highest durable seq: what the agent acknowledges.
-    pub fn sync(&mut self) -> Result<u64> {
+    /// Asks for a sync of everything appended so far, without waiting: the buffer is
+    /// handed to the kernel and the sync thread will `fdatasync` it (coalesced with any
+    /// request it has not started yet). Returns the seq that is durable once that
+    /// request completes: the ticket to pass to [`Journal::wait_durable`] (or
+    /// [`Durability::wait_durable`]). Appends may go on meanwhile.
+    pub fn request_sync(&mut self) -> Result<u64> {
         self.check_ok()?;
-        if self.durable_seq == self.last_seq && self.buf.is_empty() && !self.dir_dirty {
-            return Ok(self.durable_seq);
-        }
-        let r = self.sync_active_and_dir();
-        self.guard(r)?;
-        self.durable_seq = self.last_seq;
-        Ok(self.durable_seq)
+        let r = self.request_sync_inner();
+        self.guard(r)
     }
 
-    /// Syncs and closes. Dropping a journal without this loses the records buffered since
-    /// the last `sync`, exactly as a crash would (they were never acknowledged).
+    /// Group commit, blocking: hands every buffered record to the kernel and waits until
+    /// all of them are durable (one `fdatasync`, plus a directory fsync if a segment was
+    /// created, or the sync already in flight and then one more). Returns the highest
+    /// durable seq: what the agent acknowledges.
+    pub fn sync(&mut self) -> Result<u64> {
+        self.check_ok()?;
+        let r = self
+            .request_sync_inner()
+            .and_then(|seq| self.syncer.wait(|p| p.seq >= seq));
+        let p = self.guard(r)?;
+        Ok(p.seq)
+    }
+
+    /// Waits until `seq` is durable or `timeout` passed, and returns the durable seq then
+    /// (below `seq` on a timeout). Only waits: a sync covering `seq` must have been
+    /// requested. Holding `&self` blocks appends; a receiver that appends on one thread
+    /// and acknowledges on another uses [`Journal::durability`] instead.
+    pub fn wait_durable(&self, seq: u64, timeout: Duration) -> Result<u64> {
+        self.check_ok()?;
+        self.syncer.handle().wait_durable(seq, timeout)
+    }
+
+    /// A handle on the durable seq for other threads (see [`Durability`]).
+    pub fn durability(&self) -> Durability {
+        self.syncer.handle()
+    }
+
+    /// Syncs and closes (stops the sync thread). Dropping a journal without this loses
+    /// what no completed sync covered, exactly as a crash would (it was never
+    /// acknowledged): queued sync requests are abandoned, one in progress is waited for.
     pub fn close(mut self) -> Result<u64> {
         self.sync()
     }
@@ -1051,9 +1205,10 @@ impl Journal {
         self.sync()
     }
 
-    /// Highest seq made durable.
+    /// Highest seq made durable: every record with seq ≤ it survives a crash. Moves on
+    /// its own as the sync thread completes requests. One atomic load.
     pub fn durable_seq(&self) -> u64 {
-        self.durable_seq
+        self.syncer.durable_seq()
     }
 
     /// Highest seq accepted (durable or not).
@@ -1072,14 +1227,16 @@ impl Journal {
     /// Retained, durable checkpoints, oldest first: each one can be opened as a view.
     pub fn checkpoints(&self) -> Vec<CheckpointInfo> {
         self.ckpts
-            .range(..=self.durable_seq)
+            .range(..=self.durable_seq())
             .map(|(_, c)| c.info.clone())
             .collect()
     }
 
     fn lookup_ckpt(&self, id: u64) -> Result<&CheckpointInfo> {
         match self.ckpt_ids.get(&id).and_then(|s| self.ckpts.get(s)) {
-            Some(c) if c.info.seq > self.durable_seq => Err(JournalError::CheckpointNotDurable(id)),
+            Some(c) if c.info.seq > self.durable_seq() => {
+                Err(JournalError::CheckpointNotDurable(id))
+            }
             Some(c) => Ok(&c.info),
             None if self.retired.contains(&id) => Err(JournalError::CheckpointNotRetained(id)),
             None => Err(JournalError::UnknownCheckpoint(id)),
@@ -1131,7 +1288,7 @@ impl Journal {
             segments: self.segs.len(),
             records: self.records,
             last_seq: self.last_seq,
-            durable_seq: self.durable_seq,
+            durable_seq: self.durable_seq(),
             promoted_seq: self.promoted_seq,
             promote_lag_ms: lag_ms,
             promote_lag_bytes: lag_bytes,
@@ -1140,6 +1297,8 @@ impl Journal {
             over_hard_limit: over,
             open_views,
             index: self.shared.read_side().index.memory(),
+            active_segment: self.segs.last().map_or(0, |s| s.id),
+            active_segment_bytes: self.segs.last().map_or(0, |s| s.len),
         }
     }
 

@@ -98,7 +98,7 @@ impl Journal {
     fn promote_inner(&mut self, policy: &PromotePolicy) -> Result<PromoteReport> {
         let cands: Vec<(u64, i64)> = self
             .ckpts
-            .range(self.promoted_seq..=self.durable_seq.max(self.promoted_seq))
+            .range(self.promoted_seq..=self.durable_seq().max(self.promoted_seq))
             .map(|(&s, c)| (s, c.info.wall_ms))
             .collect();
         let mut rep = PromoteReport::default();
@@ -408,6 +408,9 @@ impl Journal {
             )?;
             self.fault(FaultPoint::CommitCleanWritten)?;
         }
+        // No sync may run on a segment about to be deleted, nor complete after the
+        // durable seq is set below.
+        self.syncer.wait_idle()?;
         // Records after the checkpoint, buffered or not, are discarded with the segments.
         self.buf.clear();
         while !self.segs.is_empty() {
@@ -443,7 +446,6 @@ impl Journal {
         self.records = 0;
         self.log_bytes = 0;
         self.last_seq = self.last_seq.max(floor);
-        self.durable_seq = self.last_seq;
         {
             let mut rs = self.shared.write_side();
             rs.index.clear();
@@ -452,6 +454,8 @@ impl Journal {
         self.create_segment()?;
         sync_dir(&self.shared.dir)?;
         self.dir_dirty = false;
+        // Every record ≤ the floor is in the replica or discarded: acknowledge them all.
+        self.force_durable();
         Ok(applied)
     }
 
