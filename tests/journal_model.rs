@@ -36,7 +36,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 /// How often the interesting things happened, printed with `--nocapture`, to show the
 /// generator reaches them: promotions that moved, commits, crashes, cuts at a flipped
 /// byte, checkpoint views compared, crashes with a sync requested and not done, syncs
-/// that failed, single sync steps granted, appends that blocked on the sync thread (rotation, back-pressure).
+/// that failed, single sync steps granted, appends that blocked on the sync thread
+/// (rotation, back-pressure).
 static COUNTS: [AtomicUsize; 9] = [const { AtomicUsize::new(0) }; 9];
 
 const DISK: u64 = 48 << 10;

@@ -194,6 +194,7 @@ impl Index {
 
     /// Resolves `[off, off + len)` as of `at_seq` into pieces sorted by offset that cover
     /// the range exactly. `out` is cleared first.
+    #[cfg(test)]
     pub(crate) fn query(&self, off: u64, len: u64, at_seq: u64, out: &mut Vec<Piece>) {
         self.query_with(off, len, at_seq, out, &mut Vec::new(), &mut Vec::new());
     }

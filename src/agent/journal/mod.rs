@@ -1,14 +1,17 @@
 //! The per-disk write journal kept at the recovery site.
 //!
 //! Code map:
-//! - [`Journal`] (this file): open and recovery, append and group commit, checkpoints,
-//!   stats. One journal per protected disk, in its own directory.
+//! - [`Journal`] (this file): open and recovery, append, group commit (the appender's
+//!   side: buffering, sync requests, back-pressure, rotation), checkpoints, stats. One
+//!   journal per protected disk, in its own directory.
+//! - `sync`: the sync thread that runs every `fdatasync` of the journal's segments and
+//!   owns the durable seq; [`Durability`] is the handle other threads wait on.
 //! - `format`: the on-disk encodings (record, segment header, state file, scratch map).
 //! - `segment`: segment files, the sequential record reader, torn-tail analysis.
 //! - `index`: the multi-version extent index that makes opening a view O(1).
 //! - [`View`] (`view`): a point-in-time disk with a writable scratch layer.
 //! - `promote`: promotion, retention, commit, rollback and their redo after a crash.
-//! - [`bench`]: the `bulwark bench journal` benchmark.
+//! - [`bench`](mod@bench): the `bulwark bench journal` benchmark.
 //!
 //! Directory layout: `XXXXXXXX.seg` segment files (hex id, ascending = older), the
 //! crash-safe `journal.state` (what the replica holds, and the promotion or commit in
@@ -20,6 +23,35 @@
 //! the whole group. Group commit still amortises `fdatasync` over every record a disk
 //! received since the last sync; the agent syncs the disks of a VPG in parallel.
 //!
+//! Group commit is pipelined. `append` encodes records into a buffer that is handed to
+//! the kernel (`pwrite`) every `write_buffer` bytes. [`Journal::request_sync`] hands
+//! over what is buffered and queues "sync the active segment up to here, which makes
+//! seq S durable" for the journal's sync thread, and returns S at once; appends go on
+//! into the page cache while the device writes back, which is what lets ingest run at
+//! the speed of a plain sequential write. The replication receiver appends, requests a
+//! sync per batch, and acknowledges from another thread what [`Durability`] reports
+//! ([`Durability::wait_durable`] with a timeout, or the one-load
+//! [`Durability::durable_seq`]). [`Journal::sync`] is the blocking form. A request not
+//! yet started is merged with the next one for the same segment, so a slow device gets
+//! bigger groups rather than a longer queue; [`JournalConfig::max_unsynced`] bounds how
+//! far appends may run ahead of the disk (back-pressure in `append`).
+//!
+//! Durability, precisely: the durable seq D only ever advances when an `fdatasync` (and
+//! the directory fsync, if a segment was created since the last one) returned success,
+//! and then exactly to the seq of the request it served; every byte of every record up
+//! to that seq had been handed to the kernel before the request was queued, so before
+//! that call started. D never moves backwards and never moves on a failure. A sync
+//! failure on the thread closes the journal as a write failure does: every later call
+//! and every waiter gets `Closed`, and the journal must be reopened (recovery keeps
+//! whatever made it to disk, which may be more than D). Each record header carries D as
+//! of its append (the durable hint recovery uses to tell a torn tail from lost data).
+//!
+//! Rotation: a segment is made wholly durable (through the thread, the appender
+//! waiting) before the next one is created, so after a crash only the last segment can
+//! have a torn tail; the new segment's directory entry is fsynced with the first sync
+//! of it, before any of its records counts as durable. This wait is the pipeline's one
+//! stall, once per segment, while the device is busy with that segment anyway.
+//!
 //! Invariants:
 //! 1. Records in the segments have strictly increasing seq; segments hold whole records.
 //! 2. Every record with seq ≤ `promoted_seq` is in the replica, and the replica holds
@@ -28,12 +60,19 @@
 //!    state file; segments are deleted oldest first, only once the state file says their
 //!    records are promoted. So any crash leaves a state that `open` finishes (redo).
 //! 4. Only records that were durable (fsynced) are ever promoted; only durable
-//!    checkpoints are offered for views.
+//!    checkpoints are offered for views. Both read D once, and D only grows.
 //! 5. No view exists at a checkpoint older than the promotion floor, and promotion never
 //!    passes the oldest open view (`Pins`).
+//! 6. Every segment but the last is wholly durable.
 //!
 //! Thread-safety: [`Journal`] is `Send`; every mutating call takes `&mut self` (the agent
-//! owns it on one thread, or behind a mutex). [`View`] is `Send + Sync` and independent
+//! owns it on one thread, or behind a mutex). Each journal has one sync thread, started
+//! by `open` and stopped and joined when the journal is dropped (a sync in progress is
+//! waited for; queued ones are abandoned, as in a crash: [`Journal::close`] syncs first).
+//! The thread shares with the journal only the request queue and the durable seq (one
+//! mutex, never held during I/O, and an atomic mirror for lock-free reads), and `Arc`s
+//! of the segment files it syncs. [`Durability`] handles are `Send + Sync`, outlive the
+//! journal harmlessly, and never block appends. [`View`] is `Send + Sync` and independent
 //! of the `Journal` borrow: views read (and write their scratch) from any thread while
 //! the journal appends and promotes. They share the index and the segment handles under
 //! one `RwLock` held only to resolve a read, never during I/O.
@@ -907,6 +946,8 @@ impl Journal {
         Ok(())
     }
 
+    /// Syncs on the calling thread, bypassing the sync thread: only for `open`, before
+    /// anything was requested of it.
     pub(crate) fn sync_active_and_dir(&mut self) -> Result<()> {
         self.flush_buf()?;
         if let Some(seg) = self.segs.last() {
@@ -1003,8 +1044,12 @@ impl Journal {
         });
     }
 
-    /// Buffers one record (not durable until [`Journal::sync`]). A record whose seq is
-    /// not above every seq seen so far is a resend and is ignored: `Appended::Duplicate`.
+    /// Buffers one record; it is durable once a sync requested after it completed
+    /// ([`Journal::request_sync`], [`Journal::sync`], or one the journal makes itself at
+    /// rotation or under back-pressure). A record whose seq is not above every seq seen
+    /// so far is a resend and is ignored: `Appended::Duplicate`. May block: at segment
+    /// rotation (until the old segment is durable) and under back-pressure
+    /// ([`JournalConfig::max_unsynced`]).
     pub fn append(&mut self, rec: Record<'_>) -> Result<Appended> {
         self.check_ok()?;
         if rec.seq <= self.last_seq.max(self.seq_floor) {

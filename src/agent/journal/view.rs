@@ -7,8 +7,10 @@
 //! NBD server anyway), and not persisting it keeps guest writes at the speed of one
 //! `pwrite`.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::io::IoSliceMut;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -221,29 +223,93 @@ struct Io {
     file: Option<Arc<File>>,
 }
 
+/// Per-thread buffers of the read path, so a read allocates nothing once warm.
+#[derive(Default)]
+struct Work {
+    pieces: Vec<Piece>,
+    unc: Vec<(u32, u32)>,
+    tmp: Vec<(u32, u32)>,
+    ios: Vec<Io>,
+    /// Where the record headers between coalesced pieces are read to (and dropped).
+    gaps: Vec<u8>,
+}
+
+thread_local! {
+    static WORK: RefCell<Work> = RefCell::new(Work::default());
+}
+
+/// Longest stretch of a segment between two pieces that one read still spans: a
+/// record header and its padding (records written one after the other, as a guest
+/// writing sequentially produces), with room to spare.
+const MAX_GAP: u64 = 256;
+/// Most pieces read by one `preadv` (IOV_MAX is 1024, and a gap takes an iovec too).
+const MAX_RUN: usize = 256;
+
 /// Reads the disk at `at_seq` without any scratch layer.
 pub(crate) fn read_base(shared: &Shared, buf: &mut [u8], offset: u64, at_seq: u64) -> Result<()> {
-    let mut pieces = Vec::new();
-    let ios: Vec<Io> = {
+    WORK.with(|w| match w.try_borrow_mut() {
+        Ok(mut w) => {
+            let r = read_base_with(shared, buf, offset, at_seq, &mut w);
+            // The handles of deleted segments must not stay open in an idle thread.
+            w.ios.clear();
+            r
+        }
+        // Only if a read re-entered this thread's read path; never expected.
+        Err(_) => read_base_with(shared, buf, offset, at_seq, &mut Work::default()),
+    })
+}
+
+fn read_base_with(
+    shared: &Shared,
+    buf: &mut [u8],
+    offset: u64,
+    at_seq: u64,
+    w: &mut Work,
+) -> Result<()> {
+    {
         let rs = shared.read_side();
-        rs.index
-            .query(offset, buf.len() as u64, at_seq, &mut pieces);
-        pieces
-            .iter()
-            .map(|p| Io {
-                piece: *p,
-                file: match p.src {
-                    Src::Journal { seg, .. } => rs.segs.get(&seg).cloned(),
-                    _ => None,
-                },
-            })
-            .collect()
-    };
-    for io in ios {
+        rs.index.query_with(
+            offset,
+            buf.len() as u64,
+            at_seq,
+            &mut w.pieces,
+            &mut w.unc,
+            &mut w.tmp,
+        );
+        w.ios.clear();
+        for p in &w.pieces {
+            let file = match p.src {
+                Src::Journal { seg, .. } => rs.segs.get(&seg).cloned(),
+                _ => None,
+            };
+            // Neighbours from the replica (chunk edges) or zeros are one read / one fill.
+            if let Some(last) = w.ios.last_mut() {
+                let same = matches!(
+                    (last.piece.src, p.src),
+                    (Src::Replica, Src::Replica) | (Src::Zero { .. }, Src::Zero { .. })
+                );
+                if same && last.piece.off + last.piece.len == p.off {
+                    last.piece.len += p.len;
+                    continue;
+                }
+            }
+            w.ios.push(Io { piece: *p, file });
+        }
+    }
+    let mut i = 0;
+    while i < w.ios.len() {
+        let run = journal_run(&w.ios[i..]);
+        if run > 1 {
+            read_run(shared, buf, offset, &w.ios[i..i + run], &mut w.gaps)?;
+            i += run;
+            continue;
+        }
+        let io = &w.ios[i];
+        i += 1;
         let p = io.piece;
         let a = (p.off - offset) as usize;
         let dst = &mut buf[a..a + p.len as usize];
-        match (p.src, io.file) {
+        match (p.src, &io.file) {
             (Src::Zero { .. }, _) => dst.fill(0),
             // A segment gone from the table was deleted after its records reached the
             // replica (promotion deletes only fully promoted segments, after the replica
@@ -269,7 +335,105 @@ pub(crate) fn read_base(shared: &Shared, buf: &mut [u8], offset: u64, at_seq: u6
                     ..
                 },
                 Some(f),
-            ) => read_compressed(shared, &f, seg, pos, skip, dst)?,
+            ) => read_compressed(shared, f, seg, pos, skip, dst)?,
+        }
+    }
+    Ok(())
+}
+
+/// Where a piece's bytes are in its segment, if it is stored uncompressed there.
+fn file_pos(io: &Io) -> Option<(u32, u64)> {
+    match (io.piece.src, &io.file) {
+        (
+            Src::Journal {
+                seg,
+                pos,
+                skip,
+                compressed: false,
+                ..
+            },
+            Some(_),
+        ) => Some((seg, pos + HEADER_LEN as u64 + skip)),
+        _ => None,
+    }
+}
+
+/// How many pieces from the first one lie one after the other in the same segment,
+/// a header apart at most, so that one `preadv` reads them all.
+fn journal_run(ios: &[Io]) -> usize {
+    let Some((seg, mut end)) = file_pos(&ios[0]).map(|(s, p)| (s, p + ios[0].piece.len)) else {
+        return 1;
+    };
+    let mut n = 1;
+    while n < ios.len().min(MAX_RUN) {
+        match file_pos(&ios[n]) {
+            Some((s, p)) if s == seg && p >= end && p - end <= MAX_GAP => {
+                end = p + ios[n].piece.len;
+                n += 1;
+            }
+            _ => break,
+        }
+    }
+    n
+}
+
+/// Reads a run found by [`journal_run`] with one `preadv`: each piece straight into its
+/// place in `buf`, the bytes between them (headers) into `gaps`.
+fn read_run(
+    shared: &Shared,
+    buf: &mut [u8],
+    offset: u64,
+    run: &[Io],
+    gaps: &mut Vec<u8>,
+) -> Result<()> {
+    let path = || super::segment::segment_path(&shared.dir, file_pos(&run[0]).map_or(0, |x| x.0));
+    let (Some(f), Some((_, start))) = (&run[0].file, file_pos(&run[0])) else {
+        return Err(JournalError::Closed("internal error: bad read run".into()));
+    };
+    // The gap sizes, then one buffer for all of them.
+    let mut gap_total = 0usize;
+    let mut end = start;
+    for io in run {
+        let (_, p) = file_pos(io).unwrap_or((0, end));
+        gap_total += (p - end) as usize;
+        end = p + io.piece.len;
+    }
+    gaps.resize(gap_total, 0);
+    let first = (run[0].piece.off - offset) as usize;
+    let mut dst = &mut buf[first..];
+    let mut gap_buf = &mut gaps[..];
+    let mut iov: Vec<IoSliceMut<'_>> = Vec::with_capacity(run.len() * 2);
+    let mut end = start;
+    for io in run {
+        let (_, p) = file_pos(io).unwrap_or((0, end));
+        let g = (p - end) as usize;
+        if g > 0 {
+            let (head, rest) = std::mem::take(&mut gap_buf).split_at_mut(g);
+            iov.push(IoSliceMut::new(head));
+            gap_buf = rest;
+        }
+        let (head, rest) = std::mem::take(&mut dst).split_at_mut(io.piece.len as usize);
+        iov.push(IoSliceMut::new(head));
+        dst = rest;
+        end = p + io.piece.len;
+    }
+    let mut bufs = &mut iov[..];
+    let mut at = start;
+    while !bufs.is_empty() {
+        match rustix::io::preadv(&**f, bufs, at) {
+            Ok(0) => {
+                return Err(io_at(
+                    "read journal segment",
+                    &path(),
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ))
+            }
+            Ok(n) => {
+                at += n as u64;
+                IoSliceMut::advance_slices(&mut bufs, n);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(io_at("read journal segment", &path(), e.into())),
         }
     }
     Ok(())
