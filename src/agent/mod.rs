@@ -1,6 +1,7 @@
 //! The data path that runs on every hypervisor host: write interception over NBD,
 //! the replication stream and, at the recovery site, the journal.
 
+pub mod crashsafe;
 pub mod dirty;
 pub mod journal;
 pub mod nbd;

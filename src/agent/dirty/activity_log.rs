@@ -48,8 +48,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::crashsafe;
 use super::DirtyError;
+use crate::agent::crashsafe;
 
 /// Default extent size: 4 MiB.
 pub const DEFAULT_EXTENT_SIZE: u64 = 4 << 20;

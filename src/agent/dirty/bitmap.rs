@@ -1,7 +1,7 @@
 //! The per-disk dirty bitmap: one bit per fixed-size region, set lock-free on every write,
 //! cleared region by region once the replica has the data, persisted crash-safely.
 //!
-//! File format (little-endian), written with [`crashsafe::write_atomically`]:
+//! File format (little-endian), written with [`crate::agent::crashsafe::write_atomically`]:
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
@@ -22,8 +22,8 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::crashsafe;
 use super::DirtyError;
+use crate::agent::crashsafe;
 
 /// Default region size: 64 KiB.
 pub const DEFAULT_REGION_SIZE: u32 = 64 * 1024;
@@ -298,7 +298,7 @@ impl DirtyBitmap {
     /// [`save`](Self::save) reusing `buf` for the encoding (the periodic persister's path).
     pub fn save_with(&self, path: &Path, clean: bool, buf: &mut Vec<u8>) -> Result<(), DirtyError> {
         self.encode_into(clean, buf);
-        crashsafe::write_atomically(path, buf)
+        Ok(crashsafe::write_atomically(path, buf)?)
     }
 
     /// Loads a persisted bitmap and its `clean` flag. `clean == false` means the agent did

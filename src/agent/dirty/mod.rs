@@ -7,7 +7,7 @@
 //!   (4 MiB by default) made durable *before* any write into a new extent is issued.
 //! - [`tracker`]: [`DirtyTracker`] ties the two together for one disk and is what the NBD
 //!   write path calls.
-//! - [`crashsafe`]: temp → fsync → rename → fsync-dir, shared by both file formats.
+//! - `crate::agent::crashsafe`: temp → fsync → rename → fsync-dir, for both file formats.
 //!
 //! Crash argument in one paragraph: every write sets its bitmap bits and makes sure its
 //! extents are in the durable activity log *before* the data goes to the local disk. An
@@ -17,7 +17,6 @@
 
 pub mod activity_log;
 pub mod bitmap;
-pub mod crashsafe;
 pub mod tracker;
 
 pub use activity_log::{ActivityLog, AlRecovered, DEFAULT_AL_CAPACITY, DEFAULT_EXTENT_SIZE};
@@ -84,5 +83,15 @@ impl DirtyError {
     /// True when the error says the file does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, DirtyError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+impl From<crate::agent::crashsafe::CrashSafeError> for DirtyError {
+    fn from(e: crate::agent::crashsafe::CrashSafeError) -> Self {
+        DirtyError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        }
     }
 }

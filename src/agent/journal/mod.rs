@@ -509,20 +509,8 @@ impl std::fmt::Debug for Journal {
 /// Writes `name` in `dir` so that after a crash it holds either the old or the new bytes:
 /// temp file, fsync, rename, fsync of the directory.
 pub(crate) fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let path = dir.join(name);
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(|e| io_at("create", &tmp, e))?;
-    f.write_all_at(bytes, 0)
-        .map_err(|e| io_at("write", &tmp, e))?;
-    f.sync_all().map_err(|e| io_at("fsync", &tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, &path).map_err(|e| io_at("rename into place", &path, e))?;
-    sync_dir(dir)
+    crate::agent::crashsafe::write_atomically(&dir.join(name), bytes)
+        .map_err(|e| io_at(e.op, &e.path, e.source))
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
