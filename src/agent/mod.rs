@@ -3,6 +3,7 @@
 
 pub mod crashsafe;
 pub mod dirty;
+pub mod host;
 pub mod journal;
 pub mod nbd;
 pub mod stream;

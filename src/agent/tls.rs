@@ -45,7 +45,7 @@ pub enum TlsError {
 }
 
 /// The three PEM files an agent needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// The CA every peer's certificate must chain to.
     pub ca: PathBuf,

@@ -69,11 +69,9 @@ enum Command {
     Vm(client::ResourceArgs),
     /// VPGs (REST client).
     Vpg(client::ResourceArgs),
-    /// Host agent tools (the agent process itself comes with orchestration).
-    Agent {
-        #[command(subcommand)]
-        action: AgentAction,
-    },
+    /// Run the host agent (protected disks over NBD, replication stream, recovery
+    /// journals), or its tools (`agent certs`).
+    Agent(AgentArgs),
     /// Measure a component against this machine's raw limits (ratios from one run).
     Bench {
         #[command(subcommand)]
@@ -124,6 +122,38 @@ enum AgentAction {
         #[arg(required = true)]
         hosts: Vec<String>,
     },
+}
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AgentArgs {
+    #[command(subcommand)]
+    action: Option<AgentAction>,
+    /// Directory for disk images, dirty bitmaps, spill logs and state.
+    #[arg(long, env = "BULWARK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Site this host belongs to.
+    #[arg(long, env = "BULWARK_SITE")]
+    site: Option<String>,
+    /// This host's name (what peers' allow-lists and certificates name).
+    #[arg(long, env = "BULWARK_HOST_NAME")]
+    host_name: Option<String>,
+    /// NBD exports of the protected disks (default 127.0.0.1:10809).
+    #[arg(long, env = "BULWARK_NBD_LISTEN")]
+    nbd_listen: Option<String>,
+    /// Replication stream listener, for a recovery host (default 127.0.0.1:8471 when
+    /// `[[agent.allow]]` names a protected host).
+    #[arg(long, env = "BULWARK_DATA_LISTEN")]
+    data_listen: Option<String>,
+    /// Local admin HTTP endpoint (loopback only): status and a checkpoint trigger.
+    #[arg(long, env = "BULWARK_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// Directory with ca.pem, <host>.pem, <host>.key (see `bulwark agent certs`).
+    #[arg(long, env = "BULWARK_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Replicate over plain TCP: no encryption, no proof of identity. Labs only.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -380,9 +410,10 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
-        Command::Agent {
-            action: AgentAction::Certs { dir, hosts },
-        } => {
+        Command::Agent(AgentArgs {
+            action: Some(AgentAction::Certs { dir, hosts }),
+            ..
+        }) => {
             let files = crate::agent::tls::lab_certs(&dir, &hosts)?;
             for f in files {
                 println!(
@@ -394,11 +425,66 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Agent(a) => run_agent(a, &file).await,
         Command::Site(a) => client::run("sites", a).await,
         Command::Host(a) => client::run("hosts", a).await,
         Command::Vm(a) => client::run("vms", a).await,
         Command::Vpg(a) => client::run("vpgs", a).await,
     }
+}
+
+async fn run_agent(a: AgentArgs, file: &ConfigFile) -> Result<ExitCode> {
+    use crate::agent::host::{admin, Agent, AgentConfig, AgentFlags};
+    let flags = AgentFlags {
+        data_dir: a.data_dir,
+        site: a.site,
+        host_name: a.host_name,
+        nbd_listen: a.nbd_listen,
+        data_listen: a.data_listen,
+        admin_listen: a.admin_listen,
+        tls_dir: a.tls_dir,
+        insecure: a.insecure,
+    };
+    let config = AgentConfig::resolve(&file.agent, flags)?;
+    let admin_listen = config.admin_listen;
+    let agent = Agent::start(config).await.context("starting the agent")?;
+    let stop_admin = tokio_util::sync::CancellationToken::new();
+    let mut admin_addr = None;
+    let mut admin_task = None;
+    if let Some(addr) = admin_listen {
+        let listener = admin::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        agent.set_admin_addr(addr);
+        admin_addr = Some(addr);
+        admin_task = Some(tokio::spawn(admin::serve(
+            listener,
+            agent.clone(),
+            stop_admin.clone(),
+        )));
+    }
+    let endpoints = agent.write_endpoints()?;
+    let e = agent.endpoints();
+    eprintln!(
+        "Bulwark agent {} (site {}): NBD on {}{}{}; endpoints in {}",
+        e.host_name,
+        e.site,
+        e.nbd,
+        e.data
+            .as_ref()
+            .map(|d| format!(", replication on {d}"))
+            .unwrap_or_default(),
+        admin_addr
+            .map(|d| format!(", admin on http://{d}"))
+            .unwrap_or_default(),
+        endpoints.display()
+    );
+    shutdown_signal().await;
+    agent.shutdown().await?;
+    stop_admin.cancel();
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn whoami() -> String {

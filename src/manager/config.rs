@@ -35,6 +35,9 @@ pub struct ConfigFile {
     pub log: Option<String>,
     #[serde(default)]
     pub manager: ManagerSection,
+    /// `bulwark agent`'s section (its own module checks it).
+    #[serde(default)]
+    pub agent: crate::agent::host::AgentSection,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -2,5 +2,6 @@
 //! manager and the CLI; agent control and replication messages join it as they are
 //! built. This module imports neither axum nor sea-orm.
 
+pub mod agent;
 pub mod api;
 pub mod stream;

@@ -1,0 +1,131 @@
+//! The agent's local admin endpoint: loopback only, no authentication (the config refuses
+//! any other address). `GET /v1/status`, `POST /v1/checkpoints` (the checkpoint trigger
+//! until the manager drives rounds), `GET /healthz`. Errors are problem-details JSON with
+//! a stable `code`, like the manager's API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{Agent, AgentError};
+use crate::proto::agent::{AgentStatus, CheckpointReport, CheckpointRequest};
+use crate::proto::api::Problem;
+
+struct AdminError(StatusCode, &'static str, String);
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let AdminError(status, code, detail) = self;
+        let body = Problem {
+            type_: "about:blank".into(),
+            title: status.canonical_reason().unwrap_or("error").into(),
+            status: status.as_u16(),
+            detail,
+            code: code.into(),
+            field: None,
+        };
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )
+            .into_response()
+    }
+}
+
+impl From<AgentError> for AdminError {
+    fn from(e: AgentError) -> Self {
+        match e {
+            AgentError::NoSuchGroup(_) => {
+                AdminError(StatusCode::NOT_FOUND, "agent.no_such_group", e.to_string())
+            }
+            AgentError::ShuttingDown => AdminError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "agent.shutting_down",
+                e.to_string(),
+            ),
+            other => AdminError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "agent.internal",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+async fn status(State(agent): State<Arc<Agent>>) -> Json<AgentStatus> {
+    Json(agent.status())
+}
+
+async fn checkpoint(
+    State(agent): State<Arc<Agent>>,
+    body: Result<Json<CheckpointRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<CheckpointReport>), AdminError> {
+    let Json(req) = body.map_err(|e| {
+        AdminError(
+            StatusCode::BAD_REQUEST,
+            "request.invalid_body",
+            e.body_text(),
+        )
+    })?;
+    if req
+        .tag
+        .as_ref()
+        .is_some_and(|t| t.is_empty() || t.len() > 255)
+    {
+        return Err(AdminError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "checkpoint.tag_invalid",
+            "a tag has 1 to 255 bytes".into(),
+        ));
+    }
+    let report = agent.checkpoint(&req)?;
+    Ok((StatusCode::CREATED, Json(report)))
+}
+
+async fn not_found() -> AdminError {
+    AdminError(
+        StatusCode::NOT_FOUND,
+        "route.not_found",
+        "no such route".into(),
+    )
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/status", get(status))
+        .route("/v1/checkpoints", post(checkpoint))
+        .fallback(not_found)
+        .with_state(agent)
+}
+
+/// Binds the admin endpoint; serve it with [`serve`].
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Io {
+            what: "bind admin endpoint",
+            path: addr.to_string().into(),
+            source,
+        })
+}
+
+/// Serves until `cancel`.
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>, cancel: CancellationToken) {
+    let app = router(agent);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "admin endpoint stopped");
+    }
+}

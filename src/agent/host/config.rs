@@ -1,0 +1,577 @@
+//! Agent configuration: the `[agent]` section of `bulwark.toml` (its disks, the recovery
+//! hosts it streams to, the protected hosts it accepts), overridden by flags; resolved
+//! into an [`AgentConfig`] with every rule checked before anything is opened.
+//!
+//! Until the manager's control channel drives agents, this file is the agent's desired
+//! state; afterwards it stays the way to run an agent without a manager (labs, tests).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::agent::tls::TlsFiles;
+use crate::proto::stream::Compression;
+
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+pub const DEFAULT_DATA_LISTEN: &str = "127.0.0.1:8471";
+/// The consistency group of a disk that names none.
+pub const DEFAULT_GROUP: &str = "default";
+
+/// Why a configuration is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConfigError {
+    #[error("agent config: {0} is required")]
+    Missing(&'static str),
+    #[error("agent config: {field}: `{value}` is not host:port")]
+    Address { field: String, value: String },
+    #[error("agent config: {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> AgentConfigError {
+    AgentConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A byte count in the file: an integer, or a string with a binary unit (`"4 GiB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "SizeRepr")]
+pub struct ByteSize(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Int(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for ByteSize {
+    type Error = String;
+    fn try_from(r: SizeRepr) -> Result<Self, String> {
+        match r {
+            SizeRepr::Int(n) => Ok(ByteSize(n)),
+            SizeRepr::Text(s) => parse_size(&s).map(ByteSize),
+        }
+    }
+}
+
+/// Parses `123`, `64KiB`, `4 MiB`, `2GiB`, `1TiB` (binary units; `K`/`M`/`G`/`T` too).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 4GiB"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (use KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// `[agent]` in `bulwark.toml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub data_dir: Option<PathBuf>,
+    pub site: Option<String>,
+    pub host_name: Option<String>,
+    pub nbd_listen: Option<String>,
+    pub data_listen: Option<String>,
+    pub admin_listen: Option<String>,
+    /// Directory holding `ca.pem`, `<host>.pem`, `<host>.key` (what `bulwark agent certs`
+    /// writes); or the three files one by one.
+    pub tls_dir: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub disks: Vec<DiskSection>,
+    #[serde(default)]
+    pub peers: Vec<PeerSection>,
+    #[serde(default)]
+    pub allow: Vec<AllowSection>,
+}
+
+/// `[[agent.disks]]`: a protected disk of this host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSection {
+    /// Export name; also names the image and tracking files.
+    pub name: String,
+    /// Identity in the stream and at the recovery site (the manager's disk id).
+    pub id: u64,
+    pub size: ByteSize,
+    /// An existing raw image to register; default `<data-dir>/disks/<name>.img`,
+    /// created sparse when missing.
+    pub path: Option<PathBuf>,
+    /// Consistency group (the VPG); checkpoint rounds hold a group together.
+    pub group: Option<String>,
+    /// The recovery host this disk streams to (a `[[agent.peers]]` host name); none:
+    /// not replicated (writes are still tracked in the bitmap).
+    pub recovery_host: Option<String>,
+}
+
+/// `[[agent.peers]]`: a recovery host this agent streams to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub host_name: String,
+    pub address: String,
+    /// `none`, `zstd` or `lz4`.
+    pub compression: Option<String>,
+    /// Bytes per second on the wire.
+    pub bandwidth_limit: Option<ByteSize>,
+    /// Outbound queue in memory (all disks to this peer).
+    pub queue_memory: Option<ByteSize>,
+    /// Spill log bound on disk (all disks to this peer); 0 disables spilling.
+    pub spill_limit: Option<ByteSize>,
+    /// Seconds the peer may be away before its disks go bitmap-only.
+    pub away_bound_secs: Option<u64>,
+}
+
+/// `[[agent.allow]]`: a protected host allowed to stream here, and where its disks go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowSection {
+    pub host_name: String,
+    pub storage: PathBuf,
+}
+
+/// Flags of `bulwark agent`, already merged with `BULWARK_*` variables by clap.
+#[derive(Debug, Clone, Default)]
+pub struct AgentFlags {
+    pub data_dir: Option<PathBuf>,
+    pub site: Option<String>,
+    pub host_name: Option<String>,
+    pub nbd_listen: Option<String>,
+    pub data_listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub tls_dir: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+/// A protected disk, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub name: String,
+    pub id: u64,
+    pub size: u64,
+    pub path: PathBuf,
+    pub group: String,
+    pub recovery_host: Option<String>,
+}
+
+/// A recovery host to stream to, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub host_name: String,
+    pub address: SocketAddr,
+    pub compression: Compression,
+    pub bandwidth_limit: Option<u64>,
+    pub queue_memory: usize,
+    pub spill_limit: usize,
+    pub away_bound: Duration,
+}
+
+/// How the stream is protected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    Tls(TlsFiles),
+    /// Plain TCP, only by the operator's explicit `--insecure`.
+    Insecure,
+}
+
+/// Everything an agent needs, checked.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub site: String,
+    pub host_name: String,
+    pub nbd_listen: SocketAddr,
+    /// The stream listener; `None` when the agent accepts no protected host.
+    pub data_listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub security: Security,
+    pub disks: Vec<DiskConfig>,
+    pub peers: Vec<PeerConfig>,
+    /// Protected host → storage path.
+    pub allow: BTreeMap<String, PathBuf>,
+    /// How often dirty bitmaps are persisted.
+    pub persist_every: Duration,
+    /// How long a clean shutdown waits for queued records to be acknowledged.
+    pub drain_timeout: Duration,
+}
+
+fn addr(field: &str, value: &str) -> Result<SocketAddr, AgentConfigError> {
+    value.parse().map_err(|_| AgentConfigError::Address {
+        field: field.into(),
+        value: value.into(),
+    })
+}
+
+/// Names used in file names and exports: letters, digits, `-`, `_`, `.`; no leading dot.
+fn check_name(field: &str, name: &str) -> Result<(), AgentConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("`{name}`: use 1–128 letters, digits, '-', '_' or '.' (not leading)"),
+        ))
+    }
+}
+
+fn compression(field: &str, v: Option<&str>) -> Result<Compression, AgentConfigError> {
+    match v.unwrap_or("none") {
+        "none" => Ok(Compression::None),
+        "zstd" => Ok(Compression::Zstd),
+        "lz4" => Ok(Compression::Lz4),
+        other => Err(invalid(
+            field,
+            format!("`{other}` is not one of none, zstd, lz4"),
+        )),
+    }
+}
+
+impl AgentConfig {
+    /// Flags over the file over defaults; checks every rule.
+    pub fn resolve(file: &AgentSection, flags: AgentFlags) -> Result<Self, AgentConfigError> {
+        let data_dir = flags
+            .data_dir
+            .or_else(|| file.data_dir.clone())
+            .ok_or(AgentConfigError::Missing("--data-dir"))?;
+        let host_name = flags
+            .host_name
+            .or_else(|| file.host_name.clone())
+            .ok_or(AgentConfigError::Missing("--host-name"))?;
+        check_name("host_name", &host_name)?;
+        let site = flags
+            .site
+            .or_else(|| file.site.clone())
+            .ok_or(AgentConfigError::Missing("--site"))?;
+        if site.trim().is_empty() {
+            return Err(invalid("site", "must not be empty"));
+        }
+        let nbd_listen = addr(
+            "nbd_listen",
+            flags
+                .nbd_listen
+                .as_deref()
+                .or(file.nbd_listen.as_deref())
+                .unwrap_or(DEFAULT_NBD_LISTEN),
+        )?;
+        let allow: BTreeMap<String, PathBuf> = file
+            .allow
+            .iter()
+            .map(|a| (a.host_name.clone(), a.storage.clone()))
+            .collect();
+        if allow.len() != file.allow.len() {
+            return Err(invalid("allow", "a host is listed twice"));
+        }
+        for (i, a) in file.allow.iter().enumerate() {
+            check_name(&format!("allow[{i}].host_name"), &a.host_name)?;
+        }
+        let data_listen = match flags.data_listen.as_deref().or(file.data_listen.as_deref()) {
+            Some(v) => Some(addr("data_listen", v)?),
+            None if !allow.is_empty() => Some(addr("data_listen", DEFAULT_DATA_LISTEN)?),
+            None => None,
+        };
+        let admin_listen = match flags
+            .admin_listen
+            .as_deref()
+            .or(file.admin_listen.as_deref())
+        {
+            Some(v) => {
+                let a = addr("admin_listen", v)?;
+                // The admin endpoint has no authentication: it must not leave the host.
+                if !a.ip().is_loopback() {
+                    return Err(invalid(
+                        "admin_listen",
+                        "must be a loopback address (the admin endpoint has no authentication)",
+                    ));
+                }
+                Some(a)
+            }
+            None => None,
+        };
+        let security = if flags.insecure || file.insecure {
+            Security::Insecure
+        } else {
+            let dir = flags.tls_dir.or_else(|| file.tls_dir.clone());
+            let from_dir = dir.as_deref().map(|d| TlsFiles::in_dir(d, &host_name));
+            let pick = |one: &Option<PathBuf>, f: fn(&TlsFiles) -> &PathBuf, name: &'static str| {
+                one.clone()
+                    .or_else(|| from_dir.as_ref().map(|t| f(t).clone()))
+                    .ok_or(AgentConfigError::Missing(name))
+            };
+            Security::Tls(TlsFiles {
+                ca: pick(
+                    &file.tls_ca,
+                    |t| &t.ca,
+                    "--tls-dir (or tls_ca), or --insecure",
+                )?,
+                cert: pick(&file.tls_cert, |t| &t.cert, "--tls-dir (or tls_cert)")?,
+                key: pick(&file.tls_key, |t| &t.key, "--tls-dir (or tls_key)")?,
+            })
+        };
+        let mut peers = Vec::new();
+        let mut peer_names = BTreeSet::new();
+        for (i, p) in file.peers.iter().enumerate() {
+            let f = |s: &str| format!("peers[{i}].{s}");
+            check_name(&f("host_name"), &p.host_name)?;
+            if !peer_names.insert(p.host_name.clone()) {
+                return Err(invalid(f("host_name"), "listed twice"));
+            }
+            if p.host_name == host_name {
+                return Err(invalid(f("host_name"), "a host cannot replicate to itself"));
+            }
+            let queue_memory = p.queue_memory.map_or(256 << 20, |b| b.0);
+            if queue_memory == 0 {
+                return Err(invalid(f("queue_memory"), "must be above zero"));
+            }
+            let bandwidth_limit = p.bandwidth_limit.map(|b| b.0);
+            if bandwidth_limit == Some(0) {
+                return Err(invalid(
+                    f("bandwidth_limit"),
+                    "must be above zero (omit it for no limit)",
+                ));
+            }
+            peers.push(PeerConfig {
+                host_name: p.host_name.clone(),
+                address: addr(&f("address"), &p.address)?,
+                compression: compression(&f("compression"), p.compression.as_deref())?,
+                bandwidth_limit,
+                queue_memory: usize::try_from(queue_memory)
+                    .map_err(|_| invalid(f("queue_memory"), "too large"))?,
+                spill_limit: usize::try_from(p.spill_limit.map_or(1 << 30, |b| b.0))
+                    .map_err(|_| invalid(f("spill_limit"), "too large"))?,
+                away_bound: Duration::from_secs(p.away_bound_secs.unwrap_or(300)),
+            });
+        }
+        let mut disks = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        for (i, d) in file.disks.iter().enumerate() {
+            let f = |s: &str| format!("disks[{i}].{s}");
+            check_name(&f("name"), &d.name)?;
+            if !names.insert(d.name.clone()) {
+                return Err(invalid(f("name"), format!("`{}` is listed twice", d.name)));
+            }
+            if !ids.insert(d.id) {
+                return Err(invalid(
+                    f("id"),
+                    format!("{} is used by another disk", d.id),
+                ));
+            }
+            if d.size.0 == 0 || d.size.0 % 512 != 0 {
+                return Err(invalid(
+                    f("size"),
+                    "must be a non-zero multiple of 512 bytes",
+                ));
+            }
+            if let Some(r) = &d.recovery_host {
+                if !peer_names.contains(r) {
+                    return Err(invalid(
+                        f("recovery_host"),
+                        format!("`{r}` is not among [[agent.peers]]"),
+                    ));
+                }
+            }
+            let group = d.group.clone().unwrap_or_else(|| DEFAULT_GROUP.to_string());
+            check_name(&f("group"), &group)?;
+            disks.push(DiskConfig {
+                name: d.name.clone(),
+                id: d.id,
+                size: d.size.0,
+                path: d
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("disks").join(format!("{}.img", d.name))),
+                group,
+                recovery_host: d.recovery_host.clone(),
+            });
+        }
+        Ok(AgentConfig {
+            data_dir,
+            site,
+            host_name,
+            nbd_listen,
+            data_listen,
+            admin_listen,
+            security,
+            disks,
+            peers,
+            allow,
+            persist_every: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// Dirty bitmaps and activity logs.
+    pub fn dirty_dir(&self) -> PathBuf {
+        self.data_dir.join("dirty")
+    }
+
+    /// Per-disk stream state (the sequence epoch).
+    pub fn state_dir(&self) -> PathBuf {
+        self.data_dir.join("state")
+    }
+
+    /// Spill logs of the stream to `peer`.
+    pub fn spill_dir(&self, peer: &str) -> PathBuf {
+        self.data_dir.join("spill").join(peer)
+    }
+
+    /// `endpoints.json` and other files of the running process.
+    pub fn run_dir(&self) -> PathBuf {
+        self.data_dir.join("run")
+    }
+}
+
+/// Where the journal and the replica disk of `disk_id` from a protected host live under
+/// its storage path (the receiver's layout).
+pub fn received_disk_dir(storage: &Path, disk_id: u64) -> PathBuf {
+    storage.join(format!("disk-{disk_id:016x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(toml_text: &str) -> AgentSection {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    fn flags() -> AgentFlags {
+        AgentFlags {
+            data_dir: Some("/tmp/a".into()),
+            site: Some("prod".into()),
+            host_name: Some("h1".into()),
+            insecure: true,
+            ..AgentFlags::default()
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        assert_eq!(parse_size("4 MiB").unwrap(), 4 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert!(parse_size("2 GB").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+        let s = section("[[disks]]\nname='a'\nid=1\nsize='1 MiB'\n");
+        assert_eq!(s.disks[0].size, ByteSize(1 << 20));
+    }
+
+    #[test]
+    fn a_full_section_resolves() {
+        let s = section(
+            r#"
+            nbd_listen = "127.0.0.1:0"
+            admin_listen = "127.0.0.1:0"
+            [[disks]]
+            name = "web-0"
+            id = 7
+            size = "64 MiB"
+            group = "web"
+            recovery_host = "r1"
+            [[disks]]
+            name = "scratch"
+            id = 8
+            size = 1048576
+            [[peers]]
+            host_name = "r1"
+            address = "127.0.0.1:9000"
+            compression = "lz4"
+            queue_memory = "8 MiB"
+            [[allow]]
+            host_name = "p9"
+            storage = "/srv/p9"
+            "#,
+        );
+        let c = AgentConfig::resolve(&s, flags()).unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].path, PathBuf::from("/tmp/a/disks/web-0.img"));
+        assert_eq!(c.disks[1].group, DEFAULT_GROUP);
+        assert_eq!(c.peers[0].compression, Compression::Lz4);
+        assert_eq!(c.peers[0].queue_memory, 8 << 20);
+        assert_eq!(c.data_listen.map(|a| a.port()), Some(8471));
+        assert_eq!(c.security, Security::Insecure);
+    }
+
+    #[test]
+    fn rules_are_checked_before_anything_opens() {
+        let bad = [
+            ("[[disks]]\nname='a'\nid=1\nsize=1000\n", "disks[0].size"),
+            ("[[disks]]\nname='../x'\nid=1\nsize=512\n", "disks[0].name"),
+            (
+                "[[disks]]\nname='a'\nid=1\nsize=512\n[[disks]]\nname='b'\nid=1\nsize=512\n",
+                "disks[1].id",
+            ),
+            (
+                "[[disks]]\nname='a'\nid=1\nsize=512\nrecovery_host='nobody'\n",
+                "disks[0].recovery_host",
+            ),
+            (
+                "[[peers]]\nhost_name='h1'\naddress='127.0.0.1:1'\n",
+                "peers[0].host_name",
+            ),
+            (
+                "[[peers]]\nhost_name='r'\naddress='nowhere'\n",
+                "peers[0].address",
+            ),
+            (
+                "[[peers]]\nhost_name='r'\naddress='127.0.0.1:1'\ncompression='gzip'\n",
+                "peers[0].compression",
+            ),
+            ("admin_listen = '0.0.0.0:1'\n", "admin_listen"),
+        ];
+        for (text, field) in bad {
+            let e = AgentConfig::resolve(&section(text), flags()).unwrap_err();
+            assert!(e.to_string().contains(field), "{text}: {e}");
+        }
+        assert!(
+            toml::from_str::<AgentSection>("[[disks]]\nname='a'\nid=1\nsize=512\nsz=1\n").is_err()
+        );
+    }
+
+    #[test]
+    fn tls_is_the_default_and_needs_files() {
+        let mut f = flags();
+        f.insecure = false;
+        let e = AgentConfig::resolve(&AgentSection::default(), f.clone()).unwrap_err();
+        assert!(e.to_string().contains("--insecure"), "{e}");
+        f.tls_dir = Some("/certs".into());
+        let c = AgentConfig::resolve(&AgentSection::default(), f).unwrap();
+        assert_eq!(
+            c.security,
+            Security::Tls(TlsFiles::in_dir(Path::new("/certs"), "h1"))
+        );
+    }
+}

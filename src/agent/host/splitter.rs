@@ -1,0 +1,328 @@
+//! The splitter: the [`WriteSink`] of one protected disk. It numbers every accepted write
+//! (the disk owns its sequence, so it outlives any connection), queues it on the stream
+//! [`Sender`], and keeps the bookkeeping that lets the dirty bitmap be cleared region by
+//! region once the recovery journal holds a region durably — and never otherwise.
+//!
+//! Sequence numbers are `epoch << 40 | n`: the epoch is bumped (durably) at every agent
+//! start, so a restarted agent never reuses a number the journal already holds.
+//!
+//! Why the bitmap stays truthful:
+//! - a write marks its regions *before* it lands locally (ProtectedDevice);
+//! - a region's bit is cleared only when no unacknowledged record touches it, after the
+//!   local disk was flushed, and never while the disk is bitmap-only;
+//! - a clear can still race a write that marked the region but was not yet accepted
+//!   here; if that write's record is later dropped (bitmap-only), the splitter marks its
+//!   range again — from the `accept` that saw `BitmapOnly`, or from the pending list when
+//!   the sender reports `NeedsBitmapSync`. A crash in between is covered by the
+//!   activity log.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::agent::dirty::DirtyTracker;
+use crate::agent::nbd::{WriteEvent, WriteSink};
+use crate::agent::stream::{Enqueued, Sender, StreamError};
+use crate::proto::stream::{RecordBody, StreamRecord};
+
+/// Bits of the per-epoch counter.
+pub const EPOCH_SHIFT: u32 = 40;
+/// Writes larger than this travel as several records (frames are bounded).
+pub const MAX_RECORD_DATA: usize = 8 << 20;
+
+/// The first sequence number of `epoch`.
+pub fn first_seq(epoch: u64) -> u64 {
+    (epoch << EPOCH_SHIFT) | 1
+}
+
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    /// Bitmap regions `first..=last` the record touches (none for a checkpoint).
+    regions: Option<(u64, u64)>,
+}
+
+#[derive(Debug)]
+struct State {
+    next_seq: u64,
+    /// Queued, unacknowledged records, oldest first.
+    pending: VecDeque<Pending>,
+    /// Region → number of pending records touching it.
+    counts: HashMap<u64, u32>,
+    /// Records are not queued; the bitmap is the truth until a Bitmap Sync.
+    bitmap_only: bool,
+    /// The bitmap holds regions that only a sync may clear (dirty at start, or written
+    /// while bitmap-only): acknowledgements clear nothing until then.
+    owes_sync: bool,
+    /// Highest seq the sender reported acknowledged.
+    acked: u64,
+}
+
+/// See the module documentation.
+pub struct Splitter {
+    disk_id: u64,
+    /// `None`: the disk is not replicated (the bitmap alone records what changed).
+    sender: Option<Sender>,
+    tracker: Arc<DirtyTracker>,
+    region_shift: u32,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Splitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Splitter")
+            .field("disk_id", &self.disk_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Splitter::insert_checkpoint`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkerPlaced {
+    pub seq: u64,
+    /// `false`: the disk is bitmap-only or unreplicated; the marker went nowhere.
+    pub queued: bool,
+}
+
+impl Splitter {
+    /// A splitter for `disk_id` starting at `epoch`. Regions already dirty in `tracker`
+    /// are owed to a sync and are not cleared by acknowledgements.
+    pub fn new(
+        disk_id: u64,
+        epoch: u64,
+        sender: Option<Sender>,
+        tracker: Arc<DirtyTracker>,
+    ) -> Self {
+        let region_shift = tracker.bitmap().region_size().trailing_zeros();
+        let owes_sync = tracker.bitmap().dirty_count() > 0;
+        Splitter {
+            disk_id,
+            state: Mutex::new(State {
+                next_seq: first_seq(epoch),
+                pending: VecDeque::new(),
+                counts: HashMap::new(),
+                bitmap_only: sender.is_none(),
+                owes_sync,
+                acked: 0,
+            }),
+            sender,
+            tracker,
+            region_shift,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn disk_id(&self) -> u64 {
+        self.disk_id
+    }
+
+    /// Last sequence number assigned (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.lock().next_seq - 1
+    }
+
+    pub fn is_bitmap_only(&self) -> bool {
+        self.lock().bitmap_only
+    }
+
+    /// Whether dirty regions wait for a sync (acknowledgements do not clear them).
+    pub fn owes_sync(&self) -> bool {
+        self.lock().owes_sync
+    }
+
+    fn regions(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        (len > 0).then(|| {
+            (
+                offset >> self.region_shift,
+                (offset + len - 1) >> self.region_shift,
+            )
+        })
+    }
+
+    /// Numbers `body`, queues it, records it as pending. Called with the state locked, so
+    /// seqs reach the sender in order.
+    fn push(&self, st: &mut State, body: RecordBody, timestamp_ms: i64) -> MarkerPlaced {
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let regions = match &body {
+            RecordBody::Write { offset, data } => self.regions(*offset, data.len() as u64),
+            RecordBody::Zero { offset, len } | RecordBody::Trim { offset, len } => {
+                self.regions(*offset, *len)
+            }
+            RecordBody::Checkpoint { .. } => None,
+        };
+        let range = match &body {
+            RecordBody::Write { offset, data } => Some((*offset, data.len() as u64)),
+            RecordBody::Zero { offset, len } | RecordBody::Trim { offset, len } => {
+                Some((*offset, *len))
+            }
+            RecordBody::Checkpoint { .. } => None,
+        };
+        let Some(sender) = self.sender.as_ref().filter(|_| !st.bitmap_only) else {
+            return MarkerPlaced { seq, queued: false };
+        };
+        let rec = StreamRecord {
+            disk: self.disk_id,
+            seq,
+            timestamp_ms,
+            body,
+        };
+        match sender.enqueue(rec) {
+            Ok(Enqueued::Memory | Enqueued::Spilled) => {
+                if let Some((first, last)) = regions {
+                    for r in first..=last {
+                        *st.counts.entry(r).or_insert(0) += 1;
+                    }
+                }
+                st.pending.push_back(Pending { seq, regions });
+                MarkerPlaced { seq, queued: true }
+            }
+            Ok(Enqueued::BitmapOnly) => {
+                self.enter_bitmap_only(st);
+                if let Some((offset, len)) = range {
+                    // A clear may have raced this write between its mark and here; its
+                    // extent is in the activity log (it was marked an instant ago), so
+                    // setting the bits directly keeps the crash guarantee.
+                    self.tracker.bitmap().mark(offset, len);
+                }
+                MarkerPlaced { seq, queued: false }
+            }
+            Err(e) => {
+                tracing::error!(disk = self.disk_id, error = %e, "record not queued; disk goes bitmap-only");
+                self.enter_bitmap_only(st);
+                if let Some((offset, len)) = range {
+                    self.tracker.bitmap().mark(offset, len);
+                }
+                MarkerPlaced { seq, queued: false }
+            }
+        }
+    }
+
+    /// The queue of this disk was dropped (or a record refused): mark every pending
+    /// record's regions again and stop clearing until a sync.
+    fn enter_bitmap_only(&self, st: &mut State) {
+        if st.bitmap_only {
+            return;
+        }
+        st.bitmap_only = true;
+        st.owes_sync = true;
+        for p in st.pending.drain(..) {
+            if let Some((first, last)) = p.regions {
+                self.tracker.bitmap().mark_regions(first, last);
+            }
+        }
+        st.counts.clear();
+    }
+
+    /// The sender reported `NeedsBitmapSync` for this disk.
+    pub fn on_needs_bitmap_sync(&self) {
+        let mut st = self.lock();
+        self.enter_bitmap_only(&mut st);
+    }
+
+    /// Inserts a checkpoint marker (called with the consistency group's completions held).
+    pub fn insert_checkpoint(
+        &self,
+        id: u64,
+        kind: u8,
+        tag: Option<String>,
+        timestamp_ms: i64,
+    ) -> MarkerPlaced {
+        let mut st = self.lock();
+        self.push(
+            &mut st,
+            RecordBody::Checkpoint { id, kind, tag },
+            timestamp_ms,
+        )
+    }
+
+    /// The sender acknowledged everything up to `acked`: forgets those records and
+    /// returns the byte ranges whose regions no pending record touches any more — the
+    /// caller flushes the local disk and clears them (`ProtectedDevice::clear_replicated`).
+    /// Nothing while the disk owes a sync.
+    pub fn on_acked(&self, acked: u64) -> Vec<(u64, u64)> {
+        let mut st = self.lock();
+        if acked <= st.acked {
+            return Vec::new();
+        }
+        st.acked = acked;
+        let mut freed = Vec::new();
+        while st.pending.front().is_some_and(|p| p.seq <= acked) {
+            let Some(p) = st.pending.pop_front() else {
+                break;
+            };
+            if let Some((first, last)) = p.regions {
+                for r in first..=last {
+                    if let Some(c) = st.counts.get_mut(&r) {
+                        *c -= 1;
+                        if *c == 0 {
+                            st.counts.remove(&r);
+                            freed.push(r);
+                        }
+                    }
+                }
+            }
+        }
+        if st.owes_sync || st.bitmap_only {
+            return Vec::new();
+        }
+        freed.sort_unstable();
+        // Merge adjacent regions into byte ranges.
+        let size = 1u64 << self.region_shift;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for r in freed {
+            match out.last_mut() {
+                Some((off, len)) if *off + *len == r * size => *len += size,
+                _ => out.push((r * size, size)),
+            }
+        }
+        out
+    }
+
+    /// A sync brought the replica level (issue of the syncs): stream again and let
+    /// acknowledgements clear regions.
+    pub fn sync_finished(&self) -> Result<(), StreamError> {
+        let mut st = self.lock();
+        if let Some(s) = &self.sender {
+            s.sync_finished(self.disk_id)?;
+            st.bitmap_only = false;
+        }
+        st.owes_sync = false;
+        Ok(())
+    }
+
+    fn accept_event(&self, event: &WriteEvent<'_>) {
+        let ts = crate::agent::stream::now_ms();
+        let mut st = self.lock();
+        match *event {
+            WriteEvent::Write { offset, data, .. } => {
+                let mut off = offset;
+                for chunk in data.chunks(MAX_RECORD_DATA) {
+                    self.push(
+                        &mut st,
+                        RecordBody::Write {
+                            offset: off,
+                            data: chunk.to_vec(),
+                        },
+                        ts,
+                    );
+                    off += chunk.len() as u64;
+                }
+            }
+            WriteEvent::Zeroes { offset, len } => {
+                self.push(&mut st, RecordBody::Zero { offset, len }, ts);
+            }
+            WriteEvent::Trim { offset, len } => {
+                self.push(&mut st, RecordBody::Trim { offset, len }, ts);
+            }
+        }
+    }
+}
+
+impl WriteSink for Splitter {
+    fn accept(&self, event: &WriteEvent<'_>) {
+        self.accept_event(event);
+    }
+}

@@ -1,0 +1,156 @@
+//! What an agent reports about itself: its endpoints, its protected disks (replication
+//! mode, queue, dirty regions, what the last run left) and the disks it receives (lag).
+//! Served by the agent's local admin endpoint today; the manager's control channel
+//! carries the same types.
+
+use serde::{Deserialize, Serialize};
+
+/// The addresses an agent actually bound (ports chosen by the OS when asked for port 0).
+/// Written to `<data-dir>/run/endpoints.json` once the agent is up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEndpoints {
+    pub host_name: String,
+    pub site: String,
+    pub pid: u32,
+    /// NBD exports of the protected disks.
+    pub nbd: String,
+    /// Replication stream listener (recovery side), if this agent receives.
+    pub data: Option<String>,
+    /// Local admin HTTP endpoint, if enabled.
+    pub admin: Option<String>,
+}
+
+/// How a protected disk's writes currently reach its recovery host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationMode {
+    /// Every write is queued for the stream.
+    Streaming,
+    /// Records are dropped and only the dirty bitmap keeps what changed: a Bitmap Sync
+    /// is needed to bring the replica level ("Ahead/Behind").
+    BitmapOnly,
+    /// The disk has no recovery host: writes go to the local disk and the bitmap only.
+    Unprotected,
+}
+
+/// What the dirty tracking found when the disk was opened at agent start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartState {
+    /// Never tracked here before.
+    New,
+    /// The previous run shut down cleanly: the bitmap is exact.
+    Clean,
+    /// The previous run crashed: the bitmap plus the activity-log extents cover every
+    /// region that may differ from the replica (a Delta Sync over those regions).
+    Unclean,
+    /// Tracking files missing or damaged: everything is dirty.
+    Lost,
+}
+
+/// One protected disk of this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectedDiskStatus {
+    pub name: String,
+    pub disk_id: u64,
+    pub size_bytes: u64,
+    /// NBD export name (the disk's name).
+    pub export: String,
+    /// Consistency group (checkpoint rounds hold every disk of a group together).
+    pub group: String,
+    pub recovery_host: Option<String>,
+    pub mode: ReplicationMode,
+    pub start_state: StartState,
+    /// Activity-log extents found after an unclean start (0 otherwise).
+    pub start_al_extents: u64,
+    /// Regions the dirty bitmap marks now.
+    pub dirty_regions: u64,
+    pub region_size: u64,
+    /// Records (and their bytes) queued, not yet acknowledged durable.
+    pub queued_records: u64,
+    pub queued_bytes: u64,
+    pub spilled_bytes: u64,
+    /// Age of the oldest unacknowledged record, ms (0 when none).
+    pub oldest_unacked_ms: u64,
+    /// Last sequence number assigned, and the highest the recovery journal holds durably.
+    pub last_seq: u64,
+    pub acked_seq: u64,
+    /// Stream epoch: bumped at every agent start so sequence numbers keep increasing.
+    pub epoch: u64,
+}
+
+/// One disk this host receives (recovery side).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceivedDiskStatus {
+    /// The protected host it comes from.
+    pub host: String,
+    pub disk_id: u64,
+    pub received_seq: u64,
+    pub durable_seq: u64,
+    pub pending_records: u64,
+    pub pending_bytes: u64,
+    /// Now minus the write time of the newest durable record, ms.
+    pub durable_age_ms: u64,
+    /// As the sender last reported: records and bytes it holds unacknowledged, and the
+    /// age of the oldest.
+    pub sender_queued_records: u64,
+    pub sender_queued_bytes: u64,
+    pub sender_oldest_unacked_ms: u64,
+}
+
+/// A peer recovery host this agent streams to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub host_name: String,
+    pub address: String,
+    pub connected: bool,
+    /// Last error or refusal reported by the stream, if any since it last connected.
+    pub last_error: Option<String>,
+}
+
+/// Everything `GET /v1/status` returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub endpoints: AgentEndpoints,
+    pub protected: Vec<ProtectedDiskStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub received: Vec<ReceivedDiskStatus>,
+    /// Checkpoint rounds run by this agent, and the longest write-completion hold, µs.
+    pub checkpoints: u64,
+    pub max_hold_us: u64,
+}
+
+/// Body of `POST /v1/checkpoints`: insert a checkpoint marker into every disk of a group.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    /// Consistency group; `None`: every protected disk of the host.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Checkpoint id; `None`: the agent picks one above every earlier id.
+    #[serde(default)]
+    pub id: Option<u64>,
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+/// Where a checkpoint marker went on one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointDisk {
+    pub name: String,
+    pub disk_id: u64,
+    /// The marker's sequence number in the disk's stream.
+    pub seq: u64,
+    /// `false` when the disk is bitmap-only or unprotected: the marker was not queued and
+    /// the checkpoint is not recoverable for this disk.
+    pub queued: bool,
+}
+
+/// Result of one checkpoint round on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    pub id: u64,
+    pub timestamp_ms: i64,
+    /// How long write completions were held, µs.
+    pub hold_us: u64,
+    pub disks: Vec<CheckpointDisk>,
+}
