@@ -108,6 +108,15 @@ enum BenchWhat {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+    /// End to end: a protected and a recovery agent in this process (NBD export, TLS
+    /// stream, journal) against qemu-nbd on the same disk; throughput, latency, lag.
+    Agent {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Size of the exports and of the converted file (e.g. 512MiB, 2GiB).
+        #[arg(long, default_value = "2GiB", value_parser = crate::agent::host::config::parse_size)]
+        size: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -407,6 +416,15 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
             BenchWhat::Stream { dir } => {
                 use crate::agent::stream::bench;
                 println!("{}", bench::run(&bench::BenchOptions::new(dir)).await?);
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchWhat::Agent { dir, size } => {
+                use crate::agent::host::bench;
+                let opts = bench::BenchOpts {
+                    size,
+                    ..bench::BenchOpts::new(dir)
+                };
+                println!("{}", bench::run(&opts).await?);
                 Ok(ExitCode::SUCCESS)
             }
         },

@@ -285,7 +285,7 @@ fn bench_err(what: impl Into<String>) -> NbdError {
 
 /// Fills `path` with `size` bytes of cheap pseudo-random data (not zero, not compressible
 /// into holes), then fdatasyncs it.
-fn fill_file(path: &Path, size: u64, seed: u64) -> Result<(), NbdError> {
+pub(crate) fn fill_file(path: &Path, size: u64, seed: u64) -> Result<(), NbdError> {
     let mut f = std::fs::File::create(path)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut x = seed | 1;
@@ -308,7 +308,7 @@ fn fill_file(path: &Path, size: u64, seed: u64) -> Result<(), NbdError> {
 
 /// Creates `path` with `size` bytes allocated (unwritten extents: cheap, reads as zeroes),
 /// or sparse where the filesystem cannot preallocate.
-fn prealloc_file(path: &Path, size: u64) -> Result<(), NbdError> {
+pub(crate) fn prealloc_file(path: &Path, size: u64) -> Result<(), NbdError> {
     let f = std::fs::File::create(path)?;
     if rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, size).is_err() {
         f.set_len(size)?;
@@ -319,7 +319,7 @@ fn prealloc_file(path: &Path, size: u64) -> Result<(), NbdError> {
 
 /// User + system CPU seconds of a process (`"self"` or a pid), from `/proc/<pid>/stat`
 /// (clock ticks of 1/100 s: USER_HZ is 100 on Linux).
-fn proc_cpu(pid: &str) -> Option<f64> {
+pub(crate) fn proc_cpu(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces): state is field 3, utime 14.
     let rest = stat.rsplit_once(')')?.1;
@@ -329,11 +329,11 @@ fn proc_cpu(pid: &str) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
-fn free_port() -> Result<u16, NbdError> {
+pub(crate) fn free_port() -> Result<u16, NbdError> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn wait_listening(addr: SocketAddr, child: &mut Child) -> Result<(), NbdError> {
+pub(crate) async fn wait_listening(addr: SocketAddr, child: &mut Child) -> Result<(), NbdError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -347,7 +347,7 @@ async fn wait_listening(addr: SocketAddr, child: &mut Child) -> Result<(), NbdEr
     Err(bench_err("qemu-nbd did not start listening within 10 s"))
 }
 
-async fn run_cmd(program: &str, args: &[String]) -> Result<(f64, String), NbdError> {
+pub(crate) async fn run_cmd(program: &str, args: &[String]) -> Result<(f64, String), NbdError> {
     let start = Instant::now();
     let out = Command::new(program)
         .args(args)
