@@ -285,6 +285,7 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
     match command {
         Command::Manager(a) => {
             let config = ManagerConfig::resolve(&file, a.listen, a.database_url, a.web_dir)?;
+            let stop = shutdown_signal();
             let app = Application::build(&config)
                 .await
                 .context("starting the manager")?;
@@ -294,7 +295,7 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                 );
             }
             eprintln!("Bulwark manager on http://{}/", app.local_addr());
-            app.run_until(shutdown_signal()).await?;
+            app.run_until(stop).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { db, action } => {
@@ -465,6 +466,7 @@ async fn run_agent(a: AgentArgs, file: &ConfigFile) -> Result<ExitCode> {
     };
     let config = AgentConfig::resolve(&file.agent, flags)?;
     let admin_listen = config.admin_listen;
+    let stop = shutdown_signal();
     let agent = Agent::start(config).await.context("starting the agent")?;
     let stop_admin = tokio_util::sync::CancellationToken::new();
     let mut admin_addr = None;
@@ -496,7 +498,7 @@ async fn run_agent(a: AgentArgs, file: &ConfigFile) -> Result<ExitCode> {
             .unwrap_or_default(),
         endpoints.display()
     );
-    shutdown_signal().await;
+    stop.await;
     agent.shutdown().await?;
     stop_admin.cancel();
     if let Some(t) = admin_task {

@@ -15,7 +15,6 @@
 //! (exports drained, queues drained, disks flushed, bitmaps marked clean).
 
 pub mod admin;
-pub mod bench;
 pub mod config;
 pub mod splitter;
 
@@ -342,11 +341,7 @@ impl Agent {
                 .and_then(|r| peers.iter().position(|(p, _, _)| &p.host_name == r));
             let sender = peer.map(|i| peers[i].1.clone());
             let splitter = Arc::new(Splitter::new(d.id, o.epoch, sender, Arc::clone(&o.tracker)));
-            let gate = Arc::clone(
-                gates
-                    .entry(d.group.clone())
-                    .or_insert_with(CompletionGate::new),
-            );
+            let gate = Arc::clone(gates.entry(d.group.clone()).or_default());
             let device = Arc::new(ProtectedDevice::new(
                 o.device,
                 Arc::clone(&o.tracker),
@@ -382,7 +377,7 @@ impl Agent {
                 .map(|d| (d.cfg.id, d.splitter.clone()))
                 .collect();
             tasks.spawn(
-                watch_events(events, splitters, last_error.clone())
+                watch_events(events, splitters, last_error.clone(), cancel.clone())
                     .instrument(tracing::info_span!("stream-events", peer = %pcfg.host_name)),
             );
             peer_handles.push(Peer {
@@ -719,9 +714,19 @@ async fn watch_events(
     mut events: mpsc::UnboundedReceiver<StreamEvent>,
     splitters: HashMap<u64, Arc<Splitter>>,
     last_error: Arc<Mutex<Option<String>>>,
+    cancel: CancellationToken,
 ) {
     let set = |v: Option<String>| *last_error.lock().unwrap_or_else(PoisonError::into_inner) = v;
-    while let Some(ev) = events.recv().await {
+    loop {
+        // The senders outlive this task (the agent holds them), so the channel never
+        // closes by itself: stop on the agent's token.
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => break,
+            ev = events.recv() => match ev {
+                Some(ev) => ev,
+                None => break,
+            },
+        };
         match ev {
             StreamEvent::Connected => {
                 tracing::info!("stream connected");

@@ -326,3 +326,226 @@ impl WriteSink for Splitter {
         self.accept_event(event);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::dirty::{DirtyConfig, DirtyPaths};
+    use crate::agent::stream::{ClientTransport, DiskSpec, SenderConfig};
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    const SIZE: u64 = 4 << 20;
+    const REGION: u64 = 64 << 10;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write {
+            offset: u64,
+            len: u64,
+        },
+        Zero {
+            offset: u64,
+            len: u64,
+        },
+        /// Acknowledge up to the n-th assigned seq (clamped).
+        Ack(usize),
+        Checkpoint,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..SIZE / 512, 1u64..300).prop_map(|(s, n)| {
+                let offset = s * 512;
+                Op::Write { offset, len: (n * 512).min(SIZE - offset) }
+            }),
+            1 => (0..SIZE / 512, 1u64..600).prop_map(|(s, n)| {
+                let offset = s * 512;
+                Op::Zero { offset, len: (n * 512).min(SIZE - offset) }
+            }),
+            2 => (0usize..64).prop_map(Op::Ack),
+            1 => Just(Op::Checkpoint),
+        ]
+    }
+
+    fn regions(offset: u64, len: u64) -> impl Iterator<Item = u64> {
+        offset / REGION..=(offset + len - 1) / REGION
+    }
+
+    /// Runs `ops` against a real tracker and a real (unconnected) sender whose memory
+    /// queue holds `queue` bytes, clearing what `on_acked` frees as the agent does.
+    /// Checks after every step: every region written by a record not acknowledged (or
+    /// dropped) is dirty; and at the end, when nothing was dropped and everything was
+    /// acknowledged, the bitmap is empty.
+    fn run(ops: Vec<Op>, queue: usize, dirty_at_start: bool) -> Result<(), TestCaseError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let (tracker, _) = DirtyTracker::open(
+            DirtyPaths::in_dir(dir.path(), "d"),
+            SIZE,
+            DirtyConfig::default(),
+        )
+        .unwrap();
+        if dirty_at_start {
+            tracker.mark(0, 512).unwrap();
+        }
+        let tracker = Arc::new(tracker);
+        let mut sc = SenderConfig::new(
+            "h",
+            "127.0.0.1:9".parse().unwrap(),
+            ClientTransport::Insecure,
+        );
+        sc.queue_memory = queue;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (sender, _events) = Sender::start(
+            sc,
+            vec![DiskSpec {
+                disk_id: 1,
+                size: SIZE,
+                generation: 1,
+            }],
+            cancel.clone(),
+        )
+        .unwrap();
+        let s = Splitter::new(1, 1, Some(sender), Arc::clone(&tracker));
+        // seq → regions written by that record.
+        let mut written: Vec<(u64, Vec<u64>)> = Vec::new();
+        let mut acked = 0u64;
+        let mut must_stay: BTreeSet<u64> = BTreeSet::new();
+        if dirty_at_start {
+            must_stay.insert(0);
+        }
+        let data = vec![7u8; 300 * 512];
+        for op in ops {
+            match op {
+                Op::Write { offset, len } | Op::Zero { offset, len } => {
+                    tracker.mark(offset, len).unwrap();
+                    let before = s.last_seq();
+                    if matches!(op, Op::Write { .. }) {
+                        s.accept(&WriteEvent::Write {
+                            offset,
+                            data: &data[..len as usize],
+                            fua: false,
+                        });
+                    } else {
+                        s.accept(&WriteEvent::Zeroes { offset, len });
+                    }
+                    prop_assert_eq!(s.last_seq(), before + 1);
+                    written.push((s.last_seq(), regions(offset, len).collect()));
+                }
+                Op::Checkpoint => {
+                    let placed = s.insert_checkpoint(9, 1, None, 0);
+                    prop_assert_eq!(placed.queued, !s.is_bitmap_only());
+                }
+                Op::Ack(n) => {
+                    let Some(&(seq, _)) = written.get(n.min(written.len().saturating_sub(1)))
+                    else {
+                        continue;
+                    };
+                    // Only a record actually queued can be acknowledged.
+                    if s.is_bitmap_only() || seq <= acked {
+                        continue;
+                    }
+                    acked = seq;
+                    for (off, len) in s.on_acked(seq) {
+                        tracker.clear_range(off, len);
+                    }
+                }
+            }
+            // Not acknowledged (queued or dropped) ⇒ dirty.
+            let bitmap = tracker.bitmap();
+            for (seq, rs) in &written {
+                if *seq > acked {
+                    for r in rs {
+                        prop_assert!(bitmap.is_dirty(*r), "region {r} of seq {seq} not dirty");
+                    }
+                }
+            }
+            for r in &must_stay {
+                prop_assert!(bitmap.is_dirty(*r), "region {r} dirty at start was cleared");
+            }
+        }
+        if !s.owes_sync() {
+            if let Some(&(last, _)) = written.last() {
+                for (off, len) in s.on_acked(last) {
+                    tracker.clear_range(off, len);
+                }
+                prop_assert_eq!(
+                    tracker.bitmap().dirty_count(),
+                    0,
+                    "all acknowledged, bitmap not empty"
+                );
+            }
+        }
+        cancel.cancel();
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn acknowledged_regions_clear_and_nothing_else_does(ops in prop::collection::vec(op(), 1..80)) {
+            run(ops, 64 << 20, false)?;
+        }
+
+        #[test]
+        fn overflow_keeps_every_dropped_region_dirty(ops in prop::collection::vec(op(), 1..80)) {
+            run(ops, 40 << 10, false)?;
+        }
+
+        #[test]
+        fn regions_dirty_at_start_wait_for_a_sync(ops in prop::collection::vec(op(), 1..40)) {
+            run(ops, 64 << 20, true)?;
+        }
+    }
+
+    #[test]
+    fn large_writes_are_split_and_sequenced() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let size = 32u64 << 20;
+        let (tracker, _) = DirtyTracker::open(
+            DirtyPaths::in_dir(dir.path(), "d"),
+            size,
+            DirtyConfig::default(),
+        )
+        .unwrap();
+        let tracker = Arc::new(tracker);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (sender, _events) = Sender::start(
+            SenderConfig::new(
+                "h",
+                "127.0.0.1:9".parse().unwrap(),
+                ClientTransport::Insecure,
+            ),
+            vec![DiskSpec {
+                disk_id: 3,
+                size,
+                generation: 5,
+            }],
+            cancel.clone(),
+        )
+        .unwrap();
+        let s = Splitter::new(3, 5, Some(sender.clone()), tracker);
+        let data = vec![1u8; MAX_RECORD_DATA * 2 + 4096];
+        s.accept(&WriteEvent::Write {
+            offset: 0,
+            data: &data,
+            fua: false,
+        });
+        assert_eq!(s.last_seq(), first_seq(5) + 2, "three records");
+        let st = &sender.stats()[0];
+        assert_eq!(st.queued_records, 3);
+        assert_eq!(st.last_seq, first_seq(5) + 2);
+        cancel.cancel();
+    }
+}
