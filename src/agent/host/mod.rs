@@ -15,6 +15,7 @@
 //! (exports drained, queues drained, disks flushed, bitmaps marked clean).
 
 pub mod admin;
+pub mod bench;
 pub mod config;
 pub mod splitter;
 
