@@ -268,10 +268,14 @@ impl AgentProc {
             }
             if let Ok(bytes) = std::fs::read(&ep) {
                 if let Ok(e) = serde_json::from_slice::<AgentEndpoints>(&bytes) {
-                    // endpoints.json is written before the SIGTERM handler exists (see
-                    // `handles_sigterm`): wait for both, so a SIGTERM from the test always
-                    // means a clean shutdown.
-                    if e.pid == pid && handles_sigterm(pid) {
+                    if e.pid == pid {
+                        // Readiness promises that a SIGTERM from now on means a clean
+                        // shutdown: the handler must already be installed.
+                        assert!(
+                            handles_sigterm(pid),
+                            "agent {} wrote endpoints.json before installing its SIGTERM handler",
+                            self.name
+                        );
                         self.endpoints = e;
                         return;
                     }
@@ -436,10 +440,8 @@ impl Drop for AgentProc {
 }
 
 /// Whether the process has a handler for SIGTERM installed (`SigCgt` in
-/// /proc/PID/status). The agent writes endpoints.json *before* it installs its signal
-/// handlers (src/cli/mod.rs `run_agent`: `write_endpoints` then `shutdown_signal().await`,
-/// which registers them on first poll), so a SIGTERM sent right after endpoints.json
-/// appears can kill it with the default action: exit by signal, no clean shutdown.
+/// /proc/PID/status). Once endpoints.json exists it must be: a SIGTERM that met the
+/// default action would kill the agent without its clean shutdown (a bug once).
 pub fn handles_sigterm(pid: u32) -> bool {
     let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
