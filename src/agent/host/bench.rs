@@ -758,10 +758,10 @@ struct Agents {
 }
 
 impl Agents {
-    /// Shuts both down, each bounded: `Agent::shutdown` of an agent with a peer waits
-    /// for its stream-event watcher, which only ends once every `Sender` handle is gone,
-    /// and the agent itself holds them; so it may never return. The run's files are
-    /// removed anyway and the process exits after the report.
+    /// Shuts both down, each bounded (a shutdown that hangs must not hang the bench;
+    /// before 5a3ea1f an agent with a peer never finished it: its stream-event watcher
+    /// waited for a channel the agent itself kept open). The run's files are removed
+    /// anyway and the process exits after the report.
     async fn stop(self) {
         const BOUND: Duration = Duration::from_secs(8);
         if let Some(p) = self.prot {
@@ -769,7 +769,7 @@ impl Agents {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "protected agent shutdown failed"),
                 Err(_) => tracing::warn!(
-                    "protected agent shutdown did not finish within {} s (its stream-event watcher never ends)",
+                    "protected agent shutdown did not finish within {} s",
                     BOUND.as_secs()
                 ),
             }
