@@ -20,7 +20,7 @@ pub struct DirtyConfig {
     pub region_size: u32,
     /// Bytes per activity-log extent (power of two, default 4 MiB).
     pub extent_size: u64,
-    /// Maximum number of extents in the activity log (default 256 = 1 GiB hot).
+    /// Maximum number of extents in the activity log (default 1237 ≈ 4.8 GiB hot).
     pub al_capacity: usize,
 }
 
