@@ -7,6 +7,7 @@ pub mod membership;
 pub mod names;
 pub mod settings;
 pub mod status;
+pub mod sync;
 pub mod validation;
 
 pub use validation::ValidationError;
