@@ -77,6 +77,11 @@ pub struct ProtectedDiskStatus {
     pub acked_seq: u64,
     /// Stream epoch: bumped at every agent start so sequence numbers keep increasing.
     pub epoch: u64,
+    /// Dirty regions wait for a sync (dirty at start, or written while bitmap-only):
+    /// acknowledgements do not clear them.
+    pub owes_sync: bool,
+    /// The recovery host lost records it had acknowledged: a Full Sync is needed.
+    pub replica_behind: bool,
 }
 
 /// One disk this host receives (recovery side).

@@ -576,6 +576,8 @@ impl Agent {
                     last_seq: d.splitter.last_seq(),
                     acked_seq: s.map_or(0, |s| s.acked_seq),
                     epoch: d.epoch,
+                    owes_sync: d.splitter.owes_sync(),
+                    replica_behind: d.splitter.replica_behind(),
                 }
             })
             .collect();
@@ -749,6 +751,21 @@ async fn watch_events(
                 tracing::warn!(disk, acked_seq, %reason, "disk is bitmap-only: a Bitmap Sync is needed");
                 if let Some(s) = splitters.get(&disk) {
                     s.on_needs_bitmap_sync();
+                }
+            }
+            StreamEvent::ReplicaBehind {
+                disk,
+                durable_seq,
+                acked_seq,
+            } => {
+                tracing::error!(
+                    disk,
+                    durable_seq,
+                    acked_seq,
+                    "recovery host lost acknowledged records: a Full Sync is needed"
+                );
+                if let Some(s) = splitters.get(&disk) {
+                    s.on_replica_behind();
                 }
             }
             StreamEvent::DiskNotAccepted { disk } => {

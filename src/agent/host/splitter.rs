@@ -53,6 +53,8 @@ struct State {
     /// The bitmap holds regions that only a sync may clear (dirty at start, or written
     /// while bitmap-only): acknowledgements clear nothing until then.
     owes_sync: bool,
+    /// The recovery side lost records it had acknowledged: only a Full Sync helps.
+    replica_behind: bool,
     /// Highest seq the sender reported acknowledged.
     acked: u64,
 }
@@ -102,6 +104,7 @@ impl Splitter {
                 counts: HashMap::new(),
                 bitmap_only: sender.is_none(),
                 owes_sync,
+                replica_behind: false,
                 acked: 0,
             }),
             sender,
@@ -216,6 +219,19 @@ impl Splitter {
         st.counts.clear();
     }
 
+    /// Whether the recovery side lost acknowledged records (see `StreamEvent::ReplicaBehind`).
+    pub fn replica_behind(&self) -> bool {
+        self.lock().replica_behind
+    }
+
+    /// The sender reported `ReplicaBehind`: the bitmap no longer covers the difference,
+    /// so nothing is cleared until a (full) sync.
+    pub fn on_replica_behind(&self) {
+        let mut st = self.lock();
+        st.replica_behind = true;
+        st.owes_sync = true;
+    }
+
     /// The sender reported `NeedsBitmapSync` for this disk.
     pub fn on_needs_bitmap_sync(&self) {
         let mut st = self.lock();
@@ -290,6 +306,7 @@ impl Splitter {
             st.bitmap_only = false;
         }
         st.owes_sync = false;
+        st.replica_behind = false;
         Ok(())
     }
 

@@ -132,6 +132,15 @@ pub enum StreamEvent {
     DiskNotAccepted {
         disk: u64,
     },
+    /// The receiver holds less than it once acknowledged as durable (its journal was lost,
+    /// replaced or rolled back): records between were forgotten here and are gone there,
+    /// so neither the stream nor the bitmap can bring the replica level — a Full Sync is
+    /// needed. Streaming goes on from `durable_seq`.
+    ReplicaBehind {
+        disk: u64,
+        durable_seq: u64,
+        acked_seq: u64,
+    },
 }
 
 /// Figures per disk.
@@ -251,12 +260,20 @@ impl Inner {
             return;
         };
         if a.durable_seq < d.acked {
-            tracing::warn!(
+            tracing::error!(
                 disk = a.disk_id,
                 durable = a.durable_seq,
                 acked = d.acked,
-                "receiver's durable seq went backwards"
+                "receiver holds less than it acknowledged: a Full Sync is needed"
             );
+            let acked_seq = d.acked;
+            // From now on count from what the receiver really holds (resend starts there).
+            d.acked = a.durable_seq;
+            self.event(StreamEvent::ReplicaBehind {
+                disk: a.disk_id,
+                durable_seq: a.durable_seq,
+                acked_seq,
+            });
             return;
         }
         d.acked = a.durable_seq;
