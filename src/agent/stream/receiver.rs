@@ -7,7 +7,7 @@
 //! the previous connection; the journal's seq check drops the resent ones. A new
 //! connection from a host cancels the one it replaces.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use super::conn::{FrameReader, FrameWriter};
 use super::{io, now_ms, Io, ServerTransport, StreamError};
-use crate::agent::journal::{CheckpointKind, Journal, JournalConfig, Record};
+use crate::agent::journal::{CheckpointKind, Durability, Journal, JournalConfig, Record};
 use crate::agent::tls::cert_names_host;
 use crate::proto::stream::{
     Compression, DiskAck, DiskHello, DiskLag, Frame, RecordBody, StreamRecord, PROTOCOL_VERSION,
@@ -536,8 +536,12 @@ fn checkpoint_kind(k: u8) -> Option<CheckpointKind> {
     }
 }
 
-/// Appends batches to the journals; syncs when no batch is waiting (or every
-/// `sync_bytes`) and sends one Ack for the disks touched.
+/// Appends batches to the journals and asks for a sync when no batch is waiting (or
+/// every `sync_bytes`) without waiting for it: the journal's sync thread runs the
+/// fdatasync while the next batch is appended (pipelined group commit). An acker thread
+/// waits for each requested seq to be durable and sends one Ack per round, so an ack
+/// never precedes durability. On the way out everything handed over is made durable and
+/// acknowledged.
 fn journal_loop(
     mut rx: mpsc::Receiver<Vec<StreamRecord>>,
     journals: &HashMap<u64, SharedJournal>,
@@ -546,7 +550,41 @@ fn journal_loop(
     host: &str,
     sync_bytes: usize,
 ) -> Result<(), StreamError> {
-    let mut touched = BTreeSet::new();
+    let durability: HashMap<u64, Durability> = journals
+        .iter()
+        .map(|(id, j)| (*id, lock(j).durability()))
+        .collect();
+    let (tickets_tx, tickets_rx) = std::sync::mpsc::channel::<Vec<Ticket>>();
+    std::thread::scope(|scope| {
+        let acker = std::thread::Builder::new()
+            .name("stream-acker".into())
+            .spawn_scoped(scope, || {
+                ack_loop(tickets_rx, &durability, acks, shared, host)
+            })
+            .map_err(io("spawning the acker thread"))?;
+        let appended = append_loop(&mut rx, journals, &tickets_tx, shared, host, sync_bytes);
+        drop(tickets_tx);
+        let acked = acker
+            .join()
+            .map_err(|_| StreamError::Protocol("acker thread panicked".into()))?;
+        appended.and(acked)
+    })
+}
+
+/// A requested sync: disk, the seq durable once it completes, and the write time of
+/// that record (for the lag report).
+type Ticket = (u64, u64, i64);
+
+fn append_loop(
+    rx: &mut mpsc::Receiver<Vec<StreamRecord>>,
+    journals: &HashMap<u64, SharedJournal>,
+    tickets: &std::sync::mpsc::Sender<Vec<Ticket>>,
+    shared: &Shared,
+    host: &str,
+    sync_bytes: usize,
+) -> Result<(), StreamError> {
+    // Disk → write time of its newest appended record.
+    let mut touched = BTreeMap::<u64, i64>::new();
     let mut pending = 0usize;
     let mut pending_records = BTreeMap::<u64, (u64, u64)>::new();
     while let Some(batch) = rx.blocking_recv() {
@@ -579,7 +617,8 @@ fn journal_loop(
                     }
                 };
                 lock(j).append(r)?;
-                touched.insert(rec.disk);
+                let t = touched.entry(rec.disk).or_insert(rec.timestamp_ms);
+                *t = (*t).max(rec.timestamp_ms);
                 pending += rec.cost();
                 let p = pending_records.entry(rec.disk).or_default();
                 p.0 += 1;
@@ -590,19 +629,58 @@ fn journal_loop(
                 next = rx.try_recv().ok();
             }
         }
-        let mut disks = Vec::with_capacity(touched.len());
-        for id in std::mem::take(&mut touched) {
+        let mut round = Vec::with_capacity(touched.len());
+        for (id, ts) in std::mem::take(&mut touched) {
             if let Some(j) = journals.get(&id) {
-                let durable = lock(j).sync()?;
-                disks.push(DiskAck {
-                    disk_id: id,
-                    durable_seq: durable,
-                });
+                round.push((id, lock(j).request_sync()?, ts));
             }
         }
         pending = 0;
         pending_records.clear();
-        update_durable(shared, host, &disks);
+        if tickets.send(round).is_err() {
+            // The acker stopped on an error; it reports it.
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Waits for every requested seq to be durable, then acknowledges it. Rounds queued
+/// meanwhile are merged, so a slow sync costs one Ack, not many.
+fn ack_loop(
+    tickets: std::sync::mpsc::Receiver<Vec<Ticket>>,
+    durability: &HashMap<u64, Durability>,
+    acks: &mpsc::UnboundedSender<Frame>,
+    shared: &Shared,
+    host: &str,
+) -> Result<(), StreamError> {
+    // A sync that takes this long means the journal's disk is gone; the connection
+    // closes and the sender keeps the records.
+    const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+    while let Ok(first) = tickets.recv() {
+        let mut want = BTreeMap::<u64, (u64, i64)>::new();
+        for round in std::iter::once(first).chain(tickets.try_iter()) {
+            for (id, seq, ts) in round {
+                let w = want.entry(id).or_default();
+                *w = (w.0.max(seq), w.1.max(ts));
+            }
+        }
+        let mut done = Vec::with_capacity(want.len());
+        for (id, (seq, ts)) in want {
+            let Some(d) = durability.get(&id) else {
+                continue;
+            };
+            let durable = d.wait_durable(seq, SYNC_TIMEOUT)?;
+            done.push((
+                DiskAck {
+                    disk_id: id,
+                    durable_seq: durable,
+                },
+                ts,
+            ));
+        }
+        update_durable(shared, host, &done);
+        let disks = done.into_iter().map(|(a, _)| a).collect();
         // The writer may be gone (connection closing); the journal is durable anyway.
         let _ = acks.send(Frame::Ack { disks });
     }
@@ -628,14 +706,16 @@ fn update_received(
     }
 }
 
-fn update_durable(shared: &Shared, host: &str, disks: &[DiskAck]) {
+/// `disks`: (ack, write time of the newest record the ack covers).
+fn update_durable(shared: &Shared, host: &str, disks: &[(DiskAck, i64)]) {
     let mut lag = lock(&shared.lag);
-    for a in disks {
+    for (a, ts) in disks {
         let l = lag.entry((host.to_string(), a.disk_id)).or_default();
         l.report.durable_seq = a.durable_seq;
-        l.report.pending_records = 0;
-        l.report.pending_bytes = 0;
-        // The sync made everything received durable.
-        l.durable_ts = l.received_ts;
+        if a.durable_seq >= l.report.received_seq {
+            l.report.pending_records = 0;
+            l.report.pending_bytes = 0;
+        }
+        l.durable_ts = l.durable_ts.max(*ts);
     }
 }
