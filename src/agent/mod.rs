@@ -7,4 +7,5 @@ pub mod host;
 pub mod journal;
 pub mod nbd;
 pub mod stream;
+pub mod sync;
 pub mod tls;
