@@ -463,3 +463,43 @@ fn threaded_over_files_matches() {
         }
     }
 }
+
+/// Rough speed check (ignored by default): Delta of a 256 MiB file pair with 1 % of the
+/// 4 KiB blocks changed, both sides on their own thread.
+#[test]
+#[ignore]
+fn delta_speed_probe() {
+    let size = 256usize << 20;
+    let mut r = StdRng::seed_from_u64(1);
+    let mut src = vec![0u8; size];
+    r.fill(&mut src[..]);
+    let mut tgt = src.clone();
+    for _ in 0..size / 4096 / 100 {
+        let b = r.random_range(0..size / 4096) * 4096;
+        tgt[b] ^= 0xff;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (sp, tp) = (dir.path().join("s"), dir.path().join("t"));
+    std::fs::write(&sp, &src).unwrap();
+    std::fs::write(&tp, &tgt).unwrap();
+    drop((src, tgt));
+    let sf = std::fs::File::open(&sp).unwrap();
+    let tf = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&tp)
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut s = SyncSource::new(sf, SourceConfig::new(1, SyncKind::Delta(None))).unwrap();
+    let mut t = SyncTarget::new(tf, TargetConfig::new(dir.path().join("p"))).unwrap();
+    run_threaded(&mut s, &mut t).unwrap();
+    let st = s.stats();
+    eprintln!(
+        "delta 256 MiB, 1 %: {:?}, {} blocks sent, {} B to target, {} B to source",
+        t0.elapsed(),
+        st.blocks_sent,
+        st.bytes_to_target,
+        st.bytes_to_source
+    );
+    assert_eq!(std::fs::read(&sp).unwrap(), std::fs::read(&tp).unwrap());
+}
