@@ -272,7 +272,8 @@ mod tests {
     #[test]
     fn decision_table() {
         type Edit = fn(&mut DiskSyncFacts);
-        let rows: &[(&str, Edit, Option<(SyncKind, SyncScope, SyncReason)>)] = &[
+        type Want = Option<(SyncKind, SyncScope, SyncReason)>;
+        let rows: &[(&str, Edit, Want)] = &[
             ("steady", |_| {}, None),
             (
                 "no replica",
