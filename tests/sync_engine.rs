@@ -7,7 +7,7 @@ use std::io;
 
 use bulwark::agent::sync::{
     run_local, run_threaded, BlockRead, BlockWrite, Extent, HashConfig, LocalOutcome, SourceConfig,
-    SyncError, SyncKind, SyncSource, SyncStats, SyncTarget, TargetConfig,
+    SyncError, SyncPlan, SyncSource, SyncStats, SyncTarget, TargetConfig,
 };
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -159,10 +159,10 @@ impl Case {
         (ext, src)
     }
 
-    fn src_cfg(&self, id: u64, kind: SyncKind) -> SourceConfig {
+    fn src_cfg(&self, id: u64, plan: SyncPlan) -> SourceConfig {
         SourceConfig {
             id,
-            kind,
+            plan,
             hash: self.cfg,
             threads: 2,
             window: 4,
@@ -186,7 +186,7 @@ fn sync(
     c: &Case,
     src: &[u8],
     tgt: CrashDisk,
-    kind: SyncKind,
+    kind: SyncPlan,
     id: u64,
     known_zero: bool,
     dir: &tempfile::TempDir,
@@ -223,19 +223,19 @@ fn dirty_bytes(c: &Case, ext: &[Extent]) -> u64 {
         .sum()
 }
 
-fn kinds(c: &Case, src: &[u8]) -> Vec<(SyncKind, Vec<u8>, Vec<u8>)> {
+fn kinds(c: &Case, src: &[u8]) -> Vec<(SyncPlan, Vec<u8>, Vec<u8>)> {
     let tgt = c.diverge(src);
     let (ext, bsrc) = c.dirty(&tgt);
     // A ranged Delta over the ranges where the divergence was put by `dirty`.
     vec![
-        (SyncKind::Full, src.to_vec(), tgt.clone()),
-        (SyncKind::Delta(None), src.to_vec(), tgt.clone()),
+        (SyncPlan::Full, src.to_vec(), tgt.clone()),
+        (SyncPlan::Delta(None), src.to_vec(), tgt.clone()),
         (
-            SyncKind::Delta(Some(ext.clone())),
+            SyncPlan::Delta(Some(ext.clone())),
             bsrc.clone(),
             tgt.clone(),
         ),
-        (SyncKind::Bitmap(ext), bsrc, tgt),
+        (SyncPlan::Bitmap(ext), bsrc, tgt),
     ]
 }
 
@@ -254,11 +254,11 @@ proptest! {
             prop_assert!(out.live == src, "{kind:?} left the replica different");
             prop_assert_eq!(st.chunks_retried, 0);
             match &kind {
-                SyncKind::Delta(_) => {
+                SyncPlan::Delta(_) => {
                     // Exactly the differing blocks cross, no more.
                     prop_assert_eq!(st.blocks_sent + st.blocks_zeroed, diff, "{:?}", kind);
                 }
-                SyncKind::Bitmap(ext) => {
+                SyncPlan::Bitmap(ext) => {
                     let dirty = dirty_bytes(&c, ext);
                     prop_assert!(st.blocks_sent * c.cfg.block() <= dirty + c.cfg.block());
                     if dirty >= 64 * 1024 {
@@ -266,7 +266,7 @@ proptest! {
                         prop_assert!(ratio <= 1.05, "bitmap ratio {ratio}");
                     }
                 }
-                SyncKind::Full => {
+                SyncPlan::Full => {
                     prop_assert_eq!(st.blocks_sent, nonzero_blocks(&c, &src));
                 }
             }
@@ -275,10 +275,10 @@ proptest! {
             let (same, out) = sync(&c, &src, out, kind.clone(), 1, false, &dir);
             prop_assert!(out.live == src);
             prop_assert_eq!(same.blocks_sent + same.blocks_zeroed + same.blocks_compared, 0);
-            let (again, out) = sync(&c, &src, out, SyncKind::Delta(None), 2, false, &dir);
+            let (again, out) = sync(&c, &src, out, SyncPlan::Delta(None), 2, false, &dir);
             prop_assert!(out.live == src);
             prop_assert_eq!(again.blocks_sent + again.blocks_zeroed, 0);
-            if let SyncKind::Bitmap(_) = &kind {
+            if let SyncPlan::Bitmap(_) = &kind {
                 let (re, out) = sync(&c, &src, out, kind.clone(), 3, false, &dir);
                 prop_assert!(out.live == src);
                 prop_assert_eq!(re.data_bytes, st.data_bytes);
@@ -291,7 +291,7 @@ proptest! {
         let src = c.source();
         let dir = tempfile::tempdir().unwrap();
         let zero = CrashDisk::new(vec![0u8; src.len()]);
-        let (st, out) = sync(&c, &src, zero, SyncKind::Full, 9, true, &dir);
+        let (st, out) = sync(&c, &src, zero, SyncPlan::Full, 9, true, &dir);
         prop_assert!(out.live == src);
         prop_assert_eq!(st.blocks_sent, nonzero_blocks(&c, &src));
         prop_assert_eq!(st.blocks_zeroed, 0);
@@ -347,9 +347,9 @@ fn size_mismatch_is_refused_before_anything_is_written() {
     };
     let src = c.source();
     for kind in [
-        SyncKind::Full,
-        SyncKind::Delta(None),
-        SyncKind::Bitmap(vec![Extent::new(0, 4096)]),
+        SyncPlan::Full,
+        SyncPlan::Delta(None),
+        SyncPlan::Bitmap(vec![Extent::new(0, 4096)]),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let tgt = vec![7u8; src.len() - 4096];
@@ -410,7 +410,7 @@ fn a_bad_chunk_is_caught_and_resent_whole() {
         seed: 11,
     };
     let src = c.source();
-    for kind in [SyncKind::Full, SyncKind::Delta(None)] {
+    for kind in [SyncPlan::Full, SyncPlan::Delta(None)] {
         let dir = tempfile::tempdir().unwrap();
         let tgt = FlakyDisk {
             inner: c.diverge(&src),
@@ -438,7 +438,7 @@ fn threaded_over_files_matches() {
     let sp = dir.path().join("src.img");
     let tp = dir.path().join("tgt.img");
     std::fs::write(&sp, &src).unwrap();
-    for (i, kind) in [SyncKind::Delta(None), SyncKind::Full]
+    for (i, kind) in [SyncPlan::Delta(None), SyncPlan::Full]
         .into_iter()
         .enumerate()
     {
@@ -455,7 +455,7 @@ fn threaded_over_files_matches() {
         let mut t = SyncTarget::new(tf, tc).unwrap();
         run_threaded(&mut s, &mut t).unwrap();
         assert_eq!(std::fs::read(&tp).unwrap(), src, "{kind:?}");
-        if kind == SyncKind::Delta(None) {
+        if kind == SyncPlan::Delta(None) {
             assert_eq!(
                 s.stats().blocks_sent + s.stats().blocks_zeroed,
                 differing_blocks(&c, &src, &tgt)
@@ -490,7 +490,7 @@ fn delta_speed_probe() {
         .open(&tp)
         .unwrap();
     let t0 = std::time::Instant::now();
-    let mut s = SyncSource::new(sf, SourceConfig::new(1, SyncKind::Delta(None))).unwrap();
+    let mut s = SyncSource::new(sf, SourceConfig::new(1, SyncPlan::Delta(None))).unwrap();
     let mut t = SyncTarget::new(tf, TargetConfig::new(dir.path().join("p"))).unwrap();
     run_threaded(&mut s, &mut t).unwrap();
     let st = s.stats();

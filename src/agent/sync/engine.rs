@@ -28,7 +28,7 @@ use std::time::Instant;
 use super::hash::{block_digest, ChunkDigest, HashConfig, Hasher};
 use super::msg::{SyncMsg, FRAME_OVERHEAD};
 use super::plan::{chunks_from, next_piece, plan_digest, work_extents, Extent};
-use super::{BlockRead, BlockWrite, SyncError, SyncKind, SyncStats};
+use super::{BlockRead, BlockWrite, SyncError, SyncPlan, SyncStats};
 use crate::agent::crashsafe::write_atomically;
 
 /// Whole-chunk resends of one chunk before the sync gives up.
@@ -48,7 +48,7 @@ pub trait Endpoint {
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
     pub id: u64,
-    pub kind: SyncKind,
+    pub plan: SyncPlan,
     pub hash: HashConfig,
     pub threads: usize,
     /// Unacknowledged chunks (or Bitmap marks) in flight.
@@ -56,10 +56,10 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
-    pub fn new(id: u64, kind: SyncKind) -> Self {
+    pub fn new(id: u64, plan: SyncPlan) -> Self {
         SourceConfig {
             id,
-            kind,
+            plan,
             hash: HashConfig::default(),
             threads: 2,
             window: 16,
@@ -144,8 +144,8 @@ impl<R: BlockRead> SyncSource<R> {
     pub fn new(disk: R, cfg: SourceConfig) -> Result<Self, SyncError> {
         let size = disk.size().map_err(|e| SyncError::io("size", 0, e))?;
         let hasher = Hasher::new(cfg.hash, cfg.threads)?;
-        let extents = work_extents(&cfg.kind, size, cfg.hash);
-        let plan = plan_digest(cfg.kind.tag(), size, cfg.hash, &extents);
+        let extents = work_extents(&cfg.plan, size, cfg.hash);
+        let plan = plan_digest(cfg.plan.tag(), size, cfg.hash, &extents);
         Ok(SyncSource {
             disk,
             size,
@@ -187,13 +187,13 @@ impl<R: BlockRead> SyncSource<R> {
 
     /// The opening message.
     pub fn begin(&mut self, out: &mut Vec<SyncMsg>) {
-        let extents = match self.cfg.kind {
-            SyncKind::Delta(Some(_)) => self.extents.clone(),
+        let extents = match self.cfg.plan {
+            SyncPlan::Delta(Some(_)) => self.extents.clone(),
             _ => Vec::new(),
         };
         let msg = SyncMsg::Start {
             id: self.cfg.id,
-            kind: self.cfg.kind.tag(),
+            kind: self.cfg.plan.tag(),
             size: self.size,
             block_size: self.cfg.hash.block_size,
             chunk_blocks: self.cfg.hash.chunk_blocks,
@@ -363,10 +363,10 @@ impl<R: BlockRead> SyncSource<R> {
         if self.state != SrcState::Running || self.in_flight > 0 {
             return;
         }
-        let done = match self.cfg.kind {
-            SyncKind::Delta(_) => self.digests_done && self.differing.is_empty(),
-            SyncKind::Full => self.next_full_chunk().is_none(),
-            SyncKind::Bitmap(_) => next_piece(&self.extents, self.cfg.hash, self.pos).is_none(),
+        let done = match self.cfg.plan {
+            SyncPlan::Delta(_) => self.digests_done && self.differing.is_empty(),
+            SyncPlan::Full => self.next_full_chunk().is_none(),
+            SyncPlan::Bitmap(_) => next_piece(&self.extents, self.cfg.hash, self.pos).is_none(),
         };
         if done {
             self.emit(out, SyncMsg::Finish);
@@ -472,9 +472,9 @@ impl<R: BlockRead> Endpoint for SyncSource<R> {
         if self.state != SrcState::Running || self.in_flight >= self.cfg.window {
             return Ok(false);
         }
-        match self.cfg.kind {
-            SyncKind::Delta(_) => return Ok(false),
-            SyncKind::Full => {
+        match self.cfg.plan {
+            SyncPlan::Delta(_) => return Ok(false),
+            SyncPlan::Full => {
                 let Some(c) = self.next_full_chunk() else {
                     self.maybe_finish(out);
                     return Ok(false);
@@ -483,7 +483,7 @@ impl<R: BlockRead> Endpoint for SyncSource<R> {
                 let skip_zero = self.known_zero;
                 self.send_chunk(c, None, skip_zero, None, out)?;
             }
-            SyncKind::Bitmap(_) => {
+            SyncPlan::Bitmap(_) => {
                 let Some(piece) = next_piece(&self.extents, self.cfg.hash, self.pos) else {
                     self.maybe_finish(out);
                     return Ok(false);
@@ -723,7 +723,7 @@ impl<D: BlockRead + BlockWrite> SyncTarget<D> {
             2 if !extents.is_empty() => {
                 super::plan::normalize(&extents, self.hash.chunk_size(), size)
             }
-            1 | 2 => work_extents(&SyncKind::Full, size, self.hash),
+            1 | 2 => work_extents(&SyncPlan::Full, size, self.hash),
             3 => Vec::new(),
             _ => return Err(SyncError::Protocol(format!("unknown sync kind {kind}"))),
         };

@@ -25,9 +25,10 @@ pub use plan::Extent;
 
 use crate::agent::crashsafe::CrashSafeError;
 
-/// What a sync brings across.
+/// What a sync brings across: the kind (`model::status::SyncKind` names it for
+/// operators; Initial is a Full onto a known-zero target) with its ranges.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SyncKind {
+pub enum SyncPlan {
     /// Every non-zero block; zero blocks are zeroed on the target unless it is known zero.
     Full,
     /// Hash compare; only differing blocks cross. `None` = the whole disk, otherwise the
@@ -37,13 +38,13 @@ pub enum SyncKind {
     Bitmap(Vec<Extent>),
 }
 
-impl SyncKind {
+impl SyncPlan {
     /// Wire and progress-file tag.
     pub fn tag(&self) -> u8 {
         match self {
-            SyncKind::Full => 1,
-            SyncKind::Delta(_) => 2,
-            SyncKind::Bitmap(_) => 3,
+            SyncPlan::Full => 1,
+            SyncPlan::Delta(_) => 2,
+            SyncPlan::Bitmap(_) => 3,
         }
     }
 }

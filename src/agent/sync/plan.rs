@@ -3,7 +3,7 @@
 //! fingerprint that ties a persisted progress cursor to exactly this work.
 
 use super::hash::HashConfig;
-use super::SyncKind;
+use super::SyncPlan;
 
 /// A byte range of a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -53,7 +53,7 @@ pub fn normalize(extents: &[Extent], align: u64, size: u64) -> Vec<Extent> {
 }
 
 /// The normalised work of `kind` on a disk of `size` bytes.
-pub fn work_extents(kind: &SyncKind, size: u64, cfg: HashConfig) -> Vec<Extent> {
+pub fn work_extents(kind: &SyncPlan, size: u64, cfg: HashConfig) -> Vec<Extent> {
     let whole = || {
         if size == 0 {
             Vec::new()
@@ -62,9 +62,9 @@ pub fn work_extents(kind: &SyncKind, size: u64, cfg: HashConfig) -> Vec<Extent> 
         }
     };
     match kind {
-        SyncKind::Full | SyncKind::Delta(None) => whole(),
-        SyncKind::Delta(Some(r)) => normalize(r, cfg.chunk_size(), size),
-        SyncKind::Bitmap(r) => normalize(r, cfg.block(), size),
+        SyncPlan::Full | SyncPlan::Delta(None) => whole(),
+        SyncPlan::Delta(Some(r)) => normalize(r, cfg.chunk_size(), size),
+        SyncPlan::Bitmap(r) => normalize(r, cfg.block(), size),
     }
 }
 
