@@ -265,6 +265,9 @@ impl Agent {
         let cancel = CancellationToken::new();
         let nbd_cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
+        // A start that fails half-way stops what it already started (receiver, senders,
+        // persisters, NBD server) instead of leaving them running in the process.
+        let abort_start = (cancel.clone().drop_guard(), nbd_cancel.clone().drop_guard());
 
         // Recovery side first: a peer may already be dialling.
         let mut data_addr = None;
@@ -408,6 +411,9 @@ impl Agent {
             data: data_addr.map(|a| a.to_string()),
             admin: None,
         };
+        let (c, n) = abort_start;
+        c.disarm();
+        n.disarm();
         let agent = Arc::new(Agent {
             cfg,
             endpoints,
@@ -774,6 +780,118 @@ async fn watch_events(
                     "disk {disk} not accepted by the recovery host"
                 )));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insecure_config(dir: &Path, section: &str) -> AgentConfig {
+        let file: AgentSection = toml::from_str(section).unwrap();
+        AgentConfig::resolve(
+            &file,
+            AgentFlags {
+                data_dir: Some(dir.to_path_buf()),
+                site: Some("s".into()),
+                host_name: Some("h1".into()),
+                nbd_listen: Some("127.0.0.1:0".into()),
+                insecure: true,
+                ..AgentFlags::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_start_releases_what_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let image = dir.path().join("disks").join("d.img");
+        std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+        std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
+        let cfg = insecure_config(
+            dir.path(),
+            &format!(
+                "data_listen = '127.0.0.1:{port}'\n\
+                 [[allow]]\nhost_name = 'p'\nstorage = '{}'\n\
+                 [[disks]]\nname = 'd'\nid = 1\nsize = '2 MiB'\n",
+                dir.path().join("from-p").display()
+            ),
+        );
+        let err = Agent::start(cfg).await.unwrap_err();
+        assert!(err.to_string().contains("2097152"), "{err}");
+        assert_eq!(
+            std::fs::read(&image).unwrap(),
+            vec![7u8; 1 << 20],
+            "image untouched"
+        );
+        // The receiver had bound the port before the disk failed; it must let go of it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("port {port} still held after a failed start: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoint_of_an_unknown_group_is_refused_and_rounds_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = insecure_config(
+            dir.path(),
+            "[[disks]]\nname = 'a'\nid = 1\nsize = '1 MiB'\ngroup = 'g1'\n\
+             [[disks]]\nname = 'b'\nid = 2\nsize = '1 MiB'\ngroup = 'g2'\n",
+        );
+        let agent = Agent::start(cfg).await.unwrap();
+        let e = agent
+            .checkpoint(&CheckpointRequest {
+                group: Some("nope".into()),
+                ..CheckpointRequest::default()
+            })
+            .unwrap_err();
+        assert!(matches!(e, AgentError::NoSuchGroup(_)), "{e}");
+        let r = agent
+            .checkpoint(&CheckpointRequest {
+                group: Some("g2".into()),
+                tag: Some("t".into()),
+                ..CheckpointRequest::default()
+            })
+            .unwrap();
+        assert_eq!(r.disks.len(), 1);
+        assert_eq!(r.disks[0].name, "b");
+        assert!(!r.disks[0].queued, "an unreplicated disk queues no marker");
+        let r2 = agent.checkpoint(&CheckpointRequest::default()).unwrap();
+        assert_eq!(r2.disks.len(), 2);
+        assert!(r2.id > r.id, "ids increase");
+        let st = agent.status();
+        assert_eq!(st.checkpoints, 2);
+        assert!(st
+            .protected
+            .iter()
+            .all(|d| d.mode == ReplicationMode::Unprotected));
+        agent.shutdown().await.unwrap();
+        assert!(matches!(
+            agent.checkpoint(&CheckpointRequest::default()),
+            Err(AgentError::ShuttingDown)
+        ));
+        // Clean shutdown: both bitmaps persisted with the clean flag.
+        for d in ["a", "b"] {
+            let (_, clean) = crate::agent::dirty::DirtyBitmap::load(
+                &dir.path().join("dirty").join(format!("{d}.dirty")),
+            )
+            .unwrap();
+            assert!(clean, "{d}");
         }
     }
 }
