@@ -117,6 +117,15 @@ enum BenchWhat {
         #[arg(long, default_value = "2GiB", value_parser = crate::agent::host::config::parse_size)]
         size: u64,
     },
+    /// Disk sync engine: Delta (1 % of 4 KiB blocks changed) against rsync
+    /// --no-whole-file, an unchanged pair against reading both files, and Bitmap bytes.
+    Sync {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Size of each disk image (e.g. 512MiB, 2GiB); three copies are made.
+        #[arg(long, default_value = "2GiB", value_parser = crate::agent::host::config::parse_size)]
+        size: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -426,6 +435,18 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                     ..bench::BenchOpts::new(dir)
                 };
                 println!("{}", bench::run(&opts).await?);
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchWhat::Sync { dir, size } => {
+                use crate::agent::sync::bench;
+                let opts = bench::BenchOpts {
+                    size,
+                    ..bench::BenchOpts::new(dir)
+                };
+                let report = tokio::task::spawn_blocking(move || bench::run(&opts))
+                    .await
+                    .context("the benchmark thread failed")??;
+                println!("{report}");
                 Ok(ExitCode::SUCCESS)
             }
         },

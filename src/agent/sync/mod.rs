@@ -6,6 +6,7 @@
 //! state machines with their in-process drivers ([`engine`]). Framing the messages over
 //! the agents' replication connection is the stream's job, not this module's.
 
+pub mod bench;
 pub mod engine;
 pub mod hash;
 pub mod msg;
