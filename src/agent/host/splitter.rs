@@ -149,13 +149,7 @@ impl Splitter {
     fn push(&self, st: &mut State, body: RecordBody, timestamp_ms: i64) -> MarkerPlaced {
         let seq = st.next_seq;
         st.next_seq += 1;
-        let regions = match &body {
-            RecordBody::Write { offset, data } => self.regions(*offset, data.len() as u64),
-            RecordBody::Zero { offset, len } | RecordBody::Trim { offset, len } => {
-                self.regions(*offset, *len)
-            }
-            RecordBody::Checkpoint { .. } => None,
-        };
+        // The byte range the record changes (none for a checkpoint) and its regions.
         let range = match &body {
             RecordBody::Write { offset, data } => Some((*offset, data.len() as u64)),
             RecordBody::Zero { offset, len } | RecordBody::Trim { offset, len } => {
@@ -163,6 +157,7 @@ impl Splitter {
             }
             RecordBody::Checkpoint { .. } => None,
         };
+        let regions = range.and_then(|(offset, len)| self.regions(offset, len));
         let Some(sender) = self.sender.as_ref().filter(|_| !st.bitmap_only) else {
             return MarkerPlaced { seq, queued: false };
         };
