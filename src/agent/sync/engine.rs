@@ -229,65 +229,10 @@ impl<R: BlockRead> SyncSource<R> {
         if zero && skip_zero {
             return Ok(());
         }
-        // Runs of consecutive selected blocks of the same kind (data or zero).
-        let mut msgs = Vec::new();
-        let mut run: Option<(usize, usize, bool)> = None; // (first byte, end byte, is_zero)
-        let (mut sent, mut zeroed) = (0u64, 0u64);
-        for (i, block) in buf.chunks(bs).enumerate() {
-            let wanted = only.is_none_or(|m| m.get(i).copied().unwrap_or(false));
-            let bz = super::hash::is_zero(block);
-            let take = wanted && !(bz && skip_zero);
-            let b0 = i * bs;
-            let b1 = b0 + block.len();
-            match (&mut run, take) {
-                (Some((_, end, z)), true) if *z == bz && *end == b0 => *end = b1,
-                (_, true) => {
-                    if let Some(r) = run.take() {
-                        msgs.push(r);
-                    }
-                    run = Some((b0, b1, bz));
-                }
-                (_, false) => {
-                    if let Some(r) = run.take() {
-                        msgs.push(r);
-                    }
-                }
-            }
-            if take {
-                if bz {
-                    zeroed += 1;
-                } else {
-                    sent += 1;
-                }
-            }
-        }
-        if let Some(r) = run.take() {
-            msgs.push(r);
-        }
-        let msgs: Vec<SyncMsg> = msgs
-            .into_iter()
-            .map(|(s, e, z)| {
-                if z {
-                    SyncMsg::Zero {
-                        offset: start + s as u64,
-                        len: (e - s) as u64,
-                    }
-                } else {
-                    SyncMsg::Data {
-                        offset: start + s as u64,
-                        data: buf[s..e].to_vec(),
-                    }
-                }
-            })
-            .collect();
-        self.stats.blocks_sent += sent;
-        self.stats.blocks_zeroed += zeroed;
-        for m in msgs {
-            if let SyncMsg::Data { data, .. } = &m {
-                self.stats.data_bytes += data.len() as u64;
-            }
-            self.emit(out, m);
-        }
+        let (msgs, sent, zeroed) = block_runs(start, buf, bs, |i, bz| {
+            only.is_none_or(|m| m.get(i).copied().unwrap_or(false)) && !(bz && skip_zero)
+        });
+        self.emit_runs(msgs, sent, zeroed, out);
         self.emit(
             out,
             SyncMsg::ChunkEnd {
@@ -305,49 +250,14 @@ impl<R: BlockRead> SyncSource<R> {
         let buf = self
             .hasher
             .read_range(&self.disk, piece.offset, piece.len)?;
-        let mut msgs = Vec::new();
-        let mut run: Option<(usize, usize, bool)> = None;
-        let (mut sent, mut zeroed) = (0u64, 0u64);
         // Pieces start block-aligned (normalised extents), so the blocks are disk blocks.
-        for (i, block) in buf.chunks(bs as usize).enumerate() {
-            let bz = super::hash::is_zero(block);
-            let b0 = i * bs as usize;
-            let b1 = b0 + block.len();
-            match &mut run {
-                Some((_, end, z)) if *z == bz => *end = b1,
-                _ => {
-                    if let Some(r) = run.take() {
-                        msgs.push(r);
-                    }
-                    run = Some((b0, b1, bz));
-                }
-            }
-            if bz {
-                zeroed += 1;
-            } else {
-                sent += 1;
-            }
-        }
-        if let Some(r) = run.take() {
-            msgs.push(r);
-        }
-        let msgs: Vec<SyncMsg> = msgs
-            .into_iter()
-            .map(|(s, e, z)| {
-                let offset = piece.offset + s as u64;
-                if z {
-                    SyncMsg::Zero {
-                        offset,
-                        len: (e - s) as u64,
-                    }
-                } else {
-                    SyncMsg::Data {
-                        offset,
-                        data: buf[s..e].to_vec(),
-                    }
-                }
-            })
-            .collect();
+        let (msgs, sent, zeroed) = block_runs(piece.offset, buf, bs as usize, |_, _| true);
+        self.emit_runs(msgs, sent, zeroed, out);
+        Ok(())
+    }
+
+    /// Emits the Data/Zero messages of one chunk or piece and counts them.
+    fn emit_runs(&mut self, msgs: Vec<SyncMsg>, sent: u64, zeroed: u64, out: &mut Vec<SyncMsg>) {
         self.stats.blocks_sent += sent;
         self.stats.blocks_zeroed += zeroed;
         for m in msgs {
@@ -356,7 +266,6 @@ impl<R: BlockRead> SyncSource<R> {
             }
             self.emit(out, m);
         }
-        Ok(())
     }
 
     fn maybe_finish(&mut self, out: &mut Vec<SyncMsg>) {
@@ -1044,4 +953,52 @@ where
         (Err(SyncError::Disconnected), Err(e)) | (Err(e), _) | (Ok(()), Err(e)) => Err(e),
         (Ok(()), Ok(())) => Ok(()),
     }
+}
+
+/// Splits `buf` (disk bytes from `base`) into blocks of `bs`, keeps those `take(index,
+/// is_zero)` selects, and merges consecutive kept blocks of the same kind into one
+/// `Data` or payload-free `Zero` message. Returns the messages and the numbers of data
+/// and zero blocks kept.
+fn block_runs(
+    base: u64,
+    buf: &[u8],
+    bs: usize,
+    take: impl Fn(usize, bool) -> bool,
+) -> (Vec<SyncMsg>, u64, u64) {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new(); // (first byte, end byte, is_zero)
+    let (mut sent, mut zeroed) = (0u64, 0u64);
+    for (i, block) in buf.chunks(bs).enumerate() {
+        let bz = super::hash::is_zero(block);
+        if !take(i, bz) {
+            continue;
+        }
+        let (b0, b1) = (i * bs, i * bs + block.len());
+        match runs.last_mut() {
+            Some((_, end, z)) if *z == bz && *end == b0 => *end = b1,
+            _ => runs.push((b0, b1, bz)),
+        }
+        if bz {
+            zeroed += 1;
+        } else {
+            sent += 1;
+        }
+    }
+    let msgs = runs
+        .into_iter()
+        .map(|(s, e, z)| {
+            let offset = base + s as u64;
+            if z {
+                SyncMsg::Zero {
+                    offset,
+                    len: (e - s) as u64,
+                }
+            } else {
+                SyncMsg::Data {
+                    offset,
+                    data: buf[s..e].to_vec(),
+                }
+            }
+        })
+        .collect();
+    (msgs, sent, zeroed)
 }
