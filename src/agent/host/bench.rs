@@ -30,7 +30,7 @@ use tokio::process::{Child, Command};
 use super::config::{AllowSection, ByteSize, DiskSection, PeerSection};
 use super::{Agent, AgentConfig, AgentError, AgentFlags, AgentSection};
 use crate::agent::nbd::bench::{
-    fill_file, free_port, prealloc_file, proc_cpu, run_cmd, wait_listening,
+    convert_into_args, fill_file, free_port, prealloc_file, proc_cpu, run_cmd, wait_listening,
 };
 use crate::agent::nbd::proto::CMD_WRITE;
 use crate::agent::nbd::{NbdClient, NbdError};
@@ -601,17 +601,7 @@ async fn convert(
                 (t.qemu, QEMU_EXPORT, t.qemu_pid.as_str())
             };
             let url = format!("nbd://{addr}/{export}");
-            let args = [
-                "convert",
-                "-n",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                src.as_str(),
-                &url,
-            ]
-            .map(String::from);
+            let args = convert_into_args(src.as_str(), &url);
             let cpu0 = proc_cpu(pid).unwrap_or(0.0);
             let start = Instant::now();
             // The guest is done when qemu-img exits (it flushes at the end), meanwhile

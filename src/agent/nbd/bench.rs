@@ -347,6 +347,12 @@ pub(crate) async fn wait_listening(addr: SocketAddr, child: &mut Child) -> Resul
     Err(bench_err("qemu-nbd did not start listening within 10 s"))
 }
 
+/// `qemu-img` arguments copying the raw file `src` into the existing raw target `url`
+/// (`-n`: the export is not created, only written).
+pub(crate) fn convert_into_args(src: &str, url: &str) -> [String; 8] {
+    ["convert", "-n", "-f", "raw", "-O", "raw", src, url].map(String::from)
+}
+
 pub(crate) async fn run_cmd(program: &str, args: &[String]) -> Result<(f64, String), NbdError> {
     let start = Instant::now();
     let out = Command::new(program)
@@ -568,17 +574,7 @@ pub async fn run(opts: &BenchOpts) -> Result<BenchReport, NbdError> {
                 bytes: size,
             };
             let into = |url: String| {
-                let args = [
-                    "convert",
-                    "-n",
-                    "-f",
-                    "raw",
-                    "-O",
-                    "raw",
-                    src.as_str(),
-                    &url,
-                ]
-                .map(String::from);
+                let args = convert_into_args(&src, &url);
                 async move { run_cmd("qemu-img", &args).await.map(|r| r.0) }
             };
             let res = measure(&[&qemu_t, &ours_t], rounds, into).await?;
