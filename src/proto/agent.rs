@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::status::SyncKind;
+
 /// The addresses an agent actually bound (ports chosen by the OS when asked for port 0).
 /// Written to `<data-dir>/run/endpoints.json` once the agent is up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +84,94 @@ pub struct ProtectedDiskStatus {
     pub owes_sync: bool,
     /// The recovery host lost records it had acknowledged: a Full Sync is needed.
     pub replica_behind: bool,
+    pub sync: DiskSyncStatus,
+}
+
+/// Where a protected disk stands with respect to syncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncPhase {
+    /// Nothing owed: the stream alone keeps the replica level.
+    #[default]
+    Idle,
+    /// A sync is owed; the recovery host is not reachable (or has not accepted the disk).
+    WaitingForPeer,
+    /// "Resynchronization required": the resync policy holds the sync until an operator
+    /// resumes it or the off-peak window opens (`detail` says which).
+    Required,
+    /// Waiting for a free sync slot (other VPGs' syncs run first by priority).
+    Queued,
+    Running,
+    /// The last attempt failed (`detail`); it is retried, except a size mismatch, which
+    /// waits for the operator.
+    Failed,
+}
+
+/// A sync in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncProgress {
+    pub kind: SyncKind,
+    /// Why it runs (`model::sync::SyncReason::describe`).
+    pub reason: String,
+    pub started_ms: i64,
+    /// Bytes of the disk this pass covers, and how far it got (resumed passes start
+    /// part-way).
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub percent: u8,
+    pub bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+    pub blocks_compared: u64,
+    pub blocks_sent: u64,
+    /// Content bytes queued as sync records.
+    pub data_bytes: u64,
+    /// Session bytes both ways (digests, control) plus sync record bytes.
+    pub wire_bytes: u64,
+}
+
+/// How the last sync of a disk ended (the start and end events carry the same).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncOutcome {
+    pub kind: SyncKind,
+    pub reason: String,
+    /// `completed`, `interrupted` (resumes from where it stopped) or `failed`.
+    pub result: String,
+    pub error: Option<String>,
+    pub blocks_compared: u64,
+    pub blocks_sent: u64,
+    pub data_bytes: u64,
+    pub wire_bytes: u64,
+    pub duration_ms: u64,
+    pub ended_ms: i64,
+}
+
+/// Sync state of one protected disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSyncStatus {
+    pub phase: SyncPhase,
+    pub detail: Option<String>,
+    pub running: Option<SyncProgress>,
+    pub last: Option<SyncOutcome>,
+    pub completed: u64,
+}
+
+/// Body of `POST /v1/disks/{name}/sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub struct SyncRequest {
+    pub action: SyncAction,
+}
+
+/// What an operator asks of a disk's sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncAction {
+    /// Start a sync the resync policy holds ("Resynchronization required").
+    Resume,
+    /// Force Sync: a Delta Sync of the whole disk.
+    Force,
+    /// A Full Sync.
+    Full,
 }
 
 /// One disk this host receives (recovery side).

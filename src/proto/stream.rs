@@ -172,6 +172,299 @@ pub enum Frame {
     Pong {
         nonce: u64,
     },
+    /// A message of a sync session (its own connection; see [`SyncFrame`]).
+    Sync(SyncFrame),
+}
+
+/// What the recovery side holds for a disk, as a sync session's `Info` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// Created by this agent and never written: reads as zeroes (Initial Sync skips zero
+    /// blocks).
+    Empty,
+    /// An operator registered a copy made elsewhere (restored backup, external media).
+    PreSeeded,
+    /// The replica has been replicated into before.
+    Existing,
+}
+
+impl ReplicaState {
+    fn byte(self) -> u8 {
+        match self {
+            ReplicaState::Empty => 0,
+            ReplicaState::PreSeeded => 1,
+            ReplicaState::Existing => 2,
+        }
+    }
+    fn from_byte(b: u8) -> Result<Self, FrameError> {
+        Ok(match b {
+            0 => ReplicaState::Empty,
+            1 => ReplicaState::PreSeeded,
+            2 => ReplicaState::Existing,
+            _ => return Err(corrupt(format!("unknown replica state {b}"))),
+        })
+    }
+}
+
+/// A sync's kind on the wire (`model::status::SyncKind`).
+pub fn sync_kind_byte(k: crate::model::status::SyncKind) -> u8 {
+    use crate::model::status::SyncKind;
+    match k {
+        SyncKind::Initial => 1,
+        SyncKind::Delta => 2,
+        SyncKind::Bitmap => 3,
+        SyncKind::Full => 4,
+    }
+}
+
+/// The inverse of [`sync_kind_byte`].
+pub fn sync_kind_from_byte(b: u8) -> Option<crate::model::status::SyncKind> {
+    use crate::model::status::SyncKind;
+    Some(match b {
+        1 => SyncKind::Initial,
+        2 => SyncKind::Delta,
+        3 => SyncKind::Bitmap,
+        4 => SyncKind::Full,
+        _ => return None,
+    })
+}
+
+/// Level-1 digest of one chunk, as the recovery side computed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHash {
+    pub chunk: u64,
+    pub strong: [u8; 32],
+    pub zero: bool,
+}
+
+/// Most chunks one digest request may name, and most block digests one chunk may have.
+pub const MAX_SYNC_ITEMS: usize = 65536;
+
+/// A sync session: one connection per (disk, sync) from the protected agent to the
+/// recovery agent's data listener, beside the stream. Comparison travels here; data never
+/// does (it goes in band, as stream records). Source S, target T:
+/// - S→T `Hello` (first frame; T applies the stream's allow-list) → T→S `Info`, or
+///   `Frame::Refused` (unknown host, size mismatch — before anything is sent).
+/// - S→T `Begin` → T persists "sync running" (checkpoints after `start_seq` are not
+///   recoverable; for Full/Initial nor are earlier ones) → `Ok`.
+/// - Delta only: `ChunkDigestsReq` → `ChunkDigests` (T hashes its disk as of its durable
+///   seq), `BlockDigestsReq` → `BlockDigests`; requests may be pipelined, answers come
+///   in order.
+/// - S→T `End{end_seq}` once every sync record up to `end_seq` is acknowledged → T
+///   persists the end (checkpoints after `end_seq` are recoverable) → `Ok`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncFrame {
+    Hello {
+        host_name: String,
+        disk_id: u64,
+        size: u64,
+    },
+    Info {
+        size: u64,
+        replica: ReplicaState,
+        durable_seq: u64,
+        /// The kind of a sync that began and did not end (a resumed session).
+        running: Option<u8>,
+    },
+    Begin {
+        kind: u8,
+        start_seq: u64,
+        block_size: u32,
+        chunk_blocks: u32,
+    },
+    ChunkDigestsReq {
+        req: u64,
+        chunks: Vec<u64>,
+    },
+    ChunkDigests {
+        req: u64,
+        digests: Vec<ChunkHash>,
+    },
+    BlockDigestsReq {
+        req: u64,
+        chunk: u64,
+    },
+    BlockDigests {
+        req: u64,
+        chunk: u64,
+        digests: Vec<u64>,
+    },
+    End {
+        end_seq: u64,
+    },
+    Ok,
+}
+
+const S_HELLO: u8 = 1;
+const S_INFO: u8 = 2;
+const S_BEGIN: u8 = 3;
+const S_CHUNK_REQ: u8 = 4;
+const S_CHUNK_DIGESTS: u8 = 5;
+const S_BLOCK_REQ: u8 = 6;
+const S_BLOCK_DIGESTS: u8 = 7;
+const S_END: u8 = 8;
+const S_OK: u8 = 9;
+
+impl SyncFrame {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            SyncFrame::Hello {
+                host_name,
+                disk_id,
+                size,
+            } => {
+                out.push(S_HELLO);
+                put_str(out, host_name);
+                put_u64(out, *disk_id);
+                put_u64(out, *size);
+            }
+            SyncFrame::Info {
+                size,
+                replica,
+                durable_seq,
+                running,
+            } => {
+                out.push(S_INFO);
+                put_u64(out, *size);
+                out.push(replica.byte());
+                put_u64(out, *durable_seq);
+                out.push(running.unwrap_or(0));
+            }
+            SyncFrame::Begin {
+                kind,
+                start_seq,
+                block_size,
+                chunk_blocks,
+            } => {
+                out.push(S_BEGIN);
+                out.push(*kind);
+                put_u64(out, *start_seq);
+                put_u32(out, *block_size);
+                put_u32(out, *chunk_blocks);
+            }
+            SyncFrame::ChunkDigestsReq { req, chunks } => {
+                out.push(S_CHUNK_REQ);
+                put_u64(out, *req);
+                put_u32(out, chunks.len() as u32);
+                for c in chunks {
+                    put_u64(out, *c);
+                }
+            }
+            SyncFrame::ChunkDigests { req, digests } => {
+                out.push(S_CHUNK_DIGESTS);
+                put_u64(out, *req);
+                put_u32(out, digests.len() as u32);
+                for d in digests {
+                    put_u64(out, d.chunk);
+                    out.extend_from_slice(&d.strong);
+                    out.push(u8::from(d.zero));
+                }
+            }
+            SyncFrame::BlockDigestsReq { req, chunk } => {
+                out.push(S_BLOCK_REQ);
+                put_u64(out, *req);
+                put_u64(out, *chunk);
+            }
+            SyncFrame::BlockDigests {
+                req,
+                chunk,
+                digests,
+            } => {
+                out.push(S_BLOCK_DIGESTS);
+                put_u64(out, *req);
+                put_u64(out, *chunk);
+                put_u32(out, digests.len() as u32);
+                for d in digests {
+                    put_u64(out, *d);
+                }
+            }
+            SyncFrame::End { end_seq } => {
+                out.push(S_END);
+                put_u64(out, *end_seq);
+            }
+            SyncFrame::Ok => out.push(S_OK),
+        }
+    }
+
+    fn decode(r: &mut Rd<'_>) -> Result<SyncFrame, FrameError> {
+        let items = |r: &mut Rd<'_>| -> Result<usize, FrameError> {
+            let n = r.u32()? as usize;
+            if n > MAX_SYNC_ITEMS {
+                return Err(corrupt("too many items in a sync frame"));
+            }
+            Ok(n)
+        };
+        Ok(match r.u8()? {
+            S_HELLO => SyncFrame::Hello {
+                host_name: r.string()?,
+                disk_id: r.u64()?,
+                size: r.u64()?,
+            },
+            S_INFO => SyncFrame::Info {
+                size: r.u64()?,
+                replica: ReplicaState::from_byte(r.u8()?)?,
+                durable_seq: r.u64()?,
+                running: Some(r.u8()?).filter(|&k| k != 0),
+            },
+            S_BEGIN => SyncFrame::Begin {
+                kind: r.u8()?,
+                start_seq: r.u64()?,
+                block_size: r.u32()?,
+                chunk_blocks: r.u32()?,
+            },
+            S_CHUNK_REQ => {
+                let req = r.u64()?;
+                let n = items(r)?;
+                let mut chunks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    chunks.push(r.u64()?);
+                }
+                SyncFrame::ChunkDigestsReq { req, chunks }
+            }
+            S_CHUNK_DIGESTS => {
+                let req = r.u64()?;
+                let n = items(r)?;
+                let mut digests = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let chunk = r.u64()?;
+                    let mut strong = [0u8; 32];
+                    strong.copy_from_slice(r.take(32)?);
+                    let zero = match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(corrupt("bad zero flag")),
+                    };
+                    digests.push(ChunkHash {
+                        chunk,
+                        strong,
+                        zero,
+                    });
+                }
+                SyncFrame::ChunkDigests { req, digests }
+            }
+            S_BLOCK_REQ => SyncFrame::BlockDigestsReq {
+                req: r.u64()?,
+                chunk: r.u64()?,
+            },
+            S_BLOCK_DIGESTS => {
+                let req = r.u64()?;
+                let chunk = r.u64()?;
+                let n = items(r)?;
+                let mut digests = Vec::with_capacity(n);
+                for _ in 0..n {
+                    digests.push(r.u64()?);
+                }
+                SyncFrame::BlockDigests {
+                    req,
+                    chunk,
+                    digests,
+                }
+            }
+            S_END => SyncFrame::End { end_seq: r.u64()? },
+            S_OK => SyncFrame::Ok,
+            other => return Err(corrupt(format!("unknown sync message {other}"))),
+        })
+    }
 }
 
 const T_HELLO: u8 = 1;
@@ -184,6 +477,7 @@ const T_CHECKPOINT: u8 = 7;
 const T_ACK: u8 = 8;
 const T_PING: u8 = 9;
 const T_PONG: u8 = 10;
+const T_SYNC: u8 = 11;
 
 impl Frame {
     fn type_byte(&self) -> u8 {
@@ -200,6 +494,7 @@ impl Frame {
             Frame::Ack { .. } => T_ACK,
             Frame::Ping { .. } => T_PING,
             Frame::Pong { .. } => T_PONG,
+            Frame::Sync(_) => T_SYNC,
         }
     }
 
@@ -265,6 +560,7 @@ impl Frame {
                 }
             }
             Frame::Pong { nonce } => put_u64(out, *nonce),
+            Frame::Sync(m) => m.encode(out),
         }
     }
 
@@ -366,7 +662,7 @@ impl Frame {
         if buf.len() < HEADER_LEN {
             return Err(FrameError::Incomplete);
         }
-        if !(T_HELLO..=T_PONG).contains(&buf[3]) {
+        if !(T_HELLO..=T_SYNC).contains(&buf[3]) {
             return Err(corrupt(format!("unknown frame type {}", buf[3])));
         }
         if buf[4] > 2 || buf[5..8] != [0, 0, 0] {
@@ -606,6 +902,7 @@ fn decode_payload(ty: u8, payload: &[u8]) -> Result<Frame, FrameError> {
             Frame::Ping { nonce, lag }
         }
         T_PONG => Frame::Pong { nonce: r.u64()? },
+        T_SYNC => Frame::Sync(SyncFrame::decode(&mut r)?),
         other => return Err(corrupt(format!("unknown frame type {other}"))),
     };
     r.end()?;
@@ -695,6 +992,70 @@ mod tests {
                         .collect()
                 }),
             any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
+            arb_sync().prop_map(Frame::Sync),
+        ]
+    }
+
+    fn arb_sync() -> impl Strategy<Value = SyncFrame> {
+        prop_oneof![
+            ("[a-z0-9.-]{0,30}", any::<u64>(), any::<u64>()).prop_map(|(h, d, s)| {
+                SyncFrame::Hello {
+                    host_name: h,
+                    disk_id: d,
+                    size: s,
+                }
+            }),
+            (
+                any::<u64>(),
+                0u8..3,
+                any::<u64>(),
+                proptest::option::of(1u8..5)
+            )
+                .prop_map(|(size, r, durable_seq, running)| SyncFrame::Info {
+                    size,
+                    replica: ReplicaState::from_byte(r).unwrap(),
+                    durable_seq,
+                    running,
+                }),
+            (any::<u8>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(k, s, b, c)| {
+                SyncFrame::Begin {
+                    kind: k,
+                    start_seq: s,
+                    block_size: b,
+                    chunk_blocks: c,
+                }
+            }),
+            (any::<u64>(), prop::collection::vec(any::<u64>(), 0..20))
+                .prop_map(|(req, chunks)| SyncFrame::ChunkDigestsReq { req, chunks }),
+            (
+                any::<u64>(),
+                prop::collection::vec((any::<u64>(), any::<[u8; 32]>(), any::<bool>()), 0..5)
+            )
+                .prop_map(|(req, d)| SyncFrame::ChunkDigests {
+                    req,
+                    digests: d
+                        .into_iter()
+                        .map(|(chunk, strong, zero)| ChunkHash {
+                            chunk,
+                            strong,
+                            zero
+                        })
+                        .collect()
+                }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(req, chunk)| SyncFrame::BlockDigestsReq { req, chunk }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                prop::collection::vec(any::<u64>(), 0..40)
+            )
+                .prop_map(|(req, chunk, digests)| SyncFrame::BlockDigests {
+                    req,
+                    chunk,
+                    digests
+                }),
+            any::<u64>().prop_map(|end_seq| SyncFrame::End { end_seq }),
+            Just(SyncFrame::Ok),
         ]
     }
 

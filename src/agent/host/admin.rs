@@ -1,13 +1,14 @@
 //! The agent's local admin endpoint: loopback only, no authentication (the config refuses
 //! any other address). `GET /v1/status`, `POST /v1/checkpoints` (the checkpoint trigger
-//! until the manager drives rounds), `GET /healthz`. Errors are problem-details JSON with
+//! until the manager drives rounds), `POST /v1/disks/{name}/sync` (resume a held sync,
+//! Force Sync, Full Sync), `GET /healthz`. Errors are problem-details JSON with
 //! a stable `code`, like the manager's API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{Agent, AgentError};
-use crate::proto::agent::{AgentStatus, CheckpointReport, CheckpointRequest};
+use crate::proto::agent::{AgentStatus, CheckpointReport, CheckpointRequest, SyncRequest};
 use crate::proto::api::Problem;
 
 struct AdminError(StatusCode, &'static str, String);
@@ -47,6 +48,14 @@ impl From<AgentError> for AdminError {
             AgentError::NoSuchGroup(_) => {
                 AdminError(StatusCode::NOT_FOUND, "agent.no_such_group", e.to_string())
             }
+            AgentError::NoSuchDisk(_) => {
+                AdminError(StatusCode::NOT_FOUND, "agent.no_such_disk", e.to_string())
+            }
+            AgentError::Disk { .. } => AdminError(
+                StatusCode::CONFLICT,
+                "agent.disk_not_replicated",
+                e.to_string(),
+            ),
             AgentError::ShuttingDown => AdminError(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "agent.shutting_down",
@@ -91,6 +100,22 @@ async fn checkpoint(
     Ok((StatusCode::CREATED, Json(report)))
 }
 
+async fn sync(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    body: Result<Json<SyncRequest>, JsonRejection>,
+) -> Result<StatusCode, AdminError> {
+    let Json(req) = body.map_err(|e| {
+        AdminError(
+            StatusCode::BAD_REQUEST,
+            "request.invalid_body",
+            e.body_text(),
+        )
+    })?;
+    agent.request_sync(&name, req.action)?;
+    Ok(StatusCode::ACCEPTED)
+}
+
 async fn not_found() -> AdminError {
     AdminError(
         StatusCode::NOT_FOUND,
@@ -104,6 +129,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/status", get(status))
         .route("/v1/checkpoints", post(checkpoint))
+        .route("/v1/disks/{name}/sync", post(sync))
         .fallback(not_found)
         .with_state(agent)
 }

@@ -813,6 +813,8 @@ async fn start_agents(scratch: &Path, image: &Path, size: u64) -> Result<Agents,
                 path: Some(image.to_path_buf()),
                 group: None,
                 recovery_host: Some(REC_HOST.into()),
+                resync: None,
+                priority: None,
             }],
             // Production defaults for everything but the address.
             peers: vec![PeerSection {

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::agent::sync::HashConfig;
 use crate::agent::tls::TlsFiles;
+use crate::model::settings::{Priority, ResyncPolicy};
 use crate::proto::stream::Compression;
 
 pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
@@ -108,6 +110,14 @@ pub struct AgentSection {
     pub peers: Vec<PeerSection>,
     #[serde(default)]
     pub allow: Vec<AllowSection>,
+    /// Bytes per second one sync may queue (its data shares the stream with the guest's).
+    pub sync_rate_limit: Option<ByteSize>,
+    /// Syncs running at once on this host; the others wait by VPG priority.
+    pub max_concurrent_syncs: Option<usize>,
+    /// Delta Sync granularity: the block compared (and sent) and the chunk of blocks
+    /// compared by one digest first.
+    pub sync_block_size: Option<ByteSize>,
+    pub sync_chunk_size: Option<ByteSize>,
 }
 
 /// `[[agent.disks]]`: a protected disk of this host.
@@ -127,6 +137,11 @@ pub struct DiskSection {
     /// The recovery host this disk streams to (a `[[agent.peers]]` host name); none:
     /// not replicated (writes are still tracked in the bitmap).
     pub recovery_host: Option<String>,
+    /// When a Delta or Full Sync may start: `{ mode = "automatic" }` (default),
+    /// `{ mode = "manual" }`, `{ mode = "window", start = "22:00", end = "06:00" }`.
+    pub resync: Option<ResyncPolicy>,
+    /// The VPG's priority among waiting syncs: `high`, `medium` (default), `low`.
+    pub priority: Option<Priority>,
 }
 
 /// `[[agent.peers]]`: a recovery host this agent streams to.
@@ -177,6 +192,16 @@ pub struct DiskConfig {
     pub path: PathBuf,
     pub group: String,
     pub recovery_host: Option<String>,
+    pub resync: ResyncPolicy,
+    pub priority: Priority,
+}
+
+/// How syncs run on this host, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncSettings {
+    pub rate_limit: Option<u64>,
+    pub max_concurrent: usize,
+    pub hash: HashConfig,
 }
 
 /// A recovery host to stream to, resolved.
@@ -218,6 +243,7 @@ pub struct AgentConfig {
     pub persist_every: Duration,
     /// How long a clean shutdown waits for queued records to be acknowledged.
     pub drain_timeout: Duration,
+    pub sync: SyncSettings,
 }
 
 fn addr(field: &str, value: &str) -> Result<SocketAddr, AgentConfigError> {
@@ -243,6 +269,40 @@ fn check_name(field: &str, name: &str) -> Result<(), AgentConfigError> {
             format!("`{name}`: use 1–128 letters, digits, '-', '_' or '.' (not leading)"),
         ))
     }
+}
+
+fn sync_settings(file: &AgentSection) -> Result<SyncSettings, AgentConfigError> {
+    let rate_limit = file.sync_rate_limit.map(|b| b.0);
+    if rate_limit == Some(0) {
+        return Err(invalid(
+            "sync_rate_limit",
+            "must be above zero (omit it for no limit)",
+        ));
+    }
+    let max_concurrent = file.max_concurrent_syncs.unwrap_or(2);
+    if max_concurrent == 0 {
+        return Err(invalid("max_concurrent_syncs", "must be at least 1"));
+    }
+    let block = file.sync_block_size.map_or(4096, |b| b.0);
+    let chunk = file.sync_chunk_size.map_or(1 << 20, |b| b.0);
+    if block == 0 || chunk % block != 0 {
+        return Err(invalid(
+            "sync_chunk_size",
+            "must be a multiple of sync_block_size",
+        ));
+    }
+    let hash = HashConfig {
+        block_size: u32::try_from(block).map_err(|_| invalid("sync_block_size", "too large"))?,
+        chunk_blocks: u32::try_from(chunk / block)
+            .map_err(|_| invalid("sync_chunk_size", "too large"))?,
+    };
+    hash.validate()
+        .map_err(|e| invalid("sync_block_size", e.to_string()))?;
+    Ok(SyncSettings {
+        rate_limit,
+        max_concurrent,
+        hash,
+    })
 }
 
 fn compression(field: &str, v: Option<&str>) -> Result<Compression, AgentConfigError> {
@@ -413,8 +473,11 @@ impl AgentConfig {
                     .unwrap_or_else(|| data_dir.join("disks").join(format!("{}.img", d.name))),
                 group,
                 recovery_host: d.recovery_host.clone(),
+                resync: d.resync.unwrap_or(ResyncPolicy::Automatic),
+                priority: d.priority.unwrap_or(Priority::Medium),
             });
         }
+        let sync = sync_settings(file)?;
         Ok(AgentConfig {
             data_dir,
             site,
@@ -428,6 +491,7 @@ impl AgentConfig {
             allow,
             persist_every: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
+            sync,
         })
     }
 

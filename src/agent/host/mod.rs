@@ -18,6 +18,7 @@ pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod splitter;
+pub mod sync;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -41,9 +42,10 @@ use crate::agent::stream::{
     SenderConfig, ServerTransport, StreamEvent,
 };
 use crate::agent::tls;
+use crate::model::sync::Tracking;
 use crate::proto::agent::{
     AgentEndpoints, AgentStatus, CheckpointDisk, CheckpointReport, CheckpointRequest, PeerStatus,
-    ProtectedDiskStatus, ReceivedDiskStatus, ReplicationMode, StartState,
+    ProtectedDiskStatus, ReceivedDiskStatus, ReplicationMode, StartState, SyncAction,
 };
 
 pub use config::{AgentConfig, AgentConfigError, AgentFlags, AgentSection, Security};
@@ -72,6 +74,8 @@ pub enum AgentError {
     Nbd(#[from] crate::agent::nbd::NbdError),
     #[error("no protected disk in group `{0}`")]
     NoSuchGroup(String),
+    #[error("no protected disk named `{0}`")]
+    NoSuchDisk(String),
     #[error("the agent is shutting down")]
     ShuttingDown,
     #[error("background task failed: {0}")]
@@ -99,6 +103,8 @@ struct HostDisk {
     start_al_extents: u64,
     /// Index into `Agent::peers`.
     peer: Option<usize>,
+    /// The disk's sync task (replicated disks only).
+    sync: Option<Arc<sync::DiskSync>>,
 }
 
 struct Peer {
@@ -126,6 +132,8 @@ pub struct Agent {
     rounds: Mutex<Rounds>,
     /// Stops the NBD server (first, at shutdown).
     nbd_cancel: CancellationToken,
+    /// Stops the sync tasks (before the streams drain, at shutdown).
+    sync_cancel: CancellationToken,
     /// Stops everything else.
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -244,6 +252,14 @@ impl Agent {
     /// Opens everything the configuration names and starts serving. Must run inside a
     /// Tokio runtime.
     pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        Agent::start_with_clock(cfg, Arc::new(sync::SystemClock)).await
+    }
+
+    /// [`Agent::start`] with the clock the resync window is judged by (tests).
+    pub async fn start_with_clock(
+        cfg: AgentConfig,
+        clock: Arc<dyn sync::Clock>,
+    ) -> Result<Arc<Agent>, AgentError> {
         for dir in [
             cfg.data_dir.clone(),
             cfg.dirty_dir(),
@@ -337,6 +353,11 @@ impl Agent {
 
         let mut gates: BTreeMap<String, Arc<CompletionGate>> = BTreeMap::new();
         let registry = ExportRegistry::new();
+        let sync_cancel = cancel.child_token();
+        let slots = Arc::new(sync::SyncSlots::new(cfg.sync.max_concurrent));
+        let sync_events = Arc::new(sync::SyncEventLog::new(
+            cfg.state_dir().join("sync-events.jsonl"),
+        ));
         let mut disks = Vec::new();
         for (d, o) in cfg.disks.iter().zip(opened) {
             let peer = d
@@ -361,6 +382,32 @@ impl Agent {
                 o.tracker
                     .spawn_persister(cfg.persist_every, cancel.child_token()),
             );
+            let sync = peer.map(|i| {
+                let tracking = match o.start {
+                    StartState::New => Tracking::New,
+                    StartState::Clean => Tracking::Clean,
+                    StartState::Unclean => Tracking::Unclean,
+                    StartState::Lost => Tracking::Lost,
+                };
+                let ds = Arc::new(sync::DiskSync::new(
+                    d.clone(),
+                    cfg.host_name.clone(),
+                    Arc::clone(&device),
+                    Arc::clone(&splitter),
+                    peers[i].1.clone(),
+                    cfg.sync,
+                    tracking,
+                    Arc::clone(&clock),
+                    Arc::clone(&slots),
+                    Arc::clone(&sync_events),
+                ));
+                tasks.spawn(
+                    Arc::clone(&ds)
+                        .run(sync_cancel.clone())
+                        .instrument(tracing::info_span!("sync", disk = %d.name)),
+                );
+                ds
+            });
             disks.push(HostDisk {
                 cfg: d.clone(),
                 device,
@@ -369,16 +416,17 @@ impl Agent {
                 start: o.start,
                 start_al_extents: o.start_al_extents,
                 peer,
+                sync,
             });
         }
 
         let mut peer_handles = Vec::new();
         for (pcfg, sender, events) in peers {
             let last_error = Arc::new(Mutex::new(None));
-            let splitters: HashMap<u64, Arc<Splitter>> = disks
+            let splitters: HashMap<u64, (Arc<Splitter>, Option<Arc<sync::DiskSync>>)> = disks
                 .iter()
                 .filter(|d| d.cfg.recovery_host.as_deref() == Some(pcfg.host_name.as_str()))
-                .map(|d| (d.cfg.id, d.splitter.clone()))
+                .map(|d| (d.cfg.id, (d.splitter.clone(), d.sync.clone())))
                 .collect();
             tasks.spawn(
                 watch_events(events, splitters, last_error.clone(), cancel.clone())
@@ -424,6 +472,7 @@ impl Agent {
             registry,
             rounds: Mutex::new(Rounds::default()),
             nbd_cancel,
+            sync_cancel,
             cancel,
             tasks,
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -544,6 +593,21 @@ impl Agent {
         })
     }
 
+    /// An operator's request for a disk's sync (resume a held one, Force Sync, Full Sync).
+    pub fn request_sync(&self, disk: &str, action: SyncAction) -> Result<(), AgentError> {
+        let d = self
+            .disks
+            .iter()
+            .find(|d| d.cfg.name == disk)
+            .ok_or_else(|| AgentError::NoSuchDisk(disk.to_string()))?;
+        let s = d.sync.as_ref().ok_or_else(|| AgentError::Disk {
+            name: disk.to_string(),
+            reason: "the disk is not replicated (no recovery host)".into(),
+        })?;
+        s.request(action);
+        Ok(())
+    }
+
     pub fn status(&self) -> AgentStatus {
         let mut stats = HashMap::new();
         for p in &self.peers {
@@ -584,6 +648,7 @@ impl Agent {
                     epoch: d.epoch,
                     owes_sync: d.splitter.owes_sync(),
                     replica_behind: d.splitter.replica_behind(),
+                    sync: d.sync.as_ref().map(|s| s.status()).unwrap_or_default(),
                 }
             })
             .collect();
@@ -683,6 +748,8 @@ impl Agent {
             return Ok(());
         }
         tracing::info!("agent shutting down");
+        // A sync pass stops queueing; what it left owed stays in the bitmap.
+        self.sync_cancel.cancel();
         for d in &self.disks {
             self.registry.remove_and_drain(&d.cfg.name).await;
         }
@@ -721,7 +788,7 @@ impl Agent {
 
 async fn watch_events(
     mut events: mpsc::UnboundedReceiver<StreamEvent>,
-    splitters: HashMap<u64, Arc<Splitter>>,
+    splitters: HashMap<u64, (Arc<Splitter>, Option<Arc<sync::DiskSync>>)>,
     last_error: Arc<Mutex<Option<String>>>,
     cancel: CancellationToken,
 ) {
@@ -755,8 +822,11 @@ async fn watch_events(
                 reason,
             } => {
                 tracing::warn!(disk, acked_seq, %reason, "disk is bitmap-only: a Bitmap Sync is needed");
-                if let Some(s) = splitters.get(&disk) {
+                if let Some((s, ds)) = splitters.get(&disk) {
                     s.on_needs_bitmap_sync();
+                    if let Some(ds) = ds {
+                        ds.poke();
+                    }
                 }
             }
             StreamEvent::ReplicaBehind {
@@ -770,8 +840,11 @@ async fn watch_events(
                     acked_seq,
                     "recovery host lost acknowledged records: a Full Sync is needed"
                 );
-                if let Some(s) = splitters.get(&disk) {
+                if let Some((s, ds)) = splitters.get(&disk) {
                     s.on_replica_behind();
+                    if let Some(ds) = ds {
+                        ds.poke();
+                    }
                 }
             }
             StreamEvent::DiskNotAccepted { disk } => {

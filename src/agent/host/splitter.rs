@@ -15,6 +15,12 @@
 //!   range again — from the `accept` that saw `BitmapOnly`, or from the pending list when
 //!   the sender reports `NeedsBitmapSync`. A crash in between is covered by the
 //!   activity log.
+//!
+//! During a sync the protected side reads each owed range under the device's range lock
+//! and queues its current content here ([`Splitter::push_sync`]) as an ordinary record,
+//! so it is ordered against the guest's writes to that range. The pass moves a cursor
+//! upwards ([`Splitter::sync_progress`]): regions below it are no longer owed and clear
+//! on acknowledgement like any other; regions at or above it wait for the pass.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -51,8 +57,10 @@ struct State {
     /// Records are not queued; the bitmap is the truth until a Bitmap Sync.
     bitmap_only: bool,
     /// The bitmap holds regions that only a sync may clear (dirty at start, or written
-    /// while bitmap-only): acknowledgements clear nothing until then.
+    /// while bitmap-only): acknowledgements clear no region at or above `owed_from`.
     owes_sync: bool,
+    /// First region a running sync pass has not reached yet (0 when none runs).
+    owed_from: u64,
     /// The recovery side lost records it had acknowledged: only a Full Sync helps.
     replica_behind: bool,
     /// Highest seq the sender reported acknowledged.
@@ -104,6 +112,7 @@ impl Splitter {
                 counts: HashMap::new(),
                 bitmap_only: sender.is_none(),
                 owes_sync,
+                owed_from: 0,
                 replica_behind: false,
                 acked: 0,
             }),
@@ -206,6 +215,7 @@ impl Splitter {
         }
         st.bitmap_only = true;
         st.owes_sync = true;
+        st.owed_from = 0;
         for p in st.pending.drain(..) {
             if let Some((first, last)) = p.regions {
                 self.tracker.bitmap().mark_regions(first, last);
@@ -225,6 +235,7 @@ impl Splitter {
         let mut st = self.lock();
         st.replica_behind = true;
         st.owes_sync = true;
+        st.owed_from = 0;
     }
 
     /// The sender reported `NeedsBitmapSync` for this disk.
@@ -250,9 +261,9 @@ impl Splitter {
     }
 
     /// The sender acknowledged everything up to `acked`: forgets those records and
-    /// returns the byte ranges whose regions no pending record touches any more — the
-    /// caller flushes the local disk and clears them (`ProtectedDevice::clear_replicated`).
-    /// Nothing while the disk owes a sync.
+    /// returns the byte ranges whose regions no pending record touches any more and that
+    /// no sync still owes — the caller flushes the local disk and clears them
+    /// (`ProtectedDevice::clear_replicated`).
     pub fn on_acked(&self, acked: u64) -> Vec<(u64, u64)> {
         let mut st = self.lock();
         if acked <= st.acked {
@@ -276,14 +287,22 @@ impl Splitter {
                 }
             }
         }
-        if st.owes_sync || st.bitmap_only {
+        if st.bitmap_only {
             return Vec::new();
         }
+        if st.owes_sync {
+            let from = st.owed_from;
+            freed.retain(|&r| r < from);
+        }
         freed.sort_unstable();
-        // Merge adjacent regions into byte ranges.
+        self.merge_regions(freed)
+    }
+
+    /// Sorted region numbers → merged byte ranges.
+    fn merge_regions(&self, regions: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
         let size = 1u64 << self.region_shift;
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for r in freed {
+        for r in regions {
             match out.last_mut() {
                 Some((off, len)) if *off + *len == r * size => *len += size,
                 _ => out.push((r * size, size)),
@@ -292,17 +311,71 @@ impl Splitter {
         out
     }
 
-    /// A sync brought the replica level (issue of the syncs): stream again and let
-    /// acknowledgements clear regions.
-    pub fn sync_finished(&self) -> Result<(), StreamError> {
+    /// A sync pass starts (or resumes) at byte `from`: the disk streams again (if it was
+    /// bitmap-only) and regions from `from` on are owed to the pass. Returns the last seq
+    /// assigned before the pass: checkpoints after it are not recoverable until it ends.
+    pub fn begin_sync(&self, from: u64) -> Result<u64, StreamError> {
         let mut st = self.lock();
         if let Some(s) = &self.sender {
-            s.sync_finished(self.disk_id)?;
+            if st.bitmap_only {
+                s.sync_finished(self.disk_id)?;
+            }
             st.bitmap_only = false;
         }
+        st.owes_sync = true;
+        st.owed_from = from >> self.region_shift;
+        Ok(st.next_seq - 1)
+    }
+
+    /// The pass has handled everything below byte `upto` (queued its content, or found
+    /// it equal). Returns the ranges that may be cleared now: passed regions the bitmap
+    /// marks and no pending record touches (the others clear on their acknowledgement).
+    /// Nothing if the disk fell back to bitmap-only meanwhile (the pass is void).
+    pub fn sync_progress(&self, upto: u64) -> Vec<(u64, u64)> {
+        let mut st = self.lock();
+        if st.bitmap_only || !st.owes_sync {
+            return Vec::new();
+        }
+        let to = upto >> self.region_shift;
+        if to <= st.owed_from {
+            return Vec::new();
+        }
+        let bitmap = self.tracker.bitmap();
+        let passed = (st.owed_from..to)
+            .filter(|r| bitmap.is_dirty(*r) && !st.counts.contains_key(r))
+            .collect::<Vec<_>>();
+        st.owed_from = to;
+        self.merge_regions(passed)
+    }
+
+    /// Where the running pass stands (byte offset), for resuming after a reconnect.
+    pub fn sync_cursor(&self) -> u64 {
+        self.lock().owed_from << self.region_shift
+    }
+
+    /// The pass reached the end and every record it queued is acknowledged: nothing is
+    /// owed any more.
+    pub fn finish_sync(&self) {
+        let mut st = self.lock();
+        if st.bitmap_only {
+            return;
+        }
         st.owes_sync = false;
+        st.owed_from = 0;
         st.replica_behind = false;
-        Ok(())
+    }
+
+    /// Queues the current content of a range for a sync, as a record in seq order. The
+    /// caller holds the device's range lock over it (so no guest write to the range can
+    /// slip between the read and this call) and passes what it read. `false`: the disk
+    /// is bitmap-only (or unreplicated) and nothing was queued; the pass is void.
+    pub fn push_sync(&self, body: RecordBody) -> bool {
+        let ts = crate::agent::stream::now_ms();
+        let mut st = self.lock();
+        if st.bitmap_only || self.sender.is_none() {
+            return false;
+        }
+        self.push(&mut st, body, ts).queued
     }
 
     fn accept_event(&self, event: &WriteEvent<'_>) {
@@ -513,6 +586,112 @@ mod tests {
         #[test]
         fn regions_dirty_at_start_wait_for_a_sync(ops in prop::collection::vec(op(), 1..40)) {
             run(ops, 64 << 20, true)?;
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum SyncOp {
+        /// A guest write of `len` bytes at `offset`.
+        Guest { offset: u64, len: u64 },
+        /// The pass handles its next region: queues it (or finds it equal) and moves on.
+        Step { equal: bool },
+        /// Acknowledge everything queued so far.
+        AckAll,
+    }
+
+    fn sync_op() -> impl Strategy<Value = SyncOp> {
+        prop_oneof![
+            3 => (0..SIZE / 512, 1u64..300).prop_map(|(s, n)| {
+                let offset = s * 512;
+                SyncOp::Guest { offset, len: (n * 512).min(SIZE - offset) }
+            }),
+            4 => any::<bool>().prop_map(|equal| SyncOp::Step { equal }),
+            1 => Just(SyncOp::AckAll),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// A sync pass over regions owed at its start, with guest writes and acks
+        /// interleaved: a region the pass has not reached stays dirty, a region with an
+        /// unacknowledged record stays dirty, and once the pass ends and everything is
+        /// acknowledged the bitmap is empty.
+        #[test]
+        fn a_sync_pass_clears_only_behind_its_cursor(
+            owed in prop::collection::btree_set(0..SIZE / REGION, 1..20),
+            ops in prop::collection::vec(sync_op(), 1..120),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let _guard = rt.enter();
+            let dir = tempfile::tempdir().unwrap();
+            let (tracker, _) = DirtyTracker::open(
+                DirtyPaths::in_dir(dir.path(), "d"), SIZE, DirtyConfig::default()).unwrap();
+            for r in &owed {
+                tracker.mark(r * REGION, 1).unwrap();
+            }
+            let tracker = Arc::new(tracker);
+            let mut sc = SenderConfig::new("h", "127.0.0.1:9".parse().unwrap(), ClientTransport::Insecure);
+            sc.queue_memory = 256 << 20;
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let (sender, _events) = Sender::start(
+                sc, vec![DiskSpec { disk_id: 1, size: SIZE, generation: 1 }], cancel.clone()).unwrap();
+            let s = Splitter::new(1, 1, Some(sender), Arc::clone(&tracker));
+            prop_assert!(s.owes_sync());
+            s.begin_sync(0).unwrap();
+            let data = vec![5u8; 300 * 512];
+            // seq → regions; the pass position (region index).
+            let mut written: Vec<(u64, Vec<u64>)> = Vec::new();
+            let mut acked = 0u64;
+            let mut next = 0u64;
+            let regions_total = SIZE / REGION;
+            let clear = |ranges: Vec<(u64, u64)>| {
+                for (o, l) in ranges { tracker.clear_range(o, l); }
+            };
+            for op in ops.into_iter().chain(std::iter::repeat_n(SyncOp::Step { equal: false }, regions_total as usize)).chain([SyncOp::AckAll]) {
+                match op {
+                    SyncOp::Guest { offset, len } => {
+                        tracker.mark(offset, len).unwrap();
+                        s.accept(&WriteEvent::Write { offset, data: &data[..len as usize], fua: false });
+                        written.push((s.last_seq(), regions(offset, len).collect()));
+                    }
+                    SyncOp::Step { equal } => {
+                        if next >= regions_total { continue; }
+                        let r = next;
+                        if owed.contains(&r) && !equal {
+                            let queued = s.push_sync(RecordBody::Write { offset: r * REGION, data: vec![1; REGION as usize] });
+                            prop_assert!(queued);
+                            written.push((s.last_seq(), vec![r]));
+                        }
+                        next += 1;
+                        clear(s.sync_progress(next * REGION));
+                    }
+                    SyncOp::AckAll => {
+                        let last = s.last_seq();
+                        if last > acked {
+                            acked = last;
+                            clear(s.on_acked(last));
+                        }
+                    }
+                }
+                let bitmap = tracker.bitmap();
+                for r in &owed {
+                    if *r >= next {
+                        prop_assert!(bitmap.is_dirty(*r), "owed region {r} cleared before the pass reached it");
+                    }
+                }
+                for (seq, rs) in &written {
+                    if *seq > acked {
+                        for r in rs {
+                            prop_assert!(bitmap.is_dirty(*r), "region {r} of unacknowledged seq {seq} clean");
+                        }
+                    }
+                }
+            }
+            s.finish_sync();
+            prop_assert!(!s.owes_sync());
+            prop_assert_eq!(tracker.bitmap().dirty_count(), 0, "everything passed and acknowledged");
+            cancel.cancel();
         }
     }
 

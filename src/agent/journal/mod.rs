@@ -117,6 +117,8 @@ pub(crate) const SCRATCH_DIR: &str = "scratch";
 /// How many promoted-away checkpoint ids are remembered to answer
 /// `CheckpointNotRetained` instead of `UnknownCheckpoint`.
 const RETIRED_IDS: usize = 100_000;
+/// The id of a view opened by [`Journal::open_head`].
+pub const HEAD_VIEW_ID: u64 = u64::MAX;
 
 /// Kind of a checkpoint, as the manager chose it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1288,6 +1290,23 @@ impl Journal {
             }
             *pins.by_seq.entry(info.seq).or_insert(0) += 1;
         }
+        Ok(View::new(self.shared.clone(), info))
+    }
+
+    /// Opens the disk as of the durable seq, checkpoint or not: what a Delta Sync
+    /// compares against. Its id is [`HEAD_VIEW_ID`]; it cannot be committed. The view pins
+    /// that seq until dropped.
+    pub fn open_head(&self) -> Result<View> {
+        self.check_ok()?;
+        let seq = self.durable_seq().max(self.promoted_seq);
+        let info = CheckpointInfo {
+            id: HEAD_VIEW_ID,
+            seq,
+            wall_ms: 0,
+            kind: CheckpointKind::Scheduled,
+            tag: None,
+        };
+        *self.shared.pins().by_seq.entry(seq).or_insert(0) += 1;
         Ok(View::new(self.shared.clone(), info))
     }
 

@@ -341,6 +341,11 @@ impl Journal {
             )));
         }
         let ckpt = view.ckpt.clone();
+        if ckpt.id == super::HEAD_VIEW_ID {
+            return Err(JournalError::Config(
+                "a head view is not a checkpoint and cannot be committed".into(),
+            ));
+        }
         if ckpt.seq < self.promoted_seq || !self.ckpts.contains_key(&ckpt.seq) {
             return Err(JournalError::CheckpointNotRetained(ckpt.id));
         }

@@ -309,6 +309,14 @@ impl<D: BlockDevice> ProtectedDevice<D> {
         Ok(())
     }
 
+    /// Runs `f` on the local device with `offset..offset+len` locked against guest
+    /// changes: a sync reads a range and queues its content inside `f`, so no guest write
+    /// to the range can land between the read and the queueing. Blocking.
+    pub fn with_range_locked<R>(&self, offset: u64, len: u64, f: impl FnOnce(&D) -> R) -> R {
+        let _range = self.ranges.lock(offset, offset.saturating_add(len));
+        f(&self.inner)
+    }
+
     /// Clean shutdown of the disk, once no request is in flight (export removed and
     /// drained, see [`ExportRegistry::remove_and_drain`](super::ExportRegistry::remove_and_drain)):
     /// fdatasync the local disk, then persist the bitmap with its clean flag. Blocking.

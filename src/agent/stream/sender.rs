@@ -484,6 +484,78 @@ impl Sender {
     pub fn is_connected(&self) -> bool {
         self.inner.lock().away_since.is_none()
     }
+
+    /// Whether the peer accepted `disk` on the current connection.
+    pub fn is_accepted(&self, disk: u64) -> bool {
+        let st = self.inner.lock();
+        st.away_since.is_none() && st.disks.get(&disk).is_some_and(|d| d.accepted)
+    }
+
+    /// Record bytes queued (memory and spill) and the acknowledged seq of one disk.
+    pub fn disk_backlog(&self, disk: u64) -> Option<(u64, u64)> {
+        let st = self.inner.lock();
+        st.disks.get(&disk).map(|d| {
+            (
+                (d.mem_cost + d.spill.as_ref().map_or(0, |s| s.cost)) as u64,
+                d.acked,
+            )
+        })
+    }
+
+    /// The configured outbound memory bound (a sync paces itself on a share of it).
+    pub fn queue_memory(&self) -> usize {
+        self.inner.cfg.queue_memory
+    }
+
+    /// A new connection to the same recovery agent for a sync session, secured as the
+    /// stream is.
+    pub async fn dial_session(&self) -> Result<SessionConn, StreamError> {
+        let stream = dial(&self.inner.cfg).await?;
+        let (rd, wr) = tokio::io::split(stream);
+        Ok(SessionConn {
+            reader: FrameReader::new(rd),
+            writer: FrameWriter::new(wr, Compression::None),
+            timeout: self.inner.cfg.peer_timeout,
+        })
+    }
+}
+
+/// A framed connection for a sync session (see `proto::stream::SyncFrame`).
+pub struct SessionConn {
+    reader: FrameReader<tokio::io::ReadHalf<Box<dyn Io>>>,
+    writer: FrameWriter<tokio::io::WriteHalf<Box<dyn Io>>>,
+    timeout: Duration,
+}
+
+impl SessionConn {
+    pub async fn send(&mut self, f: &Frame) -> Result<(), StreamError> {
+        self.writer.send(f).await
+    }
+
+    /// Queues a frame without flushing (pipelined requests); `send` or `flush` pushes it.
+    pub fn push(&mut self, f: &Frame) -> Result<(), StreamError> {
+        self.writer.push(f)
+    }
+
+    pub async fn flush(&mut self) -> Result<(), StreamError> {
+        self.writer.flush().await
+    }
+
+    /// The next frame; a refusal becomes `StreamError::Refused`, silence past the peer
+    /// timeout `Timeout`, a close `Closed`.
+    pub async fn recv(&mut self) -> Result<Frame, StreamError> {
+        match tokio::time::timeout(self.timeout, self.reader.read_frame()).await {
+            Err(_) => Err(StreamError::Timeout("waiting for the sync peer")),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(None)) => Err(StreamError::Closed),
+            Ok(Ok(Some(Frame::Refused { reason }))) => Err(StreamError::Refused(reason)),
+            Ok(Ok(Some(f))) => Ok(f),
+        }
+    }
+
+    pub async fn shutdown(&mut self) {
+        self.writer.shutdown().await;
+    }
 }
 
 /// The connection task: dial, run, back off, again, until cancelled.

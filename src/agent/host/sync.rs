@@ -1,0 +1,1265 @@
+//! The protected side of syncs (DESIGN §5): for each replicated disk a task that learns
+//! which sync the disk needs (`model::sync::sync_needed` over what this agent and the
+//! recovery agent know), waits for the resync policy and a sync slot, and runs the pass.
+//!
+//! Comparison travels over a sync session with the recovery agent (`SyncFrame`); data
+//! travels in band: each owed range is read under the device's range lock and queued
+//! through the disk's splitter as ordinary records, so a sync can never undo a newer guest
+//! write (ARCHITECTURE.md, "Syncs while the guest writes"). The pass moves the splitter's
+//! cursor; bits behind it clear on acknowledgement, so an interrupted sync resumes from
+//! the bitmap it left — in this process from the cursor, after a crash from the persisted
+//! bitmap and activity log.
+
+use std::collections::VecDeque;
+use std::io;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{DiskConfig, SyncSettings};
+use super::splitter::{Splitter, MAX_RECORD_DATA};
+use crate::agent::nbd::{BlockDevice, FileDevice, ProtectedDevice};
+use crate::agent::stream::{Sender, SessionConn, StreamError};
+use crate::agent::sync::{BlockRead, ChunkDigest, Hasher, SyncError};
+use crate::model::status::SyncKind;
+use crate::model::sync::{
+    may_start, order_queue, sync_needed, DiskSyncFacts, QueuedSync, StartDecision, SyncNeed,
+    SyncScope, Tracking,
+};
+use crate::proto::agent::{DiskSyncStatus, SyncAction, SyncOutcome, SyncPhase, SyncProgress};
+use crate::proto::stream::{sync_kind_byte, Frame, RecordBody, ReplicaState, SyncFrame};
+
+/// Chunks per digest request (Delta), and requests kept in flight.
+const BATCH_CHUNKS: usize = 32;
+/// Passed ranges are cleared (one local flush) at least every this many bytes of pass.
+const CLEAR_EVERY: u64 = 64 << 20;
+
+/// Why one sync attempt did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncRunError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error(
+        "disk size mismatch: protected disk is {protected} bytes, replica is {replica} bytes; \
+         nothing was sent"
+    )]
+    SizeMismatch { protected: u64, replica: u64 },
+    #[error(
+        "the disk fell back to bitmap-only during the sync (outbound queue full or peer away)"
+    )]
+    BitmapOnly,
+    #[error("unexpected message from the recovery agent: {0}")]
+    Protocol(String),
+    #[error("local disk at offset {offset}: {source}")]
+    Io { offset: u64, source: io::Error },
+    #[error("dirty tracking: {0}")]
+    Dirty(#[from] crate::agent::dirty::DirtyError),
+    #[error("background task failed: {0}")]
+    Task(String),
+    #[error("the agent is stopping")]
+    Cancelled,
+}
+
+impl SyncRunError {
+    /// A refusal the operator must resolve; retrying soon would only repeat it.
+    fn needs_operator(&self) -> bool {
+        match self {
+            SyncRunError::SizeMismatch { .. } => true,
+            SyncRunError::Stream(StreamError::Refused(r)) => r.contains("size mismatch"),
+            _ => false,
+        }
+    }
+}
+
+/// Wall clock for the resync window; tests inject a fixed one.
+pub trait Clock: Send + Sync {
+    /// Minutes after midnight, UTC.
+    fn minute_of_day(&self) -> u16;
+}
+
+/// The system clock (UTC).
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn minute_of_day(&self) -> u16 {
+        use chrono::Timelike;
+        let now = chrono::Utc::now();
+        (now.hour() * 60 + now.minute()) as u16
+    }
+}
+
+/// Limits how many syncs run at once on this host; waiting ones go by VPG priority,
+/// then the cheaper kind, then the longest waiting (`model::sync::order_queue`).
+#[derive(Debug)]
+pub struct SyncSlots {
+    max: usize,
+    state: Mutex<SlotState>,
+    freed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    running: usize,
+    next_ticket: u64,
+    waiting: Vec<(u64, QueuedSync)>,
+}
+
+/// A held slot; dropping it frees the slot.
+pub struct SlotGuard<'a> {
+    slots: &'a SyncSlots,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.slots.lock().running -= 1;
+        self.slots.freed.notify_waiters();
+    }
+}
+
+/// Takes a waiter off the queue if it gives up (cancelled) before getting a slot.
+struct Waiting<'a> {
+    slots: &'a SyncSlots,
+    ticket: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.slots.lock().waiting.retain(|(t, _)| *t != self.ticket);
+        self.slots.freed.notify_waiters();
+    }
+}
+
+impl SyncSlots {
+    pub fn new(max: usize) -> Self {
+        SyncSlots {
+            max: max.max(1),
+            state: Mutex::new(SlotState::default()),
+            freed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for a slot.
+    pub async fn acquire(&self, q: QueuedSync) -> SlotGuard<'_> {
+        let ticket = {
+            let mut st = self.lock();
+            st.next_ticket += 1;
+            let t = st.next_ticket;
+            st.waiting.push((t, q));
+            t
+        };
+        let waiting = Waiting {
+            slots: self,
+            ticket,
+        };
+        loop {
+            let notified = self.freed.notified();
+            {
+                let mut st = self.lock();
+                if st.running < self.max {
+                    let mut queue: Vec<QueuedSync> =
+                        st.waiting.iter().map(|(_, q)| q.clone()).collect();
+                    order_queue(&mut queue);
+                    // Our turn when nothing waiting ranks before us.
+                    let mine = st
+                        .waiting
+                        .iter()
+                        .find(|(t, _)| *t == ticket)
+                        .map(|(_, q)| q.clone());
+                    let first = queue.first().cloned();
+                    if mine.is_some() && mine == first {
+                        st.running += 1;
+                        drop(st);
+                        drop(waiting);
+                        return SlotGuard { slots: self };
+                    }
+                }
+            }
+            // Re-check now and then: equal-ranked waiters may be woken out of order.
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+    }
+}
+
+/// Appends the start and end events of syncs to `<data-dir>/state/sync-events.jsonl`
+/// (the manager's event table takes them over once agents report to it).
+#[derive(Debug)]
+pub struct SyncEventLog {
+    path: PathBuf,
+    lock: Mutex<()>,
+}
+
+impl SyncEventLog {
+    pub fn new(path: PathBuf) -> Self {
+        SyncEventLog {
+            path,
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn append(&self, event: &serde_json::Value) {
+        use std::io::Write;
+        let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let line = format!("{event}\n");
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = r {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot append sync event");
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Requests {
+    resume: bool,
+    force: bool,
+    full: bool,
+}
+
+/// Counters of the running pass.
+#[derive(Debug, Default)]
+struct Counters {
+    bytes_done: AtomicU64,
+    blocks_compared: AtomicU64,
+    blocks_sent: AtomicU64,
+    data_bytes: AtomicU64,
+    wire_bytes: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Running {
+    kind: SyncKind,
+    reason: &'static str,
+    started: Instant,
+    started_ms: i64,
+    bytes_total: u64,
+    /// `bytes_done` when this attempt started (a resumed pass starts part-way).
+    done_at_start: u64,
+}
+
+#[derive(Debug, Default)]
+struct View {
+    phase: SyncPhase,
+    detail: Option<String>,
+    running: Option<Running>,
+    last: Option<SyncOutcome>,
+    completed: u64,
+}
+
+/// The sync task of one replicated disk. See the module documentation.
+pub struct DiskSync {
+    disk: DiskConfig,
+    host_name: String,
+    device: Arc<ProtectedDevice<FileDevice>>,
+    splitter: Arc<Splitter>,
+    sender: Sender,
+    settings: SyncSettings,
+    clock: Arc<dyn Clock>,
+    slots: Arc<SyncSlots>,
+    events: Arc<SyncEventLog>,
+    tracking: Mutex<Tracking>,
+    requests: Mutex<Requests>,
+    /// Consult the recovery agent even if nothing is owed locally (first start: the
+    /// replica may be missing).
+    check: AtomicBool,
+    /// The pass in progress in this process: its kind, to resume from the cursor.
+    pass: Mutex<Option<SyncKind>>,
+    counters: Counters,
+    view: Mutex<View>,
+    wake: Notify,
+    since: Instant,
+}
+
+impl std::fmt::Debug for DiskSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskSync")
+            .field("disk", &self.disk.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The local disk as a hashing source.
+struct DevRead<'a>(&'a FileDevice);
+
+impl BlockRead for DevRead<'_> {
+    fn size(&self) -> io::Result<u64> {
+        Ok(BlockDevice::size(self.0))
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        BlockDevice::read_at(self.0, buf, offset)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Wire length of a frame, for the wire-bytes counter.
+fn frame_len(f: &Frame) -> u64 {
+    let mut v = Vec::new();
+    f.encode_payload(&mut v);
+    v.len() as u64 + crate::proto::stream::HEADER_LEN as u64
+}
+
+/// The chunk-aligned ranges of `dirty` from `from` on, merged.
+fn pass_ranges(
+    dirty: impl Iterator<Item = Range<u64>>,
+    from: u64,
+    chunk: u64,
+    size: u64,
+) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in dirty {
+        let start = r.start.max(from);
+        if start >= r.end {
+            continue;
+        }
+        let a = (start / chunk * chunk).max(from / chunk * chunk);
+        let b = r.end.div_ceil(chunk).saturating_mul(chunk).min(size);
+        match out.last_mut() {
+            Some(last) if last.end >= a => last.end = last.end.max(b),
+            _ => out.push(a..b),
+        }
+    }
+    out
+}
+
+/// Queues `buf` (the content at `offset`, read under the range lock) as records: runs of
+/// non-zero blocks as writes, runs of zero blocks as zero records — or nothing when the
+/// replica is known to read zeroes there. Returns blocks and bytes queued, or `None` when
+/// the disk went bitmap-only.
+fn queue_content(
+    splitter: &Splitter,
+    buf: &[u8],
+    offset: u64,
+    block: usize,
+    skip_zero: bool,
+) -> Option<(u64, u64)> {
+    let mut blocks = 0u64;
+    let mut bytes = 0u64;
+    let mut i = 0usize;
+    while i < buf.len() {
+        let zero = crate::agent::sync::hash::is_zero(&buf[i..(i + block).min(buf.len())]);
+        let mut j = i;
+        while j < buf.len() {
+            let end = (j + block).min(buf.len());
+            if crate::agent::sync::hash::is_zero(&buf[j..end]) != zero {
+                break;
+            }
+            j = end;
+        }
+        let at = offset + i as u64;
+        if zero {
+            if !skip_zero {
+                let len = (j - i) as u64;
+                if !splitter.push_sync(RecordBody::Zero { offset: at, len }) {
+                    return None;
+                }
+                blocks += len.div_ceil(block as u64);
+            }
+        } else {
+            let mut k = i;
+            while k < j {
+                let e = (k + MAX_RECORD_DATA).min(j);
+                if !splitter.push_sync(RecordBody::Write {
+                    offset: offset + k as u64,
+                    data: buf[k..e].to_vec(),
+                }) {
+                    return None;
+                }
+                k = e;
+            }
+            blocks += ((j - i) as u64).div_ceil(block as u64);
+            bytes += (j - i) as u64;
+        }
+        i = j;
+    }
+    Some((blocks, bytes))
+}
+
+/// What one attempt came to.
+enum Attempt {
+    Completed,
+    NothingNeeded,
+    /// The resync policy holds it; the detail says until when.
+    Held(String),
+}
+
+impl DiskSync {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        disk: DiskConfig,
+        host_name: String,
+        device: Arc<ProtectedDevice<FileDevice>>,
+        splitter: Arc<Splitter>,
+        sender: Sender,
+        settings: SyncSettings,
+        tracking: Tracking,
+        clock: Arc<dyn Clock>,
+        slots: Arc<SyncSlots>,
+        events: Arc<SyncEventLog>,
+    ) -> Self {
+        DiskSync {
+            disk,
+            host_name,
+            device,
+            splitter,
+            sender,
+            settings,
+            clock,
+            slots,
+            events,
+            tracking: Mutex::new(tracking),
+            requests: Mutex::new(Requests::default()),
+            check: AtomicBool::new(true),
+            pass: Mutex::new(None),
+            counters: Counters::default(),
+            view: Mutex::new(View::default()),
+            wake: Notify::new(),
+            since: Instant::now(),
+        }
+    }
+
+    pub fn disk_name(&self) -> &str {
+        &self.disk.name
+    }
+
+    /// An operator's request (admin endpoint).
+    pub fn request(&self, action: SyncAction) {
+        {
+            let mut r = lock(&self.requests);
+            match action {
+                SyncAction::Resume => r.resume = true,
+                SyncAction::Force => r.force = true,
+                SyncAction::Full => r.full = true,
+            }
+        }
+        self.check.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Something changed that may call for a sync (the stream dropped records, the
+    /// replica lost some, the stream reconnected).
+    pub fn poke(&self) {
+        self.check.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    pub fn status(&self) -> DiskSyncStatus {
+        let v = lock(&self.view);
+        let c = &self.counters;
+        let running = v.running.as_ref().map(|r| {
+            let done = c.bytes_done.load(Ordering::Relaxed).min(r.bytes_total);
+            let secs = r.started.elapsed().as_secs_f64();
+            let rate = if secs > 0.0 {
+                (done.saturating_sub(r.done_at_start) as f64 / secs) as u64
+            } else {
+                0
+            };
+            let left = r.bytes_total - done;
+            SyncProgress {
+                kind: r.kind,
+                reason: r.reason.to_string(),
+                started_ms: r.started_ms,
+                bytes_total: r.bytes_total,
+                bytes_done: done,
+                percent: (done * 100).checked_div(r.bytes_total).unwrap_or(100) as u8,
+                bytes_per_sec: rate,
+                eta_secs: (rate > 0).then(|| left / rate),
+                blocks_compared: c.blocks_compared.load(Ordering::Relaxed),
+                blocks_sent: c.blocks_sent.load(Ordering::Relaxed),
+                data_bytes: c.data_bytes.load(Ordering::Relaxed),
+                wire_bytes: c.wire_bytes.load(Ordering::Relaxed),
+            }
+        });
+        DiskSyncStatus {
+            phase: v.phase,
+            detail: v.detail.clone(),
+            running,
+            last: v.last.clone(),
+            completed: v.completed,
+        }
+    }
+
+    fn set_phase(&self, phase: SyncPhase, detail: Option<String>) {
+        let mut v = lock(&self.view);
+        v.phase = phase;
+        v.detail = detail;
+    }
+
+    /// Waits for a poke, a request, or `d`.
+    async fn pause(&self, d: Duration, cancel: &CancellationToken) {
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(d) => {}
+        }
+    }
+
+    /// The task: runs until `cancel`.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(500);
+        while !cancel.is_cancelled() {
+            let wanted = self.check.load(Ordering::SeqCst) || self.splitter.owes_sync();
+            if !wanted {
+                self.set_phase(SyncPhase::Idle, None);
+                self.pause(Duration::from_secs(1), &cancel).await;
+                continue;
+            }
+            if !self.sender.is_accepted(self.disk.id) {
+                self.set_phase(
+                    SyncPhase::WaitingForPeer,
+                    Some("the recovery agent has not accepted the disk's stream".into()),
+                );
+                self.pause(Duration::from_millis(200), &cancel).await;
+                continue;
+            }
+            match self.attempt(&cancel).await {
+                Ok(Attempt::Completed) | Ok(Attempt::NothingNeeded) => {
+                    backoff = Duration::from_millis(500);
+                }
+                Ok(Attempt::Held(detail)) => {
+                    self.set_phase(SyncPhase::Required, Some(detail));
+                    self.pause(Duration::from_secs(30), &cancel).await;
+                }
+                Err(SyncRunError::Cancelled) => return,
+                Err(e) => {
+                    let wait = if e.needs_operator() {
+                        Duration::from_secs(60)
+                    } else {
+                        backoff
+                    };
+                    tracing::warn!(disk = %self.disk.name, error = %e, retry_in_ms = wait.as_millis() as u64, "sync attempt failed");
+                    self.set_phase(SyncPhase::Failed, Some(e.to_string()));
+                    self.pause(wait, &cancel).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn send(&self, conn: &mut SessionConn, f: SyncFrame) -> Result<(), SyncRunError> {
+        let f = Frame::Sync(f);
+        self.counters
+            .wire_bytes
+            .fetch_add(frame_len(&f), Ordering::Relaxed);
+        conn.send(&f).await?;
+        Ok(())
+    }
+
+    fn push(&self, conn: &mut SessionConn, f: SyncFrame) -> Result<(), SyncRunError> {
+        let f = Frame::Sync(f);
+        self.counters
+            .wire_bytes
+            .fetch_add(frame_len(&f), Ordering::Relaxed);
+        conn.push(&f)?;
+        Ok(())
+    }
+
+    async fn recv(
+        &self,
+        conn: &mut SessionConn,
+        cancel: &CancellationToken,
+    ) -> Result<SyncFrame, SyncRunError> {
+        let f = tokio::select! {
+            _ = cancel.cancelled() => return Err(SyncRunError::Cancelled),
+            f = conn.recv() => f?,
+        };
+        self.counters
+            .wire_bytes
+            .fetch_add(frame_len(&f), Ordering::Relaxed);
+        match f {
+            Frame::Sync(m) => Ok(m),
+            other => Err(SyncRunError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    async fn expect_ok(
+        &self,
+        conn: &mut SessionConn,
+        cancel: &CancellationToken,
+    ) -> Result<(), SyncRunError> {
+        match self.recv(conn, cancel).await? {
+            SyncFrame::Ok => Ok(()),
+            other => Err(SyncRunError::Protocol(format!(
+                "expected Ok, got {other:?}"
+            ))),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, SyncRunError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| SyncRunError::Task(e.to_string()))
+    }
+
+    /// One attempt: session, decision, policy, slot, pass, end.
+    async fn attempt(&self, cancel: &CancellationToken) -> Result<Attempt, SyncRunError> {
+        self.check.store(false, Ordering::SeqCst);
+        let mut conn = self.sender.dial_session().await?;
+        self.send(
+            &mut conn,
+            SyncFrame::Hello {
+                host_name: self.host_name.clone(),
+                disk_id: self.disk.id,
+                size: self.disk.size,
+            },
+        )
+        .await?;
+        let (replica_size, replica, running) = match self.recv(&mut conn, cancel).await? {
+            SyncFrame::Info {
+                size,
+                replica,
+                running,
+                ..
+            } => (size, replica, running),
+            other => {
+                return Err(SyncRunError::Protocol(format!(
+                    "expected Info, got {other:?}"
+                )))
+            }
+        };
+        // Hyper-V checks sizes first: nothing is sent for a mismatched pair.
+        if replica_size != self.disk.size {
+            return Err(SyncRunError::SizeMismatch {
+                protected: self.disk.size,
+                replica: replica_size,
+            });
+        }
+        let requests = *lock(&self.requests);
+        let tracking = *lock(&self.tracking);
+        let facts = DiskSyncFacts {
+            protected_size: self.disk.size,
+            replica_size: (replica != ReplicaState::Empty).then_some(replica_size),
+            preseeded: replica == ReplicaState::PreSeeded,
+            tracking,
+            dirty_regions: self.device.tracker().bitmap().dirty_count(),
+            bitmap_only: self.splitter.is_bitmap_only(),
+            journal_storage_error: false,
+            replica_behind_acknowledged: self.splitter.replica_behind(),
+            reverse_protection: false,
+            force_sync: requests.force,
+            full_sync_requested: requests.full,
+        };
+        let Some(need) = sync_needed(&facts) else {
+            if !self.splitter.owes_sync() {
+                self.set_phase(SyncPhase::Idle, None);
+                return Ok(Attempt::NothingNeeded);
+            }
+            // Owed but nothing to compare (e.g. bitmap-only with nothing written): an
+            // empty Bitmap pass brings the stream back.
+            return self
+                .run_pass(
+                    conn,
+                    SyncNeed {
+                        kind: SyncKind::Bitmap,
+                        scope: SyncScope::DirtyRegions,
+                        reason: crate::model::sync::SyncReason::StreamDropped,
+                    },
+                    false,
+                    cancel,
+                )
+                .await;
+        };
+        // A sync the recovery agent saw begin and not end, of the kind we would run now,
+        // resumes: the bitmap (with the activity log after a crash) holds what is left.
+        let resuming_after_restart =
+            running.is_some_and(|k| k == sync_kind_byte(need.kind)) && tracking != Tracking::Lost;
+        let in_process = *lock(&self.pass) == Some(need.kind);
+        let resuming = resuming_after_restart || in_process;
+        match may_start(
+            &need,
+            self.disk.resync,
+            self.clock.minute_of_day(),
+            requests.resume || resuming,
+        ) {
+            StartDecision::Now => {}
+            StartDecision::WaitForWindow { opens_in_minutes } => {
+                return Ok(Attempt::Held(format!(
+                    "{} needed ({}); the resync window opens in {opens_in_minutes} min",
+                    need.kind.label(),
+                    need.reason.describe()
+                )))
+            }
+            StartDecision::WaitForOperator => {
+                return Ok(Attempt::Held(format!(
+                    "{} needed ({}); the resync policy waits for an operator to resume it",
+                    need.kind.label(),
+                    need.reason.describe()
+                )))
+            }
+        }
+        self.run_pass(conn, need, resuming, cancel).await
+    }
+
+    async fn run_pass(
+        &self,
+        mut conn: SessionConn,
+        need: SyncNeed,
+        resuming: bool,
+        cancel: &CancellationToken,
+    ) -> Result<Attempt, SyncRunError> {
+        self.set_phase(SyncPhase::Queued, None);
+        let _slot = tokio::select! {
+            _ = cancel.cancelled() => return Err(SyncRunError::Cancelled),
+            s = self.slots.acquire(QueuedSync {
+                vpg_priority: self.disk.priority,
+                kind: need.kind,
+                since: self.since.elapsed().as_millis() as u64,
+            }) => s,
+        };
+        let in_process = *lock(&self.pass) == Some(need.kind);
+        let tracker = Arc::clone(self.device.tracker());
+        if need.scope == SyncScope::WholeDisk && !resuming {
+            // Every region is owed from now on, durably before anything is sent, so a
+            // crash resumes this pass from the bitmap.
+            Self::blocking(move || {
+                tracker.bitmap().mark_all();
+                tracker.persist()
+            })
+            .await??;
+        }
+        let from = if in_process {
+            self.splitter.sync_cursor()
+        } else {
+            0
+        };
+        *lock(&self.pass) = Some(need.kind);
+        let start_seq = self.splitter.begin_sync(from)?;
+        let hash = self.settings.hash;
+        self.send(
+            &mut conn,
+            SyncFrame::Begin {
+                kind: sync_kind_byte(need.kind),
+                start_seq,
+                block_size: hash.block_size,
+                chunk_blocks: hash.chunk_blocks,
+            },
+        )
+        .await?;
+        self.expect_ok(&mut conn, cancel).await?;
+
+        let chunk = hash.chunk_size();
+        let ranges = pass_ranges(
+            self.device.tracker().bitmap().dirty_ranges(),
+            from,
+            chunk,
+            self.disk.size,
+        );
+        let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        if !in_process {
+            self.counters.bytes_done.store(0, Ordering::Relaxed);
+            self.counters.blocks_compared.store(0, Ordering::Relaxed);
+            self.counters.blocks_sent.store(0, Ordering::Relaxed);
+            self.counters.data_bytes.store(0, Ordering::Relaxed);
+            self.counters.wire_bytes.store(0, Ordering::Relaxed);
+        }
+        let done_before = self.counters.bytes_done.load(Ordering::Relaxed);
+        {
+            let mut v = lock(&self.view);
+            v.phase = SyncPhase::Running;
+            v.detail = None;
+            v.running = Some(Running {
+                kind: need.kind,
+                reason: need.reason.describe(),
+                started: Instant::now(),
+                started_ms: crate::agent::stream::now_ms(),
+                bytes_total: done_before + total,
+                done_at_start: done_before,
+            });
+        }
+        let started = Instant::now();
+        self.events.append(&serde_json::json!({
+            "event": "sync_started",
+            "time_ms": crate::agent::stream::now_ms(),
+            "disk": self.disk.name,
+            "disk_id": self.disk.id,
+            "kind": need.kind,
+            "reason": need.reason.describe(),
+            "scope": format!("{:?}", need.scope),
+            "from": from,
+            "bytes": total,
+            "resumed": resuming,
+        }));
+        tracing::info!(
+            disk = %self.disk.name, kind = need.kind.label(), reason = need.reason.describe(),
+            from, bytes = total, resumed = resuming, "sync started"
+        );
+
+        let r = self.pass(&mut conn, need.kind, &ranges, cancel).await;
+        let r = match r {
+            Ok(()) => self.finish(&mut conn, cancel).await,
+            Err(e) => Err(e),
+        };
+        let outcome = |result: &str, error: Option<String>| SyncOutcome {
+            kind: need.kind,
+            reason: need.reason.describe().to_string(),
+            result: result.to_string(),
+            error,
+            blocks_compared: self.counters.blocks_compared.load(Ordering::Relaxed),
+            blocks_sent: self.counters.blocks_sent.load(Ordering::Relaxed),
+            data_bytes: self.counters.data_bytes.load(Ordering::Relaxed),
+            wire_bytes: self.counters.wire_bytes.load(Ordering::Relaxed),
+            duration_ms: started.elapsed().as_millis() as u64,
+            ended_ms: crate::agent::stream::now_ms(),
+        };
+        let o = match &r {
+            Ok(()) => outcome("completed", None),
+            Err(SyncRunError::BitmapOnly) => {
+                outcome("failed", Some(SyncRunError::BitmapOnly.to_string()))
+            }
+            Err(e) => outcome("interrupted", Some(e.to_string())),
+        };
+        self.events.append(&serde_json::json!({
+            "event": "sync_ended",
+            "time_ms": o.ended_ms,
+            "disk": self.disk.name,
+            "disk_id": self.disk.id,
+            "kind": o.kind,
+            "result": o.result,
+            "error": o.error,
+            "blocks_compared": o.blocks_compared,
+            "blocks_sent": o.blocks_sent,
+            "data_bytes": o.data_bytes,
+            "wire_bytes": o.wire_bytes,
+            "duration_ms": o.duration_ms,
+        }));
+        tracing::info!(
+            disk = %self.disk.name, kind = need.kind.label(), result = %o.result,
+            blocks_compared = o.blocks_compared, blocks_sent = o.blocks_sent,
+            wire_bytes = o.wire_bytes, duration_ms = o.duration_ms, error = ?o.error,
+            "sync ended"
+        );
+        {
+            let mut v = lock(&self.view);
+            v.running = None;
+            if r.is_ok() {
+                v.completed += 1;
+                v.phase = SyncPhase::Idle;
+            }
+            v.last = Some(o);
+        }
+        if matches!(r, Err(SyncRunError::BitmapOnly)) {
+            *lock(&self.pass) = None;
+        }
+        conn.shutdown().await;
+        r.map(|()| Attempt::Completed)
+    }
+
+    /// Waits until the sender's backlog for this disk is under the pacing bound and the
+    /// rate limit allows more; fails if the disk went bitmap-only.
+    async fn pace(
+        &self,
+        started: Instant,
+        sent_at_start: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(), SyncRunError> {
+        let budget = (self.sender.queue_memory() as u64 / 4).clamp(4 << 20, 64 << 20);
+        loop {
+            if cancel.is_cancelled() {
+                return Err(SyncRunError::Cancelled);
+            }
+            if self.splitter.is_bitmap_only() {
+                return Err(SyncRunError::BitmapOnly);
+            }
+            let queued = self.sender.disk_backlog(self.disk.id).map_or(0, |b| b.0);
+            let rate_wait = self.settings.rate_limit.and_then(|rate| {
+                let sent = self.counters.data_bytes.load(Ordering::Relaxed) - sent_at_start;
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                due.checked_sub(started.elapsed())
+            });
+            match rate_wait {
+                Some(w) if w > Duration::from_millis(1) => {
+                    tokio::time::sleep(w.min(Duration::from_millis(100))).await
+                }
+                _ if queued > budget => tokio::time::sleep(Duration::from_millis(2)).await,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Reads `range` under the range lock and queues its content; counts it.
+    async fn send_range(&self, range: Range<u64>, skip_zero: bool) -> Result<(), SyncRunError> {
+        let dev = Arc::clone(&self.device);
+        let splitter = Arc::clone(&self.splitter);
+        let block = self.settings.hash.block_size as usize;
+        let r = Self::blocking(move || {
+            let len = range.end - range.start;
+            let mut buf = vec![0u8; len as usize];
+            dev.with_range_locked(range.start, len, |d| {
+                d.read_at(&mut buf, range.start)
+                    .map_err(|source| SyncRunError::Io {
+                        offset: range.start,
+                        source,
+                    })?;
+                queue_content(&splitter, &buf, range.start, block, skip_zero)
+                    .ok_or(SyncRunError::BitmapOnly)
+            })
+        })
+        .await??;
+        self.counters.blocks_sent.fetch_add(r.0, Ordering::Relaxed);
+        self.counters.data_bytes.fetch_add(r.1, Ordering::Relaxed);
+        // Record framing: header and seq per record, roughly.
+        self.counters.wire_bytes.fetch_add(
+            r.1 + 48 * r.1.div_ceil(MAX_RECORD_DATA as u64).max(1),
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// Moves the splitter's cursor to `upto` and clears (after one local flush) what
+    /// needs no acknowledgement; batched by `pending`.
+    async fn progress(
+        &self,
+        upto: u64,
+        pending: &mut Vec<(u64, u64)>,
+        force: bool,
+    ) -> Result<(), SyncRunError> {
+        pending.extend(self.splitter.sync_progress(upto));
+        self.counters.bytes_done.store(upto, Ordering::Relaxed);
+        let bytes: u64 = pending.iter().map(|r| r.1).sum();
+        if !pending.is_empty() && (force || bytes >= CLEAR_EVERY) {
+            let ranges = std::mem::take(pending);
+            let dev = Arc::clone(&self.device);
+            Self::blocking(move || dev.clear_replicated(&ranges))
+                .await?
+                .map_err(|e| SyncRunError::Io {
+                    offset: 0,
+                    source: io::Error::other(e),
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn pass(
+        &self,
+        conn: &mut SessionConn,
+        kind: SyncKind,
+        ranges: &[Range<u64>],
+        cancel: &CancellationToken,
+    ) -> Result<(), SyncRunError> {
+        let hash = self.settings.hash;
+        let chunk = hash.chunk_size();
+        let started = Instant::now();
+        let sent_at_start = self.counters.data_bytes.load(Ordering::Relaxed);
+        let mut clear = Vec::new();
+        // bytes_done counts whole pass positions; the ranges are ascending.
+        match kind {
+            SyncKind::Delta => {
+                self.delta_pass(conn, ranges, &mut clear, started, sent_at_start, cancel)
+                    .await?
+            }
+            SyncKind::Bitmap | SyncKind::Full | SyncKind::Initial => {
+                let skip_zero = kind == SyncKind::Initial;
+                let bitmap_only_regions = kind == SyncKind::Bitmap;
+                let rs = self.device.tracker().bitmap().region_size();
+                for r in ranges {
+                    let mut pos = r.start;
+                    while pos < r.end {
+                        let end = (pos / chunk + 1) * chunk;
+                        let end = end.min(r.end);
+                        self.pace(started, sent_at_start, cancel).await?;
+                        if bitmap_only_regions {
+                            // Only the dirty regions of the chunk: runs of them.
+                            let bitmap = self.device.tracker().bitmap();
+                            let mut runs: Vec<Range<u64>> = Vec::new();
+                            let mut reg = pos / rs;
+                            while reg * rs < end {
+                                if bitmap.is_dirty(reg) {
+                                    let a = (reg * rs).max(pos);
+                                    let b = ((reg + 1) * rs).min(end);
+                                    match runs.last_mut() {
+                                        Some(l) if l.end == a => l.end = b,
+                                        _ => runs.push(a..b),
+                                    }
+                                }
+                                reg += 1;
+                            }
+                            for run in runs {
+                                self.send_range(run, false).await?;
+                            }
+                        } else {
+                            self.send_range(pos..end, skip_zero).await?;
+                        }
+                        self.progress(end, &mut clear, false).await?;
+                        pos = end;
+                    }
+                }
+            }
+        }
+        self.progress(self.disk.size, &mut clear, true).await?;
+        Ok(())
+    }
+
+    /// Delta: level-1 digests of a batch of chunks from both sides (the target's
+    /// requested ahead, so both hash at once), level-2 digests of the chunks that differ,
+    /// then the differing blocks in band.
+    async fn delta_pass(
+        &self,
+        conn: &mut SessionConn,
+        ranges: &[Range<u64>],
+        clear: &mut Vec<(u64, u64)>,
+        started: Instant,
+        sent_at_start: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(), SyncRunError> {
+        let hash = self.settings.hash;
+        let size = self.disk.size;
+        let chunks: Vec<u64> = ranges
+            .iter()
+            .flat_map(|r| r.start / hash.chunk_size()..r.end.div_ceil(hash.chunk_size()))
+            .collect();
+        let batches: Vec<Vec<u64>> = chunks.chunks(BATCH_CHUNKS).map(|c| c.to_vec()).collect();
+        let mut hasher = Some(Hasher::new(hash, 2)?);
+        let mut next_req = 0usize;
+        let mut in_flight: VecDeque<usize> = VecDeque::new();
+        for (i, batch) in batches.iter().enumerate() {
+            // Keep two requests ahead.
+            while next_req < batches.len() && next_req <= i + 1 {
+                self.push(
+                    conn,
+                    SyncFrame::ChunkDigestsReq {
+                        req: next_req as u64,
+                        chunks: batches[next_req].clone(),
+                    },
+                )?;
+                in_flight.push_back(next_req);
+                next_req += 1;
+            }
+            conn.flush().await?;
+            // Our digests while the target computes its own.
+            let mut h = hasher
+                .take()
+                .ok_or_else(|| SyncRunError::Task("hasher lost".into()))?;
+            let dev = Arc::clone(&self.device);
+            let b = batch.clone();
+            let local = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                let r = h.chunk_digests(&DevRead(dev.inner()), size, &b, &mut out);
+                (h, r.map(|()| out))
+            });
+            let theirs = match self.recv(conn, cancel).await? {
+                SyncFrame::ChunkDigests { req, digests }
+                    if Some(&(req as usize)) == in_flight.front() =>
+                {
+                    digests
+                }
+                other => {
+                    return Err(SyncRunError::Protocol(format!(
+                        "expected ChunkDigests {:?}, got {other:?}",
+                        in_flight.front()
+                    )))
+                }
+            };
+            in_flight.pop_front();
+            let (h, mine) = local.await.map_err(|e| SyncRunError::Task(e.to_string()))?;
+            hasher = Some(h);
+            let mine: Vec<ChunkDigest> = mine?;
+            if theirs.len() != mine.len() {
+                return Err(SyncRunError::Protocol(format!(
+                    "{} chunk digests for {} chunks",
+                    theirs.len(),
+                    mine.len()
+                )));
+            }
+            let mut differing = Vec::new();
+            for (m, t) in mine.iter().zip(&theirs) {
+                if m.chunk != t.chunk {
+                    return Err(SyncRunError::Protocol("chunk digests out of order".into()));
+                }
+                let (a, b) = hash.chunk_range(m.chunk, size);
+                self.counters
+                    .blocks_compared
+                    .fetch_add((b - a).div_ceil(hash.block()), Ordering::Relaxed);
+                if m.strong != t.strong {
+                    differing.push(m.chunk);
+                }
+            }
+            for &c in &differing {
+                self.push(conn, SyncFrame::BlockDigestsReq { req: c, chunk: c })?;
+            }
+            conn.flush().await?;
+            for &c in &differing {
+                let theirs = match self.recv(conn, cancel).await? {
+                    SyncFrame::BlockDigests { chunk, digests, .. } if chunk == c => digests,
+                    other => {
+                        return Err(SyncRunError::Protocol(format!(
+                            "expected BlockDigests of chunk {c}, got {other:?}"
+                        )))
+                    }
+                };
+                let dev = Arc::clone(&self.device);
+                let (a, b) = hash.chunk_range(c, size);
+                let h = hasher
+                    .take()
+                    .ok_or_else(|| SyncRunError::Task("hasher lost".into()))?;
+                let (h, mine) = Self::blocking(move || {
+                    let mut buf = vec![0u8; (b - a) as usize];
+                    let r = BlockDevice::read_at(dev.inner(), &mut buf, a).map(|()| {
+                        let mut out = Vec::new();
+                        h.block_digests(&buf, &mut out);
+                        out
+                    });
+                    (h, r)
+                })
+                .await?;
+                hasher = Some(h);
+                let mine = mine.map_err(|source| SyncRunError::Io { offset: a, source })?;
+                if mine.len() != theirs.len() {
+                    return Err(SyncRunError::Protocol(format!(
+                        "{} block digests for chunk {c}, expected {}",
+                        theirs.len(),
+                        mine.len()
+                    )));
+                }
+                let (a, b) = hash.chunk_range(c, size);
+                let mut runs: Vec<Range<u64>> = Vec::new();
+                for (i, (m, t)) in mine.iter().zip(&theirs).enumerate() {
+                    if m != t {
+                        let s = a + i as u64 * hash.block();
+                        let e = (s + hash.block()).min(b);
+                        match runs.last_mut() {
+                            Some(l) if l.end == s => l.end = e,
+                            _ => runs.push(s..e),
+                        }
+                    }
+                }
+                for run in runs {
+                    self.pace(started, sent_at_start, cancel).await?;
+                    self.send_range(run, false).await?;
+                }
+            }
+            if let Some(&last) = batch.last() {
+                let (_, end) = hash.chunk_range(last, size);
+                self.progress(end, clear, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After the pass: waits until every record it queued is acknowledged, tells the
+    /// recovery agent, and stops owing.
+    async fn finish(
+        &self,
+        conn: &mut SessionConn,
+        cancel: &CancellationToken,
+    ) -> Result<(), SyncRunError> {
+        let end_seq = self.splitter.last_seq();
+        loop {
+            if cancel.is_cancelled() {
+                return Err(SyncRunError::Cancelled);
+            }
+            if self.splitter.is_bitmap_only() {
+                return Err(SyncRunError::BitmapOnly);
+            }
+            let acked = self.sender.disk_backlog(self.disk.id).map_or(0, |b| b.1);
+            if acked >= end_seq {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.send(conn, SyncFrame::End { end_seq }).await?;
+        self.expect_ok(conn, cancel).await?;
+        self.splitter.finish_sync();
+        *lock(&self.pass) = None;
+        *lock(&self.tracking) = Tracking::Clean;
+        *lock(&self.requests) = Requests::default();
+        let tracker = Arc::clone(self.device.tracker());
+        Self::blocking(move || tracker.persist()).await??;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::settings::Priority;
+
+    #[test]
+    fn pass_ranges_align_to_chunks_merge_and_start_at_the_cursor() {
+        let c = 1 << 20;
+        let size = 10 * c;
+        // Two dirty regions in one chunk and one two chunks later.
+        let r = pass_ranges(
+            vec![100..200, c / 2..c / 2 + 10, 3 * c + 5..3 * c + 6].into_iter(),
+            0,
+            c,
+            size,
+        );
+        assert_eq!(r, vec![0..c, 3 * c..4 * c]);
+        // From the cursor on only; a cursor inside a chunk starts at that chunk.
+        let r = pass_ranges(std::iter::once(0..size), 5 * c, c, size);
+        assert_eq!(r, vec![5 * c..size]);
+        // The last partial chunk ends at the disk's end.
+        let r = pass_ranges(std::iter::once(size - 10..size), 0, 3 * c, size);
+        assert_eq!(r, vec![9 * c..size]);
+        assert!(pass_ranges(std::iter::once(0..c), 2 * c, c, size).is_empty());
+    }
+
+    #[test]
+    fn slots_go_by_priority_then_kind() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let slots = Arc::new(SyncSlots::new(1));
+            let first = slots
+                .acquire(QueuedSync {
+                    vpg_priority: Priority::Low,
+                    kind: SyncKind::Full,
+                    since: 0,
+                })
+                .await;
+            let order = Arc::new(Mutex::new(Vec::new()));
+            let mut tasks = Vec::new();
+            for (name, p, k) in [
+                ("low-bitmap", Priority::Low, SyncKind::Bitmap),
+                ("high-full", Priority::High, SyncKind::Full),
+                ("high-bitmap", Priority::High, SyncKind::Bitmap),
+                ("medium-delta", Priority::Medium, SyncKind::Delta),
+            ] {
+                let s = Arc::clone(&slots);
+                let o = Arc::clone(&order);
+                tasks.push(tokio::spawn(async move {
+                    let _g = s
+                        .acquire(QueuedSync {
+                            vpg_priority: p,
+                            kind: k,
+                            since: 1,
+                        })
+                        .await;
+                    lock(&o).push(name);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }));
+            }
+            // Let all four queue up behind the held slot.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(lock(&order).is_empty(), "nobody passes a held slot");
+            drop(first);
+            for t in tasks {
+                t.await.unwrap();
+            }
+            assert_eq!(
+                *lock(&order),
+                vec!["high-bitmap", "high-full", "medium-delta", "low-bitmap"]
+            );
+        });
+    }
+}
