@@ -10,6 +10,8 @@
 //!   journal thread per connection (blocking journal calls never run on the reactor).
 //! - `conn`: [`FrameReader`] / [`FrameWriter`] over any byte stream (TCP or TLS), the
 //!   frame buffer with its `Incomplete` case; the wire format is `crate::proto::stream`.
+//! - `sync_target`: the recovery side of a sync session (a second connection to the
+//!   same listener, first frame `SyncFrame::Hello`) and the per-disk `sync.state`.
 //! - [`bench`]: `bulwark bench stream`.
 //!
 //! Invariants:
@@ -27,12 +29,16 @@ mod conn;
 mod receiver;
 mod sender;
 mod spill;
+mod sync_target;
 
 use std::sync::Arc;
 
 pub use conn::{FrameReader, FrameWriter};
 pub use receiver::{DiskLagReport, Receiver, ReceiverConfig, ReceiverHandle};
-pub use sender::{DiskMode, DiskSpec, DiskStats, Enqueued, Sender, SenderConfig, StreamEvent};
+pub use sender::{
+    DiskMode, DiskSpec, DiskStats, Enqueued, Sender, SenderConfig, SessionConn, StreamEvent,
+};
+pub use sync_target::{preseed, recoverable, LastSync, RunningSync, SyncState, SYNC_STATE_FILE};
 
 use crate::agent::journal::JournalError;
 use crate::proto::stream::FrameError;
@@ -74,6 +80,11 @@ pub enum StreamError {
     Journal(#[from] JournalError),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("sync state {path}: {reason}")]
+    SyncState {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 pub(crate) fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> StreamError {

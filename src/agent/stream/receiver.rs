@@ -5,7 +5,9 @@
 //! Journals live in a registry shared by all connections of a receiver, keyed by
 //! (protected host, disk): a reconnect finds its journal open, with records buffered by
 //! the previous connection; the journal's seq check drops the resent ones. A new
-//! connection from a host cancels the one it replaces.
+//! connection from a host cancels the one it replaces. A connection whose first frame
+//! is a sync `Hello` is a sync session (`sync_target`): same admission, same registry,
+//! and it leaves the host's stream connection alone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -21,11 +23,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::conn::{FrameReader, FrameWriter};
+use super::sync_target::{self, recoverable, OpenDisk, SyncCell, SyncState};
 use super::{io, now_ms, Io, ServerTransport, StreamError};
-use crate::agent::journal::{CheckpointKind, Durability, Journal, JournalConfig, Record};
+use crate::agent::journal::{
+    CheckpointInfo, CheckpointKind, Durability, Journal, JournalConfig, Record,
+};
 use crate::agent::tls::cert_names_host;
 use crate::proto::stream::{
-    Compression, DiskAck, DiskHello, DiskLag, Frame, RecordBody, StreamRecord, PROTOCOL_VERSION,
+    Compression, DiskAck, DiskHello, DiskLag, Frame, RecordBody, StreamRecord, SyncFrame,
+    PROTOCOL_VERSION,
 };
 
 /// How the receiver runs.
@@ -94,11 +100,13 @@ struct LagState {
 struct Shared {
     cfg: ReceiverConfig,
     journals: Mutex<HashMap<(String, u64), SharedJournal>>,
+    /// Beside each journal of `journals` (both are inserted under its lock).
+    syncs: Mutex<HashMap<(String, u64), Arc<SyncCell>>>,
     conns: Mutex<HashMap<String, CancellationToken>>,
     lag: Mutex<BTreeMap<(String, u64), LagState>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -125,6 +133,32 @@ impl ReceiverHandle {
             })
             .collect()
     }
+
+    /// The sync state of a disk opened since this receiver started.
+    pub fn sync_state(&self, host: &str, disk_id: u64) -> Option<SyncState> {
+        let cell = lock(&self.shared.syncs)
+            .get(&(host.to_string(), disk_id))
+            .cloned()?;
+        Some(cell.get())
+    }
+
+    /// Every durable checkpoint of a disk opened since this receiver started, with
+    /// whether it may be recovered to (no sync made it unrecoverable). Takes the
+    /// journal's lock: not for the reactor thread when the journal is busy.
+    pub fn checkpoints(&self, host: &str, disk_id: u64) -> Option<Vec<(CheckpointInfo, bool)>> {
+        let key = (host.to_string(), disk_id);
+        let j = lock(&self.shared.journals).get(&key).cloned()?;
+        let state = self.sync_state(host, disk_id)?;
+        let cps = lock(&j).checkpoints();
+        Some(
+            cps.into_iter()
+                .map(|c| {
+                    let ok = recoverable(&state, c.seq);
+                    (c, ok)
+                })
+                .collect(),
+        )
+    }
 }
 
 /// The recovery side's listener. [`Receiver::bind`] then [`Receiver::run`].
@@ -146,6 +180,7 @@ impl Receiver {
             shared: Arc::new(Shared {
                 cfg,
                 journals: Mutex::new(HashMap::new()),
+                syncs: Mutex::new(HashMap::new()),
                 conns: Mutex::new(HashMap::new()),
                 lag: Mutex::new(BTreeMap::new()),
             }),
@@ -280,6 +315,42 @@ async fn serve(
             host_name,
             disks,
         }) => (protocol_version, host_name, disks),
+        Some(Frame::Sync(SyncFrame::Hello {
+            host_name,
+            disk_id,
+            size,
+        })) => {
+            let storage = match admit(cfg, &host_name, cert.as_ref()) {
+                Ok(s) => s,
+                Err(reason) => return Err(refuse(&mut writer, reason).await),
+            };
+            let s2 = shared.clone();
+            let h2 = host_name.clone();
+            let opened =
+                tokio::task::spawn_blocking(move || open_disk(&s2, &h2, &storage, disk_id, size))
+                    .await
+                    .map_err(|e| StreamError::Protocol(format!("journal open task: {e}")))?;
+            let disk = match opened {
+                Ok(d) => d,
+                Err(StreamError::Refused(reason)) => return Err(refuse(&mut writer, reason).await),
+                Err(e) => {
+                    let reason = format!("cannot open disk {disk_id:016x}: {e}");
+                    return Err(refuse(&mut writer, reason).await);
+                }
+            };
+            tracing::info!(host = %host_name, disk = disk_id, "sync session accepted");
+            let r = sync_target::session(
+                &mut reader,
+                &mut writer,
+                disk,
+                size,
+                cfg.peer_timeout,
+                &cancel,
+            )
+            .await;
+            writer.shutdown().await;
+            return r;
+        }
         Some(other) => {
             let reason = format!("expected Hello, got {other:?}");
             return Err(refuse(&mut writer, reason).await);
@@ -292,16 +363,10 @@ async fn serve(
         );
         return Err(refuse(&mut writer, reason).await);
     }
-    let Some(storage) = cfg.allow.get(&host).cloned() else {
-        let reason = format!("host {host:?} is not on this recovery agent's allow-list");
-        return Err(refuse(&mut writer, reason).await);
+    let storage = match admit(cfg, &host, cert.as_ref()) {
+        Ok(s) => s,
+        Err(reason) => return Err(refuse(&mut writer, reason).await),
     };
-    if let Some(cert) = &cert {
-        if !cert_names_host(cert, &host) {
-            let reason = format!("the client certificate does not name host {host:?}");
-            return Err(refuse(&mut writer, reason).await);
-        }
-    }
     // This connection replaces any earlier one from the same host.
     let cancel = cancel.child_token();
     if let Some(old) = lock(&shared.conns).insert(host.clone(), cancel.clone()) {
@@ -382,6 +447,27 @@ async fn serve(
     }
     r?;
     jr?
+}
+
+/// The allow-list and certificate checks of a Hello: the host's storage, or why not.
+fn admit(
+    cfg: &ReceiverConfig,
+    host: &str,
+    cert: Option<&CertificateDer<'static>>,
+) -> Result<PathBuf, String> {
+    let Some(storage) = cfg.allow.get(host).cloned() else {
+        return Err(format!(
+            "host {host:?} is not on this recovery agent's allow-list"
+        ));
+    };
+    if let Some(cert) = cert {
+        if !cert_names_host(cert, host) {
+            return Err(format!(
+                "the client certificate does not name host {host:?}"
+            ));
+        }
+    }
+    Ok(storage)
 }
 
 async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
@@ -465,55 +551,22 @@ fn open_disks(
     storage: &Path,
     disks: &[DiskHello],
 ) -> Vec<(u64, SharedJournal, u64)> {
-    let mut reg = lock(&shared.journals);
     let mut out = Vec::new();
     for d in disks {
-        let key = (host.to_string(), d.disk_id);
-        let j = match reg.get(&key) {
-            Some(j) => j.clone(),
-            None => {
-                let dir = storage.join(format!("disk-{:016x}", d.disk_id));
-                let mut cfg = JournalConfig::new(d.disk_id, d.size);
-                cfg.segment_size = shared.cfg.segment_size;
-                cfg.write_buffer = shared.cfg.write_buffer;
-                let r = std::fs::create_dir_all(&dir)
-                    .map_err(io("create disk directory"))
-                    .and_then(|()| {
-                        Journal::open(dir.join("journal"), dir.join("replica.img"), cfg)
-                            .map_err(StreamError::from)
-                    });
-                match r {
-                    Ok(j) => {
-                        let j = Arc::new(Mutex::new(j));
-                        reg.insert(key, j.clone());
-                        j
-                    }
-                    Err(e) => {
-                        tracing::error!(disk = d.disk_id, error = %e, "cannot open journal");
-                        continue;
-                    }
-                }
-            }
-        };
-        let durable = {
-            let mut g = lock(&j);
-            if g.disk_size() != d.size {
-                tracing::error!(
-                    disk = d.disk_id,
-                    journal = g.disk_size(),
-                    hello = d.size,
-                    "disk size differs from its journal's: not accepted"
-                );
+        let j = match open_disk(shared, host, storage, d.disk_id, d.size) {
+            Ok(o) => o.journal,
+            Err(e) => {
+                tracing::error!(disk = d.disk_id, error = %e, "disk not accepted");
                 continue;
             }
-            // Records a dropped connection left buffered become durable now, so the
-            // Welcome's seq is what the journal really holds.
-            match g.sync() {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(disk = d.disk_id, error = %e, "journal sync failed");
-                    continue;
-                }
+        };
+        // Records a dropped connection left buffered become durable now, so the
+        // Welcome's seq is what the journal really holds.
+        let durable = match lock(&j).sync() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(disk = d.disk_id, error = %e, "journal sync failed");
+                continue;
             }
         };
         let mut lag = lock(&shared.lag);
@@ -525,6 +578,67 @@ fn open_disks(
         out.push((d.disk_id, j, durable));
     }
     out
+}
+
+fn size_mismatch(protected: u64, replica: u64) -> StreamError {
+    StreamError::Refused(format!(
+        "disk size mismatch: protected disk is {protected} bytes, replica is {replica} bytes"
+    ))
+}
+
+/// Finds a disk's journal and sync state in the registry, or opens them: creates the
+/// disk directory with its sync state (replica `Empty`) before the journal if it is new.
+/// A size differing from the journal's or the replica's is `StreamError::Refused`, and
+/// then nothing was created or changed. Blocking.
+fn open_disk(
+    shared: &Shared,
+    host: &str,
+    storage: &Path,
+    disk_id: u64,
+    size: u64,
+) -> Result<OpenDisk, StreamError> {
+    let key = (host.to_string(), disk_id);
+    let mut reg = lock(&shared.journals);
+    if let Some(j) = reg.get(&key) {
+        let have = lock(j).disk_size();
+        if have != size {
+            return Err(size_mismatch(size, have));
+        }
+        let sync = lock(&shared.syncs).get(&key).cloned();
+        if let Some(sync) = sync {
+            return Ok(OpenDisk {
+                journal: j.clone(),
+                sync,
+            });
+        }
+    }
+    let dir = storage.join(format!("disk-{disk_id:016x}"));
+    let replica = dir.join("replica.img");
+    // Checked before opening: the journal would extend a shorter replica.
+    match std::fs::metadata(&replica) {
+        Ok(m) if m.len() != size => return Err(size_mismatch(size, m.len())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("stat replica")(e)),
+    }
+    let sync = Arc::new(SyncCell::load_or_init(&dir)?);
+    let j = match reg.get(&key) {
+        Some(j) => j.clone(),
+        None => {
+            let mut cfg = JournalConfig::new(disk_id, size);
+            cfg.segment_size = shared.cfg.segment_size;
+            cfg.write_buffer = shared.cfg.write_buffer;
+            let j = Arc::new(Mutex::new(Journal::open(
+                dir.join("journal"),
+                &replica,
+                cfg,
+            )?));
+            reg.insert(key.clone(), j.clone());
+            j
+        }
+    };
+    lock(&shared.syncs).insert(key, sync.clone());
+    Ok(OpenDisk { journal: j, sync })
 }
 
 fn checkpoint_kind(k: u8) -> Option<CheckpointKind> {

@@ -1,0 +1,703 @@
+//! The recovery side of a sync session (see `proto::stream::SyncFrame`): the persisted
+//! per-disk sync state (`sync.state`: what the replica holds, which checkpoints a sync
+//! made unrecoverable), the digests a Delta Sync asks for, and pre-seeding a replica.
+//! Sync data never comes here: it arrives in band, as stream records.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{FrameReader, FrameWriter};
+use super::receiver::lock;
+use super::{io, now_ms, StreamError};
+use crate::agent::crashsafe::{sync_parent_dir, temp_path, write_atomically};
+use crate::agent::journal::{Journal, JournalConfig, View};
+use crate::agent::sync::hash::block_digest;
+use crate::agent::sync::{BlockRead, ChunkDigest, HashConfig, Hasher};
+use crate::model::status::SyncKind;
+use crate::model::sync::keeps_earlier_checkpoints;
+use crate::proto::stream::{
+    sync_kind_byte, sync_kind_from_byte, ChunkHash, Frame, ReplicaState, SyncFrame,
+};
+
+/// File name of the sync state in a disk's directory.
+pub const SYNC_STATE_FILE: &str = "sync.state";
+/// Finished Delta/Bitmap syncs remembered as holes.
+const MAX_HOLES: usize = 256;
+/// Hashing threads per session.
+const HASH_THREADS: usize = 2;
+
+/// A sync that began and has not ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningSync {
+    pub kind: SyncKind,
+    pub start_seq: u64,
+}
+
+/// The most recent sync that ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastSync {
+    pub kind: SyncKind,
+    pub start_seq: u64,
+    pub end_seq: u64,
+    /// Unix ms.
+    pub ended_ms: i64,
+}
+
+/// What the recovery side knows about a disk's syncs (`sync.state`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    #[serde(with = "replica_serde")]
+    pub replica: ReplicaState,
+    pub running: Option<RunningSync>,
+    /// Checkpoints with a seq below this are not recoverable (`u64::MAX`: none is, until
+    /// a sync ends).
+    pub floor_seq: u64,
+    /// Seq ranges `start..=end` of finished Delta/Bitmap syncs, oldest first.
+    pub holes: Vec<(u64, u64)>,
+    pub last: Option<LastSync>,
+}
+
+mod replica_serde {
+    use super::ReplicaState;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Replica {
+        Empty,
+        PreSeeded,
+        Existing,
+    }
+
+    pub fn serialize<S: Serializer>(r: &ReplicaState, s: S) -> Result<S::Ok, S::Error> {
+        match r {
+            ReplicaState::Empty => Replica::Empty,
+            ReplicaState::PreSeeded => Replica::PreSeeded,
+            ReplicaState::Existing => Replica::Existing,
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ReplicaState, D::Error> {
+        Ok(match Replica::deserialize(d)? {
+            Replica::Empty => ReplicaState::Empty,
+            Replica::PreSeeded => ReplicaState::PreSeeded,
+            Replica::Existing => ReplicaState::Existing,
+        })
+    }
+}
+
+impl SyncState {
+    pub fn new(replica: ReplicaState) -> Self {
+        SyncState {
+            replica,
+            running: None,
+            floor_seq: 0,
+            holes: Vec::new(),
+            last: None,
+        }
+    }
+
+    /// A sync begins (or a resumed one begins again).
+    pub fn begin(&mut self, kind: SyncKind, start_seq: u64) {
+        // A resumed or replaced sync keeps the earlier start: checkpoints since then were
+        // taken while a sync ran, whichever it was.
+        let start_seq = match self.running {
+            Some(r) => r.start_seq.min(start_seq),
+            None => start_seq,
+        };
+        self.running = Some(RunningSync { kind, start_seq });
+        if !keeps_earlier_checkpoints(kind) {
+            self.floor_seq = u64::MAX;
+        }
+    }
+
+    /// The running sync ended with every record up to `end_seq` durable.
+    pub fn end(&mut self, end_seq: u64, ended_ms: i64) -> Result<(), String> {
+        let Some(r) = self.running.take() else {
+            return Err("End without a running sync".into());
+        };
+        // A floor of MAX also stays from a Full that a Delta or Bitmap replaced: the
+        // replica is whole again only now.
+        if !keeps_earlier_checkpoints(r.kind) || self.floor_seq == u64::MAX {
+            self.floor_seq = end_seq;
+            self.holes.retain(|&(_, e)| e >= end_seq);
+        } else {
+            self.holes.push((r.start_seq, end_seq));
+            while self.holes.len() > MAX_HOLES {
+                // Forgetting a hole must not make its checkpoints recoverable.
+                let (_, e) = self.holes.remove(0);
+                self.floor_seq = self.floor_seq.max(e.saturating_add(1));
+            }
+        }
+        self.replica = ReplicaState::Existing;
+        self.last = Some(LastSync {
+            kind: r.kind,
+            start_seq: r.start_seq,
+            end_seq,
+            ended_ms,
+        });
+        Ok(())
+    }
+}
+
+/// Whether the checkpoint at `seq` may be recovered to, as far as syncs go.
+pub fn recoverable(state: &SyncState, seq: u64) -> bool {
+    if seq < state.floor_seq || state.holes.iter().any(|&(s, e)| s <= seq && seq <= e) {
+        return false;
+    }
+    match state.running {
+        Some(r) => keeps_earlier_checkpoints(r.kind) && seq < r.start_seq,
+        None => true,
+    }
+}
+
+/// A disk's sync state, in memory and in its file. Changes are written before they
+/// count.
+#[derive(Debug)]
+pub(crate) struct SyncCell {
+    path: PathBuf,
+    state: Mutex<SyncState>,
+}
+
+impl SyncCell {
+    /// Loads `dir`'s state, creating `dir` and the file if missing: a directory holding
+    /// neither journal nor replica is a new, empty disk; anything else predates sync
+    /// states and counts as existing.
+    pub(crate) fn load_or_init(dir: &Path) -> Result<SyncCell, StreamError> {
+        let path = dir.join(SYNC_STATE_FILE);
+        let state = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| state_err(&path, e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let fresh = !dir.join("journal").exists() && !dir.join("replica.img").exists();
+                std::fs::create_dir_all(dir).map_err(io("create disk directory"))?;
+                let state = SyncState::new(if fresh {
+                    ReplicaState::Empty
+                } else {
+                    ReplicaState::Existing
+                });
+                store(&path, &state)?;
+                state
+            }
+            Err(e) => return Err(state_err(&path, e)),
+        };
+        Ok(SyncCell {
+            path,
+            state: Mutex::new(state),
+        })
+    }
+
+    pub(crate) fn get(&self) -> SyncState {
+        lock(&self.state).clone()
+    }
+
+    /// Applies `f` and persists the result; blocking (fsync). On an error from `f` or the
+    /// write nothing changes.
+    fn update(
+        &self,
+        f: impl FnOnce(&mut SyncState) -> Result<(), String>,
+    ) -> Result<SyncState, StreamError> {
+        let mut g = lock(&self.state);
+        let mut next = g.clone();
+        f(&mut next).map_err(StreamError::Refused)?;
+        store(&self.path, &next)?;
+        *g = next.clone();
+        Ok(next)
+    }
+}
+
+fn state_err(path: &Path, e: impl std::fmt::Display) -> StreamError {
+    StreamError::SyncState {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+fn store(path: &Path, state: &SyncState) -> Result<(), StreamError> {
+    let bytes = serde_json::to_vec_pretty(state).map_err(|e| state_err(path, e))?;
+    write_atomically(path, &bytes).map_err(|e| state_err(path, e))
+}
+
+/// Registers `image` as the replica of disk `disk_id` under `storage`: a copy made
+/// elsewhere, so the first sync is a Delta instead of a Full. Refused once the disk's
+/// journal holds a record, or if the image is not `size` bytes. Run it while no
+/// receiver serves this storage.
+pub fn preseed(
+    storage: &Path,
+    disk_id: u64,
+    image: &Path,
+    size: u64,
+) -> Result<PathBuf, StreamError> {
+    if size == 0 {
+        return Err(StreamError::Config("disk size is zero".into()));
+    }
+    let image_size = std::fs::metadata(image)
+        .map_err(io("stat pre-seed image"))?
+        .len();
+    if image_size != size {
+        return Err(StreamError::Config(format!(
+            "disk size mismatch: {} is {image_size} bytes, the protected disk is {size} bytes",
+            image.display()
+        )));
+    }
+    let dir = storage.join(format!("disk-{disk_id:016x}"));
+    let replica = dir.join("replica.img");
+    if dir.join("journal").exists() {
+        let j = Journal::open(
+            dir.join("journal"),
+            &replica,
+            JournalConfig::new(disk_id, size),
+        )?;
+        let last = j.last_seq();
+        j.close()?;
+        if last > 0 {
+            return Err(StreamError::Config(format!(
+                "disk {disk_id:016x} already has a journal holding records (up to seq {last}): \
+                 a replicated disk cannot be pre-seeded"
+            )));
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(io("create disk directory"))?;
+    // The state goes first: PreSeeded over any content is safe (it means "compare"),
+    // Empty over copied content is not.
+    store(
+        &dir.join(SYNC_STATE_FILE),
+        &SyncState::new(ReplicaState::PreSeeded),
+    )?;
+    let tmp = temp_path(&replica);
+    std::fs::copy(image, &tmp).map_err(io("copy pre-seed image"))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io("fsync pre-seeded replica"))?;
+    std::fs::rename(&tmp, &replica).map_err(io("rename pre-seeded replica"))?;
+    sync_parent_dir(&replica).map_err(|e| state_err(&replica, e))?;
+    Ok(replica)
+}
+
+/// What a session works on: the disk's journal and sync state from the registry.
+pub(crate) struct OpenDisk {
+    pub(crate) journal: Arc<Mutex<Journal>>,
+    pub(crate) sync: Arc<SyncCell>,
+}
+
+/// The journal's head as a hashing source.
+struct HeadView(View);
+
+impl BlockRead for HeadView {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.0.size())
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset).map_err(io::Error::other)
+    }
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, reason: String) -> StreamError {
+    let _ = writer
+        .send(&Frame::Refused {
+            reason: reason.clone(),
+        })
+        .await;
+    writer.shutdown().await;
+    StreamError::Refused(reason)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StreamError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StreamError::Protocol(format!("sync session task: {e}")))
+}
+
+/// Runs a sync session after its `Hello` was admitted and the disk opened with the
+/// protected disk's size. Ends when the peer closes, on `cancel`, or on a refusal.
+pub(crate) async fn session<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    disk: OpenDisk,
+    size: u64,
+    peer_timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<(), StreamError> {
+    let j = disk.journal.clone();
+    let durable = match blocking(move || lock(&j).sync()).await? {
+        Ok(d) => d,
+        Err(e) => return Err(refuse(writer, format!("journal: {e}")).await),
+    };
+    let st = disk.sync.get();
+    writer
+        .send(&Frame::Sync(SyncFrame::Info {
+            size,
+            replica: st.replica,
+            durable_seq: durable,
+            running: st.running.map(|r| sync_kind_byte(r.kind)),
+        }))
+        .await?;
+
+    // Set by a Delta Begin; moved into the hashing task and back so its buffers stay.
+    let mut hasher: Option<Hasher> = None;
+    loop {
+        let frame = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = tokio::time::timeout(peer_timeout, reader.read_frame()) => {
+                r.map_err(|_| StreamError::Timeout("no frame from the sync source"))??
+            }
+        };
+        let msg = match frame {
+            None => return Ok(()),
+            Some(Frame::Sync(m)) => m,
+            Some(Frame::Ping { nonce, .. }) => {
+                writer.send(&Frame::Pong { nonce }).await?;
+                continue;
+            }
+            Some(other) => {
+                let reason = format!("unexpected frame in a sync session: {other:?}");
+                return Err(refuse(writer, reason).await);
+            }
+        };
+        let reply = match msg {
+            SyncFrame::Begin {
+                kind,
+                start_seq,
+                block_size,
+                chunk_blocks,
+            } => {
+                let Some(kind) = sync_kind_from_byte(kind) else {
+                    return Err(refuse(writer, format!("unknown sync kind {kind}")).await);
+                };
+                let cfg = HashConfig {
+                    block_size,
+                    chunk_blocks,
+                };
+                hasher = if kind == SyncKind::Delta {
+                    match Hasher::new(cfg, HASH_THREADS) {
+                        Ok(h) => Some(h),
+                        Err(e) => return Err(refuse(writer, e.to_string()).await),
+                    }
+                } else if let Err(e) = cfg.validate() {
+                    return Err(refuse(writer, e.to_string()).await);
+                } else {
+                    None
+                };
+                let cell = disk.sync.clone();
+                let r = blocking(move || {
+                    cell.update(|s| {
+                        s.begin(kind, start_seq);
+                        Ok(())
+                    })
+                })
+                .await?;
+                if let Err(e) = r {
+                    return Err(refuse(writer, format!("persisting the sync's begin: {e}")).await);
+                }
+                tracing::info!(?kind, start_seq, "sync began");
+                SyncFrame::Ok
+            }
+            SyncFrame::ChunkDigestsReq { req, chunks } => {
+                let Some(h) = hasher.take() else {
+                    let reason = "chunk digests asked for outside a Delta Sync".to_string();
+                    return Err(refuse(writer, reason).await);
+                };
+                let n = h.config().chunks(size);
+                if let Some(c) = chunks.iter().find(|&&c| c >= n) {
+                    let reason = format!("chunk {c} is beyond the disk ({n} chunks)");
+                    return Err(refuse(writer, reason).await);
+                }
+                let j = disk.journal.clone();
+                let (h, r) = blocking(move || {
+                    let mut h = h;
+                    let r = chunk_digests(&j, &mut h, size, &chunks);
+                    (h, r)
+                })
+                .await?;
+                hasher = Some(h);
+                match r {
+                    Ok(digests) => SyncFrame::ChunkDigests { req, digests },
+                    Err(reason) => return Err(refuse(writer, reason).await),
+                }
+            }
+            SyncFrame::BlockDigestsReq { req, chunk } => {
+                let Some(h) = hasher.take() else {
+                    let reason = "block digests asked for outside a Delta Sync".to_string();
+                    return Err(refuse(writer, reason).await);
+                };
+                let n = h.config().chunks(size);
+                if chunk >= n {
+                    let reason = format!("chunk {chunk} is beyond the disk ({n} chunks)");
+                    return Err(refuse(writer, reason).await);
+                }
+                let j = disk.journal.clone();
+                let (h, r) = blocking(move || {
+                    let mut h = h;
+                    let r = block_digests(&j, &mut h, size, chunk);
+                    (h, r)
+                })
+                .await?;
+                hasher = Some(h);
+                match r {
+                    Ok(digests) => SyncFrame::BlockDigests {
+                        req,
+                        chunk,
+                        digests,
+                    },
+                    Err(reason) => return Err(refuse(writer, reason).await),
+                }
+            }
+            SyncFrame::End { end_seq } => {
+                let j = disk.journal.clone();
+                let cell = disk.sync.clone();
+                let r = blocking(move || {
+                    let durable = lock(&j).durable_seq();
+                    if durable < end_seq {
+                        return Err(StreamError::Refused(format!(
+                            "end_seq not durable: end_seq {end_seq}, durable seq {durable}"
+                        )));
+                    }
+                    cell.update(|s| s.end(end_seq, now_ms()))
+                })
+                .await?;
+                match r {
+                    Ok(s) => tracing::info!(end_seq, last = ?s.last, "sync ended"),
+                    Err(StreamError::Refused(reason)) => return Err(refuse(writer, reason).await),
+                    Err(e) => {
+                        let reason = format!("persisting the sync's end: {e}");
+                        return Err(refuse(writer, reason).await);
+                    }
+                }
+                hasher = None;
+                SyncFrame::Ok
+            }
+            other => {
+                let reason = format!("unexpected sync message: {other:?}");
+                return Err(refuse(writer, reason).await);
+            }
+        };
+        writer.send(&Frame::Sync(reply)).await?;
+    }
+}
+
+fn head(j: &Mutex<Journal>) -> Result<HeadView, String> {
+    // The view reads without the journal lock; only opening it takes the lock.
+    let v = lock(j)
+        .open_head()
+        .map_err(|e| format!("opening the head view: {e}"))?;
+    Ok(HeadView(v))
+}
+
+fn chunk_digests(
+    j: &Mutex<Journal>,
+    h: &mut Hasher,
+    size: u64,
+    chunks: &[u64],
+) -> Result<Vec<ChunkHash>, String> {
+    let src = head(j)?;
+    let mut out: Vec<ChunkDigest> = Vec::with_capacity(chunks.len());
+    h.chunk_digests(&src, size, chunks, &mut out)
+        .map_err(|e| format!("hashing: {e}"))?;
+    Ok(out
+        .into_iter()
+        .map(|d| ChunkHash {
+            chunk: d.chunk,
+            strong: d.strong,
+            zero: d.zero,
+        })
+        .collect())
+}
+
+fn block_digests(
+    j: &Mutex<Journal>,
+    h: &mut Hasher,
+    size: u64,
+    chunk: u64,
+) -> Result<Vec<u64>, String> {
+    let src = head(j)?;
+    let block = h.config().block_size as usize;
+    let bytes = h
+        .read_chunk(&src, size, chunk)
+        .map_err(|e| format!("hashing: {e}"))?;
+    Ok(bytes.chunks(block).map(block_digest).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SyncKind::*;
+
+    fn state(floor_seq: u64, running: Option<(SyncKind, u64)>, holes: &[(u64, u64)]) -> SyncState {
+        SyncState {
+            replica: ReplicaState::Existing,
+            running: running.map(|(kind, start_seq)| RunningSync { kind, start_seq }),
+            floor_seq,
+            holes: holes.to_vec(),
+            last: None,
+        }
+    }
+
+    #[test]
+    fn recoverable_table() {
+        let cases: &[(SyncState, u64, bool)] = &[
+            // Nothing running: floor and holes decide.
+            (state(0, None, &[]), 0, true),
+            (state(10, None, &[]), 9, false),
+            (state(10, None, &[]), 10, true),
+            (state(0, None, &[(5, 8)]), 4, true),
+            (state(0, None, &[(5, 8)]), 5, false),
+            (state(0, None, &[(5, 8)]), 8, false),
+            (state(0, None, &[(5, 8)]), 9, true),
+            // Delta / Bitmap running: only earlier checkpoints, above the floor.
+            (state(0, Some((Delta, 20)), &[]), 19, true),
+            (state(0, Some((Delta, 20)), &[]), 20, false),
+            (state(0, Some((Bitmap, 20)), &[]), 25, false),
+            (state(10, Some((Bitmap, 20)), &[]), 9, false),
+            (state(0, Some((Delta, 20)), &[(5, 8)]), 6, false),
+            // Full / Initial running: nothing.
+            (state(0, Some((Full, 20)), &[]), 19, false),
+            (state(0, Some((Initial, 20)), &[]), 1, false),
+            (state(u64::MAX, None, &[]), u64::MAX - 1, false),
+        ];
+        for (i, (s, seq, want)) in cases.iter().enumerate() {
+            assert_eq!(recoverable(s, *seq), *want, "case {i}: seq {seq} in {s:?}");
+        }
+    }
+
+    #[test]
+    fn full_sync_moves_the_floor_to_its_end() {
+        let mut s = SyncState::new(ReplicaState::Empty);
+        s.begin(Initial, 5);
+        assert_eq!(s.floor_seq, u64::MAX);
+        assert!(!recoverable(&s, 3));
+        s.end(40, 1).unwrap();
+        assert_eq!(s.floor_seq, 40);
+        assert_eq!(s.running, None);
+        assert_eq!(s.replica, ReplicaState::Existing);
+        assert_eq!(
+            s.last,
+            Some(LastSync {
+                kind: Initial,
+                start_seq: 5,
+                end_seq: 40,
+                ended_ms: 1
+            })
+        );
+        assert!(!recoverable(&s, 39));
+        assert!(recoverable(&s, 41));
+    }
+
+    #[test]
+    fn delta_sync_leaves_a_hole() {
+        let mut s = SyncState::new(ReplicaState::PreSeeded);
+        s.begin(Delta, 10);
+        assert!(recoverable(&s, 9));
+        assert!(!recoverable(&s, 11));
+        s.end(20, 2).unwrap();
+        assert_eq!(s.holes, vec![(10, 20)]);
+        assert_eq!(s.floor_seq, 0);
+        assert_eq!(s.replica, ReplicaState::Existing);
+        assert!(recoverable(&s, 9));
+        assert!(!recoverable(&s, 15));
+        assert!(recoverable(&s, 21));
+    }
+
+    #[test]
+    fn end_without_begin_is_refused() {
+        let mut s = SyncState::new(ReplicaState::Existing);
+        let before = s.clone();
+        assert!(s.end(5, 0).is_err());
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn resumed_begin_keeps_the_earlier_start() {
+        let mut s = SyncState::new(ReplicaState::Existing);
+        s.begin(Delta, 10);
+        s.begin(Delta, 30);
+        assert_eq!(
+            s.running,
+            Some(RunningSync {
+                kind: Delta,
+                start_seq: 10
+            })
+        );
+        // Another kind replaces it, from the earlier start.
+        s.begin(Bitmap, 40);
+        assert_eq!(
+            s.running,
+            Some(RunningSync {
+                kind: Bitmap,
+                start_seq: 10
+            })
+        );
+        s.end(50, 0).unwrap();
+        assert_eq!(s.holes, vec![(10, 50)]);
+    }
+
+    #[test]
+    fn a_full_replaced_by_a_delta_keeps_the_drastic_floor() {
+        let mut s = SyncState::new(ReplicaState::Existing);
+        s.begin(Full, 10);
+        s.begin(Delta, 30);
+        assert_eq!(s.running.map(|r| r.kind), Some(Delta));
+        assert_eq!(s.floor_seq, u64::MAX);
+        assert!(!recoverable(&s, 5));
+        s.end(60, 0).unwrap();
+        assert_eq!(s.floor_seq, 60);
+        assert!(s.holes.is_empty());
+        assert!(!recoverable(&s, 5));
+        assert!(recoverable(&s, 61));
+        // And a Delta replaced by a Full takes the Full's floor.
+        s.begin(Delta, 70);
+        s.begin(Full, 75);
+        assert_eq!(s.floor_seq, u64::MAX);
+        s.end(90, 0).unwrap();
+        assert_eq!(s.floor_seq, 90);
+    }
+
+    #[test]
+    fn old_holes_are_dropped_without_becoming_recoverable() {
+        let mut s = SyncState::new(ReplicaState::Existing);
+        for i in 0..(MAX_HOLES as u64 + 3) {
+            s.begin(Bitmap, i * 10 + 1);
+            s.end(i * 10 + 5, 0).unwrap();
+        }
+        assert_eq!(s.holes.len(), MAX_HOLES);
+        assert_eq!(s.holes[0], (31, 35));
+        assert_eq!(s.floor_seq, 26);
+        assert!(!recoverable(&s, 3));
+        assert!(recoverable(&s, 36));
+    }
+
+    #[test]
+    fn state_round_trips_through_json_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("disk-0000000000000001");
+        let cell = SyncCell::load_or_init(&d).unwrap();
+        assert_eq!(cell.get(), SyncState::new(ReplicaState::Empty));
+        cell.update(|s| {
+            s.begin(Delta, 3);
+            s.end(9, 7)
+        })
+        .unwrap();
+        assert!(cell.update(|s| s.end(10, 0)).is_err());
+        let again = SyncCell::load_or_init(&d).unwrap();
+        assert_eq!(again.get(), cell.get());
+        assert_eq!(again.get().holes, vec![(3, 9)]);
+        let text = std::fs::read_to_string(d.join(SYNC_STATE_FILE)).unwrap();
+        assert!(text.contains("\"existing\""), "{text}");
+
+        // A directory from before sync states counts as existing.
+        let old = dir.path().join("disk-0000000000000002");
+        std::fs::create_dir_all(old.join("journal")).unwrap();
+        let cell = SyncCell::load_or_init(&old).unwrap();
+        assert_eq!(cell.get().replica, ReplicaState::Existing);
+        assert!(old.join(SYNC_STATE_FILE).exists());
+    }
+}
