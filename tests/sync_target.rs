@@ -443,10 +443,16 @@ async fn preseed_checks_and_registers_the_image() {
     assert!(err.contains("size"), "{err}");
     assert!(!disk_dir(&storage, 9).exists());
 
-    // A disk with journal records is not pre-seeded.
+    // A disk with journal records is not pre-seeded; one whose journal is empty is.
     let rx = Running::start(&storage).await;
     stream(rx.addr, 10, vec![write(10, 1, 0, vec![9; 4096])]).await;
+    let (c, first) = Client::session(rx.addr, HOST, 11, SIZE).await;
+    assert_eq!(info(&first).1, ReplicaState::Empty);
+    drop(c);
     rx.stop().await;
+    assert!(disk_dir(&storage, 11).join("journal").exists());
+    preseed(&storage, 11, &image, SIZE).unwrap();
+    assert_eq!(read_state(&storage, 11).replica, ReplicaState::PreSeeded);
     let before = read_state(&storage, 10);
     let err = preseed(&storage, 10, &image, SIZE).unwrap_err().to_string();
     assert!(err.contains("journal holding records"), "{err}");

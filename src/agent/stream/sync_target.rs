@@ -249,10 +249,17 @@ pub fn preseed(
     let dir = storage.join(format!("disk-{disk_id:016x}"));
     let replica = dir.join("replica.img");
     if dir.join("journal").exists() {
+        // Opened at the replica's own size: opening extends a shorter replica.
+        let have = match std::fs::metadata(&replica) {
+            Ok(m) if m.len() > 0 => m.len(),
+            Ok(_) => size,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => size,
+            Err(e) => return Err(io("stat replica")(e)),
+        };
         let j = Journal::open(
             dir.join("journal"),
             &replica,
-            JournalConfig::new(disk_id, size),
+            JournalConfig::new(disk_id, have),
         )?;
         let last = j.last_seq();
         j.close()?;
