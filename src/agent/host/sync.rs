@@ -10,7 +10,7 @@
 //! the bitmap it left — in this process from the cursor, after a crash from the persisted
 //! bitmap and activity log.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -32,12 +32,19 @@ use crate::model::sync::{
     SyncScope, Tracking,
 };
 use crate::proto::agent::{DiskSyncStatus, SyncAction, SyncOutcome, SyncPhase, SyncProgress};
-use crate::proto::stream::{sync_kind_byte, Frame, RecordBody, ReplicaState, SyncFrame};
+use crate::proto::stream::{sync_kind_byte, ChunkHash, Frame, RecordBody, ReplicaState, SyncFrame};
 
 /// Chunks per digest request (Delta), and requests kept in flight.
 const BATCH_CHUNKS: usize = 32;
-/// Passed ranges are cleared (one local flush) at least every this many bytes of pass.
-const CLEAR_EVERY: u64 = 64 << 20;
+/// The pass clears what it may and persists the bitmap every this many bytes.
+const PERSIST_EVERY: u64 = 16 << 20;
+
+/// Ranges waiting to be cleared, and where the bitmap was last persisted.
+#[derive(Debug, Default)]
+struct Mark {
+    pending: Vec<(u64, u64)>,
+    persisted_at: u64,
+}
 
 /// Why one sync attempt did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +315,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A frame named for an error message (digests would flood it).
+fn describe(f: &SyncFrame) -> String {
+    match f {
+        SyncFrame::ChunkDigests { req, digests } => {
+            format!(
+                "the chunk digests of request {req} ({} chunks)",
+                digests.len()
+            )
+        }
+        SyncFrame::BlockDigests { chunk, .. } => format!("the block digests of chunk {chunk}"),
+        SyncFrame::ChunkDigestsReq { req, .. } => format!("a digest request ({req})"),
+        other => format!("{other:?}"),
+    }
+}
+
 /// Wire length of a frame, for the wire-bytes counter.
 fn frame_len(f: &Frame) -> u64 {
     let mut v = Vec::new();
@@ -397,6 +419,9 @@ enum Attempt {
     NothingNeeded,
     /// The resync policy holds it; the detail says until when.
     Held(String),
+    /// The session works but the stream has not accepted the disk (yet): no data could
+    /// flow in band.
+    NotAccepted,
 }
 
 impl DiskSync {
@@ -520,10 +545,10 @@ impl DiskSync {
                 self.pause(Duration::from_secs(1), &cancel).await;
                 continue;
             }
-            if !self.sender.is_accepted(self.disk.id) {
+            if !self.sender.is_connected() {
                 self.set_phase(
                     SyncPhase::WaitingForPeer,
-                    Some("the recovery agent has not accepted the disk's stream".into()),
+                    Some("the recovery agent is not reachable".into()),
                 );
                 self.pause(Duration::from_millis(200), &cancel).await;
                 continue;
@@ -532,12 +557,22 @@ impl DiskSync {
                 Ok(Attempt::Completed) | Ok(Attempt::NothingNeeded) => {
                     backoff = Duration::from_millis(500);
                 }
+                Ok(Attempt::NotAccepted) => {
+                    self.check.store(true, Ordering::SeqCst);
+                    self.set_phase(
+                        SyncPhase::WaitingForPeer,
+                        Some("the recovery agent has not accepted the disk's stream yet".into()),
+                    );
+                    self.pause(Duration::from_millis(300), &cancel).await;
+                }
                 Ok(Attempt::Held(detail)) => {
+                    self.check.store(true, Ordering::SeqCst);
                     self.set_phase(SyncPhase::Required, Some(detail));
                     self.pause(Duration::from_secs(30), &cancel).await;
                 }
                 Err(SyncRunError::Cancelled) => return,
                 Err(e) => {
+                    self.check.store(true, Ordering::SeqCst);
                     let wait = if e.needs_operator() {
                         Duration::from_secs(60)
                     } else {
@@ -596,7 +631,8 @@ impl DiskSync {
         match self.recv(conn, cancel).await? {
             SyncFrame::Ok => Ok(()),
             other => Err(SyncRunError::Protocol(format!(
-                "expected Ok, got {other:?}"
+                "expected Ok, got {}",
+                describe(&other)
             ))),
         }
     }
@@ -631,7 +667,8 @@ impl DiskSync {
             } => (size, replica, running),
             other => {
                 return Err(SyncRunError::Protocol(format!(
-                    "expected Info, got {other:?}"
+                    "expected Info, got {}",
+                    describe(&other)
                 )))
             }
         };
@@ -641,6 +678,11 @@ impl DiskSync {
                 protected: self.disk.size,
                 replica: replica_size,
             });
+        }
+        // The session answered for the disk (a refusal, e.g. a size mismatch, came back
+        // as an error above); data needs the stream too.
+        if !self.sender.is_accepted(self.disk.id) {
+            return Ok(Attempt::NotAccepted);
         }
         let requests = *lock(&self.requests);
         let tracking = *lock(&self.tracking);
@@ -870,7 +912,8 @@ impl DiskSync {
         sent_at_start: u64,
         cancel: &CancellationToken,
     ) -> Result<(), SyncRunError> {
-        let budget = (self.sender.queue_memory() as u64 / 4).clamp(4 << 20, 64 << 20);
+        // Small enough that a crash redoes little, large enough to cover an fsync round trip.
+        let budget = (self.sender.queue_memory() as u64 / 4).clamp(4 << 20, 16 << 20);
         loop {
             if cancel.is_cancelled() {
                 return Err(SyncRunError::Cancelled);
@@ -923,27 +966,33 @@ impl DiskSync {
         Ok(())
     }
 
-    /// Moves the splitter's cursor to `upto` and clears (after one local flush) what
-    /// needs no acknowledgement; batched by `pending`.
-    async fn progress(
-        &self,
-        upto: u64,
-        pending: &mut Vec<(u64, u64)>,
-        force: bool,
-    ) -> Result<(), SyncRunError> {
-        pending.extend(self.splitter.sync_progress(upto));
+    /// Moves the splitter's cursor to `upto`. Every [`PERSIST_EVERY`] bytes of pass (and
+    /// at the end) it also clears what is acknowledged or needed no record (one local
+    /// flush) and persists the bitmap: what a crash of this agent makes the resumed pass
+    /// redo is bounded by that step plus the paced backlog, not by the pass.
+    async fn progress(&self, upto: u64, mark: &mut Mark, force: bool) -> Result<(), SyncRunError> {
+        mark.pending.extend(self.splitter.sync_progress(upto));
         self.counters.bytes_done.store(upto, Ordering::Relaxed);
-        let bytes: u64 = pending.iter().map(|r| r.1).sum();
-        if !pending.is_empty() && (force || bytes >= CLEAR_EVERY) {
-            let ranges = std::mem::take(pending);
-            let dev = Arc::clone(&self.device);
-            Self::blocking(move || dev.clear_replicated(&ranges))
-                .await?
-                .map_err(|e| SyncRunError::Io {
-                    offset: 0,
-                    source: io::Error::other(e),
-                })?;
+        if !force && upto < mark.persisted_at + PERSIST_EVERY {
+            return Ok(());
         }
+        mark.persisted_at = upto;
+        if let Some((_, acked)) = self.sender.disk_backlog(self.disk.id) {
+            mark.pending.extend(self.splitter.on_acked(acked));
+        }
+        let ranges = std::mem::take(&mut mark.pending);
+        let dev = Arc::clone(&self.device);
+        Self::blocking(move || {
+            if !ranges.is_empty() {
+                dev.clear_replicated(&ranges)
+                    .map_err(|e| SyncRunError::Io {
+                        offset: 0,
+                        source: io::Error::other(e),
+                    })?;
+            }
+            dev.tracker().persist().map_err(SyncRunError::from)
+        })
+        .await??;
         Ok(())
     }
 
@@ -958,7 +1007,7 @@ impl DiskSync {
         let chunk = hash.chunk_size();
         let started = Instant::now();
         let sent_at_start = self.counters.data_bytes.load(Ordering::Relaxed);
-        let mut clear = Vec::new();
+        let mut clear = Mark::default();
         // bytes_done counts whole pass positions; the ranges are ascending.
         match kind {
             SyncKind::Delta => {
@@ -1014,7 +1063,7 @@ impl DiskSync {
         &self,
         conn: &mut SessionConn,
         ranges: &[Range<u64>],
-        clear: &mut Vec<(u64, u64)>,
+        clear: &mut Mark,
         started: Instant,
         sent_at_start: u64,
         cancel: &CancellationToken,
@@ -1029,6 +1078,7 @@ impl DiskSync {
         let mut hasher = Some(Hasher::new(hash, 2)?);
         let mut next_req = 0usize;
         let mut in_flight: VecDeque<usize> = VecDeque::new();
+        let mut early: HashMap<u64, Vec<ChunkHash>> = HashMap::new();
         for (i, batch) in batches.iter().enumerate() {
             // Keep two requests ahead.
             while next_req < batches.len() && next_req <= i + 1 {
@@ -1054,18 +1104,18 @@ impl DiskSync {
                 let r = h.chunk_digests(&DevRead(dev.inner()), size, &b, &mut out);
                 (h, r.map(|()| out))
             });
-            let theirs = match self.recv(conn, cancel).await? {
-                SyncFrame::ChunkDigests { req, digests }
-                    if Some(&(req as usize)) == in_flight.front() =>
-                {
-                    digests
-                }
-                other => {
-                    return Err(SyncRunError::Protocol(format!(
-                        "expected ChunkDigests {:?}, got {other:?}",
-                        in_flight.front()
-                    )))
-                }
+            let want = in_flight.front().copied().unwrap_or(i) as u64;
+            let theirs = match early.remove(&want) {
+                Some(d) => d,
+                None => match self.recv(conn, cancel).await? {
+                    SyncFrame::ChunkDigests { req, digests } if req == want => digests,
+                    other => {
+                        return Err(SyncRunError::Protocol(format!(
+                            "expected the chunk digests of request {want}, got {}",
+                            describe(&other)
+                        )))
+                    }
+                },
             };
             in_flight.pop_front();
             let (h, mine) = local.await.map_err(|e| SyncRunError::Task(e.to_string()))?;
@@ -1096,12 +1146,22 @@ impl DiskSync {
             }
             conn.flush().await?;
             for &c in &differing {
-                let theirs = match self.recv(conn, cancel).await? {
-                    SyncFrame::BlockDigests { chunk, digests, .. } if chunk == c => digests,
-                    other => {
-                        return Err(SyncRunError::Protocol(format!(
-                            "expected BlockDigests of chunk {c}, got {other:?}"
-                        )))
+                // Answers come in request order: the next batch's chunk digests (asked
+                // for ahead) may arrive before these.
+                let theirs = loop {
+                    match self.recv(conn, cancel).await? {
+                        SyncFrame::BlockDigests { chunk, digests, .. } if chunk == c => {
+                            break digests
+                        }
+                        SyncFrame::ChunkDigests { req, digests } => {
+                            early.insert(req, digests);
+                        }
+                        other => {
+                            return Err(SyncRunError::Protocol(format!(
+                                "expected the block digests of chunk {c}, got {}",
+                                describe(&other)
+                            )))
+                        }
                     }
                 };
                 let dev = Arc::clone(&self.device);
@@ -1160,7 +1220,15 @@ impl DiskSync {
         conn: &mut SessionConn,
         cancel: &CancellationToken,
     ) -> Result<(), SyncRunError> {
-        let end_seq = self.splitter.last_seq();
+        // Nothing queued in this epoch: nothing to wait for, and the journal's durable
+        // seq (what the sender saw acknowledged) is where the sync ends.
+        let last = self.splitter.last_seq();
+        let queued_any = last & ((1u64 << super::splitter::EPOCH_SHIFT) - 1) != 0;
+        let end_seq = if queued_any {
+            last
+        } else {
+            self.sender.disk_backlog(self.disk.id).map_or(0, |b| b.1)
+        };
         loop {
             if cancel.is_cancelled() {
                 return Err(SyncRunError::Cancelled);

@@ -1,0 +1,601 @@
+//! Syncs between real `bulwark agent` processes on loopback: Initial Sync of a filled
+//! disk while qemu-io writes to it, kill -9 of either agent in the middle of Initial,
+//! Bitmap, Delta and Full syncs (the sync resumes and the journal receives well under
+//! 1.2× what one run sends), a pre-seeded replica brought level by a Delta Sync, and a
+//! size mismatch refused before anything is sent. Each ends with the journal's view at
+//! a checkpoint taken after the sync compared byte for byte with a copy of the source
+//! taken at that checkpoint, and with that checkpoint recoverable.
+#![allow(clippy::unwrap_used)]
+
+mod agent_common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agent_common::*;
+use bulwark::agent::stream::{recoverable, SyncState, SYNC_STATE_FILE};
+use bulwark::model::status::SyncKind;
+use bulwark::proto::agent::{
+    AgentStatus, CheckpointRequest, ProtectedDiskStatus, SyncAction, SyncPhase,
+};
+use rand::{Rng, RngCore, SeedableRng};
+
+const PROT: &str = "prot1";
+const REC: &str = "rec1";
+
+struct Lab {
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        bulwark::agent::tls::lab_certs(&dir.path().join("certs"), &[PROT.into(), REC.into()])
+            .unwrap();
+        Lab { dir }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn sec(&self) -> Sec {
+        Sec::Dir(self.path("certs"))
+    }
+
+    fn storage(&self) -> PathBuf {
+        self.path("rec").join(format!("from-{PROT}"))
+    }
+
+    fn disk_dir(&self, id: u64) -> PathBuf {
+        self.storage().join(format!("disk-{id:016x}"))
+    }
+
+    async fn recovery(&self, port: u16) -> AgentProc {
+        let storage = self.storage();
+        let text = recovery_toml(
+            &self.path("rec"),
+            REC,
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            &self.sec(),
+            &[(PROT, storage.as_path())],
+        );
+        let cfg = write_config(self.dir.path(), REC, &text);
+        AgentProc::start(REC, &cfg, &self.path("rec"), &[]).await
+    }
+
+    /// The protected agent with one disk; `agent_extra` goes into `[agent]`, `peer_extra`
+    /// into its `[[agent.peers]]`.
+    async fn protected(
+        &self,
+        disk: &DiskDef,
+        rec: std::net::SocketAddr,
+        agent_extra: &str,
+        peer_extra: &str,
+    ) -> AgentProc {
+        let data = self.path(PROT);
+        let peer = PeerDef {
+            host: REC.into(),
+            address: rec,
+            extra: peer_extra.into(),
+        };
+        let text = protected_toml(
+            &data,
+            PROT,
+            &self.sec(),
+            std::slice::from_ref(disk),
+            Some(&peer),
+        )
+        .replacen("[agent]\n", &format!("[agent]\n{agent_extra}\n"), 1);
+        let cfg = write_config(self.dir.path(), PROT, &text);
+        AgentProc::start(PROT, &cfg, &data, &[]).await
+    }
+
+    fn image(&self, disk: &DiskDef) -> PathBuf {
+        self.path(PROT)
+            .join("disks")
+            .join(format!("{}.img", disk.name))
+    }
+}
+
+/// Writes the protected image before the agent first opens it: random 1 MiB chunks
+/// where `nonzero(chunk)`, zeros elsewhere. Returns the content.
+fn fill_image(path: &Path, size: u64, seed: u64, nonzero: impl Fn(u64) -> bool) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut content = vec![0u8; size as usize];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for c in 0..size / MIB {
+        if nonzero(c) {
+            let chunk = &mut content[(c * MIB) as usize..((c + 1) * MIB) as usize];
+            rng.fill_bytes(chunk);
+            f.write_all_at(chunk, c * MIB).unwrap();
+        }
+    }
+    f.sync_all().unwrap();
+    content
+}
+
+fn nonzero_bytes(content: &[u8]) -> u64 {
+    content
+        .chunks(4096)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .map(|b| b.len() as u64)
+        .sum()
+}
+
+fn disk(s: &AgentStatus) -> &ProtectedDiskStatus {
+    &s.protected[0]
+}
+
+/// The disk's sync completed `n` times and nothing is owed.
+async fn wait_synced(prot: &AgentProc, rec: &AgentProc, n: u64) -> AgentStatus {
+    prot.wait_status(&format!("sync #{n} completed"), &[rec], |s| {
+        let d = disk(s);
+        d.sync.completed >= n && d.sync.phase == SyncPhase::Idle && !d.owes_sync
+    })
+    .await
+}
+
+/// Waits until the running sync has done at least `percent` %.
+async fn wait_progress(prot: &AgentProc, rec: &AgentProc, kind: SyncKind, percent: u8) {
+    prot.wait_status(&format!("{kind:?} sync at {percent} %"), &[rec], |s| {
+        disk(s)
+            .sync
+            .running
+            .as_ref()
+            .is_some_and(|r| r.kind == kind && r.percent >= percent)
+    })
+    .await;
+}
+
+fn journal_bytes(lab: &Lab, d: &DiskDef) -> u64 {
+    let j = open_journal(&lab.storage(), d.id, d.size);
+    j.stats().bytes_used
+}
+
+/// A checkpoint after the sync; a copy of the source at that moment; everything
+/// acknowledged; both agents stopped; the journal's view at the checkpoint equals the
+/// copy and the recovery side's sync state says the checkpoint is recoverable. Returns
+/// the copy.
+async fn checkpoint_and_verify(
+    lab: &Lab,
+    prot: &mut AgentProc,
+    rec: &mut AgentProc,
+    d: &DiskDef,
+) -> Vec<u8> {
+    let report = prot
+        .checkpoint(&CheckpointRequest {
+            group: Some(d.group.clone()),
+            tag: Some("after-sync".into()),
+            id: None,
+        })
+        .await;
+    assert!(report.disks[0].queued, "{report:?}");
+    let copy = copy_export(&prot.nbd_url(&d.name), &lab.path("copy.img")).await;
+    let st = prot
+        .wait_status("everything acknowledged", &[rec], |s| {
+            let d = disk(s);
+            d.acked_seq == d.last_seq && d.queued_records == 0
+        })
+        .await;
+    let last = disk(&st).last_seq;
+    rec.wait_status("durable at the recovery side", &[prot], |s| {
+        s.received
+            .iter()
+            .any(|r| r.disk_id == d.id && r.durable_seq >= last)
+    })
+    .await;
+    prot.stop_clean().await;
+    rec.stop_clean().await;
+    let j = open_journal(&lab.storage(), d.id, d.size);
+    let c = j
+        .checkpoints()
+        .into_iter()
+        .find(|c| c.id == report.id)
+        .expect("checkpoint in the journal");
+    let got = read_view(&j, report.id, d.size);
+    assert_same(
+        "view at the checkpoint after the sync vs source",
+        &got,
+        &copy,
+    );
+    let state: SyncState =
+        serde_json::from_slice(&std::fs::read(lab.disk_dir(d.id).join(SYNC_STATE_FILE)).unwrap())
+            .unwrap();
+    assert!(state.running.is_none(), "{state:?}");
+    assert!(
+        recoverable(&state, c.seq),
+        "checkpoint after the sync not recoverable: {state:?} {c:?}"
+    );
+    copy
+}
+
+// -----------------------------------------------------------------------------------------
+
+/// Initial Sync of a disk that already holds data, while qemu-io writes to it: zero
+/// blocks are not sent, the writes land in order, and the view at the next checkpoint is
+/// the source. A checkpoint taken during the sync is not recoverable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_sync_under_writes_is_exact_and_skips_zero_blocks() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm1-d0", 11, 128 * MIB);
+    let content = fill_image(&lab.image(&d), d.size, 1, |c| c % 4 == 1);
+    let nonzero = nonzero_bytes(&content);
+    let mut rec = lab.recovery(0).await;
+    let mut prot = lab
+        .protected(&d, rec.data_addr(), "sync_rate_limit = \"24 MiB\"", "")
+        .await;
+    wait_progress(&prot, &rec, SyncKind::Initial, 5).await;
+    let during = prot
+        .checkpoint(&CheckpointRequest {
+            group: Some(d.group.clone()),
+            tag: Some("during".into()),
+            id: None,
+        })
+        .await;
+    let mut w = Workload::without_model(7);
+    let o = qemu_io(
+        &prot.nbd_url(&d.name),
+        "writeback",
+        &w.commands(120, 0, d.size),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_qemu_ok(&o);
+    let st = prot.status().await;
+    assert!(
+        disk(&st).sync.running.is_some(),
+        "the writes ran during the sync (raise the data or lower the rate): {:#?}",
+        disk(&st).sync
+    );
+    let st = wait_synced(&prot, &rec, 1).await;
+    let last = disk(&st).sync.last.clone().unwrap();
+    assert_eq!(last.kind, SyncKind::Initial);
+    assert_eq!(last.result, "completed");
+    assert!(
+        last.data_bytes <= nonzero + 64 * MIB,
+        "Initial sent {} bytes for {nonzero} non-zero bytes",
+        last.data_bytes
+    );
+    assert!(
+        last.data_bytes < d.size / 2,
+        "zero blocks were sent: {} bytes",
+        last.data_bytes
+    );
+    let events = std::fs::read_to_string(lab.path(PROT).join("state/sync-events.jsonl")).unwrap();
+    assert!(events.contains("\"sync_started\"") && events.contains("\"sync_ended\""));
+    checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+    let state: SyncState =
+        serde_json::from_slice(&std::fs::read(lab.disk_dir(d.id).join(SYNC_STATE_FILE)).unwrap())
+            .unwrap();
+    let j = open_journal(&lab.storage(), d.id, d.size);
+    let c = j
+        .checkpoints()
+        .into_iter()
+        .find(|c| c.id == during.id)
+        .unwrap();
+    assert!(
+        !recoverable(&state, c.seq),
+        "a checkpoint taken during an Initial Sync must not be recoverable"
+    );
+}
+
+/// kill -9 of the protected agent in the middle of an Initial Sync: the restart resumes
+/// from the persisted bitmap, not from zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_kill9_mid_initial_resumes() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm2-d0", 21, 160 * MIB);
+    let content = fill_image(&lab.image(&d), d.size, 2, |c| c % 5 != 0);
+    let nonzero = nonzero_bytes(&content);
+    let mut rec = lab.recovery(free_port()).await;
+    let mut prot = lab
+        .protected(&d, rec.data_addr(), "sync_rate_limit = \"48 MiB\"", "")
+        .await;
+    let pct = rand::rng().random_range(30..70);
+    wait_progress(&prot, &rec, SyncKind::Initial, pct).await;
+    prot.kill9().await;
+    prot.spawn().await;
+    let st = wait_synced(&prot, &rec, 1).await;
+    let last = disk(&st).sync.last.clone().unwrap();
+    assert_eq!(last.kind, SyncKind::Initial, "{last:?}");
+    let journal = {
+        prot.stop_clean().await;
+        rec.stop_clean().await;
+        let b = journal_bytes(&lab, &d);
+        prot.spawn().await;
+        rec.spawn().await;
+        b
+    };
+    assert!(
+        (journal as f64) < 1.2 * nonzero as f64,
+        "resumed Initial: journal holds {journal} bytes for {nonzero} bytes of data"
+    );
+    let copy = checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+    assert_same("source unchanged", &copy, &content);
+}
+
+/// kill -9 of the recovery agent in the middle of an Initial Sync: the stream resends
+/// what was not durable, the sync resumes from its cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_kill9_mid_initial_resumes() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm3-d0", 31, 160 * MIB);
+    let content = fill_image(&lab.image(&d), d.size, 3, |c| c % 3 != 0);
+    let nonzero = nonzero_bytes(&content);
+    let port = free_port();
+    let mut rec = lab.recovery(port).await;
+    let mut prot = lab
+        .protected(&d, rec.data_addr(), "sync_rate_limit = \"48 MiB\"", "")
+        .await;
+    let pct = rand::rng().random_range(30..70);
+    wait_progress(&prot, &rec, SyncKind::Initial, pct).await;
+    rec.kill9().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rec.spawn().await;
+    let st = wait_synced(&prot, &rec, 1).await;
+    let last = disk(&st).sync.last.clone().unwrap();
+    assert_eq!(last.kind, SyncKind::Initial, "{last:?}");
+    assert!(
+        (last.data_bytes as f64) < 1.2 * nonzero as f64,
+        "resumed Initial queued {} bytes for {nonzero}",
+        last.data_bytes
+    );
+    let copy = checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+    assert_same("source unchanged", &copy, &content);
+    let journal = journal_bytes(&lab, &d);
+    assert!(
+        (journal as f64) < 1.2 * nonzero as f64,
+        "journal holds {journal} bytes for {nonzero} bytes of data"
+    );
+}
+
+/// The stream drops records (small queue, recovery agent away): the disk goes
+/// bitmap-only; when the recovery agent returns a Bitmap Sync sends the dirty regions;
+/// kill -9 of the protected agent in its middle; the restart (unclean) finishes with a
+/// Delta Sync over the bitmap and the activity log, sending no more than the dirty data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_sync_after_an_outage_survives_a_protected_kill9() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm4-d0", 41, 96 * MIB);
+    let port = free_port();
+    let mut rec = lab.recovery(port).await;
+    let mut prot = lab
+        .protected(
+            &d,
+            rec.data_addr(),
+            "sync_rate_limit = \"16 MiB\"",
+            "queue_memory = \"1 MiB\"\nspill_limit = 0",
+        )
+        .await;
+    wait_synced(&prot, &rec, 1).await;
+    rec.stop_clean().await;
+    let mut w = Workload::without_model(4);
+    for _ in 0..3 {
+        let o = qemu_io(
+            &prot.nbd_url(&d.name),
+            "writeback",
+            &w.commands(60, 0, d.size),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_qemu_ok(&o);
+    }
+    let st = prot
+        .wait_status("bitmap-only", &[], |s| {
+            disk(s).mode == bulwark::proto::agent::ReplicationMode::BitmapOnly
+        })
+        .await;
+    let dirty_bytes = disk(&st).dirty_regions * disk(&st).region_size;
+    let before = journal_bytes(&lab, &d);
+    rec.spawn().await;
+    wait_progress(&prot, &rec, SyncKind::Bitmap, 20).await;
+    prot.kill9().await;
+    prot.spawn().await;
+    let st = wait_synced(&prot, &rec, 1).await;
+    let last = disk(&st).sync.last.clone().unwrap();
+    assert_eq!(
+        last.kind,
+        SyncKind::Delta,
+        "unclean restart → Delta: {last:?}"
+    );
+    prot.stop_clean().await;
+    rec.stop_clean().await;
+    let added = journal_bytes(&lab, &d) - before;
+    assert!(
+        (added as f64) < 1.2 * dirty_bytes as f64,
+        "Bitmap then resumed Delta added {added} journal bytes for {dirty_bytes} dirty bytes"
+    );
+    prot.spawn().await;
+    rec.spawn().await;
+    checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+}
+
+/// A Force Sync (Delta over the whole disk) of an equal replica sends no block; an
+/// operator's Full Sync with kill -9 of the recovery agent in its middle ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_and_full_syncs_survive_kill9_of_either_side() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm5-d0", 51, 96 * MIB);
+    let content = fill_image(&lab.image(&d), d.size, 5, |c| c % 2 == 0);
+    let port = free_port();
+    let mut rec = lab.recovery(port).await;
+    let mut prot = lab
+        .protected(&d, rec.data_addr(), "sync_rate_limit = \"32 MiB\"", "")
+        .await;
+    wait_synced(&prot, &rec, 1).await;
+    let http = reqwest::Client::new();
+    let admin = prot.endpoints.admin.clone().unwrap();
+    let post = |action: SyncAction, admin: String| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .post(format!("http://{admin}/v1/disks/vm5-d0/sync"))
+                .json(&serde_json::json!({ "action": action }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+        }
+    };
+    // Force Sync: a Delta of the whole disk; nothing differs, so only digests cross.
+    post(SyncAction::Force, admin.clone()).await;
+    let st = wait_synced(&prot, &rec, 2).await;
+    let last = disk(&st).sync.last.clone().unwrap();
+    assert_eq!(last.kind, SyncKind::Delta, "{last:?}");
+    assert_eq!(
+        last.blocks_sent, 0,
+        "an equal replica: no block differs: {last:?}"
+    );
+    assert_eq!(last.blocks_compared, d.size / 4096, "{last:?}");
+    // Full, recovery agent killed half-way.
+    post(SyncAction::Full, admin).await;
+    wait_progress(&prot, &rec, SyncKind::Full, 30).await;
+    rec.kill9().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rec.spawn().await;
+    let st = wait_synced(&prot, &rec, 3).await;
+    let last = disk(&st).sync.last.clone().unwrap();
+    assert_eq!(last.kind, SyncKind::Full, "{last:?}");
+    assert!(
+        (last.data_bytes as f64) < 1.2 * nonzero_bytes(&content) as f64,
+        "{last:?}"
+    );
+    let copy = checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+    assert_same("source unchanged", &copy, &content);
+}
+
+/// A copy of the disk already at the recovery site (restored backup) is registered; the
+/// first sync is a Delta that sends only the blocks that differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preseeded_replica_is_brought_level_by_a_delta() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm6-d0", 61, 64 * MIB);
+    let content = fill_image(&lab.image(&d), d.size, 6, |_| true);
+    // The seed: the same disk with 1 % of its 4 KiB blocks changed.
+    let mut seed = content.clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(66);
+    let blocks = d.size / 4096;
+    let mut changed = std::collections::BTreeSet::new();
+    while changed.len() < (blocks / 100) as usize {
+        changed.insert(rng.random_range(0..blocks));
+    }
+    for b in &changed {
+        seed[(*b * 4096) as usize] ^= 0xff;
+    }
+    let seed_path = lab.path("seed.img");
+    std::fs::write(&seed_path, &seed).unwrap();
+    let wrong = lab.path("wrong.img");
+    std::fs::write(&wrong, vec![0u8; 4096]).unwrap();
+    let e = bulwark::agent::stream::preseed(&lab.storage(), d.id, &wrong, d.size).unwrap_err();
+    assert!(e.to_string().contains("size"), "{e}");
+    bulwark::agent::stream::preseed(&lab.storage(), d.id, &seed_path, d.size).unwrap();
+    let mut rec = lab.recovery(0).await;
+    let mut prot = lab.protected(&d, rec.data_addr(), "", "").await;
+    let st = wait_synced(&prot, &rec, 1).await;
+    let last = disk(&st).sync.last.clone().unwrap();
+    assert_eq!(last.kind, SyncKind::Delta, "{last:?}");
+    assert_eq!(last.blocks_sent, changed.len() as u64, "{last:?}");
+    assert_eq!(last.data_bytes, changed.len() as u64 * 4096, "{last:?}");
+    assert!(
+        last.wire_bytes < 4 * last.data_bytes + (1 << 20),
+        "hash exchange too large: {last:?}"
+    );
+    let copy = checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+    assert_same("source unchanged", &copy, &content);
+}
+
+/// The protected disk grew while its replica did not: the sync is refused before
+/// anything is sent, with both sizes in the reason; the journal is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_mismatch_is_refused_before_anything_is_sent() {
+    let lab = Lab::new();
+    let small = DiskDef::new("vm7-d0", 71, 8 * MIB);
+    fill_image(&lab.image(&small), small.size, 7, |_| true);
+    let port = free_port();
+    let mut rec = lab.recovery(port).await;
+    let mut prot = lab.protected(&small, rec.data_addr(), "", "").await;
+    wait_synced(&prot, &rec, 1).await;
+    prot.stop_clean().await;
+    rec.stop_clean().await;
+    let before = {
+        let j = open_journal(&lab.storage(), small.id, small.size);
+        (j.last_seq(), j.stats().bytes_used)
+    };
+    let replica_before = std::fs::read(lab.disk_dir(small.id).join("replica.img")).unwrap();
+    // The operator replaced the disk by a bigger one with the same id.
+    let big = DiskDef::new("vm7-d0", 71, 16 * MIB);
+    std::fs::remove_file(lab.image(&small)).unwrap();
+    std::fs::remove_dir_all(lab.path(PROT).join("dirty")).unwrap();
+    fill_image(&lab.image(&big), big.size, 8, |_| true);
+    rec.spawn().await;
+    let prot2 = lab.protected(&big, rec.data_addr(), "", "").await;
+    let st = prot2
+        .wait_status("size mismatch reported", &[&rec], |s| {
+            disk(s).sync.phase == SyncPhase::Failed
+        })
+        .await;
+    let detail = disk(&st).sync.detail.clone().unwrap();
+    assert!(
+        detail.contains("size mismatch")
+            && detail.contains(&big.size.to_string())
+            && detail.contains(&small.size.to_string()),
+        "{detail}"
+    );
+    drop(prot2);
+    drop(prot);
+    rec.stop_clean().await;
+    let j = open_journal(&lab.storage(), small.id, small.size);
+    assert_eq!((j.last_seq(), j.stats().bytes_used), before);
+    assert_eq!(
+        std::fs::read(lab.disk_dir(small.id).join("replica.img")).unwrap(),
+        replica_before
+    );
+}
+
+/// A pre-seeded replica a quarter of whose blocks differ: kill -9 of the protected agent
+/// in the middle of the Delta Sync; the restart resumes the comparison over what the
+/// bitmap still owes and the journal receives less than 1.2× the differing data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_sync_survives_a_protected_kill9() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm8-d0", 81, 64 * MIB);
+    let content = fill_image(&lab.image(&d), d.size, 8, |_| true);
+    let mut seed = content.clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(88);
+    let mut differing = 0u64;
+    for b in 0..d.size / 4096 {
+        if rng.random_bool(0.25) {
+            seed[(b * 4096 + 100) as usize] ^= 0x5a;
+            differing += 4096;
+        }
+    }
+    let seed_path = lab.path("seed.img");
+    std::fs::write(&seed_path, &seed).unwrap();
+    bulwark::agent::stream::preseed(&lab.storage(), d.id, &seed_path, d.size).unwrap();
+    let mut rec = lab.recovery(free_port()).await;
+    let mut prot = lab
+        .protected(&d, rec.data_addr(), "sync_rate_limit = \"4 MiB\"", "")
+        .await;
+    let pct = rand::rng().random_range(20..60);
+    wait_progress(&prot, &rec, SyncKind::Delta, pct).await;
+    prot.kill9().await;
+    prot.spawn().await;
+    let st = wait_synced(&prot, &rec, 1).await;
+    let last = disk(&st).sync.last.clone().unwrap();
+    assert_eq!(last.kind, SyncKind::Delta, "{last:?}");
+    prot.stop_clean().await;
+    rec.stop_clean().await;
+    let journal = journal_bytes(&lab, &d);
+    assert!(
+        (journal as f64) < 1.2 * differing as f64,
+        "Delta interrupted and resumed: journal holds {journal} bytes for {differing} differing bytes"
+    );
+    prot.spawn().await;
+    rec.spawn().await;
+    let copy = checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+    assert_same("source unchanged", &copy, &content);
+}
