@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use agent_common::*;
 use bulwark::agent::dirty::DEFAULT_AL_CAPACITY;
 use bulwark::proto::agent::{
-    AgentStatus, CheckpointReport, CheckpointRequest, ReplicationMode, StartState,
+    AgentStatus, CheckpointReport, CheckpointRequest, ReplicationMode, StartState, SyncPhase,
 };
 
 const PROT: &str = "prot1";
@@ -107,6 +107,13 @@ fn converged(s: &AgentStatus) -> bool {
         .all(|d| d.last_seq > 0 && d.acked_seq == d.last_seq && d.queued_records == 0)
 }
 
+/// No disk owes or runs a sync.
+fn synced(s: &AgentStatus) -> bool {
+    s.protected
+        .iter()
+        .all(|d| !d.owes_sync && d.sync.phase == SyncPhase::Idle && d.sync.completed > 0)
+}
+
 /// Checkpoint on the group; every disk's marker must be queued.
 async fn checkpoint(prot: &AgentProc, tag: &str) -> CheckpointReport {
     let r = prot
@@ -131,6 +138,9 @@ async fn checkpoint_copy_and_verify(
     disks: &[DiskDef],
     models: &[&[u8]],
 ) {
+    // Syncs (the Initial Sync of the new disks, one after a reconnect) have ended, so the
+    // checkpoint is recoverable and nothing follows its marker.
+    prot.wait_status("syncs ended", &[rec], synced).await;
     let report = checkpoint(prot, "after-load").await;
     // Completions are held for microseconds (DESIGN §4: low milliseconds at most).
     assert!(
@@ -835,11 +845,12 @@ async fn bad_disk_sizes_are_refused_and_images_left_alone() {
 }
 
 /// 9. The recovery host loses its journal (storage wiped while it was down): on
-///    reconnect it holds less than it acknowledged, so the protected side reports
-///    `replica_behind` (a Full Sync is needed), stops clearing its bitmap, and streams
-///    on from what the recovery host really holds.
+///    reconnect it holds less than it acknowledged, so the protected side learns the
+///    replica is behind, and — the recovery side now having no replica at all — an
+///    Initial Sync rebuilds it while writes go on; the view at a later checkpoint is the
+///    source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_recovery_journal_is_reported_as_replica_behind() {
+async fn lost_recovery_journal_is_rebuilt_by_a_sync() {
     let lab = Lab::new();
     let port = free_port();
     let mut rec = lab.recovery(&lab.tls(), port, &[PROT], &[]).await;
@@ -855,24 +866,14 @@ async fn lost_recovery_journal_is_reported_as_replica_behind() {
     )
     .await;
     let st = prot
-        .wait_status("everything acknowledged", &[&rec], converged)
+        .wait_status("everything acknowledged and synced", &[&rec], |s| {
+            converged(s) && synced(s)
+        })
         .await;
-    let acked_before = st.protected[0].acked_seq;
-    assert!(
-        !st.protected[0].replica_behind && !st.protected[0].owes_sync,
-        "{st:#?}"
-    );
+    assert!(!st.protected[0].replica_behind, "{st:#?}");
     rec.stop_clean().await;
     std::fs::remove_dir_all(lab.storage(PROT)).unwrap();
     rec.spawn().await;
-    let st = prot
-        .wait_status("replica behind reported", &[&rec], |s| {
-            s.protected[0].replica_behind
-        })
-        .await;
-    assert!(st.protected[0].owes_sync, "{st:#?}");
-    // New writes still reach the (new) journal; the bitmap keeps every region since.
-    let first_batch = w.written.len();
     qemu_ok(
         &prot,
         "vm9-d0",
@@ -881,25 +882,33 @@ async fn lost_recovery_journal_is_reported_as_replica_behind() {
     )
     .await;
     let st = prot
-        .wait_status("new writes acknowledged", &[&rec], |s| {
-            s.protected[0].acked_seq > acked_before && s.protected[0].queued_records == 0
+        .wait_status("the replica rebuilt", &[&rec], |s| {
+            synced(s) && s.protected[0].sync.completed >= 2
         })
         .await;
-    let after_loss = regions_of(&w.written[first_batch..], st.protected[0].region_size);
-    assert!(!after_loss.is_empty());
-    prot.stop_clean().await;
-    // Acknowledged, yet still dirty: after the loss nothing clears until a sync.
-    let (bm, clean) =
-        load_bitmap(&lab.path(PROT).join("dirty").join("vm9-d0.dirty")).expect("bitmap persisted");
-    assert!(clean);
-    let kept: Vec<u64> = after_loss
-        .iter()
-        .copied()
-        .filter(|&r| !bm.is_dirty(r))
-        .collect();
-    assert!(
-        kept.is_empty(),
-        "regions written after the loss were cleared: {kept:?}"
+    let last = st.protected[0].sync.last.clone().unwrap();
+    assert_eq!(
+        last.kind,
+        bulwark::model::status::SyncKind::Initial,
+        "{last:?}"
     );
+    assert!(last.data_bytes > 0, "{last:?}");
+    let report = checkpoint(&prot, "after-rebuild").await;
+    let copy = copy_export(&prot.nbd_url("vm9-d0"), &lab.path("vm9.copy.img")).await;
+    assert_same("source vs model", &copy, &w.model);
+    let st = prot
+        .wait_status("everything acknowledged", &[&rec], converged)
+        .await;
+    let last_seq = st.protected[0].last_seq;
+    rec.wait_status("durable at the recovery side", &[&prot], |s| {
+        s.received
+            .iter()
+            .any(|r| r.disk_id == 91 && r.durable_seq >= last_seq)
+    })
+    .await;
+    prot.stop_clean().await;
     rec.stop_clean().await;
+    let j = open_journal(&lab.storage(PROT), 91, disks[0].size);
+    let got = read_view(&j, report.id, disks[0].size);
+    assert_same("view after the rebuild vs source", &got, &copy);
 }

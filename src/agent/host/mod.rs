@@ -608,6 +608,13 @@ impl Agent {
         Ok(())
     }
 
+    /// Makes every disk's sync task look again now (a setting or the clock changed).
+    pub fn recheck_syncs(&self) {
+        for s in self.disks.iter().filter_map(|d| d.sync.as_ref()) {
+            s.poke();
+        }
+    }
+
     pub fn status(&self) -> AgentStatus {
         let mut stats = HashMap::new();
         for p in &self.peers {

@@ -729,7 +729,8 @@ impl DiskSync {
             &need,
             self.disk.resync,
             self.clock.minute_of_day(),
-            requests.resume || resuming,
+            // An operator's Force or Full Sync is itself the go-ahead the policy waits for.
+            requests.resume || requests.force || requests.full || resuming,
         ) {
             StartDecision::Now => {}
             StartDecision::WaitForWindow { opens_in_minutes } => {
@@ -767,23 +768,25 @@ impl DiskSync {
             }) => s,
         };
         let in_process = *lock(&self.pass) == Some(need.kind);
-        let tracker = Arc::clone(self.device.tracker());
-        if need.scope == SyncScope::WholeDisk && !resuming {
-            // Every region is owed from now on, durably before anything is sent, so a
-            // crash resumes this pass from the bitmap.
-            Self::blocking(move || {
-                tracker.bitmap().mark_all();
-                tracker.persist()
-            })
-            .await??;
-        }
         let from = if in_process {
             self.splitter.sync_cursor()
         } else {
             0
         };
         *lock(&self.pass) = Some(need.kind);
+        // Owing first: from here no acknowledgement clears a region the pass has not
+        // reached, so the marks below cannot be undone behind its back.
         let start_seq = self.splitter.begin_sync(from)?;
+        if need.scope == SyncScope::WholeDisk && !resuming {
+            // Every region is owed from now on, durably before anything is sent, so a
+            // crash resumes this pass from the bitmap.
+            let tracker = Arc::clone(self.device.tracker());
+            Self::blocking(move || {
+                tracker.bitmap().mark_all();
+                tracker.persist()
+            })
+            .await??;
+        }
         let hash = self.settings.hash;
         self.send(
             &mut conn,
@@ -980,7 +983,9 @@ impl DiskSync {
         if let Some((_, acked)) = self.sender.disk_backlog(self.disk.id) {
             mark.pending.extend(self.splitter.on_acked(acked));
         }
-        let ranges = std::mem::take(&mut mark.pending);
+        let ranges = self
+            .splitter
+            .still_clear(&std::mem::take(&mut mark.pending));
         let dev = Arc::clone(&self.device);
         Self::blocking(move || {
             if !ranges.is_empty() {
@@ -1043,8 +1048,21 @@ impl DiskSync {
                             for run in runs {
                                 self.send_range(run, false).await?;
                             }
+                        } else if skip_zero {
+                            // Holes read as zeroes and the replica is known zero: skip
+                            // them without reading (a new sparse disk costs nothing).
+                            let dev = Arc::clone(&self.device);
+                            let data = Self::blocking(move || dev.inner().next_data(pos))
+                                .await?
+                                .map_err(|source| SyncRunError::Io {
+                                    offset: pos,
+                                    source,
+                                })?;
+                            if let Some(at) = data.filter(|&at| at < end) {
+                                self.send_range(at / rs * rs..end, true).await?;
+                            }
                         } else {
-                            self.send_range(pos..end, skip_zero).await?;
+                            self.send_range(pos..end, false).await?;
                         }
                         self.progress(end, &mut clear, false).await?;
                         pos = end;

@@ -165,6 +165,17 @@ impl FileDevice {
         Self::from_file(file, path, false)
     }
 
+    /// The first offset at or after `offset` that may hold data; `None` when only holes
+    /// follow (they read as zeroes). Where the filesystem cannot tell, everything is data.
+    pub fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(o) => Ok(Some(o)),
+            Err(e) if e == rustix::io::Errno::NXIO => Ok(None),
+            Err(e) if e == rustix::io::Errno::INVAL || unsupported(&e) => Ok(Some(offset)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn from_file(file: File, path: &Path, read_only: bool) -> Result<Self, NbdError> {
         let size = file
             .metadata()
