@@ -16,7 +16,7 @@ use agent_common::*;
 use bulwark::agent::stream::{recoverable, SyncState, SYNC_STATE_FILE};
 use bulwark::model::status::SyncKind;
 use bulwark::proto::agent::{
-    AgentStatus, CheckpointRequest, ProtectedDiskStatus, SyncAction, SyncPhase,
+    AgentStatus, CheckpointRequest, ProtectedDiskStatus, ReceivedCheckpoint, SyncAction, SyncPhase,
 };
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -51,7 +51,7 @@ impl Lab {
         self.storage().join(format!("disk-{id:016x}"))
     }
 
-    async fn recovery(&self, port: u16) -> AgentProc {
+    fn recovery_config(&self, port: u16) -> PathBuf {
         let storage = self.storage();
         let text = recovery_toml(
             &self.path("rec"),
@@ -60,7 +60,11 @@ impl Lab {
             &self.sec(),
             &[(PROT, storage.as_path())],
         );
-        let cfg = write_config(self.dir.path(), REC, &text);
+        write_config(self.dir.path(), REC, &text)
+    }
+
+    async fn recovery(&self, port: u16) -> AgentProc {
+        let cfg = self.recovery_config(port);
         AgentProc::start(REC, &cfg, &self.path("rec"), &[]).await
     }
 
@@ -151,6 +155,18 @@ async fn wait_progress(prot: &AgentProc, rec: &AgentProc, kind: SyncKind, percen
     .await;
 }
 
+/// The recovery agent's list of a disk's checkpoints with their recoverability.
+async fn received_checkpoints(rec: &AgentProc, id: u64) -> Vec<ReceivedCheckpoint> {
+    let admin = rec.endpoints.admin.clone().unwrap();
+    let r = reqwest::get(format!(
+        "http://{admin}/v1/received/{PROT}/{id}/checkpoints"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
 fn journal_bytes(lab: &Lab, d: &DiskDef) -> u64 {
     let j = open_journal(&lab.storage(), d.id, d.size);
     j.stats().bytes_used
@@ -188,6 +204,12 @@ async fn checkpoint_and_verify(
             .any(|r| r.disk_id == d.id && r.durable_seq >= last)
     })
     .await;
+    let cps = received_checkpoints(rec, d.id).await;
+    let listed = cps
+        .iter()
+        .find(|c| c.id == report.id)
+        .unwrap_or_else(|| panic!("checkpoint {} not listed: {cps:?}", report.id));
+    assert!(listed.recoverable, "{listed:?}");
     prot.stop_clean().await;
     rec.stop_clean().await;
     let j = open_journal(&lab.storage(), d.id, d.size);
@@ -265,6 +287,9 @@ async fn initial_sync_under_writes_is_exact_and_skips_zero_blocks() {
         "zero blocks were sent: {} bytes",
         last.data_bytes
     );
+    let cps = received_checkpoints(&rec, d.id).await;
+    let c = cps.iter().find(|c| c.id == during.id).unwrap();
+    assert!(!c.recoverable, "taken during the Initial Sync: {c:?}");
     let events = std::fs::read_to_string(lab.path(PROT).join("state/sync-events.jsonl")).unwrap();
     assert!(events.contains("\"sync_started\"") && events.contains("\"sync_ended\""));
     checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
@@ -492,7 +517,25 @@ async fn preseeded_replica_is_brought_level_by_a_delta() {
     std::fs::write(&wrong, vec![0u8; 4096]).unwrap();
     let e = bulwark::agent::stream::preseed(&lab.storage(), d.id, &wrong, d.size).unwrap_err();
     assert!(e.to_string().contains("size"), "{e}");
-    bulwark::agent::stream::preseed(&lab.storage(), d.id, &seed_path, d.size).unwrap();
+    // Registered the way an operator does it.
+    let cfg = lab.recovery_config(0);
+    let o = run(
+        env!("CARGO_BIN_EXE_bulwark"),
+        &[
+            "--config".into(),
+            cfg.display().to_string(),
+            "agent".into(),
+            "preseed".into(),
+            "--from-host".into(),
+            PROT.into(),
+            "--disk-id".into(),
+            d.id.to_string(),
+            seed_path.display().to_string(),
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
     let mut rec = lab.recovery(0).await;
     let mut prot = lab.protected(&d, rec.data_addr(), "", "").await;
     let st = wait_synced(&prot, &rec, 1).await;

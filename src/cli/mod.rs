@@ -140,6 +140,22 @@ enum AgentAction {
         #[arg(required = true)]
         hosts: Vec<String>,
     },
+    /// Register a copy of a protected disk already at this recovery site (a restored
+    /// backup, external media) as its replica, so its first sync is a Delta Sync instead
+    /// of a full copy. Run it while this agent is stopped.
+    Preseed {
+        /// The protected host the disk belongs to (an `[[agent.allow]]` entry).
+        #[arg(long)]
+        from_host: String,
+        /// The disk's id.
+        #[arg(long)]
+        disk_id: u64,
+        /// The protected disk's size in bytes (default: the image's size).
+        #[arg(long, value_parser = crate::agent::host::config::parse_size)]
+        size: Option<u64>,
+        /// The raw image to register (it is copied).
+        image: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -463,6 +479,39 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                     f.ca.display()
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(AgentArgs {
+            action:
+                Some(AgentAction::Preseed {
+                    from_host,
+                    disk_id,
+                    size,
+                    image,
+                }),
+            ..
+        }) => {
+            let storage = file
+                .agent
+                .allow
+                .iter()
+                .find(|x| x.host_name == from_host)
+                .map(|x| x.storage.clone())
+                .with_context(|| {
+                    format!("no [[agent.allow]] entry for host `{from_host}` in the configuration")
+                })?;
+            let size = match size {
+                Some(s) => s,
+                None => std::fs::metadata(&image)
+                    .with_context(|| format!("{}", image.display()))?
+                    .len(),
+            };
+            let replica = crate::agent::stream::preseed(&storage, disk_id, &image, size)?;
+            println!(
+                "registered {} as the replica of disk {disk_id} from {from_host}: {}",
+                image.display(),
+                replica.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(a) => run_agent(a, &file).await,

@@ -191,6 +191,22 @@ pub struct ReceivedDiskStatus {
     pub sender_queued_records: u64,
     pub sender_queued_bytes: u64,
     pub sender_oldest_unacked_ms: u64,
+    /// `empty` (never synced), `pre_seeded` or `existing`.
+    pub replica: Option<String>,
+    /// A sync that began and has not ended: checkpoints since its start are not
+    /// recoverable.
+    pub sync_running: Option<SyncKind>,
+}
+
+/// A checkpoint of a received disk (`GET /v1/received/{host}/{disk_id}/checkpoints`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceivedCheckpoint {
+    pub id: u64,
+    pub seq: u64,
+    pub wall_ms: i64,
+    pub tag: Option<String>,
+    /// Durable and not made unrecoverable by a sync (DESIGN §5).
+    pub recoverable: bool,
 }
 
 /// A peer recovery host this agent streams to.

@@ -1,7 +1,8 @@
 //! The agent's local admin endpoint: loopback only, no authentication (the config refuses
 //! any other address). `GET /v1/status`, `POST /v1/checkpoints` (the checkpoint trigger
 //! until the manager drives rounds), `POST /v1/disks/{name}/sync` (resume a held sync,
-//! Force Sync, Full Sync), `GET /healthz`. Errors are problem-details JSON with
+//! Force Sync, Full Sync), `GET /v1/received/{host}/{disk_id}/checkpoints` (with their
+//! recoverability), `GET /healthz`. Errors are problem-details JSON with
 //! a stable `code`, like the manager's API.
 
 use std::net::SocketAddr;
@@ -17,7 +18,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{Agent, AgentError};
-use crate::proto::agent::{AgentStatus, CheckpointReport, CheckpointRequest, SyncRequest};
+use crate::proto::agent::{
+    AgentStatus, CheckpointReport, CheckpointRequest, ReceivedCheckpoint, SyncRequest,
+};
 use crate::proto::api::Problem;
 
 struct AdminError(StatusCode, &'static str, String);
@@ -116,6 +119,31 @@ async fn sync(
     Ok(StatusCode::ACCEPTED)
 }
 
+async fn received_checkpoints(
+    State(agent): State<Arc<Agent>>,
+    Path((host, disk_id)): Path<(String, u64)>,
+) -> Result<Json<Vec<ReceivedCheckpoint>>, AdminError> {
+    // Takes the journal's lock: off the reactor.
+    let a = Arc::clone(&agent);
+    let h = host.clone();
+    let cps = tokio::task::spawn_blocking(move || a.received_checkpoints(&h, disk_id))
+        .await
+        .map_err(|e| {
+            AdminError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "agent.internal",
+                e.to_string(),
+            )
+        })?;
+    cps.map(Json).ok_or_else(|| {
+        AdminError(
+            StatusCode::NOT_FOUND,
+            "agent.no_such_received_disk",
+            format!("no disk {disk_id} from host `{host}` is received here"),
+        )
+    })
+}
+
 async fn not_found() -> AdminError {
     AdminError(
         StatusCode::NOT_FOUND,
@@ -130,6 +158,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/checkpoints", post(checkpoint))
         .route("/v1/disks/{name}/sync", post(sync))
+        .route(
+            "/v1/received/{host}/{disk_id}/checkpoints",
+            get(received_checkpoints),
+        )
         .fallback(not_found)
         .with_state(agent)
 }

@@ -45,8 +45,10 @@ use crate::agent::tls;
 use crate::model::sync::Tracking;
 use crate::proto::agent::{
     AgentEndpoints, AgentStatus, CheckpointDisk, CheckpointReport, CheckpointRequest, PeerStatus,
-    ProtectedDiskStatus, ReceivedDiskStatus, ReplicationMode, StartState, SyncAction,
+    ProtectedDiskStatus, ReceivedCheckpoint, ReceivedDiskStatus, ReplicationMode, StartState,
+    SyncAction,
 };
+use crate::proto::stream::ReplicaState;
 
 pub use config::{AgentConfig, AgentConfigError, AgentFlags, AgentSection, Security};
 use config::{DiskConfig, PeerConfig};
@@ -608,6 +610,27 @@ impl Agent {
         Ok(())
     }
 
+    /// The checkpoints of a disk this agent receives, each with its recoverability;
+    /// `None` when the disk is not known here (not opened since this agent started).
+    pub fn received_checkpoints(
+        &self,
+        host: &str,
+        disk_id: u64,
+    ) -> Option<Vec<ReceivedCheckpoint>> {
+        let cps = self.receiver.as_ref()?.checkpoints(host, disk_id)?;
+        Some(
+            cps.into_iter()
+                .map(|(c, recoverable)| ReceivedCheckpoint {
+                    id: c.id,
+                    seq: c.seq,
+                    wall_ms: c.wall_ms,
+                    tag: c.tag,
+                    recoverable,
+                })
+                .collect(),
+        )
+    }
+
     /// Makes every disk's sync task look again now (a setting or the clock changed).
     pub fn recheck_syncs(&self) {
         for s in self.disks.iter().filter_map(|d| d.sync.as_ref()) {
@@ -679,17 +702,29 @@ impl Agent {
             .map(|r| {
                 r.lag()
                     .into_iter()
-                    .map(|l| ReceivedDiskStatus {
-                        host: l.host,
-                        disk_id: l.disk_id,
-                        received_seq: l.received_seq,
-                        durable_seq: l.durable_seq,
-                        pending_records: l.pending_records,
-                        pending_bytes: l.pending_bytes,
-                        durable_age_ms: l.durable_age_ms,
-                        sender_queued_records: l.sender.queued_records,
-                        sender_queued_bytes: l.sender.queued_bytes,
-                        sender_oldest_unacked_ms: l.sender.oldest_unacked_ms,
+                    .map(|l| {
+                        let sync = r.sync_state(&l.host, l.disk_id);
+                        ReceivedDiskStatus {
+                            disk_id: l.disk_id,
+                            received_seq: l.received_seq,
+                            durable_seq: l.durable_seq,
+                            pending_records: l.pending_records,
+                            pending_bytes: l.pending_bytes,
+                            durable_age_ms: l.durable_age_ms,
+                            sender_queued_records: l.sender.queued_records,
+                            sender_queued_bytes: l.sender.queued_bytes,
+                            sender_oldest_unacked_ms: l.sender.oldest_unacked_ms,
+                            replica: sync.as_ref().map(|st| {
+                                match st.replica {
+                                    ReplicaState::Empty => "empty",
+                                    ReplicaState::PreSeeded => "pre_seeded",
+                                    ReplicaState::Existing => "existing",
+                                }
+                                .to_string()
+                            }),
+                            sync_running: sync.and_then(|st| st.running.map(|run| run.kind)),
+                            host: l.host,
+                        }
                     })
                     .collect()
             })
