@@ -470,7 +470,7 @@ async fn full_buffer_with_peer_away_goes_bitmap_only_without_blocking() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protected_agent_kill9_restarts_unclean_with_bounded_activity_log() {
     let lab = Lab::new();
-    let mut rec = lab.recovery(&lab.tls(), 0, &[PROT], &[]).await;
+    let mut rec = lab.recovery(&lab.tls(), free_port(), &[PROT], &[]).await;
     let disks = [
         DiskDef::new("vm5-big", 51, 2048 * MIB),
         DiskDef::new("vm5-small", 52, 16 * MIB),
@@ -556,6 +556,7 @@ async fn protected_agent_kill9_restarts_unclean_with_bounded_activity_log() {
     rec.stop_clean().await;
     let mut touched_extents = Vec::new();
     let mut differing = Vec::new();
+    let mut covers = Vec::new();
     for (i, d) in disks.iter().enumerate() {
         let (cover, al_n) = crash_coverage(&saved, &d.name, region);
         let (j, head) = journal_head(&lab.storage(PROT), d.id, d.size);
@@ -603,8 +604,12 @@ async fn protected_agent_kill9_restarts_unclean_with_bounded_activity_log() {
         );
         touched_extents.push(ext);
         differing.push(diff);
+        covers.push(cover);
     }
 
+    // Both back: the restart is unclean, so a Delta Sync compares what the bitmap and the
+    // activity log cover — not the 2 GiB disk — and sends only what differs.
+    rec.spawn().await;
     prot.spawn().await;
     let st = prot.status().await;
     for (i, d) in disks.iter().enumerate() {
@@ -621,25 +626,50 @@ async fn protected_agent_kill9_restarts_unclean_with_bounded_activity_log() {
             touched_extents[i]
         );
         assert_eq!(s.epoch, b.epoch + 1, "{s:#?}");
-        assert!(s.dirty_regions >= differing[i].len() as u64, "{s:#?}");
     }
     assert!(
         differing.iter().any(|d| !d.is_empty()),
         "the kill left nothing unreplicated: the coverage check proved nothing"
     );
+    let st = prot
+        .wait_status("the recovery syncs", &[&rec], synced)
+        .await;
     let big = disk_status(&st, "vm5-big");
     assert_eq!(big.size_bytes / extent, 512);
-    // A clean stop now keeps what is owed to a sync, flagged clean.
-    prot.stop_clean().await;
     for (i, d) in disks.iter().enumerate() {
+        let s = disk_status(&st, &d.name);
+        let last = s.sync.last.clone().unwrap();
+        assert_eq!(
+            last.kind,
+            bulwark::model::status::SyncKind::Delta,
+            "{last:?}"
+        );
+        // The pass compares whole 1 MiB chunks of the covered regions.
+        let chunks: std::collections::BTreeSet<u64> =
+            covers[i].iter().map(|r| r * region / MIB).collect();
+        let compared = last.blocks_compared * 4096;
+        assert!(
+            compared <= chunks.len() as u64 * MIB,
+            "{}: compared {compared} bytes, {} chunks covered",
+            d.name,
+            chunks.len()
+        );
+        assert!(last.blocks_sent * 4096 <= compared, "{}: {last:?}", d.name);
+        eprintln!(
+            "{}: recovery check after kill -9 read {compared} of {} bytes ({:.4} of the disk), sent {} blocks",
+            d.name,
+            d.size,
+            compared as f64 / d.size as f64,
+            last.blocks_sent
+        );
+    }
+    // Nothing is owed any more: a clean stop leaves empty bitmaps.
+    prot.stop_clean().await;
+    rec.stop_clean().await;
+    for d in &disks {
         let (bm, clean) = load_bitmap(&dirty.join(format!("{}.dirty", d.name))).unwrap();
         assert!(clean, "{}", d.name);
-        let missing: Vec<u64> = differing[i]
-            .iter()
-            .copied()
-            .filter(|&r| !bm.is_dirty(r))
-            .collect();
-        assert!(missing.is_empty(), "{}: {missing:?}", d.name);
+        assert_eq!(bm.dirty_count(), 0, "{}", d.name);
     }
 }
 
