@@ -125,6 +125,9 @@ enum BenchWhat {
         /// Size of each disk image (e.g. 512MiB, 2GiB); three copies are made.
         #[arg(long, default_value = "2GiB", value_parser = crate::agent::host::config::parse_size)]
         size: u64,
+        /// Drop the files from the page cache before every run (reads hit the device).
+        #[arg(long)]
+        cold: bool,
     },
 }
 
@@ -453,10 +456,11 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                 println!("{}", bench::run(&opts).await?);
                 Ok(ExitCode::SUCCESS)
             }
-            BenchWhat::Sync { dir, size } => {
+            BenchWhat::Sync { dir, size, cold } => {
                 use crate::agent::sync::bench;
                 let opts = bench::BenchOpts {
                     size,
+                    cold,
                     ..bench::BenchOpts::new(dir)
                 };
                 let report = tokio::task::spawn_blocking(move || bench::run(&opts))

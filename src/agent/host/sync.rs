@@ -10,7 +10,7 @@
 //! the bitmap it left — in this process from the cursor, after a crash from the persisted
 //! bitmap and activity log.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -25,6 +25,7 @@ use super::config::{DiskConfig, SyncSettings};
 use super::splitter::{Splitter, MAX_RECORD_DATA};
 use crate::agent::nbd::{BlockDevice, FileDevice, ProtectedDevice};
 use crate::agent::stream::{Sender, SessionConn, StreamError};
+use crate::agent::sync::hash::block_digests_of;
 use crate::agent::sync::{BlockRead, ChunkDigest, Hasher, SyncError};
 use crate::model::status::SyncKind;
 use crate::model::sync::{
@@ -1075,8 +1076,10 @@ impl DiskSync {
     }
 
     /// Delta: level-1 digests of a batch of chunks from both sides (the target's
-    /// requested ahead, so both hash at once), level-2 digests of the chunks that differ,
-    /// then the differing blocks in band.
+    /// requested ahead, so both hash at once), level-2 digests of the chunks that differ
+    /// (pipelined, hashed in parallel on both sides), then the differing blocks in band.
+    /// Where most chunks differ (scattered small changes), level 1 only costs a second
+    /// read: after such a batch the next ones go straight to level 2.
     async fn delta_pass(
         &self,
         conn: &mut SessionConn,
@@ -1094,78 +1097,96 @@ impl DiskSync {
             .collect();
         let batches: Vec<Vec<u64>> = chunks.chunks(BATCH_CHUNKS).map(|c| c.to_vec()).collect();
         let mut hasher = Some(Hasher::new(hash, 2)?);
-        let mut next_req = 0usize;
-        let mut in_flight: VecDeque<usize> = VecDeque::new();
+        // Per batch: compared at level 1 (a request was sent) or straight at level 2.
+        let mut level1: Vec<bool> = Vec::with_capacity(batches.len());
+        let mut direct = false;
         let mut early: HashMap<u64, Vec<ChunkHash>> = HashMap::new();
         for (i, batch) in batches.iter().enumerate() {
-            // Keep two requests ahead.
-            while next_req < batches.len() && next_req <= i + 1 {
-                self.push(
-                    conn,
-                    SyncFrame::ChunkDigestsReq {
-                        req: next_req as u64,
-                        chunks: batches[next_req].clone(),
-                    },
-                )?;
-                in_flight.push_back(next_req);
-                next_req += 1;
+            // Keep two batches decided ahead, their level-1 requests sent.
+            while level1.len() < batches.len() && level1.len() <= i + 1 {
+                let k = level1.len();
+                level1.push(!direct);
+                if !direct {
+                    self.push(
+                        conn,
+                        SyncFrame::ChunkDigestsReq {
+                            req: k as u64,
+                            chunks: batches[k].clone(),
+                        },
+                    )?;
+                }
             }
             conn.flush().await?;
-            // Our digests while the target computes its own.
-            let mut h = hasher
-                .take()
-                .ok_or_else(|| SyncRunError::Task("hasher lost".into()))?;
-            let dev = Arc::clone(&self.device);
-            let b = batch.clone();
-            let local = tokio::task::spawn_blocking(move || {
-                let mut out = Vec::new();
-                let r = h.chunk_digests(&DevRead(dev.inner()), size, &b, &mut out);
-                (h, r.map(|()| out))
-            });
-            let want = in_flight.front().copied().unwrap_or(i) as u64;
-            let theirs = match early.remove(&want) {
-                Some(d) => d,
-                None => match self.recv(conn, cancel).await? {
-                    SyncFrame::ChunkDigests { req, digests } if req == want => digests,
-                    other => {
-                        return Err(SyncRunError::Protocol(format!(
-                            "expected the chunk digests of request {want}, got {}",
-                            describe(&other)
-                        )))
-                    }
-                },
-            };
-            in_flight.pop_front();
-            let (h, mine) = local.await.map_err(|e| SyncRunError::Task(e.to_string()))?;
-            hasher = Some(h);
-            let mine: Vec<ChunkDigest> = mine?;
-            if theirs.len() != mine.len() {
-                return Err(SyncRunError::Protocol(format!(
-                    "{} chunk digests for {} chunks",
-                    theirs.len(),
-                    mine.len()
-                )));
-            }
-            let mut differing = Vec::new();
-            for (m, t) in mine.iter().zip(&theirs) {
-                if m.chunk != t.chunk {
-                    return Err(SyncRunError::Protocol("chunk digests out of order".into()));
-                }
-                let (a, b) = hash.chunk_range(m.chunk, size);
+            for &c in batch {
+                let (a, b) = hash.chunk_range(c, size);
                 self.counters
                     .blocks_compared
                     .fetch_add((b - a).div_ceil(hash.block()), Ordering::Relaxed);
-                if m.strong != t.strong {
-                    differing.push(m.chunk);
-                }
             }
+            let differing: Vec<u64> = if level1[i] {
+                let h = hasher
+                    .take()
+                    .ok_or_else(|| SyncRunError::Task("hasher lost".into()))?;
+                let dev = Arc::clone(&self.device);
+                let b = batch.clone();
+                // Ours while the target computes its own.
+                let local = tokio::task::spawn_blocking(move || {
+                    let mut h = h;
+                    let mut out = Vec::new();
+                    let r = h.chunk_digests(&DevRead(dev.inner()), size, &b, &mut out);
+                    (h, r.map(|()| out))
+                });
+                let want = i as u64;
+                let theirs = match early.remove(&want) {
+                    Some(d) => d,
+                    None => match self.recv(conn, cancel).await? {
+                        SyncFrame::ChunkDigests { req, digests } if req == want => digests,
+                        other => {
+                            return Err(SyncRunError::Protocol(format!(
+                                "expected the chunk digests of request {want}, got {}",
+                                describe(&other)
+                            )))
+                        }
+                    },
+                };
+                let (h, mine) = local.await.map_err(|e| SyncRunError::Task(e.to_string()))?;
+                hasher = Some(h);
+                let mine: Vec<ChunkDigest> = mine?;
+                if theirs.len() != mine.len() {
+                    return Err(SyncRunError::Protocol(format!(
+                        "{} chunk digests for {} chunks",
+                        theirs.len(),
+                        mine.len()
+                    )));
+                }
+                let mut d = Vec::new();
+                for (m, t) in mine.iter().zip(&theirs) {
+                    if m.chunk != t.chunk {
+                        return Err(SyncRunError::Protocol("chunk digests out of order".into()));
+                    }
+                    if m.strong != t.strong {
+                        d.push(m.chunk);
+                    }
+                }
+                d
+            } else {
+                batch.clone()
+            };
+            direct = differing.len() * 2 > batch.len();
+            // Level 2 of the differing chunks: all requests out at once; ours meanwhile.
             for &c in &differing {
                 self.push(conn, SyncFrame::BlockDigestsReq { req: c, chunk: c })?;
             }
             conn.flush().await?;
+            let dev = Arc::clone(&self.device);
+            let d2 = differing.clone();
+            let local = tokio::task::spawn_blocking(move || {
+                block_digests_of(&DevRead(dev.inner()), hash, size, &d2, 2)
+            });
+            let mut theirs_all = Vec::with_capacity(differing.len());
             for &c in &differing {
-                // Answers come in request order: the next batch's chunk digests (asked
-                // for ahead) may arrive before these.
+                // Answers come in request order; a later batch's chunk digests (asked for
+                // ahead) may arrive among them.
                 let theirs = loop {
                     match self.recv(conn, cancel).await? {
                         SyncFrame::BlockDigests { chunk, digests, .. } if chunk == c => {
@@ -1182,23 +1203,12 @@ impl DiskSync {
                         }
                     }
                 };
-                let dev = Arc::clone(&self.device);
-                let (a, b) = hash.chunk_range(c, size);
-                let h = hasher
-                    .take()
-                    .ok_or_else(|| SyncRunError::Task("hasher lost".into()))?;
-                let (h, mine) = Self::blocking(move || {
-                    let mut buf = vec![0u8; (b - a) as usize];
-                    let r = BlockDevice::read_at(dev.inner(), &mut buf, a).map(|()| {
-                        let mut out = Vec::new();
-                        h.block_digests(&buf, &mut out);
-                        out
-                    });
-                    (h, r)
-                })
-                .await?;
-                hasher = Some(h);
-                let mine = mine.map_err(|source| SyncRunError::Io { offset: a, source })?;
+                theirs_all.push(theirs);
+            }
+            let mine_all = local
+                .await
+                .map_err(|e| SyncRunError::Task(e.to_string()))??;
+            for ((&c, mine), theirs) in differing.iter().zip(mine_all).zip(theirs_all) {
                 if mine.len() != theirs.len() {
                     return Err(SyncRunError::Protocol(format!(
                         "{} block digests for chunk {c}, expected {}",
@@ -1208,9 +1218,9 @@ impl DiskSync {
                 }
                 let (a, b) = hash.chunk_range(c, size);
                 let mut runs: Vec<Range<u64>> = Vec::new();
-                for (i, (m, t)) in mine.iter().zip(&theirs).enumerate() {
+                for (k, (m, t)) in mine.iter().zip(&theirs).enumerate() {
                     if m != t {
-                        let s = a + i as u64 * hash.block();
+                        let s = a + k as u64 * hash.block();
                         let e = (s + hash.block()).min(b);
                         match runs.last_mut() {
                             Some(l) if l.end == s => l.end = e,

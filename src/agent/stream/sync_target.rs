@@ -17,7 +17,7 @@ use super::receiver::lock;
 use super::{io, now_ms, StreamError};
 use crate::agent::crashsafe::{sync_parent_dir, temp_path, write_atomically};
 use crate::agent::journal::{Journal, JournalConfig, View};
-use crate::agent::sync::hash::block_digest;
+use crate::agent::sync::hash::block_digests_of;
 use crate::agent::sync::{BlockRead, ChunkDigest, HashConfig, Hasher};
 use crate::model::status::SyncKind;
 use crate::model::sync::keeps_earlier_checkpoints;
@@ -31,6 +31,8 @@ pub const SYNC_STATE_FILE: &str = "sync.state";
 const MAX_HOLES: usize = 256;
 /// Hashing threads per session.
 const HASH_THREADS: usize = 2;
+/// Most pipelined block-digest requests answered as one parallel batch.
+const MAX_BLOCK_BATCH: usize = 64;
 
 /// A sync that began and has not ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,12 +354,17 @@ pub(crate) async fn session<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 
     // Set by a Delta Begin; moved into the hashing task and back so its buffers stay.
     let mut hasher: Option<Hasher> = None;
+    // A frame read ahead while gathering a run of block-digest requests.
+    let mut ahead: Option<Frame> = None;
     loop {
-        let frame = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            r = tokio::time::timeout(peer_timeout, reader.read_frame()) => {
-                r.map_err(|_| StreamError::Timeout("no frame from the sync source"))??
-            }
+        let frame = match ahead.take() {
+            Some(f) => Some(f),
+            None => tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = tokio::time::timeout(peer_timeout, reader.read_frame()) => {
+                    r.map_err(|_| StreamError::Timeout("no frame from the sync source"))??
+                }
+            },
         };
         let msg = match frame {
             None => return Ok(()),
@@ -433,31 +440,52 @@ pub(crate) async fn session<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 }
             }
             SyncFrame::BlockDigestsReq { req, chunk } => {
-                let Some(h) = hasher.take() else {
+                let Some(h) = hasher.as_ref() else {
                     let reason = "block digests asked for outside a Delta Sync".to_string();
                     return Err(refuse(writer, reason).await);
                 };
-                let n = h.config().chunks(size);
-                if chunk >= n {
-                    let reason = format!("chunk {chunk} is beyond the disk ({n} chunks)");
+                let cfg = h.config();
+                // The requests the source pipelined: answered together, hashed in
+                // parallel, replies in request order.
+                let mut reqs = vec![(req, chunk)];
+                while reqs.len() < MAX_BLOCK_BATCH {
+                    match reader.try_frame()? {
+                        Some(Frame::Sync(SyncFrame::BlockDigestsReq { req, chunk })) => {
+                            reqs.push((req, chunk))
+                        }
+                        Some(other) => {
+                            ahead = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                let n = cfg.chunks(size);
+                if let Some((_, c)) = reqs.iter().find(|(_, c)| *c >= n) {
+                    let reason = format!("chunk {c} is beyond the disk ({n} chunks)");
                     return Err(refuse(writer, reason).await);
                 }
                 let j = disk.journal.clone();
-                let (h, r) = blocking(move || {
-                    let mut h = h;
-                    let r = block_digests(&j, &mut h, size, chunk);
-                    (h, r)
+                let chunks: Vec<u64> = reqs.iter().map(|(_, c)| *c).collect();
+                let r = blocking(move || {
+                    let src = head(&j)?;
+                    block_digests_of(&src, cfg, size, &chunks, HASH_THREADS)
+                        .map_err(|e| format!("hashing: {e}"))
                 })
                 .await?;
-                hasher = Some(h);
-                match r {
-                    Ok(digests) => SyncFrame::BlockDigests {
+                let all = match r {
+                    Ok(all) => all,
+                    Err(reason) => return Err(refuse(writer, reason).await),
+                };
+                for ((req, chunk), digests) in reqs.into_iter().zip(all) {
+                    writer.push(&Frame::Sync(SyncFrame::BlockDigests {
                         req,
                         chunk,
                         digests,
-                    },
-                    Err(reason) => return Err(refuse(writer, reason).await),
+                    }))?;
                 }
+                writer.flush().await?;
+                continue;
             }
             SyncFrame::End { end_seq } => {
                 let j = disk.journal.clone();
@@ -518,20 +546,6 @@ fn chunk_digests(
             zero: d.zero,
         })
         .collect())
-}
-
-fn block_digests(
-    j: &Mutex<Journal>,
-    h: &mut Hasher,
-    size: u64,
-    chunk: u64,
-) -> Result<Vec<u64>, String> {
-    let src = head(j)?;
-    let block = h.config().block_size as usize;
-    let bytes = h
-        .read_chunk(&src, size, chunk)
-        .map_err(|e| format!("hashing: {e}"))?;
-    Ok(bytes.chunks(block).map(block_digest).collect())
 }
 
 #[cfg(test)]

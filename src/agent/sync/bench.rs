@@ -10,6 +10,11 @@
 //!    source byte for byte (`cmp`) after it.
 //! 2. Delta of an unchanged pair vs `cat` of both files.
 //! 3. Bitmap of random dirty 64 KiB regions: wire bytes / dirty bytes.
+//! 4. The same Delta between two real agents (in one process, mutual TLS over
+//!    loopback): the pristine copy pre-seeded as the replica, the changed image as the
+//!    protected disk; the sync runs in band through the stream into the journal (made
+//!    durable), and is checked against the journal's view at a checkpoint after it. Then
+//!    a Force Sync of the now-equal pair, against `cat` of both files.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -41,6 +46,9 @@ pub struct BenchOpts {
     pub dir: PathBuf,
     /// Size of each disk image (rounded down to 4 KiB).
     pub size: u64,
+    /// Drop the files from the page cache before every timed run, so reads come from
+    /// the device (what a real replica pair looks like) instead of memory.
+    pub cold: bool,
 }
 
 impl BenchOpts {
@@ -48,6 +56,7 @@ impl BenchOpts {
         BenchOpts {
             dir: dir.into(),
             size: 2 << 30,
+            cold: false,
         }
     }
 }
@@ -91,6 +100,7 @@ impl Row {
 pub struct Report {
     pub size: u64,
     pub dir: PathBuf,
+    pub cold: bool,
     pub changed_blocks: u64,
     pub rsync_version: String,
     pub ours_delta: Row,
@@ -102,6 +112,10 @@ pub struct Report {
     pub cat_both: Duration,
     pub ours_bitmap: Row,
     pub dirty_bytes: u64,
+    /// Between agents: the pre-seeded Delta, then a Force Sync of the equal pair. Wire
+    /// bytes are both ways together (in `to_target`).
+    pub agents_delta: Row,
+    pub agents_unchanged: Row,
     /// Setup times (not measured against anything; shown for context).
     pub setup: Duration,
 }
@@ -155,6 +169,21 @@ impl Report {
             self.ours_unchanged.wall.as_secs_f64(),
         )
     }
+    pub fn agents_delta_vs_4k(&self) -> f64 {
+        ratio(
+            self.agents_delta.wall.as_secs_f64(),
+            self.rsync_4k.wall.as_secs_f64(),
+        )
+    }
+    pub fn agents_wire_vs_4k(&self) -> f64 {
+        ratio(self.agents_delta.wire() as f64, self.rsync_4k.wire() as f64)
+    }
+    pub fn agents_unchanged_vs_cat(&self) -> f64 {
+        ratio(
+            self.cat_both.as_secs_f64(),
+            self.agents_unchanged.wall.as_secs_f64(),
+        )
+    }
     pub fn bitmap_overhead(&self) -> f64 {
         ratio(self.ours_bitmap.wire() as f64, self.dirty_bytes as f64)
     }
@@ -172,12 +201,21 @@ impl fmt::Display for Report {
             self.size / BLOCK,
             self.rsync_version
         )?;
-        writeln!(
-            f,
-            "page cache warm: every file was written or copied just before its run (and \
-             fdatasync'd), so reads come from memory; setup took {:.1} s",
-            self.setup.as_secs_f64()
-        )?;
+        if self.cold {
+            writeln!(
+                f,
+                "page cache cold: every file was fdatasync'd and dropped from the cache \
+                 (fadvise DONTNEED) before each run; setup took {:.1} s",
+                self.setup.as_secs_f64()
+            )?;
+        } else {
+            writeln!(
+                f,
+                "page cache warm: every file was written or copied just before its run (and \
+                 fdatasync'd), so reads come from memory; setup took {:.1} s",
+                self.setup.as_secs_f64()
+            )?;
+        }
         writeln!(
             f,
             "{:<38} {:>8} {:>14} {:>14} {:>14} {:>13} {:>9} {:>6}",
@@ -190,6 +228,8 @@ impl fmt::Display for Report {
             &self.rsync_checksum,
             &self.ours_unchanged,
             &self.ours_bitmap,
+            &self.agents_delta,
+            &self.agents_unchanged,
         ];
         for r in rows {
             writeln!(
@@ -260,6 +300,27 @@ impl fmt::Display for Report {
             true,
             1.05,
         )?;
+        target_line(
+            f,
+            "agents: delta wall / rsync -B 4096",
+            self.agents_delta_vs_4k(),
+            true,
+            0.2,
+        )?;
+        target_line(
+            f,
+            "agents: delta wire bytes / rsync -B 4096",
+            self.agents_wire_vs_4k(),
+            true,
+            1.0,
+        )?;
+        target_line(
+            f,
+            "agents: unchanged-pair throughput / cat both",
+            self.agents_unchanged_vs_cat(),
+            false,
+            0.7,
+        )?;
         let all_exact = rows.iter().all(|r| r.exact);
         write!(
             f,
@@ -311,6 +372,21 @@ fn copy_synced(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::copy(from, to)
         .with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
     File::open(to)?.sync_all()?;
+    Ok(())
+}
+
+/// With `cold`, makes the files durable and drops them from the page cache (clean pages
+/// only, hence the sync first), so the next run reads them from the device.
+fn settle(cold: bool, paths: &[&Path]) -> anyhow::Result<()> {
+    if !cold {
+        return Ok(());
+    }
+    for p in paths {
+        let f = File::open(p).with_context(|| format!("open {}", p.display()))?;
+        f.sync_all()?;
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
+            .with_context(|| format!("fadvise {}", p.display()))?;
+    }
     Ok(())
 }
 
@@ -467,8 +543,10 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<Report> {
     }
     let setup = t_setup.elapsed();
 
+    let cold = opts.cold;
     // 1. Delta, ours.
     copy_synced(&pristine, &dst)?;
+    settle(cold, &[&src, &dst])?;
     let (wall, st) = ours(&src, &dst, &progress, 1, SyncPlan::Delta(None))?;
     let hash = HashConfig::default();
     let ours_delta = Row::ours(
@@ -480,6 +558,7 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<Report> {
     );
 
     // 2. Unchanged pair (the replica now equals the source), against cat of both.
+    settle(cold, &[&src, &dst])?;
     let (wall, st) = ours(&src, &dst, &progress, 2, SyncPlan::Delta(None))?;
     let ours_unchanged = Row::ours(
         "ours delta, unchanged pair",
@@ -488,6 +567,7 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<Report> {
         hash.block(),
         same(&src, &dst)?,
     );
+    settle(cold, &[&src, &dst])?;
     let t0 = Instant::now();
     for p in [&src, &dst] {
         let st = Command::new("cat")
@@ -503,10 +583,13 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<Report> {
 
     // 1b. rsync, each from the pristine replica.
     copy_synced(&pristine, &dst)?;
+    settle(cold, &[&src, &dst])?;
     let rsync_default = rsync("rsync --no-whole-file --inplace", &[], &src, &dst)?;
     copy_synced(&pristine, &dst)?;
+    settle(cold, &[&src, &dst])?;
     let rsync_4k = rsync("rsync ... -B 4096", &["-B", "4096"], &src, &dst)?;
     copy_synced(&pristine, &dst)?;
+    settle(cold, &[&src, &dst])?;
     let rsync_checksum = rsync("rsync ... --checksum", &["--checksum"], &src, &dst)?;
 
     // 3. Bitmap: the replica equals the source again; dirty random 64 KiB regions.
@@ -530,6 +613,7 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<Report> {
         }
     }
     let dirty_bytes: u64 = extents.iter().map(|e| e.len).sum();
+    settle(cold, &[&src, &dst])?;
     let (wall, st) = ours(&src, &dst, &progress, 3, SyncPlan::Bitmap(extents))?;
     let ours_bitmap = Row::ours(
         "ours bitmap (run_threaded)",
@@ -539,10 +623,21 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<Report> {
         same(&src, &dst)?,
     );
 
+    // 4. Between agents, from the same pair: the pristine replica pre-seeded.
+    std::fs::remove_file(&dst)?;
+    copy_synced(&src, &pristine)?;
+    scribble(&src, &offsets, BLOCK, SEED ^ 0x000a_9e47)?;
+    let (agents_delta, agents_unchanged) = std::thread::scope(|s| {
+        s.spawn(|| agents::run(&dir.join("agents"), &src, &pristine, size, cold))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the agents' bench thread panicked"))?
+    })?;
+
     drop(scratch);
     Ok(Report {
         size,
         dir: opts.dir.clone(),
+        cold,
         changed_blocks,
         rsync_version,
         ours_delta,
@@ -553,8 +648,165 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<Report> {
         cat_both,
         ours_bitmap,
         dirty_bytes,
+        agents_delta,
+        agents_unchanged,
         setup,
     })
+}
+
+/// Part 4: two agents in one process.
+mod agents {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, Context};
+
+    use super::{same_as_view, Row};
+    use crate::agent::host::{Agent, AgentConfig, AgentFlags, AgentSection};
+    use crate::proto::agent::{AgentStatus, CheckpointRequest, SyncAction, SyncOutcome};
+
+    fn config(dir: &Path, host: &str, text: &str) -> anyhow::Result<AgentConfig> {
+        let file: AgentSection = toml::from_str(text)?;
+        Ok(AgentConfig::resolve(
+            &file,
+            AgentFlags {
+                data_dir: Some(dir.join(host)),
+                site: Some(host.into()),
+                host_name: Some(host.into()),
+                nbd_listen: Some("127.0.0.1:0".into()),
+                tls_dir: Some(dir.join("certs")),
+                ..AgentFlags::default()
+            },
+        )?)
+    }
+
+    async fn completed(agent: &Agent, n: u64) -> anyhow::Result<SyncOutcome> {
+        let deadline = Instant::now() + Duration::from_secs(1200);
+        loop {
+            let st: AgentStatus = agent.status();
+            let d = &st.protected[0];
+            if d.sync.completed >= n && !d.owes_sync {
+                return d.sync.last.clone().context("no sync outcome");
+            }
+            if Instant::now() > deadline {
+                bail!("the sync did not finish: {:#?}", d.sync);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn row(name: &str, o: &SyncOutcome, exact: bool) -> Row {
+        Row {
+            name: name.into(),
+            wall: Duration::from_millis(o.duration_ms),
+            to_target: o.wire_bytes,
+            to_source: 0,
+            literal: o.data_bytes,
+            blocks_sent: Some(o.blocks_sent),
+            exact,
+        }
+    }
+
+    pub(super) fn run(
+        dir: &Path,
+        src: &Path,
+        pristine: &Path,
+        size: u64,
+        cold: bool,
+    ) -> anyhow::Result<(Row, Row)> {
+        std::fs::create_dir_all(dir)?;
+        crate::agent::tls::lab_certs(&dir.join("certs"), &["prot".into(), "rec".into()])?;
+        let storage = dir.join("storage");
+        let replica = crate::agent::stream::preseed(&storage, 1, pristine, size)?;
+        std::fs::remove_file(pristine)?;
+        super::settle(cold, &[src, &replica])?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let (delta, unchanged, ckpt) = rt.block_on(async {
+            let rec = Agent::start(config(
+                dir,
+                "rec",
+                &format!(
+                    "data_listen = '127.0.0.1:0'\n[[allow]]\nhost_name = 'prot'\nstorage = '{}'\n",
+                    storage.display()
+                ),
+            )?)
+            .await?;
+            let data = rec.endpoints().data.context("no data listener")?;
+            let prot = Agent::start(config(
+                dir,
+                "prot",
+                &format!(
+                    "[[disks]]\nname = 'bench'\nid = 1\nsize = {size}\npath = '{}'\n\
+                     recovery_host = 'rec'\n[[peers]]\nhost_name = 'rec'\naddress = '{data}'\n",
+                    src.display()
+                ),
+            )?)
+            .await?;
+            let delta = completed(&prot, 1).await?;
+            super::settle(cold, &[src, &replica])?;
+            prot.request_sync("bench", SyncAction::Force)?;
+            let unchanged = completed(&prot, 2).await?;
+            let ckpt = prot.checkpoint(&CheckpointRequest::default())?;
+            let seq = ckpt.disks[0].seq;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while prot.status().protected[0].acked_seq < seq {
+                if Instant::now() > deadline {
+                    bail!("checkpoint not acknowledged");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            prot.shutdown().await?;
+            rec.shutdown().await?;
+            drop((prot, rec));
+            anyhow::Ok((delta, unchanged, ckpt.id))
+        })?;
+        drop(rt);
+        let exact = same_as_view(
+            src,
+            &storage.join(format!("disk-{:016x}", 1)),
+            1,
+            size,
+            ckpt,
+        )?;
+        Ok((
+            row("agents delta (in band, pre-seeded)", &delta, exact),
+            row("agents force sync, unchanged pair", &unchanged, exact),
+        ))
+    }
+}
+
+/// Whether the journal's view at checkpoint `ckpt` equals `src` byte for byte.
+fn same_as_view(
+    src: &Path,
+    disk_dir: &Path,
+    id: u64,
+    size: u64,
+    ckpt: u64,
+) -> anyhow::Result<bool> {
+    use crate::agent::journal::{Journal, JournalConfig};
+    let j = Journal::open(
+        disk_dir.join("journal"),
+        disk_dir.join("replica.img"),
+        JournalConfig::new(id, size),
+    )?;
+    let view = j.open_view(ckpt)?;
+    let f = File::open(src)?;
+    let mut a = vec![0u8; 4 << 20];
+    let mut b = vec![0u8; 4 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(a.len() as u64) as usize;
+        f.read_exact_at(&mut a[..n], off)?;
+        view.read_at(&mut b[..n], off)?;
+        if a[..n] != b[..n] {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -256,6 +256,67 @@ fn hash_one<R: BlockRead + ?Sized>(
     })
 }
 
+/// Level-2 digests of each of `chunks` (in order), read from `src` and hashed on
+/// `threads` threads, each with its own buffer: both sides of a Delta use it for the
+/// chunks whose level-1 digests differ, so reading and hashing them is parallel too.
+pub fn block_digests_of<R: BlockRead + ?Sized>(
+    src: &R,
+    cfg: HashConfig,
+    size: u64,
+    chunks: &[u64],
+    threads: usize,
+) -> Result<Vec<Vec<u64>>, SyncError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// One thread's results: (index into `chunks`, its block digests).
+    type Part = Result<Vec<(usize, Vec<u64>)>, SyncError>;
+    let next = AtomicUsize::new(0);
+    let threads = threads.clamp(1, chunks.len().max(1));
+    let work = |buf: &mut Vec<u8>| -> Part {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&c) = chunks.get(i) else {
+                return Ok(done);
+            };
+            let (start, end) = cfg.chunk_range(c, size);
+            let b = &mut buf[..(end - start) as usize];
+            src.read_at(b, start)
+                .map_err(|e| SyncError::io("read", start, e))?;
+            done.push((
+                i,
+                b.chunks(cfg.block_size as usize)
+                    .map(block_digest)
+                    .collect(),
+            ));
+        }
+    };
+    let n = usize::try_from(cfg.chunk_size()).map_err(|_| SyncError::Config("chunk".into()))?;
+    let parts: Vec<Part> = if threads == 1 {
+        vec![work(&mut vec![0u8; n])]
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| s.spawn(|| work(&mut vec![0u8; n])))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SyncError::Protocol("hashing thread panicked".into()))
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut out = vec![Vec::new(); chunks.len()];
+    for part in parts {
+        for (i, d) in part? {
+            out[i] = d;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +356,27 @@ mod tests {
         }
         assert!(par[0].zero && par[3].zero && !par[1].zero);
         assert_eq!(par.len(), 6);
+    }
+
+    #[test]
+    fn block_digests_of_many_chunks_match_one_by_one() {
+        let mut disk = vec![0u8; 4096 * 5 + 1000];
+        for (i, b) in disk.iter_mut().enumerate() {
+            *b = (i * 13 % 253) as u8;
+        }
+        let size = disk.len() as u64;
+        let chunks = [5u64, 0, 3, 1];
+        for threads in [1, 2, 3] {
+            let got = block_digests_of(&disk, cfg(), size, &chunks, threads).unwrap();
+            for (k, &c) in chunks.iter().enumerate() {
+                let (s, e) = cfg().chunk_range(c, size);
+                let want: Vec<u64> = disk[s as usize..e as usize]
+                    .chunks(512)
+                    .map(block_digest)
+                    .collect();
+                assert_eq!(got[k], want, "chunk {c}, {threads} threads");
+            }
+        }
     }
 
     #[test]
