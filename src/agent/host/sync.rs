@@ -1030,6 +1030,7 @@ impl DiskSync {
                         let end = (pos / chunk + 1) * chunk;
                         let end = end.min(r.end);
                         self.pace(started, sent_at_start, cancel).await?;
+                        conn.keepalive().await?;
                         if bitmap_only_regions {
                             // Only the dirty regions of the chunk: runs of them.
                             let bitmap = self.device.tracker().bitmap();
@@ -1268,6 +1269,7 @@ impl DiskSync {
             if acked >= end_seq {
                 break;
             }
+            conn.keepalive().await?;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.send(conn, SyncFrame::End { end_seq }).await?;

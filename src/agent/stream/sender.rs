@@ -516,6 +516,7 @@ impl Sender {
             reader: FrameReader::new(rd),
             writer: FrameWriter::new(wr, Compression::None),
             timeout: self.inner.cfg.peer_timeout,
+            last_sent: Instant::now(),
         })
     }
 }
@@ -525,11 +526,26 @@ pub struct SessionConn {
     reader: FrameReader<tokio::io::ReadHalf<Box<dyn Io>>>,
     writer: FrameWriter<tokio::io::WriteHalf<Box<dyn Io>>>,
     timeout: Duration,
+    last_sent: Instant,
 }
 
 impl SessionConn {
     pub async fn send(&mut self, f: &Frame) -> Result<(), StreamError> {
+        self.last_sent = Instant::now();
         self.writer.send(f).await
+    }
+
+    /// Sends a Ping if nothing was sent for a third of the peer timeout: a pass whose
+    /// data all goes through the stream keeps its session alive this way.
+    pub async fn keepalive(&mut self) -> Result<(), StreamError> {
+        if self.last_sent.elapsed() < self.timeout / 3 {
+            return Ok(());
+        }
+        self.send(&Frame::Ping {
+            nonce: 0,
+            lag: Vec::new(),
+        })
+        .await
     }
 
     /// Queues a frame without flushing (pipelined requests); `send` or `flush` pushes it.
@@ -538,18 +554,24 @@ impl SessionConn {
     }
 
     pub async fn flush(&mut self) -> Result<(), StreamError> {
+        self.last_sent = Instant::now();
         self.writer.flush().await
     }
 
-    /// The next frame; a refusal becomes `StreamError::Refused`, silence past the peer
-    /// timeout `Timeout`, a close `Closed`.
+    /// The next frame (answers to keepalives are skipped); a refusal becomes
+    /// `StreamError::Refused`, silence past the peer timeout `Timeout`, a close `Closed`.
     pub async fn recv(&mut self) -> Result<Frame, StreamError> {
-        match tokio::time::timeout(self.timeout, self.reader.read_frame()).await {
-            Err(_) => Err(StreamError::Timeout("waiting for the sync peer")),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(None)) => Err(StreamError::Closed),
-            Ok(Ok(Some(Frame::Refused { reason }))) => Err(StreamError::Refused(reason)),
-            Ok(Ok(Some(f))) => Ok(f),
+        loop {
+            match tokio::time::timeout(self.timeout, self.reader.read_frame()).await {
+                Err(_) => return Err(StreamError::Timeout("waiting for the sync peer")),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(None)) => return Err(StreamError::Closed),
+                Ok(Ok(Some(Frame::Refused { reason }))) => {
+                    return Err(StreamError::Refused(reason))
+                }
+                Ok(Ok(Some(Frame::Pong { .. }))) => continue,
+                Ok(Ok(Some(f))) => return Ok(f),
+            }
         }
     }
 
