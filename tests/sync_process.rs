@@ -642,3 +642,59 @@ async fn delta_sync_survives_a_protected_kill9() {
     let copy = checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
     assert_same("source unchanged", &copy, &content);
 }
+
+/// A pre-seeded Delta and then an operator's Full Sync, each with qemu-io writing to the
+/// disk meanwhile and the recovery agent killed (-9) in its middle: each ends with the
+/// view at the next checkpoint equal to the source at that moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_and_full_under_writes_survive_a_recovery_kill9() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm9-d0", 91, 48 * MIB);
+    let content = fill_image(&lab.image(&d), d.size, 9, |c| c % 3 != 2);
+    let mut seed = content.clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    for b in 0..d.size / 4096 {
+        if rng.random_bool(0.3) {
+            seed[(b * 4096) as usize] ^= 0x11;
+        }
+    }
+    let seed_path = lab.path("seed.img");
+    std::fs::write(&seed_path, &seed).unwrap();
+    bulwark::agent::stream::preseed(&lab.storage(), d.id, &seed_path, d.size).unwrap();
+    let mut rec = lab.recovery(free_port()).await;
+    let mut prot = lab
+        .protected(&d, rec.data_addr(), "sync_rate_limit = \"6 MiB\"", "")
+        .await;
+    let mut w = Workload::without_model(19);
+    for (kind, n) in [(SyncKind::Delta, 1u64), (SyncKind::Full, 2)] {
+        if kind == SyncKind::Full {
+            let admin = prot.endpoints.admin.clone().unwrap();
+            let r = reqwest::Client::new()
+                .post(format!("http://{admin}/v1/disks/{}/sync", d.name))
+                .json(&serde_json::json!({ "action": "full" }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }
+        wait_progress(&prot, &rec, kind, 5).await;
+        let url = prot.nbd_url(&d.name);
+        let cmds = w.commands(80, 0, d.size);
+        let writes = async {
+            let o = qemu_io(&url, "writeback", &cmds, Duration::from_secs(60)).await;
+            assert_qemu_ok(&o);
+        };
+        let kill = async {
+            let pct = rand::rng().random_range(20..60);
+            wait_progress(&prot, &rec, kind, pct).await;
+            rec.kill9().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            rec.spawn().await;
+        };
+        tokio::join!(writes, kill);
+        let st = wait_synced(&prot, &rec, n).await;
+        let last = disk(&st).sync.last.clone().unwrap();
+        assert_eq!(last.kind, kind, "{last:?}");
+    }
+    checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+}

@@ -1233,6 +1233,9 @@ impl DiskSync {
                     self.pace(started, sent_at_start, cancel).await?;
                     self.send_range(run, false).await?;
                 }
+                // Every chunk of the batch up to this one is handled (the others in
+                // between were equal).
+                self.progress(b, clear, false).await?;
             }
             if let Some(&last) = batch.last() {
                 let (_, end) = hash.chunk_range(last, size);
