@@ -378,27 +378,19 @@ async fn recovery_kill9_mid_initial_resumes() {
     );
 }
 
-/// The stream drops records (small queue, recovery agent away): the disk goes
-/// bitmap-only; when the recovery agent returns a Bitmap Sync sends the dirty regions;
-/// kill -9 of the protected agent in its middle; the restart (unclean) finishes with a
-/// Delta Sync over the bitmap and the activity log, sending no more than the dirty data.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bitmap_sync_after_an_outage_survives_a_protected_kill9() {
-    let lab = Lab::new();
-    let d = DiskDef::new("vm4-d0", 41, 96 * MIB);
-    let port = free_port();
-    let mut rec = lab.recovery(port).await;
-    let mut prot = lab
-        .protected(
-            &d,
-            rec.data_addr(),
-            "sync_rate_limit = \"16 MiB\"",
-            "queue_memory = \"1 MiB\"\nspill_limit = 0",
-        )
-        .await;
-    wait_synced(&prot, &rec, 1).await;
+/// Synced, then the recovery agent away while qemu-io writes through a 1 MiB outbound
+/// queue with no spill: the disk goes bitmap-only. Returns the dirty bytes and the
+/// journal's size then; the recovery agent is stopped.
+async fn outage(
+    lab: &Lab,
+    d: &DiskDef,
+    prot: &AgentProc,
+    rec: &mut AgentProc,
+    seed: u64,
+) -> (u64, u64) {
+    wait_synced(prot, rec, 1).await;
     rec.stop_clean().await;
-    let mut w = Workload::without_model(4);
+    let mut w = Workload::without_model(seed);
     for _ in 0..3 {
         let o = qemu_io(
             &prot.nbd_url(&d.name),
@@ -415,7 +407,28 @@ async fn bitmap_sync_after_an_outage_survives_a_protected_kill9() {
         })
         .await;
     let dirty_bytes = disk(&st).dirty_regions * disk(&st).region_size;
-    let before = journal_bytes(&lab, &d);
+    (dirty_bytes, journal_bytes(lab, d))
+}
+
+const OUTAGE_PEER: &str = "queue_memory = \"1 MiB\"\nspill_limit = 0";
+
+/// After an outage a Bitmap Sync sends the dirty regions; kill -9 of the protected agent
+/// in its middle; the restart (unclean) finishes with a Delta Sync over the bitmap and
+/// the activity log, sending no more than the dirty data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_sync_after_an_outage_survives_a_protected_kill9() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm4-d0", 41, 96 * MIB);
+    let mut rec = lab.recovery(free_port()).await;
+    let mut prot = lab
+        .protected(
+            &d,
+            rec.data_addr(),
+            "sync_rate_limit = \"16 MiB\"",
+            OUTAGE_PEER,
+        )
+        .await;
+    let (dirty_bytes, before) = outage(&lab, &d, &prot, &mut rec, 4).await;
     rec.spawn().await;
     wait_progress(&prot, &rec, SyncKind::Bitmap, 20).await;
     prot.kill9().await;
@@ -433,6 +446,47 @@ async fn bitmap_sync_after_an_outage_survives_a_protected_kill9() {
     assert!(
         (added as f64) < 1.2 * dirty_bytes as f64,
         "Bitmap then resumed Delta added {added} journal bytes for {dirty_bytes} dirty bytes"
+    );
+    prot.spawn().await;
+    rec.spawn().await;
+    checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+}
+
+/// The same outage; kill -9 of the recovery agent in the middle of the Bitmap Sync: it
+/// resumes at its cursor and sends about the dirty data once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_sync_after_an_outage_survives_a_recovery_kill9() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm10-d0", 101, 96 * MIB);
+    let mut rec = lab.recovery(free_port()).await;
+    let mut prot = lab
+        .protected(
+            &d,
+            rec.data_addr(),
+            "sync_rate_limit = \"16 MiB\"",
+            OUTAGE_PEER,
+        )
+        .await;
+    let (dirty_bytes, before) = outage(&lab, &d, &prot, &mut rec, 10).await;
+    rec.spawn().await;
+    let pct = rand::rng().random_range(20..70);
+    wait_progress(&prot, &rec, SyncKind::Bitmap, pct).await;
+    rec.kill9().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    rec.spawn().await;
+    let st = wait_synced(&prot, &rec, 2).await;
+    let last = disk(&st).sync.last.clone().unwrap();
+    assert_eq!(last.kind, SyncKind::Bitmap, "{last:?}");
+    assert!(
+        (last.data_bytes as f64) < 1.2 * dirty_bytes as f64,
+        "{last:?} for {dirty_bytes} dirty bytes"
+    );
+    prot.stop_clean().await;
+    rec.stop_clean().await;
+    let added = journal_bytes(&lab, &d) - before;
+    assert!(
+        (added as f64) < 1.2 * dirty_bytes as f64,
+        "resumed Bitmap added {added} journal bytes for {dirty_bytes} dirty bytes"
     );
     prot.spawn().await;
     rec.spawn().await;

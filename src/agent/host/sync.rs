@@ -581,7 +581,12 @@ impl DiskSync {
                     };
                     tracing::warn!(disk = %self.disk.name, error = %e, retry_in_ms = wait.as_millis() as u64, "sync attempt failed");
                     self.set_phase(SyncPhase::Failed, Some(e.to_string()));
-                    self.pause(wait, &cancel).await;
+                    // Not cut short by pokes: a failing attempt would otherwise be
+                    // retried at once by the very event its failure raised.
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
@@ -916,8 +921,7 @@ impl DiskSync {
         sent_at_start: u64,
         cancel: &CancellationToken,
     ) -> Result<(), SyncRunError> {
-        // Small enough that a crash redoes little, large enough to cover an fsync round trip.
-        let budget = (self.sender.queue_memory() as u64 / 4).clamp(4 << 20, 16 << 20);
+        let (budget, _) = self.pacing();
         loop {
             if cancel.is_cancelled() {
                 return Err(SyncRunError::Cancelled);
@@ -942,6 +946,38 @@ impl DiskSync {
     }
 
     /// Reads `range` under the range lock and queues its content; counts it.
+    /// How much sync data may wait in the sender's queue for this disk, and the largest
+    /// piece queued at once: together at most half the queue (the guest's writes keep
+    /// the other half), small enough that a crash redoes little, large enough to cover
+    /// an fsync round trip.
+    fn pacing(&self) -> (u64, u64) {
+        let q = self.sender.queue_memory() as u64;
+        let block = self.settings.hash.block();
+        let piece = ((q / 8).clamp(64 << 10, 1 << 20) / block * block).max(block);
+        let budget = (q / 2).saturating_sub(piece).min(16 << 20);
+        (budget, piece)
+    }
+
+    /// Queues the content of `range` piece by piece, pacing before each.
+    async fn send_paced(
+        &self,
+        range: Range<u64>,
+        skip_zero: bool,
+        started: Instant,
+        sent_at_start: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(), SyncRunError> {
+        let (_, piece) = self.pacing();
+        let mut pos = range.start;
+        while pos < range.end {
+            let end = (pos + piece).min(range.end);
+            self.pace(started, sent_at_start, cancel).await?;
+            self.send_range(pos..end, skip_zero).await?;
+            pos = end;
+        }
+        Ok(())
+    }
+
     async fn send_range(&self, range: Range<u64>, skip_zero: bool) -> Result<(), SyncRunError> {
         let dev = Arc::clone(&self.device);
         let splitter = Arc::clone(&self.splitter);
@@ -1048,7 +1084,8 @@ impl DiskSync {
                                 reg += 1;
                             }
                             for run in runs {
-                                self.send_range(run, false).await?;
+                                self.send_paced(run, false, started, sent_at_start, cancel)
+                                    .await?;
                             }
                         } else if skip_zero {
                             // Holes read as zeroes and the replica is known zero: skip
@@ -1061,10 +1098,18 @@ impl DiskSync {
                                     source,
                                 })?;
                             if let Some(at) = data.filter(|&at| at < end) {
-                                self.send_range(at / rs * rs..end, true).await?;
+                                self.send_paced(
+                                    at / rs * rs..end,
+                                    true,
+                                    started,
+                                    sent_at_start,
+                                    cancel,
+                                )
+                                .await?;
                             }
                         } else {
-                            self.send_range(pos..end, false).await?;
+                            self.send_paced(pos..end, false, started, sent_at_start, cancel)
+                                .await?;
                         }
                         self.progress(end, &mut clear, false).await?;
                         pos = end;
@@ -1230,8 +1275,8 @@ impl DiskSync {
                     }
                 }
                 for run in runs {
-                    self.pace(started, sent_at_start, cancel).await?;
-                    self.send_range(run, false).await?;
+                    self.send_paced(run, false, started, sent_at_start, cancel)
+                        .await?;
                 }
                 // Every chunk of the batch up to this one is handled (the others in
                 // between were equal).
