@@ -460,10 +460,6 @@ impl DiskSync {
         }
     }
 
-    pub fn disk_name(&self) -> &str {
-        &self.disk.name
-    }
-
     /// An operator's request (admin endpoint).
     pub fn request(&self, action: SyncAction) {
         {
@@ -594,14 +590,12 @@ impl DiskSync {
     }
 
     async fn send(&self, conn: &mut SessionConn, f: SyncFrame) -> Result<(), SyncRunError> {
-        let f = Frame::Sync(f);
-        self.counters
-            .wire_bytes
-            .fetch_add(frame_len(&f), Ordering::Relaxed);
-        conn.send(&f).await?;
+        self.push(conn, f)?;
+        conn.flush().await?;
         Ok(())
     }
 
+    /// Queues a frame (counted on the wire) without flushing.
     fn push(&self, conn: &mut SessionConn, f: SyncFrame) -> Result<(), SyncRunError> {
         let f = Frame::Sync(f);
         self.counters
