@@ -752,3 +752,34 @@ async fn delta_and_full_under_writes_survive_a_recovery_kill9() {
     }
     checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
 }
+
+/// kill -9 of the protected agent in the middle of an Initial Sync, and its dirty
+/// tracking lost with it: the recovery side still reports the Initial running, but
+/// nothing says what was sent, so the restart copies everything again (not "resume"
+/// over an empty bitmap) and ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_restarts_whole_when_the_tracking_was_lost() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm11-d0", 111, 64 * MIB);
+    let content = fill_image(&lab.image(&d), d.size, 11, |c| c % 2 == 0);
+    let nonzero = nonzero_bytes(&content);
+    let mut rec = lab.recovery(free_port()).await;
+    let mut prot = lab
+        .protected(&d, rec.data_addr(), "sync_rate_limit = \"16 MiB\"", "")
+        .await;
+    wait_progress(&prot, &rec, SyncKind::Initial, 30).await;
+    prot.kill9().await;
+    std::fs::remove_dir_all(lab.path(PROT).join("dirty")).unwrap();
+    prot.spawn().await;
+    let st = wait_synced(&prot, &rec, 1).await;
+    let d0 = disk(&st);
+    assert_eq!(d0.start_state, bulwark::proto::agent::StartState::New);
+    let last = d0.sync.last.clone().unwrap();
+    assert_eq!(last.kind, SyncKind::Initial, "{last:?}");
+    assert_eq!(
+        last.data_bytes, nonzero,
+        "everything non-zero sent again: {last:?}"
+    );
+    let copy = checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+    assert_same("source unchanged", &copy, &content);
+}

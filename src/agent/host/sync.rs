@@ -720,9 +720,10 @@ impl DiskSync {
                 .await;
         };
         // A sync the recovery agent saw begin and not end, of the kind we would run now,
-        // resumes: the bitmap (with the activity log after a crash) holds what is left.
-        let resuming_after_restart =
-            running.is_some_and(|k| k == sync_kind_byte(need.kind)) && tracking != Tracking::Lost;
+        // resumes: the bitmap (with the activity log after a crash) holds what is left —
+        // if this agent still has that bitmap. A new or lost tracker starts over.
+        let resuming_after_restart = running.is_some_and(|k| k == sync_kind_byte(need.kind))
+            && matches!(tracking, Tracking::Clean | Tracking::Unclean);
         let in_process = *lock(&self.pass) == Some(need.kind);
         let resuming = resuming_after_restart || in_process;
         match may_start(
