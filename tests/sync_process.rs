@@ -412,13 +412,13 @@ async fn outage(
 
 const OUTAGE_PEER: &str = "queue_memory = \"1 MiB\"\nspill_limit = 0";
 
-/// After an outage a Bitmap Sync sends the dirty regions; kill -9 of the protected agent
-/// in its middle; the restart (unclean) finishes with a Delta Sync over the bitmap and
-/// the activity log, sending no more than the dirty data.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bitmap_sync_after_an_outage_survives_a_protected_kill9() {
+/// After an outage a Bitmap Sync sends the dirty regions; one side is killed (-9) in its
+/// middle and restarted; the sync ends with the journal grown by less than 1.2 × the
+/// dirty bytes and the view at the next checkpoint equal to the source. Returns the kind
+/// of the sync that finished.
+async fn bitmap_after_outage_with_kill9(name: &str, id: u64, kill_protected: bool) -> SyncKind {
     let lab = Lab::new();
-    let d = DiskDef::new("vm4-d0", 41, 96 * MIB);
+    let d = DiskDef::new(name, id, 96 * MIB);
     let mut rec = lab.recovery(free_port()).await;
     let mut prot = lab
         .protected(
@@ -428,69 +428,49 @@ async fn bitmap_sync_after_an_outage_survives_a_protected_kill9() {
             OUTAGE_PEER,
         )
         .await;
-    let (dirty_bytes, before) = outage(&lab, &d, &prot, &mut rec, 4).await;
-    rec.spawn().await;
-    wait_progress(&prot, &rec, SyncKind::Bitmap, 20).await;
-    prot.kill9().await;
-    prot.spawn().await;
-    let st = wait_synced(&prot, &rec, 1).await;
-    let last = disk(&st).sync.last.clone().unwrap();
-    assert_eq!(
-        last.kind,
-        SyncKind::Delta,
-        "unclean restart → Delta: {last:?}"
-    );
-    prot.stop_clean().await;
-    rec.stop_clean().await;
-    let added = journal_bytes(&lab, &d) - before;
-    assert!(
-        (added as f64) < 1.2 * dirty_bytes as f64,
-        "Bitmap then resumed Delta added {added} journal bytes for {dirty_bytes} dirty bytes"
-    );
-    prot.spawn().await;
-    rec.spawn().await;
-    checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
-}
-
-/// The same outage; kill -9 of the recovery agent in the middle of the Bitmap Sync: it
-/// resumes at its cursor and sends about the dirty data once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bitmap_sync_after_an_outage_survives_a_recovery_kill9() {
-    let lab = Lab::new();
-    let d = DiskDef::new("vm10-d0", 101, 96 * MIB);
-    let mut rec = lab.recovery(free_port()).await;
-    let mut prot = lab
-        .protected(
-            &d,
-            rec.data_addr(),
-            "sync_rate_limit = \"16 MiB\"",
-            OUTAGE_PEER,
-        )
-        .await;
-    let (dirty_bytes, before) = outage(&lab, &d, &prot, &mut rec, 10).await;
+    let (dirty_bytes, before) = outage(&lab, &d, &prot, &mut rec, id).await;
     rec.spawn().await;
     let pct = rand::rng().random_range(20..70);
     wait_progress(&prot, &rec, SyncKind::Bitmap, pct).await;
-    rec.kill9().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    rec.spawn().await;
-    let st = wait_synced(&prot, &rec, 2).await;
+    // The protected side counts syncs per process: after its restart the next is #1.
+    let n = if kill_protected {
+        prot.kill9().await;
+        prot.spawn().await;
+        1
+    } else {
+        rec.kill9().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rec.spawn().await;
+        2
+    };
+    let st = wait_synced(&prot, &rec, n).await;
     let last = disk(&st).sync.last.clone().unwrap();
-    assert_eq!(last.kind, SyncKind::Bitmap, "{last:?}");
-    assert!(
-        (last.data_bytes as f64) < 1.2 * dirty_bytes as f64,
-        "{last:?} for {dirty_bytes} dirty bytes"
-    );
     prot.stop_clean().await;
     rec.stop_clean().await;
     let added = journal_bytes(&lab, &d) - before;
     assert!(
         (added as f64) < 1.2 * dirty_bytes as f64,
-        "resumed Bitmap added {added} journal bytes for {dirty_bytes} dirty bytes"
+        "{last:?}: the syncs added {added} journal bytes for {dirty_bytes} dirty bytes"
     );
     prot.spawn().await;
     rec.spawn().await;
     checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+    last.kind
+}
+
+/// kill -9 of the protected agent: the restart (unclean) finishes with a Delta Sync over
+/// the bitmap and the activity log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_sync_after_an_outage_survives_a_protected_kill9() {
+    let kind = bitmap_after_outage_with_kill9("vm4-d0", 41, true).await;
+    assert_eq!(kind, SyncKind::Delta, "unclean restart → Delta");
+}
+
+/// kill -9 of the recovery agent: the Bitmap Sync resumes at its cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitmap_sync_after_an_outage_survives_a_recovery_kill9() {
+    let kind = bitmap_after_outage_with_kill9("vm10-d0", 101, false).await;
+    assert_eq!(kind, SyncKind::Bitmap);
 }
 
 /// A Force Sync (Delta over the whole disk) of an equal replica sends no block; an

@@ -918,12 +918,7 @@ impl DiskSync {
     ) -> Result<(), SyncRunError> {
         let (budget, _) = self.pacing();
         loop {
-            if cancel.is_cancelled() {
-                return Err(SyncRunError::Cancelled);
-            }
-            if self.splitter.is_bitmap_only() {
-                return Err(SyncRunError::BitmapOnly);
-            }
+            self.still_on(cancel)?;
             let queued = self.sender.disk_backlog(self.disk.id).map_or(0, |b| b.0);
             let rate_wait = self.settings.rate_limit.and_then(|rate| {
                 let sent = self.counters.data_bytes.load(Ordering::Relaxed) - sent_at_start;
@@ -941,6 +936,17 @@ impl DiskSync {
     }
 
     /// Reads `range` under the range lock and queues its content; counts it.
+    /// The pass may go on: the agent is not stopping and the disk still streams.
+    fn still_on(&self, cancel: &CancellationToken) -> Result<(), SyncRunError> {
+        if cancel.is_cancelled() {
+            return Err(SyncRunError::Cancelled);
+        }
+        if self.splitter.is_bitmap_only() {
+            return Err(SyncRunError::BitmapOnly);
+        }
+        Ok(())
+    }
+
     /// How much sync data may wait in the sender's queue for this disk, and the largest
     /// piece queued at once: together at most half the queue (the guest's writes keep
     /// the other half), small enough that a crash redoes little, large enough to cover
@@ -1302,12 +1308,7 @@ impl DiskSync {
             self.sender.disk_backlog(self.disk.id).map_or(0, |b| b.1)
         };
         loop {
-            if cancel.is_cancelled() {
-                return Err(SyncRunError::Cancelled);
-            }
-            if self.splitter.is_bitmap_only() {
-                return Err(SyncRunError::BitmapOnly);
-            }
+            self.still_on(cancel)?;
             let acked = self.sender.disk_backlog(self.disk.id).map_or(0, |b| b.1);
             if acked >= end_seq {
                 break;

@@ -254,7 +254,8 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, cancel: C
     }
 }
 
-async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
+/// Sends a refusal (best effort), closes, and returns the error for the caller's log.
+pub(crate) async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     reason: String,
 ) -> StreamError {

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{FrameReader, FrameWriter};
-use super::receiver::lock;
+use super::receiver::{lock, refuse};
 use super::{io, now_ms, StreamError};
 use crate::agent::crashsafe::{sync_parent_dir, temp_path, write_atomically};
 use crate::agent::journal::{Journal, JournalConfig, View};
@@ -307,16 +307,6 @@ impl BlockRead for HeadView {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.0.read_at(buf, offset).map_err(io::Error::other)
     }
-}
-
-async fn refuse<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, reason: String) -> StreamError {
-    let _ = writer
-        .send(&Frame::Refused {
-            reason: reason.clone(),
-        })
-        .await;
-    writer.shutdown().await;
-    StreamError::Refused(reason)
 }
 
 async fn blocking<T: Send + 'static>(
