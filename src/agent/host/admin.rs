@@ -73,6 +73,17 @@ impl From<AgentError> for AdminError {
     }
 }
 
+/// A JSON body, or the problem that says why it is not one.
+fn parsed<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, AdminError> {
+    body.map(|Json(t)| t).map_err(|e| {
+        AdminError(
+            StatusCode::BAD_REQUEST,
+            "request.invalid_body",
+            e.body_text(),
+        )
+    })
+}
+
 async fn status(State(agent): State<Arc<Agent>>) -> Json<AgentStatus> {
     Json(agent.status())
 }
@@ -81,13 +92,7 @@ async fn checkpoint(
     State(agent): State<Arc<Agent>>,
     body: Result<Json<CheckpointRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CheckpointReport>), AdminError> {
-    let Json(req) = body.map_err(|e| {
-        AdminError(
-            StatusCode::BAD_REQUEST,
-            "request.invalid_body",
-            e.body_text(),
-        )
-    })?;
+    let req = parsed(body)?;
     if req
         .tag
         .as_ref()
@@ -108,13 +113,7 @@ async fn sync(
     Path(name): Path<String>,
     body: Result<Json<SyncRequest>, JsonRejection>,
 ) -> Result<StatusCode, AdminError> {
-    let Json(req) = body.map_err(|e| {
-        AdminError(
-            StatusCode::BAD_REQUEST,
-            "request.invalid_body",
-            e.body_text(),
-        )
-    })?;
+    let req = parsed(body)?;
     agent.request_sync(&name, req.action)?;
     Ok(StatusCode::ACCEPTED)
 }
