@@ -51,7 +51,8 @@ impl Lab {
         self.storage().join(format!("disk-{id:016x}"))
     }
 
-    fn recovery_config(&self, port: u16) -> PathBuf {
+    /// The recovery agent's config; `agent_extra` goes into `[agent]`.
+    fn recovery_config_with(&self, port: u16, agent_extra: &str) -> PathBuf {
         let storage = self.storage();
         let text = recovery_toml(
             &self.path("rec"),
@@ -59,8 +60,13 @@ impl Lab {
             format!("127.0.0.1:{port}").parse().unwrap(),
             &self.sec(),
             &[(PROT, storage.as_path())],
-        );
+        )
+        .replacen("[agent]\n", &format!("[agent]\n{agent_extra}\n"), 1);
         write_config(self.dir.path(), REC, &text)
+    }
+
+    fn recovery_config(&self, port: u16) -> PathBuf {
+        self.recovery_config_with(port, "")
     }
 
     async fn recovery(&self, port: u16) -> AgentProc {
@@ -759,6 +765,36 @@ async fn initial_restarts_whole_when_the_tracking_was_lost() {
     assert_eq!(
         last.data_bytes, nonzero,
         "everything non-zero sent again: {last:?}"
+    );
+    let copy = checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
+    assert_same("source unchanged", &copy, &content);
+}
+
+/// An Initial Sync's data all goes through the stream, so its session carries nothing
+/// for seconds: keepalives hold it open past the recovery agent's peer timeout (2 s
+/// here), and the sync runs once, uninterrupted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pass_keeps_its_session_alive() {
+    let lab = Lab::new();
+    let d = DiskDef::new("vm12-d0", 121, 64 * MIB);
+    let content = fill_image(&lab.image(&d), d.size, 12, |c| c % 2 == 1);
+    let cfg = lab.recovery_config_with(0, "peer_timeout_secs = 2");
+    let mut rec = AgentProc::start(REC, &cfg, &lab.path("rec"), &[]).await;
+    let mut prot = lab
+        .protected(&d, rec.data_addr(), "sync_rate_limit = \"8 MiB\"", "")
+        .await;
+    let st = wait_synced(&prot, &rec, 1).await;
+    let last = disk(&st).sync.last.clone().unwrap();
+    assert_eq!(last.kind, SyncKind::Initial);
+    assert!(
+        last.duration_ms > 3000,
+        "the pass must outlast the timeout: {last:?}"
+    );
+    let events = std::fs::read_to_string(lab.path(PROT).join("state/sync-events.jsonl")).unwrap();
+    assert_eq!(
+        events.matches("\"sync_started\"").count(),
+        1,
+        "the sync was interrupted and restarted:\n{events}"
     );
     let copy = checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
     assert_same("source unchanged", &copy, &content);

@@ -110,6 +110,10 @@ pub struct AgentSection {
     pub peers: Vec<PeerSection>,
     #[serde(default)]
     pub allow: Vec<AllowSection>,
+    /// Seconds without a frame after which a stream or sync connection is given up (both
+    /// directions; the peers ping every second). Default 15 on the receiving side, 10 on
+    /// the sending side.
+    pub peer_timeout_secs: Option<u64>,
     /// Bytes per second one sync may queue (its data shares the stream with the guest's).
     pub sync_rate_limit: Option<ByteSize>,
     /// Syncs running at once on this host; the others wait by VPG priority.
@@ -244,6 +248,8 @@ pub struct AgentConfig {
     /// How long a clean shutdown waits for queued records to be acknowledged.
     pub drain_timeout: Duration,
     pub sync: SyncSettings,
+    /// `peer_timeout_secs`, when set.
+    pub peer_timeout: Option<Duration>,
 }
 
 fn addr(field: &str, value: &str) -> Result<SocketAddr, AgentConfigError> {
@@ -478,6 +484,15 @@ impl AgentConfig {
             });
         }
         let sync = sync_settings(file)?;
+        let peer_timeout = match file.peer_timeout_secs {
+            Some(s) if s < 2 => {
+                return Err(invalid(
+                    "peer_timeout_secs",
+                    "must be at least 2 (peers ping every second)",
+                ))
+            }
+            s => s.map(Duration::from_secs),
+        };
         Ok(AgentConfig {
             data_dir,
             site,
@@ -492,6 +507,7 @@ impl AgentConfig {
             persist_every: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             sync,
+            peer_timeout,
         })
     }
 

@@ -296,6 +296,9 @@ impl Agent {
                 }
                 let mut rc = ReceiverConfig::new(listen, server);
                 rc.allow = cfg.allow.clone().into_iter().collect::<HashMap<_, _>>();
+                if let Some(t) = cfg.peer_timeout {
+                    rc.peer_timeout = t;
+                }
                 let receiver = Receiver::bind(rc).await?;
                 data_addr = Some(receiver.local_addr()?);
                 let handle = receiver.handle();
@@ -349,6 +352,9 @@ impl Agent {
             sc.spill_limit = p.spill_limit;
             sc.spill_dir = (p.spill_limit > 0).then(|| cfg.spill_dir(&p.host_name));
             sc.away_bound = p.away_bound;
+            if let Some(t) = cfg.peer_timeout {
+                sc.peer_timeout = t;
+            }
             let (sender, events) = Sender::start(sc, specs, cancel.child_token())?;
             peers.push((p.clone(), sender, events));
         }

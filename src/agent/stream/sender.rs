@@ -516,6 +516,7 @@ impl Sender {
             reader: FrameReader::new(rd),
             writer: FrameWriter::new(wr, Compression::None),
             timeout: self.inner.cfg.peer_timeout,
+            keepalive: self.inner.cfg.ping_interval,
             last_sent: Instant::now(),
         })
     }
@@ -526,6 +527,8 @@ pub struct SessionConn {
     reader: FrameReader<tokio::io::ReadHalf<Box<dyn Io>>>,
     writer: FrameWriter<tokio::io::WriteHalf<Box<dyn Io>>>,
     timeout: Duration,
+    /// The stream's ping interval: well inside any peer timeout.
+    keepalive: Duration,
     last_sent: Instant,
 }
 
@@ -535,10 +538,10 @@ impl SessionConn {
         self.writer.send(f).await
     }
 
-    /// Sends a Ping if nothing was sent for a third of the peer timeout: a pass whose
-    /// data all goes through the stream keeps its session alive this way.
+    /// Sends a Ping if nothing was sent for a ping interval: a pass whose data all goes
+    /// through the stream keeps its session alive this way.
     pub async fn keepalive(&mut self) -> Result<(), StreamError> {
-        if self.last_sent.elapsed() < self.timeout / 3 {
+        if self.last_sent.elapsed() < self.keepalive {
             return Ok(());
         }
         self.send(&Frame::Ping {
