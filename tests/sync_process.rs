@@ -639,16 +639,16 @@ async fn size_mismatch_is_refused_before_anything_is_sent() {
     );
 }
 
-/// A pre-seeded replica a quarter of whose blocks differ: kill -9 of the protected agent
-/// in the middle of the Delta Sync; the restart resumes the comparison over what the
-/// bitmap still owes and the journal receives less than 1.2× the differing data.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delta_sync_survives_a_protected_kill9() {
+/// A pre-seeded replica a quarter of whose blocks differ; the protected agent stops in
+/// the middle of the Delta Sync (kill -9, or a clean stop); the restart goes on
+/// comparing what the bitmap still owes — a Delta again, not a Bitmap Sync of whole
+/// regions — and the journal receives less than 1.2× the differing data.
+async fn delta_interrupted_by_a_protected_stop(name: &str, id: u64, kill: bool) {
     let lab = Lab::new();
-    let d = DiskDef::new("vm8-d0", 81, 64 * MIB);
-    let content = fill_image(&lab.image(&d), d.size, 8, |_| true);
+    let d = DiskDef::new(name, id, 64 * MIB);
+    let content = fill_image(&lab.image(&d), d.size, id, |_| true);
     let mut seed = content.clone();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(88);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(id ^ 0x88);
     let mut differing = 0u64;
     for b in 0..d.size / 4096 {
         if rng.random_bool(0.25) {
@@ -665,7 +665,11 @@ async fn delta_sync_survives_a_protected_kill9() {
         .await;
     let pct = rand::rng().random_range(20..60);
     wait_progress(&prot, &rec, SyncKind::Delta, pct).await;
-    prot.kill9().await;
+    if kill {
+        prot.kill9().await;
+    } else {
+        prot.stop_clean().await;
+    }
     prot.spawn().await;
     let st = wait_synced(&prot, &rec, 1).await;
     let last = disk(&st).sync.last.clone().unwrap();
@@ -681,6 +685,16 @@ async fn delta_sync_survives_a_protected_kill9() {
     rec.spawn().await;
     let copy = checkpoint_and_verify(&lab, &mut prot, &mut rec, &d).await;
     assert_same("source unchanged", &copy, &content);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_sync_survives_a_protected_kill9() {
+    delta_interrupted_by_a_protected_stop("vm8-d0", 81, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_sync_resumes_as_a_delta_after_a_clean_stop() {
+    delta_interrupted_by_a_protected_stop("vm13-d0", 131, false).await;
 }
 
 /// A pre-seeded Delta and then an operator's Full Sync, each with qemu-io writing to the

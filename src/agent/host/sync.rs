@@ -33,7 +33,9 @@ use crate::model::sync::{
     SyncScope, Tracking,
 };
 use crate::proto::agent::{DiskSyncStatus, SyncAction, SyncOutcome, SyncPhase, SyncProgress};
-use crate::proto::stream::{sync_kind_byte, ChunkHash, Frame, RecordBody, ReplicaState, SyncFrame};
+use crate::proto::stream::{
+    sync_kind_byte, sync_kind_from_byte, ChunkHash, Frame, RecordBody, ReplicaState, SyncFrame,
+};
 
 /// Chunks per digest request (Delta), and requests kept in flight.
 const BATCH_CHUNKS: usize = 32;
@@ -718,6 +720,20 @@ impl DiskSync {
                     cancel,
                 )
                 .await;
+        };
+        // A Delta stopped by a clean shutdown left its owed regions in the bitmap: they
+        // are compared again rather than sent whole as a Bitmap Sync would.
+        let need = match running.and_then(sync_kind_from_byte) {
+            Some(SyncKind::Delta)
+                if need.kind == SyncKind::Bitmap && tracking == Tracking::Clean =>
+            {
+                SyncNeed {
+                    kind: SyncKind::Delta,
+                    scope: SyncScope::DirtyRegions,
+                    reason: need.reason,
+                }
+            }
+            _ => need,
         };
         // A sync the recovery agent saw begin and not end, of the kind we would run now,
         // resumes: the bitmap (with the activity log after a crash) holds what is left —
