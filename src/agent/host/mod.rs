@@ -362,10 +362,13 @@ impl Agent {
         let mut gates: BTreeMap<String, Arc<CompletionGate>> = BTreeMap::new();
         let registry = ExportRegistry::new();
         let sync_cancel = cancel.child_token();
-        let slots = Arc::new(sync::SyncSlots::new(cfg.sync.max_concurrent));
-        let sync_events = Arc::new(sync::SyncEventLog::new(
-            cfg.state_dir().join("sync-events.jsonl"),
-        ));
+        let sync_host = Arc::new(sync::SyncHost {
+            host_name: cfg.host_name.clone(),
+            settings: cfg.sync,
+            clock,
+            slots: sync::SyncSlots::new(cfg.sync.max_concurrent),
+            events: sync::SyncEventLog::new(cfg.state_dir().join("sync-events.jsonl")),
+        });
         let mut disks = Vec::new();
         for (d, o) in cfg.disks.iter().zip(opened) {
             let peer = d
@@ -399,15 +402,11 @@ impl Agent {
                 };
                 let ds = Arc::new(sync::DiskSync::new(
                     d.clone(),
-                    cfg.host_name.clone(),
                     Arc::clone(&device),
                     Arc::clone(&splitter),
                     peers[i].1.clone(),
-                    cfg.sync,
                     tracking,
-                    Arc::clone(&clock),
-                    Arc::clone(&slots),
-                    Arc::clone(&sync_events),
+                    Arc::clone(&sync_host),
                 ));
                 tasks.spawn(
                     Arc::clone(&ds)

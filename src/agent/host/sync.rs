@@ -202,6 +202,15 @@ impl SyncSlots {
     }
 }
 
+/// What the sync tasks of one host share.
+pub struct SyncHost {
+    pub host_name: String,
+    pub settings: SyncSettings,
+    pub clock: Arc<dyn Clock>,
+    pub slots: SyncSlots,
+    pub events: SyncEventLog,
+}
+
 /// Appends the start and end events of syncs to `<data-dir>/state/sync-events.jsonl`
 /// (the manager's event table takes them over once agents report to it).
 #[derive(Debug)]
@@ -273,14 +282,10 @@ struct View {
 /// The sync task of one replicated disk. See the module documentation.
 pub struct DiskSync {
     disk: DiskConfig,
-    host_name: String,
     device: Arc<ProtectedDevice<FileDevice>>,
     splitter: Arc<Splitter>,
     sender: Sender,
-    settings: SyncSettings,
-    clock: Arc<dyn Clock>,
-    slots: Arc<SyncSlots>,
-    events: Arc<SyncEventLog>,
+    host: Arc<SyncHost>,
     tracking: Mutex<Tracking>,
     requests: Mutex<Requests>,
     /// Consult the recovery agent even if nothing is owed locally (first start: the
@@ -428,29 +433,20 @@ enum Attempt {
 }
 
 impl DiskSync {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         disk: DiskConfig,
-        host_name: String,
         device: Arc<ProtectedDevice<FileDevice>>,
         splitter: Arc<Splitter>,
         sender: Sender,
-        settings: SyncSettings,
         tracking: Tracking,
-        clock: Arc<dyn Clock>,
-        slots: Arc<SyncSlots>,
-        events: Arc<SyncEventLog>,
+        host: Arc<SyncHost>,
     ) -> Self {
         DiskSync {
             disk,
-            host_name,
             device,
             splitter,
             sender,
-            settings,
-            clock,
-            slots,
-            events,
+            host,
             tracking: Mutex::new(tracking),
             requests: Mutex::new(Requests::default()),
             check: AtomicBool::new(true),
@@ -654,7 +650,7 @@ impl DiskSync {
         self.send(
             &mut conn,
             SyncFrame::Hello {
-                host_name: self.host_name.clone(),
+                host_name: self.host.host_name.clone(),
                 disk_id: self.disk.id,
                 size: self.disk.size,
             },
@@ -745,7 +741,7 @@ impl DiskSync {
         match may_start(
             &need,
             self.disk.resync,
-            self.clock.minute_of_day(),
+            self.host.clock.minute_of_day(),
             // An operator's Force or Full Sync is itself the go-ahead the policy waits for.
             requests.resume || requests.force || requests.full || resuming,
         ) {
@@ -778,7 +774,7 @@ impl DiskSync {
         self.set_phase(SyncPhase::Queued, None);
         let _slot = tokio::select! {
             _ = cancel.cancelled() => return Err(SyncRunError::Cancelled),
-            s = self.slots.acquire(QueuedSync {
+            s = self.host.slots.acquire(QueuedSync {
                 vpg_priority: self.disk.priority,
                 kind: need.kind,
                 since: self.since.elapsed().as_millis() as u64,
@@ -804,7 +800,7 @@ impl DiskSync {
             })
             .await??;
         }
-        let hash = self.settings.hash;
+        let hash = self.host.settings.hash;
         self.send(
             &mut conn,
             SyncFrame::Begin {
@@ -847,7 +843,7 @@ impl DiskSync {
             });
         }
         let started = Instant::now();
-        self.events.append(&serde_json::json!({
+        self.host.events.append(&serde_json::json!({
             "event": "sync_started",
             "time_ms": crate::agent::stream::now_ms(),
             "disk": self.disk.name,
@@ -888,7 +884,7 @@ impl DiskSync {
             }
             Err(e) => outcome("interrupted", Some(e.to_string())),
         };
-        self.events.append(&serde_json::json!({
+        self.host.events.append(&serde_json::json!({
             "event": "sync_ended",
             "time_ms": o.ended_ms,
             "disk": self.disk.name,
@@ -936,7 +932,7 @@ impl DiskSync {
         loop {
             self.still_on(cancel)?;
             let queued = self.sender.disk_backlog(self.disk.id).map_or(0, |b| b.0);
-            let rate_wait = self.settings.rate_limit.and_then(|rate| {
+            let rate_wait = self.host.settings.rate_limit.and_then(|rate| {
                 let sent = self.counters.data_bytes.load(Ordering::Relaxed) - sent_at_start;
                 let due = Duration::from_secs_f64(sent as f64 / rate as f64);
                 due.checked_sub(started.elapsed())
@@ -969,7 +965,7 @@ impl DiskSync {
     /// an fsync round trip.
     fn pacing(&self) -> (u64, u64) {
         let q = self.sender.queue_memory() as u64;
-        let block = self.settings.hash.block();
+        let block = self.host.settings.hash.block();
         let piece = ((q / 8).clamp(64 << 10, 1 << 20) / block * block).max(block);
         let budget = (q / 2).saturating_sub(piece).min(16 << 20);
         (budget, piece)
@@ -998,7 +994,7 @@ impl DiskSync {
     async fn send_range(&self, range: Range<u64>, skip_zero: bool) -> Result<(), SyncRunError> {
         let dev = Arc::clone(&self.device);
         let splitter = Arc::clone(&self.splitter);
-        let block = self.settings.hash.block_size as usize;
+        let block = self.host.settings.hash.block_size as usize;
         let r = Self::blocking(move || {
             let len = range.end - range.start;
             let mut buf = vec![0u8; len as usize];
@@ -1062,7 +1058,7 @@ impl DiskSync {
         ranges: &[Range<u64>],
         cancel: &CancellationToken,
     ) -> Result<(), SyncRunError> {
-        let hash = self.settings.hash;
+        let hash = self.host.settings.hash;
         let chunk = hash.chunk_size();
         let started = Instant::now();
         let sent_at_start = self.counters.data_bytes.load(Ordering::Relaxed);
@@ -1152,7 +1148,7 @@ impl DiskSync {
         sent_at_start: u64,
         cancel: &CancellationToken,
     ) -> Result<(), SyncRunError> {
-        let hash = self.settings.hash;
+        let hash = self.host.settings.hash;
         let size = self.disk.size;
         let chunks: Vec<u64> = ranges
             .iter()
