@@ -19,33 +19,11 @@ use bulwark::proto::agent::{
     AgentStatus, CheckpointReport, CheckpointRequest, ReplicationMode, StartState, SyncPhase,
 };
 
-const PROT: &str = "prot1";
-const REC: &str = "rec1";
-
-/// One test's world: a temp dir with a lab CA and certificates for the hosts.
-struct Lab {
-    dir: tempfile::TempDir,
+fn lab() -> Lab {
+    Lab::new(&["prot2"])
 }
 
 impl Lab {
-    fn new() -> Lab {
-        let dir = tempfile::tempdir().unwrap();
-        bulwark::agent::tls::lab_certs(
-            &dir.path().join("certs"),
-            &[PROT.into(), REC.into(), "prot2".into()],
-        )
-        .unwrap();
-        Lab { dir }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn tls(&self) -> Sec {
-        Sec::Dir(self.path("certs"))
-    }
-
     /// Where the recovery agent keeps what `host` sends.
     fn storage(&self, host: &str) -> PathBuf {
         self.path("rec").join(format!("from-{host}"))
@@ -214,7 +192,7 @@ async fn qemu_ok(prot: &AgentProc, disk: &str, cache: &str, cmds: Vec<String>) {
 ///    checkpoint at a quiet point; the journal views equal copies of the sources.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_disks_over_mutual_tls_match_the_source_at_the_checkpoint() {
-    let lab = Lab::new();
+    let lab = lab();
     let mut rec = lab.recovery(&lab.tls(), 0, &[PROT], &[]).await;
     let disks = [
         DiskDef::new("vm1-d0", 11, 40 * MIB),
@@ -293,7 +271,7 @@ async fn load_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cuts_mid_load_lose_and_repeat_nothing() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let lab = Lab::new();
+    let lab = lab();
     let mut rec = lab.recovery(&lab.tls(), 0, &[PROT], &[]).await;
     let proxy = Proxy::start(rec.data_addr()).await;
     let disks = [
@@ -364,7 +342,7 @@ async fn connection_cuts_mid_load_lose_and_repeat_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_agent_kill9_under_load_converges() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let lab = Lab::new();
+    let lab = lab();
     let port = free_port();
     let mut rec = lab.recovery(&lab.tls(), port, &[PROT], &[]).await;
     let disks = [
@@ -402,7 +380,7 @@ async fn recovery_agent_kill9_under_load_converges() {
 ///    every region written meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_buffer_with_peer_away_goes_bitmap_only_without_blocking() {
-    let lab = Lab::new();
+    let lab = lab();
     let nobody = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let disks = [DiskDef::new("vm4-d0", 41, 32 * MIB)];
     let p = peer(nobody, "queue_memory = \"256 KiB\"\nspill_limit = 0");
@@ -469,7 +447,7 @@ async fn full_buffer_with_peer_away_goes_bitmap_only_without_blocking() {
 ///    that went idle, may legitimately be in neither.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protected_agent_kill9_restarts_unclean_with_bounded_activity_log() {
-    let lab = Lab::new();
+    let lab = lab();
     let mut rec = lab.recovery(&lab.tls(), free_port(), &[PROT], &[]).await;
     let disks = [
         DiskDef::new("vm5-big", 51, 2048 * MIB),
@@ -678,7 +656,7 @@ async fn protected_agent_kill9_restarts_unclean_with_bounded_activity_log() {
 ///    the recovery agent receives nothing from either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_certificate_and_unlisted_host_are_refused() {
-    let lab = Lab::new();
+    let lab = lab();
     let foreign = lab.path("foreign-ca");
     bulwark::agent::tls::lab_certs(&foreign, &[PROT.into(), "prot3".into()]).unwrap();
     // Only prot1 is allowed; prot1 shows up with a certificate of the foreign CA.
@@ -790,7 +768,7 @@ async fn foreign_certificate_and_unlisted_host_are_refused() {
 /// 7. `--insecure` on both sides: plain TCP works end to end, and both agents warn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insecure_flag_works_and_warns() {
-    let lab = Lab::new();
+    let lab = lab();
     let mut rec = lab.recovery(&Sec::Flag, 0, &[PROT], &["--insecure"]).await;
     let disks = [DiskDef::new("vm7-d0", 71, 16 * MIB)];
     let p = peer(rec.data_addr(), "");
@@ -822,7 +800,7 @@ async fn insecure_flag_works_and_warns() {
 ///    and leaves the image alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_disk_sizes_are_refused_and_images_left_alone() {
-    let lab = Lab::new();
+    let lab = lab();
     // Not a multiple of 512.
     let data = lab.path("odd");
     let text = protected_toml(
@@ -881,7 +859,7 @@ async fn bad_disk_sizes_are_refused_and_images_left_alone() {
 ///    source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_recovery_journal_is_rebuilt_by_a_sync() {
-    let lab = Lab::new();
+    let lab = lab();
     let port = free_port();
     let mut rec = lab.recovery(&lab.tls(), port, &[PROT], &[]).await;
     let disks = [DiskDef::new("vm9-d0", 91, 16 * MIB)];

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bulwark::agent::host::{Agent, AgentConfig, AgentFlags, AgentSection};
+use bulwark::agent::host::{Agent, AgentConfig};
 use bulwark::agent::journal::{Journal, JournalConfig};
 use bulwark::model::status::SyncKind;
 use bulwark::proto::agent::{CheckpointRequest, SyncAction, SyncOutcome};
@@ -19,19 +19,7 @@ const BLOCK: usize = 4096;
 const SIZE: usize = 4 << 20;
 
 fn config(dir: &Path, host: &str, text: &str) -> AgentConfig {
-    let file: AgentSection = toml::from_str(text).unwrap();
-    AgentConfig::resolve(
-        &file,
-        AgentFlags {
-            data_dir: Some(dir.join(host)),
-            site: Some(host.into()),
-            host_name: Some(host.into()),
-            nbd_listen: Some("127.0.0.1:0".into()),
-            insecure: true,
-            ..AgentFlags::default()
-        },
-    )
-    .unwrap()
+    AgentConfig::loopback(dir, host, text, None).unwrap()
 }
 
 async fn synced(agent: &Agent, n: u64) -> SyncOutcome {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulwark::agent::host::sync::Clock;
-use bulwark::agent::host::{Agent, AgentConfig, AgentFlags, AgentSection};
+use bulwark::agent::host::{Agent, AgentConfig};
 use bulwark::model::status::SyncKind;
 use bulwark::proto::agent::{AgentStatus, ProtectedDiskStatus, SyncAction, SyncPhase};
 
@@ -23,19 +23,7 @@ impl Clock for FixedClock {
 }
 
 fn config(dir: &Path, host: &str, text: &str) -> AgentConfig {
-    let file: AgentSection = toml::from_str(text).unwrap();
-    AgentConfig::resolve(
-        &file,
-        AgentFlags {
-            data_dir: Some(dir.join(host)),
-            site: Some("s".into()),
-            host_name: Some(host.into()),
-            nbd_listen: Some("127.0.0.1:0".into()),
-            insecure: true,
-            ..AgentFlags::default()
-        },
-    )
-    .unwrap()
+    AgentConfig::loopback(dir, host, text, None).unwrap()
 }
 
 fn disk<'a>(s: &'a AgentStatus, name: &str) -> &'a ProtectedDiskStatus {

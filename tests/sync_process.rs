@@ -20,29 +20,7 @@ use bulwark::proto::agent::{
 };
 use rand::{Rng, RngCore, SeedableRng};
 
-const PROT: &str = "prot1";
-const REC: &str = "rec1";
-
-struct Lab {
-    dir: tempfile::TempDir,
-}
-
 impl Lab {
-    fn new() -> Lab {
-        let dir = tempfile::tempdir().unwrap();
-        bulwark::agent::tls::lab_certs(&dir.path().join("certs"), &[PROT.into(), REC.into()])
-            .unwrap();
-        Lab { dir }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn sec(&self) -> Sec {
-        Sec::Dir(self.path("certs"))
-    }
-
     fn storage(&self) -> PathBuf {
         self.path("rec").join(format!("from-{PROT}"))
     }
@@ -58,7 +36,7 @@ impl Lab {
             &self.path("rec"),
             REC,
             format!("127.0.0.1:{port}").parse().unwrap(),
-            &self.sec(),
+            &self.tls(),
             &[(PROT, storage.as_path())],
         )
         .replacen("[agent]\n", &format!("[agent]\n{agent_extra}\n"), 1);
@@ -92,7 +70,7 @@ impl Lab {
         let text = protected_toml(
             &data,
             PROT,
-            &self.sec(),
+            &self.tls(),
             std::slice::from_ref(disk),
             Some(&peer),
         )
@@ -248,7 +226,7 @@ async fn checkpoint_and_verify(
 /// the source. A checkpoint taken during the sync is not recoverable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_sync_under_writes_is_exact_and_skips_zero_blocks() {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let d = DiskDef::new("vm1-d0", 11, 128 * MIB);
     let content = fill_image(&lab.image(&d), d.size, 1, |c| c % 4 == 1);
     let nonzero = nonzero_bytes(&content);
@@ -318,7 +296,7 @@ async fn initial_sync_under_writes_is_exact_and_skips_zero_blocks() {
 /// from the persisted bitmap, not from zero.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protected_kill9_mid_initial_resumes() {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let d = DiskDef::new("vm2-d0", 21, 160 * MIB);
     let content = fill_image(&lab.image(&d), d.size, 2, |c| c % 5 != 0);
     let nonzero = nonzero_bytes(&content);
@@ -353,7 +331,7 @@ async fn protected_kill9_mid_initial_resumes() {
 /// what was not durable, the sync resumes from its cursor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_kill9_mid_initial_resumes() {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let d = DiskDef::new("vm3-d0", 31, 160 * MIB);
     let content = fill_image(&lab.image(&d), d.size, 3, |c| c % 3 != 0);
     let nonzero = nonzero_bytes(&content);
@@ -423,7 +401,7 @@ const OUTAGE_PEER: &str = "queue_memory = \"1 MiB\"\nspill_limit = 0";
 /// dirty bytes and the view at the next checkpoint equal to the source. Returns the kind
 /// of the sync that finished.
 async fn bitmap_after_outage_with_kill9(name: &str, id: u64, kill_protected: bool) -> SyncKind {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let d = DiskDef::new(name, id, 96 * MIB);
     let mut rec = lab.recovery(free_port()).await;
     let mut prot = lab
@@ -483,7 +461,7 @@ async fn bitmap_sync_after_an_outage_survives_a_recovery_kill9() {
 /// operator's Full Sync with kill -9 of the recovery agent in its middle ends exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_and_full_syncs_survive_kill9_of_either_side() {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let d = DiskDef::new("vm5-d0", 51, 96 * MIB);
     let content = fill_image(&lab.image(&d), d.size, 5, |c| c % 2 == 0);
     let port = free_port();
@@ -537,7 +515,7 @@ async fn force_and_full_syncs_survive_kill9_of_either_side() {
 /// first sync is a Delta that sends only the blocks that differ.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preseeded_replica_is_brought_level_by_a_delta() {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let d = DiskDef::new("vm6-d0", 61, 64 * MIB);
     let content = fill_image(&lab.image(&d), d.size, 6, |_| true);
     // The seed: the same disk with 1 % of its 4 KiB blocks changed.
@@ -595,7 +573,7 @@ async fn preseeded_replica_is_brought_level_by_a_delta() {
 /// anything is sent, with both sizes in the reason; the journal is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn size_mismatch_is_refused_before_anything_is_sent() {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let small = DiskDef::new("vm7-d0", 71, 8 * MIB);
     fill_image(&lab.image(&small), small.size, 7, |_| true);
     let port = free_port();
@@ -644,7 +622,7 @@ async fn size_mismatch_is_refused_before_anything_is_sent() {
 /// comparing what the bitmap still owes — a Delta again, not a Bitmap Sync of whole
 /// regions — and the journal receives less than 1.2× the differing data.
 async fn delta_interrupted_by_a_protected_stop(name: &str, id: u64, kill: bool) {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let d = DiskDef::new(name, id, 64 * MIB);
     let content = fill_image(&lab.image(&d), d.size, id, |_| true);
     let mut seed = content.clone();
@@ -702,7 +680,7 @@ async fn delta_sync_resumes_as_a_delta_after_a_clean_stop() {
 /// view at the next checkpoint equal to the source at that moment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_and_full_under_writes_survive_a_recovery_kill9() {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let d = DiskDef::new("vm9-d0", 91, 48 * MIB);
     let content = fill_image(&lab.image(&d), d.size, 9, |c| c % 3 != 2);
     let mut seed = content.clone();
@@ -759,7 +737,7 @@ async fn delta_and_full_under_writes_survive_a_recovery_kill9() {
 /// over an empty bitmap) and ends exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_restarts_whole_when_the_tracking_was_lost() {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let d = DiskDef::new("vm11-d0", 111, 64 * MIB);
     let content = fill_image(&lab.image(&d), d.size, 11, |c| c % 2 == 0);
     let nonzero = nonzero_bytes(&content);
@@ -789,7 +767,7 @@ async fn initial_restarts_whole_when_the_tracking_was_lost() {
 /// here), and the sync runs once, uninterrupted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_pass_keeps_its_session_alive() {
-    let lab = Lab::new();
+    let lab = Lab::new(&[]);
     let d = DiskDef::new("vm12-d0", 121, 64 * MIB);
     let content = fill_image(&lab.image(&d), d.size, 12, |c| c % 2 == 1);
     let cfg = lab.recovery_config_with(0, "peer_timeout_secs = 2");

@@ -23,6 +23,38 @@ use tokio_util::sync::CancellationToken;
 
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
+/// The protected and the recovery host of the lab.
+pub const PROT: &str = "prot1";
+pub const REC: &str = "rec1";
+
+/// One test's world: a temp dir with a lab CA and certificates for [`PROT`], [`REC`] and
+/// `more` hosts.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+}
+
+impl Lab {
+    pub fn new(more: &[&str]) -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts: Vec<String> = [PROT, REC]
+            .iter()
+            .chain(more)
+            .map(|h| h.to_string())
+            .collect();
+        bulwark::agent::tls::lab_certs(&dir.path().join("certs"), &hosts).unwrap();
+        Lab { dir }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Mutual TLS with the lab certificates.
+    pub fn tls(&self) -> Sec {
+        Sec::Dir(self.path("certs"))
+    }
+}
+
 /// Bits of the per-epoch counter in a sequence number.
 pub const EPOCH_SHIFT: u32 = 40;
 /// How long any wait may take before the test gives up.

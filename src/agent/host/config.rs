@@ -324,6 +324,34 @@ fn compression(field: &str, v: Option<&str>) -> Result<Compression, AgentConfigE
 }
 
 impl AgentConfig {
+    /// An agent on loopback for labs, tests and benchmarks: `section` is the body of an
+    /// `[agent]` section, data under `dir/<host>`, the site named after the host, NBD
+    /// exports on a port the OS picks; mutual TLS with the certificates in `tls_dir`, or
+    /// plain TCP without.
+    pub fn loopback(
+        dir: &Path,
+        host: &str,
+        section: &str,
+        tls_dir: Option<PathBuf>,
+    ) -> Result<AgentConfig, AgentConfigError> {
+        let file: AgentSection =
+            toml::from_str(section).map_err(|e| invalid("[agent]", e.to_string()))?;
+        AgentConfig::resolve(
+            &file,
+            AgentFlags {
+                data_dir: Some(dir.join(host)),
+                site: Some(host.into()),
+                host_name: Some(host.into()),
+                nbd_listen: Some("127.0.0.1:0".into()),
+                insecure: tls_dir.is_none(),
+                tls_dir,
+                ..AgentFlags::default()
+            },
+        )
+    }
+}
+
+impl AgentConfig {
     /// Flags over the file over defaults; checks every rule.
     pub fn resolve(file: &AgentSection, flags: AgentFlags) -> Result<Self, AgentConfigError> {
         let data_dir = flags

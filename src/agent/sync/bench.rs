@@ -662,21 +662,15 @@ mod agents {
     use anyhow::{bail, Context};
 
     use super::{same_as_view, Row};
-    use crate::agent::host::{Agent, AgentConfig, AgentFlags, AgentSection};
+    use crate::agent::host::{Agent, AgentConfig};
     use crate::proto::agent::{AgentStatus, CheckpointRequest, SyncAction, SyncOutcome};
 
     fn config(dir: &Path, host: &str, text: &str) -> anyhow::Result<AgentConfig> {
-        let file: AgentSection = toml::from_str(text)?;
-        Ok(AgentConfig::resolve(
-            &file,
-            AgentFlags {
-                data_dir: Some(dir.join(host)),
-                site: Some(host.into()),
-                host_name: Some(host.into()),
-                nbd_listen: Some("127.0.0.1:0".into()),
-                tls_dir: Some(dir.join("certs")),
-                ..AgentFlags::default()
-            },
+        Ok(AgentConfig::loopback(
+            dir,
+            host,
+            text,
+            Some(dir.join("certs")),
         )?)
     }
 
