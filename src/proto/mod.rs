@@ -4,4 +4,5 @@
 
 pub mod agent;
 pub mod api;
+pub mod control;
 pub mod stream;

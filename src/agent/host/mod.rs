@@ -833,6 +833,96 @@ impl Agent {
     }
 }
 
+/// Managed protection: what the control channel (`agent::control`) drives. The agent
+/// converges to the desired state the manager sends; checkpoint rounds are two-phase
+/// (hold → the manager's release) and bounded.
+impl Agent {
+    /// Converges to `desired`: disks listed replicate to their recovery host with their
+    /// VPG as consistency group (paused ones track in the bitmap only); disks not listed
+    /// stop replicating; peers are added/removed; the receiver accepts exactly the
+    /// protected hosts listed. Idempotent. Persists `desired` under `state/` so a restart
+    /// resumes it before the manager is reachable.
+    pub async fn apply(&self, desired: &crate::proto::control::DesiredState) -> Result<(), AgentError> {
+        let _ = desired;
+        Err(AgentError::Task("apply: not built yet".into()))
+    }
+
+    /// Version of the desired state this agent runs (persisted), if any.
+    pub fn desired_version(&self) -> Option<u64> {
+        None
+    }
+
+    /// Phase one of a round: hold write completions of every disk of `hold.vpg_id` on
+    /// this host, insert marker `hold.round` into each disk's stream, and keep holding
+    /// until [`Agent::release_round`] or `hold.bound_ms` (then release by itself). With
+    /// `barrier: false` release at once. The receiver resolves when completions flow
+    /// again, with how long they were held and whether the release was on time.
+    pub fn hold_round(
+        self: &Arc<Self>,
+        hold: &crate::proto::control::RoundHold,
+    ) -> (
+        crate::proto::control::RoundHeld,
+        Option<tokio::sync::oneshot::Receiver<crate::proto::control::RoundReleased>>,
+    ) {
+        (
+            crate::proto::control::RoundHeld {
+                round: hold.round,
+                vpg_id: hold.vpg_id.clone(),
+                timestamp_ms: 0,
+                disks: vec![],
+                error: Some("hold_round: not built yet".into()),
+            },
+            None,
+        )
+    }
+
+    /// Phase two: release the round's hold (no-op if it already ended). Returns whether
+    /// it was still held.
+    pub fn release_round(&self, round: u64) -> bool {
+        let _ = round;
+        false
+    }
+
+    /// Recovery side: one report per journal this host keeps. `reported` remembers, per
+    /// (host, disk), the newest checkpoint id already reported on the current control
+    /// connection (reset it on reconnect to report everything again).
+    pub fn journal_reports(
+        &self,
+        reported: &mut HashMap<(String, u64), u64>,
+    ) -> Vec<crate::proto::control::JournalReport> {
+        let _ = reported;
+        vec![]
+    }
+
+    /// Events worth recording at the manager (sync start/end, stream connected/lost,
+    /// bitmap-only, replica behind).
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<crate::proto::control::AgentEvent> {
+        tokio::sync::broadcast::channel(1).1
+    }
+
+    /// Opens (creating a sparse image if missing) and exports a new disk at run time.
+    pub async fn add_disk(&self, disk: config::DiskConfig) -> Result<(), AgentError> {
+        Err(AgentError::Disk {
+            name: disk.name,
+            reason: "add_disk: not built yet".into(),
+        })
+    }
+
+    /// Serves or withdraws a disk's NBD export (a powered-off VM's disks are not served).
+    /// Withdrawing drains in-flight requests first.
+    pub async fn set_exported(&self, disk_name: &str, exported: bool) -> Result<(), AgentError> {
+        let _ = exported;
+        Err(AgentError::NoSuchDisk(disk_name.to_string()))
+    }
+
+    /// Recovery side: deletes the journal and replica of (host, disk_id), which must not
+    /// be streaming any more.
+    pub async fn drop_replica(&self, host: &str, disk_id: u64) -> Result<(), AgentError> {
+        let _ = (host, disk_id);
+        Err(AgentError::Task("drop_replica: not built yet".into()))
+    }
+}
+
 async fn watch_events(
     mut events: mpsc::UnboundedReceiver<StreamEvent>,
     splitters: HashMap<u64, (Arc<Splitter>, Option<Arc<sync::DiskSync>>)>,
