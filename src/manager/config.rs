@@ -46,6 +46,15 @@ pub struct ManagerSection {
     pub listen: Option<String>,
     pub database_url: Option<String>,
     pub web_dir: Option<PathBuf>,
+    /// Agents report this often (ms).
+    pub heartbeat_ms: Option<u64>,
+    /// Silence after which a host counts as disconnected (ms).
+    pub disconnect_after_ms: Option<u64>,
+    /// The longest an agent holds write completions in a checkpoint round (ms).
+    pub checkpoint_hold_bound_ms: Option<u64>,
+    /// Test-only: run checkpoint rounds without the consistency barrier.
+    #[serde(default)]
+    pub test_disable_checkpoint_barrier: bool,
 }
 
 impl ConfigFile {
@@ -70,6 +79,7 @@ pub struct ManagerConfig {
     pub web_dir: Option<PathBuf>,
     /// Create and print an admin token when the database has none.
     pub bootstrap_token: bool,
+    pub control: crate::manager::control::ControlSettings,
 }
 
 impl ManagerConfig {
@@ -95,8 +105,30 @@ impl ManagerConfig {
                 .or_else(|| file.manager.web_dir.clone())
                 .or_else(default_web_dir),
             bootstrap_token: true,
+            control: control_settings(&file.manager),
         })
     }
+}
+
+fn control_settings(m: &ManagerSection) -> crate::manager::control::ControlSettings {
+    use std::time::Duration;
+    let mut c = crate::manager::control::ControlSettings::default();
+    if let Some(v) = m.heartbeat_ms {
+        c.heartbeat = Duration::from_millis(v.max(50));
+    }
+    if let Some(v) = m.disconnect_after_ms {
+        c.disconnect_after = Duration::from_millis(v.max(100));
+    }
+    if let Some(v) = m.checkpoint_hold_bound_ms {
+        c.hold_bound = Duration::from_millis(v.clamp(1, 10_000));
+    }
+    if m.test_disable_checkpoint_barrier {
+        tracing::warn!(
+            "test_disable_checkpoint_barrier: checkpoints are NOT crash-consistent across hosts"
+        );
+        c.barrier = false;
+    }
+    c
 }
 
 /// `./web` when run from a checkout, else the checkout this binary was built from.

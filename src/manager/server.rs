@@ -3,6 +3,7 @@
 
 use super::api;
 use super::config::ManagerConfig;
+use super::control::ControlPlane;
 use super::metrics::Metrics;
 use super::store::{Store, StoreError};
 use axum::Router;
@@ -28,6 +29,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     store: Store,
+    control: Arc<ControlPlane>,
     /// The admin token created on first start, if this start created one.
     pub bootstrap_secret: Option<String>,
 }
@@ -44,7 +46,14 @@ impl Application {
             None
         };
         let metrics = Arc::new(Metrics::new());
-        let router = api::router(store.clone(), metrics, config.web_dir.as_deref());
+        let control = ControlPlane::new(store.clone(), config.control.clone());
+        control.start();
+        let router = api::router(
+            store.clone(),
+            metrics,
+            Arc::clone(&control),
+            config.web_dir.as_deref(),
+        );
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -56,6 +65,7 @@ impl Application {
             listener,
             router,
             store,
+            control,
             bootstrap_secret,
         })
     }
@@ -70,12 +80,23 @@ impl Application {
         &self.store
     }
 
+    pub fn control(&self) -> &Arc<ControlPlane> {
+        &self.control
+    }
+
     /// Serves until `shutdown` completes, then lets in-flight requests finish.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         tracing::info!(addr = %self.local_addr(), "manager listening");
+        // Agent connections are long-lived: they end with the control plane, which ends
+        // when shutdown begins, so the graceful shutdown does not wait for them forever.
+        let control = Arc::clone(&self.control);
+        let shutdown = async move {
+            shutdown.await;
+            control.shutdown().await;
+        };
         axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await

@@ -281,7 +281,10 @@ pub struct AgentEvent {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CommandBody {
     /// Resume a held sync, Force Sync (Delta over the whole disk) or Full Sync.
-    Sync { disk_id: u64, action: SyncAction },
+    Sync {
+        disk_id: u64,
+        action: SyncAction,
+    },
     /// Simulated hypervisor: a new VM with new (sparse, zeroed) disks.
     CreateVm {
         name: String,
@@ -289,10 +292,17 @@ pub enum CommandBody {
         memory_mib: u64,
         disks: Vec<NewDisk>,
     },
-    PowerOn { vm: String },
-    PowerOff { vm: String },
+    PowerOn {
+        vm: String,
+    },
+    PowerOff {
+        vm: String,
+    },
     /// Recovery side: delete the journal and replica disk of a disk no longer protected.
-    DropReplica { host: String, disk_id: u64 },
+    DropReplica {
+        host: String,
+        disk_id: u64,
+    },
 }
 
 /// A disk to create with a VM.
@@ -328,7 +338,10 @@ pub enum AgentMessage {
     Inventory(Inventory),
     /// The agent now runs desired state `version` (or failed to, with the reason; it
     /// keeps converging and reports again).
-    Applied { version: u64, error: Option<String> },
+    Applied {
+        version: u64,
+        error: Option<String>,
+    },
     Held(RoundHeld),
     Released(RoundReleased),
     CommandResult(CommandResult),
@@ -347,12 +360,19 @@ pub enum ManagerMessage {
     },
     /// The connection is refused (bad credential, protocol, name taken); the socket
     /// closes after this.
-    Rejected { code: String, reason: String },
+    Rejected {
+        code: String,
+        reason: String,
+    },
     Desired(DesiredState),
     Hold(RoundHold),
-    Release { round: u64 },
+    Release {
+        round: u64,
+    },
     /// Release now: the round failed elsewhere.
-    Abort { round: u64 },
+    Abort {
+        round: u64,
+    },
     Command(Command),
 }
 
@@ -392,12 +412,15 @@ mod tests {
         assert!(s.contains(r#""kind":"user_tagged""#), "{s}");
         assert_eq!(serde_json::from_str::<ManagerMessage>(&s).unwrap(), m);
         // An older manager that does not send `barrier` means a real barrier.
-        let old = r#"{"type":"hold","round":1,"vpg_id":"v","kind":"scheduled","tag":null,"bound_ms":5}"#;
+        let old =
+            r#"{"type":"hold","round":1,"vpg_id":"v","kind":"scheduled","tag":null,"bound_ms":5}"#;
         match serde_json::from_str::<ManagerMessage>(old).unwrap() {
             ManagerMessage::Hold(h) => assert!(h.barrier && h.quiesce.is_empty()),
             other => panic!("{other:?}"),
         }
-        let c = Credential::HostKey { key: "secret".into() };
+        let c = Credential::HostKey {
+            key: "secret".into(),
+        };
         assert_eq!(c.to_string(), "host key");
         assert!(!format!("{c}").contains("secret"));
     }

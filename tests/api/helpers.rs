@@ -117,6 +117,7 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
         database_url: db.url.clone(),
         web_dir: None,
         bootstrap_token: true,
+        control: Default::default(),
     };
     let app = Application::build(&config).await.expect("manager starts");
     let addr = app.local_addr();

@@ -842,13 +842,22 @@ impl Agent {
     /// stop replicating; peers are added/removed; the receiver accepts exactly the
     /// protected hosts listed. Idempotent. Persists `desired` under `state/` so a restart
     /// resumes it before the manager is reachable.
-    pub async fn apply(&self, desired: &crate::proto::control::DesiredState) -> Result<(), AgentError> {
+    pub async fn apply(
+        &self,
+        desired: &crate::proto::control::DesiredState,
+    ) -> Result<(), AgentError> {
         let _ = desired;
         Err(AgentError::Task("apply: not built yet".into()))
     }
 
     /// Version of the desired state this agent runs (persisted), if any.
     pub fn desired_version(&self) -> Option<u64> {
+        None
+    }
+
+    /// The desired state persisted by the last [`Agent::apply`] (`state/desired.json`),
+    /// if any: applied at start, before the manager is reachable.
+    pub fn persisted_desired(&self) -> Option<crate::proto::control::DesiredState> {
         None
     }
 
@@ -896,7 +905,9 @@ impl Agent {
 
     /// Events worth recording at the manager (sync start/end, stream connected/lost,
     /// bitmap-only, replica behind).
-    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<crate::proto::control::AgentEvent> {
+    pub fn subscribe_events(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<crate::proto::control::AgentEvent> {
         tokio::sync::broadcast::channel(1).1
     }
 

@@ -12,6 +12,7 @@ mod vpgs;
 
 pub use error::ApiError;
 
+use super::control::ControlPlane;
 use super::metrics::Metrics;
 use super::store::Store;
 use axum::extract::{MatchedPath, Request, State};
@@ -36,6 +37,7 @@ use utoipa_axum::routes;
 pub struct AppState {
     pub store: Store,
     pub metrics: Arc<Metrics>,
+    pub control: Arc<ControlPlane>,
     openapi_json: Arc<String>,
 }
 
@@ -133,12 +135,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// Largest accepted request body: a VPG of 1,000 members with settings fits easily.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
-pub fn router(store: Store, metrics: Arc<Metrics>, web_dir: Option<&Path>) -> Router {
+pub fn router(
+    store: Store,
+    metrics: Arc<Metrics>,
+    control: Arc<ControlPlane>,
+    web_dir: Option<&Path>,
+) -> Router {
     let doc = openapi();
     let openapi_json = Arc::new(doc.to_json().unwrap_or_else(|_| "{}".into()));
     let state = AppState {
         store,
         metrics,
+        control,
         openapi_json,
     };
     let (api, _) = api_routes().split_for_parts();

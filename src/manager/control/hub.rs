@@ -75,7 +75,11 @@ impl Hub {
     /// A host's new connection. An older connection of the same host is replaced (its
     /// writer sees its channel close and ends the socket). Returns the connection id
     /// (for [`Hub::unregister`]) and the receiving end the socket writer drains.
-    pub fn register(&self, host_name: &str, host_id: &str) -> (u64, mpsc::Receiver<ManagerMessage>) {
+    pub fn register(
+        &self,
+        host_name: &str,
+        host_id: &str,
+    ) -> (u64, mpsc::Receiver<ManagerMessage>) {
         let (tx, rx) = mpsc::channel(OUTBOX);
         let mut g = self.lock();
         g.next_conn += 1;
@@ -142,7 +146,10 @@ impl Hub {
     ) -> HubError {
         match e {
             mpsc::error::TrySendError::Full(_) => {
-                tracing::warn!(host = host_name, "control channel outbox full: dropping the connection");
+                tracing::warn!(
+                    host = host_name,
+                    "control channel outbox full: dropping the connection"
+                );
                 g.conns.remove(host_name);
                 HubError::Slow(host_name.to_string())
             }
@@ -260,10 +267,22 @@ mod tests {
         let hub = Hub::new();
         let (c1, mut rx1) = hub.register("h", "id");
         let (c2, mut rx2) = hub.register("h", "id");
-        assert!(rx1.recv().await.is_none(), "old writer sees its channel close");
-        assert!(!hub.unregister("h", c1), "a replaced connection is not the host's");
-        hub.send("h", ManagerMessage::Desired(DesiredState { version: 3, ..Default::default() }))
-            .unwrap();
+        assert!(
+            rx1.recv().await.is_none(),
+            "old writer sees its channel close"
+        );
+        assert!(
+            !hub.unregister("h", c1),
+            "a replaced connection is not the host's"
+        );
+        hub.send(
+            "h",
+            ManagerMessage::Desired(DesiredState {
+                version: 3,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
         assert!(matches!(rx2.recv().await, Some(ManagerMessage::Desired(_))));
         assert_eq!(hub.live("h").unwrap().sent, Some(3));
         assert!(hub.unregister("h", c2));
@@ -307,10 +326,16 @@ mod tests {
             id: id.into(),
             body: crate::proto::control::CommandBody::PowerOn { vm: "v".into() },
         };
-        let r = hub.command("h", cmd("c1"), Duration::from_secs(5)).await.unwrap();
+        let r = hub
+            .command("h", cmd("c1"), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert!(r.ok);
         let _rx = answer.await.unwrap();
-        let e = hub.command("h", cmd("c2"), Duration::from_millis(50)).await.unwrap_err();
+        let e = hub
+            .command("h", cmd("c2"), Duration::from_millis(50))
+            .await
+            .unwrap_err();
         assert_eq!(e, HubError::Timeout("h".into(), "c2".into()));
     }
 }
