@@ -1,6 +1,8 @@
 //! `spawn_app`: a manager on port 0 over a fresh database of either kind.
 
+use crate::fake_agent::FakeAgent;
 use bulwark::manager::config::ManagerConfig;
+pub use bulwark::manager::control::ControlSettings;
 use bulwark::manager::server::Application;
 use bulwark::manager::store::{Actor, Store};
 use bulwark::model::access::Role;
@@ -111,13 +113,18 @@ impl Drop for TestApp {
 }
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, Default::default()).await
+}
+
+/// A manager with these control-plane timings (tests shorten them).
+pub async fn spawn_app_with(backend: Backend, control: ControlSettings) -> TestApp {
     let db = TestDb::new(backend).await;
     let config = ManagerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: db.url.clone(),
         web_dir: None,
         bootstrap_token: true,
-        control: Default::default(),
+        control,
     };
     let app = Application::build(&config).await.expect("manager starts");
     let addr = app.local_addr();
@@ -143,6 +150,71 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The control WebSocket of this manager.
+    pub fn ws_url(&self) -> String {
+        crate::fake_agent::ws_url(self.addr)
+    }
+
+    /// A fresh enrolment token (one use, one hour), via REST as the admin.
+    pub async fn enrolment_token(&self) -> String {
+        let (s, v) = self
+            .post(
+                "/api/v1/enrolment-tokens",
+                json!({"description": "test", "expires_in_secs": 3600, "max_uses": 1}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["secret"].as_str().unwrap().to_string()
+    }
+
+    /// Enrols a fake agent for `host` at `site` (both created if missing) with these
+    /// VMs, and consumes the first Desired the manager sends after the Welcome.
+    pub async fn agent(
+        &self,
+        host: &str,
+        site: &str,
+        vms: Vec<bulwark::proto::control::InventoryVm>,
+    ) -> FakeAgent {
+        let token = self.enrolment_token().await;
+        let mut hello = FakeAgent::enrol(host, site, &token);
+        hello.inventory.vms = vms;
+        let mut a = FakeAgent::connect(&self.ws_url(), hello)
+            .await
+            .unwrap_or_else(|r| panic!("{host} rejected: {r:?}"));
+        a.desired().await;
+        a
+    }
+
+    /// Host id by name (panics if missing).
+    pub async fn host_id(&self, name: &str) -> String {
+        let (_, v) = self.get("/api/v1/hosts?limit=1000").await;
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .unwrap_or_else(|| panic!("no host {name}: {v}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Polls `f` every 50 ms until it returns Some, for at most 10 s.
+    pub async fn eventually<T, F, Fut>(&self, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(t) = f().await {
+                return t;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     pub fn req(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {

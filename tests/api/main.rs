@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod fake_agent;
 mod helpers;
 
 mod access;
