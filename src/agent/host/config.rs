@@ -122,6 +122,48 @@ pub struct AgentSection {
     /// compared by one digest first.
     pub sync_block_size: Option<ByteSize>,
     pub sync_chunk_size: Option<ByteSize>,
+    /// The manager's control channel, `ws://host:port` (`--manager`); none: the agent
+    /// runs from this file alone.
+    pub manager_url: Option<String>,
+    /// One-time enrolment token for the first contact with the manager
+    /// (`--enrolment-token`); afterwards the host key in `state/host.key` is used.
+    pub enrolment_token: Option<String>,
+    /// `[[agent.vms]]`: VMs of the simulated hypervisor; their disks are protected disks.
+    #[serde(default)]
+    pub vms: Vec<VmSection>,
+    /// Simulated hypervisor: quiesce fails with this message (shows the error path of
+    /// app-consistent checkpoints).
+    pub sim_quiesce_error: Option<String>,
+}
+
+/// `[[agent.vms]]`: a VM of the simulated hypervisor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSection {
+    pub name: String,
+    #[serde(default = "one_cpu")]
+    pub cpus: u32,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub disks: Vec<VmDiskSection>,
+}
+
+fn one_cpu() -> u32 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    1024
+}
+
+/// `disks = [{ name, id, size }]` of a `[[agent.vms]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDiskSection {
+    pub name: String,
+    pub id: u64,
+    pub size: ByteSize,
 }
 
 /// `[[agent.disks]]`: a protected disk of this host.
@@ -250,6 +292,18 @@ pub struct AgentConfig {
     pub sync: SyncSettings,
     /// `peer_timeout_secs`, when set.
     pub peer_timeout: Option<Duration>,
+    /// VMs declared in the file (their disks are also in `disks`).
+    pub vms: Vec<VmConfig>,
+}
+
+/// A VM declared in the file, resolved (its disks are protected disks in `disks`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// Names of its disks, in order.
+    pub disks: Vec<String>,
 }
 
 fn addr(field: &str, value: &str) -> Result<SocketAddr, AgentConfigError> {
@@ -511,6 +565,7 @@ impl AgentConfig {
                 priority: d.priority.unwrap_or(Priority::Medium),
             });
         }
+        let vms = resolve_vms(file, &data_dir, &mut disks, &mut names, &mut ids)?;
         let sync = sync_settings(file)?;
         let peer_timeout = match file.peer_timeout_secs {
             Some(s) if s < 2 => {
@@ -536,6 +591,7 @@ impl AgentConfig {
             drain_timeout: Duration::from_secs(10),
             sync,
             peer_timeout,
+            vms,
         })
     }
 
@@ -558,6 +614,109 @@ impl AgentConfig {
     pub fn run_dir(&self) -> PathBuf {
         self.data_dir.join("run")
     }
+}
+
+/// VM names (shown to operators, kept in `state/vms.json`, never a file name): 1–128
+/// bytes, no path separator or control character, no surrounding blanks.
+pub fn check_vm_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.trim() == name
+        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}`: a VM name has 1–128 bytes, no '/', '\\' or control character, no leading or trailing blank",
+            name.escape_debug()
+        ))
+    }
+}
+
+/// Disk names (export and file names): letters, digits, `-`, `_`, `.`; no leading dot.
+pub fn check_disk_name(name: &str) -> Result<(), String> {
+    check_name("name", name).map_err(|e| match e {
+        AgentConfigError::Invalid { reason, .. } => reason,
+        other => other.to_string(),
+    })
+}
+
+/// `[[agent.vms]]`: checked, and each VM disk added to `disks` like a `[[disks]]` entry
+/// (default group, no recovery host: the manager's desired state protects it).
+fn resolve_vms(
+    file: &AgentSection,
+    data_dir: &Path,
+    disks: &mut Vec<DiskConfig>,
+    names: &mut BTreeSet<String>,
+    ids: &mut BTreeSet<u64>,
+) -> Result<Vec<VmConfig>, AgentConfigError> {
+    let mut vms = Vec::new();
+    let mut vm_names = BTreeSet::new();
+    // A `[[disks]]` entry appears as a VM of its own name: no VM may take that name.
+    let bare: BTreeSet<String> = disks.iter().map(|d| d.name.clone()).collect();
+    for (i, v) in file.vms.iter().enumerate() {
+        let f = |s: &str| format!("vms[{i}].{s}");
+        check_vm_name(&v.name).map_err(|r| invalid(f("name"), r))?;
+        if bare.contains(&v.name) {
+            return Err(invalid(
+                f("name"),
+                format!(
+                    "`{}` is a [[disks]] entry, which appears as a VM of that name",
+                    v.name
+                ),
+            ));
+        }
+        if !vm_names.insert(v.name.clone()) {
+            return Err(invalid(f("name"), format!("`{}` is listed twice", v.name)));
+        }
+        if v.cpus == 0 || v.cpus > 1024 {
+            return Err(invalid(f("cpus"), "must be 1 to 1024"));
+        }
+        if v.memory_mib == 0 {
+            return Err(invalid(f("memory_mib"), "must be above zero"));
+        }
+        let mut own = Vec::new();
+        for (j, d) in v.disks.iter().enumerate() {
+            let f = |s: &str| format!("vms[{i}].disks[{j}].{s}");
+            check_name(&f("name"), &d.name)?;
+            if !names.insert(d.name.clone()) {
+                return Err(invalid(
+                    f("name"),
+                    format!("disk `{}` is used by another disk or VM", d.name),
+                ));
+            }
+            if !ids.insert(d.id) {
+                return Err(invalid(
+                    f("id"),
+                    format!("{} is used by another disk", d.id),
+                ));
+            }
+            if d.size.0 == 0 || d.size.0 % 512 != 0 {
+                return Err(invalid(
+                    f("size"),
+                    "must be a non-zero multiple of 512 bytes",
+                ));
+            }
+            disks.push(DiskConfig {
+                name: d.name.clone(),
+                id: d.id,
+                size: d.size.0,
+                path: data_dir.join("disks").join(format!("{}.img", d.name)),
+                group: DEFAULT_GROUP.to_string(),
+                recovery_host: None,
+                resync: ResyncPolicy::Automatic,
+                priority: Priority::Medium,
+            });
+            own.push(d.name.clone());
+        }
+        vms.push(VmConfig {
+            name: v.name.clone(),
+            cpus: v.cpus,
+            memory_mib: v.memory_mib,
+            disks: own,
+        });
+    }
+    Ok(vms)
 }
 
 /// Where the journal and the replica disk of `disk_id` from a protected host live under
