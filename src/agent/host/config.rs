@@ -122,6 +122,10 @@ pub struct AgentSection {
     /// compared by one digest first.
     pub sync_block_size: Option<ByteSize>,
     pub sync_chunk_size: Option<ByteSize>,
+    /// Recovery side under the manager: journals and replica disks of each protected
+    /// host the manager lets stream here go to `<storage>/<host>`. Default
+    /// `<data-dir>/replicas`. (`[[allow]]` entries keep their own storage paths.)
+    pub storage: Option<PathBuf>,
     /// The manager's control channel, `ws://host:port` (`--manager`); none: the agent
     /// runs from this file alone.
     pub manager_url: Option<String>,
@@ -292,6 +296,8 @@ pub struct AgentConfig {
     pub sync: SyncSettings,
     /// `peer_timeout_secs`, when set.
     pub peer_timeout: Option<Duration>,
+    /// Root of the storage of protected hosts accepted under the manager (`storage`).
+    pub storage: PathBuf,
     /// VMs declared in the file (their disks are also in `disks`).
     pub vms: Vec<VmConfig>,
 }
@@ -576,7 +582,12 @@ impl AgentConfig {
             }
             s => s.map(Duration::from_secs),
         };
+        let storage = file
+            .storage
+            .clone()
+            .unwrap_or_else(|| data_dir.join("replicas"));
         Ok(AgentConfig {
+            storage,
             data_dir,
             site,
             host_name,
