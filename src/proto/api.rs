@@ -188,6 +188,9 @@ pub struct HostQuery {
 pub enum PowerState {
     On,
     Off,
+    /// The host's agent no longer reports the VM; the row is kept because the VM is a
+    /// VPG member (never deleted behind the operator's back).
+    Missing,
 }
 
 impl PowerState {
@@ -195,11 +198,14 @@ impl PowerState {
         match self {
             Self::On => "on",
             Self::Off => "off",
+            Self::Missing => "missing",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::On, Self::Off].into_iter().find(|p| p.as_str() == s)
+        [Self::On, Self::Off, Self::Missing]
+            .into_iter()
+            .find(|p| p.as_str() == s)
     }
 }
 
@@ -223,8 +229,11 @@ pub struct Disk {
     pub vm_id: String,
     pub name: String,
     pub size_bytes: u64,
-    /// Location on the host (raw image file or block device).
+    /// Location on the host (raw image file or block device); for disks an agent
+    /// reports, its NBD export.
     pub path: Option<String>,
+    /// The agent's id of the disk (unique per host), once an agent reported it.
+    pub device_id: Option<u64>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -537,6 +546,42 @@ pub struct TokenCreate {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TokenCreated {
     pub token: Token,
+    pub secret: String,
+}
+
+// ---- enrolment tokens ---------------------------------------------------------------
+
+/// A token an agent exchanges once for its host key (`bulwark agent` first contact).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EnrolmentToken {
+    pub id: String,
+    pub description: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// How many hosts may enrol with it; unlimited when absent.
+    pub max_uses: Option<u32>,
+    pub uses: u32,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub created_by: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrolmentTokenCreate {
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Seconds until the token stops working: 60 to 2592000 (30 days); 86400 when absent.
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+    /// 1 to 10000; unlimited when absent.
+    #[serde(default)]
+    pub max_uses: Option<u32>,
+}
+
+/// The only time an enrolment token's secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EnrolmentTokenCreated {
+    pub token: EnrolmentToken,
     pub secret: String,
 }
 

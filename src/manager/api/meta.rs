@@ -113,7 +113,15 @@ pub async fn lookups(c: Caller) -> Result<ApiJson<Lookups>, ApiError> {
                 "a needed sync starts only inside the daily window",
             ),
         ]),
-        power_states: fixed(&[("on", "On", "running"), ("off", "Off", "not running")]),
+        power_states: fixed(&[
+            ("on", "On", "running"),
+            ("off", "Off", "not running"),
+            (
+                "missing",
+                "Missing",
+                "no longer reported by its host's agent (kept: it is protected)",
+            ),
+        ]),
         checkpoint_kinds: fixed(&[
             ("scheduled", "Scheduled", "taken every checkpoint interval"),
             ("user_tagged", "Tagged", "taken on request with a name"),

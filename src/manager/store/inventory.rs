@@ -56,6 +56,7 @@ fn to_disk(m: disk::Model) -> Disk {
         name: m.name,
         size_bytes: u64_of(m.size_bytes),
         path: m.path,
+        device_id: m.device_id.map(u64_of),
         created_at: m.created_at,
     }
 }
@@ -320,6 +321,8 @@ impl Store {
             last_seen_at: Set(None),
             created_at: Set(t),
             updated_at: Set(t),
+            host_key_hash: Set(None),
+            enrolled_at: Set(None),
         }
         .insert(&txn)
         .await
@@ -858,6 +861,7 @@ async fn insert_disk(
         size_bytes: Set(i64_of(d.size_bytes, "size_bytes")?),
         path: Set(d.path),
         created_at: Set(now()),
+        device_id: Set(None),
     }
     .insert(db)
     .await

@@ -12,6 +12,8 @@ pub struct Model {
     pub size_bytes: i64,
     pub path: Option<String>,
     pub created_at: DateTimeUtc,
+    /// The agent's disk id (unique per host); None for disks entered by hand.
+    pub device_id: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

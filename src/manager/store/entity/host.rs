@@ -18,6 +18,9 @@ pub struct Model {
     pub last_seen_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
+    /// BLAKE3 of the host key issued at enrolment (None: never enrolled).
+    pub host_key_hash: Option<String>,
+    pub enrolled_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -4,6 +4,7 @@ pub mod alert;
 pub mod api_token;
 pub mod checkpoint;
 pub mod disk;
+pub mod enrolment_token;
 pub mod event;
 pub mod host;
 pub mod member;
