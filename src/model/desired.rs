@@ -1,0 +1,410 @@
+//! The desired state of every host, from configuration rows: which of its disks
+//! replicate (with their VPG, recovery host, pause, priority and resync policy), which
+//! recovery hosts it streams to, and which protected hosts may stream to it.
+//!
+//! Pure: the caller reads the rows, assigns versions and sends. Every host in the input
+//! gets an entry, an empty one when it has nothing to do, so a host whose protection was
+//! removed is told so (reconcile, never replay).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::model::settings::{Priority, ResyncPolicy};
+use crate::model::status::Lifecycle;
+use crate::proto::control::{DesiredState, DiskProtection, PeerTarget};
+
+/// A VPG as far as the desired state cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VpgRow {
+    pub id: String,
+    pub lifecycle: Lifecycle,
+    pub paused: bool,
+    pub priority: Priority,
+    pub resync: ResyncPolicy,
+}
+
+/// A disk of a member VM; `disk_id` is the agent's id, None until an agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRow {
+    pub disk_id: Option<u64>,
+    pub name: String,
+}
+
+/// A VPG member: the VM, its (protected) host and its recovery host, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRow {
+    pub vpg_id: String,
+    pub vm: String,
+    pub protected_host: String,
+    /// None: "needs configuration", nothing replicates.
+    pub recovery_host: Option<String>,
+    pub disks: Vec<DiskRow>,
+}
+
+/// A host and its replication listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRow {
+    pub name: String,
+    pub data_address: Option<String>,
+}
+
+/// Why something configured does not show in any desired state (for logs).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Gap {
+    /// The member has no recovery host yet.
+    NoRecoveryHost { vpg_id: String, vm: String },
+    /// No agent reported this disk (no disk id), so it cannot be named to an agent.
+    DiskNotReported { vm: String, disk: String },
+    /// The recovery host has no replication listener: not listed as a peer.
+    NoDataAddress { recovery_host: String },
+    /// The member's VPG is not among the VPG rows (deleted meanwhile).
+    UnknownVpg { vpg_id: String },
+}
+
+/// Desired states (version 0: the caller numbers them) by host name, and the gaps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Computed {
+    pub hosts: BTreeMap<String, DesiredState>,
+    pub gaps: Vec<Gap>,
+}
+
+/// Whether a VPG in this lifecycle replicates. Deleting and waiting-to-be-removed VPGs
+/// have left their hosts' desired state (that is how hosts learn to stop); a recovered
+/// VPG has nothing left to protect.
+pub fn replicates(l: Lifecycle) -> bool {
+    matches!(l, Lifecycle::Creating | Lifecycle::Protecting)
+}
+
+/// See the module documentation.
+pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow]) -> Computed {
+    let vpgs: BTreeMap<&str, &VpgRow> = vpgs.iter().map(|v| (v.id.as_str(), v)).collect();
+    let addresses: BTreeMap<&str, Option<&str>> = hosts
+        .iter()
+        .map(|h| (h.name.as_str(), h.data_address.as_deref()))
+        .collect();
+    let mut out = Computed::default();
+    for h in hosts {
+        out.hosts.insert(h.name.clone(), DesiredState::default());
+    }
+    let mut peers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut accept: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut gaps = BTreeSet::new();
+    for m in members {
+        let Some(vpg) = vpgs.get(m.vpg_id.as_str()) else {
+            gaps.insert(Gap::UnknownVpg {
+                vpg_id: m.vpg_id.clone(),
+            });
+            continue;
+        };
+        if !replicates(vpg.lifecycle) {
+            continue;
+        }
+        let Some(recovery) = &m.recovery_host else {
+            gaps.insert(Gap::NoRecoveryHost {
+                vpg_id: m.vpg_id.clone(),
+                vm: m.vm.clone(),
+            });
+            continue;
+        };
+        let mut any = false;
+        for d in &m.disks {
+            let Some(disk_id) = d.disk_id else {
+                gaps.insert(Gap::DiskNotReported {
+                    vm: m.vm.clone(),
+                    disk: d.name.clone(),
+                });
+                continue;
+            };
+            any = true;
+            out.hosts
+                .entry(m.protected_host.clone())
+                .or_default()
+                .protect
+                .push(DiskProtection {
+                    disk_id,
+                    disk_name: d.name.clone(),
+                    vm: m.vm.clone(),
+                    vpg_id: vpg.id.clone(),
+                    recovery_host: recovery.clone(),
+                    paused: vpg.paused,
+                    priority: vpg.priority,
+                    resync: vpg.resync,
+                });
+        }
+        if !any {
+            continue;
+        }
+        peers
+            .entry(m.protected_host.clone())
+            .or_default()
+            .insert(recovery.clone());
+        accept
+            .entry(recovery.clone())
+            .or_default()
+            .insert(m.protected_host.clone());
+    }
+    for (host, targets) in peers {
+        let d = out.hosts.entry(host).or_default();
+        for t in targets {
+            match addresses.get(t.as_str()).copied().flatten() {
+                Some(a) => d.peers.push(PeerTarget {
+                    host_name: t,
+                    address: a.to_string(),
+                }),
+                None => {
+                    gaps.insert(Gap::NoDataAddress { recovery_host: t });
+                }
+            }
+        }
+    }
+    for (host, from) in accept {
+        out.hosts.entry(host).or_default().accept = from.into_iter().collect();
+    }
+    for d in out.hosts.values_mut() {
+        d.protect
+            .sort_by(|a, b| (&a.vpg_id, &a.vm, a.disk_id).cmp(&(&b.vpg_id, &b.vm, b.disk_id)));
+    }
+    out.gaps = gaps.into_iter().collect();
+    out
+}
+
+/// Whether two desired states ask for the same thing (versions aside).
+pub fn same_content(a: &DesiredState, b: &DesiredState) -> bool {
+    a.protect == b.protect && a.peers == b.peers && a.accept == b.accept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vpg(id: &str, lifecycle: Lifecycle, paused: bool) -> VpgRow {
+        VpgRow {
+            id: id.into(),
+            lifecycle,
+            paused,
+            priority: Priority::High,
+            resync: ResyncPolicy::Automatic,
+        }
+    }
+
+    fn member(
+        vpg: &str,
+        vm: &str,
+        host: &str,
+        rec: Option<&str>,
+        disks: &[(Option<u64>, &str)],
+    ) -> MemberRow {
+        MemberRow {
+            vpg_id: vpg.into(),
+            vm: vm.into(),
+            protected_host: host.into(),
+            recovery_host: rec.map(str::to_string),
+            disks: disks
+                .iter()
+                .map(|(id, n)| DiskRow {
+                    disk_id: *id,
+                    name: n.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    fn host(name: &str, data: Option<&str>) -> HostRow {
+        HostRow {
+            name: name.into(),
+            data_address: data.map(str::to_string),
+        }
+    }
+
+    fn hosts() -> Vec<HostRow> {
+        vec![
+            host("p1", Some("10.0.0.1:9701")),
+            host("p2", None),
+            host("r1", Some("10.9.0.1:9701")),
+            host("r2", None),
+        ]
+    }
+
+    /// (protected disks as (host, vm, disk_id, recovery, paused), peers as
+    /// (host, target), accept as (host, from)), everything else empty.
+    type Expect = (
+        &'static [(&'static str, &'static str, u64, &'static str, bool)],
+        &'static [(&'static str, &'static str)],
+        &'static [(&'static str, &'static str)],
+    );
+
+    fn check(name: &str, vpgs: Vec<VpgRow>, members: Vec<MemberRow>, want: Expect, gaps: &[Gap]) {
+        let got = desired_states(&vpgs, &members, &hosts());
+        let mut protect = Vec::new();
+        let mut peers = Vec::new();
+        let mut accept = Vec::new();
+        for (h, d) in &got.hosts {
+            assert_eq!(d.version, 0, "{name}");
+            for p in &d.protect {
+                protect.push((
+                    h.clone(),
+                    p.vm.clone(),
+                    p.disk_id,
+                    p.recovery_host.clone(),
+                    p.paused,
+                ));
+            }
+            for p in &d.peers {
+                peers.push((h.clone(), p.host_name.clone()));
+            }
+            for a in &d.accept {
+                accept.push((h.clone(), a.clone()));
+            }
+        }
+        let own = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let want_protect: Vec<_> = want
+            .0
+            .iter()
+            .map(|(h, vm, id, r, p)| (h.to_string(), vm.to_string(), *id, r.to_string(), *p))
+            .collect();
+        assert_eq!(protect, want_protect, "{name}: protect");
+        assert_eq!(peers, own(want.1), "{name}: peers");
+        assert_eq!(accept, own(want.2), "{name}: accept");
+        assert_eq!(got.gaps, gaps, "{name}: gaps");
+        assert_eq!(got.hosts.len(), 4, "{name}: every host has an entry");
+    }
+
+    #[test]
+    fn table() {
+        use Lifecycle::*;
+        let two_disks = [(Some(1), "root"), (Some(2), "data")];
+        check(
+            "protecting member: both disks, peer with address, accept on recovery",
+            vec![vpg("v", Protecting, false)],
+            vec![member("v", "web", "p1", Some("r1"), &two_disks)],
+            (
+                &[("p1", "web", 1, "r1", false), ("p1", "web", 2, "r1", false)],
+                &[("p1", "r1")],
+                &[("r1", "p1")],
+            ),
+            &[],
+        );
+        check(
+            "creating replicates too; pause is carried",
+            vec![vpg("v", Creating, true)],
+            vec![member("v", "web", "p1", Some("r1"), &[(Some(7), "root")])],
+            (
+                &[("p1", "web", 7, "r1", true)],
+                &[("p1", "r1")],
+                &[("r1", "p1")],
+            ),
+            &[],
+        );
+        for l in [Deleting, WaitingRemoval, Recovered] {
+            check(
+                &format!("{l:?}: nothing anywhere"),
+                vec![vpg("v", l, false)],
+                vec![member("v", "web", "p1", Some("r1"), &two_disks)],
+                (&[], &[], &[]),
+                &[],
+            );
+        }
+        check(
+            "no recovery host: skipped (needs configuration)",
+            vec![vpg("v", Protecting, false)],
+            vec![member("v", "web", "p1", None, &two_disks)],
+            (&[], &[], &[]),
+            &[Gap::NoRecoveryHost {
+                vpg_id: "v".into(),
+                vm: "web".into(),
+            }],
+        );
+        check(
+            "disk without id skipped, the other replicates",
+            vec![vpg("v", Protecting, false)],
+            vec![member(
+                "v",
+                "web",
+                "p1",
+                Some("r1"),
+                &[(None, "root"), (Some(2), "data")],
+            )],
+            (
+                &[("p1", "web", 2, "r1", false)],
+                &[("p1", "r1")],
+                &[("r1", "p1")],
+            ),
+            &[Gap::DiskNotReported {
+                vm: "web".into(),
+                disk: "root".into(),
+            }],
+        );
+        check(
+            "no reported disk at all: no peer, no accept",
+            vec![vpg("v", Protecting, false)],
+            vec![member("v", "web", "p1", Some("r1"), &[(None, "root")])],
+            (&[], &[], &[]),
+            &[Gap::DiskNotReported {
+                vm: "web".into(),
+                disk: "root".into(),
+            }],
+        );
+        check(
+            "recovery host without data address: protected, accepted, no peer",
+            vec![vpg("v", Protecting, false)],
+            vec![member("v", "web", "p1", Some("r2"), &[(Some(1), "root")])],
+            (&[("p1", "web", 1, "r2", false)], &[], &[("r2", "p1")]),
+            &[Gap::NoDataAddress {
+                recovery_host: "r2".into(),
+            }],
+        );
+        check(
+            "two protected hosts into one recovery host, two VPGs; peers deduplicated",
+            vec![vpg("a", Protecting, false), vpg("b", Protecting, true)],
+            vec![
+                member("a", "web", "p1", Some("r1"), &[(Some(1), "root")]),
+                member("a", "db", "p1", Some("r1"), &[(Some(3), "root")]),
+                member("b", "app", "p2", Some("r1"), &[(Some(1), "root")]),
+            ],
+            (
+                &[
+                    ("p1", "db", 3, "r1", false),
+                    ("p1", "web", 1, "r1", false),
+                    ("p2", "app", 1, "r1", true),
+                ],
+                &[("p1", "r1"), ("p2", "r1")],
+                &[("r1", "p1"), ("r1", "p2")],
+            ),
+            &[],
+        );
+        check(
+            "member of an unknown VPG is ignored",
+            vec![],
+            vec![member("gone", "web", "p1", Some("r1"), &two_disks)],
+            (&[], &[], &[]),
+            &[Gap::UnknownVpg {
+                vpg_id: "gone".into(),
+            }],
+        );
+    }
+
+    #[test]
+    fn settings_are_carried_and_content_compares_without_version() {
+        let mut v = vpg("v", Lifecycle::Protecting, false);
+        v.priority = Priority::Low;
+        v.resync = ResyncPolicy::Manual;
+        let got = desired_states(
+            &[v],
+            &[member("v", "web", "p1", Some("r1"), &[(Some(1), "root")])],
+            &hosts(),
+        );
+        let p1 = &got.hosts["p1"];
+        assert_eq!(p1.protect[0].priority, Priority::Low);
+        assert_eq!(p1.protect[0].resync, ResyncPolicy::Manual);
+        assert_eq!(p1.protect[0].disk_name, "root");
+        assert_eq!(p1.protect[0].vpg_id, "v");
+        assert_eq!(p1.peers[0].address, "10.9.0.1:9701");
+        let mut bumped = p1.clone();
+        bumped.version = 9;
+        assert!(same_content(p1, &bumped));
+        assert!(!same_content(p1, &got.hosts["p2"]));
+    }
+}
