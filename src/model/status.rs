@@ -163,6 +163,47 @@ pub struct SyncActivity {
     pub forced: bool,
 }
 
+/// One disk's sync, as its protected host reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DiskSyncFact {
+    /// The kind of the sync running now.
+    pub running: Option<SyncKind>,
+    /// The running sync is an operator's Force Sync.
+    pub forced: bool,
+    /// A sync is owed and waits (resync policy, a slot, or the peer).
+    pub pending: bool,
+}
+
+/// The VPG's sync activity from its disks: the most drastic kind running (Initial, Full,
+/// Delta, Bitmap), whether only some disks run it, whether it was forced; and whether a
+/// sync is pending anywhere. `established`: the VPG has had a recoverable checkpoint, so
+/// an Initial Sync of some disks is a disk being added ("Disk Initial Sync"), not the
+/// VPG's own first sync, where disks simply finish at different times.
+pub fn vpg_sync(disks: &[DiskSyncFact], established: bool) -> (Option<SyncActivity>, bool) {
+    const ORDER: [SyncKind; 4] = [
+        SyncKind::Initial,
+        SyncKind::Full,
+        SyncKind::Delta,
+        SyncKind::Bitmap,
+    ];
+    let pending = disks.iter().any(|d| d.pending && d.running.is_none());
+    let syncing = disks.iter().filter(|d| d.running.is_some()).count();
+    let activity = ORDER.iter().find_map(|&kind| {
+        let of_kind: Vec<&DiskSyncFact> =
+            disks.iter().filter(|d| d.running == Some(kind)).collect();
+        if of_kind.is_empty() {
+            return None;
+        }
+        let some_only = syncing < disks.len();
+        Some(SyncActivity {
+            kind,
+            single_disk: some_only && (kind != SyncKind::Initial || established),
+            forced: of_kind.iter().all(|d| d.forced),
+        })
+    });
+    (activity, pending)
+}
+
 /// Everything the derivation looks at. The evaluator fills it from the database and
 /// from what agents report; tests fill it by hand.
 #[derive(Debug, Clone)]
@@ -785,6 +826,86 @@ mod tests {
             let mut f = VpgFacts::healthy(3);
             edit(&mut f);
             assert_eq!(derive_status(&f), (*status, *sub), "{name}");
+        }
+    }
+
+    #[test]
+    fn sync_activity_table() {
+        let run = |k: SyncKind| DiskSyncFact {
+            running: Some(k),
+            ..DiskSyncFact::default()
+        };
+        let idle = DiskSyncFact::default();
+        let forced = DiskSyncFact {
+            running: Some(SyncKind::Delta),
+            forced: true,
+            pending: false,
+        };
+        let waiting = DiskSyncFact {
+            pending: true,
+            ..DiskSyncFact::default()
+        };
+        type Row = (&'static str, Vec<DiskSyncFact>, bool, Option<SyncActivity>, bool);
+        let table: Vec<Row> = vec![
+            ("steady", vec![idle, idle], true, None, false),
+            ("no disks", vec![], false, None, false),
+            (
+                "first sync, disks finishing at different times",
+                vec![run(SyncKind::Initial), idle],
+                false,
+                sync(SyncKind::Initial, false, false),
+                false,
+            ),
+            (
+                "a disk added later",
+                vec![run(SyncKind::Initial), idle],
+                true,
+                sync(SyncKind::Initial, true, false),
+                false,
+            ),
+            (
+                "the most drastic kind wins",
+                vec![run(SyncKind::Bitmap), run(SyncKind::Full)],
+                true,
+                sync(SyncKind::Full, true, false),
+                false,
+            ),
+            (
+                "every disk delta, forced",
+                vec![forced, forced],
+                true,
+                sync(SyncKind::Delta, false, true),
+                false,
+            ),
+            (
+                "delta on one disk, not forced",
+                vec![run(SyncKind::Delta), idle],
+                true,
+                sync(SyncKind::Delta, true, false),
+                false,
+            ),
+            (
+                "bitmap everywhere",
+                vec![run(SyncKind::Bitmap), run(SyncKind::Bitmap)],
+                true,
+                sync(SyncKind::Bitmap, false, false),
+                false,
+            ),
+            ("pending", vec![idle, waiting], true, None, true),
+            (
+                "pending alongside a running sync",
+                vec![run(SyncKind::Bitmap), waiting],
+                true,
+                sync(SyncKind::Bitmap, true, false),
+                true,
+            ),
+        ];
+        for (name, disks, established, activity, pending) in table {
+            assert_eq!(
+                vpg_sync(&disks, established),
+                (activity, pending),
+                "{name}"
+            );
         }
     }
 
