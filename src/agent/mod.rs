@@ -1,9 +1,11 @@
 //! The data path that runs on every hypervisor host: write interception over NBD,
 //! the replication stream and, at the recovery site, the journal.
 
+pub mod control;
 pub mod crashsafe;
 pub mod dirty;
 pub mod host;
+pub mod hypervisor;
 pub mod journal;
 pub mod nbd;
 pub mod stream;

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -191,6 +192,15 @@ struct AgentArgs {
     /// Replicate over plain TCP: no encryption, no proof of identity. Labs only.
     #[arg(long)]
     insecure: bool,
+    /// The manager to take desired state from, `ws://host:port` (`[agent] manager_url`).
+    /// Without one the agent runs from its configuration file alone.
+    #[arg(long = "manager", env = "BULWARK_MANAGER_URL")]
+    manager_url: Option<String>,
+    /// One-time token for the first contact with the manager (an administrator creates
+    /// it there); the host key it is exchanged for is stored in
+    /// `<data-dir>/state/host.key` and used from then on.
+    #[arg(long, env = "BULWARK_ENROLMENT_TOKEN", hide_env_values = true)]
+    enrolment_token: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -527,7 +537,9 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
 }
 
 async fn run_agent(a: AgentArgs, file: &ConfigFile) -> Result<ExitCode> {
-    use crate::agent::host::{admin, Agent, AgentConfig, AgentFlags};
+    use crate::agent::control::{ControlClient, ControlSettings};
+    use crate::agent::host::{admin, AgentConfig, AgentFlags};
+    use crate::agent::hypervisor::{self, HostVms};
     let flags = AgentFlags {
         data_dir: a.data_dir,
         site: a.site,
@@ -539,9 +551,36 @@ async fn run_agent(a: AgentArgs, file: &ConfigFile) -> Result<ExitCode> {
         insecure: a.insecure,
     };
     let config = AgentConfig::resolve(&file.agent, flags)?;
+    // Checked before anything opens: a manager URL without a way to prove who we are is
+    // a mistake to report now, not to retry forever.
+    let control = ControlSettings::resolve(
+        &file.agent,
+        a.manager_url,
+        a.enrolment_token,
+        &config.data_dir,
+    )?;
+    if let Some(c) = &control {
+        c.credential()?;
+    }
     let admin_listen = config.admin_listen;
     let stop = shutdown_signal();
-    let agent = Agent::start(config).await.context("starting the agent")?;
+    let (agent, hv) = hypervisor::start_agent(config)
+        .await
+        .context("starting the agent")?;
+    if let Some(reason) = &file.agent.sim_quiesce_error {
+        hv.fail_quiesce(Some(reason.clone()));
+    }
+    let vms = Arc::new(HostVms::new(hv, agent.clone()));
+    let stop_control = tokio_util::sync::CancellationToken::new();
+    let mut control_task = None;
+    let mut client = None;
+    if let Some(settings) = control {
+        let url = settings.manager_url.clone();
+        let c = ControlClient::new(settings, agent.clone(), vms.clone())?;
+        control_task = Some(tokio::spawn(c.clone().run(stop_control.clone())));
+        client = Some(c);
+        eprintln!("Control channel to the manager at {url}");
+    }
     let stop_admin = tokio_util::sync::CancellationToken::new();
     let mut admin_addr = None;
     let mut admin_task = None;
@@ -550,9 +589,14 @@ async fn run_agent(a: AgentArgs, file: &ConfigFile) -> Result<ExitCode> {
         let addr = listener.local_addr()?;
         agent.set_admin_addr(addr);
         admin_addr = Some(addr);
+        let state = admin::AdminState {
+            agent: agent.clone(),
+            vms: Some(vms.clone()),
+            control: client,
+        };
         admin_task = Some(tokio::spawn(admin::serve(
             listener,
-            agent.clone(),
+            state,
             stop_admin.clone(),
         )));
     }
@@ -573,6 +617,11 @@ async fn run_agent(a: AgentArgs, file: &ConfigFile) -> Result<ExitCode> {
         endpoints.display()
     );
     stop.await;
+    // The manager hears the agent go before the agent stops serving.
+    stop_control.cancel();
+    if let Some(t) = control_task {
+        let _ = t.await;
+    }
     agent.shutdown().await?;
     stop_admin.cancel();
     if let Some(t) = admin_task {

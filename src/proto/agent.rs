@@ -265,3 +265,34 @@ pub struct CheckpointReport {
     pub hold_us: u64,
     pub disks: Vec<CheckpointDisk>,
 }
+
+/// State of the agent's control channel to the manager (`GET /v1/control` on the admin
+/// endpoint).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlStatus {
+    /// `false` when no manager URL is configured (the agent runs from its file alone).
+    pub configured: bool,
+    pub manager_url: Option<String>,
+    /// `connecting`, `connected`, `waiting` (back-off after a failure), `rejected` (long
+    /// back-off after the manager refused the credential), `stopped`.
+    pub state: String,
+    pub connected: bool,
+    /// The id the manager knows this host by (from its last Welcome).
+    pub host_id: Option<String>,
+    /// A host key is stored: the agent is enrolled.
+    pub enrolled: bool,
+    /// The last reason a connection failed or ended.
+    pub last_error: Option<String>,
+    /// Version of the desired state the agent runs.
+    pub desired_version: Option<u64>,
+    /// Connections that reached Welcome since the agent started.
+    pub connects: u64,
+    pub heartbeat_ms: Option<u64>,
+}
+
+/// `POST /v1/vms/{name}/power` on the admin endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerRequest {
+    pub state: crate::proto::control::PowerState,
+}

@@ -2,14 +2,16 @@
 //! any other address). `GET /v1/status`, `POST /v1/checkpoints` (the checkpoint trigger
 //! until the manager drives rounds), `POST /v1/disks/{name}/sync` (resume a held sync,
 //! Force Sync, Full Sync), `GET /v1/received/{host}/{disk_id}/checkpoints` (with their
-//! recoverability), `GET /healthz`. Errors are problem-details JSON with
-//! a stable `code`, like the manager's API.
+//! recoverability), `GET /healthz`; the simulated hypervisor's VMs (`GET /v1/vms`,
+//! `POST /v1/vms`, `POST /v1/vms/{name}/power`) and the control channel's state
+//! (`GET /v1/control`). Errors are problem-details JSON with a stable `code`, like the
+//! manager's API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,10 +20,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{Agent, AgentError};
+use crate::agent::control::ControlClient;
+use crate::agent::hypervisor::{HostVms, HypervisorError, VmSpec};
 use crate::proto::agent::{
-    AgentStatus, CheckpointReport, CheckpointRequest, ReceivedCheckpoint, SyncRequest,
+    AgentStatus, CheckpointReport, CheckpointRequest, ControlStatus, PowerRequest,
+    ReceivedCheckpoint, SyncRequest,
 };
 use crate::proto::api::Problem;
+use crate::proto::control::{Inventory, InventoryVm};
 
 struct AdminError(StatusCode, &'static str, String);
 
@@ -70,6 +76,58 @@ impl From<AgentError> for AdminError {
                 other.to_string(),
             ),
         }
+    }
+}
+
+impl From<HypervisorError> for AdminError {
+    fn from(e: HypervisorError) -> Self {
+        match e {
+            HypervisorError::NoSuchVm(_) => {
+                AdminError(StatusCode::NOT_FOUND, "vm.not_found", e.to_string())
+            }
+            HypervisorError::DuplicateVm(_) => {
+                AdminError(StatusCode::CONFLICT, "vm.name_taken", e.to_string())
+            }
+            HypervisorError::DuplicateDisk(_) => {
+                AdminError(StatusCode::CONFLICT, "vm.disk_name_taken", e.to_string())
+            }
+            HypervisorError::Invalid { .. } => AdminError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "vm.invalid",
+                e.to_string(),
+            ),
+            HypervisorError::Agent(a) => a.into(),
+            other => AdminError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "vm.internal",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+/// What the admin endpoint serves: the agent, and when the process runs them, the
+/// hypervisor's VMs and the control channel.
+#[derive(Clone)]
+pub struct AdminState {
+    pub agent: Arc<Agent>,
+    pub vms: Option<Arc<HostVms>>,
+    pub control: Option<Arc<ControlClient>>,
+}
+
+impl AdminState {
+    pub fn new(agent: Arc<Agent>) -> AdminState {
+        AdminState {
+            agent,
+            vms: None,
+            control: None,
+        }
+    }
+}
+
+impl FromRef<AdminState> for Arc<Agent> {
+    fn from_ref(s: &AdminState) -> Arc<Agent> {
+        Arc::clone(&s.agent)
     }
 }
 
@@ -143,6 +201,50 @@ async fn received_checkpoints(
     })
 }
 
+fn vms_of(s: &AdminState) -> Result<&Arc<HostVms>, AdminError> {
+    s.vms.as_ref().ok_or_else(|| {
+        AdminError(
+            StatusCode::NOT_FOUND,
+            "vm.no_hypervisor",
+            "this agent runs no hypervisor driver".into(),
+        )
+    })
+}
+
+async fn list_vms(State(s): State<AdminState>) -> Result<Json<Inventory>, AdminError> {
+    Ok(Json(vms_of(&s)?.inventory()))
+}
+
+async fn create_vm(
+    State(s): State<AdminState>,
+    body: Result<Json<VmSpec>, JsonRejection>,
+) -> Result<(StatusCode, Json<InventoryVm>), AdminError> {
+    let spec = parsed(body)?;
+    let vm = vms_of(&s)?.create(spec).await?;
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
+async fn power(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    body: Result<Json<PowerRequest>, JsonRejection>,
+) -> Result<Json<InventoryVm>, AdminError> {
+    let req = parsed(body)?;
+    let change = vms_of(&s)?.set_power(&name, req.state).await?;
+    Ok(Json(change.vm))
+}
+
+async fn control(State(s): State<AdminState>) -> Json<ControlStatus> {
+    Json(match &s.control {
+        Some(c) => c.status(),
+        None => ControlStatus {
+            state: "not_configured".into(),
+            desired_version: s.agent.desired_version(),
+            ..ControlStatus::default()
+        },
+    })
+}
+
 async fn not_found() -> AdminError {
     AdminError(
         StatusCode::NOT_FOUND,
@@ -151,7 +253,7 @@ async fn not_found() -> AdminError {
     )
 }
 
-pub fn router(agent: Arc<Agent>) -> Router {
+pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/v1/status", get(status))
@@ -161,8 +263,11 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/v1/received/{host}/{disk_id}/checkpoints",
             get(received_checkpoints),
         )
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{name}/power", post(power))
+        .route("/v1/control", get(control))
         .fallback(not_found)
-        .with_state(agent)
+        .with_state(state)
 }
 
 /// Binds the admin endpoint; serve it with [`serve`].
@@ -177,8 +282,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AgentError> {
 }
 
 /// Serves until `cancel`.
-pub async fn serve(listener: TcpListener, agent: Arc<Agent>, cancel: CancellationToken) {
-    let app = router(agent);
+pub async fn serve(listener: TcpListener, state: AdminState, cancel: CancellationToken) {
+    let app = router(state);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
