@@ -23,7 +23,11 @@ impl MigrationTrait for Migration {
                         .not_null()
                         .primary_key(),
                 )
-                .col(ColumnDef::new(EnrolmentTokens::Description).string().not_null())
+                .col(
+                    ColumnDef::new(EnrolmentTokens::Description)
+                        .string()
+                        .not_null(),
+                )
                 .col(
                     ColumnDef::new(EnrolmentTokens::SecretHash)
                         .string()
@@ -47,7 +51,11 @@ impl MigrationTrait for Migration {
                         .timestamp_with_time_zone()
                         .null(),
                 )
-                .col(ColumnDef::new(EnrolmentTokens::CreatedBy).string().not_null())
+                .col(
+                    ColumnDef::new(EnrolmentTokens::CreatedBy)
+                        .string()
+                        .not_null(),
+                )
                 .to_owned(),
         )
         .await?;

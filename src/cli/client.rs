@@ -58,6 +58,27 @@ enum Action {
     },
     /// Delete one, by id or name.
     Delete { name: String },
+    /// Hosts only: tokens an agent exchanges for its host key on first contact.
+    #[command(name = "enrolment-token")]
+    EnrolmentToken {
+        #[command(subcommand)]
+        action: EnrolmentTokenAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EnrolmentTokenAction {
+    /// Create one; its secret is printed once (give it to `bulwark agent`).
+    Create {
+        /// Seconds until it stops working (60 to 2592000).
+        #[arg(long = "expires-in", value_name = "SECS", default_value_t = crate::manager::store::DEFAULT_ENROLMENT_SECS)]
+        expires_in: u64,
+        /// How many hosts may enrol with it (unlimited when absent).
+        #[arg(long)]
+        max_uses: Option<u32>,
+        #[arg(long)]
+        description: Option<String>,
+    },
 }
 
 struct Client {
@@ -235,6 +256,41 @@ pub async fn run(collection: &str, a: ResourceArgs) -> Result<ExitCode> {
                 .call(Method::DELETE, &format!("/api/v1/{collection}/{id}"), None)
                 .await?;
             eprintln!("deleted {} {id}", singular(collection));
+        }
+        Action::EnrolmentToken {
+            action:
+                EnrolmentTokenAction::Create {
+                    expires_in,
+                    max_uses,
+                    description,
+                },
+        } => {
+            if collection != "hosts" {
+                bail!("enrolment tokens belong to hosts: `bulwark host enrolment-token create`");
+            }
+            let body = serde_json::to_value(crate::proto::api::EnrolmentTokenCreate {
+                description,
+                expires_in_secs: Some(expires_in),
+                max_uses,
+            })?;
+            let (_, v) = client
+                .call(Method::POST, "/api/v1/enrolment-tokens", Some(body))
+                .await?;
+            match a.output {
+                Output::Json => output::one(&v, a.output),
+                Output::Table => {
+                    // The secret alone on stdout, so scripts can capture it.
+                    let secret = v["secret"]
+                        .as_str()
+                        .ok_or_else(|| anyhow!("no secret in the answer"))?;
+                    println!("{secret}");
+                    eprintln!(
+                        "enrolment token {} valid until {} (shown once)",
+                        v["token"]["id"].as_str().unwrap_or("?"),
+                        v["token"]["expires_at"].as_str().unwrap_or("?")
+                    );
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

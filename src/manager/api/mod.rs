@@ -2,6 +2,7 @@
 //! document and the static console. The only module that speaks HTTP. Handlers are
 //! thin: authenticate, parse, call one store function, map the result.
 
+mod agents;
 mod error;
 mod extract;
 mod inventory;
@@ -50,6 +51,7 @@ pub struct AppState {
         (name = "vpgs", description = "Protection groups, their members and checkpoints"),
         (name = "records", description = "Tasks, events and alerts"),
         (name = "access", description = "API tokens"),
+        (name = "agents", description = "Enrolment tokens and the agents' control channel"),
         (name = "meta", description = "Health, metrics and lookups"),
     )
 )]
@@ -113,6 +115,12 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(tokens::session))
         .routes(routes!(tokens::list_tokens, tokens::create_token))
         .routes(routes!(tokens::revoke_token))
+        .routes(routes!(
+            agents::list_enrolment_tokens,
+            agents::create_enrolment_token
+        ))
+        .routes(routes!(agents::revoke_enrolment_token))
+        .routes(routes!(agents::connect))
 }
 
 pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";

@@ -38,6 +38,7 @@ pub async fn create_vpg(
 ) -> Result<Response, ApiError> {
     c.require(Role::Admin)?;
     let v = s.store.create_vpg(&c.actor(), body).await?;
+    s.control.config_changed();
     let tag = etag(v.version);
     let mut res = created(format!("/api/v1/vpgs/{}", v.id), v);
     res.headers_mut().insert(tag.0, tag.1);
@@ -71,6 +72,7 @@ pub async fn update_vpg(
         .store
         .update_vpg(&c.actor(), &id, if_match(&headers)?, body)
         .await?;
+    s.control.config_changed();
     Ok(with_etag(v))
 }
 
@@ -90,6 +92,7 @@ pub async fn replace_vpg(
         .store
         .replace_vpg(&c.actor(), &id, if_match(&headers)?, body)
         .await?;
+    s.control.config_changed();
     Ok(with_etag(v))
 }
 
@@ -105,6 +108,7 @@ pub async fn delete_vpg(
     s.store
         .delete_vpg(&c.actor(), &id, if_match(&headers)?)
         .await?;
+    s.control.config_changed();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -137,6 +141,7 @@ pub async fn add_member(
         .store
         .add_member(&c.actor(), &id, if_match(&headers)?, body)
         .await?;
+    s.control.config_changed();
     Ok(with_etag(v))
 }
 
@@ -156,6 +161,7 @@ pub async fn update_member(
         .store
         .update_member(&c.actor(), &id, &vm_id, if_match(&headers)?, body)
         .await?;
+    s.control.config_changed();
     Ok(with_etag(v))
 }
 
@@ -175,6 +181,7 @@ pub async fn remove_member(
         .store
         .remove_member(&c.actor(), &id, &vm_id, if_match(&headers)?, keep)
         .await?;
+    s.control.config_changed();
     Ok(with_etag(v))
 }
 

@@ -12,11 +12,12 @@ use crate::proto::api::{
     Connectivity, Disk, DiskCreate, Host, HostCreate, HostPatch, HostQuery, Nic, Page, PageQuery,
     PowerState, Site, SiteCreate, SitePatch, SiteQuery, Vm, VmCreate, VmPatch, VmQuery,
 };
+use crate::proto::control::{Inventory, InventoryDisk};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, PaginatorTrait,
     QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 const MAX_DISKS_PER_VM: usize = 64;
 const MAX_NICS_PER_VM: usize = 32;
@@ -61,7 +62,7 @@ fn to_disk(m: disk::Model) -> Disk {
     }
 }
 
-fn check_text(field: &str, v: &Option<String>) -> Result<(), ValidationError> {
+pub(super) fn check_text(field: &str, v: &Option<String>) -> Result<(), ValidationError> {
     match v {
         Some(s) if s.len() > 1024 || s.chars().any(char::is_control) => Err(ValidationError::new(
             "validation.text_invalid",
@@ -101,6 +102,30 @@ fn check_nics(nics: &[Nic]) -> Result<(), ValidationError> {
         }
     }
     Ok(())
+}
+
+fn check_cpus(cpus: u32) -> Result<i32, ValidationError> {
+    if cpus == 0 || cpus > 1024 {
+        return Err(ValidationError::new(
+            "vm.cpus_out_of_range",
+            "cpus",
+            "cpus must be 1 to 1024",
+        ));
+    }
+    Ok(cpus as i32)
+}
+
+fn check_memory(memory_mib: u64) -> Result<i64, StoreError> {
+    let memory = i64_of(memory_mib, "memory_mib")?;
+    if memory == 0 {
+        return Err(ValidationError::new(
+            "vm.memory_out_of_range",
+            "memory_mib",
+            "memory must be positive",
+        )
+        .into());
+    }
+    Ok(memory)
 }
 
 fn check_disk(d: &DiskCreate) -> Result<(), ValidationError> {
@@ -583,23 +608,8 @@ impl Store {
                 .into());
             }
         }
-        if input.cpus == 0 || input.cpus > 1024 {
-            return Err(ValidationError::new(
-                "vm.cpus_out_of_range",
-                "cpus",
-                "cpus must be 1 to 1024",
-            )
-            .into());
-        }
-        let memory = i64_of(input.memory_mib, "memory_mib")?;
-        if memory == 0 {
-            return Err(ValidationError::new(
-                "vm.memory_out_of_range",
-                "memory_mib",
-                "memory must be positive",
-            )
-            .into());
-        }
+        let cpus = check_cpus(input.cpus)?;
+        let memory = check_memory(input.memory_mib)?;
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
         if host::Entity::find_by_id(&input.host_id)
@@ -621,7 +631,7 @@ impl Store {
             host_id: Set(input.host_id),
             name: Set(name.to_string()),
             power_state: Set(input.power_state.as_str().to_string()),
-            cpus: Set(input.cpus as i32),
+            cpus: Set(cpus),
             memory_mib: Set(memory),
             nics: Set(serde_json::to_value(&input.nics).unwrap_or_default()),
             created_at: Set(t),
@@ -634,7 +644,7 @@ impl Store {
             format!("the host already has a VM named `{name}`"),
         ))?;
         for d in input.disks {
-            insert_disk(&txn, &id, d).await?;
+            insert_disk(&txn, &id, d, None).await?;
         }
         NewEvent::info("vm.created", "vm", &id, format!("VM {name} created"))
             .write(&txn, actor)
@@ -690,27 +700,10 @@ impl Store {
             am.power_state = Set(ps.as_str().to_string());
         }
         if let Some(c) = p.cpus {
-            if c == 0 || c > 1024 {
-                return Err(ValidationError::new(
-                    "vm.cpus_out_of_range",
-                    "cpus",
-                    "cpus must be 1 to 1024",
-                )
-                .into());
-            }
-            am.cpus = Set(c as i32);
+            am.cpus = Set(check_cpus(c)?);
         }
         if let Some(mem) = p.memory_mib {
-            let mem = i64_of(mem, "memory_mib")?;
-            if mem == 0 {
-                return Err(ValidationError::new(
-                    "vm.memory_out_of_range",
-                    "memory_mib",
-                    "memory must be positive",
-                )
-                .into());
-            }
-            am.memory_mib = Set(mem);
+            am.memory_mib = Set(check_memory(mem)?);
         }
         if let Some(nics) = p.nics {
             check_nics(&nics)?;
@@ -795,7 +788,7 @@ impl Store {
             )
             .into());
         }
-        let m = insert_disk(&txn, vm_id, d).await?;
+        let m = insert_disk(&txn, vm_id, d, None).await?;
         NewEvent::info(
             "disk.created",
             "disk",
@@ -852,6 +845,7 @@ async fn insert_disk(
     db: &impl ConnectionTrait,
     vm_id: &str,
     d: DiskCreate,
+    device_id: Option<i64>,
 ) -> Result<disk::Model, StoreError> {
     let name = d.name.trim().to_string();
     disk::ActiveModel {
@@ -861,7 +855,7 @@ async fn insert_disk(
         size_bytes: Set(i64_of(d.size_bytes, "size_bytes")?),
         path: Set(d.path),
         created_at: Set(now()),
-        device_id: Set(None),
+        device_id: Set(device_id),
     }
     .insert(db)
     .await
@@ -884,4 +878,266 @@ pub(crate) fn vm_state(vpg: Option<&(String, bool)>) -> VmReplicationState {
         },
     };
     derive_vm_state(&facts)
+}
+
+// ---- inventory reported by agents ---------------------------------------------------
+
+/// Most VMs one inventory may list (a bound on one message's work, not a product limit).
+const MAX_VMS_PER_INVENTORY: usize = 10_000;
+
+/// The same rules as VMs and disks entered through the API, plus: names and disk ids
+/// unique on the host. A refused inventory changes nothing.
+fn check_inventory(inv: &Inventory) -> Result<(), StoreError> {
+    if inv.vms.len() > MAX_VMS_PER_INVENTORY {
+        return Err(ValidationError::new(
+            "inventory.too_many_vms",
+            "vms",
+            format!("an inventory lists at most {MAX_VMS_PER_INVENTORY} VMs"),
+        )
+        .into());
+    }
+    let mut names = HashSet::new();
+    let mut disk_ids = HashSet::new();
+    for (i, v) in inv.vms.iter().enumerate() {
+        let at = format!("vms[{i}]");
+        let name = Name::parse(&v.name).map_err(|e| e.under(&at))?;
+        if !names.insert(name.to_string()) {
+            return Err(ValidationError::new(
+                "inventory.duplicate_vm",
+                at,
+                format!("VM `{name}` is listed twice"),
+            )
+            .into());
+        }
+        check_cpus(v.cpus).map_err(|e| e.under(&at))?;
+        check_memory(v.memory_mib)?;
+        if v.disks.len() > MAX_DISKS_PER_VM {
+            return Err(ValidationError::new(
+                "vm.too_many_disks",
+                format!("{at}.disks"),
+                format!("a VM has at most {MAX_DISKS_PER_VM} disks"),
+            )
+            .into());
+        }
+        for (j, d) in v.disks.iter().enumerate() {
+            let at = format!("{at}.disks[{j}]");
+            check_disk(&reported_disk(d)).map_err(|e| e.under(&at))?;
+            if v.disks[..j].iter().any(|o| o.name.trim() == d.name.trim()) {
+                return Err(ValidationError::new(
+                    "vm.duplicate_disk",
+                    format!("{at}.name"),
+                    format!("disk `{}` is listed twice", d.name),
+                )
+                .into());
+            }
+            i64_of(d.disk_id, &format!("{at}.disk_id"))?;
+            if !disk_ids.insert(d.disk_id) {
+                return Err(ValidationError::new(
+                    "inventory.duplicate_disk_id",
+                    format!("{at}.disk_id"),
+                    format!("disk id {} is used twice on the host", d.disk_id),
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn reported_disk(d: &InventoryDisk) -> DiskCreate {
+    DiskCreate {
+        name: d.name.clone(),
+        size_bytes: d.size_bytes,
+        path: Some(d.export.clone()),
+    }
+}
+
+impl Store {
+    /// Makes the host's VMs and disks what its agent reports: VMs and disks by name
+    /// are created or updated; VMs no longer reported are deleted, except VPG members,
+    /// which are kept with power state `missing` and their disk ids cleared (nothing of
+    /// theirs can replicate until the agent reports them again). Returns whether
+    /// anything changed.
+    pub async fn apply_host_inventory(
+        &self,
+        actor: &Actor,
+        host_id: &str,
+        inv: &Inventory,
+    ) -> Result<bool, StoreError> {
+        check_inventory(inv)?;
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let current = vm::Entity::find()
+            .filter(vm::Column::HostId.eq(host_id))
+            .all(&txn)
+            .await?;
+        let ids: Vec<String> = current.iter().map(|v| v.id.clone()).collect();
+        let mut disks: HashMap<String, Vec<disk::Model>> = HashMap::new();
+        for d in disk::Entity::find()
+            .filter(disk::Column::VmId.is_in(ids.clone()))
+            .all(&txn)
+            .await?
+        {
+            disks.entry(d.vm_id.clone()).or_default().push(d);
+        }
+        let members: HashSet<String> = member::Entity::find()
+            .filter(member::Column::VmId.is_in(ids))
+            .select_only()
+            .column(member::Column::VmId)
+            .into_tuple::<String>()
+            .all(&txn)
+            .await?
+            .into_iter()
+            .collect();
+        let mut by_name: HashMap<String, vm::Model> =
+            current.into_iter().map(|v| (v.name.clone(), v)).collect();
+        let mut changed = false;
+        let t = now();
+        for r in &inv.vms {
+            let name = r.name.trim().to_string();
+            let power = r.power_state.as_str();
+            let cpus = check_cpus(r.cpus)?;
+            let memory = check_memory(r.memory_mib)?;
+            let vm_id = match by_name.remove(&name) {
+                Some(cur) => {
+                    let id = cur.id.clone();
+                    if cur.power_state != power || cur.cpus != cpus || cur.memory_mib != memory {
+                        let returned = cur.power_state == PowerState::Missing.as_str();
+                        let mut am = cur.into_active_model();
+                        am.power_state = Set(power.to_string());
+                        am.cpus = Set(cpus);
+                        am.memory_mib = Set(memory);
+                        am.updated_at = Set(t);
+                        am.update(&txn).await?;
+                        if returned {
+                            NewEvent::info(
+                                "vm.returned",
+                                "vm",
+                                &id,
+                                format!("VM {name} is reported by its host again"),
+                            )
+                            .write(&txn, actor)
+                            .await?;
+                        }
+                        changed = true;
+                    }
+                    id
+                }
+                None => {
+                    let id = new_id();
+                    vm::ActiveModel {
+                        id: Set(id.clone()),
+                        host_id: Set(host_id.to_string()),
+                        name: Set(name.clone()),
+                        power_state: Set(power.to_string()),
+                        cpus: Set(cpus),
+                        memory_mib: Set(memory),
+                        nics: Set(serde_json::json!([])),
+                        created_at: Set(t),
+                        updated_at: Set(t),
+                    }
+                    .insert(&txn)
+                    .await?;
+                    NewEvent::info(
+                        "vm.discovered",
+                        "vm",
+                        &id,
+                        format!("VM {name} reported by its host"),
+                    )
+                    .write(&txn, actor)
+                    .await?;
+                    changed = true;
+                    id
+                }
+            };
+            let mut have: HashMap<String, disk::Model> = disks
+                .remove(&vm_id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| (d.name.clone(), d))
+                .collect();
+            for d in &r.disks {
+                let device_id = Some(i64_of(d.disk_id, "disk_id")?);
+                let size = i64_of(d.size_bytes, "size_bytes")?;
+                match have.remove(d.name.trim()) {
+                    Some(cur) => {
+                        if cur.device_id != device_id
+                            || cur.size_bytes != size
+                            || cur.path.as_deref() != Some(d.export.as_str())
+                        {
+                            let mut am = cur.into_active_model();
+                            am.device_id = Set(device_id);
+                            am.size_bytes = Set(size);
+                            am.path = Set(Some(d.export.clone()));
+                            am.update(&txn).await?;
+                            changed = true;
+                        }
+                    }
+                    None => {
+                        insert_disk(&txn, &vm_id, reported_disk(d), device_id).await?;
+                        changed = true;
+                    }
+                }
+            }
+            // Disks the agent no longer reports: a protected VM's are kept (without an
+            // id, so they are not replicated), others go.
+            for (_, gone) in have {
+                if members.contains(&vm_id) {
+                    if gone.device_id.is_some() {
+                        let mut am = gone.into_active_model();
+                        am.device_id = Set(None);
+                        am.update(&txn).await?;
+                        changed = true;
+                    }
+                } else {
+                    disk::Entity::delete_by_id(&gone.id).exec(&txn).await?;
+                    changed = true;
+                }
+            }
+        }
+        for (name, gone) in by_name {
+            if members.contains(&gone.id) {
+                if gone.power_state == PowerState::Missing.as_str() {
+                    continue;
+                }
+                let id = gone.id.clone();
+                let mut am = gone.into_active_model();
+                am.power_state = Set(PowerState::Missing.as_str().to_string());
+                am.updated_at = Set(t);
+                am.update(&txn).await?;
+                disk::Entity::update_many()
+                    .col_expr(
+                        disk::Column::DeviceId,
+                        sea_orm::sea_query::Expr::value(Option::<i64>::None),
+                    )
+                    .filter(disk::Column::VmId.eq(id.as_str()))
+                    .exec(&txn)
+                    .await?;
+                NewEvent {
+                    severity: "warning",
+                    ..NewEvent::info(
+                        "vm.missing",
+                        "vm",
+                        &id,
+                        format!("protected VM {name} is no longer reported by its host"),
+                    )
+                }
+                .write(&txn, actor)
+                .await?;
+            } else {
+                vm::Entity::delete_by_id(&gone.id).exec(&txn).await?;
+                NewEvent::info(
+                    "vm.removed",
+                    "vm",
+                    &gone.id,
+                    format!("VM {name} is no longer reported by its host"),
+                )
+                .write(&txn, actor)
+                .await?;
+            }
+            changed = true;
+        }
+        txn.commit().await?;
+        Ok(changed)
+    }
 }

@@ -2,12 +2,14 @@
 //! function takes and returns domain or `proto::api` types; every mutation writes its
 //! audit event in the same transaction as the change itself.
 
+mod control;
 pub mod entity;
 mod inventory;
 mod records;
 mod tokens;
 mod vpgs;
 
+pub use control::{Admitted, DesiredRows, DEFAULT_ENROLMENT_SECS, ENROLMENT_PREFIX};
 pub use tokens::{hash_secret, AuthenticatedToken};
 
 use crate::model::ValidationError;
