@@ -407,6 +407,14 @@ pub struct MemberRemoveQuery {
     pub keep_recovery_disks: Option<bool>,
 }
 
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VpgDeleteQuery {
+    /// Remove the VPG at once, without waiting for its hosts to stop protecting it
+    /// (for a VPG waiting to be removed because a host is gone).
+    pub force: Option<bool>,
+}
+
 // ---- checkpoints, tasks, events, alerts ----------------------------------------------
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -418,6 +426,18 @@ pub struct Checkpoint {
     pub kind: String,
     pub tag: Option<String>,
     pub recoverable: bool,
+}
+
+/// Body of `POST /api/v1/vpgs/{id}/checkpoints`: take a tagged checkpoint now.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointCreate {
+    /// 1 to 64 characters, shown with the checkpoint and written into every journal.
+    #[schema(example = "before upgrade")]
+    pub tag: String,
+    /// Quiesce the member VMs through the hypervisor first (app-consistent checkpoint).
+    #[serde(default)]
+    pub app_consistent: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]

@@ -349,10 +349,15 @@ both!(vpg_round_trip, |app: TestApp| async move {
         "vpg.not_found",
     );
 
-    assert_eq!(
-        app.delete(&format!("/api/v1/vpgs/{vpg}")).await.0,
-        StatusCode::NO_CONTENT
-    );
+    // Deletion is an operation: accepted, then the VPG goes once no host protects it
+    // (these hosts never had an agent, so at once).
+    let (s, v) = app.delete(&format!("/api/v1/vpgs/{vpg}")).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["status"], "deleting");
+    app.eventually("VPG removed", || async {
+        (app.get(&format!("/api/v1/vpgs/{vpg}")).await.0 == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
     assert_problem(
         &app.get(&format!("/api/v1/vpgs/{vpg}")).await,
         StatusCode::NOT_FOUND,
@@ -369,6 +374,7 @@ both!(vpg_round_trip, |app: TestApp| async move {
         kinds,
         [
             "vpg.deleted",
+            "vpg.deleting",
             "vpg.updated",
             "vpg.updated",
             "vpg.member_removed_with_disks",

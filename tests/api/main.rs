@@ -7,6 +7,7 @@ mod fake_agent;
 mod helpers;
 
 mod access;
+mod checkpoints;
 mod concurrency;
 mod crud;
 mod migrations;

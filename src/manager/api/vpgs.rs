@@ -3,12 +3,16 @@
 use super::error::ApiError;
 use super::extract::{etag, if_match, ApiJson, ApiPath, ApiQuery, Caller};
 use super::{created, AppState};
+use crate::manager::control::rounds::{RoundError, RoundRequest};
+use crate::manager::store::VpgDeletion;
 use crate::model::access::Role;
+use crate::model::checkpoints::check_tag;
 use crate::model::settings::MemberSettings;
 use crate::proto::api::{
-    Checkpoint, CheckpointQuery, Member, MemberRemoveQuery, Page, PageQuery, Problem, Vpg,
-    VpgCreate, VpgPatch, VpgQuery, VpgReplace,
+    Checkpoint, CheckpointCreate, CheckpointQuery, Member, MemberRemoveQuery, Page, PageQuery,
+    Problem, Vpg, VpgCreate, VpgDeleteQuery, VpgPatch, VpgQuery, VpgReplace,
 };
+use crate::proto::control::CheckpointKind;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -96,20 +100,32 @@ pub async fn replace_vpg(
     Ok(with_etag(v))
 }
 
-#[utoipa::path(delete, path = "/api/v1/vpgs/{id}", tag = "vpgs", params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
-    responses((status = 204), (status = 404, body = Problem), (status = 412, body = Problem)), security(("bearer" = [])))]
+#[utoipa::path(delete, path = "/api/v1/vpgs/{id}", tag = "vpgs", params(("id" = String, Path), ("If-Match" = Option<String>, Header), VpgDeleteQuery),
+    responses((status = 202, body = Vpg, description = "Deletion started: hosts stop protecting, then the VPG goes"),
+        (status = 204, description = "Removed by force"), (status = 404, body = Problem), (status = 412, body = Problem)),
+    security(("bearer" = [])))]
 pub async fn delete_vpg(
     State(s): State<AppState>,
     c: Caller,
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
-) -> Result<StatusCode, ApiError> {
+    ApiQuery(q): ApiQuery<VpgDeleteQuery>,
+) -> Result<Response, ApiError> {
     c.require(Role::Admin)?;
-    s.store
-        .delete_vpg(&c.actor(), &id, if_match(&headers)?)
+    let force = q.force.unwrap_or(false);
+    let outcome = s
+        .store
+        .delete_vpg(&c.actor(), &id, if_match(&headers)?, force)
         .await?;
     s.control.config_changed();
-    Ok(StatusCode::NO_CONTENT)
+    Ok(match outcome {
+        VpgDeletion::Started(v) => {
+            let mut res = with_etag(v);
+            *res.status_mut() = StatusCode::ACCEPTED;
+            res
+        }
+        VpgDeletion::Removed => StatusCode::NO_CONTENT.into_response(),
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/vpgs/{id}/members", tag = "vpgs", params(("id" = String, Path)),
@@ -197,4 +213,75 @@ pub async fn list_checkpoints(
 ) -> Result<ApiJson<Page<Checkpoint>>, ApiError> {
     c.require(Role::Viewer)?;
     Ok(ApiJson(s.store.list_checkpoints(&id, &q, &p).await?))
+}
+
+impl From<RoundError> for ApiError {
+    fn from(e: RoundError) -> Self {
+        let detail = e.to_string();
+        match e {
+            RoundError::Store(s) => s.into(),
+            RoundError::NotProtecting(_) => {
+                ApiError::new(StatusCode::CONFLICT, "vpg.not_protecting", detail)
+            }
+            RoundError::Paused => ApiError::new(StatusCode::CONFLICT, "vpg.paused", detail),
+            RoundError::NoHosts => {
+                ApiError::new(StatusCode::CONFLICT, "vpg.no_protected_hosts", detail)
+            }
+            RoundError::NotReady { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "checkpoint.protection_not_ready",
+                detail,
+            ),
+            RoundError::HostUnreachable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "checkpoint.host_unreachable",
+                detail,
+            ),
+            RoundError::Aborted { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "checkpoint.round_aborted",
+                detail,
+            ),
+        }
+    }
+}
+
+/// Takes a user-tagged (or app-consistent) checkpoint now: one checkpoint round across
+/// every protected host of the VPG. The checkpoint is not recoverable until every
+/// journal reports it.
+#[utoipa::path(post, path = "/api/v1/vpgs/{id}/checkpoints", tag = "vpgs", params(("id" = String, Path)),
+    request_body = CheckpointCreate,
+    responses((status = 201, body = Checkpoint), (status = 400, body = Problem), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "The VPG is not protecting (deleted, paused, not applied yet)"),
+        (status = 503, body = Problem, description = "A host is unreachable or the round aborted; retry")),
+    security(("bearer" = [])))]
+pub async fn create_checkpoint(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<CheckpointCreate>,
+) -> Result<Response, ApiError> {
+    c.require(Role::Operator)?;
+    let tag = check_tag(&body.tag).map_err(|e| {
+        let mut a = ApiError::bad_request(e.code, e.message);
+        a.field = Some(e.field);
+        a
+    })?;
+    let req = RoundRequest {
+        kind: if body.app_consistent {
+            CheckpointKind::AppConsistent
+        } else {
+            CheckpointKind::UserTagged
+        },
+        tag: Some(tag),
+        quiesce: body.app_consistent,
+    };
+    let cp = s
+        .control
+        .rounds
+        .run_round(&s.control, &id, req, Some(&c.actor()))
+        .await?;
+    s.control.changed.notify_waiters();
+    // No Location: checkpoints are listed per VPG, not addressed one by one.
+    Ok((StatusCode::CREATED, ApiJson(cp)).into_response())
 }

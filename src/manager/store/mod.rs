@@ -2,6 +2,7 @@
 //! function takes and returns domain or `proto::api` types; every mutation writes its
 //! audit event in the same transaction as the change itself.
 
+mod checkpoints;
 mod control;
 pub mod entity;
 mod inventory;
@@ -9,8 +10,10 @@ mod records;
 mod tokens;
 mod vpgs;
 
+pub use checkpoints::{CheckpointSummary, LiveMember, LiveVpg, NewCheckpoint, StatusUpdate};
 pub use control::{Admitted, DesiredRows, DEFAULT_ENROLMENT_SECS, ENROLMENT_PREFIX};
 pub use tokens::{hash_secret, AuthenticatedToken};
+pub use vpgs::VpgDeletion;
 
 use crate::model::ValidationError;
 use chrono::{DateTime, Utc};

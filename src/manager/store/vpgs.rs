@@ -22,6 +22,15 @@ use std::time::Duration;
 
 pub const MAX_MEMBERS: usize = 1000;
 
+/// What a delete request did.
+#[derive(Debug)]
+pub enum VpgDeletion {
+    /// The Delete operation started (or was already running): the VPG as it is now.
+    Started(Vpg),
+    /// Forced: the VPG is gone.
+    Removed,
+}
+
 /// A VPG's definition as a whole, whatever request it came from.
 struct Definition {
     name: Name,
@@ -67,7 +76,7 @@ pub(crate) fn config_facts(
     }
 }
 
-fn member_settings(m: &member::Model) -> MemberSettings {
+pub(crate) fn member_settings(m: &member::Model) -> MemberSettings {
     let mut s: MemberSettings = serde_json::from_value(m.settings.clone())
         .unwrap_or_else(|_| MemberSettings::for_vm(m.vm_id.clone()));
     s.vm_id = m.vm_id.clone();
@@ -637,14 +646,18 @@ impl Store {
         .await
     }
 
-    /// Removes a VPG's definition. (With agents attached this becomes the Delete
-    /// operation, which goes through "Deleting the VPG" first.)
+    /// Deletes a VPG. Without `force` this starts the Delete operation: the lifecycle
+    /// becomes "deleting" (the desired state of every host drops the VPG), and the
+    /// evaluator removes the row once no host protects any of its disks any more.
+    /// Asking again while it is being deleted changes nothing. With `force` the row goes
+    /// at once, whatever the hosts still run (they drop it when they next reconcile).
     pub async fn delete_vpg(
         &self,
         actor: &Actor,
         id: &str,
         expected_version: Option<u64>,
-    ) -> Result<(), StoreError> {
+        force: bool,
+    ) -> Result<VpgDeletion, StoreError> {
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
         let cur = vpg::Entity::find_by_id(id)
@@ -659,22 +672,53 @@ impl Store {
                 });
             }
         }
-        member::Entity::delete_many()
-            .filter(member::Column::VpgId.eq(id))
+        if force {
+            super::checkpoints::remove_rows(&txn, id).await?;
+            let mut ev = NewEvent::info(
+                "vpg.force_removed",
+                "vpg",
+                id,
+                format!("VPG {} removed by force", cur.name),
+            )
+            .vpg(id);
+            ev.severity = "warning";
+            ev.write(&txn, actor).await?;
+            txn.commit().await?;
+            return Ok(VpgDeletion::Removed);
+        }
+        let lifecycle = lifecycle_of(&cur.lifecycle);
+        if matches!(lifecycle, Lifecycle::Deleting | Lifecycle::WaitingRemoval) {
+            drop(txn);
+            return Ok(VpgDeletion::Started(self.get_vpg(id).await?));
+        }
+        let (status, sub) = derive_status(&VpgFacts {
+            lifecycle: Lifecycle::Deleting,
+            ..VpgFacts::healthy(0)
+        });
+        vpg::Entity::update_many()
+            .col_expr(vpg::Column::Lifecycle, Expr::value("deleting"))
+            .col_expr(vpg::Column::Status, Expr::value(status.as_str()))
+            .col_expr(vpg::Column::SubStatus, Expr::value(sub.as_str()))
+            .col_expr(vpg::Column::Version, Expr::col(vpg::Column::Version).add(1))
+            .col_expr(vpg::Column::UpdatedAt, Expr::value(now()))
+            .filter(vpg::Column::Id.eq(id))
             .exec(&txn)
             .await?;
-        vpg::Entity::delete_by_id(id).exec(&txn).await?;
         NewEvent::info(
-            "vpg.deleted",
+            "vpg.deleting",
             "vpg",
             id,
-            format!("VPG {} deleted", cur.name),
+            format!("VPG {}: deletion started", cur.name),
         )
         .vpg(id)
+        .details(serde_json::json!({
+            "from": {"status": cur.status, "sub_status": cur.sub_status},
+            "to": {"status": status.as_str(), "sub_status": sub.as_str()},
+        }))
         .write(&txn, actor)
         .await?;
         txn.commit().await?;
-        Ok(())
+        Ok(VpgDeletion::Started(self.get_vpg(id).await?))
     }
 
     /// How many VPGs are in each status (for metrics and the dashboard).

@@ -1,0 +1,744 @@
+//! Checkpoint rounds across hosts, recoverability from journal reports, and the VPG
+//! status the evaluator derives from live facts: the real manager, fake agents over the
+//! control WebSocket, on SQLite and PostgreSQL.
+//!
+//! Each fake agent runs in a task ([`Sim`]) that heartbeats every 100 ms with the status
+//! the test sets, answers desired state, and answers checkpoint rounds the way the test
+//! says (promptly, late, never, or releasing by itself). Everything the manager sends is
+//! logged with its arrival time, next to the time each Held was sent, so a test can
+//! check the order across hosts.
+
+use crate::fake_agent::{vm, FakeAgent};
+use crate::helpers::{assert_problem, spawn_app_with, Backend, ControlSettings, TestApp};
+use bulwark::proto::agent::{AgentStatus, PeerStatus, ProtectedDiskStatus};
+use bulwark::proto::control::{
+    AgentMessage, Heartbeat, JournalReport, ManagerMessage, RoundHeld, RoundReleased,
+};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How a fake agent answers `Hold`.
+#[derive(Debug, Clone, Copy)]
+enum HoldMode {
+    /// Held after this delay; Released on time when released.
+    Answer(Duration),
+    /// Never answers.
+    Silent,
+    /// Held at once, but answers the Release as if it had let go by itself.
+    ReleasedLate,
+}
+
+enum Cmd {
+    Protected(Vec<ProtectedDiskStatus>),
+    Peers(Vec<PeerStatus>),
+    /// Sent in the next heartbeat only (reports are incremental).
+    Journals(Vec<JournalReport>),
+    Mode(HoldMode),
+    Disconnect,
+}
+
+/// Something that happened, in order.
+#[derive(Debug, Clone)]
+enum Seen {
+    Got(String, Instant, ManagerMessage),
+    SentHeld(String, Instant, u64),
+}
+
+type Log = Arc<Mutex<Vec<Seen>>>;
+
+struct Sim {
+    tx: mpsc::UnboundedSender<Cmd>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sim {
+    fn start(agent: FakeAgent, log: Log) -> Sim {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(sim_loop(agent, rx, log));
+        Sim { tx, task }
+    }
+
+    fn set(&self, c: Cmd) {
+        let _ = self.tx.send(c);
+    }
+
+    async fn disconnect(self) {
+        let _ = self.tx.send(Cmd::Disconnect);
+        let _ = self.task.await;
+    }
+}
+
+async fn sim_loop(mut a: FakeAgent, mut rx: mpsc::UnboundedReceiver<Cmd>, log: Log) {
+    let host = a.host_name.clone();
+    let mut status: AgentStatus = a.status();
+    let mut journals: Vec<JournalReport> = Vec::new();
+    let mut mode = HoldMode::Answer(Duration::ZERO);
+    let mut due_helds: Vec<(Instant, RoundHeld)> = Vec::new();
+    let mut held_at: std::collections::HashMap<u64, Instant> = Default::default();
+    let mut next_hb = Instant::now();
+    loop {
+        while let Ok(c) = rx.try_recv() {
+            match c {
+                Cmd::Protected(p) => status.protected = p,
+                Cmd::Peers(p) => status.peers = p,
+                Cmd::Journals(j) => journals.extend(j),
+                Cmd::Mode(m) => mode = m,
+                Cmd::Disconnect => {
+                    a.drop_hard();
+                    return;
+                }
+            }
+        }
+        if Instant::now() >= next_hb {
+            let hb = Heartbeat {
+                status: status.clone(),
+                journals: std::mem::take(&mut journals),
+                desired_version: a.desired_version,
+            };
+            a.send(AgentMessage::Heartbeat(hb)).await;
+            next_hb = Instant::now() + Duration::from_millis(100);
+        }
+        let now = Instant::now();
+        let (ready, later): (Vec<_>, Vec<_>) = due_helds.into_iter().partition(|(t, _)| *t <= now);
+        due_helds = later;
+        for (_, h) in ready {
+            let round = h.round;
+            log.lock()
+                .unwrap()
+                .push(Seen::SentHeld(host.clone(), Instant::now(), round));
+            held_at.insert(round, Instant::now());
+            a.send(AgentMessage::Held(h)).await;
+        }
+        let Some(m) = a.recv_within(Duration::from_millis(10)).await else {
+            continue;
+        };
+        let Some(m) = m else { return };
+        log.lock()
+            .unwrap()
+            .push(Seen::Got(host.clone(), Instant::now(), m.clone()));
+        match m {
+            ManagerMessage::Desired(d) => {
+                a.desired_version = Some(d.version);
+                a.applied(d.version).await;
+            }
+            ManagerMessage::Hold(h) => {
+                let held = RoundHeld {
+                    round: h.round,
+                    vpg_id: h.vpg_id.clone(),
+                    timestamp_ms: chrono::Utc::now().timestamp_millis(),
+                    disks: vec![],
+                    error: None,
+                };
+                match mode {
+                    HoldMode::Answer(d) => due_helds.push((Instant::now() + d, held)),
+                    HoldMode::ReleasedLate => due_helds.push((Instant::now(), held)),
+                    HoldMode::Silent => {}
+                }
+            }
+            ManagerMessage::Release { round } => {
+                let hold_us = held_at
+                    .get(&round)
+                    .map_or(0, |t| t.elapsed().as_micros() as u64);
+                a.send(AgentMessage::Released(RoundReleased {
+                    round,
+                    vpg_id: String::new(),
+                    hold_us,
+                    on_time: !matches!(mode, HoldMode::ReleasedLate),
+                }))
+                .await;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A protected disk in `group`, optionally running a sync of `running` kind.
+fn disk(
+    id: u64,
+    name: &str,
+    group: &str,
+    recovery: &str,
+    running: Option<&str>,
+) -> ProtectedDiskStatus {
+    let sync = match running {
+        Some(kind) => json!({
+            "phase": "running", "detail": null, "completed": 0, "last": null,
+            "running": {"kind": kind, "reason": "the disk has no replica yet", "started_ms": 0,
+                "bytes_total": 100, "bytes_done": 10, "percent": 10, "bytes_per_sec": 1,
+                "eta_secs": null, "blocks_compared": 0, "blocks_sent": 0, "data_bytes": 0,
+                "wire_bytes": 0}
+        }),
+        None => {
+            json!({"phase": "idle", "detail": null, "running": null, "last": null, "completed": 1})
+        }
+    };
+    serde_json::from_value(json!({
+        "name": name, "disk_id": id, "size_bytes": 1u64 << 30, "export": name,
+        "group": group, "recovery_host": recovery, "mode": "streaming",
+        "start_state": "new", "start_al_extents": 0, "dirty_regions": 0, "region_size": 65536,
+        "queued_records": 0, "queued_bytes": 0, "spilled_bytes": 0, "oldest_unacked_ms": 0,
+        "last_seq": 0, "acked_seq": 0, "epoch": 1, "owes_sync": false, "replica_behind": false,
+        "sync": sync,
+    }))
+    .unwrap()
+}
+
+fn peer(host: &str, connected: bool) -> PeerStatus {
+    PeerStatus {
+        host_name: host.into(),
+        address: "127.0.0.1:9701".into(),
+        connected,
+        last_error: None,
+    }
+}
+
+fn journal(disk_id: u64, ids: &[u64], oldest: Option<u64>) -> JournalReport {
+    JournalReport {
+        host: if disk_id == 1 { "esx-a" } else { "esx-b" }.into(),
+        disk_id,
+        recoverable: ids.to_vec(),
+        oldest_recoverable: oldest,
+        newest_recoverable: ids.iter().max().copied(),
+        journal_bytes: 4096,
+        storage_error: None,
+    }
+}
+
+fn settings() -> ControlSettings {
+    ControlSettings {
+        heartbeat: Duration::from_millis(100),
+        disconnect_after: Duration::from_secs(3),
+        // Generous: the machine is shared by several builds; the silent-host tests wait
+        // this long once.
+        hold_bound: Duration::from_millis(1500),
+        ..ControlSettings::default()
+    }
+}
+
+/// Two protected hosts (esx-a: vm-a with disk 1, esx-b: vm-b with disk 2) and a
+/// recovery host, each a running [`Sim`], and a VPG protecting both VMs (no scheduled
+/// rounds unless `interval_ms` is short).
+struct Lab {
+    a: Sim,
+    b: Option<Sim>,
+    dr: Sim,
+    log: Log,
+    vpg: String,
+}
+
+async fn vm_id(app: &TestApp, name: &str) -> String {
+    app.eventually(&format!("VM {name} registered"), || async {
+        let (_, v) = app.get(&format!("/api/v1/vms?name={name}")).await;
+        v["items"][0]["id"].as_str().map(str::to_string)
+    })
+    .await
+}
+
+async fn lab(app: &TestApp, two_hosts: bool, interval_ms: u32, rpo_secs: u32) -> Lab {
+    let log: Log = Arc::default();
+    let a = app
+        .agent(
+            "esx-a",
+            "prod",
+            vec![vm("vm-a", &[(1, "vm-a-root", 1 << 30)])],
+        )
+        .await;
+    let b = if two_hosts {
+        Some(
+            app.agent(
+                "esx-b",
+                "prod",
+                vec![vm("vm-b", &[(2, "vm-b-root", 1 << 30)])],
+            )
+            .await,
+        )
+    } else {
+        None
+    };
+    let dr = app.agent("esx-dr", "dr", vec![]).await;
+    let dr_id = app.host_id("esx-dr").await;
+    let (_, hosts) = app.get(&format!("/api/v1/hosts/{dr_id}")).await;
+    let dr_site = hosts["site_id"].as_str().unwrap().to_string();
+    let mut members = vec![json!({"vm_id": vm_id(app, "vm-a").await, "recovery_host_id": dr_id})];
+    if two_hosts {
+        members.push(json!({"vm_id": vm_id(app, "vm-b").await, "recovery_host_id": dr_id}));
+    }
+    let vpg = app
+        .create(
+            "/api/v1/vpgs",
+            json!({"name": "web", "recovery_site_id": dr_site, "members": members,
+                "settings": {"checkpoint_interval_ms": interval_ms, "rpo_target_secs": rpo_secs}}),
+        )
+        .await;
+    let lab = Lab {
+        a: Sim::start(a, log.clone()),
+        b: b.map(|b| Sim::start(b, log.clone())),
+        dr: Sim::start(dr, log.clone()),
+        log,
+        vpg,
+    };
+    lab
+}
+
+impl Lab {
+    fn protect(&self, running: Option<&str>) {
+        self.a.set(Cmd::Protected(vec![disk(
+            1,
+            "vm-a-root",
+            &self.vpg,
+            "esx-dr",
+            running,
+        )]));
+        self.a.set(Cmd::Peers(vec![peer("esx-dr", true)]));
+        if let Some(b) = &self.b {
+            b.set(Cmd::Protected(vec![disk(
+                2,
+                "vm-b-root",
+                &self.vpg,
+                "esx-dr",
+                running,
+            )]));
+            b.set(Cmd::Peers(vec![peer("esx-dr", true)]));
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn got(&self, host: &str) -> Vec<ManagerMessage> {
+        self.seen()
+            .into_iter()
+            .filter_map(|s| match s {
+                Seen::Got(h, _, m) if h == host => Some(m),
+                _ => None,
+            })
+            .filter(|m| !matches!(m, ManagerMessage::Desired(_) | ManagerMessage::Command(_)))
+            .collect()
+    }
+}
+
+/// Waits until a round may start: both hosts report the VPG's disks.
+async fn ready(app: &TestApp, lab: &Lab) {
+    app.eventually("VPG protecting", || async {
+        let (_, v) = app.get(&format!("/api/v1/vpgs/{}", lab.vpg)).await;
+        (v["sub_status"] != "creating_vpg").then_some(())
+    })
+    .await;
+}
+
+async fn checkpoints(app: &TestApp, vpg: &str) -> Vec<Value> {
+    let (s, v) = app.get(&format!("/api/v1/vpgs/{vpg}/checkpoints")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["items"].as_array().unwrap().clone()
+}
+
+async fn tag(app: &TestApp, vpg: &str, t: &str) -> (StatusCode, Value) {
+    app.post(
+        &format!("/api/v1/vpgs/{vpg}/checkpoints"),
+        json!({"tag": t}),
+    )
+    .await
+}
+
+async fn event_kinds(app: &TestApp, vpg: &str) -> Vec<String> {
+    let (_, ev) = app
+        .get(&format!("/api/v1/events?vpg={vpg}&limit=1000"))
+        .await;
+    ev["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+macro_rules! both_ctl {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let app = spawn_app_with(Backend::Sqlite, settings()).await;
+                ($body)(app).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let app = spawn_app_with(Backend::Postgres, settings()).await;
+                ($body)(app).await;
+            }
+        }
+    };
+}
+
+both_ctl!(
+    round_releases_only_after_every_host_held,
+    |app: TestApp| async move {
+        let lab = lab(&app, true, 3_600_000, 7200).await;
+        lab.protect(None);
+        ready(&app, &lab).await;
+        // esx-b answers 300 ms late: esx-a must hold all that time.
+        lab.b
+            .as_ref()
+            .unwrap()
+            .set(Cmd::Mode(HoldMode::Answer(Duration::from_millis(300))));
+        let (s, c) = tag(&app, &lab.vpg, "before upgrade").await;
+        assert_eq!(s, StatusCode::CREATED, "{c}");
+        assert_eq!(c["kind"], "user_tagged");
+        assert_eq!(c["tag"], "before upgrade");
+        assert_eq!(c["recoverable"], false);
+        let round = c["id"].as_u64().unwrap();
+
+        let seen = lab.seen();
+        let b_held = seen
+            .iter()
+            .find_map(|s| match s {
+                Seen::SentHeld(h, t, r) if h == "esx-b" && *r == round => Some(*t),
+                _ => None,
+            })
+            .expect("esx-b sent Held");
+        for host in ["esx-a", "esx-b"] {
+            let release = seen
+                .iter()
+                .find_map(|s| match s {
+                    Seen::Got(h, t, ManagerMessage::Release { round: r })
+                        if h == host && *r == round =>
+                    {
+                        Some(*t)
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{host} got no Release"));
+            assert!(release >= b_held, "{host} released before esx-b held");
+            let msgs = lab.got(host);
+            assert!(
+                matches!(&msgs[..], [ManagerMessage::Hold(h), ManagerMessage::Release { round: r }]
+                if h.round == round && *r == round && h.barrier && h.quiesce.is_empty()
+                    && h.tag.as_deref() == Some("before upgrade") && h.vpg_id == lab.vpg),
+                "{host}: {msgs:?}"
+            );
+        }
+        let rows = checkpoints(&app, &lab.vpg).await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["id"].as_u64(), Some(round));
+        assert!(event_kinds(&app, &lab.vpg)
+            .await
+            .contains(&"checkpoint.created".to_string()));
+
+        // App-consistent: each host is told to quiesce its own member VMs.
+        let (s, c) = app
+            .post(
+                &format!("/api/v1/vpgs/{}/checkpoints", lab.vpg),
+                json!({"tag": "db", "app_consistent": true}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{c}");
+        assert_eq!(c["kind"], "app_consistent");
+        assert!(c["id"].as_u64().unwrap() > round, "round ids increase");
+        let quiesced = lab.got("esx-b").into_iter().find_map(|m| match m {
+            ManagerMessage::Hold(h) if h.tag.as_deref() == Some("db") => Some(h.quiesce),
+            _ => None,
+        });
+        assert_eq!(quiesced, Some(vec!["vm-b".to_string()]));
+    }
+);
+
+both_ctl!(a_silent_host_aborts_the_round, |app: TestApp| async move {
+    let lab = lab(&app, true, 3_600_000, 7200).await;
+    lab.protect(None);
+    ready(&app, &lab).await;
+    lab.b.as_ref().unwrap().set(Cmd::Mode(HoldMode::Silent));
+    assert_problem(
+        &tag(&app, &lab.vpg, "never").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "checkpoint.round_aborted",
+    );
+    let a = lab.got("esx-a");
+    assert!(
+        matches!(&a[..], [ManagerMessage::Hold(h), ManagerMessage::Abort { round }] if h.round == *round),
+        "esx-a is aborted, never released: {a:?}"
+    );
+    assert!(checkpoints(&app, &lab.vpg).await.is_empty(), "no row");
+    assert!(event_kinds(&app, &lab.vpg)
+        .await
+        .contains(&"checkpoint.rounds_aborted".to_string()));
+});
+
+both_ctl!(a_late_release_stores_nothing, |app: TestApp| async move {
+    let lab = lab(&app, true, 3_600_000, 7200).await;
+    lab.protect(None);
+    ready(&app, &lab).await;
+    lab.b
+        .as_ref()
+        .unwrap()
+        .set(Cmd::Mode(HoldMode::ReleasedLate));
+    assert_problem(
+        &tag(&app, &lab.vpg, "late").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "checkpoint.round_aborted",
+    );
+    assert!(
+        lab.got("esx-a")
+            .iter()
+            .any(|m| matches!(m, ManagerMessage::Release { .. })),
+        "both held, so both were released"
+    );
+    assert!(checkpoints(&app, &lab.vpg).await.is_empty(), "no row");
+    // The next round, answered properly, counts.
+    lab.b
+        .as_ref()
+        .unwrap()
+        .set(Cmd::Mode(HoldMode::Answer(Duration::ZERO)));
+    let (s, v) = tag(&app, &lab.vpg, "ok").await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+});
+
+both_ctl!(
+    recoverable_only_when_every_journal_holds_it,
+    |app: TestApp| async move {
+        let lab = lab(&app, true, 3_600_000, 7200).await;
+        lab.protect(None);
+        ready(&app, &lab).await;
+        let mut ids = Vec::new();
+        for t in ["c1", "c2", "c3"] {
+            let (s, c) = tag(&app, &lab.vpg, t).await;
+            assert_eq!(s, StatusCode::CREATED, "{c}");
+            ids.push(c["id"].as_u64().unwrap());
+        }
+        let (c1, c2, c3) = (ids[0], ids[1], ids[2]);
+        // Only disk 1's journal reports: nothing is recoverable yet.
+        lab.dr
+            .set(Cmd::Journals(vec![journal(1, &[c1, c2, c3], Some(c1))]));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let rows = checkpoints(&app, &lab.vpg).await;
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().all(|r| r["recoverable"] == false), "{rows:?}");
+
+        // Disk 2's journal holds c2 and c3 only: those become recoverable, and c1 can never
+        // be (disk 2 has nothing that old), so it goes.
+        lab.dr
+            .set(Cmd::Journals(vec![journal(2, &[c2, c3], Some(c2))]));
+        let rows = app
+            .eventually("c2, c3 recoverable and c1 thinned", || async {
+                let rows = checkpoints(&app, &lab.vpg).await;
+                (rows.len() == 2 && rows.iter().all(|r| r["recoverable"] == true)).then_some(rows)
+            })
+            .await;
+        let kept: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+        assert_eq!(kept, [c3, c2], "newest first");
+
+        // Disk 1's journal promotes past c2: only c3 stays.
+        lab.dr.set(Cmd::Journals(vec![JournalReport {
+            recoverable: vec![],
+            ..journal(1, &[c3], Some(c3))
+        }]));
+        app.eventually("c2 thinned", || async {
+            let rows = checkpoints(&app, &lab.vpg).await;
+            (rows.len() == 1 && rows[0]["id"].as_u64() == Some(c3)).then_some(())
+        })
+        .await;
+        let (_, v) = app.get(&format!("/api/v1/vpgs/{}", lab.vpg)).await;
+        assert_eq!(v["journal_bytes"], 8192, "{v}");
+    }
+);
+
+both_ctl!(
+    tagging_checks_its_input_and_the_hosts,
+    |app: TestApp| async move {
+        let lab = lab(&app, true, 3_600_000, 7200).await;
+        lab.protect(None);
+        ready(&app, &lab).await;
+        for bad in ["", "   ", &"x".repeat(65)] {
+            assert_problem(
+                &tag(&app, &lab.vpg, bad).await,
+                StatusCode::BAD_REQUEST,
+                "checkpoint.invalid_tag",
+            );
+        }
+        assert_problem(
+            &tag(&app, "nope", "t").await,
+            StatusCode::NOT_FOUND,
+            "vpg.not_found",
+        );
+        let viewer = app.token(bulwark::model::access::Role::Viewer).await;
+        let res = app
+            .req(
+                reqwest::Method::POST,
+                &format!("/api/v1/vpgs/{}/checkpoints", lab.vpg),
+                Some(&viewer),
+            )
+            .json(&json!({"tag": "t"}))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(
+            &crate::helpers::split(res).await,
+            StatusCode::FORBIDDEN,
+            "auth.forbidden",
+        );
+        let operator = app.token(bulwark::model::access::Role::Operator).await;
+        let res = app
+            .req(
+                reqwest::Method::POST,
+                &format!("/api/v1/vpgs/{}/checkpoints", lab.vpg),
+                Some(&operator),
+            )
+            .json(&json!({"tag": "by an operator"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        lab.b.unwrap().disconnect().await;
+        let got = app
+            .eventually("esx-b gone", || async {
+                let r = tag(&app, &lab.vpg, "t").await;
+                (r.0 == StatusCode::SERVICE_UNAVAILABLE).then_some(r)
+            })
+            .await;
+        assert_problem(
+            &got,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "checkpoint.host_unreachable",
+        );
+        assert_eq!(checkpoints(&app, &lab.vpg).await.len(), 1);
+    }
+);
+
+both_ctl!(status_follows_the_live_facts, |app: TestApp| async move {
+    // Scheduled rounds every second, RPO target 10 s.
+    let lab = lab(&app, false, 1000, 10).await;
+    let status = |want: &'static str, sub: &'static str| {
+        let app = &app;
+        let vpg = lab.vpg.clone();
+        async move {
+            app.eventually(&format!("{want}/{sub}"), || async {
+                let (_, v) = app.get(&format!("/api/v1/vpgs/{vpg}")).await;
+                (v["status"] == want && v["sub_status"] == sub).then_some(v)
+            })
+            .await
+        }
+    };
+    status("initializing", "creating_vpg").await;
+    // The host applied the desired state and runs the initial sync.
+    lab.protect(Some("initial"));
+    status("initializing", "initial_sync").await;
+    // Synced; rounds run; the recovery host reports what its journal holds.
+    lab.protect(None);
+    // The recovery host reports every stored checkpoint as it appears.
+    let mut reported = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let v = loop {
+        let mut new = Vec::new();
+        for c in checkpoints(&app, &lab.vpg).await {
+            let id = c["id"].as_u64().unwrap();
+            if reported.insert(id) {
+                new.push(id);
+            }
+        }
+        let oldest = reported.iter().next().copied();
+        lab.dr.set(Cmd::Journals(vec![journal(1, &new, oldest)]));
+        let (_, v) = app.get(&format!("/api/v1/vpgs/{}", lab.vpg)).await;
+        if v["status"] == "meeting_sla" && v["sub_status"] == "none" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "never meeting SLA: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(v["rpo_actual_secs"].as_f64().unwrap() <= 10.0, "{v}");
+    assert!(v["history_actual_secs"].as_u64().is_some(), "{v}");
+    // The recovery host goes away.
+    let Lab { dr, .. } = lab;
+    dr.disconnect().await;
+    let v = app
+        .eventually("site disconnection", || async {
+            let (_, v) = app
+                .get(&format!("/api/v1/vpgs/{}", v["id"].as_str().unwrap()))
+                .await;
+            (v["sub_status"] == "site_disconnection").then_some(v)
+        })
+        .await;
+    assert_eq!(v["status"], "not_meeting_sla");
+    let kinds = event_kinds(&app, v["id"].as_str().unwrap()).await;
+    for k in [
+        "vpg.protecting",
+        "vpg.status_changed",
+        "vpg.first_recoverable_checkpoint",
+    ] {
+        assert!(kinds.iter().any(|e| e == k), "{k} in {kinds:?}");
+    }
+});
+
+both_ctl!(
+    delete_waits_for_the_hosts_or_is_forced,
+    |app: TestApp| async move {
+        let lab = lab(&app, true, 3_600_000, 7200).await;
+        lab.protect(None);
+        ready(&app, &lab).await;
+        let path = format!("/api/v1/vpgs/{}", lab.vpg);
+        let (s, v) = app.delete(&path).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        assert_eq!(v["status"], "deleting");
+        assert_eq!(v["sub_status"], "deleting_the_vpg");
+        // Asking again is the same operation.
+        assert_eq!(app.delete(&path).await.0, StatusCode::ACCEPTED);
+        // The hosts still protect the disks: the VPG stays while they do.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(app.get(&path).await.0, StatusCode::OK);
+        // esx-b dies: the VPG waits to be removed.
+        let Lab { a, b, vpg, .. } = lab;
+        b.unwrap().disconnect().await;
+        app.eventually("waiting removal", || async {
+            let (_, v) = app.get(&path).await;
+            (v["sub_status"] == "vpg_waiting_to_be_removed").then_some(())
+        })
+        .await;
+        // esx-a stops protecting; esx-b is still away, so the VPG still waits.
+        a.set(Cmd::Protected(vec![]));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(app.get(&path).await.0, StatusCode::OK);
+        let (s, _) = app.delete(&format!("{path}?force=true")).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        assert_problem(
+            &app.get(&path).await,
+            StatusCode::NOT_FOUND,
+            "vpg.not_found",
+        );
+        let kinds = event_kinds(&app, &vpg).await;
+        assert_eq!(
+            kinds.first().map(String::as_str),
+            Some("vpg.force_removed"),
+            "{kinds:?}"
+        );
+        assert!(
+            kinds.iter().any(|k| k == "vpg.waiting_removal"),
+            "{kinds:?}"
+        );
+    }
+);
+
+both_ctl!(
+    delete_completes_once_no_host_protects,
+    |app: TestApp| async move {
+        let lab = lab(&app, false, 3_600_000, 7200).await;
+        lab.protect(None);
+        ready(&app, &lab).await;
+        let path = format!("/api/v1/vpgs/{}", lab.vpg);
+        assert_eq!(app.delete(&path).await.0, StatusCode::ACCEPTED);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            app.get(&path).await.0,
+            StatusCode::OK,
+            "esx-a still protects"
+        );
+        lab.a.set(Cmd::Protected(vec![]));
+        app.eventually("removed", || async {
+            (app.get(&path).await.0 == StatusCode::NOT_FOUND).then_some(())
+        })
+        .await;
+        let kinds = event_kinds(&app, &lab.vpg).await;
+        assert_eq!(&kinds[..2], ["vpg.deleted", "vpg.deleting"], "{kinds:?}");
+    }
+);
