@@ -176,9 +176,21 @@ mod tests {
         let empty = DiskJournal::default();
         let mut syncing = journal(&[]);
         syncing.apply(&[], None, None);
-        type Row<'a> = (&'a str, Vec<u64>, Vec<Option<&'a DiskJournal>>, Vec<u64>, Option<u64>);
+        type Row<'a> = (
+            &'a str,
+            Vec<u64>,
+            Vec<Option<&'a DiskJournal>>,
+            Vec<u64>,
+            Option<u64>,
+        );
         let table: Vec<Row> = vec![
-            ("one disk", vec![10, 12, 99], vec![Some(&a)], vec![10, 12], Some(10)),
+            (
+                "one disk",
+                vec![10, 12, 99],
+                vec![Some(&a)],
+                vec![10, 12],
+                Some(10),
+            ),
             (
                 "intersection of two",
                 vec![10, 11, 12, 13],
