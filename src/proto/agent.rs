@@ -62,6 +62,9 @@ pub struct ProtectedDiskStatus {
     pub group: String,
     pub recovery_host: Option<String>,
     pub mode: ReplicationMode,
+    /// "User paused protection": writes are tracked in the dirty bitmap only.
+    #[serde(default)]
+    pub paused: bool,
     pub start_state: StartState,
     /// Activity-log extents found after an unclean start (0 otherwise).
     pub start_al_extents: u64,

@@ -6,9 +6,17 @@
 //! - `config`: the `[agent]` section and flags, resolved and checked.
 //! - `splitter`: the WriteSink of one disk — sequence numbers, the sender hand-off, and
 //!   the bookkeeping that clears the dirty bitmap only behind durable acknowledgements.
+//! - `sync`: the per-disk sync task (decision, policy, slots, in-band pass, events).
 //! - `admin`: the local, loopback-only HTTP endpoint (status, checkpoint trigger).
-//! - here: [`Agent`] — start (open disks, streams, receiver, NBD server), checkpoint
-//!   rounds across a consistency group, status, clean shutdown.
+//! - here: [`Agent`] — start (open disks, receiver, NBD server), protection as a desired
+//!   state converged at run time, checkpoint rounds (one-shot and two-phase), journal
+//!   reports, events, status, clean shutdown.
+//!
+//! Protection comes about one way: [`Agent::apply`] of a [`DesiredState`]. At start the
+//! disks are opened unprotected and the state the static configuration describes
+//! (`[[disks]] recovery_host/group`, `[[peers]]`, `[[allow]]`) is converged, with the
+//! manager's last desired state (`state/desired.json`) laid over it: a disk the manager
+//! lists follows the manager, the others keep their static protection.
 //!
 //! Start order matters: the receiver and the senders exist before any export is served,
 //! so the first guest write already has its splitter; a clean shutdown runs in reverse
@@ -20,12 +28,13 @@ pub mod config;
 pub mod splitter;
 pub mod sync;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -34,12 +43,12 @@ use crate::agent::crashsafe;
 use crate::agent::dirty::{DirtyConfig, DirtyPaths, DirtyTracker, RecoveryState};
 use crate::agent::journal::CheckpointKind;
 use crate::agent::nbd::{
-    BlockDevice, CompletionGate, ExportRegistry, FileDevice, NbdServer, ProtectedDevice,
+    BlockDevice, CompletionGate, ExportRegistry, FileDevice, HoldGuard, NbdServer, ProtectedDevice,
     ServerConfig,
 };
 use crate::agent::stream::{
     ClientTransport, DiskMode, DiskSpec, Receiver, ReceiverConfig, ReceiverHandle, Sender,
-    SenderConfig, ServerTransport, StreamEvent,
+    SenderConfig, ServerTransport, StreamError, StreamEvent,
 };
 use crate::agent::tls;
 use crate::model::sync::Tracking;
@@ -48,11 +57,22 @@ use crate::proto::agent::{
     ProtectedDiskStatus, ReceivedCheckpoint, ReceivedDiskStatus, ReplicationMode, StartState,
     SyncAction,
 };
-use crate::proto::stream::ReplicaState;
+use crate::proto::control::{
+    AgentEvent, DesiredState, DiskProtection, JournalReport, PeerTarget, RoundHeld, RoundHold,
+    RoundReleased,
+};
+use crate::proto::stream::{Compression, ReplicaState};
 
 pub use config::{AgentConfig, AgentConfigError, AgentFlags, AgentSection, Security};
 use config::{DiskConfig, PeerConfig};
 use splitter::Splitter;
+
+/// Name of the persisted desired state under `state/`.
+pub const DESIRED_FILE: &str = "desired.json";
+/// Events kept for a slow subscriber before it starts missing some.
+const EVENT_CAPACITY: usize = 1024;
+/// How long converging waits for a disk's sync task to stop before moving on.
+const SYNC_STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// Errors of the agent's boundary.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +102,17 @@ pub enum AgentError {
     ShuttingDown,
     #[error("background task failed: {0}")]
     Task(String),
+    /// Parts of a desired state could not be applied (the rest was).
+    #[error("desired state not fully applied: {}", .0.join("; "))]
+    Apply(Vec<String>),
+    #[error("this agent has no replication listener (data_listen): it keeps no replicas")]
+    NotRecoveryHost,
+    #[error("the replica of disk {disk_id} from host {host} is in use: {reason}")]
+    ReplicaInUse {
+        host: String,
+        disk_id: u64,
+        reason: String,
+    },
 }
 
 fn io_err<'a>(
@@ -95,24 +126,96 @@ fn io_err<'a>(
     }
 }
 
-/// One protected disk of this host.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Names used in file names, exports and storage paths: letters, digits, `-`, `_`, `.`;
+/// no leading dot (the configuration's rule, for names that arrive at run time).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn tracking_of(start: StartState) -> Tracking {
+    match start {
+        StartState::New => Tracking::New,
+        StartState::Clean => Tracking::Clean,
+        StartState::Unclean => Tracking::Unclean,
+        StartState::Lost => Tracking::Lost,
+    }
+}
+
+/// One disk of this host, protected or not.
 struct HostDisk {
     cfg: DiskConfig,
     device: Arc<ProtectedDevice<FileDevice>>,
     splitter: Arc<Splitter>,
+    /// Held by checkpoint rounds of the disk's group. One gate per disk, because group
+    /// membership changes at run time: a round holds every member's gate.
+    gate: Arc<CompletionGate>,
     epoch: u64,
     start: StartState,
     start_al_extents: u64,
-    /// Index into `Agent::peers`.
-    peer: Option<usize>,
-    /// The disk's sync task (replicated disks only).
-    sync: Option<Arc<sync::DiskSync>>,
+    /// The disk's sync task state, created at its first protection and kept (status,
+    /// tracking) across later ones.
+    sync: OnceLock<Arc<sync::DiskSync>>,
+    /// The recovery host the dirty bitmap is exact against (the one the disk was last
+    /// protected to), and how exact: another host's replica gets `New` (a whole-disk
+    /// comparison, or an Initial Sync when it is empty).
+    tracked: Mutex<(Option<String>, Tracking)>,
+    prot: Mutex<Option<Protection>>,
 }
 
+/// How a disk is protected now.
+struct Protection {
+    vpg_id: String,
+    recovery_host: String,
+    paused: bool,
+    peer: Arc<Peer>,
+    /// Stops the disk's sync task; the handle says when it has stopped.
+    task: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl HostDisk {
+    /// The consistency group: the VPG while protected, else the configured group.
+    fn group(&self) -> String {
+        lock(&self.prot)
+            .as_ref()
+            .map_or_else(|| self.cfg.group.clone(), |p| p.vpg_id.clone())
+    }
+
+    /// The stream this disk goes to, if protected.
+    fn sender(&self) -> Option<Sender> {
+        lock(&self.prot).as_ref().map(|p| p.peer.sender.clone())
+    }
+}
+
+/// A recovery host this host streams to.
 struct Peer {
-    cfg: PeerConfig,
+    host_name: String,
+    address: SocketAddr,
     sender: Sender,
+    /// Stops the sender and its event watcher.
+    cancel: CancellationToken,
     last_error: Arc<Mutex<Option<String>>>,
+    /// Disks attached to the sender (stream events are routed to them).
+    routes: Arc<Mutex<HashMap<u64, Arc<HostDisk>>>>,
+}
+
+/// A two-phase round holding completions until the manager's release or its bound.
+struct HeldRound {
+    vpg_id: String,
+    guards: Vec<HoldGuard>,
+    started: Instant,
+    /// Stops the bound's timer when the release comes first.
+    timer: CancellationToken,
+    tx: oneshot::Sender<RoundReleased>,
 }
 
 #[derive(Default)]
@@ -120,18 +223,26 @@ struct Rounds {
     last_id: u64,
     count: u64,
     max_hold_us: u64,
+    held: HashMap<u64, HeldRound>,
 }
 
 /// A running agent. See the module documentation.
 pub struct Agent {
     cfg: AgentConfig,
     endpoints: AgentEndpoints,
-    disks: Vec<HostDisk>,
-    peers: Vec<Peer>,
+    /// In the order they were opened (the configuration's, then `add_disk`'s).
+    disks: RwLock<Vec<Arc<HostDisk>>>,
+    peers: Mutex<BTreeMap<String, Arc<Peer>>>,
     receiver: Option<ReceiverHandle>,
-    gates: BTreeMap<String, Arc<CompletionGate>>,
+    client_tls: Option<Arc<rustls::ClientConfig>>,
+    sync_host: Arc<sync::SyncHost>,
     registry: ExportRegistry,
     rounds: Mutex<Rounds>,
+    events: broadcast::Sender<AgentEvent>,
+    /// Serialises converging (apply, add_disk).
+    apply_lock: tokio::sync::Mutex<()>,
+    /// The manager's desired state this agent runs (persisted in `state/desired.json`).
+    managed: Mutex<Option<DesiredState>>,
     /// Stops the NBD server (first, at shutdown).
     nbd_cancel: CancellationToken,
     /// Stops the sync tasks (before the streams drain, at shutdown).
@@ -148,8 +259,72 @@ impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
             .field("host_name", &self.cfg.host_name)
-            .field("disks", &self.disks.len())
+            .field("disks", &self.disks_now().len())
             .finish_non_exhaustive()
+    }
+}
+
+/// The desired state the static configuration describes: each disk with a recovery host
+/// replicates with its configured group as consistency group.
+pub fn static_desired(cfg: &AgentConfig) -> DesiredState {
+    DesiredState {
+        version: 0,
+        protect: cfg
+            .disks
+            .iter()
+            .filter_map(|d| {
+                d.recovery_host.as_ref().map(|r| DiskProtection {
+                    disk_id: d.id,
+                    disk_name: d.name.clone(),
+                    vm: String::new(),
+                    vpg_id: d.group.clone(),
+                    recovery_host: r.clone(),
+                    paused: false,
+                    priority: d.priority,
+                    resync: d.resync,
+                })
+            })
+            .collect(),
+        peers: cfg
+            .peers
+            .iter()
+            .map(|p| PeerTarget {
+                host_name: p.host_name.clone(),
+                address: p.address.to_string(),
+            })
+            .collect(),
+        accept: cfg.allow.keys().cloned().collect(),
+    }
+}
+
+/// The manager's desired state laid over the static one: a disk the manager lists
+/// follows it; peers and accepted hosts are the union (the manager's address wins).
+fn merged(base: DesiredState, managed: Option<&DesiredState>) -> DesiredState {
+    let Some(m) = managed else { return base };
+    let listed: HashSet<u64> = m.protect.iter().map(|p| p.disk_id).collect();
+    let mut protect: Vec<DiskProtection> = base
+        .protect
+        .into_iter()
+        .filter(|p| !listed.contains(&p.disk_id))
+        .collect();
+    protect.extend(m.protect.iter().cloned());
+    let mut peers: Vec<PeerTarget> = m.peers.clone();
+    for p in base.peers {
+        if !peers.iter().any(|q| q.host_name == p.host_name) {
+            peers.push(p);
+        }
+    }
+    let mut accept = base.accept;
+    for h in &m.accept {
+        if !accept.contains(h) {
+            accept.push(h.clone());
+        }
+    }
+    DesiredState {
+        version: m.version,
+        protect,
+        peers,
+        accept,
     }
 }
 
@@ -250,6 +425,42 @@ fn open_disk(cfg: &AgentConfig, d: &DiskConfig) -> Result<Opened, AgentError> {
     })
 }
 
+/// Builds the parts of one opened disk (unprotected: its splitter has no sender) and
+/// starts its bitmap persister.
+fn install_disk(
+    d: &DiskConfig,
+    o: Opened,
+    persist_every: Duration,
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<Arc<HostDisk>, AgentError> {
+    let splitter = Arc::new(Splitter::new(d.id, o.epoch, None, Arc::clone(&o.tracker)));
+    let gate = CompletionGate::new();
+    let device = Arc::new(ProtectedDevice::new(
+        o.device,
+        Arc::clone(&o.tracker),
+        splitter.clone(),
+        Arc::clone(&gate),
+    )?);
+    tasks.spawn(
+        o.tracker
+            .spawn_persister(persist_every, cancel.child_token()),
+    );
+    Ok(Arc::new(HostDisk {
+        cfg: d.clone(),
+        device,
+        splitter,
+        gate,
+        epoch: o.epoch,
+        start: o.start,
+        start_al_extents: o.start_al_extents,
+        sync: OnceLock::new(),
+        // The static recovery host is the one the bitmap was kept against.
+        tracked: Mutex::new((d.recovery_host.clone(), tracking_of(o.start))),
+        prot: Mutex::new(None),
+    }))
+}
+
 impl Agent {
     /// Opens everything the configuration names and starts serving. Must run inside a
     /// Tokio runtime.
@@ -323,140 +534,28 @@ impl Agent {
         })
         .await
         .map_err(|e| AgentError::Task(e.to_string()))??;
-
-        // One sender per recovery host, carrying all its disks.
-        let mut peers = Vec::new();
-        for p in &cfg.peers {
-            let specs: Vec<DiskSpec> = cfg
-                .disks
-                .iter()
-                .zip(&opened)
-                .filter(|(d, _)| d.recovery_host.as_deref() == Some(p.host_name.as_str()))
-                .map(|(d, o)| DiskSpec {
-                    disk_id: d.id,
-                    size: d.size,
-                    generation: o.epoch,
-                })
-                .collect();
-            let transport = match &client {
-                Some(c) => ClientTransport::Tls {
-                    config: Arc::clone(c),
-                    server_name: p.host_name.clone(),
-                },
-                None => ClientTransport::Insecure,
-            };
-            let mut sc = SenderConfig::new(cfg.host_name.clone(), p.address, transport);
-            sc.compression = p.compression;
-            sc.bandwidth_limit = p.bandwidth_limit;
-            sc.queue_memory = p.queue_memory;
-            sc.spill_limit = p.spill_limit;
-            sc.spill_dir = (p.spill_limit > 0).then(|| cfg.spill_dir(&p.host_name));
-            sc.away_bound = p.away_bound;
-            if let Some(t) = cfg.peer_timeout {
-                sc.peer_timeout = t;
-            }
-            let (sender, events) = Sender::start(sc, specs, cancel.child_token())?;
-            peers.push((p.clone(), sender, events));
+        let mut disks = Vec::new();
+        for (d, o) in cfg.disks.iter().zip(opened) {
+            disks.push(install_disk(d, o, cfg.persist_every, &tasks, &cancel)?);
         }
 
-        let mut gates: BTreeMap<String, Arc<CompletionGate>> = BTreeMap::new();
-        let registry = ExportRegistry::new();
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let sync_cancel = cancel.child_token();
         let sync_host = Arc::new(sync::SyncHost {
             host_name: cfg.host_name.clone(),
             settings: cfg.sync,
             clock,
             slots: sync::SyncSlots::new(cfg.sync.max_concurrent),
-            events: sync::SyncEventLog::new(cfg.state_dir().join("sync-events.jsonl")),
+            events: sync::SyncEventLog::new(cfg.state_dir().join("sync-events.jsonl"))
+                .broadcasting(events.clone()),
         });
-        let mut disks = Vec::new();
-        for (d, o) in cfg.disks.iter().zip(opened) {
-            let peer = d
-                .recovery_host
-                .as_ref()
-                .and_then(|r| peers.iter().position(|(p, _, _)| &p.host_name == r));
-            let sender = peer.map(|i| peers[i].1.clone());
-            let splitter = Arc::new(Splitter::new(d.id, o.epoch, sender, Arc::clone(&o.tracker)));
-            let gate = Arc::clone(gates.entry(d.group.clone()).or_default());
-            let device = Arc::new(ProtectedDevice::new(
-                o.device,
-                Arc::clone(&o.tracker),
-                splitter.clone(),
-                gate,
-            )?);
-            registry.add_with_description(
-                &d.name,
-                &format!("bulwark protected disk {} (id {})", d.name, d.id),
-                device.clone() as Arc<dyn BlockDevice>,
-            )?;
-            tasks.spawn(
-                o.tracker
-                    .spawn_persister(cfg.persist_every, cancel.child_token()),
-            );
-            let sync = peer.map(|i| {
-                let tracking = match o.start {
-                    StartState::New => Tracking::New,
-                    StartState::Clean => Tracking::Clean,
-                    StartState::Unclean => Tracking::Unclean,
-                    StartState::Lost => Tracking::Lost,
-                };
-                let ds = Arc::new(sync::DiskSync::new(
-                    d.clone(),
-                    Arc::clone(&device),
-                    Arc::clone(&splitter),
-                    peers[i].1.clone(),
-                    tracking,
-                    Arc::clone(&sync_host),
-                ));
-                tasks.spawn(
-                    Arc::clone(&ds)
-                        .run(sync_cancel.clone())
-                        .instrument(tracing::info_span!("sync", disk = %d.name)),
-                );
-                ds
-            });
-            disks.push(HostDisk {
-                cfg: d.clone(),
-                device,
-                splitter,
-                epoch: o.epoch,
-                start: o.start,
-                start_al_extents: o.start_al_extents,
-                peer,
-                sync,
-            });
-        }
 
-        let mut peer_handles = Vec::new();
-        for (pcfg, sender, events) in peers {
-            let last_error = Arc::new(Mutex::new(None));
-            let splitters: HashMap<u64, (Arc<Splitter>, Option<Arc<sync::DiskSync>>)> = disks
-                .iter()
-                .filter(|d| d.cfg.recovery_host.as_deref() == Some(pcfg.host_name.as_str()))
-                .map(|d| (d.cfg.id, (d.splitter.clone(), d.sync.clone())))
-                .collect();
-            tasks.spawn(
-                watch_events(events, splitters, last_error.clone(), cancel.clone())
-                    .instrument(tracing::info_span!("stream-events", peer = %pcfg.host_name)),
-            );
-            peer_handles.push(Peer {
-                cfg: pcfg,
-                sender,
-                last_error,
-            });
-        }
-
+        // Bound now (its address goes into the endpoints), served once protection is in
+        // place.
+        let registry = ExportRegistry::new();
         let server =
             NbdServer::bind(cfg.nbd_listen, registry.clone(), ServerConfig::default()).await?;
         let nbd_addr = server.local_addr()?;
-        {
-            let c = nbd_cancel.clone();
-            tasks.spawn(async move {
-                if let Err(e) = server.run(c).await {
-                    tracing::error!(error = %e, "nbd server stopped");
-                }
-            });
-        }
 
         let endpoints = AgentEndpoints {
             host_name: cfg.host_name.clone(),
@@ -466,18 +565,19 @@ impl Agent {
             data: data_addr.map(|a| a.to_string()),
             admin: None,
         };
-        let (c, n) = abort_start;
-        c.disarm();
-        n.disarm();
         let agent = Arc::new(Agent {
             cfg,
             endpoints,
-            disks,
-            peers: peer_handles,
+            disks: RwLock::new(disks),
+            peers: Mutex::new(BTreeMap::new()),
             receiver,
-            gates,
+            client_tls: client,
+            sync_host,
             registry,
             rounds: Mutex::new(Rounds::default()),
+            events,
+            apply_lock: tokio::sync::Mutex::new(()),
+            managed: Mutex::new(None),
             nbd_cancel,
             sync_cancel,
             cancel,
@@ -485,6 +585,45 @@ impl Agent {
             stopping: std::sync::atomic::AtomicBool::new(false),
             admin: std::sync::OnceLock::new(),
         });
+
+        // Protection: the static configuration must apply in full (it was checked);
+        // the manager's persisted state is applied over it as far as it can be (disks
+        // it names may only appear later, through `add_disk`).
+        {
+            let _g = agent.apply_lock.lock().await;
+            agent.converge(&static_desired(&agent.cfg)).await?;
+            if let Some(m) = agent.persisted_desired() {
+                // The bitmap of a disk the manager protected was kept against that host.
+                for p in &m.protect {
+                    if let Some(d) = agent.disk_by_id(p.disk_id) {
+                        let mut t = lock(&d.tracked);
+                        if t.0.is_none() {
+                            t.0 = Some(p.recovery_host.clone());
+                        }
+                    }
+                }
+                *lock(&agent.managed) = Some(m);
+                let eff = agent.effective();
+                if let Err(e) = agent.converge(&eff).await {
+                    tracing::warn!(error = %e, "the persisted desired state did not fully apply at start");
+                }
+            }
+        }
+
+        for d in agent.disks_now() {
+            agent.export(&d)?;
+        }
+        {
+            let c = agent.nbd_cancel.clone();
+            agent.tasks.spawn(async move {
+                if let Err(e) = server.run(c).await {
+                    tracing::error!(error = %e, "nbd server stopped");
+                }
+            });
+        }
+        let (c, n) = abort_start;
+        c.disarm();
+        n.disarm();
         {
             let a = Arc::clone(&agent);
             let c = agent.cancel.clone();
@@ -498,8 +637,8 @@ impl Agent {
             site = %agent.cfg.site,
             nbd = %nbd_addr,
             data = ?data_addr,
-            disks = agent.disks.len(),
-            peers = agent.peers.len(),
+            disks = agent.disks_now().len(),
+            peers = lock(&agent.peers).len(),
             "agent started"
         );
         Ok(agent)
@@ -507,6 +646,35 @@ impl Agent {
 
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
+    }
+
+    fn disks_now(&self) -> Vec<Arc<HostDisk>> {
+        self.disks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn disk_by_id(&self, id: u64) -> Option<Arc<HostDisk>> {
+        self.disks_now().into_iter().find(|d| d.cfg.id == id)
+    }
+
+    fn disk_by_name(&self, name: &str) -> Option<Arc<HostDisk>> {
+        self.disks_now().into_iter().find(|d| d.cfg.name == name)
+    }
+
+    fn peers_now(&self) -> Vec<Arc<Peer>> {
+        lock(&self.peers).values().cloned().collect()
+    }
+
+    /// Serves the disk's NBD export.
+    fn export(&self, d: &HostDisk) -> Result<(), AgentError> {
+        self.registry.add_with_description(
+            &d.cfg.name,
+            &format!("bulwark protected disk {} (id {})", d.cfg.name, d.cfg.id),
+            d.device.clone() as Arc<dyn BlockDevice>,
+        )?;
+        Ok(())
     }
 
     /// The bound addresses.
@@ -536,6 +704,34 @@ impl Agent {
         Ok(path)
     }
 
+    /// Holds the gates of `members` and inserts marker `id` into each one's stream.
+    /// Nothing in here waits for I/O. Called with `rounds` locked, so markers enter the
+    /// streams in id order.
+    fn place_markers(
+        members: &[Arc<HostDisk>],
+        id: u64,
+        kind: u8,
+        tag: &Option<String>,
+        timestamp_ms: i64,
+    ) -> (Vec<HoldGuard>, Vec<CheckpointDisk>) {
+        let guards: Vec<HoldGuard> = members.iter().map(|d| d.gate.hold()).collect();
+        let disks = members
+            .iter()
+            .map(|d| {
+                let placed = d
+                    .splitter
+                    .insert_checkpoint(id, kind, tag.clone(), timestamp_ms);
+                CheckpointDisk {
+                    name: d.cfg.name.clone(),
+                    disk_id: d.cfg.id,
+                    seq: placed.seq,
+                    queued: placed.queued,
+                }
+            })
+            .collect();
+        (guards, disks)
+    }
+
     /// One checkpoint round on this host: hold the write completions of the group, insert
     /// the marker into every disk's stream, release. Nothing in between waits for I/O, so
     /// the hold lasts microseconds.
@@ -543,10 +739,10 @@ impl Agent {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(AgentError::ShuttingDown);
         }
-        let members: Vec<&HostDisk> = self
-            .disks
-            .iter()
-            .filter(|d| req.group.as_ref().is_none_or(|g| &d.cfg.group == g))
+        let members: Vec<Arc<HostDisk>> = self
+            .disks_now()
+            .into_iter()
+            .filter(|d| req.group.as_ref().is_none_or(|g| &d.group() == g))
             .collect();
         if members.is_empty() {
             return Err(AgentError::NoSuchGroup(
@@ -560,31 +756,12 @@ impl Agent {
             CheckpointKind::Scheduled
         } as u8;
         // Rounds are serialised: ids increase in the order markers enter the streams.
-        let mut rounds = self.rounds.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut rounds = lock(&self.rounds);
         let id = req
             .id
             .unwrap_or_else(|| (timestamp_ms.max(0) as u64).max(rounds.last_id + 1));
         let started = Instant::now();
-        let guards: Vec<_> = self
-            .gates
-            .iter()
-            .filter(|(g, _)| members.iter().any(|d| &d.cfg.group == *g))
-            .map(|(_, gate)| gate.hold())
-            .collect();
-        let disks: Vec<CheckpointDisk> = members
-            .iter()
-            .map(|d| {
-                let placed = d
-                    .splitter
-                    .insert_checkpoint(id, kind, req.tag.clone(), timestamp_ms);
-                CheckpointDisk {
-                    name: d.cfg.name.clone(),
-                    disk_id: d.cfg.id,
-                    seq: placed.seq,
-                    queued: placed.queued,
-                }
-            })
-            .collect();
+        let (guards, disks) = Self::place_markers(&members, id, kind, &req.tag, timestamp_ms);
         drop(guards);
         let hold_us = started.elapsed().as_micros() as u64;
         rounds.last_id = rounds.last_id.max(id);
@@ -603,14 +780,16 @@ impl Agent {
     /// An operator's request for a disk's sync (resume a held one, Force Sync, Full Sync).
     pub fn request_sync(&self, disk: &str, action: SyncAction) -> Result<(), AgentError> {
         let d = self
-            .disks
-            .iter()
-            .find(|d| d.cfg.name == disk)
+            .disk_by_name(disk)
             .ok_or_else(|| AgentError::NoSuchDisk(disk.to_string()))?;
-        let s = d.sync.as_ref().ok_or_else(|| AgentError::Disk {
-            name: disk.to_string(),
-            reason: "the disk is not replicated (no recovery host)".into(),
-        })?;
+        let s = d
+            .sync
+            .get()
+            .filter(|_| lock(&d.prot).is_some())
+            .ok_or_else(|| AgentError::Disk {
+                name: disk.to_string(),
+                reason: "the disk is not replicated (no recovery host)".into(),
+            })?;
         s.request(action);
         Ok(())
     }
@@ -638,25 +817,31 @@ impl Agent {
 
     /// Makes every disk's sync task look again now (a setting or the clock changed).
     pub fn recheck_syncs(&self) {
-        for s in self.disks.iter().filter_map(|d| d.sync.as_ref()) {
-            s.poke();
+        for d in self.disks_now() {
+            if let Some(s) = d.sync.get() {
+                s.poke();
+            }
         }
     }
 
     pub fn status(&self) -> AgentStatus {
         let mut stats = HashMap::new();
-        for p in &self.peers {
+        for p in self.peers_now() {
             for s in p.sender.stats() {
                 stats.insert(s.disk_id, s);
             }
         }
         let protected = self
-            .disks
+            .disks_now()
             .iter()
             .map(|d| {
-                let s = stats.get(&d.cfg.id);
+                let (recovery_host, group, paused) = match lock(&d.prot).as_ref() {
+                    Some(p) => (Some(p.recovery_host.clone()), p.vpg_id.clone(), p.paused),
+                    None => (None, d.cfg.group.clone(), false),
+                };
+                let s = recovery_host.as_ref().and_then(|_| stats.get(&d.cfg.id));
                 let bitmap = d.device.tracker().bitmap();
-                let mode = match (d.peer, s.map(|s| s.mode)) {
+                let mode = match (&recovery_host, s.map(|s| s.mode)) {
                     (None, _) => ReplicationMode::Unprotected,
                     (Some(_), Some(DiskMode::BitmapOnly)) => ReplicationMode::BitmapOnly,
                     _ if d.splitter.is_bitmap_only() => ReplicationMode::BitmapOnly,
@@ -667,9 +852,10 @@ impl Agent {
                     disk_id: d.cfg.id,
                     size_bytes: d.cfg.size,
                     export: d.cfg.name.clone(),
-                    group: d.cfg.group.clone(),
-                    recovery_host: d.cfg.recovery_host.clone(),
+                    group,
+                    recovery_host,
                     mode,
+                    paused,
                     start_state: d.start,
                     start_al_extents: d.start_al_extents,
                     dirty_regions: bitmap.dirty_count(),
@@ -683,22 +869,18 @@ impl Agent {
                     epoch: d.epoch,
                     owes_sync: d.splitter.owes_sync(),
                     replica_behind: d.splitter.replica_behind(),
-                    sync: d.sync.as_ref().map(|s| s.status()).unwrap_or_default(),
+                    sync: d.sync.get().map(|s| s.status()).unwrap_or_default(),
                 }
             })
             .collect();
         let peers = self
-            .peers
+            .peers_now()
             .iter()
             .map(|p| PeerStatus {
-                host_name: p.cfg.host_name.clone(),
-                address: p.cfg.address.to_string(),
+                host_name: p.host_name.clone(),
+                address: p.address.to_string(),
                 connected: p.sender.is_connected(),
-                last_error: p
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone(),
+                last_error: lock(&p.last_error).clone(),
             })
             .collect();
         let received = self
@@ -734,7 +916,7 @@ impl Agent {
                     .collect()
             })
             .unwrap_or_default();
-        let rounds = self.rounds.lock().unwrap_or_else(PoisonError::into_inner);
+        let rounds = lock(&self.rounds);
         AgentStatus {
             endpoints: self.endpoints(),
             protected,
@@ -748,14 +930,9 @@ impl Agent {
     /// One pass of the bitmap clearer: forget acknowledged records; flush the local disk
     /// and clear the regions no pending record touches any more.
     async fn clear_once(&self) {
-        let mut acked = HashMap::new();
-        for p in &self.peers {
-            for s in p.sender.stats() {
-                acked.insert(s.disk_id, s.acked_seq);
-            }
-        }
-        for d in &self.disks {
-            let Some(&seq) = acked.get(&d.cfg.id) else {
+        for d in self.disks_now() {
+            let Some(sender) = d.sender() else { continue };
+            let Some((_, seq)) = sender.disk_backlog(d.cfg.id) else {
                 continue;
             };
             let ranges = d.splitter.on_acked(seq);
@@ -784,9 +961,10 @@ impl Agent {
         }
     }
 
-    /// Clean shutdown: stop serving the exports (every in-flight request answered), let
-    /// the streams drain (bounded by the configured timeout), flush every disk and mark
-    /// its bitmap clean, then stop the receiver (its journals synced) and the rest.
+    /// Clean shutdown: release any held round, stop serving the exports (every
+    /// in-flight request answered), let the streams drain (bounded by the configured
+    /// timeout), flush every disk and mark its bitmap clean, then stop the receiver (its
+    /// journals synced) and the rest.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         if self
             .stopping
@@ -795,17 +973,23 @@ impl Agent {
             return Ok(());
         }
         tracing::info!("agent shutting down");
+        let held: Vec<u64> = lock(&self.rounds).held.keys().copied().collect();
+        for round in held {
+            self.end_round(round, false);
+        }
         // A sync pass stops queueing; what it left owed stays in the bitmap.
         self.sync_cancel.cancel();
-        for d in &self.disks {
+        let disks = self.disks_now();
+        for d in &disks {
             self.registry.remove_and_drain(&d.cfg.name).await;
         }
         self.nbd_cancel.cancel();
         let deadline = Instant::now() + self.cfg.drain_timeout;
-        while !self.peers.iter().all(|p| p.sender.is_drained()) && Instant::now() < deadline {
+        let drained = |peers: &[Arc<Peer>]| peers.iter().all(|p| p.sender.is_drained());
+        while !drained(&self.peers_now()) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if !self.peers.iter().all(|p| p.sender.is_drained()) {
+        if !drained(&self.peers_now()) {
             tracing::warn!(
                 timeout_s = self.cfg.drain_timeout.as_secs(),
                 "stream not drained before shutdown: the bitmap keeps the unacknowledged regions"
@@ -817,7 +1001,7 @@ impl Agent {
         self.tasks.close();
         self.tasks.wait().await;
         let mut first_err = None;
-        for d in &self.disks {
+        for d in &disks {
             let dev = Arc::clone(&d.device);
             let r = tokio::task::spawn_blocking(move || dev.shutdown_clean())
                 .await
@@ -833,6 +1017,365 @@ impl Agent {
     }
 }
 
+/// Converging: the machinery behind [`Agent::apply`] (and the start).
+impl Agent {
+    /// The state to converge to: the static one with the manager's laid over it.
+    fn effective(&self) -> DesiredState {
+        merged(static_desired(&self.cfg), lock(&self.managed).as_ref())
+    }
+
+    /// Converges to `eff` (the apply lock held). Every part that can be applied is; the
+    /// others are collected in the error.
+    async fn converge(&self, eff: &DesiredState) -> Result<(), AgentError> {
+        let mut errors = Vec::new();
+
+        // Where the recovery hosts are.
+        let mut addrs: HashMap<String, SocketAddr> = HashMap::new();
+        for p in &eff.peers {
+            match tokio::net::lookup_host(p.address.as_str()).await {
+                Ok(mut it) => match it.next() {
+                    Some(a) => {
+                        addrs.insert(p.host_name.clone(), a);
+                    }
+                    None => errors.push(format!(
+                        "recovery host {}: address {} resolves to nothing",
+                        p.host_name, p.address
+                    )),
+                },
+                Err(e) => errors.push(format!(
+                    "recovery host {}: address {}: {e}",
+                    p.host_name, p.address
+                )),
+            }
+        }
+
+        // Which disk goes where. A disk whose entry cannot be applied keeps whatever
+        // protection it has (the manager hears why and sends a better state).
+        let disks = self.disks_now();
+        let mut wanted: HashMap<u64, &DiskProtection> = HashMap::new();
+        let mut untouched: HashSet<u64> = HashSet::new();
+        for dp in &eff.protect {
+            let why = if !disks.iter().any(|d| d.cfg.id == dp.disk_id) {
+                Some("is not on this host".to_string())
+            } else if dp.recovery_host == self.cfg.host_name {
+                Some("cannot replicate to its own host".to_string())
+            } else if !valid_name(&dp.recovery_host) {
+                Some(format!(
+                    "recovery host {:?} is not a valid name",
+                    dp.recovery_host
+                ))
+            } else if !addrs.contains_key(&dp.recovery_host) {
+                Some(format!(
+                    "recovery host {} has no (valid) address among the peers",
+                    dp.recovery_host
+                ))
+            } else {
+                None
+            };
+            match why {
+                Some(why) => {
+                    errors.push(format!("disk {} ({}) {why}", dp.disk_id, dp.disk_name));
+                    untouched.insert(dp.disk_id);
+                }
+                None => {
+                    wanted.insert(dp.disk_id, dp);
+                }
+            }
+        }
+
+        // A recovery host whose address changed gets a new sender: its disks are moved.
+        let moved: HashSet<String> = self
+            .peers_now()
+            .iter()
+            .filter(|p| addrs.get(&p.host_name).is_some_and(|a| *a != p.address))
+            .map(|p| p.host_name.clone())
+            .collect();
+
+        for d in &disks {
+            if untouched.contains(&d.cfg.id) {
+                continue;
+            }
+            let current = lock(&d.prot).as_ref().map(|p| p.recovery_host.clone());
+            match (wanted.get(&d.cfg.id), current) {
+                (None, None) => {}
+                (None, Some(_)) => self.unprotect(d).await,
+                (Some(w), Some(host)) if host == w.recovery_host && !moved.contains(&host) => {
+                    self.update_protection(d, w);
+                }
+                (Some(w), current) => {
+                    if current.is_some() {
+                        self.unprotect(d).await;
+                    }
+                    let Some(&addr) = addrs.get(&w.recovery_host) else {
+                        continue;
+                    };
+                    if let Err(e) = self.protect(d, w, addr) {
+                        errors.push(format!("disk {} ({}): {e}", d.cfg.id, d.cfg.name));
+                    }
+                }
+            }
+        }
+
+        // Peers left without disks stop (their connection closes).
+        lock(&self.peers).retain(|host, p| {
+            let keep = !lock(&p.routes).is_empty();
+            if !keep {
+                tracing::info!(peer = %host, "no disk streams to this recovery host any more: stream stopped");
+                p.cancel.cancel();
+            }
+            keep
+        });
+
+        // Recovery side: exactly the accepted hosts may stream here.
+        match &self.receiver {
+            Some(r) => {
+                let mut allow = HashMap::new();
+                for h in &eff.accept {
+                    if !valid_name(h) {
+                        errors.push(format!("accepted host {h:?} is not a valid name"));
+                        continue;
+                    }
+                    let storage = self
+                        .cfg
+                        .allow
+                        .get(h)
+                        .cloned()
+                        .unwrap_or_else(|| self.cfg.storage.join(h));
+                    if let Err(e) = std::fs::create_dir_all(&storage) {
+                        errors.push(format!("storage {} of host {h}: {e}", storage.display()));
+                        continue;
+                    }
+                    allow.insert(h.clone(), storage);
+                }
+                r.set_allow(allow);
+            }
+            None if !eff.accept.is_empty() => errors.push(format!(
+                "{} protected host(s) to accept, but this agent has no data_listen",
+                eff.accept.len()
+            )),
+            None => {}
+        }
+
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(AgentError::Apply(errors))
+        }
+    }
+
+    /// The sender to `host` at `addr`, started if missing.
+    fn peer_for(&self, host: &str, addr: SocketAddr) -> Result<Arc<Peer>, AgentError> {
+        let mut peers = lock(&self.peers);
+        if let Some(p) = peers.get(host) {
+            if p.address == addr {
+                return Ok(Arc::clone(p));
+            }
+            // Moved: disks still on the old sender were detached by the caller.
+            p.cancel.cancel();
+            peers.remove(host);
+        }
+        let opts = self.cfg.peers.iter().find(|p| p.host_name == host);
+        let transport = match &self.client_tls {
+            Some(c) => ClientTransport::Tls {
+                config: Arc::clone(c),
+                server_name: host.to_string(),
+            },
+            None => ClientTransport::Insecure,
+        };
+        let mut sc = SenderConfig::new(self.cfg.host_name.clone(), addr, transport);
+        // Per-peer options from a static `[[peers]]` entry of that host, else the
+        // configuration's defaults.
+        let defaults = PeerConfig {
+            host_name: host.to_string(),
+            address: addr,
+            compression: Compression::None,
+            bandwidth_limit: None,
+            queue_memory: 256 << 20,
+            spill_limit: 1 << 30,
+            away_bound: Duration::from_secs(300),
+        };
+        let o = opts.unwrap_or(&defaults);
+        sc.compression = o.compression;
+        sc.bandwidth_limit = o.bandwidth_limit;
+        sc.queue_memory = o.queue_memory;
+        sc.spill_limit = o.spill_limit;
+        sc.spill_dir = (o.spill_limit > 0).then(|| self.cfg.spill_dir(host));
+        sc.away_bound = o.away_bound;
+        if let Some(t) = self.cfg.peer_timeout {
+            sc.peer_timeout = t;
+        }
+        let cancel = self.cancel.child_token();
+        let (sender, events) = Sender::start(sc, Vec::new(), cancel.clone())?;
+        let peer = Arc::new(Peer {
+            host_name: host.to_string(),
+            address: addr,
+            sender,
+            cancel: cancel.clone(),
+            last_error: Arc::new(Mutex::new(None)),
+            routes: Arc::new(Mutex::new(HashMap::new())),
+        });
+        self.tasks.spawn(
+            watch_events(
+                events,
+                host.to_string(),
+                Arc::clone(&peer.routes),
+                Arc::clone(&peer.last_error),
+                self.events.clone(),
+                cancel,
+            )
+            .instrument(tracing::info_span!("stream-events", peer = %host)),
+        );
+        tracing::info!(peer = %host, %addr, "stream to recovery host started");
+        peers.insert(host.to_string(), Arc::clone(&peer));
+        Ok(peer)
+    }
+
+    /// Protects an unprotected disk: attach it to the peer's sender, give the splitter
+    /// the sender, start its sync task.
+    fn protect(
+        &self,
+        d: &Arc<HostDisk>,
+        w: &DiskProtection,
+        addr: SocketAddr,
+    ) -> Result<(), AgentError> {
+        let peer = self.peer_for(&w.recovery_host, addr)?;
+        peer.sender.add_disk(DiskSpec {
+            disk_id: d.cfg.id,
+            size: d.cfg.size,
+            generation: d.epoch,
+        })?;
+        lock(&peer.routes).insert(d.cfg.id, Arc::clone(d));
+        // Paused first, so no record slips into the stream between attach and pause.
+        d.splitter.set_paused(w.paused);
+        d.splitter.attach(peer.sender.clone());
+        let tracking = {
+            let mut t = lock(&d.tracked);
+            let tracking = if t.0.as_deref() == Some(w.recovery_host.as_str()) {
+                t.1
+            } else {
+                // Nothing says what that replica holds relative to this bitmap.
+                Tracking::New
+            };
+            *t = (Some(w.recovery_host.clone()), tracking);
+            tracking
+        };
+        let ds = d.sync.get_or_init(|| {
+            let mut dc = d.cfg.clone();
+            dc.priority = w.priority;
+            dc.resync = w.resync;
+            Arc::new(sync::DiskSync::new(
+                dc,
+                Arc::clone(&d.device),
+                Arc::clone(&d.splitter),
+                peer.sender.clone(),
+                tracking,
+                Arc::clone(&self.sync_host),
+            ))
+        });
+        ds.set_target(peer.sender.clone(), tracking);
+        ds.set_policy(w.priority, w.resync);
+        let task = self.sync_cancel.child_token();
+        let handle = self.tasks.spawn(
+            Arc::clone(ds)
+                .run(task.clone())
+                .instrument(tracing::info_span!("sync", disk = %d.cfg.name)),
+        );
+        *lock(&d.prot) = Some(Protection {
+            vpg_id: w.vpg_id.clone(),
+            recovery_host: w.recovery_host.clone(),
+            paused: w.paused,
+            peer,
+            task,
+            handle,
+        });
+        tracing::info!(
+            disk = %d.cfg.name, recovery_host = %w.recovery_host, vpg = %w.vpg_id,
+            paused = w.paused, ?tracking, "disk protected"
+        );
+        Ok(())
+    }
+
+    /// Same recovery host: group, policy and pause change in place.
+    fn update_protection(&self, d: &HostDisk, w: &DiskProtection) {
+        let resumed = {
+            let mut g = lock(&d.prot);
+            let Some(p) = g.as_mut() else { return };
+            p.vpg_id = w.vpg_id.clone();
+            let was = p.paused;
+            p.paused = w.paused;
+            if was != w.paused {
+                d.splitter.set_paused(w.paused);
+                tracing::info!(disk = %d.cfg.name, paused = w.paused, "protection paused/resumed");
+            }
+            was && !w.paused
+        };
+        if let Some(ds) = d.sync.get() {
+            // Also pokes the task: a resumed disk's sync decision runs now.
+            ds.set_policy(w.priority, w.resync);
+            if resumed {
+                ds.poke();
+            }
+        }
+    }
+
+    /// Stops protecting a disk: its sync task stops, the splitter loses its sender (what
+    /// was queued and not acknowledged is marked owed in the bitmap), the sender drops it.
+    async fn unprotect(&self, d: &HostDisk) {
+        let Some(p) = lock(&d.prot).take() else {
+            return;
+        };
+        p.task.cancel();
+        if tokio::time::timeout(SYNC_STOP_WAIT, p.handle)
+            .await
+            .is_err()
+        {
+            tracing::warn!(disk = %d.cfg.name, "sync task did not stop in time");
+        }
+        if let Some(ds) = d.sync.get() {
+            lock(&d.tracked).1 = ds.tracking();
+        }
+        // The splitter first: no record may reach the sender once it forgot the disk.
+        d.splitter.detach();
+        lock(&p.peer.routes).remove(&d.cfg.id);
+        p.peer.sender.remove_disk(d.cfg.id);
+        tracing::info!(disk = %d.cfg.name, recovery_host = %p.recovery_host, "disk no longer protected");
+    }
+
+    fn end_round(&self, round: u64, on_time: bool) -> bool {
+        let mut rounds = lock(&self.rounds);
+        let Some(h) = rounds.held.remove(&round) else {
+            return false;
+        };
+        drop(h.guards);
+        let hold_us = h.started.elapsed().as_micros() as u64;
+        rounds.max_hold_us = rounds.max_hold_us.max(hold_us);
+        drop(rounds);
+        h.timer.cancel();
+        if !on_time {
+            tracing::warn!(round, vpg = %h.vpg_id, hold_us, "round released by its bound (no release in time)");
+        }
+        // The caller may have stopped listening; the hold is over either way.
+        let _ = h.tx.send(RoundReleased {
+            round,
+            vpg_id: h.vpg_id,
+            hold_us,
+            on_time,
+        });
+        true
+    }
+
+    fn persist_desired(&self, desired: &DesiredState) -> Result<(), AgentError> {
+        let path = self.cfg.state_dir().join(DESIRED_FILE);
+        let body =
+            serde_json::to_vec_pretty(desired).map_err(|e| AgentError::Task(e.to_string()))?;
+        crashsafe::write_atomically(&path, &body).map_err(|e| AgentError::Io {
+            what: "write",
+            path: e.path,
+            source: e.source,
+        })
+    }
+}
+
 /// Managed protection: what the control channel (`agent::control`) drives. The agent
 /// converges to the desired state the manager sends; checkpoint rounds are two-phase
 /// (hold → the manager's release) and bounded.
@@ -842,23 +1385,49 @@ impl Agent {
     /// stop replicating; peers are added/removed; the receiver accepts exactly the
     /// protected hosts listed. Idempotent. Persists `desired` under `state/` so a restart
     /// resumes it before the manager is reachable.
-    pub async fn apply(
-        &self,
-        desired: &crate::proto::control::DesiredState,
-    ) -> Result<(), AgentError> {
-        let _ = desired;
-        Err(AgentError::Task("apply: not built yet".into()))
+    pub async fn apply(&self, desired: &DesiredState) -> Result<(), AgentError> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AgentError::ShuttingDown);
+        }
+        let _g = self.apply_lock.lock().await;
+        *lock(&self.managed) = Some(desired.clone());
+        let eff = self.effective();
+        let r = self.converge(&eff).await;
+        // Persisted even when parts failed: it is what the manager wants, and a disk it
+        // names may appear later (`add_disk` converges again).
+        self.persist_desired(desired)?;
+        tracing::info!(
+            version = desired.version,
+            ok = r.is_ok(),
+            "desired state applied"
+        );
+        r
     }
 
     /// Version of the desired state this agent runs (persisted), if any.
     pub fn desired_version(&self) -> Option<u64> {
-        None
+        lock(&self.managed).as_ref().map(|d| d.version)
     }
 
     /// The desired state persisted by the last [`Agent::apply`] (`state/desired.json`),
     /// if any: applied at start, before the manager is reachable.
-    pub fn persisted_desired(&self) -> Option<crate::proto::control::DesiredState> {
-        None
+    pub fn persisted_desired(&self) -> Option<DesiredState> {
+        let path = self.cfg.state_dir().join(DESIRED_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the persisted desired state");
+                return None;
+            }
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "persisted desired state is unreadable: ignored");
+                None
+            }
+        }
     }
 
     /// Phase one of a round: hold write completions of every disk of `hold.vpg_id` on
@@ -868,28 +1437,103 @@ impl Agent {
     /// again, with how long they were held and whether the release was on time.
     pub fn hold_round(
         self: &Arc<Self>,
-        hold: &crate::proto::control::RoundHold,
-    ) -> (
-        crate::proto::control::RoundHeld,
-        Option<tokio::sync::oneshot::Receiver<crate::proto::control::RoundReleased>>,
-    ) {
-        (
-            crate::proto::control::RoundHeld {
+        hold: &RoundHold,
+    ) -> (RoundHeld, Option<oneshot::Receiver<RoundReleased>>) {
+        let refuse = |error: String| {
+            (
+                RoundHeld {
+                    round: hold.round,
+                    vpg_id: hold.vpg_id.clone(),
+                    timestamp_ms: crate::agent::stream::now_ms(),
+                    disks: vec![],
+                    error: Some(error),
+                },
+                None,
+            )
+        };
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return refuse(AgentError::ShuttingDown.to_string());
+        }
+        let members: Vec<Arc<HostDisk>> = self
+            .disks_now()
+            .into_iter()
+            .filter(|d| d.group() == hold.vpg_id)
+            .collect();
+        if members.is_empty() {
+            return refuse(format!("no disk of VPG {} on this host", hold.vpg_id));
+        }
+        let kind = match hold.kind {
+            crate::proto::control::CheckpointKind::Scheduled => CheckpointKind::Scheduled,
+            crate::proto::control::CheckpointKind::UserTagged => CheckpointKind::UserTagged,
+            crate::proto::control::CheckpointKind::AppConsistent => CheckpointKind::AppConsistent,
+        } as u8;
+        let timestamp_ms = crate::agent::stream::now_ms();
+        let (tx, rx) = oneshot::channel();
+        let mut rounds = lock(&self.rounds);
+        if rounds.held.contains_key(&hold.round) {
+            drop(rounds);
+            return refuse(format!("round {} is already held", hold.round));
+        }
+        let started = Instant::now();
+        let (guards, disks) =
+            Self::place_markers(&members, hold.round, kind, &hold.tag, timestamp_ms);
+        rounds.last_id = rounds.last_id.max(hold.round);
+        rounds.count += 1;
+        let held = RoundHeld {
+            round: hold.round,
+            vpg_id: hold.vpg_id.clone(),
+            timestamp_ms,
+            disks,
+            error: None,
+        };
+        if !hold.barrier {
+            drop(guards);
+            let hold_us = started.elapsed().as_micros() as u64;
+            rounds.max_hold_us = rounds.max_hold_us.max(hold_us);
+            drop(rounds);
+            let _ = tx.send(RoundReleased {
                 round: hold.round,
                 vpg_id: hold.vpg_id.clone(),
-                timestamp_ms: 0,
-                disks: vec![],
-                error: Some("hold_round: not built yet".into()),
+                hold_us,
+                on_time: true,
+            });
+            return (held, Some(rx));
+        }
+        let timer = self.cancel.child_token();
+        rounds.held.insert(
+            hold.round,
+            HeldRound {
+                vpg_id: hold.vpg_id.clone(),
+                guards,
+                started,
+                timer: timer.clone(),
+                tx,
             },
-            None,
-        )
+        );
+        drop(rounds);
+        // The bound: the agent never holds longer, whatever the manager does.
+        let weak = Arc::downgrade(self);
+        let round = hold.round;
+        let bound = Duration::from_millis(hold.bound_ms);
+        self.tasks.spawn(async move {
+            let expired = tokio::select! {
+                _ = tokio::time::sleep(bound) => true,
+                _ = timer.cancelled() => false,
+            };
+            if let Some(agent) = weak.upgrade() {
+                // Cancelled by a release (nothing to do) or by shutdown (which releases).
+                if expired {
+                    agent.end_round(round, false);
+                }
+            }
+        });
+        (held, Some(rx))
     }
 
     /// Phase two: release the round's hold (no-op if it already ended). Returns whether
     /// it was still held.
     pub fn release_round(&self, round: u64) -> bool {
-        let _ = round;
-        false
+        self.end_round(round, true)
     }
 
     /// Recovery side: one report per journal this host keeps. `reported` remembers, per
@@ -898,52 +1542,194 @@ impl Agent {
     pub fn journal_reports(
         &self,
         reported: &mut HashMap<(String, u64), u64>,
-    ) -> Vec<crate::proto::control::JournalReport> {
-        let _ = reported;
-        vec![]
+    ) -> Vec<JournalReport> {
+        let Some(r) = &self.receiver else {
+            return vec![];
+        };
+        let mut out = Vec::new();
+        for (host, disk_id) in r.journal_keys() {
+            let cps = r.checkpoints(&host, disk_id).unwrap_or_default();
+            let mut ok: Vec<_> = cps
+                .into_iter()
+                .filter(|(_, ok)| *ok)
+                .map(|(c, _)| c)
+                .collect();
+            ok.sort_by_key(|c| c.seq);
+            let key = (host.clone(), disk_id);
+            let seen = reported.get(&key).copied();
+            let recoverable: Vec<u64> = ok
+                .iter()
+                .map(|c| c.id)
+                .filter(|id| seen.is_none_or(|s| *id > s))
+                .collect();
+            if let Some(&newest) = recoverable.iter().max() {
+                reported.insert(key, newest.max(seen.unwrap_or(0)));
+            }
+            out.push(JournalReport {
+                journal_bytes: r.journal_bytes(&host, disk_id).unwrap_or(0),
+                storage_error: r.storage_error(&host, disk_id),
+                oldest_recoverable: ok.first().map(|c| c.id),
+                newest_recoverable: ok.last().map(|c| c.id),
+                recoverable,
+                host,
+                disk_id,
+            });
+        }
+        out
     }
 
     /// Events worth recording at the manager (sync start/end, stream connected/lost,
     /// bitmap-only, replica behind).
-    pub fn subscribe_events(
-        &self,
-    ) -> tokio::sync::broadcast::Receiver<crate::proto::control::AgentEvent> {
-        tokio::sync::broadcast::channel(1).1
+    pub fn subscribe_events(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
     }
 
     /// Opens (creating a sparse image if missing) and exports a new disk at run time.
+    /// The same disk again is a no-op; a disk the current desired state protects is
+    /// protected at once.
     pub async fn add_disk(&self, disk: config::DiskConfig) -> Result<(), AgentError> {
-        Err(AgentError::Disk {
-            name: disk.name,
-            reason: "add_disk: not built yet".into(),
-        })
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AgentError::ShuttingDown);
+        }
+        let bad = |reason: &str| AgentError::Disk {
+            name: disk.name.clone(),
+            reason: reason.to_string(),
+        };
+        if !valid_name(&disk.name) {
+            return Err(bad(
+                "use 1–128 letters, digits, '-', '_' or '.' (not leading)",
+            ));
+        }
+        if disk.size == 0 || disk.size % 512 != 0 {
+            return Err(bad("size must be a non-zero multiple of 512 bytes"));
+        }
+        let _g = self.apply_lock.lock().await;
+        for d in self.disks_now() {
+            if d.cfg.name == disk.name || d.cfg.id == disk.id {
+                if d.cfg.name == disk.name
+                    && d.cfg.id == disk.id
+                    && d.cfg.size == disk.size
+                    && d.cfg.path == disk.path
+                {
+                    return Ok(());
+                }
+                return Err(bad(&format!(
+                    "another disk has this name or id {} on this host",
+                    disk.id
+                )));
+            }
+        }
+        let (cfg2, d2) = (self.cfg.clone(), disk.clone());
+        let opened = tokio::task::spawn_blocking(move || open_disk(&cfg2, &d2))
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))??;
+        let hd = install_disk(
+            &disk,
+            opened,
+            self.cfg.persist_every,
+            &self.tasks,
+            &self.cancel,
+        )?;
+        self.disks
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::clone(&hd));
+        let eff = self.effective();
+        if let Err(e) = self.converge(&eff).await {
+            // About other entries (e.g. disks still to come): the manager hears of them
+            // on its next apply.
+            tracing::debug!(error = %e, "converging after a new disk");
+        }
+        self.export(&hd)?;
+        tracing::info!(disk = %disk.name, id = disk.id, size = disk.size, "disk added");
+        Ok(())
     }
 
     /// Serves or withdraws a disk's NBD export (a powered-off VM's disks are not served).
     /// Withdrawing drains in-flight requests first.
     pub async fn set_exported(&self, disk_name: &str, exported: bool) -> Result<(), AgentError> {
-        let _ = exported;
-        Err(AgentError::NoSuchDisk(disk_name.to_string()))
+        let d = self
+            .disk_by_name(disk_name)
+            .ok_or_else(|| AgentError::NoSuchDisk(disk_name.to_string()))?;
+        if exported {
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(AgentError::ShuttingDown);
+            }
+            if !self.registry.contains(disk_name) {
+                self.export(&d)?;
+            }
+        } else {
+            self.registry.remove_and_drain(disk_name).await;
+        }
+        Ok(())
     }
 
     /// Recovery side: deletes the journal and replica of (host, disk_id), which must not
     /// be streaming any more.
     pub async fn drop_replica(&self, host: &str, disk_id: u64) -> Result<(), AgentError> {
-        let _ = (host, disk_id);
-        Err(AgentError::Task("drop_replica: not built yet".into()))
+        let r = self.receiver.clone().ok_or(AgentError::NotRecoveryHost)?;
+        if !valid_name(host) {
+            return Err(AgentError::ReplicaInUse {
+                host: host.to_string(),
+                disk_id,
+                reason: "not a valid host name".into(),
+            });
+        }
+        let storage = r
+            .allowed()
+            .remove(host)
+            .or_else(|| self.cfg.allow.get(host).cloned())
+            .unwrap_or_else(|| self.cfg.storage.join(host));
+        let dir = config::received_disk_dir(&storage, disk_id);
+        let h = host.to_string();
+        tokio::task::spawn_blocking(move || r.drop_disk(&h, disk_id, &dir))
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))?
+            .map_err(|e| match e {
+                StreamError::Refused(reason) => AgentError::ReplicaInUse {
+                    host: host.to_string(),
+                    disk_id,
+                    reason,
+                },
+                other => AgentError::Stream(other),
+            })
     }
 }
 
+fn stream_event(
+    kind: &str,
+    disk_id: Option<u64>,
+    message: String,
+    details: serde_json::Value,
+) -> AgentEvent {
+    AgentEvent {
+        kind: kind.to_string(),
+        disk_id,
+        vm: None,
+        message,
+        details,
+        at_ms: crate::agent::stream::now_ms(),
+    }
+}
+
+/// Routes one sender's events to its disks and to the agent's event channel.
 async fn watch_events(
     mut events: mpsc::UnboundedReceiver<StreamEvent>,
-    splitters: HashMap<u64, (Arc<Splitter>, Option<Arc<sync::DiskSync>>)>,
+    peer: String,
+    routes: Arc<Mutex<HashMap<u64, Arc<HostDisk>>>>,
     last_error: Arc<Mutex<Option<String>>>,
+    out: broadcast::Sender<AgentEvent>,
     cancel: CancellationToken,
 ) {
-    let set = |v: Option<String>| *last_error.lock().unwrap_or_else(PoisonError::into_inner) = v;
+    let set = |v: Option<String>| *lock(&last_error) = v;
+    let route = |disk: u64| lock(&routes).get(&disk).cloned();
+    // No subscriber (no control connection) is not an error.
+    let emit = |e: AgentEvent| {
+        let _ = out.send(e);
+    };
     loop {
-        // The senders outlive this task (the agent holds them), so the channel never
-        // closes by itself: stop on the agent's token.
+        // The sender outlives this task (the peer holds it), so the channel never closes
+        // by itself: stop on the peer's token.
         let ev = tokio::select! {
             _ = cancel.cancelled() => break,
             ev = events.recv() => match ev {
@@ -955,13 +1741,31 @@ async fn watch_events(
             StreamEvent::Connected => {
                 tracing::info!("stream connected");
                 set(None);
+                emit(stream_event(
+                    "stream_connected",
+                    None,
+                    format!("replication stream to {peer} connected"),
+                    serde_json::json!({ "peer": peer }),
+                ));
             }
             StreamEvent::Disconnected { error } => {
                 tracing::info!(%error, "stream disconnected");
+                emit(stream_event(
+                    "stream_disconnected",
+                    None,
+                    format!("replication stream to {peer} lost: {error}"),
+                    serde_json::json!({ "peer": peer, "error": error }),
+                ));
                 set(Some(error));
             }
             StreamEvent::Refused { reason } => {
                 tracing::warn!(%reason, "stream refused by the recovery host");
+                emit(stream_event(
+                    "stream_disconnected",
+                    None,
+                    format!("replication stream refused by {peer}: {reason}"),
+                    serde_json::json!({ "peer": peer, "refused": reason }),
+                ));
                 set(Some(format!("refused: {reason}")));
             }
             StreamEvent::NeedsBitmapSync {
@@ -970,9 +1774,15 @@ async fn watch_events(
                 reason,
             } => {
                 tracing::warn!(disk, acked_seq, %reason, "disk is bitmap-only: a Bitmap Sync is needed");
-                if let Some((s, ds)) = splitters.get(&disk) {
-                    s.on_needs_bitmap_sync();
-                    if let Some(ds) = ds {
+                emit(stream_event(
+                    "disk_bitmap_only",
+                    Some(disk),
+                    format!("disk {disk} went bitmap-only: {reason}"),
+                    serde_json::json!({ "peer": peer, "acked_seq": acked_seq, "reason": reason }),
+                ));
+                if let Some(d) = route(disk) {
+                    d.splitter.on_needs_bitmap_sync();
+                    if let Some(ds) = d.sync.get() {
                         ds.poke();
                     }
                 }
@@ -988,9 +1798,17 @@ async fn watch_events(
                     acked_seq,
                     "recovery host lost acknowledged records: a Full Sync is needed"
                 );
-                if let Some((s, ds)) = splitters.get(&disk) {
-                    s.on_replica_behind();
-                    if let Some(ds) = ds {
+                emit(stream_event(
+                    "replica_behind",
+                    Some(disk),
+                    format!(
+                        "{peer} lost acknowledged records of disk {disk}: a Full Sync is needed"
+                    ),
+                    serde_json::json!({ "peer": peer, "durable_seq": durable_seq, "acked_seq": acked_seq }),
+                ));
+                if let Some(d) = route(disk) {
+                    d.splitter.on_replica_behind();
+                    if let Some(ds) = d.sync.get() {
                         ds.poke();
                     }
                 }

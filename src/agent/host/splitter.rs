@@ -21,6 +21,11 @@
 //! so it is ordered against the guest's writes to that range. The pass moves a cursor
 //! upwards ([`Splitter::sync_progress`]): regions below it are no longer owed and clear
 //! on acknowledgement like any other; regions at or above it wait for the pass.
+//!
+//! Protection changes at run time: [`Splitter::attach`] gives the disk a sender (it
+//! streams from then on; what the bitmap marks is owed to a sync), [`Splitter::detach`]
+//! takes it away and [`Splitter::set_paused`] stops queueing while keeping it — both
+//! mark every unacknowledged record's regions again, so the bitmap stays the truth.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -65,13 +70,18 @@ struct State {
     replica_behind: bool,
     /// Highest seq the sender reported acknowledged.
     acked: u64,
+    /// Where records go; `None`: the disk is not replicated (the bitmap alone records
+    /// what changed).
+    sender: Option<Sender>,
+    /// "User paused protection": nothing is queued and no sync may start.
+    paused: bool,
+    /// Seq of the newest record queued on the current sender (0: none yet).
+    last_queued: u64,
 }
 
 /// See the module documentation.
 pub struct Splitter {
     disk_id: u64,
-    /// `None`: the disk is not replicated (the bitmap alone records what changed).
-    sender: Option<Sender>,
     tracker: Arc<DirtyTracker>,
     region_shift: u32,
     state: Mutex<State>,
@@ -115,8 +125,10 @@ impl Splitter {
                 owed_from: 0,
                 replica_behind: false,
                 acked: 0,
+                sender,
+                paused: false,
+                last_queued: 0,
             }),
-            sender,
             tracker,
             region_shift,
         }
@@ -167,7 +179,7 @@ impl Splitter {
             RecordBody::Checkpoint { .. } => None,
         };
         let regions = range.and_then(|(offset, len)| self.regions(offset, len));
-        let Some(sender) = self.sender.as_ref().filter(|_| !st.bitmap_only) else {
+        let Some(sender) = st.sender.clone().filter(|_| !st.bitmap_only) else {
             return MarkerPlaced { seq, queued: false };
         };
         let rec = StreamRecord {
@@ -184,6 +196,7 @@ impl Splitter {
                     }
                 }
                 st.pending.push_back(Pending { seq, regions });
+                st.last_queued = seq;
                 MarkerPlaced { seq, queued: true }
             }
             Ok(Enqueued::BitmapOnly) => {
@@ -222,6 +235,58 @@ impl Splitter {
             }
         }
         st.counts.clear();
+    }
+
+    /// Gives the disk a sender: records stream from now on. Whatever the bitmap marks
+    /// (written while unprotected, paused or bitmap-only, or dirty at start) is owed to a
+    /// sync, so acknowledgements clear none of it until the sync passes it.
+    pub fn attach(&self, sender: Sender) {
+        let mut st = self.lock();
+        st.sender = Some(sender);
+        st.last_queued = 0;
+        st.acked = 0;
+        if !st.paused {
+            st.bitmap_only = false;
+        }
+        if self.tracker.bitmap().dirty_count() > 0 {
+            st.owes_sync = true;
+            st.owed_from = 0;
+        }
+    }
+
+    /// Takes the sender away: what was queued and not acknowledged is marked again and
+    /// owed to a sync; from now on the bitmap alone records what changes.
+    pub fn detach(&self) {
+        let mut st = self.lock();
+        self.enter_bitmap_only(&mut st);
+        st.sender = None;
+        st.last_queued = 0;
+        st.acked = 0;
+    }
+
+    /// Pauses or resumes queueing. Pausing is bitmap-only by choice (unacknowledged
+    /// records marked again, a sync owed); resuming leaves the disk bitmap-only until
+    /// its sync begins ([`Splitter::begin_sync`]), which brings the stream back.
+    pub fn set_paused(&self, paused: bool) {
+        let mut st = self.lock();
+        st.paused = paused;
+        if paused {
+            self.enter_bitmap_only(&mut st);
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Whether a sender is attached.
+    pub fn is_attached(&self) -> bool {
+        self.lock().sender.is_some()
+    }
+
+    /// Seq of the newest record queued on the current sender (0: none since attach).
+    pub fn last_queued(&self) -> u64 {
+        self.lock().last_queued
     }
 
     /// Whether the recovery side lost acknowledged records (see `StreamEvent::ReplicaBehind`).
@@ -316,7 +381,10 @@ impl Splitter {
     /// assigned before the pass: checkpoints after it are not recoverable until it ends.
     pub fn begin_sync(&self, from: u64) -> Result<u64, StreamError> {
         let mut st = self.lock();
-        if let Some(s) = &self.sender {
+        if st.paused {
+            return Err(StreamError::Paused(self.disk_id));
+        }
+        if let Some(s) = st.sender.clone() {
             if st.bitmap_only {
                 s.sync_finished(self.disk_id)?;
             }
@@ -390,7 +458,7 @@ impl Splitter {
     pub fn push_sync(&self, body: RecordBody) -> bool {
         let ts = crate::agent::stream::now_ms();
         let mut st = self.lock();
-        if st.bitmap_only || self.sender.is_none() {
+        if st.bitmap_only || st.sender.is_none() {
             return false;
         }
         self.push(&mut st, body, ts).queued

@@ -9,6 +9,12 @@
 //! cursor; bits behind it clear on acknowledgement, so an interrupted sync resumes from
 //! the bitmap it left — in this process from the cursor, after a crash from the persisted
 //! bitmap and activity log.
+//!
+//! A disk keeps one `DiskSync` for the life of the agent; its task runs while the disk is
+//! protected. A new protection (another recovery host) gives it the new sender and the
+//! tracking that holds for that replica ([`DiskSync::set_target`]); a paused protection
+//! leaves the task waiting; every start and end event also goes to the agent's event
+//! channel (`AgentEvent`, for the manager).
 
 use std::collections::HashMap;
 use std::io;
@@ -27,6 +33,7 @@ use crate::agent::nbd::{BlockDevice, FileDevice, ProtectedDevice};
 use crate::agent::stream::{Sender, SessionConn, StreamError};
 use crate::agent::sync::hash::block_digests_of;
 use crate::agent::sync::{BlockRead, ChunkDigest, Hasher, SyncError};
+use crate::model::settings::{Priority, ResyncPolicy};
 use crate::model::status::SyncKind;
 use crate::model::sync::{
     may_start, order_queue, sync_needed, DiskSyncFacts, QueuedSync, StartDecision, SyncNeed,
@@ -212,11 +219,13 @@ pub struct SyncHost {
 }
 
 /// Appends the start and end events of syncs to `<data-dir>/state/sync-events.jsonl`
-/// (the manager's event table takes them over once agents report to it).
+/// and, when given a channel, sends the same facts as `AgentEvent`s (the manager's event
+/// table takes them over).
 #[derive(Debug)]
 pub struct SyncEventLog {
     path: PathBuf,
     lock: Mutex<()>,
+    events: Option<tokio::sync::broadcast::Sender<crate::proto::control::AgentEvent>>,
 }
 
 impl SyncEventLog {
@@ -224,11 +233,47 @@ impl SyncEventLog {
         SyncEventLog {
             path,
             lock: Mutex::new(()),
+            events: None,
         }
+    }
+
+    /// Also sends every event on `tx`.
+    pub fn broadcasting(
+        mut self,
+        tx: tokio::sync::broadcast::Sender<crate::proto::control::AgentEvent>,
+    ) -> Self {
+        self.events = Some(tx);
+        self
     }
 
     fn append(&self, event: &serde_json::Value) {
         use std::io::Write;
+        if let Some(tx) = &self.events {
+            let kind = event["event"].as_str().unwrap_or("sync").to_string();
+            let message = format!(
+                "{} {} of disk {}{}",
+                event["kind"].as_str().unwrap_or("sync"),
+                if kind == "sync_started" {
+                    "sync started"
+                } else {
+                    "sync ended"
+                },
+                event["disk"].as_str().unwrap_or("?"),
+                event["result"]
+                    .as_str()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default(),
+            );
+            // No receiver (no control connection) is not an error.
+            let _ = tx.send(crate::proto::control::AgentEvent {
+                kind,
+                disk_id: event["disk_id"].as_u64(),
+                vm: None,
+                message,
+                details: event.clone(),
+                at_ms: crate::agent::stream::now_ms(),
+            });
+        }
         let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
         let line = format!("{event}\n");
         let r = std::fs::OpenOptions::new()
@@ -284,7 +329,11 @@ pub struct DiskSync {
     disk: DiskConfig,
     device: Arc<ProtectedDevice<FileDevice>>,
     splitter: Arc<Splitter>,
-    sender: Sender,
+    /// The stream to the current recovery host (replaced by `set_target` while no task
+    /// runs).
+    sender: Mutex<Sender>,
+    /// The VPG's priority and resync policy (change with the protection).
+    policy: Mutex<(Priority, ResyncPolicy)>,
     host: Arc<SyncHost>,
     tracking: Mutex<Tracking>,
     requests: Mutex<Requests>,
@@ -442,10 +491,11 @@ impl DiskSync {
         host: Arc<SyncHost>,
     ) -> Self {
         DiskSync {
+            policy: Mutex::new((disk.priority, disk.resync)),
             disk,
             device,
             splitter,
-            sender,
+            sender: Mutex::new(sender),
             host,
             tracking: Mutex::new(tracking),
             requests: Mutex::new(Requests::default()),
@@ -456,6 +506,33 @@ impl DiskSync {
             wake: Notify::new(),
             since: Instant::now(),
         }
+    }
+
+    fn sender(&self) -> Sender {
+        lock(&self.sender).clone()
+    }
+
+    /// A new protection of the disk: its stream and the tracking that holds against that
+    /// replica. Only while no task runs (the agent stops it first). Forgets the pass in
+    /// progress and operator requests (they were for the old replica).
+    pub fn set_target(&self, sender: Sender, tracking: Tracking) {
+        *lock(&self.sender) = sender;
+        *lock(&self.tracking) = tracking;
+        *lock(&self.pass) = None;
+        *lock(&self.requests) = Requests::default();
+        self.check.store(true, Ordering::SeqCst);
+    }
+
+    /// What the dirty tracking says about the current replica (`Clean` once a sync
+    /// completed).
+    pub fn tracking(&self) -> Tracking {
+        *lock(&self.tracking)
+    }
+
+    /// The VPG's priority and resync policy.
+    pub fn set_policy(&self, priority: Priority, resync: ResyncPolicy) {
+        *lock(&self.policy) = (priority, resync);
+        self.poke();
     }
 
     /// An operator's request (admin endpoint).
@@ -534,13 +611,19 @@ impl DiskSync {
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(500);
         while !cancel.is_cancelled() {
+            if self.splitter.is_paused() {
+                // "User paused protection": the sync waits for the resume (a poke).
+                self.set_phase(SyncPhase::Idle, Some("protection paused".into()));
+                self.pause(Duration::from_secs(1), &cancel).await;
+                continue;
+            }
             let wanted = self.check.load(Ordering::SeqCst) || self.splitter.owes_sync();
             if !wanted {
                 self.set_phase(SyncPhase::Idle, None);
                 self.pause(Duration::from_secs(1), &cancel).await;
                 continue;
             }
-            if !self.sender.is_connected() {
+            if !self.sender().is_connected() {
                 self.set_phase(
                     SyncPhase::WaitingForPeer,
                     Some("the recovery agent is not reachable".into()),
@@ -566,6 +649,7 @@ impl DiskSync {
                     self.pause(Duration::from_secs(30), &cancel).await;
                 }
                 Err(SyncRunError::Cancelled) => return,
+                Err(SyncRunError::Stream(StreamError::Paused(_))) => continue,
                 Err(e) => {
                     self.check.store(true, Ordering::SeqCst);
                     let wait = if e.needs_operator() {
@@ -646,7 +730,7 @@ impl DiskSync {
     /// One attempt: session, decision, policy, slot, pass, end.
     async fn attempt(&self, cancel: &CancellationToken) -> Result<Attempt, SyncRunError> {
         self.check.store(false, Ordering::SeqCst);
-        let mut conn = self.sender.dial_session().await?;
+        let mut conn = self.sender().dial_session().await?;
         self.send(
             &mut conn,
             SyncFrame::Hello {
@@ -679,7 +763,7 @@ impl DiskSync {
         }
         // The session answered for the disk (a refusal, e.g. a size mismatch, came back
         // as an error above); data needs the stream too.
-        if !self.sender.is_accepted(self.disk.id) {
+        if !self.sender().is_accepted(self.disk.id) {
             return Ok(Attempt::NotAccepted);
         }
         let requests = *lock(&self.requests);
@@ -740,7 +824,7 @@ impl DiskSync {
         let resuming = resuming_after_restart || in_process;
         match may_start(
             &need,
-            self.disk.resync,
+            lock(&self.policy).1,
             self.host.clock.minute_of_day(),
             // An operator's Force or Full Sync is itself the go-ahead the policy waits for.
             requests.resume || requests.force || requests.full || resuming,
@@ -775,7 +859,7 @@ impl DiskSync {
         let _slot = tokio::select! {
             _ = cancel.cancelled() => return Err(SyncRunError::Cancelled),
             s = self.host.slots.acquire(QueuedSync {
-                vpg_priority: self.disk.priority,
+                vpg_priority: lock(&self.policy).0,
                 kind: need.kind,
                 since: self.since.elapsed().as_millis() as u64,
             }) => s,
@@ -890,6 +974,7 @@ impl DiskSync {
             "disk": self.disk.name,
             "disk_id": self.disk.id,
             "kind": o.kind,
+            "reason": o.reason,
             "result": o.result,
             "error": o.error,
             "blocks_compared": o.blocks_compared,
@@ -931,7 +1016,7 @@ impl DiskSync {
         let (budget, _) = self.pacing();
         loop {
             self.still_on(cancel)?;
-            let queued = self.sender.disk_backlog(self.disk.id).map_or(0, |b| b.0);
+            let queued = self.sender().disk_backlog(self.disk.id).map_or(0, |b| b.0);
             let rate_wait = self.host.settings.rate_limit.and_then(|rate| {
                 let sent = self.counters.data_bytes.load(Ordering::Relaxed) - sent_at_start;
                 let due = Duration::from_secs_f64(sent as f64 / rate as f64);
@@ -964,7 +1049,7 @@ impl DiskSync {
     /// the other half), small enough that a crash redoes little, large enough to cover
     /// an fsync round trip.
     fn pacing(&self) -> (u64, u64) {
-        let q = self.sender.queue_memory() as u64;
+        let q = self.sender().queue_memory() as u64;
         let block = self.host.settings.hash.block();
         let piece = ((q / 8).clamp(64 << 10, 1 << 20) / block * block).max(block);
         let budget = (q / 2).saturating_sub(piece).min(16 << 20);
@@ -1030,7 +1115,7 @@ impl DiskSync {
             return Ok(());
         }
         mark.persisted_at = upto;
-        if let Some((_, acked)) = self.sender.disk_backlog(self.disk.id) {
+        if let Some((_, acked)) = self.sender().disk_backlog(self.disk.id) {
             mark.pending.extend(self.splitter.on_acked(acked));
         }
         let ranges = self
@@ -1310,18 +1395,18 @@ impl DiskSync {
         conn: &mut SessionConn,
         cancel: &CancellationToken,
     ) -> Result<(), SyncRunError> {
-        // Nothing queued in this epoch: nothing to wait for, and the journal's durable
-        // seq (what the sender saw acknowledged) is where the sync ends.
-        let last = self.splitter.last_seq();
-        let queued_any = last & ((1u64 << super::splitter::EPOCH_SHIFT) - 1) != 0;
-        let end_seq = if queued_any {
+        // Nothing queued on this stream: nothing to wait for, and the journal's durable
+        // seq (what the sender saw acknowledged) is where the sync ends. (Seqs numbered
+        // while the disk was unprotected or paused were never queued: not waited for.)
+        let last = self.splitter.last_queued();
+        let end_seq = if last != 0 {
             last
         } else {
-            self.sender.disk_backlog(self.disk.id).map_or(0, |b| b.1)
+            self.sender().disk_backlog(self.disk.id).map_or(0, |b| b.1)
         };
         loop {
             self.still_on(cancel)?;
-            let acked = self.sender.disk_backlog(self.disk.id).map_or(0, |b| b.1);
+            let acked = self.sender().disk_backlog(self.disk.id).map_or(0, |b| b.1);
             if acked >= end_seq {
                 break;
             }

@@ -80,6 +80,11 @@ pub enum StreamError {
     Journal(#[from] JournalError),
     #[error("configuration: {0}")]
     Config(String),
+    /// The sender's disk set changed: the connection is renewed (not a failure).
+    #[error("the disk set changed; reconnecting")]
+    Reconfigured,
+    #[error("protection of disk {0} is paused")]
+    Paused(u64),
     #[error("sync state {path}: {reason}")]
     SyncState {
         path: std::path::PathBuf,

@@ -8,6 +8,11 @@
 //! connection from a host cancels the one it replaces. A connection whose first frame
 //! is a sync `Hello` is a sync session (`sync_target`): same admission, same registry,
 //! and it leaves the host's stream connection alone.
+//!
+//! The allow-list changes at run time ([`ReceiverHandle::set_allow`]): new connections
+//! are admitted against the current list, and every live connection of a host taken off
+//! it is closed. Each open journal counts the connections using it, so a journal in use
+//! is never dropped ([`ReceiverHandle::drop_disk`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -89,6 +94,45 @@ pub struct DiskLagReport {
 
 type SharedJournal = Arc<Mutex<Journal>>;
 
+/// (protected host, disk id) → connections (stream or sync session) using the journal.
+type BusyMap = Arc<Mutex<HashMap<(String, u64), usize>>>;
+
+/// One connection's use of a journal; dropping it ends the use.
+pub(crate) struct Busy {
+    map: BusyMap,
+    key: (String, u64),
+}
+
+impl Busy {
+    /// Counts a use; called under the journal registry's lock (see `open_disk`).
+    fn take(map: &BusyMap, key: (String, u64)) -> Busy {
+        *lock(map).entry(key.clone()).or_insert(0) += 1;
+        Busy {
+            map: Arc::clone(map),
+            key,
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut m = lock(&self.map);
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A host on the allow-list: where its disks go, and the token that closes its live
+/// connections when it is taken off the list.
+struct Allowed {
+    storage: PathBuf,
+    token: CancellationToken,
+}
+
 #[derive(Default)]
 struct LagState {
     report: DiskLagReport,
@@ -99,6 +143,11 @@ struct LagState {
 
 struct Shared {
     cfg: ReceiverConfig,
+    /// The current allow-list (starts as `cfg.allow`).
+    allow: Mutex<HashMap<String, Allowed>>,
+    busy: BusyMap,
+    /// The last journal storage error of a disk (cleared when its journal syncs again).
+    errors: Mutex<HashMap<(String, u64), String>>,
     journals: Mutex<HashMap<(String, u64), SharedJournal>>,
     /// Beside each journal of `journals` (both are inserted under its lock).
     syncs: Mutex<HashMap<(String, u64), Arc<SyncCell>>>,
@@ -142,6 +191,93 @@ impl ReceiverHandle {
         Some(cell.get())
     }
 
+    /// Replaces the allow-list. Hosts no longer on it (or whose storage moved) have
+    /// their live stream and sync connections closed; new connections see the new list.
+    pub fn set_allow(&self, allow: HashMap<String, PathBuf>) {
+        let mut cur = lock(&self.shared.allow);
+        cur.retain(|host, a| {
+            let keep = allow.get(host) == Some(&a.storage);
+            if !keep {
+                tracing::info!(%host, "host taken off the allow-list: closing its connections");
+                a.token.cancel();
+            }
+            keep
+        });
+        for (host, storage) in allow {
+            cur.entry(host).or_insert_with(|| Allowed {
+                storage,
+                token: CancellationToken::new(),
+            });
+        }
+    }
+
+    /// The current allow-list.
+    pub fn allowed(&self) -> HashMap<String, PathBuf> {
+        lock(&self.shared.allow)
+            .iter()
+            .map(|(h, a)| (h.clone(), a.storage.clone()))
+            .collect()
+    }
+
+    /// (protected host, disk id) of every journal open in this receiver.
+    pub fn journal_keys(&self) -> Vec<(String, u64)> {
+        let mut keys: Vec<_> = lock(&self.shared.journals).keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// Bytes a journal occupies (segments, buffered bytes included). Takes the journal's
+    /// lock, as [`ReceiverHandle::checkpoints`] does.
+    pub fn journal_bytes(&self, host: &str, disk_id: u64) -> Option<u64> {
+        let j = lock(&self.shared.journals)
+            .get(&(host.to_string(), disk_id))
+            .cloned()?;
+        let bytes = lock(&j).stats().bytes_used;
+        Some(bytes)
+    }
+
+    /// The last storage error of a journal, until it syncs again.
+    pub fn storage_error(&self, host: &str, disk_id: u64) -> Option<String> {
+        lock(&self.shared.errors)
+            .get(&(host.to_string(), disk_id))
+            .cloned()
+    }
+
+    /// Whether a connection (stream or sync session) uses the disk's journal now.
+    pub fn is_busy(&self, host: &str, disk_id: u64) -> bool {
+        lock(&self.shared.busy).contains_key(&(host.to_string(), disk_id))
+    }
+
+    /// Closes the journal of (host, disk) and deletes `dir` (its journal, replica disk and
+    /// sync state). Refused while a connection streams or syncs the disk; a connection
+    /// arriving meanwhile waits for the registry and starts a new, empty replica.
+    /// Blocking.
+    pub fn drop_disk(&self, host: &str, disk_id: u64, dir: &Path) -> Result<(), StreamError> {
+        let key = (host.to_string(), disk_id);
+        let mut reg = lock(&self.shared.journals);
+        if lock(&self.shared.busy).contains_key(&key) {
+            return Err(StreamError::Refused(format!(
+                "host {host:?} still streams disk {disk_id}: stop its protection first"
+            )));
+        }
+        if let Some(j) = reg.remove(&key) {
+            if let Err(e) = lock(&j).sync() {
+                tracing::warn!(%host, disk = disk_id, error = %e, "journal sync before drop failed");
+            }
+        }
+        lock(&self.shared.syncs).remove(&key);
+        lock(&self.shared.lag).remove(&key);
+        lock(&self.shared.errors).remove(&key);
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("delete replica directory")(e)),
+        }
+        drop(reg);
+        tracing::info!(%host, disk = disk_id, dir = %dir.display(), "replica dropped");
+        Ok(())
+    }
+
     /// Every durable checkpoint of a disk opened since this receiver started, with
     /// whether it may be recovered to (no sync made it unrecoverable). Takes the
     /// journal's lock: not for the reactor thread when the journal is busy.
@@ -178,6 +314,22 @@ impl Receiver {
         Ok(Receiver {
             listener,
             shared: Arc::new(Shared {
+                allow: Mutex::new(
+                    cfg.allow
+                        .iter()
+                        .map(|(h, p)| {
+                            (
+                                h.clone(),
+                                Allowed {
+                                    storage: p.clone(),
+                                    token: CancellationToken::new(),
+                                },
+                            )
+                        })
+                        .collect(),
+                ),
+                busy: Arc::new(Mutex::new(HashMap::new())),
+                errors: Mutex::new(HashMap::new()),
                 cfg,
                 journals: Mutex::new(HashMap::new()),
                 syncs: Mutex::new(HashMap::new()),
@@ -321,10 +473,11 @@ async fn serve(
             disk_id,
             size,
         })) => {
-            let storage = match admit(cfg, &host_name, cert.as_ref()) {
+            let (storage, host_token) = match admit(shared, &host_name, cert.as_ref()) {
                 Ok(s) => s,
                 Err(reason) => return Err(refuse(&mut writer, reason).await),
             };
+            let _link = link(&host_token, &cancel);
             let s2 = shared.clone();
             let h2 = host_name.clone();
             let opened =
@@ -364,12 +517,13 @@ async fn serve(
         );
         return Err(refuse(&mut writer, reason).await);
     }
-    let storage = match admit(cfg, &host, cert.as_ref()) {
+    let (storage, host_token) = match admit(shared, &host, cert.as_ref()) {
         Ok(s) => s,
         Err(reason) => return Err(refuse(&mut writer, reason).await),
     };
     // This connection replaces any earlier one from the same host.
     let cancel = cancel.child_token();
+    let _link = link(&host_token, &cancel);
     if let Some(old) = lock(&shared.conns).insert(host.clone(), cancel.clone()) {
         old.cancel();
     }
@@ -381,15 +535,22 @@ async fn serve(
         .map_err(|e| StreamError::Protocol(format!("journal open task: {e}")))?;
     let welcome: Vec<DiskAck> = opened
         .iter()
-        .map(|(id, _, durable)| DiskAck {
+        .map(|(id, _, durable, _)| DiskAck {
             disk_id: *id,
             durable_seq: *durable,
         })
         .collect();
     writer.send(&Frame::Welcome { disks: welcome }).await?;
     tracing::info!(%host, disks = opened.len(), "replication stream accepted");
-    let journals: HashMap<u64, SharedJournal> =
-        opened.into_iter().map(|(id, j, _)| (id, j)).collect();
+    // The journals are in use until this connection ends.
+    let mut _busy = Vec::with_capacity(opened.len());
+    let journals: HashMap<u64, SharedJournal> = opened
+        .into_iter()
+        .map(|(id, j, _, b)| {
+            _busy.push(b);
+            (id, j)
+        })
+        .collect();
 
     // Reader (this task) → journal thread → writer task.
     let (btx, brx) = mpsc::channel::<Vec<StreamRecord>>(16);
@@ -450,13 +611,32 @@ async fn serve(
     jr?
 }
 
-/// The allow-list and certificate checks of a Hello: the host's storage, or why not.
+/// Cancels `conn` when `host` (the host's allow-list token) is cancelled, until the
+/// returned guard is dropped.
+fn link(
+    host: &CancellationToken,
+    conn: &CancellationToken,
+) -> tokio_util::task::AbortOnDropHandle<()> {
+    let (h, c) = (host.clone(), conn.clone());
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        tokio::select! {
+            _ = h.cancelled() => c.cancel(),
+            _ = c.cancelled() => {}
+        }
+    }))
+}
+
+/// The allow-list and certificate checks of a Hello: the host's storage and its
+/// allow-list token, or why not.
 fn admit(
-    cfg: &ReceiverConfig,
+    shared: &Shared,
     host: &str,
     cert: Option<&CertificateDer<'static>>,
-) -> Result<PathBuf, String> {
-    let Some(storage) = cfg.allow.get(host).cloned() else {
+) -> Result<(PathBuf, CancellationToken), String> {
+    let Some((storage, token)) = lock(&shared.allow)
+        .get(host)
+        .map(|a| (a.storage.clone(), a.token.clone()))
+    else {
         return Err(format!(
             "host {host:?} is not on this recovery agent's allow-list"
         ));
@@ -468,7 +648,7 @@ fn admit(
             ));
         }
     }
-    Ok(storage)
+    Ok((storage, token))
 }
 
 async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
@@ -551,11 +731,11 @@ fn open_disks(
     host: &str,
     storage: &Path,
     disks: &[DiskHello],
-) -> Vec<(u64, SharedJournal, u64)> {
+) -> Vec<(u64, SharedJournal, u64, Busy)> {
     let mut out = Vec::new();
     for d in disks {
-        let j = match open_disk(shared, host, storage, d.disk_id, d.size) {
-            Ok(o) => o.journal,
+        let (j, busy) = match open_disk(shared, host, storage, d.disk_id, d.size) {
+            Ok(o) => (o.journal, o.busy),
             Err(e) => {
                 tracing::error!(disk = d.disk_id, error = %e, "disk not accepted");
                 continue;
@@ -567,16 +747,18 @@ fn open_disks(
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(disk = d.disk_id, error = %e, "journal sync failed");
+                note_error(shared, host, d.disk_id, &e);
                 continue;
             }
         };
+        lock(&shared.errors).remove(&(host.to_string(), d.disk_id));
         let mut lag = lock(&shared.lag);
         let l = &mut lag.entry((host.to_string(), d.disk_id)).or_default().report;
         l.host = host.to_string();
         l.disk_id = d.disk_id;
         l.durable_seq = durable;
         l.received_seq = l.received_seq.max(durable);
-        out.push((d.disk_id, j, durable));
+        out.push((d.disk_id, j, durable, busy));
     }
     out
 }
@@ -610,6 +792,7 @@ fn open_disk(
             return Ok(OpenDisk {
                 journal: j.clone(),
                 sync,
+                busy: Busy::take(&shared.busy, key),
             });
         }
     }
@@ -638,8 +821,12 @@ fn open_disk(
             j
         }
     };
-    lock(&shared.syncs).insert(key, sync.clone());
-    Ok(OpenDisk { journal: j, sync })
+    lock(&shared.syncs).insert(key.clone(), sync.clone());
+    Ok(OpenDisk {
+        journal: j,
+        sync,
+        busy: Busy::take(&shared.busy, key),
+    })
 }
 
 fn checkpoint_kind(k: u8) -> Option<CheckpointKind> {
@@ -731,7 +918,10 @@ fn append_loop(
                         Record::checkpoint(rec.seq, rec.timestamp_ms, *id, kind, tag.as_deref())
                     }
                 };
-                lock(j).append(r)?;
+                if let Err(e) = lock(j).append(r) {
+                    note_error(shared, host, rec.disk, &e);
+                    return Err(e.into());
+                }
                 let t = touched.entry(rec.disk).or_insert(rec.timestamp_ms);
                 *t = (*t).max(rec.timestamp_ms);
                 pending += rec.cost();
@@ -785,7 +975,13 @@ fn ack_loop(
             let Some(d) = durability.get(&id) else {
                 continue;
             };
-            let durable = d.wait_durable(seq, SYNC_TIMEOUT)?;
+            let durable = match d.wait_durable(seq, SYNC_TIMEOUT) {
+                Ok(s) => s,
+                Err(e) => {
+                    note_error(shared, host, id, &e);
+                    return Err(e.into());
+                }
+            };
             done.push((
                 DiskAck {
                     disk_id: id,
@@ -800,6 +996,11 @@ fn ack_loop(
         let _ = acks.send(Frame::Ack { disks });
     }
     Ok(())
+}
+
+/// Remembers a journal's storage error for the reports (`JournalReport::storage_error`).
+fn note_error(shared: &Shared, host: &str, disk: u64, e: &dyn std::fmt::Display) {
+    lock(&shared.errors).insert((host.to_string(), disk), e.to_string());
 }
 
 fn update_received(

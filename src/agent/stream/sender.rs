@@ -15,6 +15,12 @@
 //! stays until acknowledged durable. Going BitmapOnly drops the disk's queue and reports
 //! `NeedsBitmapSync`; records enqueued meanwhile are dropped on the spot (the dirty
 //! bitmap the NBD side keeps has them).
+//!
+//! The disk set changes at run time ([`Sender::add_disk`], [`Sender::remove_disk`]): the
+//! `Hello` names the disks and the receiver opens their journals for the connection, so
+//! a change ends the connection and the next one carries the new set. Resending from the
+//! receiver's durable seq after a reconnect is the ordinary path, so nothing new is
+//! needed to keep the other disks' records in order.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -188,6 +194,8 @@ struct State {
     spill_cost: usize,
     /// Since when the peer has been unreachable (`None` while connected).
     away_since: Option<Instant>,
+    /// The disk set changed since the current connection's Hello: reconnect.
+    reconnect: bool,
 }
 
 struct Inner {
@@ -332,26 +340,7 @@ impl Sender {
         }
         let mut map = BTreeMap::new();
         for spec in disks {
-            let spill = match &cfg.spill_dir {
-                Some(dir) if cfg.spill_limit > 0 => Some(Spill::create(
-                    dir.join(format!("spill-{:016x}.log", spec.disk_id)),
-                )?),
-                _ => None,
-            };
-            map.insert(
-                spec.disk_id,
-                DiskQ {
-                    spec,
-                    mode: DiskMode::Streaming,
-                    mem: VecDeque::new(),
-                    mem_cost: 0,
-                    spill,
-                    last_seq: 0,
-                    acked: 0,
-                    sent: 0,
-                    accepted: false,
-                },
-            );
+            map.insert(spec.disk_id, new_disk_q(&cfg, spec)?);
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
@@ -361,6 +350,7 @@ impl Sender {
                 mem_cost: 0,
                 spill_cost: 0,
                 away_since: Some(Instant::now()),
+                reconnect: false,
             }),
             wake: Notify::new(),
             events: tx,
@@ -437,6 +427,59 @@ impl Sender {
         drop(guard);
         inner.wake.notify_one();
         Ok(r)
+    }
+
+    /// Adds a disk at run time (no-op if it is there with the same spec; a different
+    /// spec replaces it, dropping its queue). The connection is renewed so the receiver
+    /// opens its journal; records queued meanwhile wait for the new Welcome.
+    pub fn add_disk(&self, spec: DiskSpec) -> Result<(), StreamError> {
+        {
+            let mut guard = self.inner.lock();
+            let st = &mut *guard;
+            if st.disks.get(&spec.disk_id).is_some_and(|d| d.spec == spec) {
+                return Ok(());
+            }
+            if let Some(old) = st.disks.remove(&spec.disk_id) {
+                forget(st, old);
+            }
+            let q = new_disk_q(&self.inner.cfg, spec)?;
+            st.disks.insert(q.spec.disk_id, q);
+            st.reconnect = true;
+        }
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Removes a disk at run time: what was queued for it is dropped (the owner's dirty
+    /// bitmap keeps what it covered) and the connection is renewed without it. Returns
+    /// whether the disk was there.
+    pub fn remove_disk(&self, disk: u64) -> bool {
+        let found = {
+            let mut guard = self.inner.lock();
+            let st = &mut *guard;
+            match st.disks.remove(&disk) {
+                Some(old) => {
+                    forget(st, old);
+                    st.reconnect = true;
+                    true
+                }
+                None => false,
+            }
+        };
+        if found {
+            self.inner.wake.notify_one();
+        }
+        found
+    }
+
+    /// The disks this sender carries.
+    pub fn disk_ids(&self) -> Vec<u64> {
+        self.inner.lock().disks.keys().copied().collect()
+    }
+
+    /// The recovery agent's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.inner.cfg.peer
     }
 
     /// A Bitmap Sync of `disk` finished: stream its records again (seqs go on from the
@@ -522,6 +565,38 @@ impl Sender {
     }
 }
 
+/// An empty queue for `spec` (with its spill log, truncated, when spilling is on).
+fn new_disk_q(cfg: &SenderConfig, spec: DiskSpec) -> Result<DiskQ, StreamError> {
+    let spill = match &cfg.spill_dir {
+        Some(dir) if cfg.spill_limit > 0 => Some(Spill::create(
+            dir.join(format!("spill-{:016x}.log", spec.disk_id)),
+        )?),
+        _ => None,
+    };
+    Ok(DiskQ {
+        spec,
+        mode: DiskMode::Streaming,
+        mem: VecDeque::new(),
+        mem_cost: 0,
+        spill,
+        last_seq: 0,
+        acked: 0,
+        sent: 0,
+        accepted: false,
+    })
+}
+
+/// Takes a removed disk's queue out of the totals and empties its spill log.
+fn forget(st: &mut State, mut old: DiskQ) {
+    st.mem_cost -= old.mem_cost;
+    if let Some(s) = old.spill.as_mut() {
+        st.spill_cost -= s.cost;
+        if let Err(e) = s.clear() {
+            tracing::warn!(disk = old.spec.disk_id, error = %e, "could not truncate spill log");
+        }
+    }
+}
+
 /// A framed connection for a sync session (see `proto::stream::SyncFrame`).
 pub struct SessionConn {
     reader: FrameReader<tokio::io::ReadHalf<Box<dyn Io>>>,
@@ -603,6 +678,11 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
         }
         match r {
             Ok(()) => return,
+            // The disk set changed: dial again at once with the new Hello.
+            Err(StreamError::Reconfigured) => {
+                tracing::info!(peer = %inner.cfg.peer, "disk set changed: reconnecting");
+                continue;
+            }
             Err(StreamError::Refused(reason)) => {
                 tracing::error!(peer = %inner.cfg.peer, %reason, "recovery agent refused the stream");
                 inner.event(StreamEvent::Refused { reason });
@@ -630,6 +710,10 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
             {
                 let mut st = inner.lock();
                 inner.check_away(&mut st);
+                // A disk added while backing off is worth an early try.
+                if st.reconnect {
+                    break;
+                }
             }
             let step = deadline
                 .saturating_duration_since(Instant::now())
@@ -675,16 +759,19 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
     let (rd, wr) = tokio::io::split(io_stream);
     let mut reader = FrameReader::new(rd);
     let mut writer = FrameWriter::new(wr, cfg.compression);
-    let disks: Vec<DiskHello> = inner
-        .lock()
-        .disks
-        .values()
-        .map(|d| DiskHello {
-            disk_id: d.spec.disk_id,
-            size: d.spec.size,
-            generation: d.spec.generation,
-        })
-        .collect();
+    let disks: Vec<DiskHello> = {
+        let mut st = inner.lock();
+        // This Hello carries the current set: later changes reconnect again.
+        st.reconnect = false;
+        st.disks
+            .values()
+            .map(|d| DiskHello {
+                disk_id: d.spec.disk_id,
+                size: d.spec.size,
+                generation: d.spec.generation,
+            })
+            .collect()
+    };
     writer
         .send(&Frame::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -818,6 +905,9 @@ fn collect(inner: &Inner, batch: &mut Vec<Arc<StreamRecord>>) -> Result<(), Stre
     const BATCH: usize = 1 << 20;
     let mut guard = inner.lock();
     let st = &mut *guard;
+    if st.reconnect {
+        return Err(StreamError::Reconfigured);
+    }
     let mut bytes = 0usize;
     let limit = inner.cfg.queue_memory;
     for d in st.disks.values_mut() {

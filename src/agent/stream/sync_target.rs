@@ -295,6 +295,8 @@ pub fn preseed(
 pub(crate) struct OpenDisk {
     pub(crate) journal: Arc<Mutex<Journal>>,
     pub(crate) sync: Arc<SyncCell>,
+    /// The session's use of the journal (it is not dropped while in use).
+    pub(crate) busy: super::receiver::Busy,
 }
 
 /// The journal's head as a hashing source.
