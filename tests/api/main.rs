@@ -9,6 +9,7 @@ mod helpers;
 mod access;
 mod checkpoints;
 mod concurrency;
+mod control;
 mod crud;
 mod migrations;
 mod openapi;

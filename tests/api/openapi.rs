@@ -50,6 +50,10 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/api/v1/tokens"),
     ("POST", "/api/v1/tokens"),
     ("DELETE", "/api/v1/tokens/{id}"),
+    ("GET", "/api/v1/enrolment-tokens"),
+    ("POST", "/api/v1/enrolment-tokens"),
+    ("DELETE", "/api/v1/enrolment-tokens/{id}"),
+    ("GET", "/api/v1/agents/connect"),
 ];
 
 #[tokio::test]
