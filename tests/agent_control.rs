@@ -5,7 +5,8 @@
 //! interval, reconnects with back-off, a silent manager, a rejected credential; and the
 //! agent's admin endpoint for VMs and the control state. The agent runs in-process
 //! (`AgentConfig::loopback`) with the simulated hypervisor.
-#![allow(clippy::unwrap_used)]
+// The handshake callback signature is tungstenite's (its error is a whole HTTP response).
+#![allow(clippy::unwrap_used, clippy::result_large_err)]
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -321,8 +322,8 @@ async fn enrolment_rounds_commands_heartbeats_and_reconnect() {
     // turnaround is a median rather than one lucky or unlucky sample.
     let mut turnaround = Vec::new();
     for round in 100..120u64 {
-        c1.send(hold(round, &[]));
         let sent = Instant::now();
+        c1.send(hold(round, &[]));
         let (at, held) = c1
             .recv_where("held", |m| match m {
                 AgentMessage::Held(x) if x.round == round => Some(x.clone()),
@@ -419,27 +420,36 @@ async fn enrolment_rounds_commands_heartbeats_and_reconnect() {
         body: CommandBody::PowerOff { vm: "web".into() },
     });
     c1.send(power_off.clone());
-    let (_, inv) = c1
-        .recv_where("inventory", |m| match m {
-            AgentMessage::Inventory(i) => Some(i.clone()),
-            _ => None,
-        })
-        .await;
-    let web = inv.vms.iter().find(|v| v.name == "web").unwrap();
-    assert_eq!(web.power_state, PowerState::Off);
+    // The inventory comes before the result (same queue); the hypervisor's event goes
+    // on the ordinary queue, so it may come before or after them.
+    let mut inventory = None;
+    let mut event = false;
     let (_, r1) = c1
         .recv_where("command result", |m| match m {
+            AgentMessage::Inventory(i) => {
+                inventory = Some(i.clone());
+                None
+            }
+            AgentMessage::Event(e) if e.kind == "vm_power" => {
+                event = true;
+                None
+            }
             AgentMessage::CommandResult(r) if r.id == "cmd-1" => Some(r.clone()),
             _ => None,
         })
         .await;
+    let inv = inventory.expect("an inventory before the result");
+    let web = inv.vms.iter().find(|v| v.name == "web").unwrap();
+    assert_eq!(web.power_state, PowerState::Off);
     assert!(r1.ok, "{r1:?}");
     assert_eq!(r1.output["changed"], true);
-    c1.recv_where("vm_power event", |m| match m {
-        AgentMessage::Event(e) if e.kind == "vm_power" => Some(()),
-        _ => None,
-    })
-    .await;
+    if !event {
+        c1.recv_where("vm_power event", |m| match m {
+            AgentMessage::Event(e) if e.kind == "vm_power" => Some(()),
+            _ => None,
+        })
+        .await;
+    }
     c1.send(power_off);
     let (_, r2) = c1
         .recv_where("repeated command result", |m| match m {
@@ -770,4 +780,96 @@ async fn admin_endpoint_serves_vms_and_the_control_state() {
         .iter()
         .any(|d| d.name == "app-0" && d.disk_id == 8));
     h.agent.shutdown().await.unwrap();
+}
+
+/// `bulwark agent` as a process: the manager from `--manager`, the token from the
+/// environment; without any credential it refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulwark_agent_dials_the_manager_it_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("a1");
+    let mut fm = FakeManager::start().await;
+    let cmd = |token: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"));
+        c.arg("--config")
+            .arg(dir.path().join("none.toml"))
+            .args(["agent", "--site", "s1", "--host-name", "a1"])
+            .args([
+                "--nbd-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--insecure")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--manager", &fm.url])
+            .env_remove("BULWARK_ENROLMENT_TOKEN")
+            .env_remove("BULWARK_MANAGER_URL")
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if let Some(t) = token {
+            c.env("BULWARK_ENROLMENT_TOKEN", t);
+        }
+        c
+    };
+    let out = cmd(None).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("not enrolled: pass --enrolment-token"),
+        "{err}"
+    );
+
+    let mut child = cmd(Some("tok-env")).spawn().unwrap();
+    let mut c = fm.accept().await;
+    let (_, hello) = c.recv_where("hello", hello_of).await;
+    assert_eq!(
+        hello.credential,
+        Credential::Enrolment {
+            token: "tok-env".into()
+        }
+    );
+    assert_eq!(hello.host_name, "a1");
+    c.send(welcome("h-a1", Some("key-a1"), 200));
+    c.recv_where("heartbeat", |m| {
+        matches!(m, AgentMessage::Heartbeat(_)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(data.join("state/host.key"))
+            .unwrap()
+            .trim(),
+        "key-a1"
+    );
+    let ep: bulwark::proto::agent::AgentEndpoints =
+        serde_json::from_slice(&std::fs::read(data.join("run/endpoints.json")).unwrap()).unwrap();
+    let st: ControlStatus = reqwest::get(format!("http://{}/v1/control", ep.admin.unwrap()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(st.configured && st.connected, "{st:?}");
+    assert_eq!(st.host_id.as_deref(), Some("h-a1"));
+
+    // SIGTERM: the agent leaves the manager (close frame or end of stream) and exits 0.
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::timeout_at(deadline, c.rx.recv())
+        .await
+        .expect("the connection did not end")
+        .is_some()
+    {}
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }

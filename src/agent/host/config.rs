@@ -633,7 +633,9 @@ pub fn check_vm_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name.trim() == name
-        && !name.chars().any(|c| c == '/' || c == '\\' || c.is_control());
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == '\\' || c.is_control());
     if ok {
         Ok(())
     } else {
@@ -851,5 +853,34 @@ mod tests {
             c.security,
             Security::Tls(TlsFiles::in_dir(Path::new("/certs"), "h1"))
         );
+    }
+    #[test]
+    fn vm_sections_resolve_into_protected_disks_with_their_rules() {
+        let c = AgentConfig::resolve(
+            &section(
+                "[[disks]]\nname='bare'\nid=1\nsize=512\n[[vms]]\nname='web - 1'\ndisks=[{name='w0', id=2, size='1 MiB'}]\n",
+            ),
+            flags(),
+        )
+        .unwrap();
+        assert_eq!(c.vms.len(), 1);
+        assert_eq!((c.vms[0].cpus, c.vms[0].memory_mib), (1, 1024));
+        assert_eq!(c.vms[0].disks, ["w0"]);
+        let w0 = c.disks.iter().find(|d| d.name == "w0").unwrap();
+        assert_eq!((w0.id, w0.size), (2, 1 << 20));
+        assert_eq!(w0.path, PathBuf::from("/tmp/a/disks/w0.img"));
+        let bad = [
+            ("[[disks]]\nname='a'\nid=1\nsize=512\n[[vms]]\nname='v'\ndisks=[{name='a', id=2, size=512}]\n", "vms[0].disks[0].name"),
+            ("[[disks]]\nname='a'\nid=1\nsize=512\n[[vms]]\nname='v'\ndisks=[{name='b', id=1, size=512}]\n", "vms[0].disks[0].id"),
+            ("[[disks]]\nname='a'\nid=1\nsize=512\n[[vms]]\nname='a'\n", "vms[0].name"),
+            ("[[vms]]\nname='v'\n[[vms]]\nname='v'\n", "vms[1].name"),
+            ("[[vms]]\nname='a/b'\n", "vms[0].name"),
+            ("[[vms]]\nname='v'\ncpus=0\n", "vms[0].cpus"),
+            ("[[vms]]\nname='v'\ndisks=[{name='x', id=3, size=100}]\n", "vms[0].disks[0].size"),
+        ];
+        for (text, field) in bad {
+            let e = AgentConfig::resolve(&section(text), flags()).unwrap_err();
+            assert!(e.to_string().contains(field), "{text}: {e}");
+        }
     }
 }
