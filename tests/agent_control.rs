@@ -734,6 +734,10 @@ async fn admin_endpoint_serves_vms_and_the_control_state() {
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let vm: InventoryVm = r.json().await.unwrap();
     assert_eq!(vm.power_state, PowerState::Off);
+    // A powered-off VM's disks are not served.
+    let exports = exports_of(&h).await;
+    assert!(!exports.contains(&"app-0".to_string()), "{exports:?}");
+    assert!(exports.contains(&"web-0".to_string()), "{exports:?}");
     let r = http
         .post(format!("{base}/v1/vms/nobody/power"))
         .json(&serde_json::json!({ "state": "on" }))
@@ -779,7 +783,18 @@ async fn admin_endpoint_serves_vms_and_the_control_state() {
         .protected
         .iter()
         .any(|d| d.name == "app-0" && d.disk_id == 8));
+    let exports = exports_of(&h).await;
+    assert!(!exports.contains(&"app-0".to_string()), "{exports:?}");
+    let change = h.vms.set_power("app", PowerState::On).await.unwrap();
+    assert!(change.changed);
+    assert!(exports_of(&h).await.contains(&"app-0".to_string()));
     h.agent.shutdown().await.unwrap();
+}
+
+async fn exports_of(h: &Host) -> Vec<String> {
+    bulwark::agent::nbd::client::NbdClient::list(h.agent.endpoints().nbd.as_str())
+        .await
+        .unwrap()
 }
 
 /// `bulwark agent` as a process: the manager from `--manager`, the token from the
