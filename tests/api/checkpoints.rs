@@ -37,6 +37,8 @@ enum Cmd {
     /// Sent in the next heartbeat only (reports are incremental).
     Journals(Vec<JournalReport>),
     Mode(HoldMode),
+    /// Answered once every command before it is applied.
+    Ping(tokio::sync::oneshot::Sender<()>),
     Disconnect,
 }
 
@@ -65,6 +67,14 @@ impl Sim {
         let _ = self.tx.send(c);
     }
 
+    /// Sets and waits until the agent applied it (before the test makes the manager act).
+    async fn set_now(&self, c: Cmd) {
+        self.set(c);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.set(Cmd::Ping(tx));
+        let _ = rx.await;
+    }
+
     async fn disconnect(self) {
         let _ = self.tx.send(Cmd::Disconnect);
         let _ = self.task.await;
@@ -86,6 +96,9 @@ async fn sim_loop(mut a: FakeAgent, mut rx: mpsc::UnboundedReceiver<Cmd>, log: L
                 Cmd::Peers(p) => status.peers = p,
                 Cmd::Journals(j) => journals.extend(j),
                 Cmd::Mode(m) => mode = m,
+                Cmd::Ping(tx) => {
+                    let _ = tx.send(());
+                }
                 Cmd::Disconnect => {
                     a.drop_hard();
                     return;
@@ -384,7 +397,8 @@ both_ctl!(
         lab.b
             .as_ref()
             .unwrap()
-            .set(Cmd::Mode(HoldMode::Answer(Duration::from_millis(300))));
+            .set_now(Cmd::Mode(HoldMode::Answer(Duration::from_millis(300))))
+            .await;
         let (s, c) = tag(&app, &lab.vpg, "before upgrade").await;
         assert_eq!(s, StatusCode::CREATED, "{c}");
         assert_eq!(c["kind"], "user_tagged");
@@ -450,7 +464,11 @@ both_ctl!(a_silent_host_aborts_the_round, |app: TestApp| async move {
     let lab = lab(&app, true, 3_600_000, 7200).await;
     lab.protect(None);
     ready(&app, &lab).await;
-    lab.b.as_ref().unwrap().set(Cmd::Mode(HoldMode::Silent));
+    lab.b
+        .as_ref()
+        .unwrap()
+        .set_now(Cmd::Mode(HoldMode::Silent))
+        .await;
     assert_problem(
         &tag(&app, &lab.vpg, "never").await,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -474,7 +492,8 @@ both_ctl!(a_late_release_stores_nothing, |app: TestApp| async move {
     lab.b
         .as_ref()
         .unwrap()
-        .set(Cmd::Mode(HoldMode::ReleasedLate));
+        .set_now(Cmd::Mode(HoldMode::ReleasedLate))
+        .await;
     assert_problem(
         &tag(&app, &lab.vpg, "late").await,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -491,7 +510,8 @@ both_ctl!(a_late_release_stores_nothing, |app: TestApp| async move {
     lab.b
         .as_ref()
         .unwrap()
-        .set(Cmd::Mode(HoldMode::Answer(Duration::ZERO)));
+        .set_now(Cmd::Mode(HoldMode::Answer(Duration::ZERO)))
+        .await;
     let (s, v) = tag(&app, &lab.vpg, "ok").await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
 });

@@ -120,7 +120,7 @@ pub async fn delete_vpg(
     s.control.config_changed();
     Ok(match outcome {
         VpgDeletion::Started(v) => {
-            let mut res = with_etag(v);
+            let mut res = with_etag(*v);
             *res.status_mut() = StatusCode::ACCEPTED;
             res
         }

@@ -88,6 +88,9 @@ pub struct NewCheckpoint {
     pub tag: Option<String>,
 }
 
+/// One end of a VPG's recoverable span.
+type Span = Option<DateTime<Utc>>;
+
 fn lifecycle_str(l: Lifecycle) -> &'static str {
     match l {
         Lifecycle::Creating => "creating",
@@ -216,18 +219,17 @@ impl Store {
             for (v, id) in pending {
                 summaries.entry(v).or_default().pending.push(u64_of(id));
             }
-            let spans: Vec<(String, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> =
-                checkpoint::Entity::find()
-                    .filter(checkpoint::Column::VpgId.is_in(ids))
-                    .filter(checkpoint::Column::Recoverable.eq(true))
-                    .select_only()
-                    .column(checkpoint::Column::VpgId)
-                    .column_as(checkpoint::Column::TakenAt.min(), "oldest")
-                    .column_as(checkpoint::Column::TakenAt.max(), "newest")
-                    .group_by(checkpoint::Column::VpgId)
-                    .into_tuple()
-                    .all(&self.db)
-                    .await?;
+            let spans: Vec<(String, Span, Span)> = checkpoint::Entity::find()
+                .filter(checkpoint::Column::VpgId.is_in(ids))
+                .filter(checkpoint::Column::Recoverable.eq(true))
+                .select_only()
+                .column(checkpoint::Column::VpgId)
+                .column_as(checkpoint::Column::TakenAt.min(), "oldest")
+                .column_as(checkpoint::Column::TakenAt.max(), "newest")
+                .group_by(checkpoint::Column::VpgId)
+                .into_tuple()
+                .all(&self.db)
+                .await?;
             for (v, oldest, newest) in spans {
                 let s = summaries.entry(v).or_default();
                 s.oldest_recoverable = oldest;

@@ -26,7 +26,7 @@ pub const MAX_MEMBERS: usize = 1000;
 #[derive(Debug)]
 pub enum VpgDeletion {
     /// The Delete operation started (or was already running): the VPG as it is now.
-    Started(Vpg),
+    Started(Box<Vpg>),
     /// Forced: the VPG is gone.
     Removed,
 }
@@ -689,7 +689,7 @@ impl Store {
         let lifecycle = lifecycle_of(&cur.lifecycle);
         if matches!(lifecycle, Lifecycle::Deleting | Lifecycle::WaitingRemoval) {
             drop(txn);
-            return Ok(VpgDeletion::Started(self.get_vpg(id).await?));
+            return Ok(VpgDeletion::Started(Box::new(self.get_vpg(id).await?)));
         }
         let (status, sub) = derive_status(&VpgFacts {
             lifecycle: Lifecycle::Deleting,
@@ -718,7 +718,7 @@ impl Store {
         .write(&txn, actor)
         .await?;
         txn.commit().await?;
-        Ok(VpgDeletion::Started(self.get_vpg(id).await?))
+        Ok(VpgDeletion::Started(Box::new(self.get_vpg(id).await?)))
     }
 
     /// How many VPGs are in each status (for metrics and the dashboard).
