@@ -189,16 +189,10 @@ both!(
         {
             use sea_orm::ConnectionTrait;
             let db = app.store.connection();
-            let past = "2001-01-01T00:00:00+00:00";
-            let sql = match db.get_database_backend() {
-            sea_orm::DbBackend::Postgres => format!(
-                "UPDATE enrolment_tokens SET expires_at = '{past}' WHERE uses = 0 AND revoked_at IS NULL"
-            ),
-            _ => format!(
-                "UPDATE enrolment_tokens SET expires_at = '2001-01-01 00:00:00+00:00' WHERE uses = 0 AND revoked_at IS NULL"
-            ),
-        };
-            db.execute_unprepared(&sql).await.unwrap();
+            // The same literal parses as a timestamp on both databases.
+            let sql = "UPDATE enrolment_tokens SET expires_at = '2001-01-01 00:00:00+00:00' \
+                   WHERE uses = 0 AND revoked_at IS NULL";
+            db.execute_unprepared(sql).await.unwrap();
         }
         let r = rejected(&app, FakeAgent::enrol("a4", "prod", &secret)).await;
         assert_eq!(r.code, "agent.token_expired", "{r:?}");

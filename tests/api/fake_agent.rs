@@ -170,10 +170,7 @@ impl FakeAgent {
 
     /// The next manager message within `d`: `None` on timeout, `Some(None)` when closed.
     pub async fn recv_within(&mut self, d: Duration) -> Option<Option<ManagerMessage>> {
-        match tokio::time::timeout(d, recv_on(&mut self.ws)).await {
-            Ok(m) => Some(m),
-            Err(_) => None,
-        }
+        tokio::time::timeout(d, recv_on(&mut self.ws)).await.ok()
     }
 
     /// Skips messages until `f` picks one (within [`RECV_TIMEOUT`] overall).
