@@ -86,6 +86,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
+pub const DEFAULT_AWAY_BOUND_SECS: u64 = 300;
+
 /// `[agent]` in `bulwark.toml`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,6 +116,10 @@ pub struct AgentSection {
     /// directions; the peers ping every second). Default 15 on the receiving side, 10 on
     /// the sending side.
     pub peer_timeout_secs: Option<u64>,
+    /// Seconds a stream keeps records for an unreachable recovery host before the disk
+    /// goes bitmap-only (a Bitmap Sync when the host is back). Default 300; a
+    /// `[[peers]]` entry's `away_bound_secs` overrides it for that host.
+    pub away_bound_secs: Option<u64>,
     /// Bytes per second one sync may queue (its data shares the stream with the guest's).
     pub sync_rate_limit: Option<ByteSize>,
     /// Syncs running at once on this host; the others wait by VPG priority.
@@ -296,6 +302,8 @@ pub struct AgentConfig {
     pub sync: SyncSettings,
     /// `peer_timeout_secs`, when set.
     pub peer_timeout: Option<Duration>,
+    /// `away_bound_secs`: for every peer without its own.
+    pub away_bound: Duration,
     /// Root of the storage of protected hosts accepted under the manager (`storage`).
     pub storage: PathBuf,
     /// VMs declared in the file (their disks are also in `disks`).
@@ -523,7 +531,11 @@ impl AgentConfig {
                     .map_err(|_| invalid(f("queue_memory"), "too large"))?,
                 spill_limit: usize::try_from(p.spill_limit.map_or(1 << 30, |b| b.0))
                     .map_err(|_| invalid(f("spill_limit"), "too large"))?,
-                away_bound: Duration::from_secs(p.away_bound_secs.unwrap_or(300)),
+                away_bound: Duration::from_secs(
+                    p.away_bound_secs
+                        .or(file.away_bound_secs)
+                        .unwrap_or(DEFAULT_AWAY_BOUND_SECS),
+                ),
             });
         }
         let mut disks = Vec::new();
@@ -602,6 +614,9 @@ impl AgentConfig {
             drain_timeout: Duration::from_secs(10),
             sync,
             peer_timeout,
+            away_bound: Duration::from_secs(
+                file.away_bound_secs.unwrap_or(DEFAULT_AWAY_BOUND_SECS),
+            ),
             vms,
         })
     }

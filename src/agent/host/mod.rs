@@ -1192,7 +1192,7 @@ impl Agent {
             bandwidth_limit: None,
             queue_memory: 256 << 20,
             spill_limit: 1 << 30,
-            away_bound: Duration::from_secs(300),
+            away_bound: self.cfg.away_bound,
         };
         let o = opts.unwrap_or(&defaults);
         sc.compression = o.compression;
