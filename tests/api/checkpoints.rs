@@ -644,7 +644,11 @@ both_ctl!(status_follows_the_live_facts, |app: TestApp| async move {
     status("initializing", "creating_vpg").await;
     // The host applied the desired state and runs the initial sync.
     lab.protect(Some("initial"));
-    status("initializing", "initial_sync").await;
+    let v = status("initializing", "initial_sync").await;
+    assert_eq!(
+        v["members"][0]["replication_state"], "pending_initial_replication",
+        "{v}"
+    );
     // Synced; rounds run; the recovery host reports what its journal holds.
     lab.protect(None);
     // The recovery host reports every stored checkpoint as it appears.
@@ -669,6 +673,8 @@ both_ctl!(status_follows_the_live_facts, |app: TestApp| async move {
     };
     assert!(v["rpo_actual_secs"].as_f64().unwrap() <= 10.0, "{v}");
     assert!(v["history_actual_secs"].as_u64().is_some(), "{v}");
+    let (_, m) = app.get(&format!("/api/v1/vpgs/{}/members", lab.vpg)).await;
+    assert_eq!(m[0]["replication_state"], "replication_enabled", "{m}");
     // The recovery host goes away.
     let Lab { dr, .. } = lab;
     dr.disconnect().await;

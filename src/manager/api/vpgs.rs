@@ -17,6 +17,16 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+/// Members' replication state as the evaluator last derived it from live facts (the
+/// stored definition alone only tells configured from not).
+fn live_member_states<'a>(s: &AppState, members: impl Iterator<Item = &'a mut Member>) {
+    for m in members {
+        if let Some(state) = s.control.vm_states.get(&m.settings.vm_id) {
+            m.replication_state = state;
+        }
+    }
+}
+
 fn with_etag(v: Vpg) -> Response {
     ([etag(v.version)], ApiJson(v)).into_response()
 }
@@ -57,7 +67,9 @@ pub async fn get_vpg(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     c.require(Role::Viewer)?;
-    Ok(with_etag(s.store.get_vpg(&id).await?))
+    let mut v = s.store.get_vpg(&id).await?;
+    live_member_states(&s, v.members.iter_mut().flatten());
+    Ok(with_etag(v))
 }
 
 #[utoipa::path(patch, path = "/api/v1/vpgs/{id}", tag = "vpgs", params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
@@ -136,9 +148,9 @@ pub async fn list_members(
     ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<Vec<Member>>, ApiError> {
     c.require(Role::Viewer)?;
-    Ok(ApiJson(
-        s.store.get_vpg(&id).await?.members.unwrap_or_default(),
-    ))
+    let mut members = s.store.get_vpg(&id).await?.members.unwrap_or_default();
+    live_member_states(&s, members.iter_mut());
+    Ok(ApiJson(members))
 }
 
 #[utoipa::path(post, path = "/api/v1/vpgs/{id}/members", tag = "vpgs", params(("id" = String, Path), ("If-Match" = Option<String>, Header)),

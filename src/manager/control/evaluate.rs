@@ -13,7 +13,7 @@
 //!   RPO, history and journal size, and an event when the status changes.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -22,7 +22,10 @@ use tokio_util::sync::CancellationToken;
 use super::recovery::DiskKey;
 use super::{ControlPlane, HostLive};
 use crate::manager::store::{Actor, LiveVpg, StatusUpdate, StoreError};
-use crate::model::status::{derive_status, vpg_sync, DiskSyncFact, Lifecycle, VpgFacts};
+use crate::model::status::{
+    derive_status, derive_vm_state, vpg_sync, DiskSyncFact, Lifecycle, SyncKind, VmFacts,
+    VmReplicationState, VpgFacts,
+};
 use crate::model::sync::SyncReason;
 use crate::proto::agent::{ProtectedDiskStatus, ReplicationMode, SyncPhase};
 
@@ -50,6 +53,26 @@ pub async fn run(cp: Arc<ControlPlane>, cancel: CancellationToken) {
     }
 }
 
+/// The replication state of every member VM as the last pass derived it from live
+/// facts (`model::status::derive_vm_state`); the API lays it over the stored
+/// definition, which alone can only tell configured from not.
+#[derive(Default)]
+pub struct VmStates(Mutex<HashMap<String, VmReplicationState>>);
+
+impl VmStates {
+    pub fn get(&self, vm_id: &str) -> Option<VmReplicationState> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(vm_id)
+            .copied()
+    }
+
+    fn replace(&self, states: HashMap<String, VmReplicationState>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = states;
+    }
+}
+
 /// What the evaluator remembers between passes.
 #[derive(Default)]
 struct EvalState {
@@ -73,12 +96,14 @@ async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), St
     state
         .thinned
         .retain(|id, _| vpgs.iter().any(|v| &v.id == id));
+    let mut vm_states = HashMap::new();
     for v in vpgs {
         let id = v.id.clone();
-        if let Err(e) = evaluate_one(cp, state, v, &live).await {
+        if let Err(e) = evaluate_one(cp, state, v, &live, &mut vm_states).await {
             tracing::warn!(vpg = %id, error = %e, "VPG evaluation failed");
         }
     }
+    cp.vm_states.replace(vm_states);
     Ok(())
 }
 
@@ -121,6 +146,7 @@ async fn evaluate_one(
     state: &mut EvalState,
     mut v: LiveVpg,
     live: &HashMap<String, HostLive>,
+    vm_states: &mut HashMap<String, VmReplicationState>,
 ) -> Result<(), StoreError> {
     let protected_hosts: BTreeSet<&str> =
         v.members.iter().filter_map(|m| m.host.as_deref()).collect();
@@ -328,6 +354,48 @@ async fn evaluate_one(
         protected_for: since(now, v.protected_since).unwrap_or(Duration::ZERO),
     };
     let (status, sub_status) = derive_status(&facts);
+    for m in &v.members {
+        let keys: Vec<Option<DiskKey>> = m
+            .devices
+            .iter()
+            .map(|d| Some((m.host.clone()?, (*d)?)))
+            .collect();
+        let disks: Vec<Option<&ProtectedDiskStatus>> =
+            keys.iter().map(|k| reported(live, &v.id, k)).collect();
+        let running = |f: fn(SyncKind) -> bool| {
+            disks
+                .iter()
+                .flatten()
+                .any(|p| p.sync.running.as_ref().is_some_and(|r| f(r.kind)))
+        };
+
+        let vm = VmFacts {
+            protected: protecting,
+            initial_sync_done: v.protected_since.is_some()
+                && !keys.is_empty()
+                && disks.iter().all(Option::is_some)
+                && !running(|k| k == SyncKind::Initial),
+            syncing: running(|k| k != SyncKind::Initial),
+            sync_pending: disks
+                .iter()
+                .flatten()
+                .any(|p| p.sync.phase == SyncPhase::Required),
+            sync_interrupted: disks.iter().flatten().any(|p| {
+                p.sync.running.is_none()
+                    && (p.sync.phase == SyncPhase::Failed
+                        || (p.sync.phase == SyncPhase::WaitingForPeer
+                            && p.sync
+                                .last
+                                .as_ref()
+                                .is_some_and(|l| l.result == "interrupted")))
+            }),
+            paused: v.paused,
+            error: cp.recovery.facts(&keys).storage_error.is_some(),
+            prepared_for_move: false,
+            failed_over: v.lifecycle == Lifecycle::Recovered,
+        };
+        vm_states.insert(m.vm_id.clone(), derive_vm_state(&vm));
+    }
     let update = StatusUpdate {
         status,
         sub_status,

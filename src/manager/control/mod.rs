@@ -63,6 +63,8 @@ pub struct ControlPlane {
     pub reconciler: reconcile::Reconciler,
     pub rounds: rounds::Rounds,
     pub recovery: recovery::RecoveryTracker,
+    /// Per-VM replication state (Hyper-V words) from the last evaluation.
+    pub vm_states: evaluate::VmStates,
     /// Poked whenever configuration or live facts change, so the loops react at once
     /// instead of at their next tick.
     pub changed: Notify,
@@ -76,6 +78,7 @@ impl ControlPlane {
             reconciler: reconcile::Reconciler::new(),
             rounds: rounds::Rounds::new(),
             recovery: recovery::RecoveryTracker::new(),
+            vm_states: evaluate::VmStates::default(),
             hub: Hub::new(),
             store,
             settings,

@@ -473,12 +473,26 @@ impl Store {
         // An empty VPG keeps the site it protected.
         let protected = protected.or(cur.protected_site_id.clone());
         let lifecycle = lifecycle_of(&cur.lifecycle);
-        let (status, sub) = derive_status(&config_facts(
+        let derived = derive_status(&config_facts(
             lifecycle,
             cur.paused,
             &d.settings,
             &d.members,
         ));
+        // A protecting VPG's status needs live facts this transaction does not have: the
+        // evaluator rederives it at once (poked by the change) and records the change.
+        // Only a configuration gap, which no live fact can outweigh, is written here.
+        let config_gap = matches!(
+            derived.1,
+            VpgSubStatus::VpgHasNoVms | VpgSubStatus::NeedsConfiguration
+        );
+        let (status, sub) = match (lifecycle, config_gap) {
+            (Lifecycle::Protecting, false) => (
+                VpgStatus::parse(&cur.status).unwrap_or(derived.0),
+                VpgSubStatus::parse(&cur.sub_status).unwrap_or(derived.1),
+            ),
+            _ => derived,
+        };
         let res = vpg::Entity::update_many()
             .col_expr(vpg::Column::Name, Expr::value(d.name.to_string()))
             .col_expr(vpg::Column::Description, Expr::value(d.description.clone()))
