@@ -116,8 +116,22 @@ fn offline_commands_and_manager_process() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("pending"));
     let out = bulwark(&["migrate", "--database-url", &db, "up"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("applied"));
+    // One step back reverts the newest migration only; `--all` reverts everything.
     let out = bulwark(&["migrate", "--database-url", &db, "down"]);
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("pending"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.starts_with("applied")
+            && text
+                .trim_end()
+                .lines()
+                .last()
+                .unwrap()
+                .starts_with("pending"),
+        "{text}"
+    );
+    let out = bulwark(&["migrate", "--database-url", &db, "down", "--all"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.lines().all(|l| l.starts_with("pending")), "{text}");
 
     // A token made offline means the manager does not bootstrap one.
     let out = bulwark(&[
@@ -177,6 +191,29 @@ fn offline_commands_and_manager_process() {
     assert!(!ok && err.contains("auth.invalid_token"), "{err}");
     let (ok, _, err) = client(&m, &token, &["site", "delete", "prod"], None);
     assert!(ok, "{err}");
+    // An enrolment token for an agent: the secret alone on stdout.
+    let (ok, out, err) = client(
+        &m,
+        &token,
+        &["host", "enrolment-token", "create", "--expires-in", "600"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.trim().starts_with("bwe_") && out.trim().len() == 68,
+        "{out}"
+    );
+    assert!(err.contains("shown once"), "{err}");
+    let (ok, _, err) = client(
+        &m,
+        &token,
+        &["host", "enrolment-token", "create", "--expires-in", "5"],
+        None,
+    );
+    assert!(
+        !ok && err.contains("enrolment_token.expiry_out_of_range"),
+        "{err}"
+    );
 
     // SIGTERM stops the manager cleanly.
     let mut m = m;

@@ -104,6 +104,16 @@ both!(
         let mut old = FakeAgent::enrol("esx-prod-3", "prod", &fresh);
         old.protocol = CONTROL_PROTOCOL + 1;
         assert_eq!(rejected(&app, old).await.code, "agent.protocol");
+        let mut bad = FakeAgent::enrol("esx-prod-3", "prod", &fresh);
+        bad.inventory.vms = vec![
+            vm("x", &[(5, "x-root", GIB)]),
+            vm("y", &[(5, "y-root", GIB)]),
+        ];
+        let r = rejected(&app, bad).await;
+        assert_eq!(
+            r.code, "inventory.duplicate_disk_id",
+            "checked before the token is spent"
+        );
         // A refused enrolment used nothing up: the fresh token still enrols another host.
         FakeAgent::connect(
             &app.ws_url(),

@@ -7,7 +7,7 @@
 //! sends that code in its `Rejected` message.
 
 use super::entity::{disk, enrolment_token, host, member, site, vm, vpg};
-use super::inventory::check_text;
+use super::inventory::{check_inventory, check_text};
 use super::tokens::hash_secret;
 use super::vpgs::lifecycle_of;
 use super::{finish_page, new_id, now, page_limit, u64_of, Actor, NewEvent, Store, StoreError};
@@ -209,6 +209,11 @@ impl Store {
     /// all in one transaction with its events.
     pub async fn admit_agent(&self, hello: &AgentHello) -> Result<Admitted, StoreError> {
         let host_name = Name::parse(&hello.host_name).map_err(|e| e.under("host_name"))?;
+        // Everything the connection will store is checked first: an enrolment that
+        // spent its token and issued a key must not then be refused for its inventory
+        // (the agent would never learn the key).
+        check_endpoints(hello)?;
+        check_inventory(&hello.inventory)?;
         match &hello.credential {
             Credential::HostKey { key } => {
                 if key.is_empty() || key.len() > MAX_SECRET_LEN {
@@ -406,15 +411,8 @@ impl Store {
         host_id: &str,
         hello: &AgentHello,
     ) -> Result<(), StoreError> {
+        check_endpoints(hello)?;
         let nbd = Some(hello.nbd_address.clone());
-        for (f, v) in [
-            ("nbd_address", &nbd),
-            ("data_address", &hello.data_address),
-            ("storage_path", &hello.storage_path),
-            ("agent_version", &Some(hello.agent_version.clone())),
-        ] {
-            check_text(f, v)?;
-        }
         let actor = Actor(format!("agent:{}", hello.host_name));
         let t = now();
         let _w = self.write_guard().await;
@@ -630,6 +628,18 @@ impl Store {
         txn.commit().await?;
         Ok(())
     }
+}
+
+fn check_endpoints(hello: &AgentHello) -> Result<(), ValidationError> {
+    for (f, v) in [
+        ("nbd_address", &Some(hello.nbd_address.clone())),
+        ("data_address", &hello.data_address),
+        ("storage_path", &hello.storage_path),
+        ("agent_version", &Some(hello.agent_version.clone())),
+    ] {
+        check_text(f, v)?;
+    }
+    Ok(())
 }
 
 async fn disconnect(

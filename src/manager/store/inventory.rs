@@ -887,7 +887,7 @@ const MAX_VMS_PER_INVENTORY: usize = 10_000;
 
 /// The same rules as VMs and disks entered through the API, plus: names and disk ids
 /// unique on the host. A refused inventory changes nothing.
-fn check_inventory(inv: &Inventory) -> Result<(), StoreError> {
+pub(super) fn check_inventory(inv: &Inventory) -> Result<(), StoreError> {
     if inv.vms.len() > MAX_VMS_PER_INVENTORY {
         return Err(ValidationError::new(
             "inventory.too_many_vms",
