@@ -246,11 +246,28 @@ async fn three_vms_on_two_hosts_reach_meeting_sla_and_a_tagged_view_equals_the_s
         .unwrap();
     assert_eq!(c["tag"], "before-upgrade");
     assert_eq!(c["kind"], "user_tagged");
-    let scheduled = cps.iter().filter(|c| c["kind"] == "scheduled").count();
-    assert!(
-        scheduled >= 2,
-        "scheduled checkpoints every second: {cps:#?}"
-    );
+    // Scheduled rounds every second, each recoverable once every journal has it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let scheduled = loop {
+        let mut times: Vec<chrono::DateTime<chrono::Utc>> = w
+            .m
+            .checkpoints(&vpg, true)
+            .await
+            .iter()
+            .filter(|c| c["kind"] == "scheduled")
+            .map(|c| c["taken_at"].as_str().unwrap().parse().unwrap())
+            .collect();
+        if times.len() >= 5 || Instant::now() > deadline {
+            times.sort();
+            break times;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(scheduled.len() >= 5, "scheduled checkpoints every second: {scheduled:?}");
+    for pair in scheduled.windows(2) {
+        let gap = (pair[1] - pair[0]).num_milliseconds();
+        assert!((500..=3000).contains(&gap), "scheduled checkpoints {gap} ms apart: {scheduled:?}");
+    }
 
     // The recovery journals, offline: the view at the tag equals the sources.
     let mut rec = rec;
