@@ -249,24 +249,29 @@ async fn three_vms_on_two_hosts_reach_meeting_sla_and_a_tagged_view_equals_the_s
     // Scheduled rounds every second, each recoverable once every journal has it.
     let deadline = Instant::now() + Duration::from_secs(30);
     let scheduled = loop {
-        let mut times: Vec<chrono::DateTime<chrono::Utc>> = w
-            .m
-            .checkpoints(&vpg, true)
-            .await
-            .iter()
-            .filter(|c| c["kind"] == "scheduled")
-            .map(|c| c["taken_at"].as_str().unwrap().parse().unwrap())
-            .collect();
+        let mut times: Vec<chrono::DateTime<chrono::Utc>> =
+            w.m.checkpoints(&vpg, true)
+                .await
+                .iter()
+                .filter(|c| c["kind"] == "scheduled")
+                .map(|c| c["taken_at"].as_str().unwrap().parse().unwrap())
+                .collect();
         if times.len() >= 5 || Instant::now() > deadline {
             times.sort();
             break times;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    assert!(scheduled.len() >= 5, "scheduled checkpoints every second: {scheduled:?}");
+    assert!(
+        scheduled.len() >= 5,
+        "scheduled checkpoints every second: {scheduled:?}"
+    );
     for pair in scheduled.windows(2) {
         let gap = (pair[1] - pair[0]).num_milliseconds();
-        assert!((500..=3000).contains(&gap), "scheduled checkpoints {gap} ms apart: {scheduled:?}");
+        assert!(
+            (500..=3000).contains(&gap),
+            "scheduled checkpoints {gap} ms apart: {scheduled:?}"
+        );
     }
 
     // The recovery journals, offline: the view at the tag equals the sources.
@@ -362,12 +367,13 @@ async fn cross_vm_run(manager_extra: &str, rounds: usize) -> (usize, usize) {
     );
     let last = *tags.last().unwrap();
     w.m.wait_recoverable(&vpg, last, &all).await;
-    let recoverable: Vec<u64> =
+    let mut recoverable: Vec<u64> =
         w.m.checkpoints(&vpg, true)
             .await
             .iter()
             .filter_map(|c| c["id"].as_i64().map(|i| i as u64))
             .collect();
+    recoverable.sort_unstable();
     rec.stop_clean().await;
     let ja = journal_of(&rec, "prot-a", 1, size);
     let jb = journal_of(&rec, "prot-b", 1, size);
