@@ -21,11 +21,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 /// These tests start several processes each; on two cores they run one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Manager timings for tests: fast heartbeats and disconnection.
 const MANAGER: &str =
@@ -141,7 +137,7 @@ impl World {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_vms_on_two_hosts_reach_meeting_sla_and_a_tagged_view_equals_the_sources() {
-    let _g = serial();
+    let _g = SERIAL.lock().await;
     let w = World::new(MANAGER).await;
     let size = 8 * MIB;
     let a_vms = [VmDef::new("web-1", 1, size), VmDef::new("web-2", 2, size)];
@@ -406,7 +402,7 @@ async fn cross_vm_run(manager_extra: &str, rounds: usize) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_vm_checkpoints_are_consistent_with_the_barrier() {
-    let _g = serial();
+    let _g = SERIAL.lock().await;
     let (checked, violations) = cross_vm_run(MANAGER, 300).await;
     eprintln!("barrier on: {checked} recoverable checkpoints checked, {violations} violations");
     assert!(
@@ -420,7 +416,7 @@ async fn cross_vm_checkpoints_are_consistent_with_the_barrier() {
 /// are no longer consistent across hosts, which is what the barrier exists for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_barrier_cross_vm_checkpoints_break() {
-    let _g = serial();
+    let _g = SERIAL.lock().await;
     let extra = format!("{MANAGER}\ntest_disable_checkpoint_barrier = true");
     let (checked, violations) = cross_vm_run(&extra, 300).await;
     eprintln!("barrier off: {checked} recoverable checkpoints checked, {violations} violations");
@@ -441,7 +437,7 @@ async fn without_the_barrier_cross_vm_checkpoints_break() {
 /// reconnect, checkpoints go on, nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_either_agent_and_a_manager_restart_lose_nothing() {
-    let _g = serial();
+    let _g = SERIAL.lock().await;
     let mut w = World::new(MANAGER).await;
     let size = 32 * MIB;
     let mut pa = w

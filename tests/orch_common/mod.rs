@@ -472,6 +472,7 @@ impl VmDef {
 /// Config of an agent driven by the manager: VMs of the simulated hypervisor (one disk
 /// each, the disk named like the VM), a data listener on recovery hosts, and `extra`
 /// lines for the `[agent]` section.
+#[allow(clippy::too_many_arguments)]
 pub fn managed_toml(
     lab: &Lab,
     data_dir: &Path,
