@@ -231,7 +231,13 @@ async fn a_disk_taken_out_is_tracked_and_syncs_by_bitmap_when_back() {
     prot.apply(&protect(3, &rec, true, false)).await.unwrap();
     assert_eq!(synced(&prot, 2).await, SyncKind::Bitmap);
     let last = d1(&prot.status()).sync.last.clone().unwrap();
-    assert!(last.blocks_sent <= 64, "only the dirty regions: {last:?}");
+    // The two regions written while out, plus at most the first write's four regions
+    // if the clearer had not yet caught up with their acknowledgements when the disk
+    // left protection (unacknowledged records are marked again then): never the disk.
+    assert!(
+        last.blocks_sent <= 6 * 16,
+        "only the dirty regions: {last:?}"
+    );
     let ckpt = checkpoint(&prot).await;
     stop(&[&prot, &rec]).await;
     assert_replica(&lab, ckpt);

@@ -130,6 +130,22 @@ enum BenchWhat {
         #[arg(long)]
         cold: bool,
     },
+    /// Checkpoint rounds across hosts: a manager, a recovery agent and N protected
+    /// agents in this process on loopback; write-completion hold p50/p99 for VPGs of
+    /// each size, and the RPO of 1 s checkpoints under half the measured write capacity.
+    Checkpoints {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Protected hosts per VPG, one system per value.
+        #[arg(long, value_delimiter = ',', default_value = "2,10")]
+        hosts: Vec<usize>,
+        /// Tagged rounds per system.
+        #[arg(long, default_value_t = 500)]
+        rounds: usize,
+        /// Seconds of sustained load for the RPO figure (0 skips it).
+        #[arg(long, default_value_t = 20)]
+        load_secs: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -477,6 +493,22 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                     .await
                     .context("the benchmark thread failed")??;
                 println!("{report}");
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchWhat::Checkpoints {
+                dir,
+                hosts,
+                rounds,
+                load_secs,
+            } => {
+                use crate::manager::bench;
+                let opts = bench::BenchOpts {
+                    hosts,
+                    rounds,
+                    load_secs,
+                    ..bench::BenchOpts::new(dir)
+                };
+                println!("{}", bench::run(&opts).await?);
                 Ok(ExitCode::SUCCESS)
             }
         },

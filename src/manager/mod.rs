@@ -2,6 +2,7 @@
 //! agent control, checkpoint rounds, SLA evaluation and recovery operations.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod control;
 pub mod metrics;
