@@ -602,3 +602,133 @@ async fn kill9_of_either_agent_and_a_manager_restart_lose_nothing() {
         &model2,
     );
 }
+
+/// A VM added to a protected VPG gets its Disk Initial Sync and joins the checkpoints; a
+/// VM removed with its recovery disk has the replica deleted at the recovery host once
+/// it stopped streaming; a VM removed without stays replicated-to-date on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_added_and_removed_under_protection() {
+    let _g = SERIAL.lock().await;
+    let w = World::new(MANAGER).await;
+    let size = 8 * MIB;
+    let vms = [
+        VmDef::new("vm-1", 1, size),
+        VmDef::new("vm-2", 2, size),
+        VmDef::new("vm-3", 3, size),
+    ];
+    let pa = w
+        .agent("prot-a", "prod", false, &vms, PROTECTED_EXTRA)
+        .await;
+    let mut rec = w.agent("rec", "dr", true, &[], "").await;
+    let all = [&pa, &rec];
+    w.m.wait_hosts_connected(&["prot-a", "rec"], &all).await;
+    let vpg =
+        w.m.create_vpg("grow", &["vm-1", "vm-2"], "dr", "rec", settings(1000))
+            .await;
+    w.m.wait_vpg(&vpg, "Meeting SLA", SLA_WAIT, &all, meeting_sla)
+        .await;
+    let replica = |id: u64| storage_of(&rec, "prot-a").join(format!("disk-{id:016x}"));
+    assert!(replica(1).is_dir() && replica(2).is_dir());
+    assert!(!replica(3).exists(), "vm-3 is not protected yet");
+
+    // Add vm-3 (with data written before): Disk Initial Sync, then Meeting SLA.
+    let o = qemu_io(
+        &pa.nbd_url("vm-3"),
+        "none",
+        &["write -P 0x33 1M 3M".to_string()],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_qemu_ok(&o);
+    let vm3 = w.m.vm("vm-3").await.unwrap();
+    let rec_host = w.m.host("rec").await.unwrap();
+    w.m.ok(
+        "POST",
+        &format!("/api/v1/vpgs/{vpg}/members"),
+        Some(json!({"vm_id": vm3["id"], "recovery_host_id": rec_host["id"]})),
+    )
+    .await;
+    pa.wait_status("vm-3's Initial Sync", &[&rec], |s| {
+        s.protected.iter().any(|d| {
+            d.name == "vm-3"
+                && d.group == vpg
+                && d.sync.last.as_ref().is_some_and(|l| {
+                    l.kind == bulwark::model::status::SyncKind::Initial && l.result == "completed"
+                })
+        })
+    })
+    .await;
+    w.m.wait_vpg(&vpg, "Meeting SLA with vm-3", SLA_WAIT, &all, |v| {
+        meeting_sla(v) && v["vm_count"] == 3
+    })
+    .await;
+    wait_drained(&pa, &[&rec]).await;
+    let tagged = w.m.tag(&vpg, "with-vm-3").await;
+    let source3 = copy_export(&pa.nbd_url("vm-3"), &w.lab.path("vm-3.copy")).await;
+    w.m.wait_recoverable(&vpg, tagged, &all).await;
+
+    // Remove vm-1 and its recovery disk; remove vm-2 keeping it.
+    let vm1 = w.m.vm("vm-1").await.unwrap();
+    let vm2 = w.m.vm("vm-2").await.unwrap();
+    w.m.ok(
+        "DELETE",
+        &format!(
+            "/api/v1/vpgs/{vpg}/members/{}?keep_recovery_disks=false",
+            vm1["id"].as_str().unwrap()
+        ),
+        None,
+    )
+    .await;
+    w.m.ok(
+        "DELETE",
+        &format!("/api/v1/vpgs/{vpg}/members/{}", vm2["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    let removed_at = Instant::now();
+    let deadline = Instant::now() + SLA_WAIT;
+    while replica(1).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "vm-1's recovery disk was never deleted\n--- manager:\n{}\n--- rec:\n{}",
+            tail(&w.m.stderr(), 60),
+            tail(&rec.stderr(), 60)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let events = w.m.events(&format!("?vpg_id={vpg}")).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "vpg.recovery_disk_deleted"),
+        "deletion recorded: {events:#?}"
+    );
+    pa.wait_status("vm-1 and vm-2 unprotected", &[&rec], |s| {
+        s.protected
+            .iter()
+            .filter(|d| d.name == "vm-1" || d.name == "vm-2")
+            .all(|d| d.mode == bulwark::proto::agent::ReplicationMode::Unprotected)
+    })
+    .await;
+    w.m.wait_vpg(
+        &vpg,
+        "Meeting SLA with vm-3 alone",
+        Duration::from_secs(30),
+        &all,
+        |v| meeting_sla(v) && v["vm_count"] == 1,
+    )
+    .await;
+    eprintln!(
+        "Meeting SLA with vm-3 alone {:?} after the removal",
+        removed_at.elapsed()
+    );
+    assert!(replica(2).is_dir(), "vm-2's recovery disk is kept");
+
+    rec.stop_clean().await;
+    let j = journal_of(&rec, "prot-a", 3, size);
+    assert_same(
+        "vm-3 at the tagged checkpoint",
+        &view_bytes(&j, tagged as u64, 0, size as usize),
+        &source3,
+    );
+}

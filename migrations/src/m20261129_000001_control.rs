@@ -85,10 +85,31 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
+        // Start of the history a VPG can have as it is composed now: its first
+        // recoverable checkpoint, again after a VM joins (earlier checkpoints do not
+        // cover the newcomer). The history target is capped by how long that is.
+        m.alter_table(
+            Table::alter()
+                .table(Vpgs::Table)
+                .add_column(
+                    ColumnDef::new(Vpgs::HistorySince)
+                        .timestamp_with_time_zone()
+                        .null(),
+                )
+                .to_owned(),
+        )
+        .await?;
         Ok(())
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(Vpgs::Table)
+                .drop_column(Vpgs::HistorySince)
+                .to_owned(),
+        )
+        .await?;
         m.alter_table(
             Table::alter()
                 .table(Disks::Table)
@@ -135,6 +156,12 @@ enum Hosts {
     Table,
     HostKeyHash,
     EnrolledAt,
+}
+
+#[derive(DeriveIden)]
+enum Vpgs {
+    Table,
+    HistorySince,
 }
 
 #[derive(DeriveIden)]

@@ -413,6 +413,9 @@ pub struct VpgDeleteQuery {
     /// Remove the VPG at once, without waiting for its hosts to stop protecting it
     /// (for a VPG waiting to be removed because a host is gone).
     pub force: Option<bool>,
+    /// Keep the replica disks at the recovery site (default true); `false` deletes them
+    /// once the protected hosts stopped streaming.
+    pub keep_recovery_disks: Option<bool>,
 }
 
 // ---- checkpoints, tasks, events, alerts ----------------------------------------------

@@ -125,10 +125,16 @@ pub async fn delete_vpg(
 ) -> Result<Response, ApiError> {
     c.require(Role::Admin)?;
     let force = q.force.unwrap_or(false);
+    let drop_replicas = if q.keep_recovery_disks == Some(false) {
+        s.store.replica_targets(&id, None).await?
+    } else {
+        Vec::new()
+    };
     let outcome = s
         .store
         .delete_vpg(&c.actor(), &id, if_match(&headers)?, force)
         .await?;
+    s.control.replicas.request(drop_replicas);
     s.control.config_changed();
     Ok(match outcome {
         VpgDeletion::Started(v) => {
@@ -205,10 +211,16 @@ pub async fn remove_member(
 ) -> Result<Response, ApiError> {
     c.require(Role::Admin)?;
     let keep = q.keep_recovery_disks.unwrap_or(true);
+    let drop_replicas = if keep {
+        Vec::new()
+    } else {
+        s.store.replica_targets(&id, Some(&vm_id)).await?
+    };
     let v = s
         .store
         .remove_member(&c.actor(), &id, &vm_id, if_match(&headers)?, keep)
         .await?;
+    s.control.replicas.request(drop_replicas);
     s.control.config_changed();
     Ok(with_etag(v))
 }

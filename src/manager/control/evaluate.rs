@@ -265,6 +265,7 @@ async fn evaluate_one(
             if let Some(fresh) = cp.store.live_vpgs(Some(&v.id), true).await?.pop() {
                 v.checkpoints = fresh.checkpoints;
                 v.protected_since = fresh.protected_since;
+                v.history_since = fresh.history_since;
             }
         }
     }
@@ -351,7 +352,9 @@ async fn evaluate_one(
         rpo_target: Duration::from_secs(u64::from(v.settings.rpo_target_secs)),
         history_actual,
         history_target: Duration::from_secs(u64::from(v.settings.journal_history_secs)),
-        protected_for: since(now, v.protected_since).unwrap_or(Duration::ZERO),
+        // How long the VPG, as composed now, could have kept history: the target is
+        // capped by it (a young VPG, or one a VM just joined, is not short of history).
+        protected_for: since(now, v.history_since).unwrap_or(Duration::ZERO),
     };
     let (status, sub_status) = derive_status(&facts);
     for m in &v.members {

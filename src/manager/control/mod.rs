@@ -13,6 +13,7 @@ pub mod evaluate;
 pub mod hub;
 pub mod reconcile;
 pub mod recovery;
+pub mod replicas;
 pub mod rounds;
 
 use std::sync::Arc;
@@ -63,6 +64,8 @@ pub struct ControlPlane {
     pub reconciler: reconcile::Reconciler,
     pub rounds: rounds::Rounds,
     pub recovery: recovery::RecoveryTracker,
+    /// Recovery disks waiting to be deleted once their disks stopped streaming.
+    pub replicas: replicas::ReplicaDrops,
     /// Per-VM replication state (Hyper-V words) from the last evaluation.
     pub vm_states: evaluate::VmStates,
     /// Poked whenever configuration or live facts change, so the loops react at once
@@ -78,6 +81,7 @@ impl ControlPlane {
             reconciler: reconcile::Reconciler::new(),
             rounds: rounds::Rounds::new(),
             recovery: recovery::RecoveryTracker::new(),
+            replicas: replicas::ReplicaDrops::new(),
             vm_states: evaluate::VmStates::default(),
             hub: Hub::new(),
             store,
@@ -96,6 +100,8 @@ impl ControlPlane {
         self.tasks.spawn(rounds::run(me, self.cancel.clone()));
         let me = Arc::clone(self);
         self.tasks.spawn(evaluate::run(me, self.cancel.clone()));
+        let me = Arc::clone(self);
+        self.tasks.spawn(replicas::run(me, self.cancel.clone()));
     }
 
     /// Configuration changed in the database (a REST mutation): recompute now.

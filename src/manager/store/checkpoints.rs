@@ -63,6 +63,8 @@ pub struct LiveVpg {
     pub history_actual_secs: Option<i64>,
     pub journal_bytes: i64,
     pub protected_since: Option<DateTime<Utc>>,
+    /// Start of the history the VPG can have with its current members.
+    pub history_since: Option<DateTime<Utc>>,
     pub members: Vec<LiveMember>,
     /// Filled only when asked for.
     pub checkpoints: CheckpointSummary,
@@ -252,6 +254,7 @@ impl Store {
                 history_actual_secs: v.history_actual_secs,
                 journal_bytes: v.journal_bytes,
                 protected_since: v.protected_since,
+                history_since: v.history_since,
             })
             .collect())
     }
@@ -321,6 +324,12 @@ impl Store {
             .col_expr(checkpoint::Column::Recoverable, Expr::value(true))
             .filter(checkpoint::Column::VpgId.eq(vpg_id))
             .filter(checkpoint::Column::Id.is_in(ids.iter().map(|&i| i64_id(i))))
+            .exec(&txn)
+            .await?;
+        vpg::Entity::update_many()
+            .col_expr(vpg::Column::HistorySince, Expr::value(now()))
+            .filter(vpg::Column::Id.eq(vpg_id))
+            .filter(vpg::Column::HistorySince.is_null())
             .exec(&txn)
             .await?;
         let first = vpg::Entity::update_many()

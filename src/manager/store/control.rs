@@ -28,6 +28,17 @@ use sea_orm::{
 };
 use std::collections::HashMap;
 
+/// A replica disk (journal + replica image) at a recovery host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaTarget {
+    pub vpg_id: String,
+    pub vm: String,
+    pub disk: String,
+    pub protected_host: String,
+    pub recovery_host: String,
+    pub disk_id: u64,
+}
+
 /// Every enrolment secret starts with this (API tokens use `bwk_`), so leaked ones are
 /// easy to scan for and the two kinds are never confused.
 pub const ENROLMENT_PREFIX: &str = "bwe_";
@@ -567,6 +578,52 @@ impl Store {
                 })
                 .collect(),
         })
+    }
+
+    /// The replicas a VPG's members (or one member VM) have at their recovery hosts:
+    /// what "delete the recovery disks" must remove. Disks the agents never reported
+    /// (no device id) and members without a recovery host have none.
+    pub async fn replica_targets(
+        &self,
+        vpg_id: &str,
+        vm_id: Option<&str>,
+    ) -> Result<Vec<ReplicaTarget>, StoreError> {
+        let mut q = member::Entity::find().filter(member::Column::VpgId.eq(vpg_id));
+        if let Some(v) = vm_id {
+            q = q.filter(member::Column::VmId.eq(v));
+        }
+        let mut out = Vec::new();
+        for m in q.all(&self.db).await? {
+            let Some(rec_id) = &m.recovery_host_id else {
+                continue;
+            };
+            let Some(v) = vm::Entity::find_by_id(&m.vm_id).one(&self.db).await? else {
+                continue;
+            };
+            let (Some(prot), Some(rec)) = (
+                host::Entity::find_by_id(&v.host_id).one(&self.db).await?,
+                host::Entity::find_by_id(rec_id).one(&self.db).await?,
+            ) else {
+                continue;
+            };
+            for d in disk::Entity::find()
+                .filter(disk::Column::VmId.eq(&v.id))
+                .all(&self.db)
+                .await?
+            {
+                if let Some(id) = d.device_id {
+                    out.push(ReplicaTarget {
+                        vpg_id: vpg_id.to_string(),
+                        vm: v.name.clone(),
+                        disk: d.name,
+                        protected_host: prot.name.clone(),
+                        recovery_host: rec.name.clone(),
+                        disk_id: u64_of(id),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     // ---- agent events ------------------------------------------------------------------

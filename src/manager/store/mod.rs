@@ -11,7 +11,7 @@ mod tokens;
 mod vpgs;
 
 pub use checkpoints::{CheckpointSummary, LiveMember, LiveVpg, NewCheckpoint, StatusUpdate};
-pub use control::{Admitted, DesiredRows, DEFAULT_ENROLMENT_SECS, ENROLMENT_PREFIX};
+pub use control::{Admitted, DesiredRows, ReplicaTarget, DEFAULT_ENROLMENT_SECS, ENROLMENT_PREFIX};
 pub use tokens::{hash_secret, AuthenticatedToken};
 pub use vpgs::VpgDeletion;
 

@@ -366,6 +366,7 @@ impl Store {
             history_actual_secs: Set(None),
             journal_bytes: Set(0),
             protected_since: Set(None),
+            history_since: Set(None),
             last_test_at: Set(None),
             version: Set(1),
             created_at: Set(t),
@@ -525,6 +526,21 @@ impl Store {
         }
         if before.1 != d.members {
             self.write_members(&txn, id, &d.members).await?;
+        }
+        // A VM that joins has no earlier checkpoints: the history the VPG can have
+        // starts again at its first checkpoint covering every member.
+        if d.members
+            .iter()
+            .any(|m| !before.1.iter().any(|b| b.vm_id == m.vm_id))
+        {
+            vpg::Entity::update_many()
+                .col_expr(
+                    vpg::Column::HistorySince,
+                    Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+                )
+                .filter(vpg::Column::Id.eq(id))
+                .exec(&txn)
+                .await?;
         }
         let mut details = serde_json::Map::new();
         if before.0 != d.settings {

@@ -20,6 +20,9 @@ pub struct Model {
     pub history_actual_secs: Option<i64>,
     pub journal_bytes: i64,
     pub protected_since: Option<DateTimeUtc>,
+    /// Start of the history the VPG can have with its current members (see the
+    /// control migration); reset when a VM joins.
+    pub history_since: Option<DateTimeUtc>,
     pub last_test_at: Option<DateTimeUtc>,
     pub version: i64,
     pub created_at: DateTimeUtc,
