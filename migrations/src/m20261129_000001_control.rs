@@ -99,10 +99,30 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         )
         .await?;
+        // Time of the newest recoverable checkpoint: the API reports the RPO as now minus
+        // this, exact at every read, while the row is written once per checkpoint.
+        m.alter_table(
+            Table::alter()
+                .table(Vpgs::Table)
+                .add_column(
+                    ColumnDef::new(Vpgs::NewestRecoverableAt)
+                        .timestamp_with_time_zone()
+                        .null(),
+                )
+                .to_owned(),
+        )
+        .await?;
         Ok(())
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(Vpgs::Table)
+                .drop_column(Vpgs::NewestRecoverableAt)
+                .to_owned(),
+        )
+        .await?;
         m.alter_table(
             Table::alter()
                 .table(Vpgs::Table)
@@ -162,6 +182,7 @@ enum Hosts {
 enum Vpgs {
     Table,
     HistorySince,
+    NewestRecoverableAt,
 }
 
 #[derive(DeriveIden)]

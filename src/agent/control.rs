@@ -1078,14 +1078,28 @@ async fn write_loop(
     }
 }
 
-/// A heartbeat every `every`, the first at once; the journal cursor is this
-/// connection's, so a new connection reports every recoverable checkpoint again.
+/// How often a recovery host looks for checkpoints that became recoverable in its
+/// journals between heartbeats: a new one is reported at once (with a full heartbeat),
+/// because the VPG's RPO only moves when the manager learns of it.
+const JOURNAL_POLL: Duration = Duration::from_millis(100);
+
+/// A heartbeat every `every`, the first at once, and an early one whenever a journal
+/// holds newly recoverable checkpoints; the journal cursor is this connection's, so a
+/// new connection reports every recoverable checkpoint again.
 async fn heartbeat_loop(agent: Arc<Agent>, queue: mpsc::Sender<Message>, every: Duration) {
     let mut cursor: HashMap<(String, u64), u64> = HashMap::new();
-    let mut tick = tokio::time::interval(every);
+    let receives = agent.endpoints().data.is_some();
+    let poll = if receives {
+        JOURNAL_POLL.min(every)
+    } else {
+        every
+    };
+    let mut tick = tokio::time::interval(poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full: Option<Instant> = None;
     loop {
         tick.tick().await;
+        let full_due = last_full.is_none_or(|t| t.elapsed() + poll / 2 >= every);
         let permit = match queue.try_reserve() {
             Ok(p) => p,
             Err(mpsc::error::TrySendError::Full(())) => {
@@ -1098,11 +1112,13 @@ async fn heartbeat_loop(agent: Arc<Agent>, queue: mpsc::Sender<Message>, every: 
         // reactor.
         let a = Arc::clone(&agent);
         let built = tokio::task::spawn_blocking(move || {
-            let hb = Heartbeat {
+            let journals = a.journal_reports(&mut cursor);
+            let fresh = journals.iter().any(|j| !j.recoverable.is_empty());
+            let hb = (full_due || fresh).then(|| Heartbeat {
                 status: a.status(),
-                journals: a.journal_reports(&mut cursor),
+                journals,
                 desired_version: a.desired_version(),
-            };
+            });
             (hb, cursor)
         })
         .await;
@@ -1114,6 +1130,10 @@ async fn heartbeat_loop(agent: Arc<Agent>, queue: mpsc::Sender<Message>, every: 
             }
         };
         cursor = c;
+        let Some(hb) = hb else {
+            continue;
+        };
+        last_full = Some(Instant::now());
         if let Some(m) = text(&AgentMessage::Heartbeat(hb)) {
             permit.send(m);
         }

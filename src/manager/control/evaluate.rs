@@ -410,6 +410,7 @@ async fn evaluate_one(
         journal_bytes: journals
             .bytes
             .map_or(v.journal_bytes, |b| i64::try_from(b).unwrap_or(i64::MAX)),
+        newest_recoverable_at: newest,
     };
     let stored = StatusUpdate {
         status: crate::model::status::VpgStatus::parse(&v.status).unwrap_or(status),
@@ -417,6 +418,7 @@ async fn evaluate_one(
         rpo_actual_ms: v.rpo_actual_ms,
         history_actual_secs: v.history_actual_secs,
         journal_bytes: v.journal_bytes,
+        newest_recoverable_at: v.newest_recoverable_at,
     };
     if update != stored || v.status != status.as_str() || v.sub_status != sub_status.as_str() {
         cp.store.write_status(&v.id, &update).await?;

@@ -65,6 +65,7 @@ pub struct LiveVpg {
     pub protected_since: Option<DateTime<Utc>>,
     /// Start of the history the VPG can have with its current members.
     pub history_since: Option<DateTime<Utc>>,
+    pub newest_recoverable_at: Option<DateTime<Utc>>,
     pub members: Vec<LiveMember>,
     /// Filled only when asked for.
     pub checkpoints: CheckpointSummary,
@@ -78,6 +79,7 @@ pub struct StatusUpdate {
     pub rpo_actual_ms: Option<i64>,
     pub history_actual_secs: Option<i64>,
     pub journal_bytes: i64,
+    pub newest_recoverable_at: Option<DateTime<Utc>>,
 }
 
 /// A completed round, to be stored.
@@ -255,6 +257,7 @@ impl Store {
                 journal_bytes: v.journal_bytes,
                 protected_since: v.protected_since,
                 history_since: v.history_since,
+                newest_recoverable_at: v.newest_recoverable_at,
             })
             .collect())
     }
@@ -384,6 +387,10 @@ impl Store {
                 Expr::value(u.history_actual_secs),
             )
             .col_expr(vpg::Column::JournalBytes, Expr::value(u.journal_bytes))
+            .col_expr(
+                vpg::Column::NewestRecoverableAt,
+                Expr::value(u.newest_recoverable_at),
+            )
             .filter(vpg::Column::Id.eq(vpg_id))
             .exec(&txn)
             .await?;

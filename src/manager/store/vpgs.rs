@@ -89,7 +89,11 @@ fn to_vpg(m: vpg::Model, vm_count: u32, members: Option<Vec<Member>>) -> Vpg {
         status: VpgStatus::parse(&m.status).unwrap_or(VpgStatus::Initializing),
         sub_status: VpgSubStatus::parse(&m.sub_status).unwrap_or(VpgSubStatus::None),
         settings: serde_json::from_value(m.settings).unwrap_or_default(),
-        rpo_actual_secs: m.rpo_actual_ms.map(|ms| ms as f64 / 1000.0),
+        // Exact at every read: now minus the newest recoverable checkpoint's time.
+        rpo_actual_secs: match m.newest_recoverable_at {
+            Some(t) => Some(((chrono::Utc::now() - t).num_milliseconds().max(0)) as f64 / 1000.0),
+            None => m.rpo_actual_ms.map(|ms| ms as f64 / 1000.0),
+        },
         history_actual_secs: m.history_actual_secs.map(u64_of),
         journal_bytes: u64_of(m.journal_bytes),
         version: u64_of(m.version),
@@ -367,6 +371,7 @@ impl Store {
             journal_bytes: Set(0),
             protected_since: Set(None),
             history_since: Set(None),
+            newest_recoverable_at: Set(None),
             last_test_at: Set(None),
             version: Set(1),
             created_at: Set(t),

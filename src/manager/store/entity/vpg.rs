@@ -23,6 +23,8 @@ pub struct Model {
     /// Start of the history the VPG can have with its current members (see the
     /// control migration); reset when a VM joins.
     pub history_since: Option<DateTimeUtc>,
+    /// Time of the newest recoverable checkpoint (the RPO is now minus this).
+    pub newest_recoverable_at: Option<DateTimeUtc>,
     pub last_test_at: Option<DateTimeUtc>,
     pub version: i64,
     pub created_at: DateTimeUtc,
