@@ -500,6 +500,11 @@ async fn kill9_of_either_agent_and_a_manager_restart_lose_nothing() {
         )
         .await;
     eprintln!("after recovery kill -9: {:?}", s.protected[0].sync.last);
+    let reason = &s.protected[0].sync.last.as_ref().unwrap().reason;
+    assert!(
+        reason.contains("bitmap only"),
+        "the Bitmap Sync says the stream dropped records: {reason}"
+    );
     w.m.wait_vpg(
         &vpg,
         "Meeting SLA again",

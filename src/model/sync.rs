@@ -108,7 +108,8 @@ impl SyncReason {
             SyncReason::TrackingLost => "the dirty-tracking files were lost or damaged",
             SyncReason::UncleanRestart => "the protected agent restarted after a crash",
             SyncReason::StreamDropped => {
-                "writes were tracked in the bitmap only (outbound queue full or peer away)"
+                "writes were tracked in the bitmap only (outbound queue full, peer away, \
+                 protection paused or removed)"
             }
             SyncReason::DirtyAtStart => "regions were still dirty at the last clean shutdown",
         }

@@ -61,6 +61,9 @@ struct State {
     counts: HashMap<u64, u32>,
     /// Records are not queued; the bitmap is the truth until a Bitmap Sync.
     bitmap_only: bool,
+    /// The stream dropped this disk's records since the last completed sync (it stays
+    /// set after the sender is back, so the sync says why it runs).
+    dropped: bool,
     /// The bitmap holds regions that only a sync may clear (dirty at start, or written
     /// while bitmap-only): acknowledgements clear no region at or above `owed_from`.
     owes_sync: bool,
@@ -121,6 +124,7 @@ impl Splitter {
                 pending: VecDeque::new(),
                 counts: HashMap::new(),
                 bitmap_only: sender.is_none(),
+                dropped: false,
                 owes_sync,
                 owed_from: 0,
                 replica_behind: false,
@@ -227,6 +231,7 @@ impl Splitter {
             return;
         }
         st.bitmap_only = true;
+        st.dropped = true;
         st.owes_sync = true;
         st.owed_from = 0;
         for p in st.pending.drain(..) {
@@ -449,6 +454,12 @@ impl Splitter {
         st.owes_sync = false;
         st.owed_from = 0;
         st.replica_behind = false;
+        st.dropped = false;
+    }
+
+    /// Whether the stream dropped this disk's records since the last completed sync.
+    pub fn dropped_since_sync(&self) -> bool {
+        self.lock().dropped
     }
 
     /// Queues the current content of a range for a sync, as a record in seq order. The

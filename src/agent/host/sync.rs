@@ -774,7 +774,7 @@ impl DiskSync {
             preseeded: replica == ReplicaState::PreSeeded,
             tracking,
             dirty_regions: self.device.tracker().bitmap().dirty_count(),
-            bitmap_only: self.splitter.is_bitmap_only(),
+            bitmap_only: self.splitter.is_bitmap_only() || self.splitter.dropped_since_sync(),
             journal_storage_error: false,
             replica_behind_acknowledged: self.splitter.replica_behind(),
             reverse_protection: false,
