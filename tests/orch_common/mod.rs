@@ -385,17 +385,29 @@ impl ManagerProc {
         v["id"].as_str().unwrap().to_string()
     }
 
-    /// A user-tagged checkpoint through the API; returns its id.
+    /// A user-tagged checkpoint through the API; returns its id. A round aborted by the
+    /// hold bound (a host answered late: possible on a loaded 2-core machine) is retried
+    /// a few times, as an operator would; anything else must succeed at once.
     pub async fn tag(&self, vpg: &str, tag: &str) -> i64 {
-        let (code, v) = self
-            .call(
-                "POST",
-                &format!("/api/v1/vpgs/{vpg}/checkpoints"),
-                Some(json!({ "tag": tag })),
-            )
-            .await;
-        assert_eq!(code, StatusCode::CREATED, "tag {tag}: {v}");
-        v["id"].as_i64().unwrap()
+        for attempt in 1..=5 {
+            let (code, v) = self
+                .call(
+                    "POST",
+                    &format!("/api/v1/vpgs/{vpg}/checkpoints"),
+                    Some(json!({ "tag": tag })),
+                )
+                .await;
+            if code == StatusCode::SERVICE_UNAVAILABLE
+                && v["code"] == "checkpoint.round_aborted"
+                && attempt < 5
+            {
+                eprintln!("tag {tag}: round aborted ({}), retrying", v["detail"]);
+                continue;
+            }
+            assert_eq!(code, StatusCode::CREATED, "tag {tag}: {v}");
+            return v["id"].as_i64().unwrap();
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// Waits until checkpoint `id` of the VPG is recoverable.
