@@ -3,6 +3,7 @@
 //! knows about HTTP or the database; callers pass facts in and get decisions out.
 
 pub mod access;
+pub mod alerts;
 pub mod checkpoints;
 pub mod desired;
 pub mod membership;
