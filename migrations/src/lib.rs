@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_initial;
 mod m20261129_000001_control;
+mod m20261129_000002_webhooks;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261123_000001_initial::Migration),
             Box::new(m20261129_000001_control::Migration),
+            Box::new(m20261129_000002_webhooks::Migration),
         ]
     }
 }

@@ -8,3 +8,4 @@ pub mod control;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod webhooks;

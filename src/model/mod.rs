@@ -12,5 +12,6 @@ pub mod settings;
 pub mod status;
 pub mod sync;
 pub mod validation;
+pub mod webhooks;
 
 pub use validation::ValidationError;

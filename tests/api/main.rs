@@ -15,3 +15,4 @@ mod migrations;
 mod openapi;
 mod pagination;
 mod validation;
+mod webhooks;

@@ -55,6 +55,13 @@ const SERVED: &[(&str, &str)] = &[
     ("POST", "/api/v1/enrolment-tokens"),
     ("DELETE", "/api/v1/enrolment-tokens/{id}"),
     ("GET", "/api/v1/agents/connect"),
+    ("GET", "/api/v1/webhooks"),
+    ("POST", "/api/v1/webhooks"),
+    ("GET", "/api/v1/webhooks/{id}"),
+    ("PATCH", "/api/v1/webhooks/{id}"),
+    ("DELETE", "/api/v1/webhooks/{id}"),
+    ("POST", "/api/v1/webhooks/{id}/rotate-secret"),
+    ("GET", "/api/v1/webhooks/{id}/deliveries"),
 ];
 
 #[tokio::test]

@@ -10,6 +10,7 @@ mod meta;
 mod records;
 mod tokens;
 mod vpgs;
+mod webhooks;
 
 pub use error::ApiError;
 
@@ -52,6 +53,7 @@ pub struct AppState {
         (name = "records", description = "Tasks, events and alerts"),
         (name = "access", description = "API tokens"),
         (name = "agents", description = "Enrolment tokens and the agents' control channel"),
+        (name = "webhooks", description = "Event subscriptions delivered to HTTP receivers, signed"),
         (name = "meta", description = "Health, metrics and lookups"),
     )
 )]
@@ -121,6 +123,14 @@ fn api_routes() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(agents::revoke_enrolment_token))
         .routes(routes!(agents::connect))
+        .routes(routes!(webhooks::list_webhooks, webhooks::create_webhook))
+        .routes(routes!(
+            webhooks::get_webhook,
+            webhooks::update_webhook,
+            webhooks::delete_webhook
+        ))
+        .routes(routes!(webhooks::rotate_webhook_secret))
+        .routes(routes!(webhooks::list_deliveries))
 }
 
 pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";

@@ -42,6 +42,8 @@ pub struct ControlSettings {
     pub barrier: bool,
     /// Checkpoint interval when a VPG does not set one.
     pub default_checkpoint_interval: Duration,
+    /// Webhook delivery timings (back-off, timeout, polling).
+    pub webhooks: crate::manager::webhooks::WebhookSettings,
 }
 
 impl Default for ControlSettings {
@@ -52,6 +54,7 @@ impl Default for ControlSettings {
             hold_bound: Duration::from_millis(50),
             barrier: true,
             default_checkpoint_interval: Duration::from_secs(5),
+            webhooks: Default::default(),
         }
     }
 }
@@ -102,6 +105,11 @@ impl ControlPlane {
         self.tasks.spawn(evaluate::run(me, self.cancel.clone()));
         let me = Arc::clone(self);
         self.tasks.spawn(replicas::run(me, self.cancel.clone()));
+        self.tasks.spawn(crate::manager::webhooks::run(
+            self.store.clone(),
+            self.settings.webhooks.clone(),
+            self.cancel.clone(),
+        ));
     }
 
     /// Configuration changed in the database (a REST mutation): recompute now.

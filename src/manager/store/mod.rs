@@ -9,11 +9,13 @@ mod inventory;
 mod records;
 mod tokens;
 mod vpgs;
+mod webhooks;
 
 pub use checkpoints::{CheckpointSummary, LiveMember, LiveVpg, NewCheckpoint, StatusUpdate};
 pub use control::{Admitted, DesiredRows, ReplicaTarget, DEFAULT_ENROLMENT_SECS, ENROLMENT_PREFIX};
 pub use tokens::{hash_secret, AuthenticatedToken};
 pub use vpgs::VpgDeletion;
+pub use webhooks::{AttemptOutcome, PendingDelivery, WebhookTarget, WEBHOOK_SECRET_PREFIX};
 
 use crate::model::ValidationError;
 use chrono::{DateTime, Utc};

@@ -13,3 +13,5 @@ pub mod task;
 pub mod vm;
 pub mod vpg;
 pub mod webhook;
+pub mod webhook_cursor;
+pub mod webhook_delivery;
