@@ -6,9 +6,13 @@
 //! - [`manager`]: the control plane (HTTP API, database, SLA evaluation, operations).
 //! - [`agent`]: the data path (NBD interception, replication stream, journal).
 //! - [`cli`]: the `bulwark` command line.
+//! - [`lab`]: the whole system in one process (manager, agents, REST helpers), for
+//!   benches and the demo; [`demo`]: `bulwark demo`.
 
 pub mod agent;
 pub mod cli;
+pub mod demo;
+pub mod lab;
 pub mod manager;
 pub mod model;
 pub mod proto;

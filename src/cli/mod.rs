@@ -1,5 +1,5 @@
-//! The `bulwark` command line: one binary, roles as subcommands (`manager`, later
-//! `agent` and `demo`), offline administration (`migrate`, `token`), and a client of
+//! The `bulwark` command line: one binary, roles as subcommands (`manager`, `agent`,
+//! `demo`), offline administration (`migrate`, `token`), and a client of
 //! the REST API for automation (`site`, `host`, `vm`, `vpg`).
 
 mod client;
@@ -48,6 +48,10 @@ enum LogFormat {
 enum Command {
     /// Run the manager (control plane, REST API, console).
     Manager(ManagerArgs),
+    /// The whole system on this machine until Ctrl-C: a manager on SQLite, two sites of
+    /// two hosts (in-process agents, mutual TLS), six VMs with guest workloads and two
+    /// VPGs, one each way.
+    Demo(DemoArgs),
     /// Apply, revert or list database migrations.
     Migrate {
         #[command(flatten)]
@@ -220,6 +224,23 @@ struct AgentArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Directory for the database, certificates and the hosts' data (default: a new
+    /// directory under the system's temp dir, kept).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Address of the manager (REST API, console); port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:8470")]
+    listen: std::net::SocketAddr,
+    /// Stop by itself after this many seconds.
+    #[arg(long)]
+    duration: Option<u64>,
+    /// No status line every few seconds.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args, Debug)]
 struct ManagerArgs {
     /// Address to serve HTTP on.
     #[arg(long, env = "BULWARK_LISTEN")]
@@ -288,7 +309,13 @@ pub fn main() -> ExitCode {
     } else {
         ConfigFile::default()
     };
-    init_tracing(cli.log_format, &file);
+    // The demo prints its own status; its logs default to warnings so that shows.
+    let default_log = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_tracing(cli.log_format, &file, default_log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -308,14 +335,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(flag: Option<LogFormat>, file: &ConfigFile) {
+fn init_tracing(flag: Option<LogFormat>, file: &ConfigFile, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("BULWARK_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .or_else(|| file.log.clone())
-        .unwrap_or_else(|| "info".into());
-    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|| default.into());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(default));
     let json = flag == Some(LogFormat::Json)
         || (flag.is_none() && file.log_format.as_deref() == Some("json"));
     let builder = tracing_subscriber::fmt()
@@ -350,6 +377,23 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
             }
             eprintln!("Bulwark manager on http://{}/", app.local_addr());
             app.run_until(stop).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(a) => {
+            let opts = crate::demo::DemoOpts {
+                dir: a.dir,
+                listen: a.listen,
+                duration: a.duration.map(std::time::Duration::from_secs),
+                quiet: a.quiet,
+                web_dir: file
+                    .manager
+                    .web_dir
+                    .clone()
+                    .or_else(crate::manager::config::default_web_dir),
+            };
+            crate::demo::run(opts, shutdown_signal())
+                .await
+                .context("bulwark demo")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { db, action } => {

@@ -10,43 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::control::{ControlClient, ControlError, ControlSettings as AgentControl};
-use crate::agent::host::{Agent, AgentConfig, AgentConfigError, AgentError, AgentFlags};
-use crate::agent::hypervisor::{self, HostVms, HypervisorError};
 use crate::agent::nbd::client::NbdClient;
 use crate::agent::nbd::NbdError;
-use crate::manager::config::ManagerConfig;
-use crate::manager::control::{ControlPlane, ControlSettings};
-use crate::manager::server::{Application, ServerError};
+use crate::lab::{self, setup, AgentSpec, Api, LabAgent, Manager};
+use crate::manager::control::ControlPlane;
 
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error("{0}")]
-    Setup(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Agent(#[from] AgentError),
-    #[error(transparent)]
-    AgentConfig(#[from] AgentConfigError),
-    #[error(transparent)]
-    Hypervisor(#[from] HypervisorError),
-    #[error(transparent)]
-    Control(#[from] ControlError),
-    #[error(transparent)]
-    Server(#[from] ServerError),
-    #[error("REST: {0}")]
-    Http(#[from] reqwest::Error),
-    #[error(transparent)]
-    Nbd(#[from] NbdError),
-}
+pub use crate::lab::LabError as BenchError;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -73,12 +44,6 @@ impl BenchOpts {
     }
 }
 
-struct RunningAgent {
-    agent: Arc<Agent>,
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-}
-
 /// One manager + agents, with a VPG over every protected host, Meeting SLA.
 struct System {
     control: Arc<ControlPlane>,
@@ -86,226 +51,75 @@ struct System {
     http: reqwest::Client,
     token: String,
     vpg: String,
-    protected: Vec<RunningAgent>,
-    recovery: RunningAgent,
-    stop_manager: CancellationToken,
-    manager: JoinHandle<Result<(), ServerError>>,
-}
-
-fn setup(what: impl Into<String>) -> BenchError {
-    BenchError::Setup(what.into())
+    protected: Vec<LabAgent>,
+    recovery: LabAgent,
+    manager: Manager,
 }
 
 impl System {
-    async fn get(&self, path: &str) -> Result<Value, BenchError> {
-        Ok(self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?)
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Result<Value, BenchError> {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await?;
-        let code = r.status();
-        let text = r.text().await?;
-        if !code.is_success() {
-            return Err(setup(format!("POST {path} → {code}: {text}")));
-        }
-        serde_json::from_str(&text).map_err(|e| setup(format!("POST {path}: {e}")))
-    }
-
-    async fn items(&self, path: &str) -> Result<Vec<Value>, BenchError> {
-        let v = self.get(path).await?;
-        Ok(v["items"].as_array().cloned().unwrap_or_default())
-    }
-
-    async fn wait(
-        &self,
-        what: &str,
-        within: Duration,
-        mut check: impl FnMut(&Value) -> bool,
-        path: &str,
-    ) -> Result<Value, BenchError> {
-        let deadline = Instant::now() + within;
-        loop {
-            let v = self.get(path).await?;
-            if check(&v) {
-                return Ok(v);
-            }
-            if Instant::now() > deadline {
-                return Err(setup(format!("gave up waiting for {what}: {v}")));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
     async fn stop(self) {
         for a in self.protected.into_iter().chain([self.recovery]) {
-            a.stop.cancel();
-            let _ = a.task.await;
-            let _ = a.agent.shutdown().await;
+            let _ = a.stop().await;
         }
-        self.stop_manager.cancel();
-        let _ = self.manager.await;
+        let _ = self.manager.stop().await;
     }
-}
-
-async fn start_agent(
-    dir: &Path,
-    host: &str,
-    site: &str,
-    section: &str,
-    manager: &str,
-    token: &str,
-) -> Result<RunningAgent, BenchError> {
-    let file: crate::agent::host::AgentSection =
-        toml::from_str(section).map_err(|e| setup(format!("agent section: {e}")))?;
-    let data_dir = dir.join(host);
-    let cfg = AgentConfig::resolve(
-        &file,
-        AgentFlags {
-            data_dir: Some(data_dir.clone()),
-            site: Some(site.into()),
-            host_name: Some(host.into()),
-            nbd_listen: Some("127.0.0.1:0".into()),
-            insecure: true,
-            ..AgentFlags::default()
-        },
-    )?;
-    let (agent, hv) = hypervisor::start_agent(cfg).await?;
-    let vms = Arc::new(HostVms::new(hv, Arc::clone(&agent)));
-    let settings = AgentControl::new(manager, Some(token.to_string()), &data_dir)?;
-    let client = ControlClient::new(settings, Arc::clone(&agent), vms)?;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(client.run(stop.clone()));
-    Ok(RunningAgent { agent, stop, task })
 }
 
 async fn start_system(dir: &Path, hosts: usize, disk_size: u64) -> Result<System, BenchError> {
-    std::fs::create_dir_all(dir).map_err(|source| BenchError::Io {
-        what: format!("create {}", dir.display()),
-        source,
-    })?;
-    let config = ManagerConfig {
-        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        database_url: format!("sqlite://{}?mode=rwc", dir.join("bulwark.db").display()),
-        web_dir: None,
-        bootstrap_token: true,
-        // Production timings: the RPO figures include the heartbeat that carries the
-        // journals' reports.
-        control: ControlSettings::default(),
+    lab::create_dir(dir)?;
+    let config = lab::sqlite_config(dir, std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None);
+    let manager = Manager::start(&config, "bench").await?;
+    let api: Api = manager.api.clone();
+    let etoken = api.enrolment_token("bench").await?;
+    let agent = |host: String, site: &'static str, section: String| {
+        let ws = manager.ws.clone();
+        let etoken = etoken.clone();
+        async move {
+            LabAgent::start(AgentSpec {
+                data_dir: dir.join(&host),
+                host: &host,
+                site,
+                section: &section,
+                manager: &ws,
+                enrolment_token: &etoken,
+                tls_dir: None,
+            })
+            .await
+        }
     };
-    let app = Application::build(&config).await?;
-    let base = format!("http://{}", app.local_addr());
-    let ws = format!("ws://{}", app.local_addr());
-    let control = Arc::clone(app.control());
-    let token = app
-        .bootstrap_secret
-        .clone()
-        .ok_or_else(|| setup("the fresh database made no admin token"))?;
-    let stop_manager = CancellationToken::new();
-    let s = stop_manager.clone();
-    let manager = tokio::spawn(app.run_until(async move { s.cancelled().await }));
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let enrol: Value = http
-        .post(format!("{base}/api/v1/enrolment-tokens"))
-        .bearer_auth(&token)
-        .json(&json!({"description": "bench"}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let etoken = enrol["secret"]
-        .as_str()
-        .ok_or_else(|| setup(format!("no secret in {enrol}")))?
-        .to_string();
-    let recovery = start_agent(
-        dir,
-        "rec",
-        "dr",
-        "data_listen = \"127.0.0.1:0\"\n",
-        &ws,
-        &etoken,
-    )
-    .await?;
+    let recovery = agent("rec".into(), "dr", "data_listen = \"127.0.0.1:0\"\n".into()).await?;
     let mut protected = Vec::new();
     for i in 0..hosts {
         let section = format!("[[disks]]\nname = \"vm-{i:02}\"\nid = 1\nsize = {disk_size}\n");
-        protected
-            .push(start_agent(dir, &format!("prot-{i:02}"), "prod", &section, &ws, &etoken).await?);
+        protected.push(agent(format!("prot-{i:02}"), "prod", section).await?);
     }
-    let mut sys = System {
-        control,
-        base,
-        http,
-        token,
-        vpg: String::new(),
-        protected,
-        recovery,
-        stop_manager,
-        manager,
-    };
     // Every VM in the inventory, then one VPG over all of them.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (vms, rec_host, dr) = loop {
-        let vms = sys.items("/api/v1/vms?limit=1000").await?;
-        let hosts_now = sys.items("/api/v1/hosts?limit=1000").await?;
-        let sites = sys.items("/api/v1/sites?limit=1000").await?;
-        let rec = hosts_now.iter().find(|h| h["name"] == "rec").cloned();
-        let dr = sites.iter().find(|s| s["name"] == "dr").cloned();
-        if let (true, Some(rec), Some(dr)) = (vms.len() == hosts, rec, dr) {
-            break (vms, rec, dr);
-        }
-        if Instant::now() > deadline {
-            return Err(setup(format!(
-                "{} of {hosts} VMs reported in time",
-                vms.len()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let members: Vec<Value> = vms
-        .iter()
-        .map(|v| json!({"vm_id": v["id"], "recovery_host_id": rec_host["id"]}))
-        .collect();
-    let vpg = sys
-        .post(
-            "/api/v1/vpgs",
-            json!({
-                "name": format!("bench-{hosts}"),
-                "recovery_site_id": dr["id"],
-                "settings": {"checkpoint_interval_ms": 1000, "rpo_target_secs": 10},
-                "members": members,
-            }),
+    let inv = api
+        .wait_inventory(hosts, &["rec"], Duration::from_secs(60))
+        .await?;
+    let members: Vec<(String, &str)> = (0..hosts).map(|i| (format!("vm-{i:02}"), "rec")).collect();
+    let members: Vec<(&str, &str)> = members.iter().map(|(v, h)| (v.as_str(), *h)).collect();
+    let vpg = api
+        .ensure_vpg(
+            &inv,
+            &format!("bench-{hosts}"),
+            "dr",
+            json!({"checkpoint_interval_ms": 1000, "rpo_target_secs": 10}),
+            &members,
         )
         .await?;
-    sys.vpg = vpg["id"]
-        .as_str()
-        .ok_or_else(|| setup("VPG without id"))?
-        .to_string();
-    let path = format!("/api/v1/vpgs/{}", sys.vpg);
-    sys.wait(
-        "Meeting SLA",
-        Duration::from_secs(120),
-        |v| v["status"] == "meeting_sla",
-        &path,
-    )
-    .await?;
-    Ok(sys)
+    api.wait_vpg(&vpg, "meeting_sla", Duration::from_secs(120))
+        .await?;
+    Ok(System {
+        control: Arc::clone(&manager.control),
+        base: api.base.clone(),
+        http: api.http.clone(),
+        token: api.token.clone(),
+        vpg,
+        protected,
+        recovery,
+        manager,
+    })
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
