@@ -513,3 +513,96 @@ async fn invalid(backend: Backend) {
         .unwrap();
     assert_eq!(res.status(), StatusCode::FORBIDDEN);
 }
+
+on_both!(survives_a_manager_restart, restart);
+/// The receiver is down while events happen and the manager stops; a new manager on
+/// the same database delivers all of them, in order, once the receiver is back.
+async fn restart(backend: Backend) {
+    use bulwark::manager::config::ManagerConfig;
+    use bulwark::manager::server::Application;
+    let db = TestDb::new(backend).await;
+    let config = ManagerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: db.url.clone(),
+        web_dir: None,
+        bootstrap_token: true,
+        control: ControlSettings {
+            webhooks: WebhookSettings {
+                poll: Duration::from_millis(100),
+                backoff_base: Duration::from_millis(100),
+                backoff_cap: Duration::from_millis(400),
+                timeout: Duration::from_secs(1),
+                settle: Duration::from_secs(2),
+                batch: 100,
+            },
+            ..Default::default()
+        },
+    };
+    let start = |config: ManagerConfig| async move {
+        let app = Application::build(&config).await.unwrap();
+        let addr = app.local_addr();
+        let secret = app.bootstrap_secret.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let h = tokio::spawn(app.run_until(async {
+            let _ = rx.await;
+        }));
+        (addr, secret, tx, h)
+    };
+    let (addr, admin, stop, running) = start(config.clone()).await;
+    let admin = admin.unwrap();
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        http.post(format!("http://{addr}{path}"))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+    };
+    let mut rx = Receiver::start().await;
+    rx.down().await;
+    let res = post(
+        "/api/v1/webhooks",
+        json!({"name": "r", "url": rx.url(), "event_kinds": ["site.*"]}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let secret = res.json::<Value>().await.unwrap()["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut sites = Vec::new();
+    for i in 0..4 {
+        let res = post("/api/v1/sites", json!({"name": format!("r{i}")}))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        sites.push(
+            res.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(http);
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+
+    rx.up().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.recs().is_empty(), "nothing sent while no manager runs");
+    let (_addr, none, _stop2, _running2) = start(config).await;
+    assert!(none.is_none(), "same database: no second bootstrap");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while rx.delivered().len() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", rx.recs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got: Vec<String> = rx
+        .recs()
+        .iter()
+        .map(|r| r.json()["subject_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, sites, "each once, in order");
+    assert!(rx.recs().iter().all(|r| r.signed_by(&secret)));
+}
