@@ -573,14 +573,15 @@ mod tests {
     fn every_transition_of_the_state_machine() {
         use Signal::*;
         let open = AlertState::Open { clear_since: None };
-        let cases: Vec<(
-            &str,
+        type Case = (
+            &'static str,
             AlertState,
             Signal,
             i64,
             AlertState,
             Option<Transition>,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             (
                 "idle stays idle when fine",
                 AlertState::Idle,

@@ -528,16 +528,31 @@ pub struct Alert {
     pub cleared_at: Option<DateTime<Utc>>,
     pub acknowledged_by: Option<String>,
     pub acknowledged_at: Option<DateTime<Utc>>,
+    /// Kind-specific facts, e.g. the ids of the VPGs a site disconnection affects.
+    #[serde(default)]
+    pub details: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AlertQuery {
+    /// VPG id (`vpg_id` is accepted too).
+    #[serde(alias = "vpg_id")]
     pub vpg: Option<String>,
     /// `true`: not cleared yet; `false`: cleared.
     pub open: Option<bool>,
+    /// `warning` or `error`.
     pub severity: Option<String>,
+    /// e.g. `rpo_exceeded`, `site_disconnection` (see `model::alerts::AlertKind`).
     pub kind: Option<String>,
+    /// Host id (`host_id` is accepted too).
+    #[serde(alias = "host_id")]
+    pub host: Option<String>,
+    /// Site id (`site_id` is accepted too).
+    #[serde(alias = "site_id")]
+    pub site: Option<String>,
+    /// `true`: acknowledged by an operator; `false`: not yet.
+    pub acknowledged: Option<bool>,
 }
 
 // ---- tokens ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ mod fake_agent;
 mod helpers;
 
 mod access;
+mod alerts;
 mod checkpoints;
 mod concurrency;
 mod control;

@@ -48,6 +48,7 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/api/v1/events"),
     ("GET", "/api/v1/alerts"),
     ("GET", "/api/v1/alerts/{id}"),
+    ("POST", "/api/v1/alerts/{id}/acknowledge"),
     ("GET", "/api/v1/tokens"),
     ("POST", "/api/v1/tokens"),
     ("DELETE", "/api/v1/tokens/{id}"),

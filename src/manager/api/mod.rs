@@ -114,6 +114,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(records::list_events))
         .routes(routes!(records::list_alerts))
         .routes(routes!(records::get_alert))
+        .routes(routes!(records::acknowledge_alert))
         .routes(routes!(tokens::session))
         .routes(routes!(tokens::list_tokens, tokens::create_token))
         .routes(routes!(tokens::revoke_token))

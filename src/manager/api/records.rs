@@ -66,3 +66,16 @@ pub async fn get_alert(
     c.require(Role::Viewer)?;
     Ok(ApiJson(s.store.get_alert(&id).await?))
 }
+
+#[utoipa::path(post, path = "/api/v1/alerts/{id}/acknowledge", tag = "records", params(("id" = String, Path)),
+    responses((status = 200, body = Alert), (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 409, description = "already acknowledged (`alert.already_acknowledged`)", body = Problem)),
+    security(("bearer" = [])))]
+pub async fn acknowledge_alert(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<ApiJson<Alert>, ApiError> {
+    c.require(Role::Operator)?;
+    Ok(ApiJson(s.store.acknowledge_alert(&c.actor(), &id).await?))
+}

@@ -78,6 +78,8 @@ impl VmStates {
 struct EvalState {
     /// Per VPG, the checkpoint floor already applied (thinning deletes once per floor).
     thinned: HashMap<String, u64>,
+    /// The SLA alert state machines.
+    alerts: super::alerts::AlertEngine,
 }
 
 async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), StoreError> {
@@ -97,14 +99,15 @@ async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), St
         .thinned
         .retain(|id, _| vpgs.iter().any(|v| &v.id == id));
     let mut vm_states = HashMap::new();
+    let mut observed = Vec::new();
     for v in vpgs {
         let id = v.id.clone();
-        if let Err(e) = evaluate_one(cp, state, v, &live, &mut vm_states).await {
+        if let Err(e) = evaluate_one(cp, state, v, &live, &mut vm_states, &mut observed).await {
             tracing::warn!(vpg = %id, error = %e, "VPG evaluation failed");
         }
     }
     cp.vm_states.replace(vm_states);
-    Ok(())
+    super::alerts::pass(cp, &mut state.alerts, observed, &live, Utc::now()).await
 }
 
 /// One key per member disk; `None` where the VM's host or the agent's disk id is not
@@ -147,6 +150,7 @@ async fn evaluate_one(
     mut v: LiveVpg,
     live: &HashMap<String, HostLive>,
     vm_states: &mut HashMap<String, VmReplicationState>,
+    observed: &mut Vec<crate::model::alerts::VpgAlertFacts>,
 ) -> Result<(), StoreError> {
     let protected_hosts: BTreeSet<&str> =
         v.members.iter().filter_map(|m| m.host.as_deref()).collect();
@@ -357,6 +361,15 @@ async fn evaluate_one(
         protected_for: since(now, v.history_since).unwrap_or(Duration::ZERO),
     };
     let (status, sub_status) = derive_status(&facts);
+    observed.push(super::alerts::observe(
+        &v,
+        &facts,
+        journals.bytes,
+        disks
+            .iter()
+            .flatten()
+            .any(|p| p.sync.phase == SyncPhase::Required),
+    ));
     for m in &v.members {
         let keys: Vec<Option<DiskKey>> = m
             .devices

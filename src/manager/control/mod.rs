@@ -8,6 +8,7 @@
 //! commands: every (re)connection and every change recomputes the desired state from the
 //! database and sends it whole.
 
+pub mod alerts;
 pub mod channel;
 pub mod evaluate;
 pub mod hub;
@@ -42,6 +43,9 @@ pub struct ControlSettings {
     pub barrier: bool,
     /// Checkpoint interval when a VPG does not set one.
     pub default_checkpoint_interval: Duration,
+    /// How long an alert's condition must hold before it is raised, and be plainly
+    /// false before it clears.
+    pub alerts: crate::model::alerts::Hysteresis,
     /// Webhook delivery timings (back-off, timeout, polling).
     pub webhooks: crate::manager::webhooks::WebhookSettings,
 }
@@ -54,6 +58,7 @@ impl Default for ControlSettings {
             hold_bound: Duration::from_millis(50),
             barrier: true,
             default_checkpoint_interval: Duration::from_secs(5),
+            alerts: crate::model::alerts::Hysteresis::default(),
             webhooks: Default::default(),
         }
     }

@@ -2,6 +2,7 @@
 //! function takes and returns domain or `proto::api` types; every mutation writes its
 //! audit event in the same transaction as the change itself.
 
+mod alerts;
 mod checkpoints;
 mod control;
 pub mod entity;
@@ -11,6 +12,7 @@ mod tokens;
 mod vpgs;
 mod webhooks;
 
+pub use alerts::{AlertContext, HostAlertContext, NewAlert, VpgAlertContext};
 pub use checkpoints::{CheckpointSummary, LiveMember, LiveVpg, NewCheckpoint, StatusUpdate};
 pub use control::{Admitted, DesiredRows, ReplicaTarget, DEFAULT_ENROLMENT_SECS, ENROLMENT_PREFIX};
 pub use tokens::{hash_secret, AuthenticatedToken};

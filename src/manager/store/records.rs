@@ -67,7 +67,7 @@ fn to_event(m: event::Model) -> Event {
     }
 }
 
-fn to_alert(m: alert::Model) -> Alert {
+pub(super) fn to_alert(m: alert::Model) -> Alert {
     Alert {
         id: m.id,
         kind: m.kind,
@@ -81,6 +81,7 @@ fn to_alert(m: alert::Model) -> Alert {
         cleared_at: m.cleared_at,
         acknowledged_by: m.acknowledged_by,
         acknowledged_at: m.acknowledged_at,
+        details: m.details,
     }
 }
 
@@ -200,6 +201,17 @@ impl Store {
         }
         if let Some(k) = &q.kind {
             sel = sel.filter(alert::Column::Kind.eq(k.as_str()));
+        }
+        if let Some(h) = &q.host {
+            sel = sel.filter(alert::Column::HostId.eq(h.as_str()));
+        }
+        if let Some(s) = &q.site {
+            sel = sel.filter(alert::Column::SiteId.eq(s.as_str()));
+        }
+        match q.acknowledged {
+            Some(true) => sel = sel.filter(alert::Column::AcknowledgedAt.is_not_null()),
+            Some(false) => sel = sel.filter(alert::Column::AcknowledgedAt.is_null()),
+            None => {}
         }
         let rows = sel.limit(limit + 1).all(&self.db).await?;
         Ok(finish_page(rows, limit, |m| m.id.clone(), to_alert))
