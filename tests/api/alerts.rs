@@ -408,3 +408,138 @@ mod rpo_ack_clear_and_site {
         run(Backend::Postgres).await;
     }
 }
+
+/// A host alert raised by one manager process is resumed, not raised again, by the next
+/// one on the same database, and that one clears it when the host is back.
+async fn restart(backend: Backend) {
+    use crate::helpers::TestDb;
+    use bulwark::manager::config::ManagerConfig;
+    use bulwark::manager::server::Application;
+    let db = TestDb::new(backend).await;
+    let config = ManagerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: db.url.clone(),
+        web_dir: None,
+        bootstrap_token: true,
+        control: ControlSettings {
+            heartbeat: Duration::from_millis(100),
+            disconnect_after: Duration::from_secs(1),
+            alerts: Hysteresis {
+                raise_after: Duration::from_millis(300),
+                clear_after: Duration::from_secs(1),
+            },
+            ..ControlSettings::default()
+        },
+    };
+    let start = |config: ManagerConfig| async move {
+        let app = Application::build(&config).await.unwrap();
+        let addr = app.local_addr();
+        let secret = app.bootstrap_secret.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let h = tokio::spawn(app.run_until(async {
+            let _ = rx.await;
+        }));
+        (addr, secret, tx, h)
+    };
+    let (addr, admin, stop, running) = start(config.clone()).await;
+    let admin = admin.unwrap();
+    let http = reqwest::Client::new();
+    let get = |addr: std::net::SocketAddr, path: String| {
+        let (http, admin) = (http.clone(), admin.clone());
+        async move {
+            let v: Value = http
+                .get(format!("http://{addr}{path}"))
+                .bearer_auth(admin)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["items"].as_array().unwrap().clone()
+        }
+    };
+    let v: Value = http
+        .post(format!("http://{addr}/api/v1/enrolment-tokens"))
+        .bearer_auth(&admin)
+        .json(&json!({"description": "t", "expires_in_secs": 3600, "max_uses": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = v["secret"].as_str().unwrap().to_string();
+    let ws = crate::fake_agent::ws_url(addr);
+    let spare = FakeAgent::connect(&ws, FakeAgent::enrol("spare", "lab", &token))
+        .await
+        .unwrap();
+    let key = spare.host_key.clone().unwrap();
+    let task = run_agent(spare, Arc::default());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(get(addr, "/api/v1/alerts".into()).await.is_empty());
+
+    task.abort();
+    let first = wait_for("host_disconnected raised", 15, || async {
+        get(
+            addr,
+            "/api/v1/alerts?open=true&kind=host_disconnected".into(),
+        )
+        .await
+        .pop()
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = running.await;
+
+    let (addr, _, stop, running) = start(config.clone()).await;
+    // Past the reconnect grace and the raise delay: the condition still holds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all = get(addr, "/api/v1/alerts".into()).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["id"], first["id"]);
+    assert!(all[0]["cleared_at"].is_null());
+    let raised = get(addr, "/api/v1/events?kind=alert.raised".into()).await;
+    assert_eq!(
+        raised.len(),
+        1,
+        "raised once across the restart: {raised:?}"
+    );
+
+    let spare = FakeAgent::connect(
+        &crate::fake_agent::ws_url(addr),
+        FakeAgent::with_key("spare", "lab", &key),
+    )
+    .await
+    .unwrap();
+    let task = run_agent(spare, Arc::default());
+    let id = first["id"].as_str().unwrap().to_string();
+    wait_for("host_disconnected cleared", 15, || async {
+        let all = get(addr, "/api/v1/alerts?open=false".into()).await;
+        all.iter().any(|a| a["id"] == id.as_str()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        get(addr, "/api/v1/events?kind=alert.cleared".into())
+            .await
+            .len(),
+        1
+    );
+    task.abort();
+    let _ = stop.send(());
+    let _ = running.await;
+}
+
+mod survives_a_manager_restart {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        restart(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        restart(Backend::Postgres).await;
+    }
+}
