@@ -543,3 +543,72 @@ mod survives_a_manager_restart {
         restart(Backend::Postgres).await;
     }
 }
+
+/// The store's alert writes, each with its event: update follows a cause that grew,
+/// clear is once only, acknowledge is once only.
+async fn store_writes(app: crate::helpers::TestApp) {
+    use bulwark::manager::store::{Actor, NewAlert};
+    let id = app
+        .store
+        .raise_alert(&NewAlert {
+            kind: "site_disconnection".into(),
+            severity: "warning".into(),
+            vpg_id: None,
+            host_id: None,
+            site_id: Some("s1".into()),
+            message: "site s1 disconnected".into(),
+            affected_count: 1,
+            details: None,
+        })
+        .await
+        .unwrap();
+    app.store
+        .update_alert(&id, "error", 3, "site s1 disconnected: 3 VPGs")
+        .await
+        .unwrap();
+    // Unchanged: no write, no event.
+    app.store
+        .update_alert(&id, "error", 3, "site s1 disconnected: 3 VPGs")
+        .await
+        .unwrap();
+    let (_, a) = app.get(&format!("/api/v1/alerts/{id}")).await;
+    assert_eq!(a["affected_count"], 3);
+    assert_eq!(a["severity"], "error");
+    assert_eq!(alerts(&app, "site_id=s1&open=true").await.len(), 1);
+    assert!(app.store.clear_alert(&id).await.unwrap());
+    assert!(!app.store.clear_alert(&id).await.unwrap(), "cleared once");
+    // Updating a cleared alert changes nothing.
+    app.store
+        .update_alert(&id, "warning", 9, "x")
+        .await
+        .unwrap();
+    let (_, a) = app.get(&format!("/api/v1/alerts/{id}")).await;
+    assert_eq!(a["affected_count"], 3);
+    let actor = Actor("token:op".into());
+    app.store.acknowledge_alert(&actor, &id).await.unwrap();
+    assert!(app.store.acknowledge_alert(&actor, &id).await.is_err());
+    let (_, ev) = app.get("/api/v1/events?kind=alert.&limit=100").await;
+    let mut kinds: Vec<&str> = ev["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    kinds.reverse();
+    assert_eq!(
+        kinds,
+        vec![
+            "alert.raised",
+            "alert.updated",
+            "alert.cleared",
+            "alert.acknowledged"
+        ]
+    );
+    assert_eq!(
+        ev["items"][3]["severity"], "warning",
+        "raised at its severity"
+    );
+    assert_eq!(ev["items"][0]["actor"], "token:op");
+}
+
+crate::both!(store_writes_with_events, store_writes);

@@ -46,8 +46,14 @@ impl Default for Tracked {
 pub struct AlertEngine {
     /// When the first pass ran (open alerts loaded from the database then).
     started: Option<DateTime<Utc>>,
+    /// The last pass: heartbeats poke the evaluator up to ten times a second, far finer
+    /// than the alert delays need, so passes closer than [`MIN_SPACING`] are skipped.
+    last: Option<DateTime<Utc>>,
     keys: HashMap<AlertKey, Tracked>,
 }
+
+/// Alert passes are at least this far apart.
+const MIN_SPACING: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The alert facts of one VPG from what the evaluator gathered; the site ids and the
 /// last test come from the database in [`pass`].
@@ -153,7 +159,14 @@ pub async fn pass(
     live: &HashMap<String, HostLive>,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    if engine
+        .last
+        .is_some_and(|l| (now - l).to_std().unwrap_or_default() < MIN_SPACING)
+    {
+        return Ok(());
+    }
     load(cp, engine, now).await?;
+    engine.last = Some(now);
     let ctx = cp.store.alert_context().await?;
     for v in &mut vpgs {
         if let Some(c) = ctx.vpgs.get(&v.vpg_id) {
@@ -229,7 +242,9 @@ pub async fn pass(
                 t.id = None;
             }
             (None, Some(c)) if next.is_open() && c.signal != Signal::Inactive => {
-                // The same cause grew or shrank: the open alert follows it.
+                // The same cause grew or shrank: the open alert follows it. Severity only
+                // rises while open (an error that eases to a warning stays an error until
+                // it clears), so an alert near the 75 % line does not flip back and forth.
                 let worse = t.severity.is_none_or(|s| c.severity > s);
                 let reach = c.affected_count != t.affected_count && c.affected_count > 0;
                 if let (Some(id), true) = (&t.id, worse || reach) {
