@@ -9,7 +9,9 @@
 //! with `ts` the `X-Bulwark-Timestamp` header (Unix seconds), so a receiver can refuse
 //! replays of old bodies.
 
-use super::store::{AttemptOutcome, PendingDelivery, Store, StoreError, WebhookTarget};
+use super::store::{
+    AttemptOutcome, NextDelivery, PendingDelivery, Store, StoreError, WebhookTarget,
+};
 use crate::proto::webhooks::{
     delivery_id, HEADER_DELIVERY, HEADER_EVENT, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
@@ -168,8 +170,9 @@ async fn subscription(
     }
 }
 
-/// Delivers up to `batch` events in order; returns how long to wait before the next
-/// pass, or None when the subscription is gone or disabled.
+/// Delivers up to `batch` events in order (or crosses up to `batch` batches of events
+/// of other kinds); returns how long to wait before the next pass, or None when the
+/// subscription is gone or disabled.
 async fn pass(
     store: &Store,
     client: &reqwest::Client,
@@ -184,11 +187,15 @@ async fn pass(
     }
     let settle = chrono::Duration::from_std(settings.settle).unwrap_or(chrono::Duration::MAX);
     for _ in 0..settings.batch.max(1) {
-        let Some(p) = store
+        let p = match store
             .next_webhook_delivery(id, &target.event_kinds, settings.batch, settle)
             .await?
-        else {
-            return Ok(Some(settings.poll));
+        {
+            NextDelivery::Due(p) => p,
+            // A backlog of other kinds is crossed without waiting a poll per batch, and
+            // still within this pass's bound.
+            NextDelivery::Skipped => continue,
+            NextDelivery::Idle => return Ok(Some(settings.poll)),
         };
         if let Some(due) = p.next_attempt_at {
             let now = chrono::Utc::now();

@@ -606,3 +606,36 @@ async fn restart(backend: Backend) {
     assert_eq!(got, sites, "each once, in order");
     assert!(rx.recs().iter().all(|r| r.signed_by(&secret)));
 }
+
+on_both!(long_runs_of_other_kinds_are_crossed_at_once, crossing);
+/// Many events of other kinds before a matching one: crossed a batch at a time within
+/// one pass, not one batch per poll (which here would take 8 polls of 2 s).
+async fn crossing(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        ControlSettings {
+            webhooks: WebhookSettings {
+                poll: Duration::from_secs(2),
+                batch: 5,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let rx = Receiver::start().await;
+    let (_, secret) = subscribe(&app, "deletions", &rx.url(), json!(["site.deleted"])).await;
+    let mut last = String::new();
+    for i in 0..40 {
+        last = site(&app, &format!("c{i}")).await;
+    }
+    let t0 = tokio::time::Instant::now();
+    let (s, _) = app.delete(&format!("/api/v1/sites/{last}")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    wait_delivered(&app, &rx, 1, "the one matching event").await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let recs = rx.recs();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].event, "site.deleted");
+    assert!(recs[0].signed_by(&secret));
+}

@@ -17,7 +17,9 @@ pub use checkpoints::{CheckpointSummary, LiveMember, LiveVpg, NewCheckpoint, Sta
 pub use control::{Admitted, DesiredRows, ReplicaTarget, DEFAULT_ENROLMENT_SECS, ENROLMENT_PREFIX};
 pub use tokens::{hash_secret, AuthenticatedToken};
 pub use vpgs::VpgDeletion;
-pub use webhooks::{AttemptOutcome, PendingDelivery, WebhookTarget, WEBHOOK_SECRET_PREFIX};
+pub use webhooks::{
+    AttemptOutcome, NextDelivery, PendingDelivery, WebhookTarget, WEBHOOK_SECRET_PREFIX,
+};
 
 use crate::model::ValidationError;
 use chrono::{DateTime, Utc};

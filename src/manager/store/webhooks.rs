@@ -47,6 +47,17 @@ pub struct PendingDelivery {
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
+/// What a subscription has next.
+#[derive(Debug, Clone)]
+pub enum NextDelivery {
+    /// This event is owed.
+    Due(Box<PendingDelivery>),
+    /// A whole batch of events its kinds do not select was crossed; look again at once.
+    Skipped,
+    /// Nothing after the cursor (or an id gap that may still fill): wait for more.
+    Idle,
+}
+
 /// How one attempt went.
 #[derive(Debug, Clone)]
 pub struct AttemptOutcome {
@@ -431,20 +442,24 @@ impl Store {
         kinds: &[String],
         batch: u64,
         settle: chrono::Duration,
-    ) -> Result<Option<PendingDelivery>, StoreError> {
+    ) -> Result<NextDelivery, StoreError> {
         let cursor = cursor_of(&self.db, id).await?;
+        let batch = batch.max(1);
         let rows = event::Entity::find()
             .filter(event::Column::Id.gt(cursor))
             .order_by_asc(event::Column::Id)
-            .limit(batch.max(1))
+            .limit(batch)
             .all(&self.db)
             .await?;
+        let full = rows.len() as u64 == batch;
+        let mut held_at_gap = false;
         let t = now();
         let mut prev = cursor;
         let mut skip_to = cursor;
         let mut found = None;
         for e in rows {
             if e.id != prev + 1 && t - e.at < settle {
+                held_at_gap = true;
                 break;
             }
             prev = e.id;
@@ -459,7 +474,11 @@ impl Store {
             advance_cursor(&self.db, id, skip_to).await?;
         }
         let Some(e) = found else {
-            return Ok(None);
+            return Ok(if full && !held_at_gap {
+                NextDelivery::Skipped
+            } else {
+                NextDelivery::Idle
+            });
         };
         let existing = webhook_delivery::Entity::find()
             .filter(webhook_delivery::Column::WebhookId.eq(id))
@@ -488,13 +507,13 @@ impl Store {
             // Recording a delivery moves the cursor in the same transaction, so this is
             // only a second worker having got there first: catch the cursor up.
             advance_cursor(&self.db, id, e.id).await?;
-            return Ok(None);
+            return Ok(NextDelivery::Skipped);
         }
-        Ok(Some(PendingDelivery {
+        Ok(NextDelivery::Due(Box::new(PendingDelivery {
             event: to_event(e),
             attempts: u32::try_from(d.attempts).unwrap_or(0),
             next_attempt_at: d.next_attempt_at,
-        }))
+        })))
     }
 
     /// Records one attempt; a delivery moves the cursor past the event in the same
