@@ -222,8 +222,12 @@ async fn pass(
                     rand::rng().random_range(0.8..=1.0),
                 );
                 tracing::debug!(webhook = %id, event_id, error = %error, ?delay, "webhook attempt failed");
-                let next = chrono::Utc::now()
-                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+                // Checked: a huge configured cap must not overflow the clock arithmetic.
+                let now = chrono::Utc::now();
+                let next = chrono::Duration::from_std(delay)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .unwrap_or(now);
                 (
                     false,
                     AttemptOutcome {
