@@ -46,7 +46,8 @@ impl Application {
             None
         };
         let metrics = Arc::new(Metrics::new());
-        let control = ControlPlane::new(store.clone(), config.control.clone());
+        let control =
+            ControlPlane::new(store.clone(), config.control.clone(), Arc::clone(&metrics));
         control.start();
         let router = api::router(
             store.clone(),

@@ -788,3 +788,101 @@ both_ctl!(round_latency_across_two_hosts, |app: TestApp| async move {
     assert!(p99 < Duration::from_secs(1), "p99 {p99:?}");
     assert_eq!(checkpoints(&app, &lab.vpg).await.len(), 60);
 });
+
+/// The value of the first sample whose line starts with `prefix` (name and labels).
+fn sample(m: &str, prefix: &str) -> Option<f64> {
+    m.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `/metrics` shows the live per-VPG and per-disk values and the rounds: one backend is
+/// enough (the values come from the control plane, not from SQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_rounds_and_the_vpg() {
+    let app = spawn_app_with(Backend::Sqlite, settings()).await;
+    // Scheduled rounds every second, RPO target 10 s.
+    let lab = lab(&app, false, 1000, 10).await;
+    lab.protect(None);
+    ready(&app, &lab).await;
+    let mut reported = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut new = Vec::new();
+        for c in checkpoints(&app, &lab.vpg).await {
+            let id = c["id"].as_u64().unwrap();
+            if reported.insert(id) {
+                new.push(id);
+            }
+        }
+        let oldest = reported.iter().next().copied();
+        lab.dr.set(Cmd::Journals(vec![journal(1, &new, oldest)]));
+        let (_, v) = app.get(&format!("/api/v1/vpgs/{}", lab.vpg)).await;
+        if v["status"] == "meeting_sla" && v["sub_status"] == "none" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never meeting SLA: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = || async {
+        app.req(reqwest::Method::GET, "/metrics", None)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let vpg = format!("{{vpg=\"{}\",name=\"web\"", lab.vpg);
+    // The evaluator sets the gauges after the status it stores: wait for a scrape that
+    // shows the status the API already reported.
+    let m = app
+        .eventually("metrics show meeting SLA", || async {
+            let m = metrics().await;
+            let status = format!(
+                "bulwark_vpg_status{{vpg=\"{}\",name=\"web\",status=\"meeting_sla\",sub_status=\"none\"}} 1",
+                lab.vpg
+            );
+            m.contains(&status).then_some(m)
+        })
+        .await;
+    let rpo = sample(&m, &format!("bulwark_vpg_rpo_seconds{vpg}")).expect("RPO gauge");
+    assert!((0.0..=10.0).contains(&rpo), "RPO {rpo}: {m}");
+    let recoverable = sample(&m, &format!("bulwark_vpg_checkpoints_recoverable{vpg}"))
+        .expect("recoverable checkpoints");
+    assert!(recoverable >= 1.0, "{m}");
+    assert_eq!(
+        sample(&m, &format!("bulwark_vpg_journal_bytes{vpg}")),
+        Some(4096.0),
+        "{m}"
+    );
+    // Only the current status is exposed for the VPG (the initializing one was removed).
+    let statuses = m
+        .lines()
+        .filter(|l| l.starts_with(&format!("bulwark_vpg_status{vpg}")))
+        .count();
+    assert_eq!(statuses, 1, "{m}");
+    let holds = sample(&m, "bulwark_checkpoint_hold_seconds_count").expect("hold histogram");
+    assert!(holds >= 1.0, "{m}");
+    let completed = sample(&m, "bulwark_checkpoint_rounds_total{result=\"completed\"}")
+        .expect("completed rounds");
+    assert!(completed >= 1.0, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "bulwark_disk_lag_seconds{host=\"esx-a\",disk=\"vm-a-root\"}"
+        ),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "bulwark_hosts{connectivity=\"connected\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    assert!(
+        m.contains("bulwark_alerts_open{severity=\"error\"} 0"),
+        "{m}"
+    );
+}

@@ -41,8 +41,8 @@ pub async fn readyz(State(s): State<AppState>) -> Result<ApiJson<Health>, ApiErr
 #[utoipa::path(get, path = "/metrics", tag = "meta",
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let counts = s.store.vpg_status_counts().await?;
-    let body = s.metrics.render(&counts);
+    let counts = s.store.metric_counts().await?;
+    let body = s.metrics.render(&counts, &s.control.hub.all_live());
     Ok((
         [(
             header::CONTENT_TYPE,

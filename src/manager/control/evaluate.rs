@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::recovery::DiskKey;
 use super::{ControlPlane, HostLive};
+use crate::manager::metrics::VpgSample;
 use crate::manager::store::{Actor, LiveVpg, StatusUpdate, StoreError};
 use crate::model::status::{
     derive_status, derive_vm_state, vpg_sync, DiskSyncFact, Lifecycle, SyncKind, VmFacts,
@@ -100,6 +101,7 @@ async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), St
         .retain(|id, _| vpgs.iter().any(|v| &v.id == id));
     let mut vm_states = HashMap::new();
     let mut observed = Vec::new();
+    let ids: Vec<String> = vpgs.iter().map(|v| v.id.clone()).collect();
     for v in vpgs {
         let id = v.id.clone();
         if let Err(e) = evaluate_one(cp, state, v, &live, &mut vm_states, &mut observed).await {
@@ -107,6 +109,10 @@ async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), St
         }
     }
     cp.vm_states.replace(vm_states);
+    // Series of VPGs gone since the last pass (a VPG removed within this pass keeps its
+    // series one more pass, until it is no longer listed).
+    cp.metrics
+        .retain_vpgs(&ids.iter().map(String::as_str).collect());
     super::alerts::pass(cp, &mut state.alerts, observed, &live, Utc::now()).await
 }
 
@@ -433,6 +439,16 @@ async fn evaluate_one(
         journal_bytes: v.journal_bytes,
         newest_recoverable_at: v.newest_recoverable_at,
     };
+    cp.metrics.set_vpg(&VpgSample {
+        id: &v.id,
+        name: &v.name,
+        rpo: rpo_actual,
+        history: history_actual,
+        journal_bytes: update.journal_bytes,
+        status: status.as_str(),
+        sub_status: sub_status.as_str(),
+        recoverable_checkpoints: v.checkpoints.recoverable,
+    });
     if update != stored || v.status != status.as_str() || v.sub_status != sub_status.as_str() {
         cp.store.write_status(&v.id, &update).await?;
     }

@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::metrics::Metrics;
 use super::store::Store;
 use crate::proto::control::AgentMessage;
 pub use hub::{HostLive, Hub, HubError};
@@ -76,6 +77,8 @@ pub struct ControlPlane {
     pub replicas: replicas::ReplicaDrops,
     /// Per-VM replication state (Hyper-V words) from the last evaluation.
     pub vm_states: evaluate::VmStates,
+    /// The Prometheus registry: the evaluator sets per-VPG values, rounds observe holds.
+    pub metrics: Arc<Metrics>,
     /// Poked whenever configuration or live facts change, so the loops react at once
     /// instead of at their next tick.
     pub changed: Notify,
@@ -84,8 +87,9 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    pub fn new(store: Store, settings: ControlSettings) -> Arc<Self> {
+    pub fn new(store: Store, settings: ControlSettings, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
+            metrics,
             reconciler: reconcile::Reconciler::new(),
             rounds: rounds::Rounds::new(),
             recovery: recovery::RecoveryTracker::new(),

@@ -294,6 +294,8 @@ impl Rounds {
         match result {
             Ok(hold_us) => {
                 self.record(hold_us, started.elapsed());
+                cp.metrics
+                    .observe_round(Some(Duration::from_micros(hold_us)));
                 let c = NewCheckpoint {
                     id: round,
                     vpg_id: vpg_id.to_string(),
@@ -304,6 +306,7 @@ impl Rounds {
                 Ok(cp.store.insert_checkpoint(c, actor).await?)
             }
             Err(reason) => {
+                cp.metrics.observe_round(None);
                 if let Some((n, since)) = self.note_abort(vpg_id) {
                     tracing::warn!(vpg = vpg_id, round, %reason, aborted = n, %since, "checkpoint rounds aborted");
                     let msg = format!(

@@ -47,6 +47,8 @@ pub struct CheckpointSummary {
     pub pending: Vec<u64>,
     pub newest_recoverable: Option<DateTime<Utc>>,
     pub oldest_recoverable: Option<DateTime<Utc>>,
+    /// How many rows are recoverable.
+    pub recoverable: u64,
 }
 
 /// One VPG as the control plane sees it.
@@ -223,19 +225,21 @@ impl Store {
             for (v, id) in pending {
                 summaries.entry(v).or_default().pending.push(u64_of(id));
             }
-            let spans: Vec<(String, Span, Span)> = checkpoint::Entity::find()
+            let spans: Vec<(String, Span, Span, i64)> = checkpoint::Entity::find()
                 .filter(checkpoint::Column::VpgId.is_in(ids))
                 .filter(checkpoint::Column::Recoverable.eq(true))
                 .select_only()
                 .column(checkpoint::Column::VpgId)
                 .column_as(checkpoint::Column::TakenAt.min(), "oldest")
                 .column_as(checkpoint::Column::TakenAt.max(), "newest")
+                .column_as(checkpoint::Column::Id.count(), "n")
                 .group_by(checkpoint::Column::VpgId)
                 .into_tuple()
                 .all(&self.db)
                 .await?;
-            for (v, oldest, newest) in spans {
+            for (v, oldest, newest, n) in spans {
                 let s = summaries.entry(v).or_default();
+                s.recoverable = u64::try_from(n).unwrap_or(0);
                 s.oldest_recoverable = oldest;
                 s.newest_recoverable = newest;
             }

@@ -16,7 +16,7 @@ pub use alerts::{AlertContext, HostAlertContext, NewAlert, VpgAlertContext};
 pub use checkpoints::{CheckpointSummary, LiveMember, LiveVpg, NewCheckpoint, StatusUpdate};
 pub use control::{Admitted, DesiredRows, ReplicaTarget, DEFAULT_ENROLMENT_SECS, ENROLMENT_PREFIX};
 pub use tokens::{hash_secret, AuthenticatedToken};
-pub use vpgs::VpgDeletion;
+pub use vpgs::{MetricCounts, VpgDeletion};
 pub use webhooks::{
     AttemptOutcome, NextDelivery, PendingDelivery, WebhookTarget, WEBHOOK_SECRET_PREFIX,
 };

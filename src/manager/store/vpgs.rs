@@ -1,7 +1,7 @@
 //! VPGs and their members: the definition (settings, membership) with its cross-entity
 //! rules, optimistic concurrency through `version`, and the stored status.
 
-use super::entity::{host, member, vm, vpg};
+use super::entity::{alert, host, member, vm, vpg};
 use super::inventory::vm_state;
 use super::{
     finish_page, new_id, now, on_unique, page_limit, u64_of, Actor, NewEvent, Store, StoreError,
@@ -767,4 +767,39 @@ impl Store {
             .all(&self.db)
             .await?)
     }
+
+    /// The counts `/metrics` shows: VPGs by status, open alerts by severity, hosts by
+    /// connectivity (three grouped counts, cheap at scrape time).
+    pub async fn metric_counts(&self) -> Result<MetricCounts, StoreError> {
+        let alerts_open = alert::Entity::find()
+            .filter(alert::Column::ClearedAt.is_null())
+            .select_only()
+            .column(alert::Column::Severity)
+            .column_as(alert::Column::Id.count(), "n")
+            .group_by(alert::Column::Severity)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let hosts = host::Entity::find()
+            .select_only()
+            .column(host::Column::Connectivity)
+            .column_as(host::Column::Id.count(), "n")
+            .group_by(host::Column::Connectivity)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(MetricCounts {
+            vpg_status: self.vpg_status_counts().await?,
+            alerts_open,
+            hosts,
+        })
+    }
+}
+
+/// Grouped counts for `/metrics`: (value, count) pairs.
+#[derive(Debug, Clone, Default)]
+pub struct MetricCounts {
+    pub vpg_status: Vec<(String, i64)>,
+    pub alerts_open: Vec<(String, i64)>,
+    pub hosts: Vec<(String, i64)>,
 }
