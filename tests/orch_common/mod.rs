@@ -304,14 +304,7 @@ impl ManagerProc {
                 return v;
             }
             if Instant::now() >= deadline {
-                let mut logs = String::new();
-                for a in agents {
-                    logs.push_str(&format!(
-                        "\n--- {} stderr (tail):\n{}",
-                        a.name,
-                        tail(&a.stderr(), 60)
-                    ));
-                }
+                let logs = agent_logs(agents, 60);
                 panic!(
                     "VPG {id}: gave up waiting for {what} after {within:?}; last:\n{v:#}\n--- manager (tail):\n{}{logs}",
                     tail(&self.stderr(), 80)
@@ -334,14 +327,7 @@ impl ManagerProc {
                 return;
             }
             if Instant::now() >= deadline {
-                let mut logs = String::new();
-                for a in agents {
-                    logs.push_str(&format!(
-                        "\n--- {} stderr (tail):\n{}",
-                        a.name,
-                        tail(&a.stderr(), 40)
-                    ));
-                }
+                let logs = agent_logs(agents, 40);
                 panic!(
                     "hosts {names:?} not connected: {hosts:#?}\n--- manager:\n{}{logs}",
                     tail(&self.stderr(), 60)
@@ -419,14 +405,7 @@ impl ManagerProc {
                 return;
             }
             if Instant::now() >= deadline {
-                let mut logs = String::new();
-                for a in agents {
-                    logs.push_str(&format!(
-                        "\n--- {} stderr (tail):\n{}",
-                        a.name,
-                        tail(&a.stderr(), 40)
-                    ));
-                }
+                let logs = agent_logs(agents, 40);
                 panic!(
                     "checkpoint {id} of VPG {vpg} never became recoverable; VPG: {:#}\n--- manager:\n{}{logs}",
                     self.vpg(vpg).await,
@@ -452,6 +431,20 @@ impl Drop for ManagerProc {
             }
         }
     }
+}
+
+/// The last `lines` lines of each agent's stderr, for a failure message.
+pub fn agent_logs(agents: &[&AgentProc], lines: usize) -> String {
+    agents
+        .iter()
+        .map(|a| {
+            format!(
+                "\n--- {} stderr (tail):\n{}",
+                a.name,
+                tail(&a.stderr(), lines)
+            )
+        })
+        .collect()
 }
 
 pub fn tail(s: &str, lines: usize) -> String {
