@@ -87,6 +87,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub const DEFAULT_AWAY_BOUND_SECS: u64 = 300;
+/// Outbound queue memory of a peer without its own `queue_memory`.
+pub const DEFAULT_QUEUE_MEMORY: u64 = 256 << 20;
+/// Spill log of a peer without its own `spill_limit`.
+pub const DEFAULT_SPILL_LIMIT: u64 = 1 << 30;
+
+impl PeerConfig {
+    /// A peer the manager names that has no `[[peers]]` entry: the defaults, with the
+    /// agent-wide away bound.
+    pub fn with_defaults(host_name: &str, address: SocketAddr, away_bound: Duration) -> Self {
+        PeerConfig {
+            host_name: host_name.to_string(),
+            address,
+            compression: Compression::None,
+            bandwidth_limit: None,
+            queue_memory: DEFAULT_QUEUE_MEMORY as usize,
+            spill_limit: DEFAULT_SPILL_LIMIT as usize,
+            away_bound,
+        }
+    }
+}
 
 /// `[agent]` in `bulwark.toml`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -511,7 +531,7 @@ impl AgentConfig {
             if p.host_name == host_name {
                 return Err(invalid(f("host_name"), "a host cannot replicate to itself"));
             }
-            let queue_memory = p.queue_memory.map_or(256 << 20, |b| b.0);
+            let queue_memory = p.queue_memory.map_or(DEFAULT_QUEUE_MEMORY, |b| b.0);
             if queue_memory == 0 {
                 return Err(invalid(f("queue_memory"), "must be above zero"));
             }
@@ -529,7 +549,7 @@ impl AgentConfig {
                 bandwidth_limit,
                 queue_memory: usize::try_from(queue_memory)
                     .map_err(|_| invalid(f("queue_memory"), "too large"))?,
-                spill_limit: usize::try_from(p.spill_limit.map_or(1 << 30, |b| b.0))
+                spill_limit: usize::try_from(p.spill_limit.map_or(DEFAULT_SPILL_LIMIT, |b| b.0))
                     .map_err(|_| invalid(f("spill_limit"), "too large"))?,
                 away_bound: Duration::from_secs(
                     p.away_bound_secs

@@ -61,7 +61,7 @@ use crate::proto::control::{
     AgentEvent, DesiredState, DiskProtection, JournalReport, PeerTarget, RoundHeld, RoundHold,
     RoundReleased,
 };
-use crate::proto::stream::{Compression, ReplicaState};
+use crate::proto::stream::ReplicaState;
 
 pub use config::{AgentConfig, AgentConfigError, AgentFlags, AgentSection, Security};
 use config::{DiskConfig, PeerConfig};
@@ -1185,15 +1185,7 @@ impl Agent {
         let mut sc = SenderConfig::new(self.cfg.host_name.clone(), addr, transport);
         // Per-peer options from a static `[[peers]]` entry of that host, else the
         // configuration's defaults.
-        let defaults = PeerConfig {
-            host_name: host.to_string(),
-            address: addr,
-            compression: Compression::None,
-            bandwidth_limit: None,
-            queue_memory: 256 << 20,
-            spill_limit: 1 << 30,
-            away_bound: self.cfg.away_bound,
-        };
+        let defaults = PeerConfig::with_defaults(host, addr, self.cfg.away_bound);
         let o = opts.unwrap_or(&defaults);
         sc.compression = o.compression;
         sc.bandwidth_limit = o.bandwidth_limit;

@@ -121,22 +121,17 @@ impl Hub {
         let Some(c) = g.conns.get(host_name) else {
             return Err(HubError::NotConnected(host_name.to_string()));
         };
-        if let ManagerMessage::Desired(d) = &msg {
-            let v = d.version;
-            match c.tx.try_send(msg) {
-                Ok(()) => {
-                    if let Some(c) = g.conns.get_mut(host_name) {
-                        c.sent = Some(v);
-                    }
-                    return Ok(());
-                }
-                Err(e) => return Err(Self::failed(&mut g, host_name, e)),
-            }
+        let desired = match &msg {
+            ManagerMessage::Desired(d) => Some(d.version),
+            _ => None,
+        };
+        if let Err(e) = c.tx.try_send(msg) {
+            return Err(Self::failed(&mut g, host_name, e));
         }
-        match c.tx.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(Self::failed(&mut g, host_name, e)),
+        if let (Some(v), Some(c)) = (desired, g.conns.get_mut(host_name)) {
+            c.sent = Some(v);
         }
+        Ok(())
     }
 
     fn failed(
