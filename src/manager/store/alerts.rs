@@ -134,7 +134,7 @@ impl Store {
         event_for("alert.raised", &m, format!("alert raised: {}", m.message))
             .write(&txn, &Actor::system())
             .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(m.id)
     }
 
@@ -157,7 +157,7 @@ impl Store {
         event_for("alert.cleared", &m, format!("alert cleared: {}", m.message))
             .write(&txn, &Actor::system())
             .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(true)
     }
 
@@ -187,7 +187,7 @@ impl Store {
         event_for("alert.updated", &m, format!("alert updated: {}", m.message))
             .write(&txn, &Actor::system())
             .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 
@@ -233,7 +233,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(to_alert(m))
     }
 }

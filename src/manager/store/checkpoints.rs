@@ -309,7 +309,7 @@ impl Store {
             .write(&txn, actor)
             .await?;
         }
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(Checkpoint {
             id: m.id,
             vpg_id: m.vpg_id,
@@ -356,7 +356,7 @@ impl Store {
             .write(&txn, &Actor::system())
             .await?;
         }
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 
@@ -432,7 +432,7 @@ impl Store {
             }
             ev.write(&txn, &Actor::system()).await?;
         }
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 
@@ -463,7 +463,7 @@ impl Store {
             .details(serde_json::json!({"from": lifecycle_str(from), "to": lifecycle_str(to)}))
             .write(&txn, &Actor::system())
             .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(true)
     }
 
@@ -486,7 +486,7 @@ impl Store {
             .vpg(id)
             .write(&txn, actor)
             .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(true)
     }
 

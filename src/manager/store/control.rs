@@ -161,7 +161,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(EnrolmentTokenCreated {
             token: to_enrolment(m),
             secret,
@@ -208,7 +208,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(to_enrolment(m))
     }
 
@@ -405,7 +405,7 @@ impl Store {
         .details(serde_json::json!({ "enrolment_token_id": tok.id }))
         .write(&txn, &actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(Admitted {
             host_id: h.id,
             host_name: h.name,
@@ -451,7 +451,7 @@ impl Store {
         .details(serde_json::json!({ "agent_version": hello.agent_version }))
         .write(&txn, &actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 
@@ -461,7 +461,7 @@ impl Store {
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
         let done = disconnect(&txn, host_id, reason).await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(done)
     }
 
@@ -489,7 +489,7 @@ impl Store {
                 n += 1;
             }
         }
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(n)
     }
 
@@ -682,7 +682,7 @@ impl Store {
         }
         .write(&txn, &actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 }

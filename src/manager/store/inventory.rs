@@ -193,7 +193,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(to_site(m))
     }
 
@@ -234,7 +234,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(to_site(m))
     }
 
@@ -278,7 +278,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 
@@ -363,7 +363,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(to_host(m))
     }
 
@@ -408,7 +408,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(to_host(m))
     }
 
@@ -451,7 +451,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 
@@ -650,7 +650,7 @@ impl Store {
             .write(&txn, actor)
             .await?;
         let mut out = self.to_vms(&txn, vec![m]).await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         out.pop().ok_or_else(|| StoreError::not_found("vm", &id))
     }
 
@@ -718,7 +718,7 @@ impl Store {
             .write(&txn, actor)
             .await?;
         let mut out = self.to_vms(&txn, vec![m]).await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         out.pop().ok_or_else(|| StoreError::not_found("vm", id))
     }
 
@@ -746,7 +746,7 @@ impl Store {
         NewEvent::info("vm.deleted", "vm", id, format!("VM {} deleted", cur.name))
             .write(&txn, actor)
             .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 
@@ -798,7 +798,7 @@ impl Store {
         .details(serde_json::json!({ "vm_id": vm_id }))
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(to_disk(m))
     }
 
@@ -836,7 +836,7 @@ impl Store {
         .details(serde_json::json!({ "vm_id": vm_id }))
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 }
@@ -1137,7 +1137,7 @@ impl Store {
             }
             changed = true;
         }
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(changed)
     }
 }

@@ -25,7 +25,8 @@ use crate::model::ValidationError;
 use chrono::{DateTime, Utc};
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{
-    ActiveModelTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend,
+    ActiveModelTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DatabaseTransaction, DbBackend,
     DbErr, Set, SqlErr, Statement,
 };
 use std::sync::Arc;
@@ -88,6 +89,10 @@ pub struct Store {
     /// would be SQLITE_BUSY failures of concurrent requests into a short queue.
     /// PostgreSQL needs none: row locks and conditional updates do the job.
     write_lock: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// Counts committed write transactions. Every mutation writes its event in the
+    /// transaction it commits, so a tick here means "new events may be visible": the
+    /// live stream and the webhook worker wait on it instead of polling.
+    commits: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A migration and whether it is applied.
@@ -119,7 +124,21 @@ impl Store {
         Ok(Self {
             db,
             write_lock: sqlite.then(|| Arc::new(tokio::sync::Mutex::new(()))),
+            commits: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
+    }
+
+    /// Commits a write transaction and tells the watchers of [`Store::commits`].
+    pub(crate) async fn commit(&self, txn: DatabaseTransaction) -> Result<(), DbErr> {
+        txn.commit().await?;
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
+    }
+
+    /// Ticks after every committed write (see the field's note): wait on it to read new
+    /// events as soon as they are visible.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
     }
 
     pub(crate) async fn write_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {

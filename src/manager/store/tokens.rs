@@ -92,7 +92,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(TokenCreated {
             token: to_token(m),
             secret,
@@ -132,7 +132,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(to_token(m))
     }
 

@@ -394,7 +394,7 @@ impl Store {
         .details(serde_json::json!({ "settings": d.settings, "members": d.members }))
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         self.get_vpg(&id).await
     }
 
@@ -565,7 +565,7 @@ impl Store {
             .details(serde_json::Value::Object(details))
             .write(&txn, actor)
             .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         self.get_vpg(id).await
     }
 
@@ -718,7 +718,7 @@ impl Store {
             .vpg(id);
             ev.severity = "warning";
             ev.write(&txn, actor).await?;
-            txn.commit().await?;
+            self.commit(txn).await?;
             return Ok(VpgDeletion::Removed);
         }
         let lifecycle = lifecycle_of(&cur.lifecycle);
@@ -752,7 +752,7 @@ impl Store {
         }))
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(VpgDeletion::Started(Box::new(self.get_vpg(id).await?)))
     }
 

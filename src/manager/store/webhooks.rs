@@ -196,7 +196,7 @@ impl Store {
         }
         .insert(&txn)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(WebhookCreated {
             webhook: to_webhook(m, cursor),
             secret,
@@ -282,7 +282,7 @@ impl Store {
         .write(&txn, actor)
         .await?;
         let c = cursor_of(&txn, id).await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(to_webhook(m, c))
     }
 
@@ -308,7 +308,7 @@ impl Store {
         )
         .write(&txn, actor)
         .await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 
@@ -339,7 +339,7 @@ impl Store {
         .write(&txn, actor)
         .await?;
         let c = cursor_of(&txn, id).await?;
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(WebhookCreated {
             webhook: to_webhook(m, c),
             secret,
@@ -554,7 +554,7 @@ impl Store {
         if outcome.delivered {
             advance_cursor(&txn, id, event_id).await?;
         }
-        txn.commit().await?;
+        self.commit(txn).await?;
         Ok(())
     }
 }
