@@ -150,6 +150,48 @@ enum BenchWhat {
         #[arg(long, default_value_t = 20)]
         load_secs: u64,
     },
+    /// The manager at scale: a child `bulwark manager` (SQLite or PostgreSQL) with
+    /// simulated agents over the control channel; time to Meeting SLA, manager CPU and
+    /// RSS, `GET /api/v1/vpgs` latency, checkpoint rounds, live-stream fan-out latency.
+    Scale(ScaleArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ScaleArgs {
+    #[arg(long, default_value_t = 200)]
+    hosts: usize,
+    #[arg(long, default_value_t = 10_000)]
+    vms: usize,
+    #[arg(long, default_value_t = 1_000)]
+    vpgs: usize,
+    #[arg(long, default_value_t = 1)]
+    checkpoint_interval_secs: u32,
+    /// Length of the measurement window once every VPG is Meeting SLA.
+    #[arg(long, default_value_t = 60)]
+    measure_secs: u64,
+    /// Live-stream clients for the fan-out latency (0 skips it).
+    #[arg(long, default_value_t = 50)]
+    clients: usize,
+    #[arg(long, value_enum, default_value = "sqlite")]
+    database: crate::manager::bench_scale::Database,
+    /// PostgreSQL server; a throwaway database `bulwark_bench_<random>` is made on it
+    /// and dropped at the end.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    database_url: String,
+    /// Work directory (SQLite file, manager log and config).
+    #[arg(long, default_value = "bench-scale")]
+    dir: PathBuf,
+    /// Longest wait for every VPG to reach Meeting SLA before measuring anyway.
+    #[arg(long, default_value_t = 300)]
+    settle_secs: u64,
+    #[arg(long, value_enum, default_value = "table")]
+    output: ScaleOutput,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum ScaleOutput {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -537,6 +579,27 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                     .await
                     .context("the benchmark thread failed")??;
                 println!("{report}");
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchWhat::Scale(a) => {
+                use crate::manager::bench_scale;
+                let opts = bench_scale::ScaleOpts {
+                    hosts: a.hosts,
+                    vms: a.vms,
+                    vpgs: a.vpgs,
+                    checkpoint_interval_secs: a.checkpoint_interval_secs,
+                    measure_secs: a.measure_secs,
+                    clients: a.clients,
+                    database: a.database,
+                    database_url: a.database_url,
+                    settle_secs: a.settle_secs,
+                    ..bench_scale::ScaleOpts::new(a.dir)
+                };
+                let report = bench_scale::run(&opts).await?;
+                match a.output {
+                    ScaleOutput::Table => print!("{}", bench_scale::table(&report)),
+                    ScaleOutput::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                }
                 Ok(ExitCode::SUCCESS)
             }
             BenchWhat::Checkpoints {
