@@ -439,3 +439,108 @@ async fn bandwidth_limit_holds_and_lag_reaches_the_receiver() {
         verify_disk(&st, d, &w);
     }
 }
+
+/// Enqueues `bytes` of 64 KiB writes on disk 7 and waits until all are acked; returns
+/// the time it took (bounded by `within`).
+async fn drain_time(sender: &Sender, w: &mut Workload, bytes: usize, within: Duration) -> Duration {
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while sent < bytes {
+        let r = w.next(7, 64 << 10);
+        sent += r.cost();
+        sender.enqueue(r).unwrap();
+    }
+    while !sender.is_drained() {
+        assert!(
+            start.elapsed() < within,
+            "not drained within {within:?}: {:?}",
+            sender.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_limit_changes_at_run_time_without_reconnecting() {
+    init_tracing();
+    const KIB: u64 = 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let st = storage(dir.path());
+    let rx = RunningReceiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ServerTransport::Insecure,
+        &[(PRO, &st)],
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    let cfg = sender_config(rx.addr, ClientTransport::Insecure);
+    // Starts unlimited; the limit comes later, on the running stream.
+    let (sender, mut events) = Sender::start(cfg, specs(&DISKS), cancel.clone()).unwrap();
+    let mut w = Workload::new(9, &DISKS);
+    drain_time(&sender, &mut w, 256 << 10, Duration::from_secs(10)).await;
+    assert_eq!(sender.bandwidth_limit(), None);
+
+    // 256 KiB/s: 768 KiB take about 2.75 s (the first 64 KiB are the burst).
+    assert!(sender.set_bandwidth_limit(Some(256 * KIB)));
+    assert!(
+        !sender.set_bandwidth_limit(Some(256 * KIB)),
+        "same value: no change"
+    );
+    let bytes = 768usize << 10;
+    let took = drain_time(&sender, &mut w, bytes, Duration::from_secs(8)).await;
+    let rate = bytes as f64 / took.as_secs_f64();
+    let limit = (256 * KIB) as f64;
+    assert!(
+        rate >= 0.5 * limit && rate <= 1.6 * limit,
+        "rate {rate:.0} B/s at a limit of {limit} B/s ({took:?})"
+    );
+
+    // Lifted: the same amount goes clearly faster.
+    assert!(sender.set_bandwidth_limit(None));
+    let fast = drain_time(&sender, &mut w, bytes, Duration::from_secs(5)).await;
+    assert!(
+        fast * 3 < took,
+        "lifting the limit did not speed the stream up: {fast:?} vs {took:?}"
+    );
+
+    // A change reaches a wait in progress: 2 MiB at 64 KiB/s would take 30 s; lifting
+    // the limit half a second in lets it finish at once.
+    assert!(sender.set_bandwidth_limit(Some(64 * KIB)));
+    let start = Instant::now();
+    let lifter = {
+        let s = sender.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            s.set_bandwidth_limit(None)
+        })
+    };
+    drain_time(&sender, &mut w, 2 << 20, Duration::from_secs(5)).await;
+    assert!(lifter.await.unwrap());
+    assert!(
+        start.elapsed() >= Duration::from_millis(450),
+        "the limit held at first"
+    );
+
+    sender.enqueue(w.checkpoint(7)).unwrap();
+    sender.enqueue(w.checkpoint(42)).unwrap();
+    drain_time(&sender, &mut w, 0, Duration::from_secs(5)).await;
+
+    // One connection throughout: the changes neither reconnected nor dropped a write.
+    let ev = drain_events(&mut events);
+    let connects = ev
+        .iter()
+        .filter(|e| matches!(e, StreamEvent::Connected))
+        .count();
+    assert_eq!(connects, 1, "{ev:?}");
+    assert!(
+        !ev.iter()
+            .any(|e| matches!(e, StreamEvent::Disconnected { .. })),
+        "{ev:?}"
+    );
+    cancel.cancel();
+    rx.stop().await;
+    for d in DISKS {
+        verify_disk(&st, d, &w);
+    }
+}

@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261123_000001_initial;
 mod m20261129_000001_control;
 mod m20261129_000002_webhooks;
+mod m20261129_000003_site_bandwidth;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_initial::Migration),
             Box::new(m20261129_000001_control::Migration),
             Box::new(m20261129_000002_webhooks::Migration),
+            Box::new(m20261129_000003_site_bandwidth::Migration),
         ]
     }
 }

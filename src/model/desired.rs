@@ -1,6 +1,7 @@
 //! The desired state of every host, from configuration rows: which of its disks
 //! replicate (with their VPG, recovery host, pause, priority and resync policy), which
-//! recovery hosts it streams to, and which protected hosts may stream to it.
+//! recovery hosts it streams to (with each link's share of the site bandwidth limit), and
+//! which protected hosts may stream to it.
 //!
 //! Pure: the caller reads the rows, assigns versions and sends. Every host in the input
 //! gets an entry, an empty one when it has nothing to do, so a host whose protection was
@@ -40,11 +41,25 @@ pub struct MemberRow {
     pub disks: Vec<DiskRow>,
 }
 
-/// A host and its replication listener.
+/// A host, its replication listener, its site and that site's bandwidth limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRow {
     pub name: String,
     pub data_address: Option<String>,
+    pub site_id: String,
+    /// The site's `bandwidth_limit` (bytes/s), None = unlimited.
+    pub site_bandwidth_limit: Option<u64>,
+}
+
+/// The least a link is given when a site limit is split (and the least a site limit may
+/// be): below this a stream cannot keep up even with checkpoint markers and syncs' headers.
+pub const MIN_BANDWIDTH_LIMIT: u64 = 64 * 1024;
+
+/// A link's share of a site limit shared by `links` links: floor(limit / links), at least
+/// [`MIN_BANDWIDTH_LIMIT`].
+pub fn link_share(limit: u64, links: usize) -> u64 {
+    let n = u64::try_from(links.max(1)).unwrap_or(u64::MAX);
+    (limit / n).max(MIN_BANDWIDTH_LIMIT)
 }
 
 /// Why something configured does not show in any desired state (for logs).
@@ -142,16 +157,48 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
             .or_default()
             .insert(m.protected_host.clone());
     }
-    for (host, targets) in peers {
-        let d = out.hosts.entry(host).or_default();
+    // The links in use (the recovery host has a listener), and how many of them leave
+    // each site: a site's limit is shared equally by the links from its hosts to hosts of
+    // other sites. A link inside one site does not cross the WAN and is not limited.
+    let site_of: BTreeMap<&str, &HostRow> = hosts.iter().map(|h| (h.name.as_str(), h)).collect();
+    let leaves = |from: &str, to: &str| match (site_of.get(from), site_of.get(to)) {
+        (Some(a), Some(b)) => a.site_id != b.site_id,
+        // A host missing from the rows: count the link as leaving (the safe side).
+        _ => true,
+    };
+    let mut links_per_site: BTreeMap<&str, usize> = BTreeMap::new();
+    for (host, targets) in &peers {
+        let Some(h) = site_of.get(host.as_str()) else {
+            continue;
+        };
+        for t in targets {
+            if addresses.get(t.as_str()).copied().flatten().is_some() && leaves(host, t) {
+                *links_per_site.entry(h.site_id.as_str()).or_default() += 1;
+            }
+        }
+    }
+    for (host, targets) in &peers {
+        let share = |t: &str| {
+            let h = site_of.get(host.as_str())?;
+            let limit = h.site_bandwidth_limit?;
+            if !leaves(host, t) {
+                return None;
+            }
+            let n = links_per_site.get(h.site_id.as_str()).copied().unwrap_or(1);
+            Some(link_share(limit, n))
+        };
+        let d = out.hosts.entry(host.clone()).or_default();
         for t in targets {
             match addresses.get(t.as_str()).copied().flatten() {
                 Some(a) => d.peers.push(PeerTarget {
-                    host_name: t,
+                    host_name: t.clone(),
                     address: a.to_string(),
+                    bandwidth_limit: share(t),
                 }),
                 None => {
-                    gaps.insert(Gap::NoDataAddress { recovery_host: t });
+                    gaps.insert(Gap::NoDataAddress {
+                        recovery_host: t.clone(),
+                    });
                 }
             }
         }
@@ -212,6 +259,8 @@ mod tests {
         HostRow {
             name: name.into(),
             data_address: data.map(str::to_string),
+            site_id: if name.starts_with('p') { "ps" } else { "rs" }.into(),
+            site_bandwidth_limit: None,
         }
     }
 
@@ -383,6 +432,165 @@ mod tests {
             &[Gap::UnknownVpg {
                 vpg_id: "gone".into(),
             }],
+        );
+    }
+
+    /// Peers' limits as (protected host, recovery host, limit), for hosts p1, p2 at site
+    /// "ps" (limit `ps`), r1, r2 at "rs" (limit `rs`), and r3 at "ps" (same site as p*).
+    fn limits(
+        ps: Option<u64>,
+        rs: Option<u64>,
+        members: &[MemberRow],
+    ) -> Vec<(String, String, Option<u64>)> {
+        let hosts: Vec<HostRow> = [
+            ("p1", "ps"),
+            ("p2", "ps"),
+            ("r1", "rs"),
+            ("r2", "rs"),
+            ("r3", "ps"),
+        ]
+        .iter()
+        .map(|(n, site)| HostRow {
+            name: n.to_string(),
+            data_address: Some(format!("{n}:9701")),
+            site_id: site.to_string(),
+            site_bandwidth_limit: if *site == "ps" { ps } else { rs },
+        })
+        .collect();
+        let vpgs = [vpg("v", Lifecycle::Protecting, false)];
+        let got = desired_states(&vpgs, members, &hosts);
+        let mut out = Vec::new();
+        for (h, d) in &got.hosts {
+            for p in &d.peers {
+                out.push((h.clone(), p.host_name.clone(), p.bandwidth_limit));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn site_bandwidth_limit_is_split_among_the_links_leaving_the_site() {
+        const K: u64 = 1024;
+        let m = |vm: &str, h: &str, r: &str, id: u64| {
+            member("v", vm, h, Some(r), &[(Some(id), "root")])
+        };
+        let own = |v: &[(&str, &str, Option<u64>)]| {
+            v.iter()
+                .map(|(a, b, l)| (a.to_string(), b.to_string(), *l))
+                .collect::<Vec<_>>()
+        };
+        type Case = (
+            &'static str,
+            Option<u64>,
+            Vec<MemberRow>,
+            Vec<(&'static str, &'static str, Option<u64>)>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "no limit: unlimited",
+                None,
+                vec![m("a", "p1", "r1", 1)],
+                vec![("p1", "r1", None)],
+            ),
+            (
+                "one link gets it all",
+                Some(1000 * K),
+                vec![m("a", "p1", "r1", 1)],
+                vec![("p1", "r1", Some(1000 * K))],
+            ),
+            (
+                "one link, two VMs on it: still one link",
+                Some(1000 * K),
+                vec![m("a", "p1", "r1", 1), m("b", "p1", "r1", 2)],
+                vec![("p1", "r1", Some(1000 * K))],
+            ),
+            (
+                "two hosts x one peer: halves",
+                Some(1000 * K),
+                vec![m("a", "p1", "r1", 1), m("b", "p2", "r1", 2)],
+                vec![("p1", "r1", Some(500 * K)), ("p2", "r1", Some(500 * K))],
+            ),
+            (
+                "one host x two peers: halves",
+                Some(1000 * K),
+                vec![m("a", "p1", "r1", 1), m("b", "p1", "r2", 2)],
+                vec![("p1", "r1", Some(500 * K)), ("p1", "r2", Some(500 * K))],
+            ),
+            (
+                "three links: floor of the third",
+                Some(1000),
+                vec![
+                    m("a", "p1", "r1", 1),
+                    m("b", "p1", "r2", 2),
+                    m("c", "p2", "r1", 3),
+                ],
+                vec![
+                    ("p1", "r1", Some(MIN_BANDWIDTH_LIMIT)),
+                    ("p1", "r2", Some(MIN_BANDWIDTH_LIMIT)),
+                    ("p2", "r1", Some(MIN_BANDWIDTH_LIMIT)),
+                ],
+            ),
+            (
+                "floor(L/N) exactly",
+                Some(1_000_001),
+                vec![
+                    m("a", "p1", "r1", 1),
+                    m("b", "p1", "r2", 2),
+                    m("c", "p2", "r1", 3),
+                ],
+                vec![
+                    ("p1", "r1", Some(333_333)),
+                    ("p1", "r2", Some(333_333)),
+                    ("p2", "r1", Some(333_333)),
+                ],
+            ),
+            (
+                "share never below 64 KiB/s",
+                Some(100 * K),
+                vec![m("a", "p1", "r1", 1), m("b", "p2", "r1", 2)],
+                vec![("p1", "r1", Some(64 * K)), ("p2", "r1", Some(64 * K))],
+            ),
+            (
+                "a link inside the site is neither limited nor counted",
+                Some(1000 * K),
+                vec![m("a", "p1", "r1", 1), m("b", "p1", "r3", 2)],
+                vec![("p1", "r1", Some(1000 * K)), ("p1", "r3", None)],
+            ),
+        ];
+        for (name, limit, members, want) in cases {
+            assert_eq!(limits(limit, None, &members), own(&want), "{name}");
+        }
+        // The recovery site's limit does not bear on links into it.
+        assert_eq!(
+            limits(None, Some(100 * K), &[m("a", "p1", "r1", 1)]),
+            own(&[("p1", "r1", None)]),
+            "recovery site limit"
+        );
+        // A limit change changes the desired state's content (so it is sent again).
+        let ms = [m("a", "p1", "r1", 1), m("b", "p2", "r1", 2)];
+        let hosts = |l: Option<u64>| -> Vec<HostRow> {
+            ["p1", "p2", "r1"]
+                .iter()
+                .map(|n| HostRow {
+                    name: n.to_string(),
+                    data_address: Some(format!("{n}:9701")),
+                    site_id: if n.starts_with('p') { "ps" } else { "rs" }.into(),
+                    site_bandwidth_limit: if n.starts_with('p') { l } else { None },
+                })
+                .collect()
+        };
+        let vpgs = [vpg("v", Lifecycle::Protecting, false)];
+        let a = desired_states(&vpgs, &ms, &hosts(Some(1000 * K)));
+        let b = desired_states(&vpgs, &ms, &hosts(Some(2000 * K)));
+        let c = desired_states(&vpgs, &ms, &hosts(None));
+        assert_eq!(a.hosts["p1"].peers[0].bandwidth_limit, Some(500 * K));
+        assert_eq!(b.hosts["p1"].peers[0].bandwidth_limit, Some(1000 * K));
+        assert_eq!(c.hosts["p1"].peers[0].bandwidth_limit, None);
+        assert!(!same_content(&a.hosts["p1"], &b.hosts["p1"]));
+        assert!(!same_content(&b.hosts["p1"], &c.hosts["p1"]));
+        assert!(
+            same_content(&a.hosts["r1"], &b.hosts["r1"]),
+            "recovery side unchanged"
         );
     }
 

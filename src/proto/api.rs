@@ -41,6 +41,10 @@ pub struct Site {
     pub name: String,
     pub description: String,
     pub location: Option<String>,
+    /// Bytes per second all replication leaving this site may use together, shared
+    /// equally by the (protected host, recovery host) links to other sites; null =
+    /// unlimited. Changes apply to running streams at once.
+    pub bandwidth_limit: Option<u64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -53,6 +57,9 @@ pub struct SiteCreate {
     pub description: String,
     #[serde(default)]
     pub location: Option<String>,
+    /// Bytes per second, at least 65536; absent or null = unlimited.
+    #[serde(default)]
+    pub bandwidth_limit: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -67,6 +74,14 @@ pub struct SitePatch {
     )]
     #[schema(value_type = Option<String>)]
     pub location: Option<Option<String>>,
+    /// Bytes per second, at least 65536; null = unlimited; absent = unchanged.
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<u64>)]
+    pub bandwidth_limit: Option<Option<u64>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]

@@ -138,6 +138,11 @@ pub struct PeerTarget {
     pub host_name: String,
     /// Its replication listener.
     pub address: String,
+    /// Bytes per second this link may use: its share of the protected site's bandwidth
+    /// limit. None = unlimited (the agent's own `[[agent.peers]]` limit still applies; the
+    /// smaller of the two wins). Changes apply to the running stream without reconnecting.
+    #[serde(default)]
+    pub bandwidth_limit: Option<u64>,
 }
 
 /// The whole protection a host must have. Anything the agent runs that is not in here is

@@ -8,6 +8,7 @@ mod helpers;
 
 mod access;
 mod alerts;
+mod bandwidth;
 mod checkpoints;
 mod concurrency;
 mod control;

@@ -26,10 +26,20 @@ async fn up_down_up(backend: Backend) {
                 name: "a".into(),
                 description: String::new(),
                 location: None,
+                bandwidth_limit: Some(1 << 20),
             },
         )
         .await
         .unwrap();
+    let sites = store
+        .list_sites(&SiteQuery::default(), &PageQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        sites.items[0].bandwidth_limit,
+        Some(1 << 20),
+        "sites.bandwidth_limit is there"
+    );
 
     store.migrate_down(None).await.unwrap();
     assert!(store
@@ -59,6 +69,7 @@ async fn up_down_up(backend: Backend) {
                 name: "a".into(),
                 description: String::new(),
                 location: None,
+                bandwidth_limit: None,
             },
         )
         .await

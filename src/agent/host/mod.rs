@@ -291,6 +291,7 @@ pub fn static_desired(cfg: &AgentConfig) -> DesiredState {
             .map(|p| PeerTarget {
                 host_name: p.host_name.clone(),
                 address: p.address.to_string(),
+                bandwidth_limit: p.bandwidth_limit,
             })
             .collect(),
         accept: cfg.allow.keys().cloned().collect(),
@@ -1020,6 +1021,28 @@ impl Agent {
 /// Converging: the machinery behind [`Agent::apply`] (and the start).
 impl Agent {
     /// The state to converge to: the static one with the manager's laid over it.
+    /// The bandwidth limit of the stream to `host`: the smaller of the static
+    /// `[[agent.peers]]` limit and the manager's share of the site limit (either may be
+    /// absent; neither = unlimited).
+    fn peer_limit(&self, host: &str) -> Option<u64> {
+        let own = self
+            .cfg
+            .peers
+            .iter()
+            .find(|p| p.host_name == host)
+            .and_then(|p| p.bandwidth_limit);
+        let managed = lock(&self.managed).as_ref().and_then(|m| {
+            m.peers
+                .iter()
+                .find(|p| p.host_name == host)
+                .and_then(|p| p.bandwidth_limit)
+        });
+        match (own, managed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     fn effective(&self) -> DesiredState {
         merged(static_desired(&self.cfg), lock(&self.managed).as_ref())
     }
@@ -1116,6 +1139,21 @@ impl Agent {
             }
         }
 
+        // Running streams follow a changed bandwidth limit in place (no reconnect, the
+        // queue kept).
+        for p in self.peers_now() {
+            let before = p.sender.bandwidth_limit();
+            let limit = self.peer_limit(&p.host_name);
+            if p.sender.set_bandwidth_limit(limit) {
+                tracing::info!(
+                    peer = %p.host_name,
+                    from = ?before,
+                    to = ?limit,
+                    "bandwidth limit of the stream changed"
+                );
+            }
+        }
+
         // Peers left without disks stop (their connection closes).
         lock(&self.peers).retain(|host, p| {
             let keep = !lock(&p.routes).is_empty();
@@ -1188,7 +1226,7 @@ impl Agent {
         let defaults = PeerConfig::with_defaults(host, addr, self.cfg.away_bound);
         let o = opts.unwrap_or(&defaults);
         sc.compression = o.compression;
-        sc.bandwidth_limit = o.bandwidth_limit;
+        sc.bandwidth_limit = self.peer_limit(host);
         sc.queue_memory = o.queue_memory;
         sc.spill_limit = o.spill_limit;
         sc.spill_dir = (o.spill_limit > 0).then(|| self.cfg.spill_dir(host));
@@ -1394,6 +1432,18 @@ impl Agent {
             "desired state applied"
         );
         r
+    }
+
+    /// The bandwidth limit each running stream has now (`None`: unlimited), by
+    /// recovery host name.
+    pub fn peer_bandwidth_limits(&self) -> Vec<(String, Option<u64>)> {
+        let mut v: Vec<(String, Option<u64>)> = self
+            .peers_now()
+            .iter()
+            .map(|p| (p.host_name.clone(), p.sender.bandwidth_limit()))
+            .collect();
+        v.sort();
+        v
     }
 
     /// Version of the desired state this agent runs (persisted), if any.

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -59,7 +59,8 @@ pub struct SenderConfig {
     pub transport: ClientTransport,
     /// Per-frame compression, from the VPG's setting.
     pub compression: Compression,
-    /// Bytes per second on the wire (after compression); `None`: unlimited.
+    /// Bytes per second on the wire (after compression); `None`: unlimited. The start
+    /// value: [`Sender::set_bandwidth_limit`] changes it on the running stream.
     pub bandwidth_limit: Option<u64>,
     /// Record bytes (data plus a fixed overhead per record) kept in memory, all disks.
     pub queue_memory: usize,
@@ -202,6 +203,9 @@ struct Inner {
     cfg: SenderConfig,
     state: Mutex<State>,
     wake: Notify,
+    /// The bandwidth limit in force (`None`: unlimited); the send loop follows changes
+    /// at once, also in the middle of a wait, without reconnecting.
+    limit: watch::Sender<Option<u64>>,
     events: mpsc::UnboundedSender<StreamEvent>,
 }
 
@@ -343,7 +347,9 @@ impl Sender {
             map.insert(spec.disk_id, new_disk_q(&cfg, spec)?);
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let (limit, _) = watch::channel(cfg.bandwidth_limit);
         let inner = Arc::new(Inner {
+            limit,
             cfg,
             state: Mutex::new(State {
                 disks: map,
@@ -473,6 +479,25 @@ impl Sender {
     }
 
     /// The disks this sender carries.
+    /// Changes the bandwidth limit of the running stream (`None`: unlimited): the next
+    /// send, or the wait in progress, follows the new rate; the connection and the queue
+    /// stay as they are. Returns whether the limit changed.
+    pub fn set_bandwidth_limit(&self, limit: Option<u64>) -> bool {
+        self.inner.limit.send_if_modified(|cur| {
+            if *cur == limit {
+                false
+            } else {
+                *cur = limit;
+                true
+            }
+        })
+    }
+
+    /// The bandwidth limit in force (`None`: unlimited).
+    pub fn bandwidth_limit(&self) -> Option<u64> {
+        *self.inner.limit.borrow()
+    }
+
     pub fn disk_ids(&self) -> Vec<u64> {
         self.inner.lock().disks.keys().copied().collect()
     }
@@ -851,7 +876,8 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
         .instrument(tracing::info_span!("stream-sender-acks")),
     );
 
-    let mut bucket = cfg.bandwidth_limit.map(Bucket::new);
+    let mut limit = inner.limit.subscribe();
+    let mut bucket = limit.borrow_and_update().map(Bucket::new);
     let mut next_ping = tokio::time::Instant::now();
     let mut nonce = 0u64;
     let mut batch: Vec<Arc<StreamRecord>> = Vec::new();
@@ -886,9 +912,7 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
             // is the one copy of the data on the send path.
             writer.push(&Frame::Record(StreamRecord::clone(rec)))?;
         }
-        if let Some(b) = bucket.as_mut() {
-            b.take(writer.buffered()).await;
-        }
+        pace(&mut bucket, &mut limit, writer.buffered()).await;
         if reader_task.is_finished() {
             return match reader_task.await {
                 Ok(Ok(())) => Ok(()),
@@ -982,8 +1006,42 @@ fn lag_figures(inner: &Inner) -> Vec<DiskLag> {
         .collect()
 }
 
-/// Token bucket for the bandwidth limit: a burst of a tenth of a second; a send larger
-/// than the tokens goes into debt and waits it off.
+/// Waits until `n` bytes may go at the limit in force. A limit change (also during the
+/// wait) retunes the bucket: the debt left is waited off at the new rate, or not at all
+/// when the limit is lifted.
+async fn pace(bucket: &mut Option<Bucket>, limit: &mut watch::Receiver<Option<u64>>, n: usize) {
+    if limit.has_changed().unwrap_or(false) {
+        retune(bucket, *limit.borrow_and_update());
+    }
+    let Some(b) = bucket.as_mut() else { return };
+    let mut wait = b.take(n);
+    while let Some(d) = wait {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => return,
+            r = limit.changed() => {
+                if r.is_err() {
+                    // The sender half lives in `Inner`, as long as this loop: cannot
+                    // happen; wait the debt off as before.
+                    tokio::time::sleep(d).await;
+                    return;
+                }
+                retune(bucket, *limit.borrow_and_update());
+                wait = bucket.as_mut().and_then(Bucket::debt);
+            }
+        }
+    }
+}
+
+fn retune(bucket: &mut Option<Bucket>, limit: Option<u64>) {
+    match (bucket.as_mut(), limit) {
+        (_, None) => *bucket = None,
+        (Some(b), Some(r)) => b.set_rate(r),
+        (None, Some(r)) => *bucket = Some(Bucket::new(r)),
+    }
+}
+
+/// Token bucket for the bandwidth limit: a burst of a tenth of a second (at least
+/// 64 KiB); a send larger than the tokens goes into debt and waits it off.
 struct Bucket {
     rate: f64,
     tokens: f64,
@@ -992,9 +1050,13 @@ struct Bucket {
 }
 
 impl Bucket {
+    fn burst_of(rate: f64) -> f64 {
+        (rate / 10.0).max(64.0 * 1024.0)
+    }
+
     fn new(rate: u64) -> Bucket {
         let rate = rate.max(1) as f64;
-        let burst = (rate / 10.0).max(64.0 * 1024.0);
+        let burst = Self::burst_of(rate);
         Bucket {
             rate,
             tokens: burst,
@@ -1003,14 +1065,33 @@ impl Bucket {
         }
     }
 
-    async fn take(&mut self, n: usize) {
+    /// Tokens earned since the last refill, at the current rate.
+    fn refill(&mut self) {
         let now = Instant::now();
         self.tokens =
             (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
+    }
+
+    /// Spends `n` bytes; returns how long to wait off the debt, if any.
+    fn take(&mut self, n: usize) -> Option<Duration> {
+        self.refill();
         self.tokens -= n as f64;
-        if self.tokens < 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(-self.tokens / self.rate)).await;
-        }
+        self.debt()
+    }
+
+    /// The wait the current debt costs at the current rate.
+    fn debt(&mut self) -> Option<Duration> {
+        self.refill();
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+
+    /// A new rate from now on: what was earned so far counts at the old one; the burst
+    /// follows the new rate.
+    fn set_rate(&mut self, rate: u64) {
+        self.refill();
+        self.rate = rate.max(1) as f64;
+        self.burst = Self::burst_of(self.rate);
+        self.tokens = self.tokens.min(self.burst);
     }
 }

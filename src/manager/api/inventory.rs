@@ -56,7 +56,11 @@ pub async fn update_site(
     ApiJson(body): ApiJson<SitePatch>,
 ) -> Result<ApiJson<Site>, ApiError> {
     c.require(Role::Admin)?;
-    Ok(ApiJson(s.store.update_site(&c.actor(), &id, body).await?))
+    let site = s.store.update_site(&c.actor(), &id, body).await?;
+    // The bandwidth limit is part of every desired state of the site's hosts: recompute
+    // them now rather than at the next tick.
+    s.control.config_changed();
+    Ok(ApiJson(site))
 }
 
 #[utoipa::path(delete, path = "/api/v1/sites/{id}", tag = "inventory", params(("id" = String, Path)),

@@ -314,6 +314,7 @@ impl Store {
                     name: Set(site_name.to_string()),
                     description: Set(String::new()),
                     location: Set(None),
+                    bandwidth_limit: Set(None),
                     created_at: Set(t),
                     updated_at: Set(t),
                 }
@@ -509,6 +510,12 @@ impl Store {
     /// Every VPG, member (with its VM's disks and both hosts by name) and host.
     pub async fn desired_rows(&self) -> Result<DesiredRows, StoreError> {
         let hosts = host::Entity::find().all(&self.db).await?;
+        let site_limits: HashMap<String, Option<u64>> = site::Entity::find()
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|s| (s.id, s.bandwidth_limit.map(u64_of)))
+            .collect();
         let host_names: HashMap<String, String> = hosts
             .iter()
             .map(|h| (h.id.clone(), h.name.clone()))
@@ -573,8 +580,10 @@ impl Store {
             hosts: hosts
                 .into_iter()
                 .map(|h| HostRow {
+                    site_bandwidth_limit: site_limits.get(&h.site_id).copied().flatten(),
                     name: h.name,
                     data_address: h.data_address,
+                    site_id: h.site_id,
                 })
                 .collect(),
         })

@@ -5,6 +5,7 @@ use super::{
     finish_page, i64_of, new_id, now, on_unique, page_limit, u64_of, Actor, NewEvent, Store,
     StoreError,
 };
+use crate::model::desired::MIN_BANDWIDTH_LIMIT;
 use crate::model::names::Name;
 use crate::model::status::{derive_vm_state, VmFacts, VmReplicationState};
 use crate::model::ValidationError;
@@ -28,8 +29,23 @@ fn to_site(m: site::Model) -> Site {
         name: m.name,
         description: m.description,
         location: m.location,
+        bandwidth_limit: m.bandwidth_limit.map(u64_of),
         created_at: m.created_at,
         updated_at: m.updated_at,
+    }
+}
+
+/// A site bandwidth limit: at least [`MIN_BANDWIDTH_LIMIT`] bytes/s when set.
+fn check_bandwidth(v: Option<u64>) -> Result<Option<i64>, StoreError> {
+    match v {
+        None => Ok(None),
+        Some(b) if b < MIN_BANDWIDTH_LIMIT => Err(ValidationError::new(
+            "site.bandwidth_limit_too_small",
+            "bandwidth_limit",
+            format!("must be at least {MIN_BANDWIDTH_LIMIT} bytes per second (64 KiB/s), or null for unlimited"),
+        )
+        .into()),
+        Some(b) => Ok(Some(i64_of(b, "bandwidth_limit")?)),
     }
 }
 
@@ -168,6 +184,7 @@ impl Store {
         let name = Name::parse(&input.name)?;
         check_text("description", &Some(input.description.clone()))?;
         check_text("location", &input.location)?;
+        let bandwidth_limit = check_bandwidth(input.bandwidth_limit)?;
         let t = now();
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
@@ -176,6 +193,7 @@ impl Store {
             name: Set(name.to_string()),
             description: Set(input.description),
             location: Set(input.location),
+            bandwidth_limit: Set(bandwidth_limit),
             created_at: Set(t),
             updated_at: Set(t),
         }
@@ -203,6 +221,7 @@ impl Store {
         id: &str,
         p: SitePatch,
     ) -> Result<Site, StoreError> {
+        let bandwidth_limit = p.bandwidth_limit.map(check_bandwidth).transpose()?;
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
         let cur = site::Entity::find_by_id(id)
@@ -220,6 +239,9 @@ impl Store {
         if let Some(l) = p.location {
             check_text("location", &l)?;
             am.location = Set(l);
+        }
+        if let Some(b) = bandwidth_limit {
+            am.bandwidth_limit = Set(b);
         }
         am.updated_at = Set(now());
         let m = am.update(&txn).await.map_err(on_unique(

@@ -10,6 +10,8 @@ pub struct Model {
     pub name: String,
     pub description: String,
     pub location: Option<String>,
+    /// Bytes per second for all replication leaving the site; `None` = unlimited.
+    pub bandwidth_limit: Option<i64>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }
