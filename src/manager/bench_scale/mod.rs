@@ -158,6 +158,8 @@ pub struct ScaleReport {
     /// One `GET /metrics` at the end: time and size.
     pub metrics_scrape_ms: f64,
     pub metrics_bytes: usize,
+    /// Setup requests (enrolment tokens, VPG creation) retried after a failure.
+    pub setup_retries: u32,
     pub sim_heartbeats: u64,
     pub sim_disconnects: u64,
     pub stream: StreamReport,
@@ -254,7 +256,16 @@ async fn measure(
     for h in 0..opts.hosts {
         let name = format!("host-{h:03}");
         let site = if h % 2 == 0 { "site-a" } else { "site-b" };
-        let token = api.enrolment_token(&format!("bench {name}")).await?;
+        let mut token = api.enrolment_token(&format!("bench {name}")).await;
+        for attempt in 1..SETUP_ATTEMPTS {
+            if token.is_ok() {
+                break;
+            }
+            report.setup_retries += 1;
+            tokio::time::sleep(Duration::from_millis(500 << attempt.min(3))).await;
+            token = api.enrolment_token(&format!("bench {name}")).await;
+        }
+        let token = token?;
         let n = per_host + usize::from(h < extra);
         let vms = (0..n)
             .map(|i| InventoryVm {
@@ -290,21 +301,31 @@ async fn measure(
     // VPGs.
     let t = Instant::now();
     let bodies = vpg_bodies(opts, &inv, &host_names)?;
-    let created: Vec<Result<String, LabError>> = futures::stream::iter(bodies)
+    let wanted = bodies.len();
+    let created: Vec<Result<u32, LabError>> = futures::stream::iter(bodies)
         .map(|body| {
             let api = api.clone();
-            async move {
-                let v = api.post("/api/v1/vpgs", body).await?;
-                v["id"]
-                    .as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| setup(format!("VPG without id: {v}")))
-            }
+            async move { post_retrying(&api, "/api/v1/vpgs", body).await }
         })
         .buffer_unordered(CREATE_CONCURRENCY)
         .collect()
         .await;
-    let vpg_ids = created.into_iter().collect::<Result<Vec<_>, _>>()?;
+    for r in created {
+        report.setup_retries += r?;
+    }
+    // By name: a create retried after a 5xx that had in fact committed answers 409.
+    let vpg_ids: Vec<String> = all_items(&api, "/api/v1/vpgs")
+        .await?
+        .iter()
+        .filter(|v| v["name"].as_str().is_some_and(|n| n.starts_with("vpg-")))
+        .filter_map(|v| v["id"].as_str().map(str::to_string))
+        .collect();
+    if vpg_ids.len() != wanted {
+        return Err(setup(format!(
+            "{} of {wanted} VPGs exist after creating them",
+            vpg_ids.len()
+        )));
+    }
     report.create_vpgs_secs = t.elapsed().as_secs_f64();
     eprintln!(
         "bench scale: {} VPGs created ({:.1} s)",
@@ -407,6 +428,58 @@ async fn measure(
     Ok(())
 }
 
+/// Attempts of a setup request answered 5xx (SQLite answers "database is locked" under
+/// load) before the run gives up.
+const SETUP_ATTEMPTS: u32 = 8;
+
+/// `POST` that retries a 5xx answer (bounded) and takes 409 (already there, from an
+/// attempt that did commit) as done. Returns the retries made.
+async fn post_retrying(api: &Api, path: &str, body: Value) -> Result<u32, BenchError> {
+    let mut last = String::new();
+    for attempt in 0..SETUP_ATTEMPTS {
+        let r = api
+            .http
+            .post(format!("{}{path}", api.base))
+            .bearer_auth(&api.token)
+            .json(&body)
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().is_success() || r.status() == reqwest::StatusCode::CONFLICT => {
+                return Ok(attempt)
+            }
+            Ok(r) if r.status().is_server_error() => {
+                last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default());
+            }
+            Ok(r) => {
+                let code = r.status();
+                return Err(setup(format!(
+                    "POST {path} → {code}: {}",
+                    r.text().await.unwrap_or_default()
+                )));
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(500 << attempt.min(3))).await;
+    }
+    Err(setup(format!(
+        "POST {path}: {SETUP_ATTEMPTS} attempts failed, last: {last}"
+    )))
+}
+
+/// `GET` that retries a failure (bounded).
+async fn get_retrying(api: &Api, path: &str) -> Result<Value, BenchError> {
+    let mut last = None;
+    for attempt in 0..SETUP_ATTEMPTS {
+        match api.get(path).await {
+            Ok(v) => return Ok(v),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(500 << attempt.min(3))).await;
+    }
+    Err(last.unwrap_or_else(|| setup(format!("GET {path} failed"))))
+}
+
 /// Every item of a paginated list (pages of 1000, bounded).
 async fn all_items(api: &Api, path: &str) -> Result<Vec<Value>, BenchError> {
     let mut out = Vec::new();
@@ -417,7 +490,7 @@ async fn all_items(api: &Api, path: &str) -> Result<Vec<Value>, BenchError> {
             Some(c) => format!("{path}{sep}limit=1000&cursor={c}"),
             None => format!("{path}{sep}limit=1000"),
         };
-        let page = api.get(&url).await?;
+        let page = get_retrying(api, &url).await?;
         if let Some(items) = page["items"].as_array() {
             out.extend(items.iter().cloned());
         }
@@ -733,6 +806,13 @@ impl ChildManager {
     }
 }
 
+/// Connection options without sqlx's statement log.
+fn quiet(url: &str) -> sea_orm::ConnectOptions {
+    let mut o = sea_orm::ConnectOptions::new(url.to_string());
+    o.sqlx_logging(false).max_connections(1);
+    o
+}
+
 /// A throwaway PostgreSQL database.
 struct PgScratch {
     admin: String,
@@ -753,7 +833,7 @@ impl PgScratch {
             Some(i) => format!("{}/{name}{query}", &base[..scheme_end + i]),
             None => format!("{base}/{name}{query}"),
         };
-        let db = sea_orm::Database::connect(admin)
+        let db = sea_orm::Database::connect(quiet(admin))
             .await
             .map_err(|e| setup(format!("PostgreSQL at {admin}: {e}")))?;
         db.execute_unprepared(&format!("CREATE DATABASE {name}"))
@@ -770,7 +850,7 @@ impl PgScratch {
 
     async fn drop_db(&self) -> Result<(), BenchError> {
         use sea_orm::ConnectionTrait;
-        let db = sea_orm::Database::connect(&self.admin)
+        let db = sea_orm::Database::connect(quiet(&self.admin))
             .await
             .map_err(|e| setup(format!("PostgreSQL: {e}")))?;
         db.execute_unprepared(&format!(
@@ -1056,6 +1136,7 @@ pub fn table(r: &ScaleReport) -> String {
             ),
         ),
     }
+    row("setup requests retried", r.setup_retries.to_string());
     row(
         "simulated agents",
         format!(
