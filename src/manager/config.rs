@@ -55,6 +55,12 @@ pub struct ManagerSection {
     /// Test-only: run checkpoint rounds without the consistency barrier.
     #[serde(default)]
     pub test_disable_checkpoint_barrier: bool,
+    /// Live stream: frames kept for clients reconnecting with `since`.
+    pub live_history_frames: Option<usize>,
+    /// Live stream: frames a client may fall behind before it is dropped.
+    pub live_client_queue: Option<usize>,
+    /// Live stream: how long one frame may take to go into a client's socket (ms).
+    pub live_send_timeout_ms: Option<u64>,
 }
 
 impl ConfigFile {
@@ -121,6 +127,15 @@ fn control_settings(m: &ManagerSection) -> crate::manager::control::ControlSetti
     }
     if let Some(v) = m.checkpoint_hold_bound_ms {
         c.hold_bound = Duration::from_millis(v.clamp(1, 10_000));
+    }
+    if let Some(v) = m.live_history_frames {
+        c.live.history_frames = v.clamp(1, 1 << 20);
+    }
+    if let Some(v) = m.live_client_queue {
+        c.live.client_queue = v.clamp(1, 1 << 16);
+    }
+    if let Some(v) = m.live_send_timeout_ms {
+        c.live.send_timeout = Duration::from_millis(v.max(10));
     }
     if m.test_disable_checkpoint_barrier {
         tracing::warn!(

@@ -114,6 +114,9 @@ struct Live {
     rounds: Family<ResultLabels, Counter>,
     alerts_open: Family<SeverityLabels, Gauge>,
     hosts: Family<ConnectivityLabels, Gauge>,
+    stream_clients: Gauge,
+    stream_dropped: Counter,
+    stream_history_bytes: Gauge,
 }
 
 pub struct Metrics {
@@ -164,6 +167,9 @@ impl Metrics {
             rounds: Family::default(),
             alerts_open: Family::default(),
             hosts: Family::default(),
+            stream_clients: Gauge::default(),
+            stream_dropped: Counter::default(),
+            stream_history_bytes: Gauge::default(),
         };
         registry.register(
             "vpg_rpo_seconds",
@@ -221,6 +227,21 @@ impl Metrics {
             live.alerts_open.clone(),
         );
         registry.register("hosts", "Hosts, by connectivity", live.hosts.clone());
+        registry.register(
+            "stream_clients",
+            "Clients connected to the live stream",
+            live.stream_clients.clone(),
+        );
+        registry.register(
+            "stream_clients_dropped",
+            "Live stream clients dropped for not keeping up",
+            live.stream_dropped.clone(),
+        );
+        registry.register(
+            "stream_history_bytes",
+            "Bytes of frames kept for live stream clients that reconnect",
+            live.stream_history_bytes.clone(),
+        );
         registry.register(
             "build",
             "Version of this manager",
@@ -386,7 +407,12 @@ impl Metrics {
 
     /// The text exposition, with the count gauges set from `counts` (every known
     /// value present, zero when nothing has it) and the per-disk ones from `live`.
-    pub fn render(&self, counts: &MetricCounts, live: &[HostLive]) -> String {
+    pub fn render(
+        &self,
+        counts: &MetricCounts,
+        live: &[HostLive],
+        stream: &crate::manager::live::LiveStats,
+    ) -> String {
         // Held while the families are rewritten, so concurrent scrapes do not see one
         // another's half-cleared disk families.
         let registry = match self.registry.lock() {
@@ -412,6 +438,17 @@ impl Metrics {
             |connectivity| ConnectivityLabels { connectivity },
         );
         self.set_disks(live);
+        self.live
+            .stream_clients
+            .set(i64::try_from(stream.clients).unwrap_or(i64::MAX));
+        self.live.stream_dropped.inc_by(
+            stream
+                .dropped
+                .saturating_sub(self.live.stream_dropped.get()),
+        );
+        self.live
+            .stream_history_bytes
+            .set(i64::try_from(stream.history_bytes).unwrap_or(i64::MAX));
         let mut out = String::new();
         if encode(&mut out, &registry).is_err() {
             out.clear();

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_scale;
 pub mod config;
 pub mod control;
+pub mod live;
 pub mod metrics;
 pub mod server;
 pub mod store;

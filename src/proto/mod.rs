@@ -5,5 +5,6 @@
 pub mod agent;
 pub mod api;
 pub mod control;
+pub mod live;
 pub mod stream;
 pub mod webhooks;

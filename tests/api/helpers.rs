@@ -99,6 +99,8 @@ pub struct TestApp {
     pub admin: String,
     pub http: reqwest::Client,
     pub store: Store,
+    /// The live stream engine (tests publish raw frames to load a client).
+    pub live: std::sync::Arc<bulwark::manager::live::Live>,
     /// Kept alive (and dropped) with the app.
     pub _db: TestDb,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -133,6 +135,7 @@ pub async fn spawn_app_with(backend: Backend, control: ControlSettings) -> TestA
         .clone()
         .expect("a fresh database bootstraps an admin token");
     let store = app.store().clone();
+    let live = std::sync::Arc::clone(&app.control().live);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until(async {
         let _ = rx.await;
@@ -142,6 +145,7 @@ pub async fn spawn_app_with(backend: Backend, control: ControlSettings) -> TestA
         admin,
         http: reqwest::Client::new(),
         store,
+        live,
         _db: db,
         shutdown: Some(tx),
     }

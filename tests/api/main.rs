@@ -13,6 +13,7 @@ mod checkpoints;
 mod concurrency;
 mod control;
 mod crud;
+mod live;
 mod migrations;
 mod openapi;
 mod pagination;

@@ -50,11 +50,10 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+impl Caller {
+    /// The caller named by an `Authorization: Bearer` header.
+    pub async fn from_headers(state: &AppState, headers: &HeaderMap) -> Result<Self, ApiError> {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Err(ApiError::unauthorized(
                 "auth.missing_token",
                 "send an API token as `Authorization: Bearer <token>`",
@@ -71,6 +70,11 @@ impl FromRequestParts<AppState> for Caller {
                     "the Authorization header is not a bearer token",
                 )
             })?;
+        Self::authenticate(state, secret).await
+    }
+
+    /// The caller owning this token secret.
+    pub async fn authenticate(state: &AppState, secret: &str) -> Result<Self, ApiError> {
         match state.store.authenticate(secret).await? {
             Some(t) => Ok(Caller(t)),
             None => Err(ApiError::unauthorized(
@@ -78,6 +82,14 @@ impl FromRequestParts<AppState> for Caller {
                 "the token is unknown, revoked or expired",
             )),
         }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Caller::from_headers(state, &parts.headers).await
     }
 }
 

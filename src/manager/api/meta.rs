@@ -42,7 +42,9 @@ pub async fn readyz(State(s): State<AppState>) -> Result<ApiJson<Health>, ApiErr
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
     let counts = s.store.metric_counts().await?;
-    let body = s.metrics.render(&counts, &s.control.hub.all_live());
+    let body = s
+        .metrics
+        .render(&counts, &s.control.hub.all_live(), &s.control.live.stats());
     Ok((
         [(
             header::CONTENT_TYPE,

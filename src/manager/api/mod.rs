@@ -6,6 +6,7 @@ mod agents;
 mod error;
 mod extract;
 mod inventory;
+mod live;
 mod meta;
 mod records;
 mod tokens;
@@ -115,6 +116,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(records::list_alerts))
         .routes(routes!(records::get_alert))
         .routes(routes!(records::acknowledge_alert))
+        .routes(routes!(live::stream))
         .routes(routes!(tokens::session))
         .routes(routes!(tokens::list_tokens, tokens::create_token))
         .routes(routes!(tokens::revoke_token))
@@ -178,7 +180,10 @@ pub fn router(
     }
     app.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(TraceLayer::new_for_http())
+        // Spans name the path only: a query string may hold a token (`access_token`).
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+        }))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal().into_response()
         }))

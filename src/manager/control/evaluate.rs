@@ -81,6 +81,8 @@ struct EvalState {
     thinned: HashMap<String, u64>,
     /// The SLA alert state machines.
     alerts: super::alerts::AlertEngine,
+    /// SLA figures that moved in this pass, for the live stream.
+    samples: Vec<crate::proto::live::VpgSample>,
 }
 
 async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), StoreError> {
@@ -109,6 +111,7 @@ async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), St
         }
     }
     cp.vm_states.replace(vm_states);
+    cp.live.add_samples(std::mem::take(&mut state.samples));
     // Series of VPGs gone since the last pass (a VPG removed within this pass keeps its
     // series one more pass, until it is no longer listed).
     cp.metrics
@@ -451,6 +454,25 @@ async fn evaluate_one(
     });
     if update != stored || v.status != status.as_str() || v.sub_status != sub_status.as_str() {
         cp.store.write_status(&v.id, &update).await?;
+    }
+    if (
+        update.rpo_actual_ms,
+        update.history_actual_secs,
+        update.journal_bytes,
+    ) != (
+        stored.rpo_actual_ms,
+        stored.history_actual_secs,
+        stored.journal_bytes,
+    ) {
+        state.samples.push(crate::proto::live::VpgSample {
+            id: v.id.clone(),
+            at: now,
+            rpo_actual_secs: rpo_actual.map(|d| d.as_secs_f64()),
+            history_actual_secs: update
+                .history_actual_secs
+                .map(|s| u64::try_from(s).unwrap_or(0)),
+            journal_bytes: u64::try_from(update.journal_bytes).unwrap_or(0),
+        });
     }
     Ok(())
 }

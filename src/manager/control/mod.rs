@@ -49,6 +49,8 @@ pub struct ControlSettings {
     pub alerts: crate::model::alerts::Hysteresis,
     /// Webhook delivery timings (back-off, timeout, polling).
     pub webhooks: crate::manager::webhooks::WebhookSettings,
+    /// Live stream bounds (history, slow clients).
+    pub live: crate::manager::live::LiveSettings,
 }
 
 impl Default for ControlSettings {
@@ -61,6 +63,7 @@ impl Default for ControlSettings {
             default_checkpoint_interval: Duration::from_secs(5),
             alerts: crate::model::alerts::Hysteresis::default(),
             webhooks: Default::default(),
+            live: Default::default(),
         }
     }
 }
@@ -79,6 +82,8 @@ pub struct ControlPlane {
     pub vm_states: evaluate::VmStates,
     /// The Prometheus registry: the evaluator sets per-VPG values, rounds observe holds.
     pub metrics: Arc<Metrics>,
+    /// The live stream (`GET /api/v1/stream`): the evaluator hands it SLA samples.
+    pub live: Arc<crate::manager::live::Live>,
     /// Poked whenever configuration or live facts change, so the loops react at once
     /// instead of at their next tick.
     pub changed: Notify,
@@ -90,6 +95,7 @@ impl ControlPlane {
     pub fn new(store: Store, settings: ControlSettings, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             metrics,
+            live: crate::manager::live::Live::new(settings.live.clone()),
             reconciler: reconcile::Reconciler::new(),
             rounds: rounds::Rounds::new(),
             recovery: recovery::RecoveryTracker::new(),
@@ -114,6 +120,11 @@ impl ControlPlane {
         self.tasks.spawn(evaluate::run(me, self.cancel.clone()));
         let me = Arc::clone(self);
         self.tasks.spawn(replicas::run(me, self.cancel.clone()));
+        self.tasks.spawn(crate::manager::live::run(
+            self.store.clone(),
+            Arc::clone(&self.live),
+            self.cancel.clone(),
+        ));
         self.tasks.spawn(crate::manager::webhooks::run(
             self.store.clone(),
             self.settings.webhooks.clone(),

@@ -7,6 +7,7 @@ mod checkpoints;
 mod control;
 pub mod entity;
 mod inventory;
+mod live;
 mod records;
 mod tokens;
 mod vpgs;
@@ -26,8 +27,7 @@ use chrono::{DateTime, Utc};
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{
     ActiveModelTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
-    DatabaseTransaction, DbBackend,
-    DbErr, Set, SqlErr, Statement,
+    DatabaseTransaction, DbBackend, DbErr, Set, SqlErr, Statement,
 };
 use std::sync::Arc;
 use std::time::Duration;

@@ -35,7 +35,7 @@ fn to_checkpoint(m: checkpoint::Model) -> Checkpoint {
     }
 }
 
-fn to_task(m: task::Model) -> Task {
+pub(super) fn to_task(m: task::Model) -> Task {
     Task {
         id: m.id,
         vpg_id: m.vpg_id,
@@ -52,7 +52,7 @@ fn to_task(m: task::Model) -> Task {
     }
 }
 
-fn to_event(m: event::Model) -> Event {
+pub(super) fn to_event(m: event::Model) -> Event {
     Event {
         id: m.id,
         at: m.at,

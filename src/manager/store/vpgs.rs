@@ -175,26 +175,56 @@ impl Store {
             sel = sel.filter(vpg::Column::Name.eq(n.as_str()));
         }
         let rows = sel.limit(limit + 1).all(&self.db).await?;
-        let counts: HashMap<String, i64> = member::Entity::find()
-            .filter(member::Column::VpgId.is_in(rows.iter().map(|r| r.id.clone())))
-            .select_only()
-            .column(member::Column::VpgId)
-            .column_as(member::Column::Id.count(), "n")
-            .group_by(member::Column::VpgId)
-            .into_tuple()
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .collect();
+        let counts = self.member_counts(&rows).await?;
         Ok(finish_page(
             rows,
             limit,
             |m| m.id.clone(),
-            |m| {
-                let n = counts.get(&m.id).copied().unwrap_or(0);
-                to_vpg(m, u32::try_from(n).unwrap_or(0), None)
-            },
+            |m| list_item(m, &counts),
         ))
+    }
+
+    /// VPGs in the shape of list items (no members), for the ids that exist, in id
+    /// order: what the live stream sends when they change.
+    pub async fn vpgs_by_ids(&self, ids: &[String]) -> Result<Vec<Vpg>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        // Bounded IN lists: SQLite caps bound parameters.
+        for chunk in ids.chunks(500) {
+            let rows = vpg::Entity::find()
+                .filter(vpg::Column::Id.is_in(chunk.iter().cloned()))
+                .order_by_asc(vpg::Column::Id)
+                .all(&self.db)
+                .await?;
+            let counts = self.member_counts(&rows).await?;
+            out.extend(rows.into_iter().map(|m| list_item(m, &counts)));
+        }
+        Ok(out)
+    }
+
+    /// Every VPG as a list item, in id order.
+    pub async fn all_vpgs(&self) -> Result<Vec<Vpg>, StoreError> {
+        let rows = vpg::Entity::find()
+            .order_by_asc(vpg::Column::Id)
+            .all(&self.db)
+            .await?;
+        let counts = self.member_counts(&rows).await?;
+        Ok(rows.into_iter().map(|m| list_item(m, &counts)).collect())
+    }
+
+    async fn member_counts(&self, rows: &[vpg::Model]) -> Result<HashMap<String, i64>, StoreError> {
+        if rows.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut q = member::Entity::find()
+            .select_only()
+            .column(member::Column::VpgId)
+            .column_as(member::Column::Id.count(), "n")
+            .group_by(member::Column::VpgId);
+        // A bounded IN list when it is a page; a whole-table count otherwise.
+        if rows.len() <= 500 {
+            q = q.filter(member::Column::VpgId.is_in(rows.iter().map(|r| r.id.clone())));
+        }
+        Ok(q.into_tuple().all(&self.db).await?.into_iter().collect())
     }
 
     pub async fn get_vpg(&self, id: &str) -> Result<Vpg, StoreError> {
@@ -794,6 +824,12 @@ impl Store {
             hosts,
         })
     }
+}
+
+/// A VPG row as a list item (member count, no members).
+fn list_item(m: vpg::Model, counts: &HashMap<String, i64>) -> Vpg {
+    let n = counts.get(&m.id).copied().unwrap_or(0);
+    to_vpg(m, u32::try_from(n).unwrap_or(0), None)
 }
 
 /// Grouped counts for `/metrics`: (value, count) pairs.

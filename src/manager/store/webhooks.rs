@@ -8,6 +8,7 @@
 //! change anyone made, and an event per attempt would feed the webhooks themselves.
 
 use super::entity::{event, webhook, webhook_cursor, webhook_delivery};
+use super::records::to_event;
 use super::{finish_page, new_id, now, on_unique, page_limit, Actor, NewEvent, Store, StoreError};
 use crate::model::names::Name;
 use crate::model::webhooks::{any_matches, validate_kinds, validate_url};
@@ -101,21 +102,6 @@ fn to_webhook(m: webhook::Model, cursor: i64) -> Webhook {
     }
 }
 
-fn to_event(m: event::Model) -> Event {
-    Event {
-        id: m.id,
-        at: m.at,
-        kind: m.kind,
-        severity: m.severity,
-        actor: m.actor,
-        vpg_id: m.vpg_id,
-        subject_type: m.subject_type,
-        subject_id: m.subject_id,
-        message: m.message,
-        details: m.details,
-    }
-}
-
 async fn cursor_of(db: &impl ConnectionTrait, id: &str) -> Result<i64, StoreError> {
     Ok(webhook_cursor::Entity::find_by_id(id)
         .one(db)
@@ -123,7 +109,7 @@ async fn cursor_of(db: &impl ConnectionTrait, id: &str) -> Result<i64, StoreErro
         .map_or(0, |c| c.last_event_id))
 }
 
-async fn newest_event_id(db: &impl ConnectionTrait) -> Result<i64, StoreError> {
+pub(super) async fn newest_event_id(db: &impl ConnectionTrait) -> Result<i64, StoreError> {
     Ok(event::Entity::find()
         .order_by_desc(event::Column::Id)
         .limit(1)
