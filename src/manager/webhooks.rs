@@ -153,19 +153,24 @@ async fn subscription(
     id: String,
     cancel: CancellationToken,
 ) {
+    let mut commits = store.commits();
     loop {
-        let wait = match pass(&store, &client, &settings, &id).await {
-            Ok(Some(w)) => w,
+        commits.mark_unchanged();
+        let (wait, idle) = match pass(&store, &client, &settings, &id).await {
+            Ok(Some(w)) => (w, w == settings.poll),
             // Deleted or disabled: the supervisor starts a new task if it comes back.
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(webhook = %id, error = %e, "webhook pass failed");
-                settings.poll
+                (settings.poll, false)
             }
         };
+        // Idle, a commit (new events) wakes it at once; the poll is the safety net. A
+        // back-off is waited out whatever happens.
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
+            r = commits.changed(), if idle => if r.is_err() { return },
         }
     }
 }
