@@ -63,6 +63,7 @@ const SERVED: &[(&str, &str)] = &[
     ("DELETE", "/api/v1/webhooks/{id}"),
     ("POST", "/api/v1/webhooks/{id}/rotate-secret"),
     ("GET", "/api/v1/webhooks/{id}/deliveries"),
+    ("GET", "/api/v1/stream"),
 ];
 
 #[tokio::test]

@@ -267,9 +267,14 @@ async fn pump(
                 };
                 if last_seen_written.elapsed() >= LAST_SEEN_EVERY {
                     last_seen_written = Instant::now();
-                    if let Err(e) = cp.store.touch_host(&host.id).await {
-                        tracing::warn!(host = %host.name, error = %e, "last_seen_at not written");
-                    }
+                    // Off the message path: a busy database must not delay the
+                    // replies a checkpoint round is waiting for.
+                    let (store, id, name) = (cp.store.clone(), host.id.clone(), host.name.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = store.touch_host(&id).await {
+                            tracing::warn!(host = %name, error = %e, "last_seen_at not written");
+                        }
+                    });
                 }
                 cp.on_message(host, msg).await;
             }

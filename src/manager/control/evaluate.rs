@@ -83,7 +83,12 @@ struct EvalState {
     alerts: super::alerts::AlertEngine,
     /// SLA figures that moved in this pass, for the live stream.
     samples: Vec<crate::proto::live::VpgSample>,
+    /// Status columns to rewrite, in one transaction per chunk at the end of the pass.
+    status_writes: Vec<(String, StatusUpdate)>,
 }
+
+/// VPGs per status transaction: one commit for many, but no write lock held for long.
+const STATUS_CHUNK: usize = 250;
 
 async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), StoreError> {
     let vpgs = cp.store.live_vpgs(None, true).await?;
@@ -111,6 +116,9 @@ async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), St
         }
     }
     cp.vm_states.replace(vm_states);
+    for chunk in std::mem::take(&mut state.status_writes).chunks(STATUS_CHUNK) {
+        cp.store.write_statuses(chunk).await?;
+    }
     cp.live.add_samples(std::mem::take(&mut state.samples));
     // Series of VPGs gone since the last pass (a VPG removed within this pass keeps its
     // series one more pass, until it is no longer listed).

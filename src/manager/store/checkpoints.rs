@@ -18,8 +18,8 @@ use crate::proto::control::CheckpointKind;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Set, TransactionTrait,
 };
 use std::collections::HashMap;
 
@@ -377,9 +377,34 @@ impl Store {
     /// from: if another writer changed them meanwhile the update still applies (the
     /// newest derivation wins) and the event names what was really there.
     pub async fn write_status(&self, vpg_id: &str, u: &StatusUpdate) -> Result<(), StoreError> {
+        self.write_statuses(&[(vpg_id.to_string(), u.clone())])
+            .await
+    }
+
+    /// [`Store::write_status`] for many VPGs in one transaction (the evaluator's pass:
+    /// one commit instead of one per VPG).
+    pub async fn write_statuses(
+        &self,
+        writes: &[(String, StatusUpdate)],
+    ) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
-        let Some(cur) = vpg::Entity::find_by_id(vpg_id).one(&txn).await? else {
+        for (vpg_id, u) in writes {
+            Self::write_status_in(&txn, vpg_id, u).await?;
+        }
+        self.commit(txn).await?;
+        Ok(())
+    }
+
+    async fn write_status_in(
+        txn: &DatabaseTransaction,
+        vpg_id: &str,
+        u: &StatusUpdate,
+    ) -> Result<(), StoreError> {
+        let Some(cur) = vpg::Entity::find_by_id(vpg_id).one(txn).await? else {
             return Ok(());
         };
         vpg::Entity::update_many()
@@ -396,7 +421,7 @@ impl Store {
                 Expr::value(u.newest_recoverable_at),
             )
             .filter(vpg::Column::Id.eq(vpg_id))
-            .exec(&txn)
+            .exec(txn)
             .await?;
         if cur.status != u.status.as_str() || cur.sub_status != u.sub_status.as_str() {
             let from = (
@@ -430,9 +455,8 @@ impl Store {
             ) {
                 ev.severity = "warning";
             }
-            ev.write(&txn, &Actor::system()).await?;
+            ev.write(txn, &Actor::system()).await?;
         }
-        self.commit(txn).await?;
         Ok(())
     }
 

@@ -497,6 +497,7 @@ impl Store {
     /// Refreshes `last_seen_at` (the caller limits how often: it is not a change worth
     /// an event, like an API token's last use).
     pub async fn touch_host(&self, host_id: &str) -> Result<(), StoreError> {
+        let _w = self.write_guard().await;
         host::Entity::update_many()
             .col_expr(host::Column::LastSeenAt, Expr::value(now()))
             .filter(host::Column::Id.eq(host_id))

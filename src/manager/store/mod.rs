@@ -116,11 +116,17 @@ impl Store {
             .connect_timeout(Duration::from_secs(10))
             .acquire_timeout(Duration::from_secs(10))
             .sqlx_logging(false);
-        let db = Database::connect(opts).await?;
         if sqlite {
-            db.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
-                .await?;
+            // Per connection, not once: every pooled connection must run in WAL with
+            // NORMAL sync (one fsync per checkpoint, not per commit) and wait for the
+            // writer instead of failing with "database is locked".
+            opts.map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(10))
+            });
         }
+        let db = Database::connect(opts).await?;
         Ok(Self {
             db,
             write_lock: sqlite.then(|| Arc::new(tokio::sync::Mutex::new(()))),
