@@ -283,10 +283,12 @@ async fn evaluate_one(
             }
         }
         if changed {
-            if let Some(fresh) = cp.store.live_vpgs(Some(&v.id), true).await?.pop() {
-                v.checkpoints = fresh.checkpoints;
-                v.protected_since = fresh.protected_since;
-                v.history_since = fresh.history_since;
+            if let Some((summary, protected_since, history_since)) =
+                cp.store.checkpoint_summary(&v.id).await?
+            {
+                v.checkpoints = summary;
+                v.protected_since = protected_since;
+                v.history_since = history_since;
             }
         }
     }

@@ -266,6 +266,54 @@ impl Store {
             .collect())
     }
 
+    /// One VPG's checkpoint summary and protection ages, as [`Store::live_vpgs`] gives
+    /// them, in three indexed reads (the evaluator re-reads this after marking or
+    /// thinning, every pass for every protecting VPG).
+    pub async fn checkpoint_summary(
+        &self,
+        vpg_id: &str,
+    ) -> Result<
+        Option<(
+            CheckpointSummary,
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+        )>,
+        StoreError,
+    > {
+        let Some(v) = vpg::Entity::find_by_id(vpg_id).one(&self.db).await? else {
+            return Ok(None);
+        };
+        let pending: Vec<i64> = checkpoint::Entity::find()
+            .filter(checkpoint::Column::VpgId.eq(vpg_id))
+            .filter(checkpoint::Column::Recoverable.eq(false))
+            .select_only()
+            .column(checkpoint::Column::Id)
+            .order_by_asc(checkpoint::Column::Id)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let span: Option<(Span, Span, i64)> = checkpoint::Entity::find()
+            .filter(checkpoint::Column::VpgId.eq(vpg_id))
+            .filter(checkpoint::Column::Recoverable.eq(true))
+            .select_only()
+            .column_as(checkpoint::Column::TakenAt.min(), "oldest")
+            .column_as(checkpoint::Column::TakenAt.max(), "newest")
+            .column_as(checkpoint::Column::Id.count(), "n")
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        let mut summary = CheckpointSummary {
+            pending: pending.into_iter().map(u64_of).collect(),
+            ..CheckpointSummary::default()
+        };
+        if let Some((oldest, newest, n)) = span {
+            summary.recoverable = u64::try_from(n).unwrap_or(0);
+            summary.oldest_recoverable = oldest;
+            summary.newest_recoverable = newest;
+        }
+        Ok(Some((summary, v.protected_since, v.history_since)))
+    }
+
     /// One VPG as [`Store::live_vpgs`] gives it.
     pub async fn live_vpg(&self, id: &str) -> Result<LiveVpg, StoreError> {
         self.live_vpgs(Some(id), false)
