@@ -183,6 +183,7 @@ pub async fn serve(cp: Arc<ControlPlane>, mut socket: WebSocket) {
         None => false,
     };
     let reason = if sent {
+        cp.bump_generation();
         cp.changed.notify_waiters();
         cp.reconciler.push_to(&cp, &host.name).await;
         pump(&cp, &host, &mut socket, &mut outbox).await
@@ -284,7 +285,10 @@ async fn pump(
 
 async fn mark_disconnected(cp: &ControlPlane, name: &str, id: &str, reason: &str) {
     match cp.store.host_disconnected(id, reason).await {
-        Ok(_) => cp.changed.notify_waiters(),
+        Ok(_) => {
+            cp.bump_generation();
+            cp.changed.notify_waiters()
+        }
         Err(e) => tracing::warn!(host = name, error = %e, "cannot mark host disconnected"),
     }
 }

@@ -17,6 +17,7 @@ pub mod recovery;
 pub mod replicas;
 pub mod rounds;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,6 +88,10 @@ pub struct ControlPlane {
     /// Poked whenever configuration or live facts change, so the loops react at once
     /// instead of at their next tick.
     pub changed: Notify,
+    /// Moves whenever configuration or inventory (VPGs, members, VMs, disks, hosts) may
+    /// have changed in the database: what was read from it at an older generation may
+    /// be stale (the rounds' cached plans).
+    generation: AtomicU64,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -105,6 +110,7 @@ impl ControlPlane {
             store,
             settings,
             changed: Notify::new(),
+            generation: AtomicU64::new(0),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })
@@ -134,8 +140,21 @@ impl ControlPlane {
 
     /// Configuration changed in the database (a REST mutation): recompute now.
     pub fn config_changed(&self) {
+        self.bump_generation();
         self.changed.notify_waiters();
         self.reconciler.poke();
+    }
+
+    /// See the `generation` field: read it before reading configuration from the
+    /// database; what was read stays valid while this has not moved.
+    pub fn config_generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Configuration or inventory may have changed in the database (a REST mutation, an
+    /// inventory applied, a host connecting or going away).
+    pub fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Cancellation token of the control plane (connections end with it).

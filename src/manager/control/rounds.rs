@@ -14,18 +14,25 @@
 //! Any error, silence or late answer aborts the round (`Abort` to all, no row); the
 //! markers already in the journals are harmless, since nothing refers to them. Rounds of
 //! different VPGs run concurrently; one VPG's rounds never overlap.
+//!
+//! Nothing is read from the database per round: each VPG's plan (lifecycle, paused,
+//! interval, hosts with their member VMs and disk ids) is cached, tagged with the
+//! control plane's configuration generation, and all plans are read again in one pass
+//! once the generation moved (or the cache is [`PLAN_MAX_AGE`] old). Scheduled rounds'
+//! rows are written by one writer task in batches, one transaction per batch.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::ControlPlane;
-use crate::manager::store::{Actor, NewCheckpoint, StoreError};
+use crate::manager::store::{Actor, LiveVpg, NewCheckpoint, Store, StoreError};
 use crate::model::checkpoints::next_round_id;
 use crate::model::status::Lifecycle;
 use crate::proto::api::Checkpoint;
@@ -44,6 +51,17 @@ const REFRESH: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(100);
 /// Slack for `Released` beyond the hold bound (the agent's own timer, the network).
 const RELEASE_SLACK: Duration = Duration::from_secs(1);
+/// Cached plans are read again after this long even if the generation did not move:
+/// a safety net for changes written without a bump (another process on the same
+/// database, the evaluator's lifecycle moves).
+const PLAN_MAX_AGE: Duration = Duration::from_secs(10);
+/// The most checkpoint rows written in one transaction.
+const BATCH_MAX: usize = 500;
+/// At most one batch transaction this often (a batch waits for the rounds completing
+/// meanwhile; an idle writer writes at once).
+const BATCH_EVERY: Duration = Duration::from_millis(50);
+/// Completed rounds waiting for the writer, at most (rounds wait beyond it).
+const BATCH_QUEUE: usize = 10_000;
 
 /// Why a round did not produce a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +126,59 @@ struct AbortLog {
     reported: Option<Instant>,
 }
 
+/// What a round needs of one VPG's configuration, from the database.
+#[derive(Debug, Clone, PartialEq)]
+struct VpgPlan {
+    lifecycle: Lifecycle,
+    paused: bool,
+    /// `checkpoint_interval_ms` (0: the default).
+    interval_ms: u32,
+    /// Host name → its member VMs and their disks' agent ids (`None`: not reported).
+    hosts: BTreeMap<String, HostPlan>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct HostPlan {
+    vms: Vec<String>,
+    devices: Vec<Option<u64>>,
+}
+
+impl VpgPlan {
+    fn of(v: &LiveVpg) -> Self {
+        let mut hosts: BTreeMap<String, HostPlan> = BTreeMap::new();
+        for m in &v.members {
+            let Some(host) = &m.host else { continue };
+            let h = hosts.entry(host.clone()).or_default();
+            h.vms.push(m.vm_name.clone());
+            h.devices.extend(m.devices.iter().copied());
+        }
+        Self {
+            lifecycle: v.lifecycle,
+            paused: v.paused,
+            interval_ms: v.settings.checkpoint_interval_ms,
+            hosts,
+        }
+    }
+
+    /// Whether the scheduler starts rounds for it (as `Store::round_candidates`).
+    fn scheduled(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Creating | Lifecycle::Protecting) && !self.paused
+    }
+}
+
+/// Every VPG's plan as read at one configuration generation.
+struct Plans {
+    generation: u64,
+    loaded: tokio::time::Instant,
+    vpgs: HashMap<String, VpgPlan>,
+}
+
+/// A completed round's row for the writer, and where its result goes.
+type Pending = (
+    NewCheckpoint,
+    oneshot::Sender<Result<Checkpoint, StoreError>>,
+);
+
 #[derive(Default)]
 struct Inner {
     /// The last round id handed out; `None` until seeded from the database.
@@ -127,6 +198,11 @@ struct Inner {
 #[derive(Default)]
 pub struct Rounds {
     inner: Mutex<Inner>,
+    /// The cached plans; the async lock makes concurrent rounds wait for one reload
+    /// instead of each reading the database.
+    plans: tokio::sync::Mutex<Option<Arc<Plans>>>,
+    /// The batch writer's queue, started with the first scheduled round.
+    writer: OnceLock<mpsc::Sender<Pending>>,
 }
 
 fn push_sample(q: &mut VecDeque<u64>, v: u64) {
@@ -206,6 +282,71 @@ impl Rounds {
     fn vpg_lock(&self, vpg_id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut g = self.lock();
         Arc::clone(g.vpg_locks.entry(vpg_id.to_string()).or_default())
+    }
+
+    /// Every VPG's plan, read again in one pass when the configuration generation moved
+    /// since the cached ones were read (or they are [`PLAN_MAX_AGE`] old).
+    async fn plans(&self, cp: &ControlPlane) -> Result<Arc<Plans>, StoreError> {
+        self.plans_with(
+            || cp.config_generation(),
+            || cp.store.live_vpgs(None, false),
+        )
+        .await
+    }
+
+    async fn plans_with<G, L, F>(&self, generation: G, load: L) -> Result<Arc<Plans>, StoreError>
+    where
+        G: Fn() -> u64,
+        L: FnOnce() -> F,
+        F: Future<Output = Result<Vec<LiveVpg>, StoreError>>,
+    {
+        let mut cached = self.plans.lock().await;
+        // Read before the database: a change committed meanwhile moves it past this.
+        let now = generation();
+        if let Some(p) = cached.as_ref() {
+            if p.generation == now && p.loaded.elapsed() < PLAN_MAX_AGE {
+                return Ok(Arc::clone(p));
+            }
+        }
+        let list = load().await?;
+        let p = Arc::new(Plans {
+            generation: now,
+            loaded: tokio::time::Instant::now(),
+            vpgs: list
+                .iter()
+                .map(|v| (v.id.clone(), VpgPlan::of(v)))
+                .collect(),
+        });
+        *cached = Some(Arc::clone(&p));
+        Ok(p)
+    }
+
+    /// Hands a scheduled round's row to the batch writer (started on first use) and
+    /// waits until it is stored.
+    async fn store_batched(
+        &self,
+        cp: &ControlPlane,
+        c: NewCheckpoint,
+    ) -> Result<Checkpoint, RoundError> {
+        let round = c.id;
+        let stopped = || RoundError::Aborted {
+            round,
+            reason: "the checkpoint writer has stopped (manager shutting down)".into(),
+        };
+        let writer = self.writer.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(BATCH_QUEUE);
+            cp.tasks
+                .spawn(write_checkpoints(cp.store.clone(), rx, cp.cancel.clone()));
+            tx
+        });
+        let (tx, rx) = oneshot::channel();
+        if writer.send((c, tx)).await.is_err() {
+            return Err(stopped());
+        }
+        match rx.await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(stopped()),
+        }
     }
 
     /// Forgets per-VPG state of VPGs that no longer take checkpoints.
@@ -303,7 +444,11 @@ impl Rounds {
                     kind: req.kind,
                     tag: req.tag.clone(),
                 };
-                Ok(cp.store.insert_checkpoint(c, actor).await?)
+                match actor {
+                    // Asked for by an operator: audited, in its own transaction.
+                    Some(_) => Ok(cp.store.insert_checkpoint(c, actor).await?),
+                    None => self.store_batched(cp, c).await,
+                }
             }
             Err(reason) => {
                 cp.metrics.observe_round(None);
@@ -485,7 +630,15 @@ fn hold_message(
 /// The hosts a round of this VPG must hold, checked against what they report: every
 /// host connected, every member disk protected there in the VPG's group.
 async fn plan(cp: &ControlPlane, vpg_id: &str) -> Result<Plan, RoundError> {
-    let v = cp.store.live_vpg(vpg_id).await?;
+    let plans = cp.rounds.plans(cp).await?;
+    let v = plans
+        .vpgs
+        .get(vpg_id)
+        .ok_or_else(|| StoreError::not_found("vpg", vpg_id))?;
+    check_plan(cp, vpg_id, v)
+}
+
+fn check_plan(cp: &ControlPlane, vpg_id: &str, v: &VpgPlan) -> Result<Plan, RoundError> {
     match v.lifecycle {
         Lifecycle::Creating | Lifecycle::Protecting => {}
         Lifecycle::Deleting | Lifecycle::WaitingRemoval => {
@@ -496,22 +649,10 @@ async fn plan(cp: &ControlPlane, vpg_id: &str) -> Result<Plan, RoundError> {
     if v.paused {
         return Err(RoundError::Paused);
     }
-    let mut plan: Plan = BTreeMap::new();
-    let mut devices: BTreeMap<String, Vec<Option<u64>>> = BTreeMap::new();
-    for m in &v.members {
-        let Some(host) = &m.host else { continue };
-        plan.entry(host.clone())
-            .or_default()
-            .push(m.vm_name.clone());
-        devices
-            .entry(host.clone())
-            .or_default()
-            .extend(m.devices.iter().copied());
-    }
-    if plan.is_empty() {
+    if v.hosts.is_empty() {
         return Err(RoundError::NoHosts);
     }
-    for (host, devs) in &devices {
+    for (host, h) in &v.hosts {
         let live = cp
             .hub
             .live(host)
@@ -523,7 +664,7 @@ async fn plan(cp: &ControlPlane, vpg_id: &str) -> Result<Plan, RoundError> {
         let hb = live
             .heartbeat
             .ok_or_else(|| not_ready("no heartbeat yet"))?;
-        for d in devs {
+        for d in &h.devices {
             let d = d.ok_or_else(|| not_ready("a disk was never reported by the agent"))?;
             if !hb
                 .status
@@ -535,7 +676,96 @@ async fn plan(cp: &ControlPlane, vpg_id: &str) -> Result<Plan, RoundError> {
             }
         }
     }
-    Ok(plan)
+    Ok(v.hosts
+        .iter()
+        .map(|(host, h)| (host.clone(), h.vms.clone()))
+        .collect())
+}
+
+/// The batch writer of scheduled rounds' rows: takes what is queued (up to
+/// [`BATCH_MAX`]), at most one transaction every [`BATCH_EVERY`], and answers each
+/// round. On cancellation it stores what was queued and ends.
+async fn write_checkpoints(
+    store: Store,
+    mut rx: mpsc::Receiver<Pending>,
+    cancel: CancellationToken,
+) {
+    let mut closing = false;
+    let mut last: Option<tokio::time::Instant> = None;
+    loop {
+        let first = if closing {
+            rx.recv().await
+        } else {
+            tokio::select! {
+                m = rx.recv() => m,
+                _ = cancel.cancelled() => {
+                    closing = true;
+                    rx.close();
+                    continue;
+                }
+            }
+        };
+        let Some(first) = first else { return };
+        if let (Some(t), false) = (last, closing) {
+            tokio::select! {
+                _ = tokio::time::sleep_until(t + BATCH_EVERY) => {}
+                _ = cancel.cancelled() => {
+                    closing = true;
+                    rx.close();
+                }
+            }
+        }
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        last = Some(tokio::time::Instant::now());
+        write_batch(&store, batch).await;
+    }
+}
+
+/// One transaction for the whole batch; should it fail (a VPG deleted while its round
+/// ran), each row alone, so one bad row costs only its own round.
+async fn write_batch(store: &Store, mut batch: Vec<Pending>) {
+    batch.sort_by_key(|(c, _)| c.id);
+    let rows: Vec<NewCheckpoint> = batch.iter().map(|(c, _)| c.clone()).collect();
+    match store.insert_checkpoints(&rows).await {
+        Ok(()) => {
+            for (c, tx) in batch {
+                let _ = tx.send(Ok(stored(c)));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            if let Some((_, tx)) = batch.pop() {
+                let _ = tx.send(Err(e));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(rows = batch.len(), error = %e, "checkpoint batch failed; storing its rows one by one");
+            for (c, tx) in batch {
+                let r = store
+                    .insert_checkpoints(std::slice::from_ref(&c))
+                    .await
+                    .map(|()| stored(c));
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+/// The row a batch stored, as the API shows it.
+fn stored(c: NewCheckpoint) -> Checkpoint {
+    Checkpoint {
+        id: i64::try_from(c.id).unwrap_or(i64::MAX),
+        vpg_id: c.vpg_id,
+        taken_at: c.taken_at,
+        kind: c.kind.as_str().to_string(),
+        tag: c.tag,
+        recoverable: false,
+    }
 }
 
 /// The scheduler: a round per VPG every checkpoint interval.
@@ -545,6 +775,7 @@ pub async fn run(cp: Arc<ControlPlane>, cancel: CancellationToken) {
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut running: JoinSet<(String, Result<Checkpoint, RoundError>)> = JoinSet::new();
     let mut refreshed: Option<Instant> = None;
+    let mut seen_generation = cp.config_generation();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -569,19 +800,25 @@ pub async fn run(cp: Arc<ControlPlane>, cancel: CancellationToken) {
             }
             _ = tick.tick() => {}
         }
-        if refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
-            match cp.store.round_candidates().await {
-                Ok(list) => {
+        // From the cached plans: no query unless the configuration generation moved.
+        if refreshed.is_none_or(|t| t.elapsed() >= REFRESH)
+            || cp.config_generation() != seen_generation
+        {
+            match cp.rounds.plans(&cp).await {
+                Ok(plans) => {
+                    seen_generation = plans.generation;
                     let now = tokio::time::Instant::now();
-                    intervals = list
-                        .into_iter()
-                        .map(|(id, ms)| {
-                            let iv = if ms == 0 {
+                    intervals = plans
+                        .vpgs
+                        .iter()
+                        .filter(|(_, v)| v.scheduled())
+                        .map(|(id, v)| {
+                            let iv = if v.interval_ms == 0 {
                                 cp.settings.default_checkpoint_interval
                             } else {
-                                Duration::from_millis(u64::from(ms))
+                                Duration::from_millis(u64::from(v.interval_ms))
                             };
-                            (id, iv)
+                            (id.clone(), iv)
                         })
                         .collect();
                     due.retain(|id, _| intervals.contains_key(id));
@@ -622,6 +859,273 @@ pub async fn run(cp: Arc<ControlPlane>, cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::store::{entity, LiveMember};
+    use crate::model::settings::VpgSettings;
+    use sea_orm::{ActiveModelTrait, EntityTrait, Set};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    fn live(id: &str, hosts: &[(&str, &str, Option<u64>)], paused: bool) -> LiveVpg {
+        LiveVpg {
+            id: id.into(),
+            name: id.into(),
+            lifecycle: Lifecycle::Protecting,
+            paused,
+            settings: VpgSettings::default(),
+            status: String::new(),
+            sub_status: String::new(),
+            rpo_actual_ms: None,
+            history_actual_secs: None,
+            journal_bytes: 0,
+            protected_since: None,
+            history_since: None,
+            newest_recoverable_at: None,
+            members: hosts
+                .iter()
+                .map(|(host, vm, dev)| LiveMember {
+                    vm_id: format!("id-{vm}"),
+                    vm_name: (*vm).into(),
+                    host: Some((*host).into()),
+                    recovery_host: None,
+                    never_enrolled: Vec::new(),
+                    devices: vec![*dev],
+                    needs_configuration: false,
+                })
+                .collect(),
+            checkpoints: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn plans_are_read_again_only_when_the_generation_moves() {
+        let r = Rounds::new();
+        let generation = AtomicU64::new(7);
+        let loads = AtomicUsize::new(0);
+        // What the database holds; the loader reads all of it in one call.
+        let db = Mutex::new(vec![live("v1", &[("h1", "a", Some(1))], false)]);
+        let get = || {
+            r.plans_with(
+                || generation.load(Ordering::SeqCst),
+                || {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    let list = db.lock().map(|l| l.clone()).unwrap_or_default();
+                    async move { Ok::<_, StoreError>(list) }
+                },
+            )
+        };
+        let p = get().await.expect("plans");
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert_eq!(p.generation, 7);
+        assert_eq!(p.vpgs["v1"].hosts["h1"].vms, vec!["a".to_string()]);
+        for _ in 0..10 {
+            get().await.expect("plans");
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1, "same generation: cached");
+
+        // The database changes; without a bump the cache is (deliberately) not reread.
+        db.lock()
+            .expect("db")
+            .push(live("v2", &[("h1", "b", Some(2)), ("h2", "c", None)], true));
+        assert!(!get().await.expect("plans").vpgs.contains_key("v2"));
+        generation.fetch_add(1, Ordering::SeqCst);
+        let p = get().await.expect("plans");
+        assert_eq!(loads.load(Ordering::SeqCst), 2, "one read for every VPG");
+        assert_eq!(p.generation, 8);
+        let v2 = &p.vpgs["v2"];
+        assert!(v2.paused && !v2.scheduled());
+        assert_eq!(v2.hosts.len(), 2);
+        assert_eq!(v2.hosts["h2"].devices, vec![None]);
+        assert!(p.vpgs["v1"].scheduled());
+        get().await.expect("plans");
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+
+        // Safety net: an old cache is reread even at the same generation.
+        {
+            let mut c = r.plans.lock().await;
+            let old = c.take().expect("cached");
+            *c = Some(Arc::new(Plans {
+                generation: old.generation,
+                loaded: tokio::time::Instant::now()
+                    .checked_sub(PLAN_MAX_AGE)
+                    .expect("clock"),
+                vpgs: old.vpgs.clone(),
+            }));
+        }
+        get().await.expect("plans");
+        assert_eq!(loads.load(Ordering::SeqCst), 3);
+
+        // A failed read caches nothing: the next round tries again.
+        generation.fetch_add(1, Ordering::SeqCst);
+        let failed = r
+            .plans_with(
+                || generation.load(Ordering::SeqCst),
+                || async { Err::<Vec<LiveVpg>, _>(StoreError::not_found("vpg", "x")) },
+            )
+            .await;
+        assert!(failed.is_err());
+        get().await.expect("plans");
+        assert_eq!(loads.load(Ordering::SeqCst), 4);
+    }
+
+    /// A migrated SQLite store in `dir` with VPG `v1` (checkpoints need their VPG).
+    async fn store_with_vpg(dir: &tempfile::TempDir) -> Store {
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let store = Store::connect(&url).await.expect("connect");
+        store.migrate_up().await.expect("migrate");
+        let now = crate::manager::store::now();
+        entity::site::ActiveModel {
+            id: Set("s1".into()),
+            name: Set("s1".into()),
+            description: Set(String::new()),
+            location: Set(None),
+            bandwidth_limit: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+        }
+        .insert(store.connection())
+        .await
+        .expect("site");
+        entity::vpg::ActiveModel {
+            id: Set("v1".into()),
+            name: Set("v1".into()),
+            description: Set(String::new()),
+            protected_site_id: Set(None),
+            recovery_site_id: Set("s1".into()),
+            settings: Set(serde_json::json!({})),
+            lifecycle: Set("protecting".into()),
+            paused: Set(false),
+            status: Set("initializing".into()),
+            sub_status: Set("none".into()),
+            rpo_actual_ms: Set(None),
+            history_actual_secs: Set(None),
+            journal_bytes: Set(0),
+            protected_since: Set(None),
+            history_since: Set(None),
+            newest_recoverable_at: Set(None),
+            last_test_at: Set(None),
+            version: Set(1),
+            created_at: Set(now),
+            updated_at: Set(now),
+        }
+        .insert(store.connection())
+        .await
+        .expect("vpg");
+        store
+    }
+
+    fn new_checkpoint(id: u64, vpg: &str) -> NewCheckpoint {
+        NewCheckpoint {
+            id,
+            vpg_id: vpg.into(),
+            taken_at: crate::manager::store::now(),
+            kind: CheckpointKind::Scheduled,
+            tag: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_batch_writer_stores_queued_rounds_in_one_transaction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store_with_vpg(&dir).await;
+        let commits = store.commits();
+        let before = *commits.borrow();
+        let (tx, rx) = mpsc::channel(BATCH_QUEUE);
+        let mut waiters = Vec::new();
+        // 120 rounds completed before the writer gets to them (ids out of order, as
+        // rounds of different VPGs finish), and one whose VPG is gone.
+        for i in (0..120u64).rev() {
+            let (otx, orx) = oneshot::channel();
+            tx.send((new_checkpoint(1_000 + i, "v1"), otx))
+                .await
+                .expect("queue");
+            waiters.push((1_000 + i, orx));
+        }
+        let cancel = CancellationToken::new();
+        let writer = tokio::spawn(write_checkpoints(store.clone(), rx, cancel.clone()));
+        for (id, w) in waiters {
+            let c = w.await.expect("answered").expect("stored");
+            assert_eq!(
+                (c.id, c.vpg_id.as_str(), c.recoverable),
+                (id as i64, "v1", false)
+            );
+        }
+        assert_eq!(
+            *commits.borrow() - before,
+            1,
+            "one transaction for the batch"
+        );
+        let ids: Vec<i64> = entity::checkpoint::Entity::find()
+            .all(store.connection())
+            .await
+            .expect("rows")
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, (1_000..1_120).collect::<Vec<i64>>());
+
+        // A bad row (VPG deleted while its round ran) fails alone.
+        let (a, ra) = oneshot::channel();
+        let (b, rb) = oneshot::channel();
+        let (c, rc) = oneshot::channel();
+        tx.send((new_checkpoint(2_000, "v1"), a))
+            .await
+            .expect("queue");
+        tx.send((new_checkpoint(2_001, "gone"), b))
+            .await
+            .expect("queue");
+        tx.send((new_checkpoint(2_002, "v1"), c))
+            .await
+            .expect("queue");
+        assert!(ra.await.expect("answered").is_ok());
+        assert!(rb.await.expect("answered").is_err());
+        assert!(rc.await.expect("answered").is_ok());
+        assert_eq!(store.max_checkpoint_id().await.expect("max"), 2_002);
+
+        // Shutdown: what is queued is stored, then the writer ends.
+        let (d, rd) = oneshot::channel();
+        tx.send((new_checkpoint(3_000, "v1"), d))
+            .await
+            .expect("queue");
+        cancel.cancel();
+        writer.await.expect("writer ends");
+        assert!(rd.await.expect("answered").is_ok());
+        assert!(tx
+            .send((new_checkpoint(3_001, "v1"), oneshot::channel().0))
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn scheduled_rounds_share_transactions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store_with_vpg(&dir).await;
+        let cp = ControlPlane::new(
+            store.clone(),
+            Default::default(),
+            Arc::new(crate::manager::metrics::Metrics::new()),
+        );
+        let commits = store.commits();
+        let before = *commits.borrow();
+        let mut set = JoinSet::new();
+        for i in 0..200u64 {
+            let cp = Arc::clone(&cp);
+            set.spawn(async move {
+                cp.rounds
+                    .store_batched(&cp, new_checkpoint(10_000 + i, "v1"))
+                    .await
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.expect("task").expect("stored");
+        }
+        let n = *commits.borrow() - before;
+        assert!((1..200).contains(&n), "{n} transactions for 200 rows");
+        let rows = entity::checkpoint::Entity::find()
+            .all(store.connection())
+            .await
+            .expect("rows");
+        assert_eq!(rows.len(), 200);
+        cp.shutdown().await;
+    }
 
     #[test]
     fn percentiles_by_nearest_rank() {

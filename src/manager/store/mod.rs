@@ -9,6 +9,7 @@ pub mod entity;
 mod inventory;
 mod live;
 mod records;
+mod rounds;
 mod tokens;
 mod vpgs;
 mod webhooks;
