@@ -383,10 +383,14 @@ impl ManagerProc {
                     Some(json!({ "tag": tag })),
                 )
                 .await;
+            // A host whose control channel is being re-established (seen once right
+            // after a manager restart under a loaded full suite) is also retried.
             if code == StatusCode::SERVICE_UNAVAILABLE
-                && v["code"] == "checkpoint.round_aborted"
+                && (v["code"] == "checkpoint.round_aborted"
+                    || v["code"] == "checkpoint.host_unreachable")
                 && attempt < 5
             {
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 eprintln!("tag {tag}: round aborted ({}), retrying", v["detail"]);
                 continue;
             }

@@ -785,17 +785,24 @@ pub async fn run(cp: Arc<ControlPlane>, cancel: CancellationToken) {
                 let Ok((vpg, result)) = done else { continue };
                 in_flight.remove(&vpg);
                 let interval = intervals.get(&vpg).copied().unwrap_or(cp.settings.default_checkpoint_interval);
+                let now = tokio::time::Instant::now();
                 let next = match &result {
-                    Ok(_) | Err(RoundError::Aborted { .. }) => interval,
+                    // On the cadence (the previous due time + the interval), not one
+                    // interval after this round ended: otherwise every round's own
+                    // duration and the tick add up to a slower rhythm than configured.
+                    // A round that overran is followed at once, never twice.
+                    Ok(_) | Err(RoundError::Aborted { .. }) => due
+                        .get(&vpg)
+                        .map_or(now + interval, |prev| (*prev + interval).max(now)),
                     Err(e) => {
                         tracing::debug!(vpg, error = %e, "scheduled checkpoint round skipped");
-                        interval.min(NOT_READY_RETRY)
+                        now + interval.min(NOT_READY_RETRY)
                     }
                 };
                 if let Err(RoundError::Store(e)) = &result {
                     tracing::warn!(vpg, error = %e, "checkpoint round could not be stored");
                 }
-                due.insert(vpg, tokio::time::Instant::now() + next);
+                due.insert(vpg, next);
                 continue;
             }
             _ = tick.tick() => {}
