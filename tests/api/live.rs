@@ -105,21 +105,6 @@ fn ids(v: &Value, list: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-macro_rules! on_both {
-    ($name:ident, $f:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$f(crate::helpers::Backend::Sqlite).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$f(crate::helpers::Backend::Postgres).await;
-            }
-        }
-    };
-}
-
 on_both!(snapshot_then_deltas, snapshot_then_deltas_on);
 on_both!(reconnect_with_since_misses_nothing, reconnect_on);
 

@@ -3,6 +3,22 @@
 
 #![allow(clippy::unwrap_used)]
 
+/// `on_both!(name, f)`: tests `name::sqlite` and `name::postgres` running `f(backend)`.
+macro_rules! on_both {
+    ($name:ident, $f:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$f(crate::helpers::Backend::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$f(crate::helpers::Backend::Postgres).await;
+            }
+        }
+    };
+}
+
 mod fake_agent;
 mod helpers;
 

@@ -198,21 +198,6 @@ async fn deliveries(app: &TestApp, id: &str) -> Vec<Value> {
     v["items"].as_array().unwrap().clone()
 }
 
-macro_rules! on_both {
-    ($name:ident, $f:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$f(crate::helpers::Backend::Sqlite).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$f(crate::helpers::Backend::Postgres).await;
-            }
-        }
-    };
-}
-
 on_both!(delivered_in_order_signed_filtered, in_order_signed_filtered);
 async fn in_order_signed_filtered(backend: Backend) {
     let app = fast_app(backend).await;
