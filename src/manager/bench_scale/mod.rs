@@ -413,14 +413,7 @@ async fn measure(
         .await
         .map_err(|e| setup(format!("stream clients: {e}")))?;
     let t = Instant::now();
-    let body = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .bearer_auth(&api.token)
-        .send()
-        .await?
-        .text()
-        .await?;
+    let body = metrics_text(&api).await?;
     report.metrics_scrape_ms = t.elapsed().as_secs_f64() * 1000.0;
     report.metrics_bytes = body.len();
     let statuses = vpg_statuses(&api).await?;
@@ -613,16 +606,21 @@ fn vpg_bodies(opts: &ScaleOpts, inv: &Listed, hosts: &[String]) -> Result<Vec<Va
     Ok(out)
 }
 
-/// `(completed, aborted)` from `bulwark_checkpoint_rounds_total`.
-async fn rounds(api: &Api) -> Result<(u64, u64), BenchError> {
-    let body = api
+/// The manager's `/metrics` text.
+async fn metrics_text(api: &Api) -> Result<String, BenchError> {
+    Ok(api
         .http
         .get(format!("{}/metrics", api.base))
         .bearer_auth(&api.token)
         .send()
         .await?
         .text()
-        .await?;
+        .await?)
+}
+
+/// `(completed, aborted)` from `bulwark_checkpoint_rounds_total`.
+async fn rounds(api: &Api) -> Result<(u64, u64), BenchError> {
+    let body = metrics_text(api).await?;
     let mut out = (0, 0);
     for line in body.lines() {
         if !line.starts_with("bulwark_checkpoint_rounds_total{") {

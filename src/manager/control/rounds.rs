@@ -160,7 +160,7 @@ impl VpgPlan {
         }
     }
 
-    /// Whether the scheduler starts rounds for it (as `Store::round_candidates`).
+    /// Whether the scheduler starts rounds for it: being created or protecting, not paused.
     fn scheduled(&self) -> bool {
         matches!(self.lifecycle, Lifecycle::Creating | Lifecycle::Protecting) && !self.paused
     }

@@ -601,26 +601,3 @@ pub(crate) async fn remove_rows(db: &impl ConnectionTrait, id: &str) -> Result<(
     vpg::Entity::delete_by_id(id).exec(db).await?;
     Ok(())
 }
-
-impl Store {
-    /// VPGs that take scheduled checkpoints (being created or protecting, not paused),
-    /// with their interval in ms.
-    pub async fn round_candidates(&self) -> Result<Vec<(String, u32)>, StoreError> {
-        let rows: Vec<(String, serde_json::Value)> = vpg::Entity::find()
-            .filter(vpg::Column::Lifecycle.is_in(["creating", "protecting"]))
-            .filter(vpg::Column::Paused.eq(false))
-            .select_only()
-            .column(vpg::Column::Id)
-            .column(vpg::Column::Settings)
-            .into_tuple()
-            .all(&self.db)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, s)| {
-                let s: VpgSettings = serde_json::from_value(s).unwrap_or_default();
-                (id, s.checkpoint_interval_ms)
-            })
-            .collect())
-    }
-}
