@@ -8,6 +8,7 @@ mod m20261123_000001_initial;
 mod m20261129_000001_control;
 mod m20261129_000002_webhooks;
 mod m20261129_000003_site_bandwidth;
+mod m20261129_000004_operations;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000001_control::Migration),
             Box::new(m20261129_000002_webhooks::Migration),
             Box::new(m20261129_000003_site_bandwidth::Migration),
+            Box::new(m20261129_000004_operations::Migration),
         ]
     }
 }

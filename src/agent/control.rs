@@ -910,6 +910,13 @@ impl ControlClient {
                     .map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({ "host": host, "disk_id": disk_id }))
             }
+            CommandBody::Recover { .. }
+            | CommandBody::EndRecovery { .. }
+            | CommandBody::PrepareFailover { .. }
+            | CommandBody::ReleaseFailover { .. }
+            | CommandBody::SeedReverse { .. } => {
+                Err("this agent does not run recovery commands yet".to_string())
+            }
         }
     }
 
@@ -1118,6 +1125,7 @@ async fn heartbeat_loop(agent: Arc<Agent>, queue: mpsc::Sender<Message>, every: 
                 status: a.status(),
                 journals,
                 desired_version: a.desired_version(),
+                recoveries: Vec::new(),
             });
             (hb, cursor)
         })

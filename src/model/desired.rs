@@ -21,6 +21,7 @@ pub struct VpgRow {
     pub paused: bool,
     pub priority: Priority,
     pub resync: ResyncPolicy,
+    pub fencing_generation: u64,
 }
 
 /// A disk of a member VM; `disk_id` is the agent's id, None until an agent reported it.
@@ -110,6 +111,15 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
             });
             continue;
         };
+        // Fencing reaches every host of the VPG, replicating or not: a recovered VPG's
+        // old primary must still learn that its generation is over.
+        for host in std::iter::once(&m.protected_host).chain(m.recovery_host.as_ref()) {
+            out.hosts
+                .entry(host.clone())
+                .or_default()
+                .fencing
+                .insert(vpg.id.clone(), vpg.fencing_generation);
+        }
         if !replicates(vpg.lifecycle) {
             continue;
         }
@@ -143,6 +153,7 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
                     paused: vpg.paused,
                     priority: vpg.priority,
                     resync: vpg.resync,
+                    fencing_generation: vpg.fencing_generation,
                 });
         }
         if !any {
@@ -216,7 +227,7 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
 
 /// Whether two desired states ask for the same thing (versions aside).
 pub fn same_content(a: &DesiredState, b: &DesiredState) -> bool {
-    a.protect == b.protect && a.peers == b.peers && a.accept == b.accept
+    a.protect == b.protect && a.peers == b.peers && a.accept == b.accept && a.fencing == b.fencing
 }
 
 #[cfg(test)]
@@ -230,6 +241,7 @@ mod tests {
             paused,
             priority: Priority::High,
             resync: ResyncPolicy::Automatic,
+            fencing_generation: 1,
         }
     }
 

@@ -19,6 +19,8 @@
 //! This module imports neither axum nor sea-orm (nor tungstenite): both ends own their
 //! socket; this is only the vocabulary.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::settings::{Priority, ResyncPolicy};
@@ -130,6 +132,10 @@ pub struct DiskProtection {
     pub paused: bool,
     pub priority: Priority,
     pub resync: ResyncPolicy,
+    /// The VPG's fencing generation (see [`DesiredState::fencing`]); the disk's stream
+    /// carries it and a recovery host that knows a newer one refuses the stream.
+    #[serde(default)]
+    pub fencing_generation: u64,
 }
 
 /// A recovery host this host streams to.
@@ -159,6 +165,13 @@ pub struct DesiredState {
     /// Recovery side: protected hosts allowed to stream here (journals under
     /// `<storage_path>/<host_name>`).
     pub accept: Vec<String>,
+    /// Fencing: the current generation of every VPG this host takes part in (either
+    /// side), by VPG id. A generation only goes up; a failover or move bumps it. The
+    /// agent keeps the highest it has seen per VPG (across restarts) and refuses a
+    /// stream, sync session or command of that VPG that carries an older one, so an old
+    /// primary that comes back after a disaster cannot overwrite the new one.
+    #[serde(default)]
+    pub fencing: BTreeMap<String, u64>,
 }
 
 /// Kind of a checkpoint (the journal records the same byte).
@@ -265,8 +278,107 @@ pub struct Heartbeat {
     pub journals: Vec<JournalReport>,
     /// Version of the desired state the agent runs.
     pub desired_version: Option<u64>,
+    /// Recovery side: the recoveries (test or live, before commit) this host runs.
+    #[serde(default)]
+    pub recoveries: Vec<RecoveryReport>,
 }
 
+/// A recovery a recovery host runs (from `Recover` until `EndRecovery`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryReport {
+    pub operation: String,
+    pub vpg_id: String,
+    pub checkpoint: u64,
+    pub test: bool,
+    /// Bytes the recovered VMs wrote into their scratch layers, and the budget.
+    pub scratch_bytes: u64,
+    pub scratch_budget_bytes: Option<u64>,
+    /// The budget is used up: further guest writes fail (ENOSPC) rather than fill the
+    /// journal storage and stop replication.
+    pub scratch_full: bool,
+    pub vms: Vec<RecoveredVm>,
+}
+
+/// A VM to bring up at this (recovery) host from the journals it keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverVm {
+    /// Name of the VM to create here: the protected VM's name, or "<vm> - Test" for a
+    /// failover test.
+    pub name: String,
+    /// The protected VM it recovers.
+    pub source_vm: String,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// Network the VM's NIC is attached to (the recovery or the test network) and its
+    /// re-IP setting, recorded in the recovered VM's configuration.
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub ip_address: Option<String>,
+    pub disks: Vec<RecoverDisk>,
+}
+
+/// One disk of a VM to recover: the journal it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverDisk {
+    /// The protected host and its disk id: the journal's key on this host.
+    pub host: String,
+    pub disk_id: u64,
+    /// The disk's name on the protected VM.
+    pub name: String,
+}
+
+/// A VM a recovery brought up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveredVm {
+    pub name: String,
+    pub source_vm: String,
+    pub power_state: PowerState,
+    pub disks: Vec<RecoveredDisk>,
+}
+
+/// A recovered disk: served as an NBD export of this host's NBD listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveredDisk {
+    pub name: String,
+    /// Where it comes from (protected host, disk id).
+    pub host: String,
+    pub source_disk_id: u64,
+    /// Export name on this host's NBD listener.
+    pub export: String,
+    pub size_bytes: u64,
+    /// After a commit: the disk id the disk now has on this host (a plain local disk,
+    /// which reverse protection can protect).
+    #[serde(default)]
+    pub disk_id: Option<u64>,
+}
+
+/// How a recovery ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecoveryEnd {
+    /// Test stop or rollback: the recovered VMs are powered off and removed, their
+    /// exports closed, the scratch layers discarded; the journals are as before.
+    Discard,
+    /// Commit: each journal is promoted up to the checkpoint into its replica disk, the
+    /// scratch layer merged; records after the checkpoint are dropped. The recovered VMs
+    /// keep running on the replica disks, now plain local disks of this host.
+    Commit,
+}
+
+/// The old protected host's disk that becomes the pre-seeded replica of a recovered
+/// disk when protection is reversed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReverseSeed {
+    /// The protected disk here (its content is the replica's starting point).
+    pub disk_id: u64,
+    /// The VM it belongs to (removed from this host's hypervisor once all its disks
+    /// are seeds).
+    pub vm: String,
+    /// The new protected host and the recovered disk's id there.
+    pub new_host: String,
+    pub new_disk_id: u64,
+}
 /// Something that happened on the agent that the manager records as an event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentEvent {
@@ -307,6 +419,53 @@ pub enum CommandBody {
     DropReplica {
         host: String,
         disk_id: u64,
+    },
+    /// Recovery side: bring VMs up from `checkpoint` of the journals here (a view per
+    /// disk with a writable scratch layer, served over NBD), powered off; the manager
+    /// powers them on in boot order. Running it again for the same operation answers the
+    /// same recovery. Output: [`RecoveryReport`].
+    Recover {
+        operation: String,
+        vpg_id: String,
+        fencing_generation: u64,
+        checkpoint: u64,
+        test: bool,
+        /// Guest writes the recovery may hold in scratch layers (all its disks).
+        #[serde(default)]
+        scratch_budget_bytes: Option<u64>,
+        vms: Vec<RecoverVm>,
+    },
+    /// Recovery side: end a recovery (discard or commit). An operation this host does
+    /// not run (any more) answers ok with `"known": false`.
+    EndRecovery {
+        operation: String,
+        vpg_id: String,
+        fencing_generation: u64,
+        end: RecoveryEnd,
+    },
+    /// Protected side, failover and move: shut these VMs down (if running) and lock
+    /// them against starting ("Prepared for planned failover") until released.
+    PrepareFailover {
+        operation: String,
+        vpg_id: String,
+        fencing_generation: u64,
+        vms: Vec<String>,
+    },
+    /// Protected side, rollback: unlock the VMs and, if asked, power them on again.
+    ReleaseFailover {
+        operation: String,
+        vpg_id: String,
+        fencing_generation: u64,
+        vms: Vec<String>,
+        power_on: bool,
+    },
+    /// Old protected side, reverse protection: each disk becomes the pre-seeded replica
+    /// of the recovered disk that replaces it (a Delta Sync then brings it level).
+    SeedReverse {
+        operation: String,
+        vpg_id: String,
+        fencing_generation: u64,
+        seeds: Vec<ReverseSeed>,
     },
 }
 

@@ -282,6 +282,7 @@ pub fn static_desired(cfg: &AgentConfig) -> DesiredState {
                     paused: false,
                     priority: d.priority,
                     resync: d.resync,
+                    fencing_generation: 0,
                 })
             })
             .collect(),
@@ -295,6 +296,7 @@ pub fn static_desired(cfg: &AgentConfig) -> DesiredState {
             })
             .collect(),
         accept: cfg.allow.keys().cloned().collect(),
+        fencing: BTreeMap::new(),
     }
 }
 
@@ -326,6 +328,7 @@ fn merged(base: DesiredState, managed: Option<&DesiredState>) -> DesiredState {
         protect,
         peers,
         accept,
+        fencing: m.fencing.clone(),
     }
 }
 

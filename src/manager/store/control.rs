@@ -534,6 +534,7 @@ impl Store {
                     paused: v.paused,
                     priority: s.priority,
                     resync: s.resync_policy,
+                    fencing_generation: v.fencing_generation.max(0) as u64,
                     id: v.id,
                 }
             })

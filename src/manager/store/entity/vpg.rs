@@ -26,6 +26,11 @@ pub struct Model {
     /// Time of the newest recoverable checkpoint (the RPO is now minus this).
     pub newest_recoverable_at: Option<DateTimeUtc>,
     pub last_test_at: Option<DateTimeUtc>,
+    /// Only goes up; a failover or move bumps it (fencing).
+    pub fencing_generation: i64,
+    /// The operation (`tasks` row) running on the VPG, and its phase.
+    pub operation_id: Option<String>,
+    pub operation_phase: Option<String>,
     pub version: i64,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
