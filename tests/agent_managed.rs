@@ -69,6 +69,7 @@ fn protect(version: u64, rec: &Agent, disk: bool, paused: bool) -> DesiredState 
                 paused,
                 priority: Priority::Medium,
                 resync: ResyncPolicy::Automatic,
+                fencing_generation: 1,
             }]
         } else {
             vec![]
@@ -79,6 +80,7 @@ fn protect(version: u64, rec: &Agent, disk: bool, paused: bool) -> DesiredState 
             bandwidth_limit: None,
         }],
         accept: vec![],
+        fencing: [(VPG.to_string(), 1)].into(),
     }
 }
 

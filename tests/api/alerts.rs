@@ -48,6 +48,7 @@ fn run_agent(mut a: FakeAgent, report: Shared) -> tokio::task::JoinHandle<()> {
                     status: status.clone(),
                     journals,
                     desired_version: a.desired_version,
+                    recoveries: Vec::new(),
                 };
                 a.send(AgentMessage::Heartbeat(hb)).await;
                 next = tokio::time::Instant::now() + Duration::from_millis(100);

@@ -110,6 +110,7 @@ async fn sim_loop(mut a: FakeAgent, mut rx: mpsc::UnboundedReceiver<Cmd>, log: L
                 status: status.clone(),
                 journals: std::mem::take(&mut journals),
                 desired_version: a.desired_version,
+                recoveries: Vec::new(),
             };
             a.send(AgentMessage::Heartbeat(hb)).await;
             next_hb = Instant::now() + Duration::from_millis(100);

@@ -237,6 +237,7 @@ impl FakeAgent {
             status: self.status(),
             journals,
             desired_version: self.desired_version,
+            recoveries: Vec::new(),
         };
         self.send(AgentMessage::Heartbeat(hb)).await;
     }
