@@ -81,6 +81,7 @@ fn protect(version: u64, rec: &Agent, disk: bool, paused: bool) -> DesiredState 
         }],
         accept: vec![],
         fencing: [(VPG.to_string(), 1)].into(),
+        recovery: vec![],
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod control;
 pub mod crashsafe;
 pub mod dirty;
+pub mod fencing;
 pub mod host;
 pub mod hypervisor;
 pub mod journal;

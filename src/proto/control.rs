@@ -172,6 +172,31 @@ pub struct DesiredState {
     /// primary that comes back after a disaster cannot overwrite the new one.
     #[serde(default)]
     pub fencing: BTreeMap<String, u64>,
+    /// Recovery side: what this host needs to recover each VPG it is the recovery host
+    /// of, even with the manager gone (break-glass recovery reads it from the persisted
+    /// desired state).
+    #[serde(default)]
+    pub recovery: Vec<RecoveryVpg>,
+}
+
+/// A VPG as its recovery host must know it to bring it up alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryVpg {
+    pub vpg_id: String,
+    pub name: String,
+    pub fencing_generation: u64,
+    /// The VMs whose disks this host keeps journals of, in boot order (boot group, then
+    /// name); each with its recovery network and re-IP setting.
+    pub vms: Vec<RecoveryVpgVm>,
+}
+
+/// One VM of a [`RecoveryVpg`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryVpgVm {
+    pub vm: RecoverVm,
+    /// Boot-order group (lower starts first) and the delay after the previous group.
+    pub boot_group: u32,
+    pub boot_delay_secs: u64,
 }
 
 /// Kind of a checkpoint (the journal records the same byte).

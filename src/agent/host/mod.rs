@@ -113,6 +113,8 @@ pub enum AgentError {
         disk_id: u64,
         reason: String,
     },
+    #[error(transparent)]
+    Fencing(#[from] crate::agent::fencing::FencingError),
 }
 
 fn io_err<'a>(
@@ -243,6 +245,8 @@ pub struct Agent {
     apply_lock: tokio::sync::Mutex<()>,
     /// The manager's desired state this agent runs (persisted in `state/desired.json`).
     managed: Mutex<Option<DesiredState>>,
+    /// The highest fencing generation seen per VPG (persisted in `state/fencing.json`).
+    fencing: crate::agent::fencing::Fencing,
     /// Stops the NBD server (first, at shutdown).
     nbd_cancel: CancellationToken,
     /// Stops the sync tasks (before the streams drain, at shutdown).
@@ -297,6 +301,7 @@ pub fn static_desired(cfg: &AgentConfig) -> DesiredState {
             .collect(),
         accept: cfg.allow.keys().cloned().collect(),
         fencing: BTreeMap::new(),
+        recovery: Vec::new(),
     }
 }
 
@@ -329,6 +334,7 @@ fn merged(base: DesiredState, managed: Option<&DesiredState>) -> DesiredState {
         peers,
         accept,
         fencing: m.fencing.clone(),
+        recovery: m.recovery.clone(),
     }
 }
 
@@ -569,6 +575,7 @@ impl Agent {
             data: data_addr.map(|a| a.to_string()),
             admin: None,
         };
+        let fencing = crate::agent::fencing::Fencing::open(&cfg.state_dir())?;
         let agent = Arc::new(Agent {
             cfg,
             endpoints,
@@ -582,6 +589,7 @@ impl Agent {
             events,
             apply_lock: tokio::sync::Mutex::new(()),
             managed: Mutex::new(None),
+            fencing,
             nbd_cancel,
             sync_cancel,
             cancel,
@@ -1423,6 +1431,8 @@ impl Agent {
             return Err(AgentError::ShuttingDown);
         }
         let _g = self.apply_lock.lock().await;
+        // Newer fencing generations are recorded before anything of this state acts.
+        self.fencing.observe(&desired.fencing)?;
         *lock(&self.managed) = Some(desired.clone());
         let eff = self.effective();
         let r = self.converge(&eff).await;
@@ -1447,6 +1457,11 @@ impl Agent {
             .collect();
         v.sort();
         v
+    }
+
+    /// The highest fencing generation seen per VPG.
+    pub fn fencing(&self) -> &crate::agent::fencing::Fencing {
+        &self.fencing
     }
 
     /// Version of the desired state this agent runs (persisted), if any.
