@@ -1,0 +1,350 @@
+// Browser test of the Bulwark web console, started by tests/console.rs against a running
+// `bulwark demo`. Env: BULWARK_URL (manager base URL), BULWARK_TOKEN (admin token),
+// CHROMIUM (default /usr/bin/chromium), ARTIFACTS (directory for screenshots on failure).
+//
+// The browser reaches the manager through a small TCP proxy in this process, so the test
+// can cut the network under the page (the live stream drops) and bring it back.
+// Every wait is bounded; the first failed check screenshots the page and exits 1.
+
+import net from 'node:net';
+import fs from 'node:fs';
+import path from 'node:path';
+import os from 'node:os';
+import { chromium } from 'playwright-core';
+
+const BASE = (process.env.BULWARK_URL || '').replace(/\/$/, '');
+const TOKEN = process.env.BULWARK_TOKEN || '';
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const ARTIFACTS = process.env.ARTIFACTS || fs.mkdtempSync(path.join(os.tmpdir(), 'console-shots-'));
+const WAIT = 15_000;
+if (!BASE || !TOKEN) {
+  console.error('BULWARK_URL and BULWARK_TOKEN must be set');
+  process.exit(2);
+}
+const started = Date.now();
+const log = (...a) => console.log(`[${((Date.now() - started) / 1000).toFixed(1)} s]`, ...a);
+
+// ---- REST helpers (straight to the manager, not through the proxy) ----------------------
+async function rest(method, p, body, token = TOKEN) {
+  const res = await fetch(`${BASE}/api/v1${p}`, {
+    method,
+    headers: { Authorization: `Bearer ${token}`, ...(body ? { 'Content-Type': 'application/json' } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+    signal: AbortSignal.timeout(10_000),
+  });
+  const text = await res.text();
+  if (!res.ok) throw new Error(`${method} ${p}: HTTP ${res.status} ${text}`);
+  return text ? JSON.parse(text) : null;
+}
+const get = (p) => rest('GET', p);
+
+function assert(cond, msg) {
+  if (!cond) throw new Error(`assertion failed: ${msg}`);
+}
+
+/** Polls `fn` until it returns a truthy value or `ms` pass. */
+async function until(what, fn, ms = WAIT) {
+  const end = Date.now() + ms;
+  let last;
+  while (Date.now() < end) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) { last = e; }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  throw new Error(`timed out after ${ms} ms waiting for ${what} (last: ${last instanceof Error ? last.message : JSON.stringify(last)})`);
+}
+
+// ---- the proxy -----------------------------------------------------------------------
+const target = new URL(BASE);
+const sockets = new Set();
+let proxyUp = true;
+const proxy = net.createServer((client) => {
+  if (!proxyUp) { client.destroy(); return; }
+  const upstream = net.connect(Number(target.port), target.hostname);
+  sockets.add(client); sockets.add(upstream);
+  const drop = () => { client.destroy(); upstream.destroy(); sockets.delete(client); sockets.delete(upstream); };
+  client.on('error', drop); upstream.on('error', drop);
+  client.on('close', drop); upstream.on('close', drop);
+  client.pipe(upstream); upstream.pipe(client);
+});
+await new Promise((r) => proxy.listen(0, '127.0.0.1', r));
+const URL_ = `http://127.0.0.1:${proxy.address().port}/`;
+function cut() { proxyUp = false; for (const s of sockets) s.destroy(); sockets.clear(); }
+function restore() { proxyUp = true; }
+
+// ---- the browser ----------------------------------------------------------------------
+// Playwright gives the browser a fresh, temporary profile (--user-data-dir) of its own.
+const browser = await chromium.launch({
+  executablePath: CHROMIUM,
+  timeout: 30_000,
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync'],
+});
+const pages = [];
+async function newPage(viewport = { width: 1280, height: 800 }) {
+  const context = await browser.newContext({ viewport });
+  const page = await context.newPage();
+  page.setDefaultTimeout(WAIT);
+  page.on('pageerror', (e) => { log('PAGE ERROR', e.message); pageErrors.push(e.message); });
+  pages.push(page);
+  return page;
+}
+const pageErrors = [];
+
+let current = 'start';
+async function step(name, fn) {
+  current = name;
+  const t = Date.now();
+  await fn();
+  log(`ok  ${name} (${Date.now() - t} ms)`);
+}
+
+async function signIn(page, token) {
+  await page.goto(URL_);
+  await page.getByLabel('API token').fill(token);
+  await page.getByLabel('API token').press('Enter');
+}
+
+const stamp = Date.now().toString(36);
+let failed = false;
+try {
+  const lookups = await get('/lookups');
+  const word = (table, code) => lookups[table].find((v) => v.id === code)?.label;
+  const vpgs = (await get('/vpgs')).items;
+  assert(vpgs.length === 2, `the demo has 2 VPGs (got ${vpgs.length})`);
+  const ny = vpgs.find((v) => v.name === 'ny-to-london');
+  const ldn = vpgs.find((v) => v.name === 'london-to-ny');
+  const sites = (await get('/sites')).items;
+  const hosts = (await get('/hosts')).items;
+  const siteId = (n) => sites.find((s) => s.name === n).id;
+
+  const page = await newPage();
+  const wsUrls = [];
+  page.on('websocket', (ws) => wsUrls.push(ws.url()));
+
+  await step('a bad token shows the manager\'s error', async () => {
+    await signIn(page, 'bwk_not_a_token');
+    const problem = page.locator('.problem[role=alert]');
+    await problem.waitFor();
+    const text = await problem.textContent();
+    assert(/Unauthorized/.test(text) && /unknown, revoked or expired/.test(text), `problem text: ${text}`);
+    assert(await page.locator('#role').count() === 0, 'no role shown after a bad token');
+  });
+
+  await step('sign-in with the admin token shows the role', async () => {
+    await page.getByLabel('API token').fill(TOKEN);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.locator('#role').waitFor();
+    assert((await page.locator('#role').textContent()) === 'admin', 'role admin');
+    await page.locator('#stream-state[data-state=live]').waitFor();
+  });
+
+  await step('dashboard counts the 2 VPGs by status, as REST does', async () => {
+    await until('dashboard counts equal to REST', async () => {
+      const rest2 = (await get('/vpgs')).items;
+      const want = {};
+      for (const v of rest2) want[v.status] = (want[v.status] || 0) + 1;
+      const got = await page.$$eval('#vpg-counts li', (lis) => Object.fromEntries(lis.map((li) => [li.dataset.status, Number(li.dataset.count)])));
+      const total = await page.locator('#vpg-total').textContent();
+      return total === '2' && Object.entries(want).every(([k, n]) => got[k] === n) && Object.values(got).reduce((a, b) => a + b, 0) === 2;
+    });
+    const label = await page.locator('#vpg-counts li[data-status=meeting_sla] .badge').textContent();
+    assert(label === word('vpg_statuses', 'meeting_sla'), `status word ${label}`);
+  });
+
+  const vmName = `console-vm-${stamp}`;
+  let vm;
+  await step('dashboard updates live, without reloading', async () => {
+    await page.evaluate(() => { window.__noReload = true; });
+    const rpo0 = await page.locator('[data-rpo-for="ny-to-london"]').textContent();
+    await until('the RPO figure to move', async () => (await page.locator('[data-rpo-for="ny-to-london"]').textContent()) !== rpo0);
+    // A new VM (needed by the wizard later) makes an event that arrives on the stream.
+    const host = hosts.find((x) => x.name === 'ny-esx-01');
+    vm = await rest('POST', '/vms', { host_id: host.id, name: vmName, disks: [{ name: `${vmName}-disk0`, size_bytes: 16 << 20 }] });
+    await page.locator('#recent-events', { hasText: vmName }).waitFor();
+    assert(await page.evaluate(() => window.__noReload === true), 'the page did not reload');
+  });
+
+  await step('the stream drops, the page says so, then reconnects with since', async () => {
+    const before = wsUrls.length;
+    cut();
+    await page.locator('#stream-state[data-state=disconnected]').waitFor();
+    assert(/Disconnected/.test(await page.locator('#stream-state').textContent()), 'disconnected shown');
+    await page.waitForTimeout(1500);
+    restore();
+    await page.locator('#stream-state[data-state=live]').waitFor({ timeout: 20_000 });
+    const again = wsUrls.slice(before);
+    assert(again.some((u) => /[?&]since=\d+/.test(u)), `reconnected with since: ${again.join(', ')}`);
+    const rpo0 = await page.locator('[data-rpo-for="ny-to-london"]').textContent();
+    await until('live figures after the reconnect', async () => (await page.locator('[data-rpo-for="ny-to-london"]').textContent()) !== rpo0);
+    assert(await page.evaluate(() => window.__noReload === true), 'the page did not reload');
+  });
+
+  await step('VPG list: exact status words, sort, filter', async () => {
+    await page.getByRole('link', { name: 'VPGs', exact: true }).first().click();
+    await until('2 rows', async () => (await page.locator('#vpg-table tbody tr[data-vpg]').count()) === 2);
+    await until('status words equal to REST', async () => {
+      for (const v of (await get('/vpgs')).items) {
+        const row = page.locator(`#vpg-table tr[data-vpg="${v.name}"]`);
+        const st = await row.locator('.badge').first().textContent();
+        const sub = word('vpg_sub_statuses', v.sub_status);
+        const subShown = await row.locator('.substatus').count() ? await row.locator('.substatus').textContent() : '';
+        if (st !== word('vpg_statuses', v.status) || subShown !== sub) return false;
+      }
+      return true;
+    });
+    const order = () => page.$$eval('#vpg-table tbody tr[data-vpg]', (rows) => rows.map((r) => r.dataset.vpg));
+    await page.locator('button.sort[data-sort=vms]').click();
+    assert(JSON.stringify(await order()) === JSON.stringify(['london-to-ny', 'ny-to-london']), `VMs ascending: ${await order()}`);
+    assert(await page.locator('th[aria-sort=ascending] button[data-sort=vms]').count() === 1, 'aria-sort ascending');
+    await page.locator('button.sort[data-sort=vms]').click();
+    assert(JSON.stringify(await order()) === JSON.stringify(['ny-to-london', 'london-to-ny']), `VMs descending: ${await order()}`);
+    await page.getByLabel('Name contains').fill('london-to');
+    await until('filter by name', async () => JSON.stringify(await order()) === JSON.stringify(['london-to-ny']));
+    await page.getByLabel('Name contains').fill('');
+    await page.getByLabel('Status').selectOption('not_meeting_sla');
+    const expect = (await get('/vpgs')).items.filter((v) => v.status === 'not_meeting_sla').length;
+    await until('filter by status', async () => (await order()).length === expect);
+    await page.getByLabel('Status').selectOption('');
+    await page.getByLabel('Site').selectOption(siteId('london'));
+    await until('filter by site keeps both (each touches london)', async () => (await order()).length === 2);
+    await page.getByLabel('Site').selectOption('');
+  });
+
+  await step('VPG detail: VMs with replication states, checkpoints, tagging from the UI', async () => {
+    await page.locator('#vpg-table a', { hasText: 'ny-to-london' }).click();
+    await page.locator('#vpg-name', { hasText: 'ny-to-london' }).waitFor();
+    const detail = await get(`/vpgs/${ny.id}`);
+    await until('the member VMs', async () => (await page.locator('#vm-table tbody tr').count()) === detail.members.length);
+    for (const m of detail.members) {
+      const badge = await page.locator(`#vm-table tr[data-vm="${m.vm_name}"] .badge`).textContent();
+      assert(badge === word('vm_replication_states', m.replication_state), `${m.vm_name}: ${badge}`);
+    }
+    await until('checkpoints listed', async () => (await page.locator('#cp-table tbody tr').count()) > 0);
+    assert(await page.locator('.timeline .tick').count() > 0, 'timeline ticks');
+    assert(await page.locator('#vpg-ops').count() === 1, 'a place for operations in the header');
+    const tag = `console-${stamp}`;
+    await page.getByLabel('Tag', { exact: true }).fill(tag);
+    await page.getByRole('button', { name: 'Tag checkpoint' }).click();
+    await page.locator('#tag-status', { hasText: tag }).waitFor();
+    const tagged = (await get(`/vpgs/${ny.id}/checkpoints?tagged=true`)).items;
+    assert(tagged.some((c) => c.tag === tag), `REST lists tag ${tag}`);
+    await page.locator(`#cp-table tr[data-tag="${tag}"]`).waitFor();
+    await page.locator('.timeline .tag', { hasText: tag }).waitFor();
+    // An empty tag: the manager's own message.
+    await page.getByLabel('Tag', { exact: true }).fill('');
+    await page.getByRole('button', { name: 'Tag checkpoint' }).click();
+    await page.locator('#tag-form .problem').waitFor();
+    const hist = await page.locator('#rpo-chart svg.chart, #rpo-history-empty').first();
+    await hist.waitFor();
+    log(`    RPO history: ${await page.locator('#rpo-chart svg.chart').count() ? 'chart drawn' : 'endpoint not there yet ("No RPO history yet.")'}`);
+  });
+
+  const vpgName = `console-vpg-${stamp}`;
+  await step('wizard: the API\'s validation message, then a valid VPG', async () => {
+    await page.goto(`${URL_}#/vpgs/new`);
+    await page.getByLabel('Name').fill(vpgName);
+    await page.getByLabel('Recovery site').selectOption(siteId('london'));
+    await page.getByRole('button', { name: 'Next' }).click();
+    await page.getByLabel(vmName).check();
+    await page.getByRole('button', { name: 'Next' }).click();
+    const ldnHost = hosts.find((x) => x.name === 'ldn-esx-01');
+    await page.getByLabel(`Recovery host for ${vmName}`).selectOption(ldnHost.id);
+    await page.getByLabel('Boot group').fill('2');
+    await page.getByRole('button', { name: 'Next' }).click();
+    await page.getByLabel('RPO target (seconds)').fill('5');
+    await page.getByRole('button', { name: 'Next' }).click();
+    await page.getByRole('button', { name: 'Create VPG' }).click();
+    const problem = page.locator('#wizard-error .problem');
+    await problem.waitFor();
+    assert((await problem.getAttribute('data-code')) === 'vpg.rpo_target_out_of_range', `problem code ${await problem.getAttribute('data-code')}`);
+    assert(/RPO target must be between/.test(await problem.textContent()), 'the manager\'s detail text');
+    assert((await page.getByLabel('RPO target (seconds)').getAttribute('aria-invalid')) === 'true', 'the field is marked');
+    assert((await get(`/vpgs?name=${vpgName}`)).items.length === 0, 'nothing created');
+    await page.getByLabel('RPO target (seconds)').fill('60');
+    await page.getByRole('button', { name: 'Next' }).click();
+    await page.getByRole('button', { name: 'Create VPG' }).click();
+    await page.locator('#vpg-name', { hasText: vpgName }).waitFor();
+    const made = (await get(`/vpgs?name=${vpgName}`)).items;
+    assert(made.length === 1, 'REST has the new VPG');
+    const full = await get(`/vpgs/${made[0].id}`);
+    assert(full.settings.rpo_target_secs === 60, `rpo target ${full.settings.rpo_target_secs}`);
+    assert(full.members.length === 1 && full.members[0].vm_id === vm.id, 'the chosen VM');
+    assert(full.members[0].recovery_host_id === ldnHost.id && full.members[0].boot_group === 2, 'recovery host and boot group');
+    assert(full.recovery_site_id === siteId('london') && full.protected_site_id === siteId('new-york'), 'sites');
+  });
+
+  // An alert the test controls: a journal warning size far below london-to-ny's journal.
+  const oldWarning = ldn.settings.journal_warning_bytes;
+  await rest('PATCH', `/vpgs/${ldn.id}`, { settings: { journal_warning_bytes: 1 << 20 } });
+  const alert = await until('a journal size warning on london-to-ny (REST)', async () =>
+    (await get(`/alerts?vpg=${ldn.id}&open=true`)).items.find((a) => a.kind === 'journal_size_warning'), 30_000);
+
+  await step('a viewer sees no write controls', async () => {
+    const created = await rest('POST', '/tokens', { name: `console-viewer-${stamp}`, role: 'viewer' });
+    const vp = await newPage();
+    await signIn(vp, created.secret);
+    await vp.locator('#role[data-role=viewer]').waitFor();
+    await vp.goto(`${URL_}#/vpgs`);
+    await vp.locator('#vpg-table tbody tr[data-vpg]').first().waitFor();
+    assert(await vp.locator('#new-vpg').count() === 0, 'no New VPG');
+    await vp.goto(`${URL_}#/vpgs/${ny.id}`);
+    await vp.locator('#vm-table').waitFor();
+    assert(await vp.locator('#tag-form').count() === 0, 'no tag form');
+    assert(await vp.locator('#edit-vpg').count() === 0, 'no Edit');
+    await vp.goto(`${URL_}#/alerts`);
+    await vp.locator(`#alert-table tr[data-alert="${alert.id}"]`).waitFor();
+    assert(await vp.locator('button.ack').count() === 0, 'no Acknowledge');
+    await vp.goto(`${URL_}#/vpgs/new`);
+    await vp.getByRole('heading', { name: 'Not allowed' }).waitFor();
+    assert(await vp.locator('form.wizard').count() === 0, 'no wizard');
+    await vp.context().close();
+  });
+
+  await step('alerts: acknowledge from the page', async () => {
+    await page.goto(`${URL_}#/alerts`);
+    const row = page.locator(`#alert-table tr[data-alert="${alert.id}"]`);
+    await row.waitFor();
+    await row.getByRole('button', { name: /Acknowledge/ }).click();
+    await row.locator('.acked', { hasText: 'bootstrap-admin' }).waitFor();
+    const after = await get(`/alerts/${alert.id}`);
+    assert(/bootstrap-admin/.test(after.acknowledged_by || '') && after.acknowledged_at, `REST: acknowledged by ${after.acknowledged_by}`);
+  });
+  await rest('PATCH', `/vpgs/${ldn.id}`, { settings: { journal_warning_bytes: oldWarning } });
+
+  await step('events and tasks page lists the audit log', async () => {
+    await page.goto(`${URL_}#/events`);
+    await page.locator('#event-table tbody tr', { hasText: vpgName }).first().waitFor();
+  });
+
+  await step('390 px wide: no horizontal scroll on any page', async () => {
+    const np = await newPage({ width: 390, height: 800 });
+    await signIn(np, TOKEN);
+    await np.locator('#role').waitFor();
+    for (const hash of ['#/', '#/vpgs', `#/vpgs/${ny.id}`, '#/vpgs/new', '#/alerts', '#/events']) {
+      await np.goto(`${URL_}${hash}`);
+      await np.locator('#stream-state[data-state=live]').waitFor();
+      await np.waitForTimeout(700);
+      const [sw, cw] = await np.evaluate(() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]);
+      assert(sw <= cw, `${hash}: scrollWidth ${sw} > clientWidth ${cw}`);
+    }
+    await np.context().close();
+  });
+
+  assert(pageErrors.length === 0, `no uncaught page errors: ${pageErrors.join(' | ')}`);
+} catch (e) {
+  failed = true;
+  console.error(`FAILED in "${current}": ${e.stack || e}`);
+  for (const [i, p] of pages.entries()) {
+    if (p.isClosed()) continue;
+    const file = path.join(ARTIFACTS, `failure-${i}.png`);
+    try { await p.screenshot({ path: file, fullPage: true, timeout: 5000 }); console.error(`screenshot: ${file} (${p.url()})`); } catch { /* closed */ }
+  }
+} finally {
+  await browser.close().catch(() => {});
+  proxy.close();
+}
+log(failed ? 'console test FAILED' : 'console test passed');
+process.exit(failed ? 1 : 0);

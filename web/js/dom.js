@@ -1,0 +1,88 @@
+// Small DOM and formatting helpers shared by every page.
+
+/**
+ * Builds an element: h('a', { href: '#/', class: 'x', onclick: fn }, 'text', child).
+ * Attributes starting with "on" become listeners; `null`/`false` children are skipped.
+ */
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith('on') && typeof v === 'function') el.addEventListener(k.slice(2), v);
+    else if (k === 'class') el.className = v;
+    else if (k === 'dataset') Object.assign(el.dataset, v);
+    else if (k === 'value') el.value = v;
+    else if (k === 'checked') el.checked = !!v;
+    else if (v === true) el.setAttribute(k, '');
+    else el.setAttribute(k, String(v));
+  }
+  append(el, children);
+  return el;
+}
+
+function append(el, children) {
+  for (const c of children) {
+    if (c === null || c === undefined || c === false) continue;
+    if (Array.isArray(c)) append(el, c);
+    else el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+}
+
+/** Replaces an element's children. */
+export function replace(el, ...children) {
+  el.replaceChildren();
+  append(el, children);
+}
+
+let idCounter = 0;
+export function uid(prefix = 'f') {
+  idCounter += 1;
+  return `${prefix}-${idCounter}`;
+}
+
+/** A labelled form field: returns { wrap, input }. */
+export function field(label, input, hint) {
+  if (!input.id) input.id = uid('in');
+  const hintEl = hint ? h('small', { class: 'hint', id: `${input.id}-hint` }, hint) : null;
+  if (hintEl) input.setAttribute('aria-describedby', hintEl.id);
+  return h('div', { class: 'field' }, h('label', { for: input.id }, label), input, hintEl);
+}
+
+export function fmtSecs(s) {
+  if (s === null || s === undefined || Number.isNaN(s)) return '–';
+  if (s < 10) return `${s.toFixed(1)} s`;
+  if (s < 120) return `${Math.round(s)} s`;
+  if (s < 7200) return `${Math.round(s / 60)} min`;
+  if (s < 172800) return `${(s / 3600).toFixed(1)} h`;
+  return `${(s / 86400).toFixed(1)} d`;
+}
+
+export function fmtBytes(b) {
+  if (b === null || b === undefined) return '–';
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let v = b;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) { v /= 1024; i += 1; }
+  return `${v >= 100 || i === 0 ? Math.round(v) : v.toFixed(1)} ${units[i]}`;
+}
+
+export function fmtTime(iso) {
+  if (!iso) return '–';
+  const d = new Date(iso);
+  return d.toLocaleString(undefined, { dateStyle: 'short', timeStyle: 'medium' });
+}
+
+export function fmtAgo(iso) {
+  if (!iso) return '–';
+  const s = (Date.now() - Date.parse(iso)) / 1000;
+  if (s < 0) return 'now';
+  return `${fmtSecs(s)} ago`;
+}
+
+/** Keeps the focused element's id and restores focus after a re-render of `root`. */
+export function keepFocus(root, render) {
+  const active = document.activeElement;
+  const id = active && root.contains(active) ? active.id : null;
+  render();
+  if (id) document.getElementById(id)?.focus();
+}

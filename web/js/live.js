@@ -1,0 +1,162 @@
+// The live stream (GET /api/v1/stream, WebSocket): a snapshot, then deltas with `seq`.
+// Keeps the state every page reads, reconnects by itself with `?since=<seq>` so no delta
+// is missed, and tells subscribers about changes (at most a few times a second).
+
+const SAMPLE_KEEP = 600; // per VPG: ten minutes of one-per-second samples
+const EVENT_KEEP = 500;
+
+export class LiveStore {
+  constructor(token) {
+    this.token = token;
+    this.seq = null;
+    this.status = 'connecting'; // connecting | live | disconnected
+    this.hasSnapshot = false;
+    this.vpgs = new Map();
+    this.alerts = new Map();
+    this.tasks = new Map();
+    this.sites = new Map();
+    this.hosts = new Map();
+    this.events = [];
+    this.samples = new Map();
+    this.lastFrameAt = null;
+    this.reconnects = 0;
+    this.listeners = new Set();
+    this.ws = null;
+    this.retryMs = 500;
+    this.retryTimer = null;
+    this.notifyTimer = null;
+    this.closed = false;
+  }
+
+  subscribe(fn) {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+
+  notify(now = false) {
+    if (now) {
+      clearTimeout(this.notifyTimer);
+      this.notifyTimer = null;
+      for (const fn of [...this.listeners]) fn(this);
+      return;
+    }
+    if (this.notifyTimer) return;
+    this.notifyTimer = setTimeout(() => this.notify(true), 250);
+  }
+
+  start() {
+    this.closed = false;
+    this.connect();
+  }
+
+  stop() {
+    this.closed = true;
+    clearTimeout(this.retryTimer);
+    if (this.ws) this.ws.close(1000, 'signed out');
+    this.ws = null;
+  }
+
+  setStatus(s) {
+    if (this.status === s) return;
+    this.status = s;
+    this.notify(true);
+  }
+
+  connect() {
+    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const q = new URLSearchParams({ access_token: this.token });
+    if (this.seq !== null) q.set('since', String(this.seq));
+    let ws;
+    try {
+      ws = new WebSocket(`${proto}//${location.host}/api/v1/stream?${q}`);
+    } catch {
+      this.scheduleRetry();
+      return;
+    }
+    this.ws = ws;
+    ws.onmessage = (ev) => {
+      if (ws !== this.ws) return;
+      let frame;
+      try { frame = JSON.parse(ev.data); } catch { return; }
+      this.retryMs = 500;
+      this.apply(frame);
+      this.setStatus('live');
+    };
+    ws.onclose = () => {
+      if (ws !== this.ws) return;
+      this.ws = null;
+      if (this.closed) return;
+      this.setStatus('disconnected');
+      this.scheduleRetry();
+    };
+    ws.onerror = () => { /* onclose follows */ };
+  }
+
+  scheduleRetry() {
+    clearTimeout(this.retryTimer);
+    const wait = this.retryMs;
+    this.retryMs = Math.min(this.retryMs * 2, 5000);
+    this.retryTimer = setTimeout(() => {
+      if (this.closed) return;
+      this.reconnects += 1;
+      this.connect();
+    }, wait);
+  }
+
+  apply(frame) {
+    this.lastFrameAt = frame.at;
+    if (frame.type === 'snapshot') {
+      this.vpgs = new Map(frame.vpgs.map((v) => [v.id, v]));
+      this.alerts = new Map(frame.alerts.map((a) => [a.id, a]));
+      this.tasks = new Map(frame.tasks.map((t) => [t.id, t]));
+      this.sites = new Map(frame.sites.map((s) => [s.id, s]));
+      this.hosts = new Map(frame.hosts.map((h) => [h.id, h]));
+      this.events = frame.events.slice(-EVENT_KEEP);
+      for (const v of frame.vpgs) {
+        this.pushSample({ id: v.id, at: frame.at, rpo_actual_secs: v.rpo_actual_secs,
+          history_actual_secs: v.history_actual_secs, journal_bytes: v.journal_bytes });
+      }
+      for (const id of [...this.samples.keys()]) if (!this.vpgs.has(id)) this.samples.delete(id);
+      this.hasSnapshot = true;
+    } else if (frame.type === 'delta') {
+      for (const v of frame.vpgs || []) this.vpgs.set(v.id, v);
+      for (const id of frame.vpgs_removed || []) { this.vpgs.delete(id); this.samples.delete(id); }
+      for (const s of frame.samples || []) {
+        const v = this.vpgs.get(s.id);
+        if (v) {
+          this.vpgs.set(s.id, { ...v, rpo_actual_secs: s.rpo_actual_secs,
+            history_actual_secs: s.history_actual_secs, journal_bytes: s.journal_bytes });
+        }
+        this.pushSample(s);
+      }
+      for (const a of frame.alerts || []) this.alerts.set(a.id, a);
+      for (const t of frame.tasks || []) this.tasks.set(t.id, t);
+      for (const s of frame.sites || []) this.sites.set(s.id, s);
+      for (const id of frame.sites_removed || []) this.sites.delete(id);
+      for (const h of frame.hosts || []) this.hosts.set(h.id, h);
+      for (const id of frame.hosts_removed || []) this.hosts.delete(id);
+      if (frame.events?.length) {
+        const known = new Set(this.events.map((e) => e.id));
+        for (const e of frame.events) if (!known.has(e.id)) this.events.push(e);
+        if (this.events.length > EVENT_KEEP) this.events.splice(0, this.events.length - EVENT_KEEP);
+      }
+    } else {
+      return;
+    }
+    this.seq = frame.seq;
+    this.notify();
+  }
+
+  pushSample(s) {
+    let list = this.samples.get(s.id);
+    if (!list) { list = []; this.samples.set(s.id, list); }
+    const t = Date.parse(s.at);
+    if (list.length && Date.parse(list[list.length - 1].at) >= t) return;
+    list.push({ at: s.at, rpo: s.rpo_actual_secs, history: s.history_actual_secs, journal: s.journal_bytes });
+    if (list.length > SAMPLE_KEEP) list.splice(0, list.length - SAMPLE_KEEP);
+  }
+
+  openAlerts() {
+    return [...this.alerts.values()].filter((a) => !a.cleared_at);
+  }
+}

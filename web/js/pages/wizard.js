@@ -1,0 +1,298 @@
+// Create / edit a VPG, step by step: general, VMs (unprotected inventory), recovery
+// (host, boot order, networks per VM), SLA settings, review. The manager validates: its
+// problem documents are shown as they come, next to the field they name.
+
+import { api, listAll, ApiError } from '../api.js';
+import { h, replace, field, fmtBytes } from '../dom.js';
+import { label, values } from '../lookups.js';
+import { problemBox } from '../components.js';
+
+const STEPS = ['General', 'VMs', 'Recovery', 'SLA and journal', 'Review'];
+
+/** Which step shows a field the API names (`settings.rpo_target_secs`, `members[0]…`). */
+function stepOfField(f) {
+  if (!f) return null;
+  if (f.startsWith('settings.')) return 3;
+  if (f.startsWith('members')) return /recovery_host|boot|network|nics/.test(f) ? 2 : 1;
+  if (/recovery_site|protected_site|name|description/.test(f)) return 0;
+  return null;
+}
+
+const num = (v) => (v === '' || v === null || v === undefined ? NaN : Number(v));
+
+export function mount(root, ctx, params) {
+  const editId = params.id || null;
+  let step = 0;
+  let sites = [];
+  let hosts = [];
+  let candidates = []; // VMs that may be chosen
+  let existing = null; // the VPG being edited
+  const model = {
+    name: '', description: '', recovery_site_id: '', protected_site_id: '',
+    settings: null,
+    members: new Map(), // vm_id -> MemberSettings
+  };
+  const stepNav = h('ol', { class: 'steps', 'aria-label': 'Steps' });
+  const body = h('div', { class: 'step-body' });
+  const errSlot = h('div', { id: 'wizard-error' });
+  const back = h('button', { type: 'button', id: 'wiz-back' }, 'Back');
+  const next = h('button', { type: 'button', class: 'primary', id: 'wiz-next' }, 'Next');
+  const form = h('form', { class: 'wizard', novalidate: true, 'aria-labelledby': 'wiz-title' },
+    stepNav, errSlot, body, h('div', { class: 'actions' }, back, next));
+
+  replace(root, h('p', { class: 'crumbs' }, h('a', { href: '#/vpgs' }, 'VPGs'), ' / '),
+    h('h1', { id: 'wiz-title' }, editId ? 'Edit VPG' : 'New VPG'), form);
+
+  back.addEventListener('click', () => go(step - 1));
+  next.addEventListener('click', () => (step === STEPS.length - 1 ? submit() : go(step + 1)));
+  form.addEventListener('submit', (e) => { e.preventDefault(); next.click(); });
+
+  function go(i) {
+    collect();
+    step = Math.max(0, Math.min(STEPS.length - 1, i));
+    render();
+    body.querySelector('input, select, textarea, button')?.focus();
+  }
+
+  // ---- reading the inputs back into the model ---------------------------------------
+  const inputs = {};
+  function collect() {
+    const v = (k) => inputs[k]?.value;
+    if (step === 0) {
+      model.name = v('name');
+      model.description = v('description');
+      model.recovery_site_id = v('recovery_site_id');
+    } else if (step === 1) {
+      for (const vm of candidates) {
+        const box = inputs[`vm:${vm.id}`];
+        if (!box) continue;
+        if (box.checked && !model.members.has(vm.id)) {
+          model.members.set(vm.id, { vm_id: vm.id, recovery_host_id: null, recovery_storage_path: null, boot_group: 0,
+            boot_delay_secs: 0, failover_network: null, test_network: null, nics: [] });
+        } else if (!box.checked) model.members.delete(vm.id);
+      }
+    } else if (step === 2) {
+      for (const m of model.members.values()) {
+        const k = (f) => inputs[`${m.vm_id}:${f}`]?.value;
+        m.recovery_host_id = k('host') || null;
+        m.boot_group = num(k('boot_group'));
+        m.boot_delay_secs = num(k('boot_delay'));
+        m.failover_network = k('failover') || null;
+        m.test_network = k('test') || null;
+        const vm = candidates.find((c) => c.id === m.vm_id);
+        const keep = new Map(m.nics.map((n) => [n.nic, n]));
+        m.nics = (vm?.nics || []).map((n) => {
+          const fo = inputs[`${m.vm_id}:nic:${n.name}`]?.value || null;
+          const prev = keep.get(n.name);
+          return fo || prev?.test_network || prev?.reip ? { ...(prev || {}), nic: n.name, failover_network: fo } : null;
+        }).filter(Boolean);
+      }
+    } else if (step === 3) {
+      const s = model.settings;
+      s.rpo_target_secs = num(v('rpo'));
+      s.journal_history_secs = Math.round(num(v('history')) * 3600);
+      s.journal_hard_limit_bytes = Math.round(num(v('hard')) * 1024 ** 3);
+      s.journal_warning_bytes = Math.round(num(v('warn')) * 1024 ** 3);
+      s.checkpoint_interval_ms = Math.round(num(v('interval')) * 1000);
+      s.compression = inputs.compression.checked;
+      s.priority = v('priority');
+      s.test_reminder_days = num(v('reminder'));
+      const mode = v('resync');
+      s.resync_policy = mode === 'window' ? { mode, start: v('win_start'), end: v('win_end') } : { mode };
+      s.failover_network = v('vpg_failover') || null;
+      s.test_network = v('vpg_test') || null;
+    }
+  }
+
+  // ---- rendering ---------------------------------------------------------------------
+  function input(key, attrs, labelText, hint) {
+    const el = h(attrs.tag || 'input', { id: `w-${key.replace(/[^a-z0-9_-]/gi, '_')}`, name: key, ...attrs, tag: null });
+    inputs[key] = el;
+    return field(labelText, el, hint);
+  }
+
+  function render() {
+    replace(stepNav, STEPS.map((s, i) => h('li', { 'aria-current': i === step ? 'step' : null, class: i < step ? 'done' : '' },
+      h('button', { type: 'button', class: 'link', onclick: () => go(i) }, `${i + 1}. ${s}`))));
+    back.disabled = step === 0;
+    next.textContent = step === STEPS.length - 1 ? (editId ? 'Save VPG' : 'Create VPG') : 'Next';
+    for (const k of Object.keys(inputs)) delete inputs[k];
+    const recSites = sites;
+    if (step === 0) {
+      replace(body, h('fieldset', {}, h('legend', {}, 'General'),
+        input('name', { value: model.name, autocomplete: 'off' }, 'Name'),
+        input('description', { tag: 'textarea', rows: 2, value: model.description }, 'Description'),
+        input('recovery_site_id', { tag: 'select' }, 'Recovery site', 'Where the VMs are replicated to and recovered.')));
+      const sel = inputs.recovery_site_id;
+      sel.append(h('option', { value: '' }, 'Choose a site…'),
+        ...recSites.map((s) => h('option', { value: s.id, selected: s.id === model.recovery_site_id }, s.name)));
+    } else if (step === 1) {
+      const usable = candidates.filter((vm) => vm.site_id !== model.recovery_site_id || model.members.has(vm.id));
+      replace(body, h('fieldset', {}, h('legend', {}, 'VMs to protect'),
+        h('p', { class: 'hint' }, 'VMs not yet in a VPG. All members must be at one protected site, other than the recovery site.'),
+        usable.length ? h('ul', { class: 'vm-pick' }, usable.map((vm) => {
+          const box = h('input', { type: 'checkbox', id: `w-vm-${vm.id}`, checked: model.members.has(vm.id) });
+          inputs[`vm:${vm.id}`] = box;
+          const site = sites.find((s) => s.id === vm.site_id)?.name ?? vm.site_id;
+          const size = vm.disks.reduce((n, d) => n + d.size_bytes, 0);
+          return h('li', {}, box, h('label', { for: box.id }, h('strong', {}, vm.name),
+            h('span', { class: 'muted' }, ` ${site} · ${vm.disks.length} disk(s), ${fmtBytes(size)} · ${label('power_states', vm.power_state)}`)));
+        })) : h('p', { class: 'muted', id: 'no-candidates' }, 'Every VM is already protected (or at the recovery site).')));
+    } else if (step === 2) {
+      const recHosts = hosts.filter((x) => x.site_id === model.recovery_site_id);
+      const members = [...model.members.values()];
+      replace(body, h('fieldset', {}, h('legend', {}, 'Recovery, boot order and networks per VM'),
+        members.length ? members.map((m) => {
+          const vm = candidates.find((c) => c.id === m.vm_id);
+          const name = vm?.name ?? m.vm_id;
+          const hostSel = h('select', { id: `w-host-${m.vm_id}` }, h('option', { value: '' }, 'Choose a host…'),
+            recHosts.map((x) => h('option', { value: x.id, selected: x.id === m.recovery_host_id }, `${x.name} (${label('connectivity', x.connectivity)})`)));
+          inputs[`${m.vm_id}:host`] = hostSel;
+          const mk = (f, attrs) => { const el = h('input', { id: `w-${f}-${m.vm_id}`, ...attrs }); inputs[`${m.vm_id}:${f}`] = el; return el; };
+          return h('div', { class: 'member card', dataset: { vm: name } }, h('h3', {}, name),
+            h('div', { class: 'grid-fields' },
+              field(`Recovery host for ${name}`, hostSel),
+              field('Boot group', mk('boot_group', { type: 'number', inputmode: 'numeric', value: String(m.boot_group) }), 'Lowest starts first.'),
+              field('Boot delay (s)', mk('boot_delay', { type: 'number', inputmode: 'numeric', value: String(m.boot_delay_secs) })),
+              field('Failover network', mk('failover', { value: m.failover_network || '', placeholder: 'VPG default' })),
+              field('Test network', mk('test', { value: m.test_network || '', placeholder: 'VPG default' })),
+              (vm?.nics || []).map((n) => {
+                const el = h('input', { id: `w-nic-${m.vm_id}-${n.name}`, value: m.nics.find((x) => x.nic === n.name)?.failover_network || '', placeholder: 'VM default' });
+                inputs[`${m.vm_id}:nic:${n.name}`] = el;
+                return field(`NIC ${n.name} failover network`, el, n.network ? `now on ${n.network}` : null);
+              })));
+        }) : h('p', { class: 'muted' }, 'No VM chosen yet (a VPG without VMs is allowed; it reads “VPG has no VMs”).')));
+    } else if (step === 3) {
+      const s = model.settings;
+      replace(body, h('fieldset', {}, h('legend', {}, 'SLA and journal'),
+        h('div', { class: 'grid-fields' },
+          input('rpo', { type: 'number', inputmode: 'numeric', value: String(s.rpo_target_secs) }, 'RPO target (seconds)', '10 s to 1 day.'),
+          input('history', { type: 'number', step: 'any', value: String(s.journal_history_secs / 3600) }, 'Journal history (hours)', '1 hour to 30 days.'),
+          input('hard', { type: 'number', step: 'any', value: String(+(s.journal_hard_limit_bytes / 1024 ** 3).toFixed(3)) }, 'Journal hard limit (GiB)'),
+          input('warn', { type: 'number', step: 'any', value: String(+(s.journal_warning_bytes / 1024 ** 3).toFixed(3)) }, 'Journal warning (GiB)', 'Below the hard limit.'),
+          input('interval', { type: 'number', step: 'any', value: String(s.checkpoint_interval_ms / 1000) }, 'Checkpoint interval (seconds)'),
+          input('priority', { tag: 'select' }, 'Priority'),
+          input('reminder', { type: 'number', value: String(s.test_reminder_days) }, 'Failover test reminder (days, 0 = off)'),
+          input('resync', { tag: 'select' }, 'Resync policy'),
+          input('win_start', { type: 'time', value: s.resync_policy.start || '22:00' }, 'Window start'),
+          input('win_end', { type: 'time', value: s.resync_policy.end || '06:00' }, 'Window end'),
+          input('vpg_failover', { value: s.failover_network || '' }, 'Failover network (VPG default)'),
+          input('vpg_test', { value: s.test_network || '' }, 'Test network (VPG default)')),
+        h('div', { class: 'field check' }, (() => { const c = h('input', { type: 'checkbox', id: 'w-compression', checked: s.compression }); inputs.compression = c; return c; })(),
+          h('label', { for: 'w-compression' }, 'Compress replication traffic'))));
+      inputs.priority.append(...values('priorities').map((p) => h('option', { value: p.id, selected: p.id === s.priority }, p.label)));
+      inputs.resync.append(...values('resync_modes').map((p) => h('option', { value: p.id, selected: p.id === s.resync_policy.mode }, p.label)));
+      const showWin = () => {
+        const on = inputs.resync.value === 'window';
+        inputs.win_start.closest('.field').hidden = !on;
+        inputs.win_end.closest('.field').hidden = !on;
+      };
+      inputs.resync.addEventListener('change', showWin);
+      showWin();
+    } else {
+      const req = requestBody();
+      const site = (id) => sites.find((s) => s.id === id)?.name ?? (id || '–');
+      const host = (id) => hosts.find((x) => x.id === id)?.name ?? (id || 'none (Needs configuration)');
+      replace(body, h('section', { 'aria-label': 'Review' },
+        h('dl', { class: 'settings' },
+          [['Name', req.name], ['Recovery site', site(req.recovery_site_id)], ['VMs', String(req.members.length)],
+            ['RPO target', `${req.settings.rpo_target_secs} s`], ['Journal history', `${req.settings.journal_history_secs / 3600} h`],
+            ['Journal warning / limit', `${fmtBytes(req.settings.journal_warning_bytes)} / ${fmtBytes(req.settings.journal_hard_limit_bytes)}`],
+            ['Priority', label('priorities', req.settings.priority)]]
+            .map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v)))),
+        req.members.length ? h('ul', {}, req.members.map((m) => h('li', {},
+          `${candidates.find((c) => c.id === m.vm_id)?.name ?? m.vm_id} → ${host(m.recovery_host_id)}, boot group ${m.boot_group}`))) : null,
+        h('p', { class: 'hint' }, 'The manager checks everything when you submit; its messages show above.')));
+    }
+    markField();
+  }
+
+  let lastError = null;
+  function markField() {
+    for (const el of body.querySelectorAll('[aria-invalid]')) el.removeAttribute('aria-invalid');
+    const f = lastError?.field;
+    if (!f) return;
+    const map = { 'settings.rpo_target_secs': 'rpo', 'settings.journal_history_secs': 'history', 'settings.journal_hard_limit_bytes': 'hard',
+      'settings.journal_warning_bytes': 'warn', 'settings.checkpoint_interval_ms': 'interval', 'settings.test_reminder_days': 'reminder',
+      'settings.failover_network': 'vpg_failover', 'settings.test_network': 'vpg_test', name: 'name', recovery_site_id: 'recovery_site_id' };
+    const el = inputs[map[f]];
+    if (el) { el.setAttribute('aria-invalid', 'true'); el.setAttribute('aria-errormessage', 'wizard-error'); }
+  }
+
+  function requestBody() {
+    return {
+      name: model.name,
+      description: model.description,
+      recovery_site_id: model.recovery_site_id,
+      settings: model.settings,
+      members: [...model.members.values()],
+    };
+  }
+
+  async function submit() {
+    collect();
+    const req = requestBody();
+    next.disabled = true;
+    replace(errSlot);
+    lastError = null;
+    try {
+      const v = editId
+        ? await api(`/vpgs/${editId}`, { method: 'PUT', body: { ...req, protected_site_id: existing.protected_site_id }, headers: { 'If-Match': `"${existing.version}"` } })
+        : await api('/vpgs', { method: 'POST', body: req });
+      ctx.navigate(`#/vpgs/${v.id}`);
+    } catch (err) {
+      lastError = err instanceof ApiError ? err : new ApiError(0, { detail: String(err) });
+      replace(errSlot, problemBox(lastError));
+      const target = stepOfField(lastError.field);
+      if (target !== null && target !== step) { step = target; render(); } else markField();
+      errSlot.scrollIntoView({ block: 'nearest' });
+      (body.querySelector('[aria-invalid="true"]') || errSlot).focus?.();
+    } finally {
+      next.disabled = false;
+    }
+  }
+
+  async function load() {
+    replace(body, h('p', { class: 'muted' }, 'Loading inventory…'));
+    try {
+      const [s, hs, free, lk] = await Promise.all([listAll('/sites'), listAll('/hosts'), listAll('/vms?protected=false'),
+        editId ? api(`/vpgs/${editId}`) : Promise.resolve(null)]);
+      sites = s.sort((a, b) => a.name.localeCompare(b.name));
+      hosts = hs.sort((a, b) => a.name.localeCompare(b.name));
+      candidates = free.sort((a, b) => a.name.localeCompare(b.name));
+      if (lk) {
+        existing = lk;
+        model.name = lk.name;
+        model.description = lk.description;
+        model.recovery_site_id = lk.recovery_site_id;
+        model.settings = structuredClone(lk.settings);
+        const memberVms = await Promise.all((lk.members || []).map((m) => api(`/vms/${m.vm_id}`)));
+        candidates = [...memberVms, ...candidates.filter((c) => !lk.protected_site_id || c.site_id === lk.protected_site_id)];
+        for (const m of lk.members || []) {
+          const { vm_name: _n, replication_state: _r, ...settings } = m;
+          model.members.set(m.vm_id, settings);
+        }
+      } else {
+        model.settings = defaultSettings();
+      }
+    } catch (err) {
+      replace(errSlot, problemBox(err));
+      return;
+    }
+    render();
+  }
+
+  load();
+  return {};
+}
+
+/** The manager's defaults (VpgSettings::default), as a starting point to edit. */
+function defaultSettings() {
+  const hard = 150_000_000_000;
+  return {
+    rpo_target_secs: 300, journal_history_secs: 86400, journal_hard_limit_bytes: hard,
+    journal_warning_bytes: Math.floor(hard / 4) * 3, checkpoint_interval_ms: 5000, compression: true,
+    priority: 'medium', test_reminder_days: 180, resync_policy: { mode: 'automatic' },
+    failover_network: null, test_network: null, network_mappings: [],
+  };
+}
