@@ -607,6 +607,7 @@ impl ControlClient {
         let mut writer = tokio::spawn(write_loop(sink, urgent_rx, ordinary_rx, heartbeat));
         let beats = tokio::spawn(heartbeat_loop(
             Arc::clone(&self.agent),
+            Arc::clone(self.vms.recoveries()),
             ordinary_tx,
             heartbeat,
         ));
@@ -832,6 +833,10 @@ impl ControlClient {
                 CommandBody::CreateVm { .. }
                     | CommandBody::PowerOn { .. }
                     | CommandBody::PowerOff { .. }
+                    | CommandBody::Recover { .. }
+                    | CommandBody::EndRecovery { .. }
+                    | CommandBody::PrepareFailover { .. }
+                    | CommandBody::ReleaseFailover { .. }
             );
             let out = me.run_command(c.body).await;
             let result = match out {
@@ -910,11 +915,72 @@ impl ControlClient {
                     .map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({ "host": host, "disk_id": disk_id }))
             }
-            CommandBody::Recover { .. }
-            | CommandBody::EndRecovery { .. }
-            | CommandBody::PrepareFailover { .. }
-            | CommandBody::ReleaseFailover { .. }
-            | CommandBody::SeedReverse { .. } => {
+            CommandBody::Recover {
+                operation,
+                vpg_id,
+                fencing_generation,
+                checkpoint,
+                test,
+                scratch_budget_bytes,
+                vms,
+            } => {
+                let report = self
+                    .vms
+                    .recoveries()
+                    .recover(crate::agent::recovery::RecoverRequest {
+                        operation,
+                        vpg_id,
+                        fencing_generation,
+                        checkpoint,
+                        test,
+                        scratch_budget_bytes,
+                        vms,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                serde_json::to_value(report).map_err(|e| e.to_string())
+            }
+            CommandBody::EndRecovery {
+                operation,
+                vpg_id,
+                fencing_generation,
+                end,
+            } => self
+                .vms
+                .recoveries()
+                .end(&operation, &vpg_id, fencing_generation, end)
+                .await
+                .map_err(|e| e.to_string()),
+            CommandBody::PrepareFailover {
+                operation: _,
+                vpg_id,
+                fencing_generation,
+                vms,
+            } => {
+                let vms = self
+                    .vms
+                    .recoveries()
+                    .prepare_failover(&vpg_id, fencing_generation, &vms)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "vms": vms }))
+            }
+            CommandBody::ReleaseFailover {
+                operation: _,
+                vpg_id,
+                fencing_generation,
+                vms,
+                power_on,
+            } => {
+                let vms = self
+                    .vms
+                    .recoveries()
+                    .release_failover(&vpg_id, fencing_generation, &vms, power_on)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "vms": vms }))
+            }
+            CommandBody::SeedReverse { .. } => {
                 Err("this agent does not run recovery commands yet".to_string())
             }
         }
@@ -1093,7 +1159,12 @@ const JOURNAL_POLL: Duration = Duration::from_millis(100);
 /// A heartbeat every `every`, the first at once, and an early one whenever a journal
 /// holds newly recoverable checkpoints; the journal cursor is this connection's, so a
 /// new connection reports every recoverable checkpoint again.
-async fn heartbeat_loop(agent: Arc<Agent>, queue: mpsc::Sender<Message>, every: Duration) {
+async fn heartbeat_loop(
+    agent: Arc<Agent>,
+    recoveries: Arc<crate::agent::recovery::Recoveries>,
+    queue: mpsc::Sender<Message>,
+    every: Duration,
+) {
     let mut cursor: HashMap<(String, u64), u64> = HashMap::new();
     let receives = agent.endpoints().data.is_some();
     let poll = if receives {
@@ -1118,6 +1189,7 @@ async fn heartbeat_loop(agent: Arc<Agent>, queue: mpsc::Sender<Message>, every: 
         // Status and journal reports take the agent's and the journals' locks: off the
         // reactor.
         let a = Arc::clone(&agent);
+        let rec = Arc::clone(&recoveries);
         let built = tokio::task::spawn_blocking(move || {
             let journals = a.journal_reports(&mut cursor);
             let fresh = journals.iter().any(|j| !j.recoverable.is_empty());
@@ -1125,7 +1197,7 @@ async fn heartbeat_loop(agent: Arc<Agent>, queue: mpsc::Sender<Message>, every: 
                 status: a.status(),
                 journals,
                 desired_version: a.desired_version(),
-                recoveries: Vec::new(),
+                recoveries: rec.reports(),
             });
             (hb, cursor)
         })

@@ -52,6 +52,12 @@ pub enum HypervisorError {
     Agent(#[from] AgentError),
     #[error("background task failed: {0}")]
     Task(String),
+    #[error("VM `{0}` is prepared for planned failover: it cannot be powered on until the failover is released")]
+    Prepared(String),
+    #[error("VM `{0}` belongs to a recovery: end the recovery instead")]
+    Recovered(String),
+    #[error("this hypervisor driver cannot {0}")]
+    Unsupported(&'static str),
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> HypervisorError {
@@ -97,6 +103,26 @@ pub trait HypervisorDriver: Send + Sync + 'static {
     fn thaw(&self, vms: &[String]);
     /// Events worth recording at the manager (`vm_created`, `vm_power`).
     fn subscribe(&self) -> broadcast::Receiver<AgentEvent>;
+    /// A VM brought up by a recovery, powered off: its disks (`spec.disks`, named by
+    /// their NBD export) are journal views served by `agent::recovery`, not local disks;
+    /// their disk ids are allocated now and kept if the recovery is committed. The same
+    /// VM again (same name and disks) answers the existing one.
+    fn create_recovered_vm(&self, _spec: &VmSpec) -> Result<InventoryVm, HypervisorError> {
+        Err(HypervisorError::Unsupported("create recovered VMs"))
+    }
+    /// Removes a VM [`HypervisorDriver::create_recovered_vm`] made (false: no such VM).
+    fn remove_recovered_vm(&self, _name: &str) -> Result<bool, HypervisorError> {
+        Err(HypervisorError::Unsupported("remove recovered VMs"))
+    }
+    /// A committed recovery: the recovered VM becomes a regular VM of this host whose
+    /// disks are local disks (same names and ids). Idempotent.
+    fn adopt_recovered_vm(&self, _name: &str) -> Result<InventoryVm, HypervisorError> {
+        Err(HypervisorError::Unsupported("adopt recovered VMs"))
+    }
+    /// Locks (or unlocks) a VM against power-on ("Prepared for planned failover").
+    fn set_prepared(&self, _name: &str, _prepared: bool) -> Result<InventoryVm, HypervisorError> {
+        Err(HypervisorError::Unsupported("lock VMs for a planned failover"))
+    }
 }
 
 /// The protected disk a VM disk is: `<data-dir>/disks/<name>.img`, default group, not
@@ -124,6 +150,9 @@ enum Origin {
     Disk,
     /// Created at run time: kept whole in the state file.
     Runtime,
+    /// Brought up by a recovery, not committed yet: kept whole in the state file; its
+    /// disks are the recovery's NBD exports (`agent::recovery`), not opened as local disks.
+    Recovered,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +170,9 @@ struct SimVm {
     memory_mib: u64,
     power_state: PowerState,
     disks: Vec<SimDisk>,
+    /// Locked against power-on by a planned failover (`PrepareFailover`).
+    #[serde(default)]
+    prepared: bool,
 }
 
 impl SimVm {
@@ -160,6 +192,7 @@ impl SimVm {
                     export: d.name.clone(),
                 })
                 .collect(),
+            prepared_for_failover: self.prepared,
         }
     }
 }
@@ -234,10 +267,16 @@ impl SimHypervisor {
                 .find(|v| v.name == name && v.origin == origin)
                 .map_or(PowerState::On, |v| v.power_state)
         };
+        let saved_prepared = |name: &str, origin: Origin| {
+            saved
+                .vms
+                .iter()
+                .any(|v| v.name == name && v.origin == origin && v.prepared)
+        };
         let runtime: Vec<&SimVm> = saved
             .vms
             .iter()
-            .filter(|v| v.origin == Origin::Runtime)
+            .filter(|v| matches!(v.origin, Origin::Runtime | Origin::Recovered))
             .collect();
         let in_vm: BTreeSet<&str> = cfg
             .vms
@@ -272,6 +311,7 @@ impl SimHypervisor {
                 memory_mib: v.memory_mib,
                 power_state: saved_power(&v.name, Origin::Config),
                 disks,
+                prepared: saved_prepared(&v.name, Origin::Config),
             });
         }
         for d in cfg
@@ -290,6 +330,7 @@ impl SimHypervisor {
                     id: d.id,
                     size: d.size,
                 }],
+                prepared: saved_prepared(&d.name, Origin::Disk),
             });
         }
         for v in runtime {
@@ -386,12 +427,13 @@ impl SimHypervisor {
             .collect()
     }
 
-    /// Names of the disks of powered-off VMs (their exports are not served).
+    /// Names of the disks of powered-off VMs (their exports are not served). Recovered
+    /// VMs' disks are the recovery's business.
     pub fn powered_off_disks(&self) -> Vec<String> {
         self.lock()
             .vms
             .iter()
-            .filter(|v| v.power_state == PowerState::Off)
+            .filter(|v| v.power_state == PowerState::Off && v.origin != Origin::Recovered)
             .flat_map(|v| v.disks.iter().map(|d| d.name.clone()))
             .collect()
     }
@@ -420,6 +462,9 @@ impl SimHypervisor {
                 .iter_mut()
                 .find(|v| v.name == name)
                 .ok_or_else(|| HypervisorError::NoSuchVm(name.to_string()))?;
+            if power == PowerState::On && vm.prepared {
+                return Err(HypervisorError::Prepared(name.to_string()));
+            }
             let changed = vm.power_state != power;
             vm.power_state = power;
             Ok(PowerChange {
@@ -518,6 +563,7 @@ impl HypervisorDriver for SimHypervisor {
                 memory_mib: spec.memory_mib,
                 power_state: PowerState::On,
                 disks,
+                prepared: false,
             };
             s.vms.push(vm.clone());
             Ok(vm.inventory())
@@ -570,6 +616,110 @@ impl HypervisorDriver for SimHypervisor {
     fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
         self.events.subscribe()
     }
+
+    fn create_recovered_vm(&self, spec: &VmSpec) -> Result<InventoryVm, HypervisorError> {
+        check_spec(spec)?;
+        let vm = self.update(|s| {
+            if let Some(v) = s.vms.iter().find(|v| v.name == spec.name) {
+                let same = v.origin == Origin::Recovered
+                    && v.disks.len() == spec.disks.len()
+                    && v.disks.iter().zip(&spec.disks).all(|(a, b)| a.name == b.name);
+                return if same {
+                    Ok(v.inventory())
+                } else {
+                    Err(HypervisorError::DuplicateVm(spec.name.clone()))
+                };
+            }
+            if let Some(d) = spec.disks.iter().find(|d| {
+                s.vms
+                    .iter()
+                    .flat_map(|v| &v.disks)
+                    .any(|o| o.name == d.name)
+            }) {
+                return Err(HypervisorError::DuplicateDisk(d.name.clone()));
+            }
+            let mut disks = Vec::new();
+            for d in &spec.disks {
+                let id = s.next_disk_id;
+                s.next_disk_id = id
+                    .checked_add(1)
+                    .ok_or_else(|| invalid("disks", "disk ids exhausted"))?;
+                disks.push(SimDisk {
+                    name: d.name.clone(),
+                    id,
+                    size: d.size_bytes,
+                });
+            }
+            let vm = SimVm {
+                name: spec.name.clone(),
+                origin: Origin::Recovered,
+                cpus: spec.cpus,
+                memory_mib: spec.memory_mib,
+                power_state: PowerState::Off,
+                disks,
+                prepared: false,
+            };
+            s.vms.push(vm.clone());
+            Ok(vm.inventory())
+        })?;
+        tracing::info!(vm = %vm.name, disks = vm.disks.len(), "recovered VM created");
+        let _ = self.events.send(event(
+            "vm_created",
+            &vm.name,
+            format!("recovered VM {} created with {} disk(s)", vm.name, vm.disks.len()),
+            serde_json::json!({ "recovered": true }),
+        ));
+        Ok(vm)
+    }
+
+    fn remove_recovered_vm(&self, name: &str) -> Result<bool, HypervisorError> {
+        self.update(|s| match s.vms.iter().position(|v| v.name == name) {
+            None => Ok(false),
+            Some(i) if s.vms[i].origin == Origin::Recovered => {
+                s.vms.remove(i);
+                Ok(true)
+            }
+            Some(_) => Err(invalid(
+                "vm",
+                format!("`{name}` is not a recovered VM: it is not removed"),
+            )),
+        })
+    }
+
+    fn adopt_recovered_vm(&self, name: &str) -> Result<InventoryVm, HypervisorError> {
+        self.update(|s| {
+            let vm = s
+                .vms
+                .iter_mut()
+                .find(|v| v.name == name)
+                .ok_or_else(|| HypervisorError::NoSuchVm(name.to_string()))?;
+            match vm.origin {
+                Origin::Recovered | Origin::Runtime => {
+                    vm.origin = Origin::Runtime;
+                    Ok(vm.inventory())
+                }
+                _ => Err(invalid("vm", format!("`{name}` is not a recovered VM"))),
+            }
+        })
+    }
+
+    fn set_prepared(&self, name: &str, prepared: bool) -> Result<InventoryVm, HypervisorError> {
+        self.update(|s| {
+            let vm = s
+                .vms
+                .iter_mut()
+                .find(|v| v.name == name)
+                .ok_or_else(|| HypervisorError::NoSuchVm(name.to_string()))?;
+            if prepared && vm.power_state == PowerState::On {
+                return Err(invalid(
+                    "vm",
+                    format!("`{name}` is still running: power it off first"),
+                ));
+            }
+            vm.prepared = prepared;
+            Ok(vm.inventory())
+        })
+    }
 }
 
 /// The VMs of a running agent: the driver and the agent's exports kept in step, one VM
@@ -578,7 +728,9 @@ impl HypervisorDriver for SimHypervisor {
 pub struct HostVms {
     driver: Arc<dyn HypervisorDriver>,
     agent: Arc<Agent>,
-    ops: tokio::sync::Mutex<()>,
+    /// Shared with `recoveries`: one VM operation at a time, recoveries included.
+    ops: Arc<tokio::sync::Mutex<()>>,
+    recoveries: Arc<crate::agent::recovery::Recoveries>,
 }
 
 impl std::fmt::Debug for HostVms {
@@ -588,12 +740,30 @@ impl std::fmt::Debug for HostVms {
 }
 
 impl HostVms {
+    /// Also restores the recoveries persisted under `state/recoveries/` (in the
+    /// background when called inside a runtime; every recovery call waits for it).
     pub fn new(driver: Arc<dyn HypervisorDriver>, agent: Arc<Agent>) -> HostVms {
+        let ops = Arc::new(tokio::sync::Mutex::new(()));
+        let recoveries = crate::agent::recovery::Recoveries::new(
+            Arc::clone(&driver),
+            Arc::clone(&agent),
+            Arc::clone(&ops),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let r = Arc::clone(&recoveries);
+            rt.spawn(async move { r.restored().await });
+        }
         HostVms {
             driver,
             agent,
-            ops: tokio::sync::Mutex::new(()),
+            ops,
+            recoveries,
         }
+    }
+
+    /// The recoveries this host runs (recovery side) and the planned-failover locks.
+    pub fn recoveries(&self) -> &Arc<crate::agent::recovery::Recoveries> {
+        &self.recoveries
     }
 
     pub fn driver(&self) -> &Arc<dyn HypervisorDriver> {
@@ -637,6 +807,9 @@ impl HostVms {
         name: &str,
         power: PowerState,
     ) -> Result<PowerChange, HypervisorError> {
+        // Recovered VMs re-created after a restart must be known before their power
+        // changes (the restore takes the operations lock itself).
+        self.recoveries.restored().await;
         let _one = self.ops.lock().await;
         let vm = self
             .driver
@@ -648,15 +821,23 @@ impl HostVms {
         let n = name.to_string();
         match power {
             PowerState::On => {
+                if vm.prepared_for_failover {
+                    return Err(HypervisorError::Prepared(name.to_string()));
+                }
                 for d in &vm.disks {
-                    self.agent.set_exported(&d.export, true).await?;
+                    // A recovered VM's disks are its recovery's exports.
+                    if !self.recoveries.set_exported(&d.export, true).await? {
+                        self.agent.set_exported(&d.export, true).await?;
+                    }
                 }
                 self.blocking(move |d| d.power_on(&n)).await
             }
             PowerState::Off => {
                 let change = self.blocking(move |d| d.power_off(&n)).await?;
                 for d in &vm.disks {
-                    self.agent.set_exported(&d.export, false).await?;
+                    if !self.recoveries.set_exported(&d.export, false).await? {
+                        self.agent.set_exported(&d.export, false).await?;
+                    }
                 }
                 Ok(change)
             }

@@ -9,6 +9,7 @@ pub mod host;
 pub mod hypervisor;
 pub mod journal;
 pub mod nbd;
+pub mod recovery;
 pub mod stream;
 pub mod sync;
 pub mod tls;

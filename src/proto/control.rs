@@ -89,6 +89,10 @@ pub struct InventoryVm {
     pub cpus: u32,
     pub memory_mib: u64,
     pub disks: Vec<InventoryDisk>,
+    /// Locked by `PrepareFailover` ("Prepared for planned failover"): it may not be
+    /// powered on until `ReleaseFailover`.
+    #[serde(default)]
+    pub prepared_for_failover: bool,
 }
 
 /// Everything the host's hypervisor driver knows.

@@ -75,6 +75,7 @@ pub fn vm(name: &str, disks: &[(u64, &str, u64)]) -> InventoryVm {
                 export: n.to_string(),
             })
             .collect(),
+        prepared_for_failover: false,
     }
 }
 

@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod bench;
 pub mod config;
+mod reverse;
 pub mod splitter;
 pub mod sync;
 
@@ -65,6 +66,7 @@ use crate::proto::stream::ReplicaState;
 
 pub use config::{AgentConfig, AgentConfigError, AgentFlags, AgentSection, Security};
 use config::{DiskConfig, PeerConfig};
+pub use reverse::{SeededDisk, REVERSE_SEEDS_FILE};
 use splitter::Splitter;
 
 /// Name of the persisted desired state under `state/`.
@@ -245,8 +247,9 @@ pub struct Agent {
     apply_lock: tokio::sync::Mutex<()>,
     /// The manager's desired state this agent runs (persisted in `state/desired.json`).
     managed: Mutex<Option<DesiredState>>,
-    /// The highest fencing generation seen per VPG (persisted in `state/fencing.json`).
-    fencing: crate::agent::fencing::Fencing,
+    /// The highest fencing generation seen per VPG (persisted in `state/fencing.json`);
+    /// shared with the receiver, which admits every stream and sync session through it.
+    fencing: Arc<crate::agent::fencing::Fencing>,
     /// Stops the NBD server (first, at shutdown).
     nbd_cancel: CancellationToken,
     /// Stops the sync tasks (before the streams drain, at shutdown).
@@ -508,6 +511,8 @@ impl Agent {
         // persisters, NBD server) instead of leaving them running in the process.
         let abort_start = (cancel.clone().drop_guard(), nbd_cancel.clone().drop_guard());
 
+        // Before the receiver: it admits every stream through the record.
+        let fencing = Arc::new(crate::agent::fencing::Fencing::open(&cfg.state_dir())?);
         // Recovery side first: a peer may already be dialling.
         let mut data_addr = None;
         let receiver = match cfg.data_listen {
@@ -517,6 +522,7 @@ impl Agent {
                 }
                 let mut rc = ReceiverConfig::new(listen, server);
                 rc.allow = cfg.allow.clone().into_iter().collect::<HashMap<_, _>>();
+                rc.fencing = Some(Arc::clone(&fencing));
                 if let Some(t) = cfg.peer_timeout {
                     rc.peer_timeout = t;
                 }
@@ -575,7 +581,6 @@ impl Agent {
             data: data_addr.map(|a| a.to_string()),
             admin: None,
         };
-        let fencing = crate::agent::fencing::Fencing::open(&cfg.state_dir())?;
         let agent = Arc::new(Agent {
             cfg,
             endpoints,
@@ -1089,6 +1094,18 @@ impl Agent {
         let mut wanted: HashMap<u64, &DiskProtection> = HashMap::new();
         let mut untouched: HashSet<u64> = HashSet::new();
         for dp in &eff.protect {
+            // Our own record knows a newer generation of the VPG: this protection is
+            // stale (a failover happened) and the disk must not stream; it is
+            // unprotected below, its writes kept in the dirty bitmap.
+            let known = self.fencing.current(&dp.vpg_id);
+            if dp.fencing_generation < known {
+                errors.push(format!(
+                    "disk {} ({}): fenced: VPG {} is at fencing generation {known}, this \
+                     protection carries {}; not streamed",
+                    dp.disk_id, dp.disk_name, dp.vpg_id, dp.fencing_generation
+                ));
+                continue;
+            }
             let why = if !disks.iter().any(|d| d.cfg.id == dp.disk_id) {
                 Some("is not on this host".to_string())
             } else if dp.recovery_host == self.cfg.host_name {
@@ -1284,6 +1301,8 @@ impl Agent {
             disk_id: d.cfg.id,
             size: d.cfg.size,
             generation: d.epoch,
+            vpg_id: w.vpg_id.clone(),
+            fencing_generation: w.fencing_generation,
         })?;
         lock(&peer.routes).insert(d.cfg.id, Arc::clone(d));
         // Paused first, so no record slips into the stream between attach and pause.
@@ -1342,6 +1361,17 @@ impl Agent {
             let mut g = lock(&d.prot);
             let Some(p) = g.as_mut() else { return };
             p.vpg_id = w.vpg_id.clone();
+            // A new fencing generation renews the stream (queue kept) with it.
+            match p
+                .peer
+                .sender
+                .set_fencing(d.cfg.id, &w.vpg_id, w.fencing_generation)
+            {
+                Ok(true) => tracing::info!(disk = %d.cfg.name, vpg = %w.vpg_id,
+                    fencing_generation = w.fencing_generation, "fencing generation of the stream changed"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(disk = %d.cfg.name, error = %e, "cannot change the stream's fencing"),
+            }
             let was = p.paused;
             p.paused = w.paused;
             if was != w.paused {
@@ -1462,6 +1492,31 @@ impl Agent {
     /// The highest fencing generation seen per VPG.
     pub fn fencing(&self) -> &crate::agent::fencing::Fencing {
         &self.fencing
+    }
+
+    /// The replication receiver (recovery hosts only): journals, views, commits.
+    pub fn receiver(&self) -> Option<&ReceiverHandle> {
+        self.receiver.as_ref()
+    }
+
+    /// The NBD exports this agent serves (recoveries add their views here).
+    pub fn registry(&self) -> &ExportRegistry {
+        &self.registry
+    }
+
+    /// Where the journals and replicas of `host` are kept here (the allow-list's
+    /// storage, else the configuration's, else `<storage>/<host>`).
+    pub fn received_storage(&self, host: &str) -> PathBuf {
+        self.receiver
+            .as_ref()
+            .and_then(|r| r.allowed().remove(host))
+            .or_else(|| self.cfg.allow.get(host).cloned())
+            .unwrap_or_else(|| self.cfg.storage.join(host))
+    }
+
+    /// Whether the agent is shutting down.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Version of the desired state this agent runs (persisted), if any.
@@ -1872,6 +1927,25 @@ async fn watch_events(
                         ds.poke();
                     }
                 }
+            }
+            StreamEvent::DiskRefused {
+                disk,
+                fenced,
+                reason,
+            } => {
+                tracing::warn!(disk, fenced, %reason, "recovery host refused the disk");
+                let kind = if fenced {
+                    "stream_fenced"
+                } else {
+                    "disk_refused"
+                };
+                emit(stream_event(
+                    kind,
+                    Some(disk),
+                    format!("{peer} refused the stream of disk {disk}: {reason}"),
+                    serde_json::json!({ "peer": peer, "fenced": fenced, "reason": reason }),
+                ));
+                set(Some(format!("disk {disk} refused: {reason}")));
             }
             StreamEvent::DiskNotAccepted { disk } => {
                 tracing::warn!(disk, "recovery host did not accept the disk");

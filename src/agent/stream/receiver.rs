@@ -13,6 +13,14 @@
 //! are admitted against the current list, and every live connection of a host taken off
 //! it is closed. Each open journal counts the connections using it, so a journal in use
 //! is never dropped ([`ReceiverHandle::drop_disk`]).
+//!
+//! Fencing: with [`ReceiverConfig::fencing`] set (the agent's record), every disk of a
+//! stream `Hello` and every sync session is admitted through it by its VPG id and fencing
+//! generation before its journal is opened: a stale one is refused (listed in the
+//! `Welcome`'s `refused` with `fenced`, or a `Refused` frame for a session) and its
+//! journal is not touched. A connection admitted earlier is checked again before each
+//! batch is appended, so a generation recorded meanwhile (the manager's desired state
+//! after a failover) ends it without appending anything more.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -31,12 +39,13 @@ use super::conn::{FrameReader, FrameWriter};
 use super::sync_target::{self, recoverable, OpenDisk, SyncCell, SyncState};
 use super::{io, now_ms, Io, ServerTransport, StreamError};
 use crate::agent::journal::{
-    CheckpointInfo, CheckpointKind, Durability, Journal, JournalConfig, Record,
+    CheckpointInfo, CheckpointKind, CommitReport, Durability, Journal, JournalConfig, Record, View,
 };
+use crate::agent::fencing::{Fencing, FencingError};
 use crate::agent::tls::cert_names_host;
 use crate::proto::stream::{
-    Compression, DiskAck, DiskHello, DiskLag, Frame, RecordBody, StreamRecord, SyncFrame,
-    PROTOCOL_VERSION,
+    Compression, DiskAck, DiskHello, DiskLag, DiskRefused, Frame, RecordBody, StreamRecord,
+    SyncFrame, PROTOCOL_VERSION,
 };
 
 /// How the receiver runs.
@@ -57,6 +66,9 @@ pub struct ReceiverConfig {
     /// No frame from the sender for this long ends the connection (it pings every
     /// second or so).
     pub peer_timeout: Duration,
+    /// The host's fencing record; `None` admits every generation (tools and tests that
+    /// run a bare receiver).
+    pub fencing: Option<Arc<Fencing>>,
 }
 
 impl ReceiverConfig {
@@ -70,6 +82,7 @@ impl ReceiverConfig {
             sync_bytes: 8 << 20,
             handshake_timeout: Duration::from_secs(10),
             peer_timeout: Duration::from_secs(15),
+            fencing: None,
         }
     }
 }
@@ -297,6 +310,120 @@ impl ReceiverHandle {
     }
 }
 
+/// Recovery (`agent::recovery`): journals opened without a connection, views, commits.
+impl ReceiverHandle {
+    /// The journal and sync state of (host, disk) from the registry, or opened from
+    /// `<storage>/disk-XXXXXXXXXXXXXXXX` when no connection opened them since start (a
+    /// recovery after a restart, with the protected site gone). The disk must exist: its
+    /// size is the replica's. Uses no connection slot (`is_busy` stays false). Blocking.
+    fn recovery_journal(
+        &self,
+        host: &str,
+        disk_id: u64,
+        storage: &Path,
+    ) -> Result<(SharedJournal, Arc<SyncCell>), StreamError> {
+        let key = (host.to_string(), disk_id);
+        let mut reg = lock(&self.shared.journals);
+        let sync = lock(&self.shared.syncs).get(&key).cloned();
+        if let (Some(j), Some(sync)) = (reg.get(&key), sync) {
+            return Ok((j.clone(), sync));
+        }
+        let dir = storage.join(format!("disk-{disk_id:016x}"));
+        let replica = dir.join("replica.img");
+        let size = match std::fs::metadata(&replica) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StreamError::Refused(format!(
+                    "no replica of disk {disk_id} from host {host:?} here ({})",
+                    dir.display()
+                )))
+            }
+            Err(e) => return Err(io("stat replica")(e)),
+        };
+        let sync = Arc::new(SyncCell::load_or_init(&dir)?);
+        let j = match reg.get(&key) {
+            Some(j) => j.clone(),
+            None => {
+                let mut cfg = JournalConfig::new(disk_id, size);
+                cfg.segment_size = self.shared.cfg.segment_size;
+                cfg.write_buffer = self.shared.cfg.write_buffer;
+                let j = Arc::new(Mutex::new(Journal::open(
+                    dir.join("journal"),
+                    &replica,
+                    cfg,
+                )?));
+                reg.insert(key.clone(), j.clone());
+                j
+            }
+        };
+        lock(&self.shared.syncs).insert(key, sync.clone());
+        Ok((j, sync))
+    }
+
+    /// Durable checkpoints of a disk with their recoverability, opening the journal
+    /// from `storage` if needed (see [`ReceiverHandle::checkpoints`]). Blocking.
+    pub fn recovery_checkpoints(
+        &self,
+        host: &str,
+        disk_id: u64,
+        storage: &Path,
+    ) -> Result<Vec<(CheckpointInfo, bool)>, StreamError> {
+        let (j, sync) = self.recovery_journal(host, disk_id, storage)?;
+        let state = sync.get();
+        let cps = lock(&j).checkpoints();
+        Ok(cps
+            .into_iter()
+            .map(|c| {
+                let ok = recoverable(&state, c.seq);
+                (c, ok)
+            })
+            .collect())
+    }
+
+    /// Opens a view of (host, disk) at `checkpoint`, which must be durable and
+    /// recoverable (a sync can make checkpoints unrecoverable: such a view would show a
+    /// disk that never existed). Blocking.
+    pub fn open_view(
+        &self,
+        host: &str,
+        disk_id: u64,
+        storage: &Path,
+        checkpoint: u64,
+    ) -> Result<View, StreamError> {
+        let (j, sync) = self.recovery_journal(host, disk_id, storage)?;
+        let j = lock(&j);
+        let state = sync.get();
+        match j.checkpoints().into_iter().find(|c| c.id == checkpoint) {
+            Some(c) if !recoverable(&state, c.seq) => Err(StreamError::Refused(format!(
+                "checkpoint {checkpoint} of disk {disk_id} from host {host:?} is not \
+                 recoverable (a sync made it unrecoverable)"
+            ))),
+            _ => Ok(j.open_view(checkpoint)?),
+        }
+    }
+
+    /// Commits `view` into its journal's replica (see [`Journal::commit`]). Refused while
+    /// a connection streams or syncs the disk. Blocking.
+    pub fn commit_view(
+        &self,
+        host: &str,
+        disk_id: u64,
+        view: View,
+    ) -> Result<CommitReport, StreamError> {
+        let key = (host.to_string(), disk_id);
+        let j = lock(&self.shared.journals).get(&key).cloned().ok_or_else(|| {
+            StreamError::Refused(format!("no journal of disk {disk_id} from host {host:?} is open"))
+        })?;
+        if self.is_busy(host, disk_id) {
+            return Err(StreamError::Refused(format!(
+                "host {host:?} still streams or syncs disk {disk_id}: stop its protection first"
+            )));
+        }
+        let r = lock(&j).commit(view)?;
+        Ok(r)
+    }
+}
+
 /// The recovery side's listener. [`Receiver::bind`] then [`Receiver::run`].
 pub struct Receiver {
     listener: TcpListener,
@@ -472,6 +599,8 @@ async fn serve(
             host_name,
             disk_id,
             size,
+            vpg_id,
+            fencing_generation,
         })) => {
             let (storage, host_token) = match admit(shared, &host_name, cert.as_ref()) {
                 Ok(s) => s,
@@ -480,10 +609,14 @@ async fn serve(
             let _link = link(&host_token, &cancel);
             let s2 = shared.clone();
             let h2 = host_name.clone();
-            let opened =
-                tokio::task::spawn_blocking(move || open_disk(&s2, &h2, &storage, disk_id, size))
-                    .await
-                    .map_err(|e| StreamError::Protocol(format!("journal open task: {e}")))?;
+            let opened = tokio::task::spawn_blocking(move || {
+                // Fencing first: a stale session must not even open the journal.
+                admit_fencing(&s2, &vpg_id, fencing_generation)
+                    .map_err(|e| StreamError::Refused(e.to_string()))?;
+                open_disk(&s2, &h2, &storage, disk_id, size)
+            })
+            .await
+            .map_err(|e| StreamError::Protocol(format!("journal open task: {e}")))?;
             let disk = match opened {
                 Ok(d) => d,
                 Err(StreamError::Refused(reason)) => return Err(refuse(&mut writer, reason).await),
@@ -530,25 +663,33 @@ async fn serve(
 
     let s2 = shared.clone();
     let (h2, st2) = (host.clone(), storage.clone());
-    let opened = tokio::task::spawn_blocking(move || open_disks(&s2, &h2, &st2, &disks))
-        .await
-        .map_err(|e| StreamError::Protocol(format!("journal open task: {e}")))?;
+    let (opened, refused) =
+        tokio::task::spawn_blocking(move || open_disks(&s2, &h2, &st2, &disks))
+            .await
+            .map_err(|e| StreamError::Protocol(format!("journal open task: {e}")))?;
     let welcome: Vec<DiskAck> = opened
         .iter()
-        .map(|(id, _, durable, _)| DiskAck {
-            disk_id: *id,
-            durable_seq: *durable,
+        .map(|o| DiskAck {
+            disk_id: o.disk_id,
+            durable_seq: o.durable,
         })
         .collect();
-    writer.send(&Frame::Welcome { disks: welcome }).await?;
+    writer
+        .send(&Frame::Welcome {
+            disks: welcome,
+            refused,
+        })
+        .await?;
     tracing::info!(%host, disks = opened.len(), "replication stream accepted");
     // The journals are in use until this connection ends.
     let mut _busy = Vec::with_capacity(opened.len());
+    let mut fences = HashMap::with_capacity(opened.len());
     let journals: HashMap<u64, SharedJournal> = opened
         .into_iter()
-        .map(|(id, j, _, b)| {
-            _busy.push(b);
-            (id, j)
+        .map(|o| {
+            _busy.push(o.busy);
+            fences.insert(o.disk_id, o.fence);
+            (o.disk_id, o.journal)
         })
         .collect();
 
@@ -562,7 +703,9 @@ async fn serve(
     let span = tracing::info_span!("stream-journal", %host);
     let journal_task = tokio::task::spawn_blocking(move || {
         let _e = span.enter();
-        let r = journal_loop(brx, &journals, &jatx, &jshared, &jhost, sync_bytes);
+        let r = journal_loop(
+            brx, &journals, &fences, &jatx, &jshared, &jhost, sync_bytes,
+        );
         if let Err(e) = &r {
             tracing::error!(error = %e, "journal append failed: closing the connection");
         }
@@ -724,20 +867,58 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// Opens (or finds in the registry) the journal of every disk of a Hello. A disk whose
-/// journal cannot be opened, or whose size differs, is left out of the Welcome.
+/// A disk a stream connection was admitted for.
+struct Admitted {
+    disk_id: u64,
+    journal: SharedJournal,
+    durable: u64,
+    busy: Busy,
+    /// (VPG id, fencing generation) it was admitted with.
+    fence: (String, u64),
+}
+
+/// Admits a VPG's fencing generation through the host's record (records a newer one,
+/// durably). Blocking.
+fn admit_fencing(shared: &Shared, vpg_id: &str, generation: u64) -> Result<(), FencingError> {
+    match &shared.cfg.fencing {
+        Some(f) => f.admit(vpg_id, generation),
+        None => Ok(()),
+    }
+}
+
+/// Opens (or finds in the registry) the journal of every disk of a Hello. A disk that is
+/// fenced, whose journal cannot be opened, or whose size differs, is left out of the
+/// Welcome and listed as refused, with the reason. Blocking.
 fn open_disks(
     shared: &Shared,
     host: &str,
     storage: &Path,
     disks: &[DiskHello],
-) -> Vec<(u64, SharedJournal, u64, Busy)> {
+) -> (Vec<Admitted>, Vec<DiskRefused>) {
     let mut out = Vec::new();
+    let mut refused = Vec::new();
     for d in disks {
+        if let Err(e) = admit_fencing(shared, &d.vpg_id, d.fencing_generation) {
+            tracing::error!(%host, disk = d.disk_id, vpg = %d.vpg_id, error = %e, "disk's stream fenced");
+            refused.push(DiskRefused {
+                disk_id: d.disk_id,
+                fenced: matches!(e, FencingError::Stale { .. }),
+                reason: e.to_string(),
+            });
+            continue;
+        }
         let (j, busy) = match open_disk(shared, host, storage, d.disk_id, d.size) {
             Ok(o) => (o.journal, o.busy),
             Err(e) => {
                 tracing::error!(disk = d.disk_id, error = %e, "disk not accepted");
+                refused.push(DiskRefused {
+                    disk_id: d.disk_id,
+                    fenced: false,
+                    reason: match e {
+                        StreamError::Refused(r) => r,
+                        other => other.to_string(),
+                    },
+                });
                 continue;
             }
         };
@@ -748,6 +929,11 @@ fn open_disks(
             Err(e) => {
                 tracing::error!(disk = d.disk_id, error = %e, "journal sync failed");
                 note_error(shared, host, d.disk_id, &e);
+                refused.push(DiskRefused {
+                    disk_id: d.disk_id,
+                    fenced: false,
+                    reason: format!("journal storage error: {e}"),
+                });
                 continue;
             }
         };
@@ -758,9 +944,15 @@ fn open_disks(
         l.disk_id = d.disk_id;
         l.durable_seq = durable;
         l.received_seq = l.received_seq.max(durable);
-        out.push((d.disk_id, j, durable, busy));
+        out.push(Admitted {
+            disk_id: d.disk_id,
+            journal: j,
+            durable,
+            busy,
+            fence: (d.vpg_id.clone(), d.fencing_generation),
+        });
     }
-    out
+    (out, refused)
 }
 
 fn size_mismatch(protected: u64, replica: u64) -> StreamError {
@@ -847,6 +1039,7 @@ fn checkpoint_kind(k: u8) -> Option<CheckpointKind> {
 fn journal_loop(
     mut rx: mpsc::Receiver<Vec<StreamRecord>>,
     journals: &HashMap<u64, SharedJournal>,
+    fences: &HashMap<u64, (String, u64)>,
     acks: &mpsc::UnboundedSender<Frame>,
     shared: &Shared,
     host: &str,
@@ -864,7 +1057,15 @@ fn journal_loop(
                 ack_loop(tickets_rx, &durability, acks, shared, host)
             })
             .map_err(io("spawning the acker thread"))?;
-        let appended = append_loop(&mut rx, journals, &tickets_tx, shared, host, sync_bytes);
+        let appended = append_loop(
+            &mut rx,
+            journals,
+            fences,
+            &tickets_tx,
+            shared,
+            host,
+            sync_bytes,
+        );
         drop(tickets_tx);
         let acked = acker
             .join()
@@ -880,6 +1081,7 @@ type Ticket = (u64, u64, i64);
 fn append_loop(
     rx: &mut mpsc::Receiver<Vec<StreamRecord>>,
     journals: &HashMap<u64, SharedJournal>,
+    fences: &HashMap<u64, (String, u64)>,
     tickets: &std::sync::mpsc::Sender<Vec<Ticket>>,
     shared: &Shared,
     host: &str,
@@ -892,6 +1094,16 @@ fn append_loop(
     while let Some(batch) = rx.blocking_recv() {
         let mut next = Some(batch);
         while let Some(batch) = next.take() {
+            // A generation recorded since the Hello (a failover) fences this connection:
+            // nothing more of it is appended. One lookup per disk and batch.
+            if let Some(f) = &shared.cfg.fencing {
+                for (disk, (vpg, generation)) in fences {
+                    if let Err(e) = f.admit(vpg, *generation) {
+                        tracing::error!(%host, disk, error = %e, "stream fenced while connected: closing it");
+                        return Err(StreamError::Refused(e.to_string()));
+                    }
+                }
+            }
             for rec in &batch {
                 let Some(j) = journals.get(&rec.disk) else {
                     return Err(StreamError::Protocol(format!(

@@ -279,6 +279,7 @@ async fn measure(
                     size_bytes: 1 << 30,
                     export: format!("vm-{h:03}-{i:03}-disk0"),
                 }],
+                prepared_for_failover: false,
             })
             .collect();
         let spec = SimSpec {
