@@ -211,6 +211,11 @@ try {
     await page.getByLabel('Site').selectOption(siteId('london'));
     await until('filter by site keeps both (each touches london)', async () => (await order()).length === 2);
     await page.getByLabel('Site').selectOption('');
+    // Keyboard focus survives the live re-renders (several per second).
+    await page.locator('#vpg-table a', { hasText: 'ny-to-london' }).focus();
+    await page.waitForTimeout(1500);
+    const focused = await page.evaluate(() => [document.activeElement?.tagName, document.activeElement?.textContent]);
+    assert(focused[0] === 'A' && focused[1] === 'ny-to-london', `focus kept on the row link: ${focused}`);
   });
 
   await step('VPG detail: VMs with replication states, checkpoints, tagging from the UI', async () => {
@@ -274,6 +279,18 @@ try {
     assert(full.members.length === 1 && full.members[0].vm_id === vm.id, 'the chosen VM');
     assert(full.members[0].recovery_host_id === ldnHost.id && full.members[0].boot_group === 2, 'recovery host and boot group');
     assert(full.recovery_site_id === siteId('london') && full.protected_site_id === siteId('new-york'), 'sites');
+    // Edit: the same wizard, saved with PUT and If-Match.
+    await page.getByRole('link', { name: 'Edit' }).click();
+    await page.getByLabel('Name').waitFor();
+    assert((await page.getByLabel('Name').inputValue()) === vpgName, 'the wizard starts from the VPG');
+    await page.getByRole('button', { name: '4. SLA and journal' }).click();
+    await page.getByLabel('RPO target (seconds)').fill('120');
+    await page.getByRole('button', { name: 'Next' }).click();
+    await page.getByRole('button', { name: 'Save VPG' }).click();
+    await page.locator('#vpg-name', { hasText: vpgName }).waitFor();
+    await until('REST shows the edit', async () => (await get(`/vpgs/${made[0].id}`)).settings.rpo_target_secs === 120);
+    const edited = await get(`/vpgs/${made[0].id}`);
+    assert(edited.members.length === 1 && edited.members[0].boot_group === 2, 'members kept by the edit');
   });
 
   // An alert the test controls: a journal warning size far below london-to-ny's journal.

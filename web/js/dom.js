@@ -28,10 +28,25 @@ function append(el, children) {
   }
 }
 
-/** Replaces an element's children. */
+function focusKey(e) {
+  const text = e.matches('input, select, textarea') ? '' : e.textContent.trim().slice(0, 80);
+  return [e.tagName, e.id, e.getAttribute('href'), e.getAttribute('aria-label'), e.getAttribute('name'), text].join('|');
+}
+
+/**
+ * Replaces an element's children. Live pages re-render often: when the focused element
+ * was inside, the element that looks the same afterwards gets the focus back, so keyboard
+ * users never lose their place.
+ */
 export function replace(el, ...children) {
+  const active = document.activeElement;
+  const key = active && active !== el && el.contains(active) ? focusKey(active) : null;
   el.replaceChildren();
   append(el, children);
+  if (key) {
+    const again = [...el.querySelectorAll(active.tagName)].find((e) => focusKey(e) === key);
+    again?.focus({ preventScroll: true });
+  }
 }
 
 let idCounter = 0;
@@ -77,12 +92,4 @@ export function fmtAgo(iso) {
   const s = (Date.now() - Date.parse(iso)) / 1000;
   if (s < 0) return 'now';
   return `${fmtSecs(s)} ago`;
-}
-
-/** Keeps the focused element's id and restores focus after a re-render of `root`. */
-export function keepFocus(root, render) {
-  const active = document.activeElement;
-  const id = active && root.contains(active) ? active.id : null;
-  render();
-  if (id) document.getElementById(id)?.focus();
 }
