@@ -152,7 +152,16 @@ export function mount(root, ctx, { id }) {
       replace(chartSection, problemBox(err));
       return;
     }
-    const samples = (data?.samples || []).map((p) => ({ at: p.at, value: p.rpo_ms === null || p.rpo_ms === undefined ? null : p.rpo_ms / 1000 }));
+    // Buckets without a sample are left out by the manager: break the line there.
+    const samples = [];
+    const stepMs = Math.max(1, data?.step_secs || 1) * 1000;
+    let prev = null;
+    for (const p of data?.samples || []) {
+      const t = Date.parse(p.at);
+      if (prev !== null && t - prev > stepMs * 1.5) samples.push({ at: new Date(prev + stepMs).toISOString(), value: null });
+      samples.push({ at: p.at, value: p.rpo_ms === null || p.rpo_ms === undefined ? null : p.rpo_ms / 1000 });
+      prev = t;
+    }
     if (!samples.some((p) => p.value !== null)) {
       replace(chartSection, h('p', { class: 'muted', id: 'rpo-history-empty' }, 'No RPO history yet.'));
       return;

@@ -93,7 +93,8 @@ export function mount(root, ctx) {
     replace(tbody, rows.length ? rows.map((v) => {
       const s = v.settings;
       const rpoBad = v.rpo_actual_secs !== null && v.rpo_actual_secs > s.rpo_target_secs;
-      const histBad = v.history_actual_secs !== null && v.history_actual_secs < s.journal_history_secs;
+      // The manager decides whether history misses its target (a young VPG has not filled it yet).
+      const histBad = v.status === 'history_not_meeting_sla' || v.status === 'not_meeting_sla';
       return h('tr', { dataset: { vpg: v.name, id: v.id } },
         h('th', { scope: 'row', 'data-label': 'Name' }, h('a', { href: `#/vpgs/${v.id}` }, v.name)),
         h('td', { 'data-label': 'Sites' }, `${siteName(store, v.protected_site_id)} → ${siteName(store, v.recovery_site_id)}`),
