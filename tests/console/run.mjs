@@ -227,6 +227,7 @@ try {
       const badge = await page.locator(`#vm-table tr[data-vm="${m.vm_name}"] .badge`).textContent();
       assert(badge === word('vm_replication_states', m.replication_state), `${m.vm_name}: ${badge}`);
     }
+    await until('per-disk lag from the manager\'s metrics', async () => /lag \d/.test(await page.locator('#vm-table').textContent()));
     await until('checkpoints listed', async () => (await page.locator('#cp-table tbody tr').count()) > 0);
     assert(await page.locator('.timeline .tick').count() > 0, 'timeline ticks');
     assert(await page.locator('#vpg-ops').count() === 1, 'a place for operations in the header');
@@ -259,6 +260,8 @@ try {
     await page.getByLabel(`Recovery host for ${vmName}`).selectOption(ldnHost.id);
     await page.getByLabel('Boot group').fill('2');
     await page.getByRole('button', { name: 'Next' }).click();
+    const defaults = (await (await fetch(`${BASE}/api/v1/openapi.json`)).json()).components.schemas.VpgSettings.properties;
+    assert((await page.getByLabel('RPO target (seconds)').inputValue()) === String(defaults.rpo_target_secs.default), 'the manager\'s default RPO target');
     await page.getByLabel('RPO target (seconds)').fill('5');
     await page.getByRole('button', { name: 'Next' }).click();
     await page.getByRole('button', { name: 'Create VPG' }).click();

@@ -69,14 +69,15 @@ export function sparkline(points, target, { width = 120, height = 28 } = {}) {
  * A larger line chart with axes: `samples` [{at, value}] (null = gap), `target` line,
  * `fmt` formats the y axis.
  */
-export function lineChart(samples, { target = null, fmt = fmtSecs, label: name = 'chart', width = 640, height = 180 } = {}) {
+export function lineChart(samples, { target = null, fmt = fmtSecs, label: name = 'chart', from = null, to = null, width = 640, height = 180 } = {}) {
   const pad = { l: 56, r: 8, t: 8, b: 22 };
   const vals = samples.filter((p) => p.value !== null && p.value !== undefined);
-  const svg = s('svg', { class: 'chart', viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': name, preserveAspectRatio: 'none' },
+  const svg = s('svg', { class: 'chart', viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': name },
     s('title', {}, name));
   if (!samples.length) return svg;
-  const t0 = Date.parse(samples[0].at);
-  const t1 = Date.parse(samples[samples.length - 1].at);
+  // The x axis spans the asked range (`from`..`to`) when given, else the samples'.
+  const t0 = from ?? Date.parse(samples[0].at);
+  const t1 = to ?? Date.parse(samples[samples.length - 1].at);
   const max = Math.max(target || 0, ...vals.map((p) => p.value), 1) * 1.1;
   const x = (t) => pad.l + (t1 === t0 ? 0 : ((t - t0) / (t1 - t0)) * (width - pad.l - pad.r));
   const y = (v) => pad.t + (1 - v / max) * (height - pad.t - pad.b);

@@ -7,13 +7,16 @@ import { h, replace, fmtSecs, fmtBytes, fmtTime, fmtAgo, field } from '../dom.js
 import { label } from '../lookups.js';
 import { statusBadge, replicationBadge, sparkline, lineChart, progressBar, problemBox } from '../components.js';
 
-/** Parses the manager's Prometheus text for per-disk lag and queued bytes, keyed "host/disk". */
+/**
+ * Parses the manager's Prometheus text for per-disk lag, queued bytes and the progress of
+ * a running sync, keyed "host/disk" (the REST API has no per-disk figures).
+ */
 async function diskMetrics() {
   const res = await fetch('/metrics');
   if (!res.ok) throw new Error(`metrics: HTTP ${res.status}`);
   const text = await res.text();
   const out = new Map();
-  const re = /^bulwark_disk_(lag_seconds|queued_bytes)\{([^}]*)\}\s+(\S+)/;
+  const re = /^bulwark_disk_(lag_seconds|queued_bytes|sync_progress_ratio)\{([^}]*)\}\s+(\S+)/;
   for (const line of text.split('\n')) {
     const m = line.match(re);
     if (!m) continue;
@@ -167,7 +170,8 @@ export function mount(root, ctx, { id }) {
       return;
     }
     const target = (store.vpgs.get(id) || detail)?.settings.rpo_target_secs;
-    replace(chartSection, lineChart(samples, { target, label: `Actual RPO over the ${range === 3600 ? 'last hour' : 'last day'}, target ${fmtSecs(target)}` }),
+    const width = Math.max(300, Math.round(chartSection.clientWidth || 640));
+    replace(chartSection, lineChart(samples, { target, from: since.getTime(), to: until.getTime(), width, height: 200, label: `Actual RPO over the ${range === 3600 ? 'last hour' : 'last day'}, target ${fmtSecs(target)}` }),
       h('p', { class: 'muted' }, `${samples.length} points, one per ${fmtSecs(data.step_secs)}; dashed: target.`));
   }
 
@@ -222,8 +226,9 @@ export function mount(root, ctx, { id }) {
           h('td', { 'data-label': 'Boot group', class: 'num' }, `${m.boot_group}${m.boot_delay_secs ? ` (+${m.boot_delay_secs} s)` : ''}`),
           h('td', { 'data-label': 'Disks' }, vm ? h('ul', { class: 'disks' }, vm.disks.map((d) => {
             const mt = metrics?.get(`${host}/${d.name}`);
-            return h('li', {}, `${d.name} (${fmtBytes(d.size_bytes)})`,
-              mt ? h('span', { class: 'muted' }, ` lag ${fmtSecs(mt.lag_seconds)}, queued ${fmtBytes(mt.queued_bytes)}`) : h('span', { class: 'muted' }, ' no stream figures'));
+            return h('li', { dataset: { disk: d.name } }, `${d.name} (${fmtBytes(d.size_bytes)})`,
+              mt ? h('span', { class: 'muted' }, ` lag ${fmtSecs(mt.lag_seconds)}, queued ${fmtBytes(mt.queued_bytes)}`) : h('span', { class: 'muted' }, ' no stream figures'),
+              mt?.sync_progress_ratio !== undefined ? h('span', {}, ' sync ', progressBar(mt.sync_progress_ratio, `${d.name} sync progress`)) : null);
           })) : '–'));
       })))));
   }

@@ -273,7 +273,7 @@ export function mount(root, ctx, params) {
           model.members.set(m.vm_id, settings);
         }
       } else {
-        model.settings = defaultSettings();
+        model.settings = await defaultSettings();
       }
     } catch (err) {
       replace(errSlot, problemBox(err));
@@ -286,13 +286,15 @@ export function mount(root, ctx, params) {
   return {};
 }
 
-/** The manager's defaults (VpgSettings::default), as a starting point to edit. */
-function defaultSettings() {
-  const hard = 150_000_000_000;
-  return {
-    rpo_target_secs: 300, journal_history_secs: 86400, journal_hard_limit_bytes: hard,
-    journal_warning_bytes: Math.floor(hard / 4) * 3, checkpoint_interval_ms: 5000, compression: true,
-    priority: 'medium', test_reminder_days: 180, resync_policy: { mode: 'automatic' },
-    failover_network: null, test_network: null, network_mappings: [],
-  };
+/** The manager's defaults for VPG settings, from its OpenAPI document (each field's `default`). */
+async function defaultSettings() {
+  const res = await fetch('/api/v1/openapi.json');
+  if (!res.ok) throw new ApiError(res.status, { title: 'OpenAPI document unavailable', detail: 'cannot read the default VPG settings' });
+  const props = (await res.json()).components?.schemas?.VpgSettings?.properties || {};
+  const out = {};
+  for (const [k, v] of Object.entries(props)) {
+    if (!('default' in v)) throw new ApiError(0, { title: 'No default', detail: `the manager publishes no default for settings.${k}` });
+    out[k] = structuredClone(v.default);
+  }
+  return out;
 }
