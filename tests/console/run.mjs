@@ -320,6 +320,13 @@ try {
     await vp.goto(`${URL_}#/vpgs/new`);
     await vp.getByRole('heading', { name: 'Not allowed' }).waitFor();
     assert(await vp.locator('form.wizard').count() === 0, 'no wizard');
+    // Revoked while signed in: after the next stream drop the page signs out by itself.
+    await rest('DELETE', `/tokens/${created.token.id}`);
+    cut();
+    await vp.locator('#stream-state[data-state=disconnected]').waitFor();
+    restore();
+    await vp.locator('.signin .problem', { hasText: 'Unauthorized' }).waitFor({ timeout: 20_000 });
+    await page.locator('#stream-state[data-state=live]').waitFor({ timeout: 20_000 });
     await vp.context().close();
   });
 

@@ -91,6 +91,20 @@ async function start(token) {
     current?.update?.(s);
   });
   store.start();
+  // While the stream is down, ask whether the token still works: a revoked or expired
+  // token would otherwise look like a network outage forever.
+  const sessionCheck = setInterval(async () => {
+    if (ctx?.store !== store) { clearInterval(sessionCheck); return; }
+    if (store.status !== 'disconnected') return;
+    try {
+      await api('/session', { token });
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) {
+        clearInterval(sessionCheck);
+        signOut(err);
+      }
+    }
+  }, 5000);
   route();
 }
 
@@ -122,15 +136,17 @@ function signIn(error) {
   input.focus();
 }
 
-document.getElementById('sign-out').addEventListener('click', () => {
+function signOut(error) {
   setToken(null);
   ctx?.store.stop();
   current?.unmount?.();
   current = null;
   ctx = null;
   delete document.body.dataset.role;
-  signIn();
-});
+  signIn(error);
+}
+
+document.getElementById('sign-out').addEventListener('click', () => signOut());
 
 window.addEventListener('hashchange', route);
 
