@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod live;
 pub mod metrics;
+pub mod ops;
 pub mod server;
 pub mod store;
 pub mod webhooks;

@@ -22,6 +22,8 @@ pub struct VpgRow {
     pub priority: Priority,
     pub resync: ResyncPolicy,
     pub fencing_generation: u64,
+    /// A recovery operation has stopped its protection (commit in progress).
+    pub protection_stopped: bool,
 }
 
 /// A disk of a member VM; `disk_id` is the agent's id, None until an agent reported it.
@@ -120,7 +122,7 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
                 .fencing
                 .insert(vpg.id.clone(), vpg.fencing_generation);
         }
-        if !replicates(vpg.lifecycle) {
+        if !replicates(vpg.lifecycle) || vpg.protection_stopped {
             continue;
         }
         let Some(recovery) = &m.recovery_host else {
@@ -242,6 +244,7 @@ mod tests {
             priority: Priority::High,
             resync: ResyncPolicy::Automatic,
             fencing_generation: 1,
+            protection_stopped: false,
         }
     }
 

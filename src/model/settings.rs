@@ -452,7 +452,7 @@ pub struct NicSettings {
 }
 
 /// Per-VM recovery settings inside a VPG.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MemberSettings {
     pub vm_id: String,

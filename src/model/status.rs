@@ -153,6 +153,51 @@ pub enum OperationPhase {
     RollingBackMove,
 }
 
+impl OperationPhase {
+    pub const ALL: &'static [OperationPhase] = &[
+        OperationPhase::TestingFailover,
+        OperationPhase::FailoverBeforeCommit,
+        OperationPhase::CommittingFailover,
+        OperationPhase::PromotingFailover,
+        OperationPhase::RollingBackFailover,
+        OperationPhase::MoveBeforeCommit,
+        OperationPhase::CommittingMove,
+        OperationPhase::PromotingMove,
+        OperationPhase::RollingBackMove,
+    ];
+
+    /// The stable identifier stored in `vpgs.operation_phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationPhase::TestingFailover => "testing_failover",
+            OperationPhase::FailoverBeforeCommit => "failover_before_commit",
+            OperationPhase::CommittingFailover => "committing_failover",
+            OperationPhase::PromotingFailover => "promoting_failover",
+            OperationPhase::RollingBackFailover => "rolling_back_failover",
+            OperationPhase::MoveBeforeCommit => "move_before_commit",
+            OperationPhase::CommittingMove => "committing_move",
+            OperationPhase::PromotingMove => "promoting_move",
+            OperationPhase::RollingBackMove => "rolling_back_move",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|p| p.as_str() == s)
+    }
+
+    /// Protection of the VPG stops in this phase (commit: its journals are promoted
+    /// and the replicas become the recovered VMs' disks).
+    pub fn stops_protection(self) -> bool {
+        matches!(
+            self,
+            OperationPhase::CommittingFailover
+                | OperationPhase::PromotingFailover
+                | OperationPhase::CommittingMove
+                | OperationPhase::PromotingMove
+        )
+    }
+}
+
 /// The most important sync running in the VPG.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncActivity {

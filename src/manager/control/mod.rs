@@ -79,6 +79,8 @@ pub struct ControlPlane {
     pub recovery: recovery::RecoveryTracker,
     /// Recovery disks waiting to be deleted once their disks stopped streaming.
     pub replicas: replicas::ReplicaDrops,
+    /// Recovery operations (failover test, failover, move) and their drivers.
+    pub ops: crate::manager::ops::Operations,
     /// Per-VM replication state (Hyper-V words) from the last evaluation.
     pub vm_states: evaluate::VmStates,
     /// The Prometheus registry: the evaluator sets per-VPG values, rounds observe holds.
@@ -106,6 +108,7 @@ impl ControlPlane {
             recovery: recovery::RecoveryTracker::new(),
             replicas: replicas::ReplicaDrops::new(),
             vm_states: evaluate::VmStates::default(),
+            ops: crate::manager::ops::Operations::new(),
             hub: Hub::new(),
             store,
             settings,
@@ -126,6 +129,8 @@ impl ControlPlane {
         self.tasks.spawn(evaluate::run(me, self.cancel.clone()));
         let me = Arc::clone(self);
         self.tasks.spawn(replicas::run(me, self.cancel.clone()));
+        self.tasks
+            .spawn(crate::manager::ops::resume_all(Arc::clone(self)));
         self.tasks.spawn(crate::manager::live::run(
             self.store.clone(),
             Arc::clone(&self.live),
@@ -155,6 +160,14 @@ impl ControlPlane {
     /// inventory applied, a host connecting or going away).
     pub fn bump_generation(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Runs a background task of the control plane (stopped and awaited at shutdown).
+    pub fn spawn_task<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(f);
     }
 
     /// Cancellation token of the control plane (connections end with it).

@@ -68,6 +68,8 @@ pub struct LiveVpg {
     /// Start of the history the VPG can have with its current members.
     pub history_since: Option<DateTime<Utc>>,
     pub newest_recoverable_at: Option<DateTime<Utc>>,
+    /// The phase of the recovery operation running on the VPG, if any.
+    pub operation: Option<crate::model::status::OperationPhase>,
     pub members: Vec<LiveMember>,
     /// Filled only when asked for.
     pub checkpoints: CheckpointSummary,
@@ -97,7 +99,7 @@ pub struct NewCheckpoint {
 /// One end of a VPG's recoverable span.
 type Span = Option<DateTime<Utc>>;
 
-fn lifecycle_str(l: Lifecycle) -> &'static str {
+pub(crate) fn lifecycle_str(l: Lifecycle) -> &'static str {
     match l {
         Lifecycle::Creating => "creating",
         Lifecycle::Protecting => "protecting",
@@ -251,6 +253,10 @@ impl Store {
                 checkpoints: summaries.remove(&v.id).unwrap_or_default(),
                 lifecycle: lifecycle_of(&v.lifecycle),
                 settings: serde_json::from_value(v.settings).unwrap_or_default(),
+                operation: v
+                    .operation_phase
+                    .as_deref()
+                    .and_then(crate::model::status::OperationPhase::parse),
                 id: v.id,
                 name: v.name,
                 paused: v.paused,

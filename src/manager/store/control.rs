@@ -535,6 +535,11 @@ impl Store {
                     priority: s.priority,
                     resync: s.resync_policy,
                     fencing_generation: v.fencing_generation.max(0) as u64,
+                    protection_stopped: v
+                        .operation_phase
+                        .as_deref()
+                        .and_then(crate::model::status::OperationPhase::parse)
+                        .is_some_and(|p| p.stops_protection()),
                     id: v.id,
                 }
             })
