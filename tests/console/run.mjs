@@ -346,7 +346,7 @@ try {
     await page.locator('#event-table tbody tr', { hasText: vpgName }).first().waitFor();
   });
 
-  await step('390 px wide: no horizontal scroll on any page', async () => {
+  await step('390 px wide: no horizontal scroll, every control labelled, on every page', async () => {
     const np = await newPage({ width: 390, height: 800 });
     await signIn(np, TOKEN);
     await np.locator('#role').waitFor();
@@ -356,6 +356,11 @@ try {
       await np.waitForTimeout(700);
       const [sw, cw] = await np.evaluate(() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]);
       assert(sw <= cw, `${hash}: scrollWidth ${sw} > clientWidth ${cw}`);
+      const unlabelled = await np.$$eval('input, select, textarea, button', (els) => els
+        .filter((e) => e.offsetParent !== null)
+        .filter((e) => !(e.labels?.length || e.getAttribute('aria-label') || (e.tagName === 'BUTTON' && e.textContent.trim())))
+        .map((e) => e.outerHTML.slice(0, 80)));
+      assert(unlabelled.length === 0, `${hash}: controls without a label: ${unlabelled.join(' | ')}`);
     }
     await np.context().close();
   });

@@ -148,7 +148,11 @@ function signOut(error) {
 
 document.getElementById('sign-out').addEventListener('click', () => signOut());
 
-window.addEventListener('hashchange', route);
+window.addEventListener('hashchange', () => {
+  route();
+  // Screen readers and keyboards start at the new page, not at the link that led there.
+  if (ctx) view.focus({ preventScroll: true });
+});
 
 const saved = getToken();
 if (saved) {

@@ -78,11 +78,14 @@ export function mount(root, ctx) {
               x.last_seen_at ? h('span', { class: 'muted' }, ` · seen ${fmtAgo(x.last_seen_at)}`) : null))));
         })));
 
+    // The VPGs closest to (or past) their RPO target first; at most ten.
+    const ratio = (v) => (v.rpo_actual_secs === null ? Infinity : v.rpo_actual_secs / v.settings.rpo_target_secs);
+    const worst = [...vpgs].sort((a, b) => ratio(b) - ratio(a) || a.name.localeCompare(b.name)).slice(0, 10);
     const rpoCard = h('section', { class: 'card wide', 'aria-labelledby': 'd-rpo' },
-      h('h2', { id: 'd-rpo' }, 'RPO and journals'),
+      h('h2', { id: 'd-rpo' }, vpgs.length > worst.length ? `RPO: the ${worst.length} VPGs nearest their target` : 'RPO and journals'),
       h('p', {}, 'Journal growth, all VPGs (last minute of stream samples): ',
         h('strong', { id: 'journal-growth' }, growth === null ? '–' : `${fmtBytes(Math.abs(growth))}/s${growth < 0 ? ' (shrinking)' : ''}`)),
-      h('ul', { class: 'rpo-list' }, vpgs.sort((a, b) => a.name.localeCompare(b.name)).map((v) =>
+      h('ul', { class: 'rpo-list' }, worst.map((v) =>
         h('li', {}, h('a', { href: `#/vpgs/${v.id}` }, v.name), ' ',
           h('span', { class: 'num', dataset: { rpoFor: v.name } }, fmtSecs(v.rpo_actual_secs)),
           h('span', { class: 'muted' }, ` / ${fmtSecs(v.settings.rpo_target_secs)}`), ' ',
