@@ -1,4 +1,13 @@
 // The console's entry point: sign-in, the live store, the hash router, the page shell.
+//
+// Map (plain ES modules, no build step; the manager serves web/ as is):
+//   api.js         REST client: bearer token (sessionStorage), problem-details errors
+//   live.js        the WebSocket stream: snapshot + deltas, reconnect with ?since=, samples
+//   lookups.js     display words for the API's codes (GET /api/v1/lookups)
+//   dom.js         element builder, focus-keeping re-render, number/time formats
+//   components.js  status badges, sparkline and line chart (inline SVG), progress bar,
+//                  problem box
+//   pages/*.js     one module per page: mount(root, ctx, params) -> { update(store), unmount() }
 
 import { api, getToken, setToken, ApiError } from './api.js';
 import { loadLookups } from './lookups.js';
