@@ -58,6 +58,28 @@ enum Action {
     },
     /// Delete one, by id or name.
     Delete { name: String },
+    /// VPGs only: fail over (or, with --test, start a failover test).
+    Failover(super::ops::FailoverArgs),
+    /// VPGs only: planned move (RPO 0) to the recovery site.
+    Move(super::ops::MoveArgs),
+    /// VPGs only: commit the running failover or move.
+    Commit(super::ops::CommitArgs),
+    /// VPGs only: roll the running failover or move back.
+    Rollback(super::ops::NameArgs),
+    /// VPGs only: stop the running failover test.
+    #[command(name = "stop-test")]
+    StopTest(super::ops::StopTestArgs),
+    /// VPGs only: pause protection (writes tracked in the bitmap).
+    Pause(super::ops::NameArgs),
+    /// VPGs only: resume paused protection.
+    Resume(super::ops::NameArgs),
+    /// VPGs only: Force Sync (a Delta Sync of every disk).
+    #[command(name = "force-sync")]
+    ForceSync(super::ops::NameArgs),
+    /// VPGs only: the VPG's checkpoints (recoverable ones by default).
+    Checkpoints(super::ops::CheckpointsArgs),
+    /// VPGs only: recovery reports (of one VPG, or all).
+    Reports(super::ops::ReportsArgs),
     /// Hosts only: tokens an agent exchanges for its host key on first contact.
     #[command(name = "enrolment-token")]
     EnrolmentToken {
@@ -81,14 +103,14 @@ enum EnrolmentTokenAction {
     },
 }
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: String,
+pub(super) struct Client {
+    pub(super) http: reqwest::Client,
+    pub(super) base: String,
+    pub(super) token: String,
 }
 
 impl Client {
-    async fn call(
+    pub(super) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -123,7 +145,7 @@ impl Client {
     }
 
     /// Finds the id of `name_or_id` in `collection`.
-    async fn resolve(&self, collection: &str, name_or_id: &str) -> Result<String> {
+    pub(super) async fn resolve(&self, collection: &str, name_or_id: &str) -> Result<String> {
         let by_id = self
             .http
             .get(format!("{}/api/v1/{collection}/{name_or_id}", self.base))
@@ -159,7 +181,7 @@ fn singular(collection: &str) -> &str {
     collection.strip_suffix('s').unwrap_or(collection)
 }
 
-fn encode(s: &str) -> String {
+pub(super) fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -257,6 +279,26 @@ pub async fn run(collection: &str, a: ResourceArgs) -> Result<ExitCode> {
                 .await?;
             eprintln!("deleted {} {id}", singular(collection));
         }
+        Action::Failover(x) => return super::ops::failover(&client, collection, x, a.output).await,
+        Action::Move(x) => return super::ops::move_vpg(&client, collection, x, a.output).await,
+        Action::Commit(x) => return super::ops::commit(&client, collection, x, a.output).await,
+        Action::Rollback(x) => return super::ops::rollback(&client, collection, x, a.output).await,
+        Action::StopTest(x) => {
+            return super::ops::stop_test(&client, collection, x, a.output).await
+        }
+        Action::Pause(x) => {
+            return super::ops::simple(&client, collection, x, "pause", a.output).await
+        }
+        Action::Resume(x) => {
+            return super::ops::simple(&client, collection, x, "resume", a.output).await
+        }
+        Action::ForceSync(x) => {
+            return super::ops::simple(&client, collection, x, "force-sync", a.output).await
+        }
+        Action::Checkpoints(x) => {
+            return super::ops::checkpoints(&client, collection, x, a.output).await
+        }
+        Action::Reports(x) => return super::ops::reports(&client, collection, x, a.output).await,
         Action::EnrolmentToken {
             action:
                 EnrolmentTokenAction::Create {

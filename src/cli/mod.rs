@@ -3,6 +3,7 @@
 //! the REST API for automation (`site`, `host`, `vm`, `vpg`).
 
 mod client;
+mod ops;
 mod output;
 
 use crate::manager::config::{ConfigFile, ManagerConfig, DEFAULT_DATABASE_URL};

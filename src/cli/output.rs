@@ -16,6 +16,17 @@ fn columns(collection: &str) -> &'static [&'static str] {
             "vm_count",
             "rpo_actual_secs",
         ],
+        "checkpoints" => &["id", "taken_at", "kind", "tag", "recoverable"],
+        "reports" => &[
+            "id",
+            "vpg_name",
+            "kind",
+            "result",
+            "checkpoint_id",
+            "rto_ms",
+            "started_at",
+            "created_by",
+        ],
         _ => &["id", "name"],
     }
 }

@@ -390,6 +390,80 @@ pub async fn start_failover(
     launch(cp, actor, &v, st).await
 }
 
+/// Force Sync: every disk of the VPG runs a Delta Sync now (its protected host
+/// decides the details; the sync appears in the VPG's status as it runs).
+pub async fn force_sync(
+    cp: &Arc<ControlPlane>,
+    actor: &Actor,
+    vpg_id: &str,
+) -> Result<crate::proto::api::Vpg, StoreError> {
+    let v = cp.store.op_vpg(vpg_id).await?;
+    if !matches!(v.lifecycle, Lifecycle::Creating | Lifecycle::Protecting) {
+        return Err(StoreError::conflict(
+            "vpg.not_protecting",
+            format!("VPG `{}` is not protecting", v.name),
+        ));
+    }
+    if let Some(op) = &v.operation_id {
+        return Err(StoreError::conflict(
+            "vpg.operation_running",
+            format!("VPG `{}` runs operation {op}", v.name),
+        ));
+    }
+    if let Some(h) = v
+        .members
+        .iter()
+        .map(|m| m.protected_host.as_str())
+        .find(|h| !cp.hub.is_connected(h))
+    {
+        return Err(StoreError::conflict(
+            "host.unreachable",
+            format!("protected host {h} is not connected"),
+        ));
+    }
+    let mut n = 0;
+    for m in &v.members {
+        for (name, id, _) in &m.disks {
+            let Some(disk_id) = id else { continue };
+            let cmd = crate::proto::control::Command {
+                id: crate::manager::store::new_id(),
+                body: crate::proto::control::CommandBody::Sync {
+                    disk_id: *disk_id,
+                    action: crate::proto::agent::SyncAction::Force,
+                },
+            };
+            match cp
+                .hub
+                .command(&m.protected_host, cmd, Duration::from_secs(30))
+                .await
+            {
+                Ok(r) if r.ok => n += 1,
+                Ok(r) => {
+                    return Err(StoreError::conflict(
+                        "vpg.force_sync_refused",
+                        format!(
+                            "{} refused the sync of disk {name}: {}",
+                            m.protected_host,
+                            r.error.unwrap_or_default()
+                        ),
+                    ))
+                }
+                Err(e) => return Err(StoreError::conflict("host.unreachable", e.to_string())),
+            }
+        }
+    }
+    cp.store
+        .vpg_event(
+            vpg_id,
+            "vpg.force_sync",
+            "info",
+            format!("Force Sync of {n} disks requested by {}", actor.0),
+            serde_json::json!({"disks": n, "by": actor.0}),
+        )
+        .await?;
+    cp.store.get_vpg(vpg_id).await
+}
+
 /// What an operator asks of a running operation.
 #[derive(Debug, Clone)]
 pub struct DecisionRequest {

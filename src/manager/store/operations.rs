@@ -657,6 +657,63 @@ impl Store {
         )
     }
 
+    /// "User paused protection" on or off. Refused while an operation runs.
+    pub async fn set_paused(
+        &self,
+        actor: &Actor,
+        vpg_id: &str,
+        paused: bool,
+    ) -> Result<crate::proto::api::Vpg, StoreError> {
+        {
+            let _w = self.write_guard().await;
+            let txn = self.db.begin().await?;
+            let v = vpg::Entity::find_by_id(vpg_id)
+                .one(&txn)
+                .await?
+                .ok_or_else(|| StoreError::not_found("vpg", vpg_id))?;
+            if let Some(op) = &v.operation_id {
+                return Err(StoreError::conflict(
+                    "vpg.operation_running",
+                    format!("VPG `{}` runs operation {op}", v.name),
+                ));
+            }
+            if !matches!(
+                lifecycle_of(&v.lifecycle),
+                Lifecycle::Creating | Lifecycle::Protecting
+            ) {
+                return Err(StoreError::conflict(
+                    "vpg.not_protecting",
+                    format!("VPG `{}` is not protecting", v.name),
+                ));
+            }
+            if v.paused != paused {
+                let name = v.name.clone();
+                let version = v.version;
+                let mut am = v.into_active_model();
+                am.paused = Set(paused);
+                am.version = Set(version + 1);
+                am.updated_at = Set(now());
+                am.update(&txn).await?;
+                let (kind, what) = if paused {
+                    ("vpg.paused", "paused")
+                } else {
+                    ("vpg.resumed", "resumed")
+                };
+                NewEvent::info(
+                    kind,
+                    "vpg",
+                    vpg_id,
+                    format!("protection of VPG {name} {what}"),
+                )
+                .vpg(vpg_id)
+                .write(&txn, actor)
+                .await?;
+            }
+            self.commit(txn).await?;
+        }
+        self.get_vpg(vpg_id).await
+    }
+
     /// Every checkpoint of a VPG, for choosing the one to recover to.
     pub async fn operation_checkpoints(
         &self,
