@@ -123,9 +123,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| RecoveryError::Task(e.to_string()))?
@@ -617,11 +615,10 @@ impl Recoveries {
         let d = &r.disks[i];
         if exported {
             if !self.agent.registry().contains(export) {
-                self.serve(d)
-                    .map_err(|e| HypervisorError::Invalid {
-                        field: "export".into(),
-                        reason: e.to_string(),
-                    })?;
+                self.serve(d).map_err(|e| HypervisorError::Invalid {
+                    field: "export".into(),
+                    reason: e.to_string(),
+                })?;
             }
         } else {
             self.agent.registry().remove_and_drain(export).await;
@@ -699,10 +696,7 @@ impl Recoveries {
             if have.vpg_id != req.vpg_id || have.checkpoint != req.checkpoint {
                 return Err(RecoveryError::Mismatch {
                     operation: req.operation,
-                    reason: format!(
-                        "VPG {} at checkpoint {}",
-                        have.vpg_id, have.checkpoint
-                    ),
+                    reason: format!("VPG {} at checkpoint {}", have.vpg_id, have.checkpoint),
                 });
             }
             return Ok(self.report_of(&r));
@@ -975,9 +969,7 @@ impl Recoveries {
             let (drv, n) = (Arc::clone(&self.driver), vm.name.clone());
             let inv = blocking(move || Ok(drv.adopt_recovered_vm(&n)?)).await?;
             for disk in &inv.disks {
-                self.agent
-                    .add_disk(vm_disk_config(&data_dir, disk))
-                    .await?;
+                self.agent.add_disk(vm_disk_config(&data_dir, disk)).await?;
                 if inv.power_state == PowerState::Off {
                     self.agent.set_exported(&disk.name, false).await?;
                 }
@@ -1147,10 +1139,13 @@ impl Recoveries {
         })
         .await?;
         let ckpt = match checkpoint {
-            None => *common.iter().next_back().ok_or_else(|| RecoveryError::NoCheckpoint {
-                vpg: rv.name.clone(),
-                detail: String::new(),
-            })?,
+            None => *common
+                .iter()
+                .next_back()
+                .ok_or_else(|| RecoveryError::NoCheckpoint {
+                    vpg: rv.name.clone(),
+                    detail: String::new(),
+                })?,
             Some(c) if common.contains(&c) => c,
             Some(c) => {
                 return Err(RecoveryError::NoCheckpoint {
@@ -1293,7 +1288,10 @@ mod tests {
         assert_eq!(test, "web_-_Test.disk0.top-1");
         assert!(crate::agent::host::config::check_disk_name(&test).is_ok());
         let odd = export_name(".x/y", "a b", "1234567890abcdefgh", true);
-        assert!(crate::agent::host::config::check_disk_name(&odd).is_ok(), "{odd}");
+        assert!(
+            crate::agent::host::config::check_disk_name(&odd).is_ok(),
+            "{odd}"
+        );
         assert!(!odd.contains('/') && !odd.contains(' '));
         assert_ne!(spec_file_stem("a/b"), spec_file_stem("a_b"));
         assert_eq!(spec_file_stem("op-1"), "op-1");
