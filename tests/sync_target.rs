@@ -94,6 +94,8 @@ impl Client {
             host_name: host.to_string(),
             disk_id: disk,
             size,
+            vpg_id: String::new(),
+            fencing_generation: 0,
         };
         let first = c.ask(hello).await;
         (c, first)
@@ -130,12 +132,14 @@ async fn stream(addr: SocketAddr, disk: u64, records: Vec<StreamRecord>) {
             disk_id: disk,
             size: SIZE,
             generation: 0,
+            vpg_id: String::new(),
+            fencing_generation: 0,
         }],
     })
     .await
     .unwrap();
     match c.next().await {
-        Frame::Welcome { disks } => assert_eq!(disks.len(), 1, "disk not accepted"),
+        Frame::Welcome { disks, .. } => assert_eq!(disks.len(), 1, "disk not accepted"),
         other => panic!("expected Welcome, got {other:?}"),
     }
     let last = records.iter().map(|r| r.seq).max().unwrap();

@@ -837,6 +837,7 @@ impl ControlClient {
                     | CommandBody::EndRecovery { .. }
                     | CommandBody::PrepareFailover { .. }
                     | CommandBody::ReleaseFailover { .. }
+                    | CommandBody::SeedReverse { .. }
             );
             let out = me.run_command(c.body).await;
             let result = match out {
@@ -980,8 +981,53 @@ impl ControlClient {
                     .map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({ "vms": vms }))
             }
-            CommandBody::SeedReverse { .. } => {
-                Err("this agent does not run recovery commands yet".to_string())
+            CommandBody::SeedReverse {
+                operation,
+                vpg_id,
+                fencing_generation,
+                seeds,
+            } => {
+                // The disks first (each idempotent, crash-safe), then the VMs left with
+                // no disk of their own (`agent::host::reverse`).
+                let seeded = self
+                    .agent
+                    .seed_reverse(&operation, &vpg_id, fencing_generation, &seeds)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let inventory = self.vms.inventory();
+                let mut removed = Vec::new();
+                let mut kept = Vec::new();
+                let vms: std::collections::BTreeSet<&str> =
+                    seeds.iter().map(|s| s.vm.as_str()).collect();
+                for vm in vms {
+                    let Some(v) = inventory.vms.iter().find(|v| v.name == vm) else {
+                        continue;
+                    };
+                    if !v
+                        .disks
+                        .iter()
+                        .all(|d| seeds.iter().any(|s| s.disk_id == d.disk_id))
+                    {
+                        kept.push(vm.to_string());
+                        continue;
+                    }
+                    let driver = std::sync::Arc::clone(self.vms.driver());
+                    let name = vm.to_string();
+                    let gone = tokio::task::spawn_blocking(move || driver.remove_seeded_vm(&name))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    if gone {
+                        removed.push(vm.to_string());
+                    }
+                }
+                Ok(serde_json::json!({
+                    "operation": operation,
+                    "vpg_id": vpg_id,
+                    "seeds": seeded,
+                    "removed_vms": removed,
+                    "kept_vms": kept,
+                }))
             }
         }
     }

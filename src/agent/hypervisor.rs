@@ -123,6 +123,11 @@ pub trait HypervisorDriver: Send + Sync + 'static {
     fn set_prepared(&self, _name: &str, _prepared: bool) -> Result<InventoryVm, HypervisorError> {
         Err(HypervisorError::Unsupported("lock VMs for a planned failover"))
     }
+    /// Reverse protection: removes a VM whose disks all became pre-seeded replicas
+    /// (`SeedReverse`). `Ok(false)` if there is no such VM (already removed).
+    fn remove_seeded_vm(&self, _name: &str) -> Result<bool, HypervisorError> {
+        Err(HypervisorError::Unsupported("remove VMs"))
+    }
 }
 
 /// The protected disk a VM disk is: `<data-dir>/disks/<name>.img`, default group, not
@@ -719,6 +724,33 @@ impl HypervisorDriver for SimHypervisor {
             vm.prepared = prepared;
             Ok(vm.inventory())
         })
+    }
+
+    fn remove_seeded_vm(&self, name: &str) -> Result<bool, HypervisorError> {
+        let removed = self.update(|s| {
+            let Some(i) = s.vms.iter().position(|v| v.name == name) else {
+                return Ok(false);
+            };
+            if matches!(s.vms[i].origin, Origin::Config | Origin::Disk) {
+                // The file would bring it back at the next start, with an empty disk.
+                return Err(invalid(
+                    "vm",
+                    format!("`{name}` is defined by the configuration file: remove it there"),
+                ));
+            }
+            s.vms.remove(i);
+            Ok(true)
+        })?;
+        if removed {
+            tracing::info!(vm = name, "VM removed: its disks are reverse-protection seeds");
+            let _ = self.events.send(event(
+                "vm_removed",
+                name,
+                format!("VM {name} removed: its disks became replicas of the recovered VM"),
+                serde_json::json!({}),
+            ));
+        }
+        Ok(removed)
     }
 }
 

@@ -23,7 +23,10 @@ use std::io::Cursor;
 /// Frame magic: "BS" (Bulwark Stream).
 pub const MAGIC: [u8; 2] = *b"BS";
 /// The one version this build speaks; `Hello` repeats it for a clear refusal.
-pub const PROTOCOL_VERSION: u8 = 1;
+///
+/// Version 2: each disk of a `Hello` and each sync `Hello` carries its VPG id and
+/// fencing generation; the `Welcome` lists the disks it refused, with the reason.
+pub const PROTOCOL_VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 16;
 /// Largest payload (compressed or not) a frame may carry; a header announcing more is
 /// `FrameError::TooLarge` and nothing is allocated for it.
@@ -79,8 +82,23 @@ pub struct DiskHello {
     /// Size of the protected disk in bytes.
     pub size: u64,
     /// Bumped by the protected side when the disk's sequence restarts (after a full or
-    /// delta sync); carried for the manager's checks.
+    /// delta sync); carried for the manager's checks. Not the fencing generation.
     pub generation: u64,
+    /// The disk's VPG (consistency group for a static configuration).
+    pub vpg_id: String,
+    /// The VPG's fencing generation as the protected side knows it (0: not fenced, a
+    /// static configuration). A recovery side that has seen a newer one refuses the disk.
+    pub fencing_generation: u64,
+}
+
+/// A disk of a `Hello` the receiver did not accept, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRefused {
+    pub disk_id: u64,
+    /// Refused by fencing: the recovery side knows a newer generation of the disk's VPG
+    /// (a failover or move happened); the same Hello will never be accepted again.
+    pub fenced: bool,
+    pub reason: String,
 }
 
 /// Where the receiver stands for one disk: the sender resends everything above.
@@ -156,6 +174,8 @@ pub enum Frame {
     },
     Welcome {
         disks: Vec<DiskAck>,
+        /// Disks of the Hello left out, with the reason (fencing, size mismatch, …).
+        refused: Vec<DiskRefused>,
     },
     Refused {
         reason: String,
@@ -258,6 +278,9 @@ pub enum SyncFrame {
         host_name: String,
         disk_id: u64,
         size: u64,
+        /// As in the stream's [`DiskHello`]: a stale generation is refused.
+        vpg_id: String,
+        fencing_generation: u64,
     },
     Info {
         size: u64,
@@ -312,11 +335,15 @@ impl SyncFrame {
                 host_name,
                 disk_id,
                 size,
+                vpg_id,
+                fencing_generation,
             } => {
                 out.push(S_HELLO);
                 put_str(out, host_name);
                 put_u64(out, *disk_id);
                 put_u64(out, *size);
+                put_str(out, vpg_id);
+                put_u64(out, *fencing_generation);
             }
             SyncFrame::Info {
                 size,
@@ -399,6 +426,8 @@ impl SyncFrame {
                 host_name: r.string()?,
                 disk_id: r.u64()?,
                 size: r.u64()?,
+                vpg_id: r.string()?,
+                fencing_generation: r.u64()?,
             },
             S_INFO => SyncFrame::Info {
                 size: r.u64()?,
@@ -513,15 +542,20 @@ impl Frame {
                     put_u64(out, d.disk_id);
                     put_u64(out, d.size);
                     put_u64(out, d.generation);
+                    put_str(out, &d.vpg_id);
+                    put_u64(out, d.fencing_generation);
                 }
             }
-            Frame::Welcome { disks } | Frame::Ack { disks } => {
-                put_u32(out, disks.len() as u32);
-                for d in disks {
+            Frame::Welcome { disks, refused } => {
+                put_acks(out, disks);
+                put_u32(out, refused.len() as u32);
+                for d in refused {
                     put_u64(out, d.disk_id);
-                    put_u64(out, d.durable_seq);
+                    out.push(u8::from(d.fenced));
+                    put_str(out, &d.reason);
                 }
             }
+            Frame::Ack { disks } => put_acks(out, disks),
             Frame::Refused { reason } => put_str(out, reason),
             Frame::Record(r) => {
                 put_u64(out, r.disk);
@@ -730,6 +764,13 @@ impl Frame {
     }
 }
 
+fn put_acks(out: &mut Vec<u8>, disks: &[DiskAck]) {
+    put_u32(out, disks.len() as u32);
+    for d in disks {
+        put_u64(out, d.disk_id);
+        put_u64(out, d.durable_seq);
+    }
+}
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
@@ -816,6 +857,8 @@ fn decode_payload(ty: u8, payload: &[u8]) -> Result<Frame, FrameError> {
                     disk_id: r.u64()?,
                     size: r.u64()?,
                     generation: r.u64()?,
+                    vpg_id: r.string()?,
+                    fencing_generation: r.u64()?,
                 });
             }
             Frame::Hello {
@@ -834,7 +877,20 @@ fn decode_payload(ty: u8, payload: &[u8]) -> Result<Frame, FrameError> {
                 });
             }
             if ty == T_WELCOME {
-                Frame::Welcome { disks }
+                let n = r.count()?;
+                let mut refused = Vec::with_capacity(n);
+                for _ in 0..n {
+                    refused.push(DiskRefused {
+                        disk_id: r.u64()?,
+                        fenced: match r.u8()? {
+                            0 => false,
+                            1 => true,
+                            _ => return Err(corrupt("bad fenced flag")),
+                        },
+                        reason: r.string()?,
+                    });
+                }
+                Frame::Welcome { disks, refused }
             } else {
                 Frame::Ack { disks }
             }
@@ -958,11 +1014,20 @@ mod tests {
                 any::<u8>(),
                 "[a-z0-9.-]{0,30}",
                 prop::collection::vec(
-                    (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| DiskHello {
-                        disk_id: a,
-                        size: b,
-                        generation: c
-                    }),
+                    (
+                        any::<u64>(),
+                        any::<u64>(),
+                        any::<u64>(),
+                        "[a-z0-9-]{0,20}",
+                        any::<u64>()
+                    )
+                        .prop_map(|(a, b, c, v, f)| DiskHello {
+                            disk_id: a,
+                            size: b,
+                            generation: c,
+                            vpg_id: v,
+                            fencing_generation: f,
+                        }),
                     0..4
                 )
             )
@@ -971,7 +1036,22 @@ mod tests {
                     host_name: h,
                     disks: d
                 }),
-            acks.clone().prop_map(|disks| Frame::Welcome { disks }),
+            (
+                acks.clone(),
+                prop::collection::vec(
+                    (any::<u64>(), any::<bool>(), ".{0,40}").prop_map(
+                        |(disk_id, fenced, reason)| {
+                            DiskRefused {
+                                disk_id,
+                                fenced,
+                                reason,
+                            }
+                        }
+                    ),
+                    0..3
+                )
+            )
+                .prop_map(|(disks, refused)| Frame::Welcome { disks, refused }),
             acks.prop_map(|disks| Frame::Ack { disks }),
             ".{0,40}".prop_map(|reason| Frame::Refused { reason }),
             arb_record().prop_map(Frame::Record),
@@ -998,13 +1078,20 @@ mod tests {
 
     fn arb_sync() -> impl Strategy<Value = SyncFrame> {
         prop_oneof![
-            ("[a-z0-9.-]{0,30}", any::<u64>(), any::<u64>()).prop_map(|(h, d, s)| {
-                SyncFrame::Hello {
+            (
+                "[a-z0-9.-]{0,30}",
+                any::<u64>(),
+                any::<u64>(),
+                "[a-z0-9-]{0,20}",
+                any::<u64>()
+            )
+                .prop_map(|(h, d, s, v, f)| SyncFrame::Hello {
                     host_name: h,
                     disk_id: d,
                     size: s,
-                }
-            }),
+                    vpg_id: v,
+                    fencing_generation: f,
+                }),
             (
                 any::<u64>(),
                 0u8..3,
@@ -1116,6 +1203,75 @@ mod tests {
             Frame::parse(&mut c),
             Err(FrameError::TooLarge(u32::MAX as u64))
         );
+    }
+
+    #[test]
+    fn a_version_1_peer_is_refused_clearly() {
+        let mut b = Frame::Pong { nonce: 1 }
+            .to_bytes(Compression::None)
+            .unwrap();
+        assert_eq!(b[2], PROTOCOL_VERSION);
+        b[2] = 1;
+        let mut c = Cursor::new(&b[..]);
+        match Frame::parse(&mut c) {
+            Err(FrameError::Corrupt(why)) => assert!(why.contains("version 1"), "{why}"),
+            other => panic!("expected a version refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fencing_travels_in_hellos_and_welcome() {
+        let frames = [
+            Frame::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                host_name: "a".into(),
+                disks: vec![DiskHello {
+                    disk_id: 7,
+                    size: 4096,
+                    generation: 3,
+                    vpg_id: "vpg-1".into(),
+                    fencing_generation: 2,
+                }],
+            },
+            Frame::Welcome {
+                disks: vec![DiskAck {
+                    disk_id: 8,
+                    durable_seq: 5,
+                }],
+                refused: vec![DiskRefused {
+                    disk_id: 7,
+                    fenced: true,
+                    reason: "fenced: VPG vpg-1".into(),
+                }],
+            },
+            Frame::Sync(SyncFrame::Hello {
+                host_name: "a".into(),
+                disk_id: 7,
+                size: 4096,
+                vpg_id: "vpg-1".into(),
+                fencing_generation: 2,
+            }),
+        ];
+        for f in frames {
+            let b = f.to_bytes(Compression::Zstd).unwrap();
+            assert_eq!(Frame::parse(&mut Cursor::new(&b[..])).unwrap(), f);
+        }
+        // A fenced flag other than 0/1 is corrupt, not "true".
+        let mut p = Vec::new();
+        Frame::Welcome {
+            disks: vec![],
+            refused: vec![DiskRefused {
+                disk_id: 1,
+                fenced: true,
+                reason: String::new(),
+            }],
+        }
+        .encode_payload(&mut p);
+        p[4 + 4 + 8] = 2;
+        assert!(matches!(
+            decode_payload(T_WELCOME, &p),
+            Err(FrameError::Corrupt(_))
+        ));
     }
 
     #[test]

@@ -121,6 +121,8 @@ pub fn specs(disks: &[u64]) -> Vec<DiskSpec> {
         .map(|&disk_id| DiskSpec {
             disk_id,
             size: DISK_SIZE,
+            vpg_id: String::new(),
+            fencing_generation: 0,
             generation: 1,
         })
         .collect()

@@ -590,6 +590,8 @@ mod tests {
             vec![DiskSpec {
                 disk_id: 1,
                 size: SIZE,
+                vpg_id: String::new(),
+                fencing_generation: 0,
                 generation: 1,
             }],
             cancel.clone(),
@@ -734,7 +736,7 @@ mod tests {
             sc.queue_memory = 256 << 20;
             let cancel = tokio_util::sync::CancellationToken::new();
             let (sender, _events) = Sender::start(
-                sc, vec![DiskSpec { disk_id: 1, size: ODD_SIZE, generation: 1 }], cancel.clone()).unwrap();
+                sc, vec![DiskSpec { disk_id: 1, size: ODD_SIZE, generation: 1, vpg_id: String::new(), fencing_generation: 0 }], cancel.clone()).unwrap();
             let s = Splitter::new(1, 1, Some(sender), Arc::clone(&tracker));
             prop_assert!(s.owes_sync());
             s.begin_sync(0).unwrap();
@@ -820,6 +822,8 @@ mod tests {
             vec![DiskSpec {
                 disk_id: 3,
                 size,
+                vpg_id: String::new(),
+                fencing_generation: 0,
                 generation: 5,
             }],
             cancel.clone(),

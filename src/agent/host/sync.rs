@@ -731,12 +731,17 @@ impl DiskSync {
     async fn attempt(&self, cancel: &CancellationToken) -> Result<Attempt, SyncRunError> {
         self.check.store(false, Ordering::SeqCst);
         let mut conn = self.sender().dial_session().await?;
+        // The session carries the fencing the disk's stream carries.
+        let (vpg_id, fencing_generation) =
+            self.sender().fencing_of(self.disk.id).unwrap_or_default();
         self.send(
             &mut conn,
             SyncFrame::Hello {
                 host_name: self.host.host_name.clone(),
                 disk_id: self.disk.id,
                 size: self.disk.size,
+                vpg_id,
+                fencing_generation,
             },
         )
         .await?;

@@ -189,6 +189,8 @@ async fn setup(opts: &BenchOptions, run: &str) -> Result<Setup, StreamError> {
         vec![DiskSpec {
             disk_id: DISK,
             size: DISK_SIZE,
+            vpg_id: String::new(),
+            fencing_generation: 0,
             generation: 1,
         }],
         cancel.clone(),

@@ -38,7 +38,9 @@ pub use receiver::{DiskLagReport, Receiver, ReceiverConfig, ReceiverHandle};
 pub use sender::{
     DiskMode, DiskSpec, DiskStats, Enqueued, Sender, SenderConfig, SessionConn, StreamEvent,
 };
-pub use sync_target::{preseed, recoverable, LastSync, RunningSync, SyncState, SYNC_STATE_FILE};
+pub use sync_target::{
+    preseed, preseed_move, recoverable, LastSync, RunningSync, SyncState, SYNC_STATE_FILE,
+};
 
 use crate::agent::journal::JournalError;
 use crate::proto::stream::FrameError;

@@ -38,10 +38,10 @@ use tracing::Instrument;
 use super::conn::{FrameReader, FrameWriter};
 use super::sync_target::{self, recoverable, OpenDisk, SyncCell, SyncState};
 use super::{io, now_ms, Io, ServerTransport, StreamError};
+use crate::agent::fencing::{Fencing, FencingError};
 use crate::agent::journal::{
     CheckpointInfo, CheckpointKind, CommitReport, Durability, Journal, JournalConfig, Record, View,
 };
-use crate::agent::fencing::{Fencing, FencingError};
 use crate::agent::tls::cert_names_host;
 use crate::proto::stream::{
     Compression, DiskAck, DiskHello, DiskLag, DiskRefused, Frame, RecordBody, StreamRecord,
@@ -411,9 +411,14 @@ impl ReceiverHandle {
         view: View,
     ) -> Result<CommitReport, StreamError> {
         let key = (host.to_string(), disk_id);
-        let j = lock(&self.shared.journals).get(&key).cloned().ok_or_else(|| {
-            StreamError::Refused(format!("no journal of disk {disk_id} from host {host:?} is open"))
-        })?;
+        let j = lock(&self.shared.journals)
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| {
+                StreamError::Refused(format!(
+                    "no journal of disk {disk_id} from host {host:?} is open"
+                ))
+            })?;
         if self.is_busy(host, disk_id) {
             return Err(StreamError::Refused(format!(
                 "host {host:?} still streams or syncs disk {disk_id}: stop its protection first"
@@ -663,10 +668,9 @@ async fn serve(
 
     let s2 = shared.clone();
     let (h2, st2) = (host.clone(), storage.clone());
-    let (opened, refused) =
-        tokio::task::spawn_blocking(move || open_disks(&s2, &h2, &st2, &disks))
-            .await
-            .map_err(|e| StreamError::Protocol(format!("journal open task: {e}")))?;
+    let (opened, refused) = tokio::task::spawn_blocking(move || open_disks(&s2, &h2, &st2, &disks))
+        .await
+        .map_err(|e| StreamError::Protocol(format!("journal open task: {e}")))?;
     let welcome: Vec<DiskAck> = opened
         .iter()
         .map(|o| DiskAck {
@@ -701,13 +705,15 @@ async fn serve(
     let jatx = atx.clone();
     let sync_bytes = cfg.sync_bytes;
     let span = tracing::info_span!("stream-journal", %host);
+    let jcancel = cancel.clone();
     let journal_task = tokio::task::spawn_blocking(move || {
         let _e = span.enter();
-        let r = journal_loop(
-            brx, &journals, &fences, &jatx, &jshared, &jhost, sync_bytes,
-        );
+        let r = journal_loop(brx, &journals, &fences, &jatx, &jshared, &jhost, sync_bytes);
         if let Err(e) = &r {
-            tracing::error!(error = %e, "journal append failed: closing the connection");
+            tracing::error!(error = %e, "journal append failed or fenced: closing the connection");
+            // The reader would otherwise go on reading pings from a connection that
+            // can no longer append (the sender would wait for acks forever).
+            jcancel.cancel();
         }
         r
     });

@@ -47,7 +47,12 @@ use crate::proto::stream::{
 pub struct DiskSpec {
     pub disk_id: u64,
     pub size: u64,
+    /// The disk's sequence epoch (not the fencing generation).
     pub generation: u64,
+    /// The disk's VPG and its fencing generation, carried in the Hello of the stream and
+    /// of every sync session (0 with nothing recorded: a static configuration).
+    pub vpg_id: String,
+    pub fencing_generation: u64,
 }
 
 /// How the sender runs.
@@ -139,6 +144,15 @@ pub enum StreamEvent {
     DiskNotAccepted {
         disk: u64,
     },
+    /// The receiver refused this disk in its Welcome, saying why. A fenced disk (the
+    /// recovery side knows a newer fencing generation of its VPG) has gone bitmap-only:
+    /// it is not offered again until its fencing generation changes
+    /// ([`Sender::set_fencing`]).
+    DiskRefused {
+        disk: u64,
+        fenced: bool,
+        reason: String,
+    },
     /// The receiver holds less than it once acknowledged as durable (its journal was lost,
     /// replaced or rolled back): records between were forgotten here and are gone there,
     /// so neither the stream nor the bitmap can bring the replica level — a Full Sync is
@@ -181,6 +195,8 @@ struct DiskQ {
     /// Highest seq written on the current connection.
     sent: u64,
     accepted: bool,
+    /// Refused by fencing on the last connection.
+    fenced: bool,
 }
 
 impl DiskQ {
@@ -478,7 +494,52 @@ impl Sender {
         found
     }
 
-    /// The disks this sender carries.
+    /// Changes the fencing generation (and VPG) a disk's stream carries, keeping its
+    /// queue: the connection is renewed so the next Hello offers the new one. Returns
+    /// whether anything changed.
+    pub fn set_fencing(
+        &self,
+        disk: u64,
+        vpg_id: &str,
+        fencing_generation: u64,
+    ) -> Result<bool, StreamError> {
+        let changed = {
+            let mut st = self.inner.lock();
+            let d = st
+                .disks
+                .get_mut(&disk)
+                .ok_or(StreamError::UnknownDisk(disk))?;
+            let changed =
+                d.spec.vpg_id != vpg_id || d.spec.fencing_generation != fencing_generation;
+            if changed {
+                d.spec.vpg_id = vpg_id.to_string();
+                d.spec.fencing_generation = fencing_generation;
+                st.reconnect = true;
+            }
+            changed
+        };
+        if changed {
+            self.inner.wake.notify_one();
+        }
+        Ok(changed)
+    }
+
+    /// The VPG and fencing generation a disk's stream carries (what its sync sessions
+    /// must carry too).
+    pub fn fencing_of(&self, disk: u64) -> Option<(String, u64)> {
+        self.inner
+            .lock()
+            .disks
+            .get(&disk)
+            .map(|d| (d.spec.vpg_id.clone(), d.spec.fencing_generation))
+    }
+
+    /// Whether the receiver refused the disk by fencing on the last connection (cleared
+    /// by [`Sender::set_fencing`] with another generation, or a reconnect that admits it).
+    pub fn is_fenced(&self, disk: u64) -> bool {
+        self.inner.lock().disks.get(&disk).is_some_and(|d| d.fenced)
+    }
+
     /// Changes the bandwidth limit of the running stream (`None`: unlimited): the next
     /// send, or the wait in progress, follows the new rate; the connection and the queue
     /// stay as they are. Returns whether the limit changed.
@@ -608,6 +669,7 @@ fn new_disk_q(cfg: &SenderConfig, spec: DiskSpec) -> Result<DiskQ, StreamError> 
         acked: 0,
         sent: 0,
         accepted: false,
+        fenced: false,
     })
 }
 
@@ -794,6 +856,8 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
                 disk_id: d.spec.disk_id,
                 size: d.spec.size,
                 generation: d.spec.generation,
+                vpg_id: d.spec.vpg_id.clone(),
+                fencing_generation: d.spec.fencing_generation,
             })
             .collect()
     };
@@ -807,8 +871,8 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
     let welcome = tokio::time::timeout(cfg.peer_timeout, reader.read_frame())
         .await
         .map_err(|_| StreamError::Timeout("waiting for Welcome"))??;
-    let accepted = match welcome {
-        Some(Frame::Welcome { disks }) => disks,
+    let (accepted, refused) = match welcome {
+        Some(Frame::Welcome { disks, refused }) => (disks, refused),
         Some(Frame::Refused { reason }) => return Err(StreamError::Refused(reason)),
         Some(other) => {
             return Err(StreamError::Protocol(format!(
@@ -828,9 +892,40 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
                 // Resend everything above what the receiver holds durably.
                 d.sent = d.acked;
                 d.accepted = true;
+                d.fenced = false;
             }
         }
-        for id in st.disks.keys().filter(|id| !ids.contains(id)) {
+        let mut explained = HashSet::new();
+        for r in refused {
+            if ids.contains(&r.disk_id) || !explained.insert(r.disk_id) {
+                continue;
+            }
+            let Some(d) = st.disks.get_mut(&r.disk_id) else {
+                continue;
+            };
+            d.fenced = r.fenced;
+            if r.fenced {
+                tracing::error!(disk = r.disk_id, vpg = %d.spec.vpg_id,
+                    fencing_generation = d.spec.fencing_generation, reason = %r.reason,
+                    "recovery host fenced the disk's stream: writes go to the dirty bitmap only");
+                // This Hello will never be accepted again; holding records for it would
+                // only fill the queue. The dirty bitmap keeps what changed, as for an
+                // unreachable peer.
+                inner.go_bitmap(st, r.disk_id, "stream fenced by the recovery host");
+            } else {
+                tracing::warn!(disk = r.disk_id, reason = %r.reason, "receiver refused disk");
+            }
+            inner.event(StreamEvent::DiskRefused {
+                disk: r.disk_id,
+                fenced: r.fenced,
+                reason: r.reason,
+            });
+        }
+        for id in st
+            .disks
+            .keys()
+            .filter(|id| !ids.contains(id) && !explained.contains(id))
+        {
             tracing::warn!(disk = id, "receiver did not accept disk");
             inner.event(StreamEvent::DiskNotAccepted { disk: *id });
         }

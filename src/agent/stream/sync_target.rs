@@ -226,6 +226,70 @@ fn store(path: &Path, state: &SyncState) -> Result<(), StreamError> {
     write_atomically(path, &bytes).map_err(|e| state_err(path, e))
 }
 
+/// Reverse protection: the old protected disk's image `image` becomes, by a rename (no
+/// copy of the data), the pre-seeded replica of `disk_id` under `storage`; the Delta
+/// Sync of the new protected disk then compares it and sends only what differs.
+/// Returns the replica's path.
+///
+/// Crash-safe order: the state (`PreSeeded`) goes first, then the rename (the commit
+/// point: atomic, the directory fsynced), so a crash leaves either the image in place
+/// (run it again) or the replica in place with a state that says "compare". An image on
+/// another file system is copied to a temporary file, fsynced and renamed instead, and
+/// the original removed after. Refused if the disk already has a replica or a journal
+/// here: nothing is overwritten. Blocking.
+pub fn preseed_move(
+    storage: &Path,
+    disk_id: u64,
+    image: &Path,
+    size: u64,
+) -> Result<PathBuf, StreamError> {
+    let image_size = std::fs::metadata(image)
+        .map_err(io("stat the image to seed from"))?
+        .len();
+    if size == 0 || image_size != size {
+        return Err(StreamError::Config(format!(
+            "disk size mismatch: {} is {image_size} bytes, the replica must be {size} bytes",
+            image.display()
+        )));
+    }
+    // The receiver's layout (`open_disk`, `preseed`).
+    let dir = storage.join(format!("disk-{disk_id:016x}"));
+    let replica = dir.join("replica.img");
+    for taken in [&replica, &dir.join("journal")] {
+        if taken.exists() {
+            return Err(StreamError::Config(format!(
+                "{} already exists: disk {disk_id:016x} has a replica here (drop it first)",
+                taken.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(io("create disk directory"))?;
+    store(
+        &dir.join(SYNC_STATE_FILE),
+        &SyncState::new(ReplicaState::PreSeeded),
+    )?;
+    match std::fs::rename(image, &replica) {
+        Ok(()) => {}
+        // EXDEV: another file system. No stable io::ErrorKind for it: raw errno 18.
+        Err(e) if e.raw_os_error() == Some(18) => {
+            let tmp = temp_path(&replica);
+            std::fs::copy(image, &tmp).map_err(io("copy the image to seed from"))?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io("fsync pre-seeded replica"))?;
+            std::fs::rename(&tmp, &replica).map_err(io("rename pre-seeded replica"))?;
+            sync_parent_dir(&replica).map_err(|e| state_err(&replica, e))?;
+            std::fs::remove_file(image).map_err(io("remove the seeded image"))?;
+        }
+        Err(e) => return Err(io("move the image into the replica")(e)),
+    }
+    sync_parent_dir(&replica).map_err(|e| state_err(&replica, e))?;
+    sync_parent_dir(image).map_err(|e| state_err(image, e))?;
+    Ok(replica)
+}
+
 /// Registers `image` as the replica of disk `disk_id` under `storage`: a copy made
 /// elsewhere, so the first sync is a Delta instead of a Full. Refused once the disk's
 /// journal holds a record, or if the image is not `size` bytes. Run it while no
