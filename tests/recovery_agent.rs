@@ -11,11 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_common::*;
+use bulwark::agent::host::admin;
 use bulwark::agent::host::{Agent, AgentConfig, AgentFlags, AgentSection};
 use bulwark::agent::hypervisor::{start_agent, HostVms};
 use bulwark::agent::recovery::RecoverRequest;
 use bulwark::proto::agent::{CheckpointRequest, SyncPhase};
-use bulwark::proto::control::{PowerState, RecoverDisk, RecoverVm, RecoveryEnd};
+use bulwark::proto::control::{
+    DesiredState, PowerState, RecoverDisk, RecoverVm, RecoveryEnd, RecoveryVpg, RecoveryVpgVm,
+};
 
 const SIZE: u64 = 4 * MIB;
 const DISK: &str = "d0";
@@ -47,6 +50,12 @@ struct Pair {
 }
 
 async fn pair() -> Pair {
+    pair_with(None).await
+}
+
+/// With `desired` persisted at the recovery agent before it starts (what a manager
+/// would have sent).
+async fn pair_with(desired: Option<DesiredState>) -> Pair {
     let lab = Lab::new(&[]);
     let rec_dir = lab.path("rec");
     let prot_dir = lab.path("prot");
@@ -57,6 +66,11 @@ async fn pair() -> Pair {
         &rec_dir,
         &recovery_toml(&rec_dir, REC, data, &Sec::Flag, &[(PROT, &storage)]),
     );
+    if let Some(d) = desired {
+        let state = rec_cfg.state_dir();
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("desired.json"), serde_json::to_vec(&d).unwrap()).unwrap();
+    }
     let (rec, hv) = start_agent(rec_cfg.clone()).await.unwrap();
     let rec_vms = Arc::new(HostVms::new(hv, Arc::clone(&rec)));
     let peer = PeerDef {
@@ -501,4 +515,108 @@ async fn a_recovery_is_recreated_after_a_restart() {
         .unwrap();
     assert_eq!(out["known"], true);
     rec.shutdown().await.unwrap();
+}
+
+async fn cli(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    run(env!("CARGO_BIN_EXE_bulwark"), &args, WAIT).await
+}
+
+/// (g) Break-glass with no manager: `bulwark agent recover` asks the running agent,
+/// which recovers the VPG from its persisted desired state at the latest checkpoint and
+/// powers the VMs on; the printed export serves the checkpoint's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn break_glass_cli_recovers_from_the_persisted_desired_state() {
+    let vm = request("unused", 0, false, None).vms.remove(0);
+    let desired = DesiredState {
+        version: 1,
+        accept: vec![PROT.into()],
+        recovery: vec![RecoveryVpg {
+            vpg_id: VPG.into(),
+            name: "web".into(),
+            fencing_generation: 0,
+            vms: vec![RecoveryVpgVm {
+                vm,
+                boot_group: 0,
+                boot_delay_secs: 0,
+            }],
+        }],
+        ..DesiredState::default()
+    };
+    let p = pair_with(Some(desired)).await;
+    let data_dir = p.rec_cfg.data_dir.to_str().unwrap().to_string();
+    // Not running yet (no endpoints file): a clear error.
+    let o = cli(&["agent", "recover", "--data-dir", &data_dir, "--vpg", "web"]).await;
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no running agent found"), "{}", text(&o));
+
+    let listener = admin::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    p.rec.set_admin_addr(listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let state = admin::AdminState {
+        agent: Arc::clone(&p.rec),
+        vms: Some(Arc::clone(&p.rec_vms)),
+        control: None,
+    };
+    let served = tokio::spawn(admin::serve(listener, state, stop.clone()));
+    p.rec.write_endpoints().unwrap();
+
+    assert_qemu_ok(&qemu_write(&p.prot, DISK, &["write -P 0x11 0 1M"]).await);
+    let c1 = checkpoint(&p).await;
+    let dir = p._lab.path("out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let expected = copy_export(&url(&p.prot, DISK), &dir.join("src.raw")).await;
+
+    let o = cli(&["agent", "recover", "--data-dir", &data_dir, "--vpg", "nope"]).await;
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no VPG named `nope`"), "{}", text(&o));
+    let o = cli(&[
+        "agent",
+        "recover",
+        "--data-dir",
+        &data_dir,
+        "--vpg",
+        "web",
+        "--checkpoint",
+        "12345",
+    ])
+    .await;
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no checkpoint"), "{}", text(&o));
+
+    let o = cli(&[
+        "agent",
+        "recover",
+        "--data-dir",
+        &data_dir,
+        "--vpg",
+        "web",
+        "--test",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains(&format!("checkpoint {c1}")), "{out}");
+    let export_url = out
+        .split_whitespace()
+        .find(|w| w.starts_with("nbd://"))
+        .unwrap_or_else(|| panic!("no export printed: {out}"))
+        .to_string();
+    let reps = p.rec_vms.recoveries().reports();
+    assert_eq!(reps[0].vms[0].name, "d0 - Test");
+    assert_eq!(reps[0].vms[0].power_state, PowerState::On);
+    let got = copy_export(&export_url, &dir.join("bg.raw")).await;
+    assert!(
+        got == expected,
+        "break-glass disk differs from the checkpoint"
+    );
+    let op = reps[0].operation.clone();
+    p.rec_vms
+        .recoveries()
+        .end(&op, VPG, 0, RecoveryEnd::Discard)
+        .await
+        .unwrap();
+    stop.cancel();
+    let _ = tokio::time::timeout(WAIT, served).await;
+    shutdown(p).await;
 }

@@ -1213,6 +1213,78 @@ impl Recoveries {
     }
 }
 
+/// Why `bulwark agent recover` could not ask the running agent.
+#[derive(Debug, thiserror::Error)]
+pub enum BreakGlassError {
+    #[error("no running agent found: {} is missing (is `bulwark agent` running with this data directory?)", path.display())]
+    NoEndpoints { path: PathBuf },
+    #[error("{}: {reason}", path.display())]
+    Endpoints { path: PathBuf, reason: String },
+    #[error("the agent (pid {pid}) serves no admin endpoint: set `admin_listen` (or --admin-listen) and restart it")]
+    NoAdmin { pid: u32 },
+    #[error("the agent is not running (its admin endpoint {admin} does not answer: {reason})")]
+    NotRunning { admin: String, reason: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Break-glass from the command line: asks the agent running with `data_dir` (found by
+/// its `run/endpoints.json`) to recover `vpg` through its admin endpoint.
+pub async fn break_glass_via_admin(
+    data_dir: &Path,
+    vpg: &str,
+    checkpoint: Option<u64>,
+    test: bool,
+) -> Result<BreakGlassReport, BreakGlassError> {
+    let path = data_dir.join("run").join("endpoints.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(BreakGlassError::NoEndpoints { path })
+        }
+        Err(e) => {
+            return Err(BreakGlassError::Endpoints {
+                path,
+                reason: e.to_string(),
+            })
+        }
+    };
+    let ep: crate::proto::agent::AgentEndpoints =
+        serde_json::from_slice(&bytes).map_err(|e| BreakGlassError::Endpoints {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    let admin = ep.admin.ok_or(BreakGlassError::NoAdmin { pid: ep.pid })?;
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        // Boot-order delays make the answer take as long as the groups' delays.
+        .timeout(Duration::from_secs(3600))
+        .build()
+        .map_err(|e| BreakGlassError::Refused(e.to_string()))?;
+    let resp = client
+        .post(format!("http://{admin}/v1/recoveries"))
+        .json(&serde_json::json!({ "vpg": vpg, "checkpoint": checkpoint, "test": test }))
+        .send()
+        .await
+        .map_err(|e| BreakGlassError::NotRunning {
+            admin: admin.clone(),
+            reason: e.to_string(),
+        })?;
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| BreakGlassError::Refused(e.to_string()))?;
+    if !status.is_success() {
+        let detail = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        return Err(BreakGlassError::Refused(detail));
+    }
+    serde_json::from_slice(&body).map_err(|e| BreakGlassError::Refused(e.to_string()))
+}
+
 fn disk_label(_dev: &Arc<dyn BlockDevice>) -> String {
     "protected disk".into()
 }

@@ -223,6 +223,23 @@ enum AgentAction {
         /// The raw image to register (it is copied).
         image: PathBuf,
     },
+    /// Break-glass recovery with the manager gone: the agent running on this recovery
+    /// host brings the VPG up from its journals (powered on in boot order) and this
+    /// prints the recovered disks' NBD exports.
+    Recover {
+        /// The VPG's name (or id).
+        #[arg(long)]
+        vpg: String,
+        /// `latest` (the newest checkpoint recoverable in every journal) or an id.
+        #[arg(long, default_value = "latest")]
+        checkpoint: String,
+        /// A failover test: VMs named "<vm> - Test", scratch discarded when it ends.
+        #[arg(long)]
+        test: bool,
+        /// The running agent's data directory (default: `[agent] data_dir`).
+        #[arg(long, env = "BULWARK_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -666,6 +683,42 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                 image.display(),
                 replica.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(AgentArgs {
+            action:
+                Some(AgentAction::Recover {
+                    vpg,
+                    checkpoint,
+                    test,
+                    data_dir,
+                }),
+            ..
+        }) => {
+            let data_dir = data_dir
+                .or_else(|| file.agent.data_dir.clone())
+                .context("--data-dir (or [agent] data_dir) is needed to find the running agent")?;
+            let checkpoint = match checkpoint.as_str() {
+                "latest" => None,
+                id => Some(id.parse::<u64>().with_context(|| {
+                    format!("--checkpoint: `latest` or a checkpoint id, not `{id}`")
+                })?),
+            };
+            let r = crate::agent::recovery::break_glass_via_admin(&data_dir, &vpg, checkpoint, test)
+                .await?;
+            println!(
+                "VPG {} recovered at checkpoint {} ({}), operation {}",
+                r.vpg,
+                r.report.checkpoint,
+                if r.report.test { "test" } else { "live" },
+                r.report.operation
+            );
+            for vm in &r.report.vms {
+                println!("  VM {} ({})", vm.name, vm.power_state.as_str());
+                for d in &vm.disks {
+                    println!("    {}  nbd://{}/{}", d.name, r.nbd, d.export);
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(a) => run_agent(a, &file).await,

@@ -4,7 +4,8 @@
 //! Force Sync, Full Sync), `GET /v1/received/{host}/{disk_id}/checkpoints` (with their
 //! recoverability), `GET /healthz`; the simulated hypervisor's VMs (`GET /v1/vms`,
 //! `POST /v1/vms`, `POST /v1/vms/{name}/power`) and the control channel's state
-//! (`GET /v1/control`). Errors are problem-details JSON with a stable `code`, like the
+//! (`GET /v1/control`); recoveries (`GET /v1/recoveries`, and `POST /v1/recoveries`:
+//! break-glass recovery of a VPG from the persisted desired state). Errors are problem-details JSON with a stable `code`, like the
 //! manager's API.
 
 use std::net::SocketAddr;
@@ -234,6 +235,63 @@ async fn power(
     Ok(Json(change.vm))
 }
 
+/// Body of `POST /v1/recoveries` (break-glass recovery, `bulwark agent recover`).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct BreakGlassRequest {
+    /// The VPG's name (or id), as in the persisted desired state's `recovery` list.
+    pub vpg: String,
+    /// Checkpoint id; none: the newest recoverable in every journal of the VPG.
+    #[serde(default)]
+    pub checkpoint: Option<u64>,
+    #[serde(default)]
+    pub test: bool,
+}
+
+impl From<crate::agent::recovery::RecoveryError> for AdminError {
+    fn from(e: crate::agent::recovery::RecoveryError) -> Self {
+        use crate::agent::recovery::RecoveryError as R;
+        let (status, code) = match &e {
+            R::UnknownVpg { .. } => (StatusCode::NOT_FOUND, "recovery.unknown_vpg"),
+            R::NoCheckpoint { .. } => (StatusCode::CONFLICT, "recovery.no_checkpoint"),
+            R::NotRecoveryHost => (StatusCode::CONFLICT, "recovery.not_recovery_host"),
+            R::Fencing(_) => (StatusCode::CONFLICT, "recovery.fenced"),
+            R::Invalid(_) | R::Mismatch { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "recovery.invalid")
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "recovery.failed"),
+        };
+        AdminError(status, code, e.to_string())
+    }
+}
+
+async fn list_recoveries(
+    State(s): State<AdminState>,
+) -> Result<Json<Vec<crate::proto::control::RecoveryReport>>, AdminError> {
+    let r = Arc::clone(vms_of(&s)?.recoveries());
+    let reports = tokio::task::spawn_blocking(move || r.reports())
+        .await
+        .map_err(|e| {
+            AdminError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "agent.internal",
+                e.to_string(),
+            )
+        })?;
+    Ok(Json(reports))
+}
+
+async fn break_glass_recovery(
+    State(s): State<AdminState>,
+    body: Result<Json<BreakGlassRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::agent::recovery::BreakGlassReport>), AdminError> {
+    let req = parsed(body)?;
+    let report = vms_of(&s)?
+        .recoveries()
+        .break_glass(&req.vpg, req.checkpoint, req.test)
+        .await?;
+    Ok((StatusCode::CREATED, Json(report)))
+}
+
 async fn control(State(s): State<AdminState>) -> Json<ControlStatus> {
     Json(match &s.control {
         Some(c) => c.status(),
@@ -266,6 +324,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}/power", post(power))
         .route("/v1/control", get(control))
+        .route(
+            "/v1/recoveries",
+            get(list_recoveries).post(break_glass_recovery),
+        )
         .fallback(not_found)
         .with_state(state)
 }
