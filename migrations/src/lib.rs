@@ -9,6 +9,7 @@ mod m20261129_000001_control;
 mod m20261129_000002_webhooks;
 mod m20261129_000003_site_bandwidth;
 mod m20261129_000004_operations;
+mod m20261129_000005_rpo_history;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000002_webhooks::Migration),
             Box::new(m20261129_000003_site_bandwidth::Migration),
             Box::new(m20261129_000004_operations::Migration),
+            Box::new(m20261129_000005_rpo_history::Migration),
         ]
     }
 }

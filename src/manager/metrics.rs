@@ -256,6 +256,15 @@ impl Metrics {
         }
     }
 
+    /// Registers a counter that another module owns and increments (e.g. the RPO
+    /// history samples dropped); call once per counter.
+    pub fn register_counter(&self, name: &str, help: &str, counter: Counter) {
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .register(name, help, counter);
+    }
+
     /// A checkpoint round ended: `Some(hold)` when it completed, `None` when aborted.
     pub fn observe_round(&self, hold: Option<Duration>) {
         let result = match hold {

@@ -8,6 +8,7 @@ pub mod checkpoints;
 pub mod desired;
 pub mod membership;
 pub mod names;
+pub mod rpo_history;
 pub mod settings;
 pub mod status;
 pub mod sync;

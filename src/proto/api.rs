@@ -433,6 +433,45 @@ pub struct VpgDeleteQuery {
     pub keep_recovery_disks: Option<bool>,
 }
 
+/// Query of `GET /api/v1/vpgs/{id}/rpo-history`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RpoHistoryQuery {
+    /// Start of the range, RFC 3339 (default: one hour before `until`).
+    pub since: Option<String>,
+    /// End of the range, RFC 3339, exclusive (default: now).
+    pub until: Option<String>,
+    /// At most this many samples, 1 to 5000 (default 720): longer ranges are
+    /// downsampled into buckets keeping the worst values.
+    pub max_points: Option<u32>,
+}
+
+/// A VPG's RPO history over a range, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RpoHistory {
+    pub vpg_id: String,
+    /// Seconds each sample spans (1 for raw samples); samples start at multiples of it.
+    pub step_secs: u64,
+    /// Buckets without any recorded sample are left out.
+    pub samples: Vec<RpoHistorySample>,
+}
+
+/// One bucket of the RPO history: the worst of what was seen in it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RpoHistorySample {
+    /// Start of the bucket.
+    pub at: DateTime<Utc>,
+    /// The largest RPO in the bucket; null when at some point no checkpoint was
+    /// recoverable.
+    pub rpo_ms: Option<i64>,
+    /// The smallest journal history in the bucket; null when at some point there was none.
+    pub history_secs: Option<i64>,
+    /// The worst status in the bucket (`meeting_sla` only if it held throughout):
+    /// not_meeting_sla, then rpo_not_meeting_sla, then history_not_meeting_sla, then any
+    /// other non-meeting status, the latest among equals.
+    pub status: VpgStatus,
+}
+
 // ---- checkpoints, tasks, events, alerts ----------------------------------------------
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

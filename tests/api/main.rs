@@ -33,5 +33,6 @@ mod live;
 mod migrations;
 mod openapi;
 mod pagination;
+mod rpo_history;
 mod validation;
 mod webhooks;

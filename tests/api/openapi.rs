@@ -42,6 +42,7 @@ const SERVED: &[(&str, &str)] = &[
     ("PUT", "/api/v1/vpgs/{id}/members/{vm_id}"),
     ("DELETE", "/api/v1/vpgs/{id}/members/{vm_id}"),
     ("GET", "/api/v1/vpgs/{id}/checkpoints"),
+    ("GET", "/api/v1/vpgs/{id}/rpo-history"),
     ("POST", "/api/v1/vpgs/{id}/checkpoints"),
     ("GET", "/api/v1/tasks"),
     ("GET", "/api/v1/tasks/{id}"),

@@ -110,6 +110,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(vpgs::list_members, vpgs::add_member))
         .routes(routes!(vpgs::update_member, vpgs::remove_member))
         .routes(routes!(vpgs::list_checkpoints, vpgs::create_checkpoint))
+        .routes(routes!(vpgs::rpo_history))
         .routes(routes!(records::list_tasks))
         .routes(routes!(records::get_task))
         .routes(routes!(records::list_events))

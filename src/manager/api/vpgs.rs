@@ -10,12 +10,14 @@ use crate::model::checkpoints::check_tag;
 use crate::model::settings::MemberSettings;
 use crate::proto::api::{
     Checkpoint, CheckpointCreate, CheckpointQuery, Member, MemberRemoveQuery, Page, PageQuery,
-    Problem, Vpg, VpgCreate, VpgDeleteQuery, VpgPatch, VpgQuery, VpgReplace,
+    Problem, RpoHistory, RpoHistoryQuery, Vpg, VpgCreate, VpgDeleteQuery, VpgPatch, VpgQuery,
+    VpgReplace,
 };
 use crate::proto::control::CheckpointKind;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, TimeDelta, Utc};
 
 /// Members' replication state as the evaluator last derived it from live facts (the
 /// stored definition alone only tells configured from not).
@@ -237,6 +239,74 @@ pub async fn list_checkpoints(
 ) -> Result<ApiJson<Page<Checkpoint>>, ApiError> {
     c.require(Role::Viewer)?;
     Ok(ApiJson(s.store.list_checkpoints(&id, &q, &p).await?))
+}
+
+/// Most samples one RPO history answer holds.
+const RPO_HISTORY_MAX_POINTS: u32 = 5000;
+const RPO_HISTORY_DEFAULT_POINTS: u32 = 720;
+
+/// An RFC 3339 time of the query string. An unencoded `+` of the offset arrives as a
+/// space: that one is taken back.
+fn query_time(v: Option<&str>, field: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let Some(v) = v else { return Ok(None) };
+    let parse = |s: &str| DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc));
+    parse(v)
+        .or_else(|e| match v.rfind(' ') {
+            Some(i) if i > 10 => parse(&format!("{}+{}", &v[..i], &v[i + 1..])),
+            _ => Err(e),
+        })
+        .map(Some)
+        .map_err(|e| {
+            let mut a = ApiError::bad_request(
+                "request.invalid_time",
+                format!("{field} must be an RFC 3339 time ({e})"),
+            );
+            a.field = Some(field.to_string());
+            a
+        })
+}
+
+/// The VPG's RPO, history and status over a time range, for charts and SLA reports.
+/// Long ranges come from coarser tiers (raw seconds for two hours, minutes for seven
+/// days, hours for 400 days); each bucket keeps the worst of what it covers.
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/rpo-history", tag = "vpgs",
+    params(("id" = String, Path), RpoHistoryQuery),
+    responses((status = 200, body = RpoHistory), (status = 400, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn rpo_history(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<RpoHistoryQuery>,
+) -> Result<ApiJson<RpoHistory>, ApiError> {
+    c.require(Role::Viewer)?;
+    let now = Utc::now();
+    let until = query_time(q.until.as_deref(), "until")?.unwrap_or(now);
+    let since = match query_time(q.since.as_deref(), "since")? {
+        Some(t) => t,
+        None => until
+            .checked_sub_signed(TimeDelta::hours(1))
+            .ok_or_else(|| ApiError::bad_request("request.invalid_time", "until is out of range"))?,
+    };
+    if since >= until {
+        let mut a = ApiError::bad_request("request.invalid_range", "since must be before until");
+        a.field = Some("since".into());
+        return Err(a);
+    }
+    let max_points = q.max_points.unwrap_or(RPO_HISTORY_DEFAULT_POINTS);
+    if !(1..=RPO_HISTORY_MAX_POINTS).contains(&max_points) {
+        let mut a = ApiError::bad_request(
+            "request.invalid_max_points",
+            format!("max_points must be 1 to {RPO_HISTORY_MAX_POINTS}"),
+        );
+        a.field = Some("max_points".into());
+        return Err(a);
+    }
+    Ok(ApiJson(
+        s.store
+            .rpo_history(&id, since, until, max_points, now)
+            .await?,
+    ))
 }
 
 impl From<RoundError> for ApiError {

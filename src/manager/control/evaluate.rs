@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use super::recovery::DiskKey;
 use super::{ControlPlane, HostLive};
 use crate::manager::metrics::VpgSample;
+use crate::manager::store::rpo_history::RpoRecorder;
 use crate::manager::store::{Actor, LiveVpg, StatusUpdate, StoreError};
+use crate::model::rpo_history::Sample as RpoSample;
 use crate::model::status::{
     derive_status, derive_vm_state, vpg_sync, DiskSyncFact, Lifecycle, SyncKind, VmFacts,
     VmReplicationState, VpgFacts,
@@ -37,7 +39,10 @@ const MIN_SPACING: Duration = Duration::from_millis(100);
 
 pub async fn run(cp: Arc<ControlPlane>, cancel: CancellationToken) {
     cp.recovery.attach(cp.hub.clone());
-    let mut state = EvalState::default();
+    let mut state = EvalState {
+        rpo: Some(RpoRecorder::spawn(cp.store.clone(), &cp.metrics)),
+        ..Default::default()
+    };
     loop {
         // Armed before the pass, so a change during it is not missed.
         let notified = cp.changed.notified();
@@ -51,6 +56,10 @@ pub async fn run(cp: Arc<ControlPlane>, cancel: CancellationToken) {
             _ = tokio::time::sleep(EVERY) => {}
             _ = &mut notified => tokio::time::sleep(MIN_SPACING).await,
         }
+    }
+    // Stores the RPO history still buffered (open minute and hour buckets included).
+    if let Some(rpo) = state.rpo.take() {
+        rpo.close().await;
     }
 }
 
@@ -85,6 +94,10 @@ struct EvalState {
     samples: Vec<crate::proto::live::VpgSample>,
     /// Status columns to rewrite, in one transaction per chunk at the end of the pass.
     status_writes: Vec<(String, StatusUpdate)>,
+    /// The RPO history writer (`store::rpo_history`), fed once per pass.
+    rpo: Option<RpoRecorder>,
+    /// This pass's RPO history samples, one per VPG.
+    rpo_samples: Vec<RpoSample>,
 }
 
 /// VPGs per status transaction: one commit for many, but no write lock held for long.
@@ -116,6 +129,11 @@ async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), St
         }
     }
     cp.vm_states.replace(vm_states);
+    // Handed over before the writes below can fail, so a pass's samples never linger.
+    let rpo_samples = std::mem::take(&mut state.rpo_samples);
+    if let Some(rpo) = &state.rpo {
+        rpo.record(rpo_samples);
+    }
     for chunk in std::mem::take(&mut state.status_writes).chunks(STATUS_CHUNK) {
         cp.store.write_statuses(chunk).await?;
     }
@@ -461,6 +479,13 @@ async fn evaluate_one(
         status: status.as_str(),
         sub_status: sub_status.as_str(),
         recoverable_checkpoints: v.checkpoints.recoverable,
+    });
+    state.rpo_samples.push(RpoSample {
+        vpg_id: v.id.clone(),
+        at: now.timestamp(),
+        rpo_ms: update.rpo_actual_ms,
+        history_secs: update.history_actual_secs,
+        status,
     });
     if update != stored || v.status != status.as_str() || v.sub_status != sub_status.as_str() {
         cp.store.write_status(&v.id, &update).await?;

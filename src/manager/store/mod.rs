@@ -10,6 +10,7 @@ mod inventory;
 mod live;
 mod records;
 mod rounds;
+pub mod rpo_history;
 mod tokens;
 mod vpgs;
 mod webhooks;
