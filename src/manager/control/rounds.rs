@@ -873,6 +873,7 @@ mod tests {
 
     fn live(id: &str, hosts: &[(&str, &str, Option<u64>)], paused: bool) -> LiveVpg {
         LiveVpg {
+            operation: None,
             id: id.into(),
             name: id.into(),
             lifecycle: Lifecycle::Protecting,

@@ -765,6 +765,38 @@ impl Store {
     }
 }
 
+/// What an operation's task shows besides its steps (see `Task::details`).
+pub(super) fn task_details(kind: &str, params: &serde_json::Value) -> Option<serde_json::Value> {
+    OperationKind::parse(kind)?;
+    let op: OperationState = serde_json::from_value(params.clone()).ok()?;
+    let remaining = op.waiting_since.and_then(|since| {
+        let waited = (Utc::now() - since).to_std().unwrap_or_default();
+        match op.kind {
+            OperationKind::FailoverTest => op
+                .max_duration_secs
+                .map(|m| m.saturating_sub(waited.as_secs())),
+            _ => op.commit_policy.remaining(waited),
+        }
+    });
+    Some(serde_json::json!({
+        "checkpoint": op.checkpoint.describe(),
+        "checkpoint_id": op.checkpoint_id,
+        "checkpoint_at": op.checkpoint_at,
+        "commit_policy": op.commit_policy,
+        "reverse_protection": op.reverse_protection,
+        "decision": op.decision.map(|d| d.as_str()),
+        "decided_by": op.decided_by,
+        "decision_reason": op.decision_reason,
+        // Seconds until the commit policy acts, or until a test's time box ends.
+        "countdown_secs": if op.decision.is_none() { remaining } else { None },
+        "fencing_generation": op.fencing_generation,
+        "unreachable_hosts": op.unreachable_hosts,
+        "recovered": op.recovered,
+        "vms_up_at": op.vms_up_at,
+        "failure": op.failure,
+    }))
+}
+
 fn report_view(m: recovery_report::Model) -> RecoveryReportView {
     RecoveryReportView {
         id: m.id,

@@ -36,6 +36,7 @@ fn to_checkpoint(m: checkpoint::Model) -> Checkpoint {
 }
 
 pub(super) fn to_task(m: task::Model) -> Task {
+    let details = super::operations::task_details(&m.kind, &m.params);
     Task {
         id: m.id,
         vpg_id: m.vpg_id,
@@ -44,6 +45,7 @@ pub(super) fn to_task(m: task::Model) -> Task {
         progress: m.progress,
         steps: serde_json::from_value::<Vec<TaskStep>>(m.steps).unwrap_or_default(),
         current_step: u32::try_from(m.current_step).unwrap_or(0),
+        details,
         error: m.error,
         created_by: m.created_by,
         created_at: m.created_at,

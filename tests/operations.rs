@@ -1,0 +1,350 @@
+//! Recovery operations end to end: a manager on PostgreSQL and agents as processes on
+//! loopback, driven through the REST API as an operator would. Recovered disks are read
+//! by a real NBD client (`qemu-img convert`) and compared byte for byte with the
+//! sources copied at the checkpoint.
+#![allow(clippy::unwrap_used)]
+
+mod agent_common;
+mod orch_common;
+
+use std::time::{Duration, Instant};
+
+use agent_common::*;
+use orch_common::*;
+use serde_json::{json, Value};
+
+/// These tests start several processes each; on two cores they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const MANAGER: &str =
+    "heartbeat_ms = 200\ndisconnect_after_ms = 1500\ncheckpoint_hold_bound_ms = 200";
+const PROTECTED_EXTRA: &str = "away_bound_secs = 2";
+const SIZE: u64 = 4 * MIB;
+
+fn meeting_sla(v: &Value) -> bool {
+    v["status"] == "meeting_sla" && v["sub_status"] == "none"
+}
+
+struct World {
+    lab: Lab,
+    _db: PgDb,
+    m: ManagerProc,
+    prot: AgentProc,
+    rec: AgentProc,
+    vpg: String,
+}
+
+impl World {
+    /// `prot` (site prod) with VMs `app` and `db`, `rec` (site dr); VPG `shop` at
+    /// Meeting SLA with some data written before and under protection.
+    async fn new() -> World {
+        let lab = Lab::new(&["prot", "rec"]);
+        let db = PgDb::new().await;
+        let m = ManagerProc::start(lab.dir.path(), &db.url, MANAGER).await;
+        let token = m.enrolment_token().await;
+        let vms = [VmDef::new("app", 1, SIZE), VmDef::new("db", 2, SIZE)];
+        let prot = start_managed(
+            &lab,
+            &m,
+            &token,
+            "prot",
+            "prod",
+            false,
+            &vms,
+            PROTECTED_EXTRA,
+        )
+        .await;
+        let rec = start_managed(&lab, &m, &token, "rec", "dr", true, &[], "").await;
+        m.wait_hosts_connected(&["prot", "rec"], &[&prot, &rec])
+            .await;
+        for (i, vm) in ["app", "db"].iter().enumerate() {
+            write(&prot, vm, &[format!("write -P {} 0 1M", 0x10 + i)]).await;
+        }
+        let vpg = m
+            .create_vpg(
+                "shop",
+                &["app", "db"],
+                "dr",
+                "rec",
+                json!({"checkpoint_interval_ms": 1000, "rpo_target_secs": 10, "journal_history_secs": 3600}),
+            )
+            .await;
+        m.wait_vpg(&vpg, "Meeting SLA", SLA_WAIT, &[&prot, &rec], meeting_sla)
+            .await;
+        World {
+            lab,
+            _db: db,
+            m,
+            prot,
+            rec,
+            vpg,
+        }
+    }
+
+    fn agents(&self) -> [&AgentProc; 2] {
+        [&self.prot, &self.rec]
+    }
+
+    /// Copies of the protected disks now, after a tagged checkpoint of a quiet moment.
+    async fn tagged_sources(&self, tag: &str) -> (i64, Vec<Vec<u8>>) {
+        wait_quiet(&self.prot).await;
+        let id = self.m.tag(&self.vpg, tag).await;
+        let mut out = Vec::new();
+        for vm in ["app", "db"] {
+            let p = self.lab.path(&format!("{vm}-{tag}.src"));
+            out.push(copy_export(&self.prot.nbd_url(vm), &p).await);
+        }
+        self.m.wait_recoverable(&self.vpg, id, &self.agents()).await;
+        (id, out)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let (st, v) = self.m.call("POST", path, Some(body)).await;
+        assert_eq!(st.as_u16(), 202, "{path}: {v}");
+        v
+    }
+
+    /// Waits for the operation's task to reach `state`.
+    async fn wait_task(&self, id: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let t = self.m.ok("GET", &format!("/api/v1/tasks/{id}"), None).await;
+            if t["state"] == state {
+                return t;
+            }
+            assert!(
+                t["state"] != "failed" || state == "failed",
+                "operation failed: {t:#}\n{}",
+                agent_logs(&self.agents(), 40)
+            );
+            assert!(
+                Instant::now() < deadline,
+                "task {id} never reached {state}: {t:#}\n{}\n{}",
+                tail(&self.m.stderr(), 40),
+                agent_logs(&self.agents(), 40)
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The recovered disks' NBD URLs at the recovery host, by source VM, from the task.
+    fn exports(&self, task: &Value) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for r in task["details"]["recovered"].as_array().unwrap() {
+            for vm in r["vms"].as_array().unwrap() {
+                for d in vm["disks"].as_array().unwrap() {
+                    out.push((
+                        vm["source_vm"].as_str().unwrap().to_string(),
+                        self.rec.nbd_url(d["export"].as_str().unwrap()),
+                    ));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+async fn write(agent: &AgentProc, export: &str, cmds: &[String]) {
+    let o = qemu_io(
+        &agent.nbd_url(export),
+        "none",
+        cmds,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_qemu_ok(&o);
+}
+
+async fn wait_quiet(agent: &AgentProc) {
+    agent
+        .wait_status("stream drained", &[], |s| {
+            s.protected.iter().all(|d| {
+                d.recovery_host.is_none()
+                    || (d.queued_records == 0 && d.sync.running.is_none() && !d.owes_sync)
+            })
+        })
+        .await;
+}
+
+async fn assert_recovered_equal(w: &World, task: &Value, sources: &[Vec<u8>], what: &str) {
+    let exports = w.exports(task);
+    assert_eq!(exports.len(), 2, "{task:#}");
+    for ((vm, url), src) in exports.iter().zip(sources) {
+        let got = copy_export(url, &w.lab.path(&format!("{vm}-{what}.rec"))).await;
+        assert!(
+            got == *src,
+            "{what}: recovered {vm} differs from its source at the checkpoint"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_test_then_failover_rollback_then_failover_commit() {
+    let _g = SERIAL.lock().await;
+    let w = World::new().await;
+    let (tagged, sources) = w.tagged_sources("before-test").await;
+    // Writes after the checkpoint: no recovery at `tagged` may show them.
+    for vm in ["app", "db"] {
+        write(&w.prot, vm, &["write -P 0x77 0 256k".into()]).await;
+    }
+
+    // --- Failover test from the tagged checkpoint.
+    let t = w
+        .post(
+            &format!("/api/v1/vpgs/{}/failover-test", w.vpg),
+            json!({"checkpoint": "tag:before-test", "notes": "quarterly"}),
+        )
+        .await;
+    let tid = t["id"].as_str().unwrap().to_string();
+    // A second operation is refused while one runs.
+    let (st, p) =
+        w.m.call(
+            "POST",
+            &format!("/api/v1/vpgs/{}/failover", w.vpg),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st.as_u16(), 409, "{p}");
+    assert_eq!(p["code"], "vpg.operation_running", "{p}");
+    let t = w.wait_task(&tid, "waiting").await;
+    assert_eq!(t["details"]["checkpoint_id"], tagged, "{t:#}");
+    let v = w.m.vpg(&w.vpg).await;
+    assert_eq!(v["sub_status"], "testing_failover", "{v}");
+    assert_recovered_equal(&w, &t, &sources, "test").await;
+    // Test VMs are named "<vm> - Test" and run at the recovery host.
+    let test_vm =
+        w.m.vm("app - Test")
+            .await
+            .expect("test VM in the inventory");
+    assert_eq!(test_vm["power_state"], "on", "{test_vm}");
+    // Guest writes in the test VM go to its scratch layer only.
+    let (_, url) = w.exports(&t)[0].clone();
+    let o = qemu_io(
+        &url,
+        "none",
+        &["write -P 0x5a 0 64k".into()],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_qemu_ok(&o);
+    // Protection goes on meanwhile.
+    write(&w.prot, "app", &["write -P 0x78 1M 64k".into()]).await;
+    w.post(
+        &format!("/api/v1/vpgs/{}/failover-test/stop", w.vpg),
+        json!({"result": "passed", "notes": "all good"}),
+    )
+    .await;
+    let t = w.wait_task(&tid, "succeeded").await;
+    assert!(
+        t["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "succeeded" || s["state"] == "skipped"),
+        "{t:#}"
+    );
+    assert!(
+        w.m.vm("app - Test").await.is_none() || {
+            // The inventory may lag a heartbeat behind.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            w.m.vm("app - Test").await.is_none()
+        },
+        "test VM removed"
+    );
+    let v = w.m.vpg(&w.vpg).await;
+    assert!(v["last_test_at"].is_string(), "the test is recorded: {v}");
+    let reports =
+        w.m.ok("GET", &format!("/api/v1/reports?vpg={}", w.vpg), None)
+            .await;
+    let r = &reports.as_array().unwrap()[0];
+    assert_eq!(r["kind"], "failover_test", "{r}");
+    assert_eq!(r["result"], "stopped", "{r}");
+    assert!(r["rto_ms"].as_u64().is_some(), "{r}");
+    assert!(r["notes"].as_str().unwrap().contains("all good"), "{r}");
+    w.m.wait_vpg(
+        &w.vpg,
+        "Meeting SLA after the test",
+        SLA_WAIT,
+        &w.agents(),
+        meeting_sla,
+    )
+    .await;
+
+    // --- Failover to the same checkpoint, then rollback: the originals run again and
+    // no write is lost.
+    let t = w
+        .post(
+            &format!("/api/v1/vpgs/{}/failover", w.vpg),
+            json!({"checkpoint": tagged.to_string()}),
+        )
+        .await;
+    let fid = t["id"].as_str().unwrap().to_string();
+    let t = w.wait_task(&fid, "waiting").await;
+    let v = w.m.vpg(&w.vpg).await;
+    assert_eq!(v["status"], "failing_over", "{v}");
+    assert_eq!(v["sub_status"], "failing_over_before_commit", "{v}");
+    assert_recovered_equal(&w, &t, &sources, "failover").await;
+    // The protected VMs are shut down and locked.
+    let app = w.m.vm("app").await.unwrap();
+    assert_eq!(app["power_state"], "off", "{app}");
+    w.post(&format!("/api/v1/vpgs/{}/rollback", w.vpg), json!({}))
+        .await;
+    w.wait_task(&fid, "succeeded").await;
+    let app = w.m.vm("app").await.unwrap();
+    assert_eq!(app["power_state"], "on", "the original runs again: {app}");
+    // Protection as before: a new write reaches a new recoverable checkpoint.
+    write(&w.prot, "db", &["write -P 0x79 2M 64k".into()]).await;
+    let (_, sources2) = w.tagged_sources("after-rollback").await;
+    w.m.wait_vpg(
+        &w.vpg,
+        "Meeting SLA after rollback",
+        SLA_WAIT,
+        &w.agents(),
+        meeting_sla,
+    )
+    .await;
+
+    // --- Failover from the latest checkpoint, then commit (no reverse protection).
+    let t = w
+        .post(
+            &format!("/api/v1/vpgs/{}/failover", w.vpg),
+            json!({"checkpoint": "tag:after-rollback"}),
+        )
+        .await;
+    let cid = t["id"].as_str().unwrap().to_string();
+    let t = w.wait_task(&cid, "waiting").await;
+    assert_recovered_equal(&w, &t, &sources2, "before-commit").await;
+    w.post(
+        &format!("/api/v1/vpgs/{}/commit", w.vpg),
+        json!({"reverse_protection": false}),
+    )
+    .await;
+    let t = w.wait_task(&cid, "succeeded").await;
+    w.m.wait_vpg(&w.vpg, "Recovered", SLA_WAIT, &w.agents(), |v| {
+        v["status"] == "recovered"
+    })
+    .await;
+    // The recovered VMs run on plain local disks of the recovery host, whose bytes are
+    // the checkpoint's.
+    let t2 = w.m.ok("GET", &format!("/api/v1/tasks/{cid}"), None).await;
+    assert_recovered_equal(&w, &t2, &sources2, "committed").await;
+    let reports =
+        w.m.ok("GET", &format!("/api/v1/reports?vpg={}", w.vpg), None)
+            .await;
+    let kinds: Vec<(&str, &str)> = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["kind"].as_str().unwrap(), r["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("failover", "committed"),
+            ("failover", "rolled_back"),
+            ("failover_test", "stopped")
+        ],
+        "{t:#}"
+    );
+}
