@@ -29,6 +29,7 @@ struct World {
     lab: Lab,
     _db: PgDb,
     m: ManagerProc,
+    token: String,
     prot: AgentProc,
     rec: AgentProc,
     vpg: String,
@@ -75,6 +76,7 @@ impl World {
             lab,
             _db: db,
             m,
+            token,
             prot,
             rec,
             vpg,
@@ -347,4 +349,134 @@ async fn failover_test_then_failover_rollback_then_failover_commit() {
         ],
         "{t:#}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_has_rpo_zero_and_rolls_back() {
+    let _g = SERIAL.lock().await;
+    let w = World::new().await;
+    // The last writes before the move: a move must carry them (RPO 0).
+    for vm in ["app", "db"] {
+        write(&w.prot, vm, &["write -P 0x6d 3M 128k".into()]).await;
+    }
+    let mut sources = Vec::new();
+    for vm in ["app", "db"] {
+        sources.push(copy_export(&w.prot.nbd_url(vm), &w.lab.path(&format!("{vm}.last"))).await);
+    }
+    // A checkpoint cannot be chosen for a move.
+    let (st, p) =
+        w.m.call(
+            "POST",
+            &format!("/api/v1/vpgs/{}/move", w.vpg),
+            Some(json!({"checkpoint": "latest"})),
+        )
+        .await;
+    assert_eq!(st.as_u16(), 422, "{p}");
+    let t = w
+        .post(&format!("/api/v1/vpgs/{}/move", w.vpg), json!({}))
+        .await;
+    let id = t["id"].as_str().unwrap().to_string();
+    let t = w.wait_task(&id, "waiting").await;
+    let v = w.m.vpg(&w.vpg).await;
+    assert_eq!(v["sub_status"], "moving_before_commit", "{v}");
+    let cp = w.m.checkpoints(&w.vpg, true).await;
+    let fin = cp
+        .iter()
+        .find(|c| c["tag"] == "move: final checkpoint")
+        .expect("final checkpoint");
+    assert_eq!(t["details"]["checkpoint_id"], fin["id"], "{t:#}");
+    assert_recovered_equal(&w, &t, &sources, "move").await;
+    // While a move waits, the locked originals refuse to start.
+    let app = w.m.vm("app").await.unwrap();
+    assert_eq!(app["power_state"], "off", "{app}");
+    w.post(&format!("/api/v1/vpgs/{}/rollback", w.vpg), json!({}))
+        .await;
+    w.wait_task(&id, "succeeded").await;
+    let app = w.m.vm("app").await.unwrap();
+    assert_eq!(app["power_state"], "on", "{app}");
+    let reports =
+        w.m.ok("GET", &format!("/api/v1/reports?vpg={}", w.vpg), None)
+            .await;
+    assert_eq!(reports[0]["kind"], "move");
+    assert_eq!(reports[0]["result"], "rolled_back");
+}
+
+/// The manager aborts at a step boundary (injected), is restarted, and the operation
+/// goes on to a consistent end: up before commit with the right bytes, then rolled
+/// back, every time; finally a commit interrupted before its promotion completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_killed_at_every_step_boundary_of_a_failover_resumes_it() {
+    let _g = SERIAL.lock().await;
+    let mut w = World::new().await;
+    let (tagged, sources) = w.tagged_sources("crash").await;
+    let _ = &w.token;
+    let boundaries = [
+        "prepare:after",
+        "bump_fencing:before",
+        "bump_fencing:after",
+        "shut_down_protected:after",
+        "recover:before",
+        "recover:after",
+        "power_on:after",
+    ];
+    for fault in boundaries {
+        w.m.stop().await;
+        w.m.env = vec![("BULWARK_FAULT_STEP".into(), fault.into())];
+        w.m.spawn().await;
+        w.m.wait_hosts_connected(&["prot", "rec"], &w.agents())
+            .await;
+        let t = w
+            .post(
+                &format!("/api/v1/vpgs/{}/failover", w.vpg),
+                json!({"checkpoint": tagged.to_string()}),
+            )
+            .await;
+        let id = t["id"].as_str().unwrap().to_string();
+        assert!(
+            w.m.wait_exit(Duration::from_secs(60)).await,
+            "{fault}: the manager did not abort"
+        );
+        w.m.env.clear();
+        w.m.spawn().await;
+        let t = w.wait_task(&id, "waiting").await;
+        assert_recovered_equal(&w, &t, &sources, fault).await;
+        w.post(&format!("/api/v1/vpgs/{}/rollback", w.vpg), json!({}))
+            .await;
+        w.wait_task(&id, "succeeded").await;
+        let app = w.m.vm("app").await.unwrap();
+        assert_eq!(app["power_state"], "on", "{fault}: {app}");
+        w.m.wait_vpg(&w.vpg, "Meeting SLA", SLA_WAIT, &w.agents(), meeting_sla)
+            .await;
+    }
+    // A commit killed before its promotion ends Recovered with the bytes of the
+    // checkpoint.
+    for fault in ["promote:before"] {
+        w.m.stop().await;
+        w.m.env = vec![("BULWARK_FAULT_STEP".into(), fault.into())];
+        w.m.spawn().await;
+        w.m.wait_hosts_connected(&["prot", "rec"], &w.agents())
+            .await;
+        let t = w
+            .post(
+                &format!("/api/v1/vpgs/{}/failover", w.vpg),
+                json!({"checkpoint": tagged.to_string()}),
+            )
+            .await;
+        let id = t["id"].as_str().unwrap().to_string();
+        w.wait_task(&id, "waiting").await;
+        w.post(&format!("/api/v1/vpgs/{}/commit", w.vpg), json!({}))
+            .await;
+        assert!(
+            w.m.wait_exit(Duration::from_secs(60)).await,
+            "{fault}: no abort"
+        );
+        w.m.env.clear();
+        w.m.spawn().await;
+        let t = w.wait_task(&id, "succeeded").await;
+        assert_recovered_equal(&w, &t, &sources, fault).await;
+        w.m.wait_vpg(&w.vpg, "Recovered", SLA_WAIT, &w.agents(), |v| {
+            v["status"] == "recovered"
+        })
+        .await;
+    }
 }

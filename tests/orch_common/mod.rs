@@ -85,6 +85,8 @@ pub struct ManagerProc {
     pub log: PathBuf,
     pub addr: String,
     pub admin_token: String,
+    /// Environment for the next (re)start, e.g. fault injection.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     http: reqwest::Client,
 }
@@ -100,6 +102,7 @@ impl ManagerProc {
             log: dir.join("manager.stderr.log"),
             addr: "127.0.0.1:0".into(),
             admin_token: String::new(),
+            env: Vec::new(),
             child: None,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -128,6 +131,7 @@ impl ManagerProc {
                 &self.db_url,
             ])
             .env_remove("BULWARK_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -174,6 +178,21 @@ impl ManagerProc {
 
     pub fn ws_url(&self) -> String {
         format!("ws://{}", self.addr)
+    }
+
+    /// Waits for the manager to exit by itself (an injected fault); true if it did.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().unwrap().is_some() {
+                    self.child = None;
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
     }
 
     pub async fn kill9(&mut self) {
