@@ -9,6 +9,7 @@ pub mod desired;
 pub mod membership;
 pub mod names;
 pub mod rpo_history;
+pub mod operations;
 pub mod settings;
 pub mod status;
 pub mod sync;

@@ -527,6 +527,11 @@ pub struct Task {
     pub steps: Vec<TaskStep>,
     pub current_step: u32,
     pub error: Option<String>,
+    /// Recovery operations: what each recovery host brought up (VMs, their disks' NBD
+    /// exports, scratch use), the checkpoint, the decision and the commit countdown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<serde_json::Value>,
     pub created_by: String,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -729,4 +734,114 @@ pub struct Problem {
     /// The offending input field, when one is to blame.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+}
+
+/// Body of `POST /api/v1/vpgs/{id}/failover-test`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverTestStart {
+    /// `latest` (default), `latest_tagged`, `latest_app_consistent`, `tag:NAME` or a
+    /// checkpoint id.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// Test only these member VMs (ids); all when absent or empty.
+    #[serde(default)]
+    pub vm_ids: Vec<String>,
+    /// The test is stopped by itself (with an alert) after this long. Default 8 hours.
+    #[serde(default)]
+    pub max_duration_secs: Option<u64>,
+    /// Guest writes the test VMs may make (in scratch layers). Default: a tenth of the
+    /// VPG's journal hard limit.
+    #[serde(default)]
+    pub scratch_budget_bytes: Option<u64>,
+    #[serde(default)]
+    pub notes: Option<String>,
+}
+
+/// Body of `POST /api/v1/vpgs/{id}/failover-test/stop`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverTestStop {
+    /// `passed` (default) or `failed`: the operator's verdict, kept in the report.
+    #[serde(default)]
+    pub result: Option<String>,
+    #[serde(default)]
+    pub notes: Option<String>,
+}
+
+/// What happens by itself once the VMs are up (failover and move).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitPolicyAction {
+    /// Wait for the operator.
+    #[default]
+    None,
+    Commit,
+    Rollback,
+}
+
+/// Body of `POST /api/v1/vpgs/{id}/failover` and `…/move`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverStart {
+    /// Failover only (a move always uses a new final checkpoint): `latest` (default),
+    /// `latest_tagged`, `tag:NAME` or a checkpoint id.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    #[serde(default)]
+    pub commit_policy: CommitPolicyAction,
+    /// Seconds before the commit policy acts.
+    #[serde(default)]
+    pub commit_after_secs: Option<u64>,
+    /// Reverse protection when committed by the policy (default: on for a move, off
+    /// for a failover).
+    #[serde(default)]
+    pub reverse_protection: Option<bool>,
+    /// Failover only: shut the protected VMs down first when their hosts answer
+    /// (default true).
+    #[serde(default)]
+    pub shut_down_protected: Option<bool>,
+    #[serde(default)]
+    pub notes: Option<String>,
+}
+
+/// Body of `POST /api/v1/vpgs/{id}/commit`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    /// Default: on for a move, off for a failover (or what the operation was started
+    /// with).
+    #[serde(default)]
+    pub reverse_protection: Option<bool>,
+}
+
+/// A recovery report: one per failover, failover test and move.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct RecoveryReportView {
+    pub id: String,
+    pub vpg_id: String,
+    pub vpg_name: String,
+    /// `failover_test`, `failover` or `move`.
+    pub kind: String,
+    /// `committed`, `committed_reverse_protected`, `rolled_back`, `stopped`,
+    /// `failed`.
+    pub result: String,
+    pub checkpoint_id: Option<u64>,
+    pub checkpoint_at: Option<DateTime<Utc>>,
+    pub created_by: String,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: DateTime<Utc>,
+    /// From the request to every recovered VM running, ms.
+    pub rto_ms: Option<u64>,
+    pub notes: String,
+    pub steps: Vec<TaskStep>,
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReportQuery {
+    pub vpg: Option<String>,
+    pub limit: Option<u64>,
 }

@@ -8,6 +8,7 @@ mod extract;
 mod inventory;
 mod live;
 mod meta;
+mod operations;
 mod records;
 mod tokens;
 mod vpgs;
@@ -51,6 +52,7 @@ pub struct AppState {
     tags(
         (name = "inventory", description = "Sites, hosts, VMs and disks"),
         (name = "vpgs", description = "Protection groups, their members and checkpoints"),
+        (name = "operations", description = "Failover test, failover, move, commit, rollback, pause, resume, force sync; recovery reports"),
         (name = "records", description = "Tasks, events and alerts"),
         (name = "access", description = "API tokens"),
         (name = "agents", description = "Enrolment tokens and the agents' control channel"),
@@ -111,6 +113,17 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(vpgs::update_member, vpgs::remove_member))
         .routes(routes!(vpgs::list_checkpoints, vpgs::create_checkpoint))
         .routes(routes!(vpgs::rpo_history))
+        .routes(routes!(operations::start_test))
+        .routes(routes!(operations::stop_test))
+        .routes(routes!(operations::failover))
+        .routes(routes!(operations::move_vpg))
+        .routes(routes!(operations::commit))
+        .routes(routes!(operations::rollback))
+        .routes(routes!(operations::pause))
+        .routes(routes!(operations::resume))
+        .routes(routes!(operations::force_sync))
+        .routes(routes!(operations::list_reports))
+        .routes(routes!(operations::get_report))
         .routes(routes!(records::list_tasks))
         .routes(routes!(records::get_task))
         .routes(routes!(records::list_events))

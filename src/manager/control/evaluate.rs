@@ -379,7 +379,7 @@ async fn evaluate_one(
         members: v.members.len(),
         members_needing_configuration: v.members.iter().filter(|m| m.needs_configuration).count(),
         members_not_protected,
-        operation: None,
+        operation: v.operation,
         paused: v.paused,
         sync,
         sync_pending,

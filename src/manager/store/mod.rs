@@ -8,6 +8,7 @@ mod control;
 pub mod entity;
 mod inventory;
 mod live;
+pub mod operations;
 mod records;
 mod rounds;
 pub mod rpo_history;

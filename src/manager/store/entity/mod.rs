@@ -8,6 +8,7 @@ pub mod enrolment_token;
 pub mod event;
 pub mod host;
 pub mod member;
+pub mod recovery_report;
 pub mod rpo_sample;
 pub mod site;
 pub mod task;
