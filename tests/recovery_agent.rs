@@ -620,3 +620,59 @@ async fn break_glass_cli_recovers_from_the_persisted_desired_state() {
     let _ = tokio::time::timeout(WAIT, served).await;
     shutdown(p).await;
 }
+
+/// A commit interrupted after its phase was recorded (a crash) is finished when the
+/// agent starts again: the VM is a local VM with the checkpoint's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_commit_is_finished_at_restart() {
+    let p = pair().await;
+    assert_qemu_ok(&qemu_write(&p.prot, DISK, &["write -P 0x11 0 1M"]).await);
+    let c1 = checkpoint(&p).await;
+    let dir = p._lab.path("out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let expected = copy_export(&url(&p.prot, DISK), &dir.join("src.raw")).await;
+    assert_qemu_ok(&qemu_write(&p.prot, DISK, &["write -P 0x33 0 256k"]).await);
+    let _ = checkpoint(&p).await;
+    p.rec_vms
+        .recoveries()
+        .recover(request("op-crash", c1, false, None))
+        .await
+        .unwrap();
+    let Pair {
+        _lab,
+        rec_cfg,
+        rec,
+        rec_vms,
+        prot,
+        ..
+    } = p;
+    prot.shutdown().await.unwrap();
+    drop(rec_vms);
+    rec.shutdown().await.unwrap();
+    drop(rec);
+    // The crash: the spec says "committing", nothing else happened yet.
+    let spec = rec_cfg.state_dir().join("recoveries").join("op-crash.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&spec).unwrap()).unwrap();
+    v["phase"] = "committing".into();
+    std::fs::write(&spec, serde_json::to_vec(&v).unwrap()).unwrap();
+
+    let (rec, hv) = start_agent(rec_cfg.clone()).await.unwrap();
+    let rec_vms = Arc::new(HostVms::new(hv, Arc::clone(&rec)));
+    rec_vms.recoveries().restored().await;
+    assert!(rec_vms.recoveries().reports().is_empty());
+    assert!(!spec.exists());
+    let vm = rec_vms
+        .inventory()
+        .vms
+        .into_iter()
+        .find(|v| v.name == DISK)
+        .unwrap();
+    assert!(rec_cfg.data_dir.join("disks").join("d0.d0.img").exists());
+    rec_vms.set_power(DISK, PowerState::On).await.unwrap();
+    let got = copy_export(&url(&rec, &vm.disks[0].export), &dir.join("c.raw")).await;
+    assert!(
+        got == expected,
+        "the finished commit differs from the checkpoint"
+    );
+    rec.shutdown().await.unwrap();
+}

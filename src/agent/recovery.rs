@@ -828,6 +828,20 @@ impl Recoveries {
                             d.disk.host, d.disk.disk_id, d.vm
                         )));
                     }
+                    // Only a commit resumed after a crash may find a disk without its
+                    // view (and then take a vanished checkpoint as committed).
+                    if let Some(d) = r.disks.iter().find(|d| {
+                        d.device
+                            .view
+                            .read()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .is_none()
+                    }) {
+                        return Err(RecoveryError::Busy(format!(
+                            "disk {} of VM {} could not be reopened at checkpoint {} after a restart: discard this recovery instead",
+                            d.disk.name, d.vm, lock(&r.spec).req.checkpoint
+                        )));
+                    }
                     let mut s = lock(&r.spec).clone();
                     s.phase = Phase::Committing;
                     self.persist(&s)?;
