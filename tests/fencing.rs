@@ -337,6 +337,16 @@ async fn seed_reverse_makes_the_old_disk_the_replica_and_the_delta_sync_sends_on
         .await
         .unwrap();
     assert!(again[0].already && again[0].replica == replica);
+    // A crash after the move, before the VM was removed: the restart recreated an
+    // empty image at the old path. Running the command again deletes it, moves nothing.
+    std::fs::write(&old_image, vec![0u8; SIZE as usize]).unwrap();
+    let again = prot
+        .seed_reverse("op-1", VPG, 2, std::slice::from_ref(&seed))
+        .await
+        .unwrap();
+    assert!(again[0].already, "{again:?}");
+    assert!(!old_image.exists(), "the recreated image is gone");
+    assert_eq!(std::fs::metadata(&replica).unwrap().len(), SIZE);
 
     // The recovered disk is protected back to the old host.
     rec.apply(&protect(3, "r1", 11, &prot, PROT, 2))
@@ -363,4 +373,37 @@ async fn seed_reverse_makes_the_old_disk_the_replica_and_the_delta_sync_sends_on
         &read_view(&j, ckpt, SIZE),
         &want,
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_vm_is_removed_from_the_simulated_hypervisor_once() {
+    use bulwark::agent::hypervisor::{HypervisorDriver, SimHypervisor, VmSpec};
+    use bulwark::proto::control::NewDisk;
+    let lab = Lab::new(&[]);
+    let cfg = AgentConfig::loopback(
+        lab.dir.path(),
+        PROT,
+        "[[disks]]\nname = 'bare'\nid = 1\nsize = '1 MiB'\n",
+        Some(lab.path("certs")),
+    )
+    .unwrap();
+    let hv = SimHypervisor::open(&cfg).unwrap();
+    hv.create_vm(&VmSpec {
+        name: "web".into(),
+        cpus: 1,
+        memory_mib: 512,
+        disks: vec![NewDisk {
+            name: "web-0".into(),
+            size_bytes: 1 << 20,
+        }],
+    })
+    .unwrap();
+    assert!(hv.remove_seeded_vm("web").unwrap());
+    assert!(!hv.remove_seeded_vm("web").unwrap(), "already gone");
+    // The configuration's VM would come back at the next start: refused.
+    assert!(hv.remove_seeded_vm("bare").is_err());
+    drop(hv);
+    let hv = SimHypervisor::open(&cfg).unwrap();
+    let names: Vec<String> = hv.inventory().vms.into_iter().map(|v| v.name).collect();
+    assert_eq!(names, vec!["bare".to_string()], "the removal was persisted");
 }

@@ -514,6 +514,7 @@ impl Sender {
             if changed {
                 d.spec.vpg_id = vpg_id.to_string();
                 d.spec.fencing_generation = fencing_generation;
+                d.fenced = false;
                 st.reconnect = true;
             }
             changed

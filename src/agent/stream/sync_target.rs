@@ -777,4 +777,30 @@ mod tests {
         assert_eq!(cell.get().replica, ReplicaState::Existing);
         assert!(old.join(SYNC_STATE_FILE).exists());
     }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn preseed_move_renames_the_image_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("old.img");
+        let content: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&image, &content).unwrap();
+        let storage = dir.path().join("replicas").join("new-host");
+        assert!(
+            preseed_move(&storage, 9, &image, 4096).is_err(),
+            "size checked first"
+        );
+        assert!(image.exists());
+        let replica = preseed_move(&storage, 9, &image, 8192).unwrap();
+        assert_eq!(replica, storage.join("disk-0000000000000009/replica.img"));
+        assert!(!image.exists(), "moved, not copied");
+        assert_eq!(std::fs::read(&replica).unwrap(), content);
+        let cell = SyncCell::load_or_init(replica.parent().unwrap()).unwrap();
+        assert_eq!(cell.get().replica, ReplicaState::PreSeeded);
+        // A second image for the same replica is refused and left where it is.
+        std::fs::write(&image, &content).unwrap();
+        let e = preseed_move(&storage, 9, &image, 8192).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        assert!(image.exists());
+    }
 }
