@@ -121,7 +121,9 @@ pub trait HypervisorDriver: Send + Sync + 'static {
     }
     /// Locks (or unlocks) a VM against power-on ("Prepared for planned failover").
     fn set_prepared(&self, _name: &str, _prepared: bool) -> Result<InventoryVm, HypervisorError> {
-        Err(HypervisorError::Unsupported("lock VMs for a planned failover"))
+        Err(HypervisorError::Unsupported(
+            "lock VMs for a planned failover",
+        ))
     }
     /// Reverse protection: removes a VM whose disks all became pre-seeded replicas
     /// (`SeedReverse`). `Ok(false)` if there is no such VM (already removed).
@@ -628,7 +630,10 @@ impl HypervisorDriver for SimHypervisor {
             if let Some(v) = s.vms.iter().find(|v| v.name == spec.name) {
                 let same = v.origin == Origin::Recovered
                     && v.disks.len() == spec.disks.len()
-                    && v.disks.iter().zip(&spec.disks).all(|(a, b)| a.name == b.name);
+                    && v.disks
+                        .iter()
+                        .zip(&spec.disks)
+                        .all(|(a, b)| a.name == b.name);
                 return if same {
                     Ok(v.inventory())
                 } else {
@@ -671,7 +676,11 @@ impl HypervisorDriver for SimHypervisor {
         let _ = self.events.send(event(
             "vm_created",
             &vm.name,
-            format!("recovered VM {} created with {} disk(s)", vm.name, vm.disks.len()),
+            format!(
+                "recovered VM {} created with {} disk(s)",
+                vm.name,
+                vm.disks.len()
+            ),
             serde_json::json!({ "recovered": true }),
         ));
         Ok(vm)
@@ -742,7 +751,10 @@ impl HypervisorDriver for SimHypervisor {
             Ok(true)
         })?;
         if removed {
-            tracing::info!(vm = name, "VM removed: its disks are reverse-protection seeds");
+            tracing::info!(
+                vm = name,
+                "VM removed: its disks are reverse-protection seeds"
+            );
             let _ = self.events.send(event(
                 "vm_removed",
                 name,

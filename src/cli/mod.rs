@@ -704,8 +704,9 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                     format!("--checkpoint: `latest` or a checkpoint id, not `{id}`")
                 })?),
             };
-            let r = crate::agent::recovery::break_glass_via_admin(&data_dir, &vpg, checkpoint, test)
-                .await?;
+            let r =
+                crate::agent::recovery::break_glass_via_admin(&data_dir, &vpg, checkpoint, test)
+                    .await?;
             println!(
                 "VPG {} recovered at checkpoint {} ({}), operation {}",
                 r.vpg,

@@ -430,12 +430,13 @@ mod tests {
         assert!(!initial_plan(O::Failover).contains(&Step::FinalCheckpoint));
         assert_eq!(initial_plan(O::FailoverTest).last(), Some(&Step::Testing));
         assert!(!initial_plan(O::FailoverTest).contains(&Step::BumpFencing));
-        let table: &[(
+        type Row = (
             O,
             Option<Decision>,
             Decision,
             Result<Vec<Step>, DecisionError>,
-        )] = &[
+        );
+        let table: &[Row] = &[
             (
                 O::FailoverTest,
                 None,
@@ -616,10 +617,7 @@ mod tests {
         assert!(r("99").unwrap_err().contains("does not exist"));
         assert!(CheckpointChoice::parse("tag:").is_err());
         assert!(CheckpointChoice::parse("yesterday").is_err());
-        assert_eq!(
-            choose_checkpoint(&CheckpointChoice::Latest, &[]).is_err(),
-            true
-        );
+        assert!(choose_checkpoint(&CheckpointChoice::Latest, &[]).is_err());
     }
 
     #[test]

@@ -1370,7 +1370,9 @@ impl Agent {
                 Ok(true) => tracing::info!(disk = %d.cfg.name, vpg = %w.vpg_id,
                     fencing_generation = w.fencing_generation, "fencing generation of the stream changed"),
                 Ok(false) => {}
-                Err(e) => tracing::warn!(disk = %d.cfg.name, error = %e, "cannot change the stream's fencing"),
+                Err(e) => {
+                    tracing::warn!(disk = %d.cfg.name, error = %e, "cannot change the stream's fencing")
+                }
             }
             let was = p.paused;
             p.paused = w.paused;

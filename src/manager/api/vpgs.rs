@@ -286,7 +286,9 @@ pub async fn rpo_history(
         Some(t) => t,
         None => until
             .checked_sub_signed(TimeDelta::hours(1))
-            .ok_or_else(|| ApiError::bad_request("request.invalid_time", "until is out of range"))?,
+            .ok_or_else(|| {
+                ApiError::bad_request("request.invalid_time", "until is out of range")
+            })?,
     };
     if since >= until {
         let mut a = ApiError::bad_request("request.invalid_range", "since must be before until");
