@@ -137,7 +137,7 @@ fn phase_of(o: &Operation) -> &'static str {
 }
 
 /// Checks shared by every operation's start: the VPG can be recovered now.
-fn check_recoverable(v: &OpVpg, kind: OperationKind) -> Result<(), StoreError> {
+fn check_recoverable(v: &OpVpg) -> Result<(), StoreError> {
     match v.lifecycle {
         Lifecycle::Protecting => {}
         Lifecycle::Creating => {
@@ -196,7 +196,6 @@ fn check_recoverable(v: &OpVpg, kind: OperationKind) -> Result<(), StoreError> {
             format!("a disk of VM `{}` was never reported by its host", m.vm),
         ));
     }
-    let _ = kind;
     Ok(())
 }
 
@@ -279,7 +278,7 @@ pub async fn start_test(
     req: FailoverTestStart,
 ) -> Result<Task, StoreError> {
     let v = cp.store.op_vpg(vpg_id).await?;
-    check_recoverable(&v, OperationKind::FailoverTest)?;
+    check_recoverable(&v)?;
     for id in &req.vm_ids {
         if !v.members.iter().any(|m| &m.vm_id == id) {
             return Err(invalid(
@@ -323,7 +322,7 @@ pub async fn start_failover(
     req: FailoverStart,
 ) -> Result<Task, StoreError> {
     let v = cp.store.op_vpg(vpg_id).await?;
-    check_recoverable(&v, kind)?;
+    check_recoverable(&v)?;
     let policy = match (req.commit_policy, req.commit_after_secs) {
         (CommitPolicyAction::None, _) => CommitPolicy::None,
         (CommitPolicyAction::Commit, Some(s)) => CommitPolicy::Commit { after_secs: s },
@@ -502,12 +501,7 @@ pub async fn decide(
     let lock = cp.ops.lock_of(&op_id);
     let _g = lock.lock().await;
     let mut o = cp.store.operation(&op_id).await?;
-    // The default reverse protection is the operation's (a move's is on).
-    let decision = match req.decision {
-        Decision::Commit { .. } if o.op.kind == OperationKind::FailoverTest => req.decision,
-        Decision::Commit { reverse_protection } => Decision::Commit { reverse_protection },
-        d => d,
-    };
+    let decision = req.decision;
     if o.state == "failed" {
         // Retry of the same decision after a step failed past the decision.
         if o.op.decision.map(|d| d.as_str()) == Some(decision.as_str()) {
