@@ -151,11 +151,13 @@ impl SyncState {
 
 /// Whether the checkpoint at `seq` may be recovered to, as far as syncs go.
 pub fn recoverable(state: &SyncState, seq: u64) -> bool {
-    if seq < state.floor_seq || state.holes.iter().any(|&(s, e)| s <= seq && seq <= e) {
+    // A sync's start seq is the last one assigned before its pass: a checkpoint with
+    // exactly that seq was placed before the pass wrote anything, so it stays whole.
+    if seq < state.floor_seq || state.holes.iter().any(|&(s, e)| s < seq && seq <= e) {
         return false;
     }
     match state.running {
-        Some(r) => keeps_earlier_checkpoints(r.kind) && seq < r.start_seq,
+        Some(r) => keeps_earlier_checkpoints(r.kind) && seq <= r.start_seq,
         None => true,
     }
 }
@@ -627,12 +629,14 @@ mod tests {
             (state(10, None, &[]), 9, false),
             (state(10, None, &[]), 10, true),
             (state(0, None, &[(5, 8)]), 4, true),
-            (state(0, None, &[(5, 8)]), 5, false),
+            (state(0, None, &[(5, 8)]), 5, true),
+            (state(0, None, &[(5, 8)]), 6, false),
             (state(0, None, &[(5, 8)]), 8, false),
             (state(0, None, &[(5, 8)]), 9, true),
             // Delta / Bitmap running: only earlier checkpoints, above the floor.
             (state(0, Some((Delta, 20)), &[]), 19, true),
-            (state(0, Some((Delta, 20)), &[]), 20, false),
+            (state(0, Some((Delta, 20)), &[]), 20, true),
+            (state(0, Some((Delta, 20)), &[]), 21, false),
             (state(0, Some((Bitmap, 20)), &[]), 25, false),
             (state(10, Some((Bitmap, 20)), &[]), 9, false),
             (state(0, Some((Delta, 20)), &[(5, 8)]), 6, false),
