@@ -1,7 +1,8 @@
 //! The desired state of every host, from configuration rows: which of its disks
 //! replicate (with their VPG, recovery host, pause, priority and resync policy), which
 //! recovery hosts it streams to (with each link's share of the site bandwidth limit), and
-//! which protected hosts may stream to it.
+//! which protected hosts may stream to it; and, for a recovery host, what it needs to
+//! bring each VPG up on its own when the manager is gone (break-glass recovery).
 //!
 //! Pure: the caller reads the rows, assigns versions and sends. Every host in the input
 //! gets an entry, an empty one when it has nothing to do, so a host whose protection was
@@ -11,12 +12,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::settings::{Priority, ResyncPolicy};
 use crate::model::status::Lifecycle;
-use crate::proto::control::{DesiredState, DiskProtection, PeerTarget};
+use crate::proto::control::{
+    DesiredState, DiskProtection, PeerTarget, RecoverDisk, RecoverVm, RecoveryVpg, RecoveryVpgVm,
+};
 
 /// A VPG as far as the desired state cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VpgRow {
     pub id: String,
+    pub name: String,
     pub lifecycle: Lifecycle,
     pub paused: bool,
     pub priority: Priority,
@@ -42,6 +46,19 @@ pub struct MemberRow {
     /// None: "needs configuration", nothing replicates.
     pub recovery_host: Option<String>,
     pub disks: Vec<DiskRow>,
+    /// How the VM comes up at its recovery host in a live recovery.
+    pub recovery: MemberRecovery,
+}
+
+/// A member's live-recovery settings, resolved (member over VPG defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberRecovery {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub network: Option<String>,
+    pub ip_address: Option<String>,
+    pub boot_group: u32,
+    pub boot_delay_secs: u64,
 }
 
 /// A host, its replication listener, its site and that site's bandwidth limit.
@@ -106,6 +123,7 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
     let mut peers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut accept: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut gaps = BTreeSet::new();
+    let mut break_glass: BTreeMap<(String, String), RecoveryVpg> = BTreeMap::new();
     for m in members {
         let Some(vpg) = vpgs.get(m.vpg_id.as_str()) else {
             gaps.insert(Gap::UnknownVpg {
@@ -133,6 +151,7 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
             continue;
         };
         let mut any = false;
+        let mut recover_disks = Vec::new();
         for d in &m.disks {
             let Some(disk_id) = d.disk_id else {
                 gaps.insert(Gap::DiskNotReported {
@@ -142,6 +161,11 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
                 continue;
             };
             any = true;
+            recover_disks.push(RecoverDisk {
+                host: m.protected_host.clone(),
+                disk_id,
+                name: d.name.clone(),
+            });
             out.hosts
                 .entry(m.protected_host.clone())
                 .or_default()
@@ -161,6 +185,29 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
         if !any {
             continue;
         }
+        let r = &m.recovery;
+        break_glass
+            .entry((recovery.clone(), vpg.id.clone()))
+            .or_insert_with(|| RecoveryVpg {
+                vpg_id: vpg.id.clone(),
+                name: vpg.name.clone(),
+                fencing_generation: vpg.fencing_generation,
+                vms: Vec::new(),
+            })
+            .vms
+            .push(RecoveryVpgVm {
+                vm: RecoverVm {
+                    name: m.vm.clone(),
+                    source_vm: m.vm.clone(),
+                    cpus: r.cpus,
+                    memory_mib: r.memory_mib,
+                    network: r.network.clone(),
+                    ip_address: r.ip_address.clone(),
+                    disks: recover_disks,
+                },
+                boot_group: r.boot_group,
+                boot_delay_secs: r.boot_delay_secs,
+            });
         peers
             .entry(m.protected_host.clone())
             .or_default()
@@ -219,6 +266,11 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
     for (host, from) in accept {
         out.hosts.entry(host).or_default().accept = from.into_iter().collect();
     }
+    for ((host, _), mut r) in break_glass {
+        r.vms
+            .sort_by(|a, b| (a.boot_group, &a.vm.name).cmp(&(b.boot_group, &b.vm.name)));
+        out.hosts.entry(host).or_default().recovery.push(r);
+    }
     for d in out.hosts.values_mut() {
         d.protect
             .sort_by(|a, b| (&a.vpg_id, &a.vm, a.disk_id).cmp(&(&b.vpg_id, &b.vm, b.disk_id)));
@@ -229,7 +281,11 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
 
 /// Whether two desired states ask for the same thing (versions aside).
 pub fn same_content(a: &DesiredState, b: &DesiredState) -> bool {
-    a.protect == b.protect && a.peers == b.peers && a.accept == b.accept && a.fencing == b.fencing
+    a.protect == b.protect
+        && a.peers == b.peers
+        && a.accept == b.accept
+        && a.fencing == b.fencing
+        && a.recovery == b.recovery
 }
 
 #[cfg(test)]
@@ -239,6 +295,7 @@ mod tests {
     fn vpg(id: &str, lifecycle: Lifecycle, paused: bool) -> VpgRow {
         VpgRow {
             id: id.into(),
+            name: format!("VPG {id}"),
             lifecycle,
             paused,
             priority: Priority::High,
@@ -267,6 +324,12 @@ mod tests {
                     name: n.to_string(),
                 })
                 .collect(),
+            recovery: MemberRecovery {
+                cpus: 2,
+                memory_mib: 1024,
+                boot_group: u32::from(vm.starts_with("db")),
+                ..Default::default()
+            },
         }
     }
 
@@ -334,6 +397,56 @@ mod tests {
         assert_eq!(accept, own(want.2), "{name}: accept");
         assert_eq!(got.gaps, gaps, "{name}: gaps");
         assert_eq!(got.hosts.len(), 4, "{name}: every host has an entry");
+    }
+
+    #[test]
+    fn recovery_hosts_keep_what_break_glass_recovery_needs() {
+        use Lifecycle::*;
+        let mut vpgs = vec![vpg("v", Protecting, false), vpg("gone", Recovered, false)];
+        vpgs[0].fencing_generation = 4;
+        let mut web = member("v", "web", "p1", Some("r1"), &[(Some(1), "root")]);
+        web.recovery.network = Some("dr-net".into());
+        web.recovery.ip_address = Some("10.9.0.20/24".into());
+        let members = vec![
+            // Boot group 1 ("db…"), listed first: the order comes from the boot groups.
+            member(
+                "v",
+                "db",
+                "p2",
+                Some("r1"),
+                &[(Some(9), "data"), (None, "new")],
+            ),
+            web,
+            member("v", "lonely", "p1", None, &[(Some(3), "root")]),
+            member("gone", "old", "p1", Some("r1"), &[(Some(5), "root")]),
+        ];
+        let got = desired_states(&vpgs, &members, &hosts());
+        let r1 = &got.hosts["r1"].recovery;
+        assert_eq!(r1.len(), 1, "only the replicating VPG: {r1:?}");
+        let v = &r1[0];
+        assert_eq!((v.vpg_id.as_str(), v.name.as_str()), ("v", "VPG v"));
+        assert_eq!(v.fencing_generation, 4);
+        let names: Vec<(&str, u32)> = v
+            .vms
+            .iter()
+            .map(|m| (m.vm.name.as_str(), m.boot_group))
+            .collect();
+        assert_eq!(names, vec![("web", 0), ("db", 1)]);
+        assert_eq!(v.vms[0].vm.network.as_deref(), Some("dr-net"));
+        assert_eq!(v.vms[0].vm.ip_address.as_deref(), Some("10.9.0.20/24"));
+        assert_eq!(
+            v.vms[1].vm.disks,
+            vec![RecoverDisk {
+                host: "p2".into(),
+                disk_id: 9,
+                name: "data".into()
+            }],
+            "an unreported disk has no journal to recover from"
+        );
+        assert!(got.hosts["p1"].recovery.is_empty());
+        let mut other = got.hosts["r1"].clone();
+        other.recovery[0].vms[0].boot_delay_secs = 30;
+        assert!(!same_content(&got.hosts["r1"], &other));
     }
 
     #[test]

@@ -405,6 +405,34 @@ pub fn recovered_name(vm: &str, test: bool) -> String {
     }
 }
 
+/// The network a recovered VM's NIC joins: the member's own choice, else the VPG's; the
+/// test network for a failover test, the failover network otherwise.
+pub fn recovery_network(
+    m: &crate::model::settings::MemberSettings,
+    s: &crate::model::settings::VpgSettings,
+    test: bool,
+) -> Option<String> {
+    if test {
+        m.test_network.clone().or_else(|| s.test_network.clone())
+    } else {
+        m.failover_network
+            .clone()
+            .or_else(|| s.failover_network.clone())
+    }
+}
+
+/// The address a recovered VM gets (`address/prefix`): its first re-IP setting on a live
+/// recovery; a test keeps the addresses on its isolated network.
+pub fn recovery_ip(m: &crate::model::settings::MemberSettings, test: bool) -> Option<String> {
+    if test {
+        return None;
+    }
+    m.nics
+        .iter()
+        .find_map(|n| n.reip.as_ref())
+        .map(|r| format!("{}/{}", r.address, r.prefix))
+}
+
 /// Boot groups in start order: VMs grouped by `boot_group` (lowest first), each group
 /// with the delay to wait after it started (the largest of its members').
 pub fn boot_order<T: Clone>(vms: &[(T, u32, u64)]) -> Vec<(Vec<T>, u64)> {

@@ -12,7 +12,9 @@ use super::StepError;
 use crate::manager::control::rounds::RoundRequest;
 use crate::manager::control::ControlPlane;
 use crate::manager::store::operations::{OpMember, OpVpg, Operation};
-use crate::model::operations::{boot_order, recovered_name, OperationKind, Step};
+use crate::model::operations::{
+    boot_order, recovered_name, recovery_ip, recovery_network, OperationKind, Step,
+};
 use crate::model::settings::VpgSettings;
 use crate::proto::control::{
     CheckpointKind, Command, CommandBody, RecoverDisk, RecoverVm, RecoveryEnd, RecoveryReport,
@@ -278,38 +280,14 @@ async fn final_checkpoint(cp: &Arc<ControlPlane>, o: &mut Operation) -> Result<S
     }
 }
 
-fn network(o: &Operation, m: &OpMember, s: &VpgSettings) -> Option<String> {
-    if is_test(o) {
-        m.settings
-            .test_network
-            .clone()
-            .or_else(|| s.test_network.clone())
-    } else {
-        m.settings
-            .failover_network
-            .clone()
-            .or_else(|| s.failover_network.clone())
-    }
-}
-
 fn recover_vm(o: &Operation, m: &OpMember, s: &VpgSettings) -> RecoverVm {
     RecoverVm {
         name: recovered_name(&m.vm, is_test(o)),
         source_vm: m.vm.clone(),
         cpus: m.cpus,
         memory_mib: m.memory_mib,
-        network: network(o, m, s),
-        // Re-IP applies to a live recovery; a test keeps the addresses on its isolated
-        // network.
-        ip_address: if is_test(o) {
-            None
-        } else {
-            m.settings
-                .nics
-                .iter()
-                .find_map(|n| n.reip.as_ref())
-                .map(|r| format!("{}/{}", r.address, r.prefix))
-        },
+        network: recovery_network(&m.settings, s, is_test(o)),
+        ip_address: recovery_ip(&m.settings, is_test(o)),
         disks: m
             .disks
             .iter()

@@ -11,9 +11,10 @@ use super::inventory::{check_inventory, check_text};
 use super::tokens::hash_secret;
 use super::vpgs::lifecycle_of;
 use super::{finish_page, new_id, now, page_limit, u64_of, Actor, NewEvent, Store, StoreError};
-use crate::model::desired::{DiskRow, HostRow, MemberRow, VpgRow};
+use crate::model::desired::{DiskRow, HostRow, MemberRecovery, MemberRow, VpgRow};
 use crate::model::names::Name;
-use crate::model::settings::VpgSettings;
+use crate::model::operations::{recovery_ip, recovery_network};
+use crate::model::settings::{MemberSettings, VpgSettings};
 use crate::model::ValidationError;
 use crate::proto::api::{
     Connectivity, EnrolmentToken, EnrolmentTokenCreate, EnrolmentTokenCreated, Page, PageQuery,
@@ -521,6 +522,7 @@ impl Store {
             .iter()
             .map(|h| (h.id.clone(), h.name.clone()))
             .collect();
+        let mut vpg_settings: HashMap<String, VpgSettings> = HashMap::new();
         let vpgs = vpg::Entity::find()
             .all(&self.db)
             .await?
@@ -529,7 +531,8 @@ impl Store {
                 // A settings document that no longer parses falls back to the defaults
                 // rather than stopping every host's reconciliation.
                 let s: VpgSettings = serde_json::from_value(v.settings).unwrap_or_default();
-                VpgRow {
+                let row = VpgRow {
+                    name: v.name,
                     lifecycle: lifecycle_of(&v.lifecycle),
                     paused: v.paused,
                     priority: s.priority,
@@ -541,7 +544,9 @@ impl Store {
                         .and_then(crate::model::status::OperationPhase::parse)
                         .is_some_and(|p| p.stops_protection()),
                     id: v.id,
-                }
+                };
+                vpg_settings.insert(row.id.clone(), s);
+                row
             })
             .collect();
         let members = member::Entity::find().all(&self.db).await?;
@@ -569,7 +574,17 @@ impl Store {
             .into_iter()
             .filter_map(|m| {
                 let v = vms.get(&m.vm_id)?;
+                let ms: MemberSettings = serde_json::from_value(m.settings).unwrap_or_default();
+                let vs = vpg_settings.get(&m.vpg_id).cloned().unwrap_or_default();
                 Some(MemberRow {
+                    recovery: MemberRecovery {
+                        cpus: u32::try_from(v.cpus).unwrap_or(1),
+                        memory_mib: u64_of(v.memory_mib),
+                        network: recovery_network(&ms, &vs, false),
+                        ip_address: recovery_ip(&ms, false),
+                        boot_group: ms.boot_group,
+                        boot_delay_secs: u64::from(ms.boot_delay_secs),
+                    },
                     vpg_id: m.vpg_id,
                     vm: v.name.clone(),
                     protected_host: host_names.get(&v.host_id)?.clone(),
