@@ -1,6 +1,13 @@
 // Browser test of the Bulwark web console, started by tests/console.rs against a running
 // `bulwark demo`. Env: BULWARK_URL (manager base URL), BULWARK_TOKEN (admin token),
-// CHROMIUM (default /usr/bin/chromium), ARTIFACTS (directory for screenshots on failure).
+// CHROMIUM (default /usr/bin/chromium), ARTIFACTS (directory for screenshots: the
+// operation dialog, a running failover test, and the pages at a failure).
+//
+// Recovery operations: as the admin, a failover test is started from the VPG page's
+// dialog (Esc cancels it first; a 409 from the manager is shown in it), the page shows it
+// testing with its steps, progress, countdown and recovered VMs as REST has them; it is
+// stopped from the page, the VPG is back to Meeting SLA and the "failover_test" report is
+// listed and opened. The viewer sees no operation button.
 //
 // The browser reaches the manager through a small TCP proxy in this process, so the test
 // can cut the network under the page (the live stream drops) and bring it back.
@@ -248,6 +255,102 @@ try {
     log(`    RPO history: ${await page.locator('#rpo-chart svg.chart').count() ? 'chart drawn' : 'endpoint not there yet ("No RPO history yet.")'}`);
   });
 
+  await step('recovery operations: failover test started and stopped from the console', async () => {
+    // Still on ny-to-london's page (the previous step).
+    const members = (await get(`/vpgs/${ny.id}`)).members;
+    const testBtn = page.locator('#vpg-ops #op-test');
+    await testBtn.and(page.locator(':enabled')).waitFor();
+    for (const b of ['#op-failover', '#op-move', '#op-pause', '#op-force-sync']) {
+      assert(await page.locator(`#vpg-ops ${b}`).count() === 1, `button ${b} shown to the admin`);
+    }
+    assert(await page.locator('#vpg-ops #op-stop-test, #vpg-ops #op-commit, #vpg-ops #op-rollback').count() === 0,
+      'no Stop test / Commit / Rollback while nothing runs');
+
+    // The dialog: labelled, Esc cancels and gives the focus back to the button.
+    const testTasks = async () => (await get(`/tasks?vpg=${ny.id}&limit=200`)).items.filter((t) => t.kind === 'failover_test').length;
+    const before = await testTasks();
+    await testBtn.click();
+    const dlg = page.getByRole('dialog', { name: 'Test failover of ny-to-london' });
+    await dlg.waitFor();
+    await dlg.getByLabel('Checkpoint').waitFor();
+    await until('recoverable checkpoints in the picker', async () => (await dlg.locator('select[name=checkpoint] optgroup option').count()) > 0);
+    assert(await dlg.getByLabel('web-01').isChecked(), 'every VM is tested by default');
+    await page.screenshot({ path: path.join(ARTIFACTS, 'ops-dialog.png') });
+    await page.keyboard.press('Escape');
+    await dlg.waitFor({ state: 'detached' });
+    assert(await page.evaluate(() => document.activeElement?.id) === 'op-test', 'focus back on Test failover after Esc');
+    assert(await testTasks() === before, 'Esc started nothing');
+
+    // The manager's refusal is shown in the dialog: a test started elsewhere meanwhile.
+    await testBtn.click();
+    await dlg.waitFor();
+    const other = await rest('POST', `/vpgs/${ny.id}/failover-test`, { notes: 'started behind the dialog' });
+    await dlg.getByRole('button', { name: 'Start test' }).click();
+    const problem = dlg.locator('.problem[role=alert]');
+    await problem.waitFor();
+    assert((await problem.getAttribute('data-code')) === 'vpg.operation_running', `problem code ${await problem.getAttribute('data-code')}`);
+    await dlg.getByRole('button', { name: 'Cancel' }).click();
+    await dlg.waitFor({ state: 'detached' });
+    await until('the other test to be testing', async () => (await get(`/tasks/${other.id}`)).state === 'waiting', 30_000);
+    await rest('POST', `/vpgs/${ny.id}/failover-test/stop`, {});
+    await until('the other test to end', async () => (await get(`/tasks/${other.id}`)).finished_at, 30_000);
+    await testBtn.and(page.locator(':enabled')).waitFor({ timeout: 20_000 });
+
+    // Start from the console: the VPG reaches the test state, the progress shows live.
+    await testBtn.click();
+    await dlg.waitFor();
+    await dlg.getByLabel('Checkpoint').selectOption('latest');
+    await dlg.getByLabel('Notes').fill(`console test ${stamp}`);
+    await dlg.getByRole('button', { name: 'Start test' }).click();
+    await dlg.waitFor({ state: 'detached' });
+    const panel = page.locator('#op-progress[data-kind=failover_test]');
+    await panel.waitFor();
+    const taskId = await panel.getAttribute('data-task');
+    assert(taskId && taskId !== other.id, `a new task ${taskId}`);
+    await page.locator('#op-progress[data-state=waiting]').waitFor({ timeout: 30_000 });
+    await page.locator('#vpg-status .substatus[data-sub-status=testing_failover]').waitFor({ timeout: 20_000 });
+    const task = await get(`/tasks/${taskId}`);
+    assert(task.state === 'waiting' && task.kind === 'failover_test', `REST task ${task.state} ${task.kind}`);
+    const rows = await page.$$eval('#op-steps li', (lis) => lis.map((li) => [li.dataset.step, li.dataset.state]));
+    assert(JSON.stringify(rows) === JSON.stringify(task.steps.map((st) => [st.name, st.state])), `steps as REST: ${JSON.stringify(rows)}`);
+    const pct = Number(await page.locator('#op-progress [role=progressbar]').getAttribute('aria-valuenow'));
+    assert(pct === Math.round(task.progress), `progress ${pct} = ${task.progress}`);
+    await page.locator('#op-countdown', { hasText: 'stops by itself' }).waitFor();
+    await until('the recovered VMs listed', async () => (await page.locator('#op-recovered li').count()) === members.length);
+    assert(await page.locator('#op-recovered li', { hasText: 'web-01 - Test' }).count() === 1, 'web-01 - Test recovered');
+    for (const b of ['#op-failover', '#op-move', '#op-pause', '#op-force-sync']) {
+      assert(await page.locator(`#vpg-ops ${b}`).isDisabled(), `${b} disabled while the test runs`);
+    }
+    await page.screenshot({ path: path.join(ARTIFACTS, 'ops-test-running.png'), fullPage: true });
+
+    // Stop from the console: back to Meeting SLA, and a failover_test report.
+    await page.locator('#vpg-ops #op-stop-test').click();
+    const stopDlg = page.getByRole('dialog', { name: 'Stop the failover test of ny-to-london' });
+    await stopDlg.getByLabel('Passed').check();
+    await stopDlg.getByRole('button', { name: 'Stop test' }).click();
+    await stopDlg.waitFor({ state: 'detached' });
+    await page.locator(`#op-progress[data-task="${taskId}"][data-state=succeeded]`).waitFor({ timeout: 30_000 });
+    await until('ny-to-london Meeting SLA again, no test', async () => {
+      const st = await page.locator('#vpg-status .badge').first().getAttribute('data-status');
+      const sub = await page.locator('#vpg-status .substatus').count();
+      return st === 'meeting_sla' && sub === 0;
+    }, 30_000);
+    await testBtn.and(page.locator(':enabled')).waitFor();
+    const row = page.locator('#vpg-report-table tr[data-kind=failover_test][data-result=stopped]').first();
+    await row.waitFor();
+    const reports = await get(`/reports?vpg=${ny.id}`);
+    const mine = reports.find((r) => r.details?.operation === taskId);
+    assert(mine && mine.kind === 'failover_test' && mine.result === 'stopped' && mine.details.test_result === 'passed', `REST report ${JSON.stringify(mine)?.slice(0, 200)}`);
+    await page.locator(`#vpg-report-table tr[data-report="${mine.id}"]`).waitFor();
+    // The report's detail: each step with its timing.
+    await page.locator(`#vpg-report-table tr[data-report="${mine.id}"] a`).click();
+    await page.locator(`#report-detail[data-report="${mine.id}"]`).waitFor();
+    assert(await page.locator('#report-steps tbody tr').count() === mine.steps.length, 'every step of the report');
+    assert(/console test/.test(await page.locator('#report-detail').textContent()), 'the notes');
+    await page.getByRole('link', { name: 'Reports', exact: true }).click();
+    await page.locator(`#report-table tr[data-report="${mine.id}"]`).waitFor();
+  });
+
   const vpgName = `console-vpg-${stamp}`;
   await step('wizard: the API\'s validation message, then a valid VPG', async () => {
     await page.goto(`${URL_}#/vpgs/new`);
@@ -314,6 +417,10 @@ try {
     await vp.locator('#vm-table').waitFor();
     assert(await vp.locator('#tag-form').count() === 0, 'no tag form');
     assert(await vp.locator('#edit-vpg').count() === 0, 'no Edit');
+    await vp.locator('#vpg-report-table, #vpg-report-table-empty').first().waitFor();
+    assert(await vp.locator('#vpg-ops button').count() === 0, 'no operation buttons');
+    assert(await vp.locator('dialog, #op-progress button').count() === 0, 'no operation dialog or control');
+    await vp.locator('#vpg-report-table tr[data-kind=failover_test]').first().waitFor();
     await vp.goto(`${URL_}#/alerts`);
     await vp.locator(`#alert-table tr[data-alert="${alert.id}"]`).waitFor();
     assert(await vp.locator('button.ack').count() === 0, 'no Acknowledge');
@@ -350,7 +457,7 @@ try {
     const np = await newPage({ width: 390, height: 800 });
     await signIn(np, TOKEN);
     await np.locator('#role').waitFor();
-    for (const hash of ['#/', '#/vpgs', `#/vpgs/${ny.id}`, '#/vpgs/new', '#/alerts', '#/events']) {
+    for (const hash of ['#/', '#/vpgs', `#/vpgs/${ny.id}`, '#/vpgs/new', '#/alerts', '#/events', '#/reports']) {
       await np.goto(`${URL_}${hash}`);
       await np.locator('#stream-state[data-state=live]').waitFor();
       await np.waitForTimeout(700);

@@ -7,6 +7,8 @@
 //   dom.js         element builder, focus-keeping re-render, number/time formats
 //   components.js  status badges, sparkline and line chart (inline SVG), progress bar,
 //                  problem box
+//   ops.js         recovery operations: buttons, confirmation dialogs, live progress,
+//                  recovery report tables
 //   pages/*.js     one module per page: mount(root, ctx, params) -> { update(store), unmount() }
 
 import { api, getToken, setToken, ApiError } from './api.js';
@@ -20,6 +22,7 @@ import * as vpgDetail from './pages/vpg.js';
 import * as wizard from './pages/wizard.js';
 import * as alerts from './pages/alerts.js';
 import * as events from './pages/events.js';
+import * as reports from './pages/reports.js';
 
 const ROLE_RANK = { viewer: 0, operator: 1, admin: 2 };
 
@@ -31,6 +34,8 @@ const routes = [
   { re: /^\/vpgs\/([^/]+)$/, page: vpgDetail, nav: 'vpgs', keys: ['id'] },
   { re: /^\/alerts$/, page: alerts, nav: 'alerts' },
   { re: /^\/events$/, page: events, nav: 'events' },
+  { re: /^\/reports$/, page: reports, nav: 'reports' },
+  { re: /^\/reports\/([^/]+)$/, page: reports, nav: 'reports', keys: ['id'] },
 ];
 
 const view = document.getElementById('view');

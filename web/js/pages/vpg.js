@@ -1,11 +1,13 @@
 // VPG detail: header (status, RPO, the place for operations), VMs with their replication
 // state and per-disk lag, settings, checkpoint timeline with tagging, RPO history chart,
-// tasks, alerts and events of this VPG.
+// tasks, alerts and events of this VPG; recovery operations (buttons, dialogs, live
+// progress) and the VPG's recovery reports.
 
 import { api, listPage, ApiError } from '../api.js';
 import { h, replace, fmtSecs, fmtBytes, fmtTime, fmtAgo, field } from '../dom.js';
 import { label } from '../lookups.js';
 import { statusBadge, replicationBadge, sparkline, lineChart, progressBar, problemBox } from '../components.js';
+import { createOps, activeOperation, latestOperation, progressPanel, Countdowns, reportTable, fraction, taskStateWord, kindWord } from '../ops.js';
 
 /**
  * Parses the manager's Prometheus text for per-disk lag, queued bytes and the progress of
@@ -52,6 +54,34 @@ export function mount(root, ctx, { id }) {
   const alertsSection = h('div', {});
   const eventsSection = h('div', {});
   const loadErr = h('div', {});
+  const opSlot = h('div', { id: 'op-slot' });
+  const opsStatus = h('p', { class: 'muted ops-status', role: 'status', id: 'ops-status' });
+  const reportsSection = h('div', { id: 'vpg-reports' });
+  const countdowns = new Countdowns();
+  let reports = null;
+  let lastFinished = null; // finished_at of the newest recovery task seen, to reload reports
+  const DONE_WORDS = {
+    'failover-test': 'Failover test started.',
+    'stop-test': 'Stopping the failover test.',
+    failover: 'Failover started.',
+    move: 'Move started.',
+    commit: 'Commit started.',
+    rollback: 'Rollback started.',
+    pause: 'Protection paused.',
+    resume: 'Protection resumed.',
+    'force-sync': 'Force sync requested.',
+  };
+  const ops = createOps(ctx, id, {
+    getVpg: () => vpgNow(),
+    getDetail: () => detail,
+    onDone(kind, result) {
+      // Show the answer at once; the stream brings the rest.
+      if (result?.steps && result.id) store.tasks.set(result.id, result);
+      else if (result?.id === id && result.status) store.vpgs.set(id, { ...(store.vpgs.get(id) || {}), ...result });
+      opsStatus.textContent = `${DONE_WORDS[kind] || 'Done.'}${result?.steps ? ` Task ${result.id}.` : ''}`;
+      renderLive();
+    },
+  });
 
   // Tagging form (static, so typing is never interrupted by live updates).
   const tagIn = h('input', { id: 'tag-name', name: 'tag', maxlength: 64, required: true, autocomplete: 'off' });
@@ -88,11 +118,13 @@ export function mount(root, ctx, { id }) {
     h('option', { value: '3600' }, 'Last hour'), h('option', { value: '86400' }, 'Last day'));
   rangeSel.addEventListener('change', () => { range = Number(rangeSel.value); loadHistory(); });
 
-  replace(root, head, loadErr, summary,
+  replace(root, head, opsStatus, loadErr, opSlot, summary,
     h('section', { 'aria-labelledby': 's-vms' }, h('h2', { id: 's-vms' }, 'VMs'), vmSection),
     h('section', { 'aria-labelledby': 's-cp' }, h('h2', { id: 's-cp' }, 'Checkpoints'), tagForm, cpSection),
     h('section', { 'aria-labelledby': 's-rpo' }, h('div', { class: 'section-head' }, h('h2', { id: 's-rpo' }, 'RPO history'),
       field('Range', rangeSel)), chartSection),
+    h('section', { 'aria-labelledby': 's-reports' }, h('div', { class: 'section-head' }, h('h2', { id: 's-reports' }, 'Recovery reports'),
+      h('a', { href: '#/reports' }, 'All reports')), reportsSection),
     h('section', { 'aria-labelledby': 's-tasks' }, h('h2', { id: 's-tasks' }, 'Tasks'), tasksSection),
     h('section', { 'aria-labelledby': 's-alerts' }, h('h2', { id: 's-alerts' }, 'Open alerts'), alertsSection),
     h('section', { 'aria-labelledby': 's-settings' }, h('h2', { id: 's-settings' }, 'Settings'), settingsSection),
@@ -111,6 +143,16 @@ export function mount(root, ctx, { id }) {
     } catch (err) {
       replace(loadErr, problemBox(err));
     }
+  }
+
+  async function loadReports() {
+    try {
+      reports = await api(`/reports?vpg=${encodeURIComponent(id)}&limit=20`);
+    } catch (err) {
+      if (!gone) replace(reportsSection, problemBox(err));
+      return;
+    }
+    if (!gone) replace(reportsSection, reportTable(reports, { id: 'vpg-report-table', href: (r) => `#/reports/${r.id}` }));
   }
 
   async function loadMetrics() {
@@ -186,8 +228,8 @@ export function mount(root, ctx, { id }) {
       h('div', {}, h('p', { class: 'crumbs' }, h('a', { href: '#/vpgs' }, 'VPGs'), ' / '),
         h('h1', { id: 'vpg-name' }, v.name), h('div', { id: 'vpg-status' }, statusBadge(v), v.paused ? h('span', { class: 'badge warn' }, 'paused') : null)),
       h('div', { class: 'head-actions' },
-        // Operations (failover test, failover, move, commit, rollback) will live here.
-        h('div', { class: 'ops', id: 'vpg-ops', role: 'group', 'aria-label': 'Operations' }),
+        h('div', { class: 'ops', id: 'vpg-ops', role: 'group', 'aria-label': 'Operations' },
+          ops.buttons(v, activeOperation(store, id))),
         ctx.can('admin') ? h('a', { class: 'button', href: `#/vpgs/${id}/edit`, id: 'edit-vpg' }, 'Edit') : null));
   }
 
@@ -267,7 +309,7 @@ export function mount(root, ctx, { id }) {
       'aria-label': `${list.length} checkpoints from ${fmtTime(list[0].taken_at)} to ${fmtTime(list[list.length - 1].taken_at)}; ${list.filter((c) => c.recoverable).length} recoverable` },
     list.map((c) => h('span', { class: `tick ${c.recoverable ? 'rec' : 'unrec'} ${c.tag ? 'tagged' : ''}`, style: `left:${pos(c).toFixed(2)}%`,
       title: `${fmtTime(c.taken_at)} ${label('checkpoint_kinds', c.kind)}${c.tag ? ` “${c.tag}”` : ''}${c.recoverable ? '' : ' (not recoverable)'}` },
-    c.tag ? h('span', { class: 'tag' }, c.tag) : null)));
+    c.tag ? h('span', { class: `tag ${pos(c) > 80 ? 'end' : pos(c) < 20 ? 'start' : ''}` }, c.tag) : null)));
     const rows = [...(tagged || []), ...checkpoints.slice(0, 12)];
     const seen = new Set();
     const shown = rows.filter((c) => (seen.has(c.id) ? false : seen.add(c.id))).sort((a, b) => Date.parse(b.taken_at) - Date.parse(a.taken_at));
@@ -289,7 +331,7 @@ export function mount(root, ctx, { id }) {
     const tasks = [...store.tasks.values()].filter((t) => t.vpg_id === id)
       .sort((a, b) => Date.parse(b.created_at) - Date.parse(a.created_at)).slice(0, 10);
     replace(tasksSection, tasks.length ? h('ul', { class: 'tasks' }, tasks.map((t) => h('li', { dataset: { task: t.id } },
-      h('strong', {}, t.kind), ` ${label('task_states', t.state)} `, progressBar(t.progress, `${t.kind} progress`),
+      h('strong', {}, kindWord(t.kind)), ` ${t.finished_at ? label('task_states', t.state) : taskStateWord(t)} `, progressBar(fraction(t.progress), `${t.kind} progress`),
       t.steps[t.current_step] ? h('span', { class: 'muted' }, ` ${t.steps[t.current_step].name}`) : null,
       t.error ? h('span', { class: 'bad-text' }, ` ${t.error}`) : null)))
       : h('p', { class: 'muted' }, 'No recent task for this VPG.'));
@@ -312,8 +354,23 @@ export function mount(root, ctx, { id }) {
       : h('p', { class: 'muted' }, 'No event.'));
   }
 
+  /** The running operation, or the last one for five minutes after it ended. */
+  function renderOperation() {
+    let t = activeOperation(store, id);
+    const last = latestOperation(store, id);
+    if (!t && last?.finished_at && Date.now() - Date.parse(last.finished_at) < 300_000) t = last;
+    // A recovery task that ended has written its report: list it.
+    if (store.hasSnapshot) {
+      const key = last?.finished_at ? `${last.id}@${last.finished_at}` : '';
+      if (lastFinished !== null && key !== lastFinished) loadReports();
+      lastFinished = key;
+    }
+    replace(opSlot, t ? h('section', { 'aria-labelledby': 's-op' }, progressPanel(t, countdowns)) : null);
+  }
+
   function renderLive() {
     renderHead();
+    renderOperation();
     renderSummary();
     renderVms();
     renderTasks();
@@ -327,7 +384,13 @@ export function mount(root, ctx, { id }) {
   every(loadCheckpoints, 5000);
   every(loadHistory, 15000);
   loadEvents();
+  loadReports();
   renderLive();
+  // The countdown of a commit policy or a test's time box ticks between stream frames.
+  timers.push(setInterval(() => {
+    const t = activeOperation(store, id);
+    if (t?.details?.countdown_secs !== null && t?.details?.countdown_secs !== undefined) renderOperation();
+  }, 1000));
 
   return {
     update(s) {
