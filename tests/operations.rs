@@ -43,14 +43,20 @@ impl World {
         let db = PgDb::new().await;
         let m = ManagerProc::start(lab.dir.path(), &db.url, MANAGER).await;
         let token = m.enrolment_token().await;
-        let vms = [VmDef::new("app", 1, SIZE), VmDef::new("db", 2, SIZE)];
+        // `web` stays out of the VPG unless a test protects it in a VPG of its own.
+        let vms = [
+            VmDef::new("app", 1, SIZE),
+            VmDef::new("db", 2, SIZE),
+            VmDef::new("web", 3, SIZE),
+        ];
         let prot = start_managed(
             &lab,
             &m,
             &token,
             "prot",
             "prod",
-            false,
+            // A data listener: reverse protection streams back to it.
+            true,
             &vms,
             PROTECTED_EXTRA,
         )
@@ -131,13 +137,18 @@ impl World {
 
     /// The recovered disks' NBD URLs at the recovery host, by source VM, from the task.
     fn exports(&self, task: &Value) -> Vec<(String, String)> {
+        self.exports_at(&self.rec, task)
+    }
+
+    /// The recovered disks' NBD URLs at `host`, by source VM, from the task.
+    fn exports_at(&self, host: &AgentProc, task: &Value) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for r in task["details"]["recovered"].as_array().unwrap() {
             for vm in r["vms"].as_array().unwrap() {
                 for d in vm["disks"].as_array().unwrap() {
                     out.push((
                         vm["source_vm"].as_str().unwrap().to_string(),
-                        self.rec.nbd_url(d["export"].as_str().unwrap()),
+                        host.nbd_url(d["export"].as_str().unwrap()),
                     ));
                 }
             }
@@ -478,5 +489,289 @@ async fn manager_killed_at_every_step_boundary_of_a_failover_resumes_it() {
             v["status"] == "recovered"
         })
         .await;
+    }
+}
+
+/// The bytes behind each export (in the order given).
+async fn read_all(w: &World, exports: &[(String, String)], what: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (vm, url) in exports {
+        out.push(copy_export(url, &w.lab.path(&format!("{vm}-{what}.raw"))).await);
+    }
+    out
+}
+
+/// A move committed with reverse protection, writes at the new primary, then a move
+/// back (failback) committed with reverse protection again: the original site runs
+/// with every write made at the recovery site, and protection runs the original way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_commit_with_reverse_protection_then_failback() {
+    let _g = SERIAL.lock().await;
+    let w = World::new().await;
+    for vm in ["app", "db"] {
+        write(&w.prot, vm, &["write -P 0x31 1M 256k".into()]).await;
+    }
+    let mut sources = Vec::new();
+    for vm in ["app", "db"] {
+        sources.push(copy_export(&w.prot.nbd_url(vm), &w.lab.path(&format!("{vm}.out"))).await);
+    }
+    // The definition cannot change while an operation runs.
+    let t = w
+        .post(&format!("/api/v1/vpgs/{}/move", w.vpg), json!({}))
+        .await;
+    let out = t["id"].as_str().unwrap().to_string();
+    for (method, body) in [
+        ("DELETE", None),
+        ("PATCH", Some(json!({"description": "x"}))),
+    ] {
+        let (st, p) =
+            w.m.call(method, &format!("/api/v1/vpgs/{}", w.vpg), body)
+                .await;
+        assert_eq!(st.as_u16(), 409, "{method}: {p}");
+        assert_eq!(p["code"], "vpg.operation_running", "{method}: {p}");
+    }
+    let t = w.wait_task(&out, "waiting").await;
+    assert_recovered_equal(&w, &t, &sources, "out").await;
+    w.post(
+        &format!("/api/v1/vpgs/{}/commit", w.vpg),
+        json!({"reverse_protection": true}),
+    )
+    .await;
+    let t = w.wait_task(&out, "succeeded").await;
+    let at_rec = w.exports_at(&w.rec, &t);
+    w.m.wait_vpg(
+        &w.vpg,
+        "Meeting SLA in reverse",
+        SLA_WAIT,
+        &w.agents(),
+        meeting_sla,
+    )
+    .await;
+    let v = w.m.vpg(&w.vpg).await;
+    assert_eq!(
+        v["recovery_site_id"],
+        w.m.site_id("prod").await,
+        "roles swapped: {v}"
+    );
+    let rec_id = w.m.host("rec").await.unwrap()["id"].clone();
+    for vm in ["app", "db"] {
+        let row = w.m.vm(vm).await.unwrap();
+        assert_eq!(
+            row["host_id"], rec_id,
+            "{vm} runs at the recovery site: {row}"
+        );
+        assert_eq!(row["power_state"], "on", "{row}");
+    }
+
+    // The recovery site is primary now: its writes must come home.
+    for (i, (_, url)) in at_rec.iter().enumerate() {
+        let o = qemu_io(
+            url,
+            "none",
+            &[
+                format!("write -P {} 2M 512k", 0x41 + i),
+                "write -P 0x4f 0 4k".into(),
+            ],
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_qemu_ok(&o);
+    }
+    wait_quiet(&w.rec).await;
+    let sources_back = read_all(&w, &at_rec, "at-rec").await;
+    assert_ne!(
+        sources_back, sources,
+        "the writes at the recovery site changed the disks"
+    );
+
+    // Failback: a move back, committed with reverse protection.
+    let t = w
+        .post(&format!("/api/v1/vpgs/{}/move", w.vpg), json!({}))
+        .await;
+    let back = t["id"].as_str().unwrap().to_string();
+    let t = w.wait_task(&back, "waiting").await;
+    let at_prot = w.exports_at(&w.prot, &t);
+    assert_eq!(at_prot.len(), 2, "{t:#}");
+    let got = read_all(&w, &at_prot, "back-before-commit").await;
+    assert!(
+        got == sources_back,
+        "the move back carries every write made at rec"
+    );
+    w.post(
+        &format!("/api/v1/vpgs/{}/commit", w.vpg),
+        json!({"reverse_protection": true}),
+    )
+    .await;
+    let t = w.wait_task(&back, "succeeded").await;
+    let got = read_all(&w, &w.exports_at(&w.prot, &t), "home").await;
+    assert!(
+        got == sources_back,
+        "after failback the original site has rec's writes"
+    );
+    w.m.wait_vpg(
+        &w.vpg,
+        "Meeting SLA after failback",
+        SLA_WAIT,
+        &w.agents(),
+        meeting_sla,
+    )
+    .await;
+    let v = w.m.vpg(&w.vpg).await;
+    assert_eq!(v["recovery_site_id"], w.m.site_id("dr").await, "{v}");
+    let prot_id = w.m.host("prot").await.unwrap()["id"].clone();
+    for vm in ["app", "db"] {
+        let row = w.m.vm(vm).await.unwrap();
+        assert_eq!(row["host_id"], prot_id, "{vm} is home: {row}");
+        assert_eq!(row["power_state"], "on", "{row}");
+    }
+    let reports =
+        w.m.ok("GET", &format!("/api/v1/reports?vpg={}", w.vpg), None)
+            .await;
+    let kinds: Vec<(&str, &str)> = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["kind"].as_str().unwrap(), r["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, vec![("move", "committed"), ("move", "committed")]);
+}
+
+/// The protected host dies; the VPG fails over and is committed; the old primary comes
+/// back with its old state. Its stream carries the old fencing generation and is
+/// refused: nothing at the new primary changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_primary_after_a_committed_failover_is_fenced() {
+    let _g = SERIAL.lock().await;
+    let mut w = World::new().await;
+    // Another VPG from the same host to the same recovery host keeps protecting: the
+    // recovery host still accepts the old primary, so only fencing can refuse its
+    // stale disks.
+    let other =
+        w.m.create_vpg(
+            "blog",
+            &["web"],
+            "dr",
+            "rec",
+            json!({"checkpoint_interval_ms": 1000, "rpo_target_secs": 10}),
+        )
+        .await;
+    w.m.wait_vpg(&other, "Meeting SLA", SLA_WAIT, &w.agents(), meeting_sla)
+        .await;
+    let (tagged, sources) = w.tagged_sources("disaster").await;
+    w.prot.kill9().await;
+    let t = w
+        .post(
+            &format!("/api/v1/vpgs/{}/failover", w.vpg),
+            json!({"checkpoint": tagged.to_string()}),
+        )
+        .await;
+    let id = t["id"].as_str().unwrap().to_string();
+    let t = w.wait_task(&id, "waiting").await;
+    assert_eq!(
+        t["details"]["unreachable_hosts"],
+        json!(["prot"]),
+        "the dead host could not be shut down: {t:#}"
+    );
+    w.post(
+        &format!("/api/v1/vpgs/{}/commit", w.vpg),
+        json!({"reverse_protection": false}),
+    )
+    .await;
+    let t = w.wait_task(&id, "succeeded").await;
+    let exports = w.exports(&t);
+    let before = read_all(&w, &exports, "committed").await;
+    assert!(
+        before == sources,
+        "the committed disks are the checkpoint's"
+    );
+    let generation = w.m.vpg(&w.vpg).await["fencing_generation"].clone();
+
+    // The old primary returns with the state it died with, cut off from the manager (the
+    // manager is down): it streams under its old generation, its guests write.
+    w.m.stop().await;
+    w.prot.spawn().await;
+    for vm in ["app", "db"] {
+        write(&w.prot, vm, &["write -P 0x66 0 1M".into()]).await;
+    }
+    w.prot
+        .wait_status("the stale stream refused as fenced", &[], |s| {
+            // Reported on the disks (sync errors) and the peer, whichever saw it last.
+            format!("{s:?}").contains("a failover or move has happened since")
+        })
+        .await;
+    let after = read_all(&w, &exports, "after-stale").await;
+    assert!(
+        after == before,
+        "the stale primary changed the new primary's disks"
+    );
+    // Once the manager is back, the old primary learns the new generation and stops.
+    w.m.spawn().await;
+    w.prot
+        .wait_status("stale protection stopped", &[], |s| {
+            s.protected
+                .iter()
+                .filter(|d| d.name != "web")
+                .all(|d| d.recovery_host.is_none())
+        })
+        .await;
+    for vm in ["app", "db"] {
+        write(&w.prot, vm, &["write -P 0x67 1M 1M".into()]).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = read_all(&w, &exports, "after-manager").await;
+    assert!(
+        after == before,
+        "the stale primary changed the new primary's disks"
+    );
+    let v = w.m.vpg(&w.vpg).await;
+    assert_eq!(v["status"], "recovered", "{v}");
+    assert_eq!(v["fencing_generation"], generation, "{v}");
+    // The other VPG is protected again from the returned host.
+    w.m.wait_vpg(&other, "other VPG back", SLA_WAIT, &w.agents(), meeting_sla)
+        .await;
+}
+
+/// With the manager gone, `bulwark agent recover` on the recovery host brings the VPG
+/// up from what the manager had told it (desired state), at the latest checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn break_glass_recovery_with_the_manager_stopped() {
+    let _g = SERIAL.lock().await;
+    let mut w = World::new().await;
+    let (_, sources) = w.tagged_sources("last-good").await;
+    w.m.stop().await;
+    let data_dir = w.rec.data_dir.to_str().unwrap().to_string();
+    let o = run(
+        env!("CARGO_BIN_EXE_bulwark"),
+        &[
+            "agent".into(),
+            "recover".into(),
+            "--data-dir".into(),
+            data_dir,
+            "--vpg".into(),
+            "shop".into(),
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let mut urls: Vec<(String, String)> = out
+        .lines()
+        .filter_map(|l| {
+            let url = l.split_whitespace().find(|w| w.starts_with("nbd://"))?;
+            let vm = if l.contains("app") { "app" } else { "db" };
+            Some((vm.to_string(), url.to_string()))
+        })
+        .collect();
+    urls.sort();
+    assert_eq!(urls.len(), 2, "one export per disk: {out}");
+    let got = read_all(&w, &urls, "break-glass").await;
+    assert!(
+        got == sources,
+        "break-glass disks are the last checkpoint's: {out}"
+    );
+    // A live recovery: the VMs keep their names and run.
+    for vm in ["VM app (on)", "VM db (on)"] {
+        assert!(out.contains(vm), "{vm}: {out}");
     }
 }

@@ -481,6 +481,7 @@ impl Store {
                 });
             }
         }
+        refuse_during_operation(&cur, "changed")?;
         if matches!(
             lifecycle_of(&cur.lifecycle),
             Lifecycle::Deleting | Lifecycle::WaitingRemoval
@@ -740,6 +741,8 @@ impl Store {
                 });
             }
         }
+        // Even by force: the operation's task would go on acting on a VPG that is gone.
+        refuse_during_operation(&cur, "deleted")?;
         if force {
             super::checkpoints::remove_rows(&txn, id).await?;
             let mut ev = NewEvent::info(
@@ -841,4 +844,20 @@ pub struct MetricCounts {
     pub vpg_status: Vec<(String, i64)>,
     pub alerts_open: Vec<(String, i64)>,
     pub hosts: Vec<(String, i64)>,
+}
+
+/// A VPG with a recovery operation running may not change or go: its members, hosts and
+/// settings are what the operation acts on (409 `vpg.operation_running`).
+fn refuse_during_operation(v: &vpg::Model, what: &str) -> Result<(), StoreError> {
+    match &v.operation_id {
+        Some(op) => Err(StoreError::conflict(
+            "vpg.operation_running",
+            format!(
+                "VPG `{}` cannot be {what} while operation {op} runs: commit, roll it back \
+                 or stop the test first",
+                v.name
+            ),
+        )),
+        None => Ok(()),
+    }
 }
