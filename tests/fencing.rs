@@ -400,10 +400,35 @@ async fn a_seeded_vm_is_removed_from_the_simulated_hypervisor_once() {
     .unwrap();
     assert!(hv.remove_seeded_vm("web").unwrap());
     assert!(!hv.remove_seeded_vm("web").unwrap(), "already gone");
-    // The configuration's VM would come back at the next start: refused.
-    assert!(hv.remove_seeded_vm("bare").is_err());
+    // A VM of the configuration file goes too.
+    assert!(hv.remove_seeded_vm("bare").unwrap());
     drop(hv);
-    let hv = SimHypervisor::open(&cfg).unwrap();
-    let names: Vec<String> = hv.inventory().vms.into_iter().map(|v| v.name).collect();
-    assert_eq!(names, vec!["bare".to_string()], "the removal was persisted");
+    let names = |c: &AgentConfig| -> Vec<String> {
+        let hv = SimHypervisor::open(c).unwrap();
+        hv.inventory().vms.into_iter().map(|v| v.name).collect()
+    };
+    // Without a seed record the file brings its VM back; the run-time VM stays removed.
+    assert_eq!(names(&cfg), vec!["bare".to_string()]);
+    // With one (what SeedReverse writes first), the disk and its VM stay out.
+    let seed = bulwark::agent::host::SeededDisk {
+        operation: "op-1".into(),
+        vpg_id: VPG.into(),
+        disk_id: 1,
+        vm: "bare".into(),
+        new_host: REC.into(),
+        new_disk_id: 7,
+        image: lab.path("bare.img"),
+        replica: lab.path("replica.img"),
+        size: 1 << 20,
+        already: false,
+    };
+    std::fs::write(
+        cfg.state_dir()
+            .join(bulwark::agent::host::REVERSE_SEEDS_FILE),
+        serde_json::to_vec(&std::collections::BTreeMap::from([(1u64, seed)])).unwrap(),
+    )
+    .unwrap();
+    let kept = bulwark::agent::host::without_seeded_disks(cfg.clone()).unwrap();
+    assert!(kept.disks.is_empty(), "{:?}", kept.disks);
+    assert!(names(&kept).is_empty());
 }

@@ -633,7 +633,13 @@ async fn move_commit_with_reverse_protection_then_failback() {
         .iter()
         .map(|r| (r["kind"].as_str().unwrap(), r["result"].as_str().unwrap()))
         .collect();
-    assert_eq!(kinds, vec![("move", "committed"), ("move", "committed")]);
+    assert_eq!(
+        kinds,
+        vec![
+            ("move", "committed_reverse_protected"),
+            ("move", "committed_reverse_protected")
+        ]
+    );
 }
 
 /// The protected host dies; the VPG fails over and is committed; the old primary comes

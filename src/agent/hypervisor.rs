@@ -741,11 +741,12 @@ impl HypervisorDriver for SimHypervisor {
                 return Ok(false);
             };
             if matches!(s.vms[i].origin, Origin::Config | Origin::Disk) {
-                // The file would bring it back at the next start, with an empty disk.
-                return Err(invalid(
-                    "vm",
-                    format!("`{name}` is defined by the configuration file: remove it there"),
-                ));
+                // The seed record keeps it out at the next start (`without_seeded_disks`),
+                // whatever the file says.
+                tracing::warn!(
+                    vm = name,
+                    "VM of the configuration file moved to another site: remove it from the file"
+                );
             }
             s.vms.remove(i);
             Ok(true)
@@ -892,8 +893,9 @@ impl HostVms {
 /// Starts an agent with the simulated hypervisor: the run-time VMs' disks are opened
 /// with the configuration's, and the disks of powered-off VMs are not served.
 pub async fn start_agent(
-    mut cfg: AgentConfig,
+    cfg: AgentConfig,
 ) -> Result<(Arc<Agent>, Arc<SimHypervisor>), HypervisorError> {
+    let mut cfg = crate::agent::host::without_seeded_disks(cfg)?;
     let c = cfg.clone();
     let hv = tokio::task::spawn_blocking(move || SimHypervisor::open(&c))
         .await

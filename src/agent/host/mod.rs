@@ -66,7 +66,7 @@ use crate::proto::stream::ReplicaState;
 
 pub use config::{AgentConfig, AgentConfigError, AgentFlags, AgentSection, Security};
 use config::{DiskConfig, PeerConfig};
-pub use reverse::{SeededDisk, REVERSE_SEEDS_FILE};
+pub use reverse::{without_seeded_disks, SeededDisk, REVERSE_SEEDS_FILE};
 use splitter::Splitter;
 
 /// Name of the persisted desired state under `state/`.

@@ -16,9 +16,13 @@
 //!    replica (the commit point; directories fsynced) — `stream::preseed_move`;
 //! 5. the caller removes the VM from the hypervisor once all its disks are seeds.
 //!
-//! After a crash between 4 and 5 a restart finds the VM still defined and recreates an
-//! empty image at the old path; a replica that exists together with its intent record
-//! means the move happened, so that leftover image is deleted instead of moved.
+//! A disk with an intent record is out of service here for good: at start the agent
+//! leaves it (and a configured VM made of it) out, even while the configuration file
+//! still names it ([`without_seeded_disks`]) — so a restart neither serves a recreated
+//! empty image under the old name nor keeps a VM that now runs at the other site. (An
+//! older agent could recreate an empty image at the old path after a crash between 4
+//! and 5; a replica that exists together with its intent record means the move
+//! happened, so such a leftover image is deleted instead of moved.)
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,6 +79,36 @@ fn store(path: &Path, m: &BTreeMap<u64, SeededDisk>) -> Result<(), AgentError> {
         path: e.path,
         source: e.source,
     })
+}
+
+/// `cfg` without the disks that became reverse-protection seeds (see the module
+/// documentation) and without the configured VMs made of them. Logs what it leaves out.
+pub fn without_seeded_disks(
+    mut cfg: config::AgentConfig,
+) -> Result<config::AgentConfig, AgentError> {
+    let seeds = load(&cfg.state_dir().join(REVERSE_SEEDS_FILE))?;
+    if seeds.is_empty() {
+        return Ok(cfg);
+    }
+    let mut gone = std::collections::BTreeSet::new();
+    cfg.disks.retain(|d| match seeds.get(&d.id) {
+        Some(s) => {
+            tracing::warn!(disk = %d.name, id = d.id, new_host = %s.new_host, operation = %s.operation,
+                "configured disk left out: it became the pre-seeded replica of a recovered disk \
+                 (remove it from the configuration)");
+            gone.insert(d.name.clone());
+            false
+        }
+        None => true,
+    });
+    cfg.vms.retain(|v| {
+        let keep = !v.disks.iter().any(|d| gone.contains(d));
+        if !keep {
+            tracing::warn!(vm = %v.name, "configured VM left out: its disks became reverse-protection seeds; it runs at another site now");
+        }
+        keep
+    });
+    Ok(cfg)
 }
 
 async fn blocking<T: Send + 'static>(

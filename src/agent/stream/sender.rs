@@ -22,7 +22,7 @@
 //! receiver's durable seq after a reconnect is the ordinary path, so nothing new is
 //! needed to keep the other disks' records in order.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -862,6 +862,10 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
             })
             .collect()
     };
+    let offered: HashMap<u64, u64> = disks
+        .iter()
+        .map(|d| (d.disk_id, d.fencing_generation))
+        .collect();
     writer
         .send(&Frame::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -904,6 +908,13 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
             let Some(d) = st.disks.get_mut(&r.disk_id) else {
                 continue;
             };
+            if r.fenced && offered.get(&r.disk_id) != Some(&d.spec.fencing_generation) {
+                // The generation changed while this Hello was on its way: the refusal is
+                // about the old one, and the reconnect already asked for offers the new.
+                tracing::info!(disk = r.disk_id, reason = %r.reason,
+                    "fencing refusal of a generation since replaced: ignored");
+                continue;
+            }
             d.fenced = r.fenced;
             if r.fenced {
                 tracing::error!(disk = r.disk_id, vpg = %d.spec.vpg_id,

@@ -606,6 +606,8 @@ fn retry_bound(step: Step) -> Duration {
         Step::Promote | Step::Discard | Step::RestartProtected | Step::SeedReverse => {
             Duration::from_secs(300)
         }
+        // A few checkpoints, each waited for ~10 s, while a sync catches up.
+        Step::FinalCheckpoint => Duration::from_secs(120),
         _ => Duration::from_secs(60),
     }
 }

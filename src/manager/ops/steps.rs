@@ -263,8 +263,10 @@ async fn final_checkpoint(cp: &Arc<ControlPlane>, o: &mut Operation) -> Result<S
         }
     };
     // Durable in every journal: the evaluator marks it from the recovery hosts'
-    // heartbeats.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    // heartbeats. The VMs are off, so that takes a heartbeat or two; longer means the
+    // marker missed a journal (a disk fell back to its bitmap meanwhile, a sync ran
+    // over it) and a new checkpoint, after the catch-up, is the way on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if let Some((true, _)) = cp.store.checkpoint_recoverable(&o.vpg_id, id).await? {
             return Ok(format!("final checkpoint {id} is durable in every journal"));

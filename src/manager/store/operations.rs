@@ -600,6 +600,30 @@ impl Store {
             am.settings = Set(json(&settings));
             am.updated_at = Set(now());
             am.update(&txn).await?;
+            // The old VM's disks became the reverse-protection seeds and its host no
+            // longer reports it: the row goes (a row still reported goes at the host's
+            // next inventory, now that it is no member).
+            if let Some(old) = vm::Entity::find_by_id(old_vm).one(&txn).await? {
+                if old.power_state == crate::proto::api::PowerState::Missing.as_str() {
+                    disk::Entity::delete_many()
+                        .filter(disk::Column::VmId.eq(old_vm.as_str()))
+                        .exec(&txn)
+                        .await?;
+                    vm::Entity::delete_by_id(old_vm.as_str()).exec(&txn).await?;
+                    NewEvent::info(
+                        "vm.removed",
+                        "vm",
+                        old_vm,
+                        format!(
+                            "VM {} removed: its disks are the replicas of reverse protection",
+                            old.name
+                        ),
+                    )
+                    .vpg(vpg_id)
+                    .write(&txn, &Actor::system())
+                    .await?;
+                }
+            }
         }
         let (protected, recovery) = (v.protected_site_id.clone(), v.recovery_site_id.clone());
         let mut am = v.into_active_model();
