@@ -222,8 +222,15 @@ async fn failover_test_then_failover_rollback_then_failover_commit() {
     assert_eq!(p["code"], "vpg.operation_running", "{p}");
     let t = w.wait_task(&tid, "waiting").await;
     assert_eq!(t["details"]["checkpoint_id"], tagged, "{t:#}");
+    for r in t["details"]["recovered"].as_array().unwrap() {
+        for vm in r["vms"].as_array().unwrap() {
+            assert_eq!(vm["power_state"], "on", "{t:#}");
+        }
+    }
     let v = w.m.vpg(&w.vpg).await;
     assert_eq!(v["sub_status"], "testing_failover", "{v}");
+    assert_eq!(v["operation_id"], tid.as_str(), "{v}");
+    assert_eq!(v["operation_phase"], "testing_failover", "{v}");
     assert_recovered_equal(&w, &t, &sources, "test").await;
     // Test VMs are named "<vm> - Test" and run at the recovery host.
     let test_vm =
@@ -267,6 +274,8 @@ async fn failover_test_then_failover_rollback_then_failover_commit() {
     );
     let v = w.m.vpg(&w.vpg).await;
     assert!(v["last_test_at"].is_string(), "the test is recorded: {v}");
+    assert!(v["operation_id"].is_null(), "{v}");
+    assert_eq!(v["fencing_generation"], 1, "a test does not fence: {v}");
     let reports =
         w.m.ok("GET", &format!("/api/v1/reports?vpg={}", w.vpg), None)
             .await;
@@ -691,6 +700,7 @@ async fn a_stale_primary_after_a_committed_failover_is_fenced() {
         "the committed disks are the checkpoint's"
     );
     let generation = w.m.vpg(&w.vpg).await["fencing_generation"].clone();
+    assert_eq!(generation, json!(2), "the failover raised the generation");
 
     // The old primary returns with the state it died with, cut off from the manager (the
     // manager is down): it streams under its old generation, its guests write.

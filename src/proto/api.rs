@@ -358,6 +358,15 @@ pub struct Vpg {
     pub history_actual_secs: Option<u64>,
     pub journal_bytes: u64,
     pub last_test_at: Option<DateTime<Utc>>,
+    /// The protection relationship's generation: every failover or move raises it, and
+    /// agents refuse streams and commands of an older one.
+    pub fencing_generation: u64,
+    /// The recovery operation running (its task id), if any: one at a time.
+    pub operation_id: Option<String>,
+    /// Where that operation stands: `testing_failover`, `failover_before_commit`,
+    /// `committing_failover`, `promoting_failover`, `rolling_back_failover`, and the same
+    /// for `move` (the task has its steps).
+    pub operation_phase: Option<String>,
     /// Increases with every change; send it back in `If-Match` to update safely.
     pub version: u64,
     pub created_at: DateTime<Utc>,

@@ -136,6 +136,11 @@ pub async fn lookups(c: Caller) -> Result<ApiJson<Lookups>, ApiError> {
         task_states: fixed(&[
             ("pending", "Pending", "accepted, not started"),
             ("running", "Running", "in progress"),
+            (
+                "waiting",
+                "Waiting",
+                "recovered VMs are up: waiting for commit, rollback or the end of the test",
+            ),
             ("succeeded", "Succeeded", "finished as asked"),
             ("failed", "Failed", "stopped on an error"),
             ("cancelled", "Cancelled", "stopped on request"),

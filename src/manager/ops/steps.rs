@@ -17,8 +17,8 @@ use crate::model::operations::{
 };
 use crate::model::settings::VpgSettings;
 use crate::proto::control::{
-    CheckpointKind, Command, CommandBody, RecoverDisk, RecoverVm, RecoveryEnd, RecoveryReport,
-    ReverseSeed,
+    CheckpointKind, Command, CommandBody, PowerState, RecoverDisk, RecoverVm, RecoveredVm,
+    RecoveryEnd, RecoveryReport, ReverseSeed,
 };
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -350,6 +350,15 @@ async fn recover(cp: &ControlPlane, o: &mut Operation, v: &OpVpg) -> Result<Stri
     ))
 }
 
+/// Keeps the task's record of the recovered VMs' power in step with what was done to them.
+fn note_power(o: &mut Operation, which: impl Fn(&RecoveredVm) -> bool, state: PowerState) {
+    for v in o.op.recovered.iter_mut().flat_map(|r| r.vms.iter_mut()) {
+        if which(v) {
+            v.power_state = state;
+        }
+    }
+}
+
 async fn power_on(cp: &ControlPlane, o: &mut Operation, v: &OpVpg) -> Result<String, StepError> {
     let ms = members(o, v);
     let vms: Vec<((String, String), u32, u64)> = ms
@@ -375,6 +384,7 @@ async fn power_on(cp: &ControlPlane, o: &mut Operation, v: &OpVpg) -> Result<Str
                 COMMAND_TIMEOUT,
             )
             .await?;
+            note_power(o, |v| v.name == *vm, PowerState::On);
         }
         if i + 1 < n && delay > 0 {
             tokio::time::sleep(Duration::from_secs(delay)).await;
@@ -566,6 +576,7 @@ async fn discard(cp: &ControlPlane, o: &mut Operation, v: &OpVpg) -> Result<Stri
         .await?;
         hosts.push(host.to_string());
     }
+    note_power(o, |_| true, PowerState::Off);
     Ok(format!(
         "recovered VMs removed and scratch discarded on {}",
         hosts.join(", ")

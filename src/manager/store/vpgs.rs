@@ -106,6 +106,9 @@ fn to_vpg(m: vpg::Model, vm_count: u32, members: Option<Vec<Member>>) -> Vpg {
         recovery_site_id: m.recovery_site_id,
         paused: m.paused,
         last_test_at: m.last_test_at,
+        fencing_generation: u64_of(m.fencing_generation),
+        operation_id: m.operation_id,
+        operation_phase: m.operation_phase,
         created_at: m.created_at,
         updated_at: m.updated_at,
     }
