@@ -791,3 +791,90 @@ async fn break_glass_recovery_with_the_manager_stopped() {
         assert!(out.contains(vm), "{vm}: {out}");
     }
 }
+
+/// Open alerts of a kind for the VPG.
+async fn open_alerts(w: &World, kind: &str) -> Vec<Value> {
+    w.m.items(&format!(
+        "/api/v1/alerts?vpg={}&kind={kind}&open=true",
+        w.vpg
+    ))
+    .await
+}
+
+/// A test stopped by its time box raises `test_time_boxed`; a failed operation raises
+/// `operation_failed` (and was rolled back); the next operation that ends as asked
+/// clears both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operation_alerts_are_raised_and_cleared() {
+    let _g = SERIAL.lock().await;
+    let mut w = World::new().await;
+    let t = w
+        .post(
+            &format!("/api/v1/vpgs/{}/failover-test", w.vpg),
+            json!({"max_duration_secs": 1}),
+        )
+        .await;
+    let id = t["id"].as_str().unwrap().to_string();
+    let t = w.wait_task(&id, "succeeded").await;
+    assert!(
+        t["details"]["decision_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("time box"),
+        "{t:#}"
+    );
+    let boxed = open_alerts(&w, "test_time_boxed").await;
+    assert_eq!(boxed.len(), 1, "{boxed:?}");
+    assert_eq!(boxed[0]["severity"], "warning");
+    assert!(
+        boxed[0]["message"].as_str().unwrap().contains("shop"),
+        "{boxed:?}"
+    );
+    w.m.wait_vpg(&w.vpg, "Meeting SLA", SLA_WAIT, &w.agents(), meeting_sla)
+        .await;
+
+    // A step that fails before the decision: the test is undone and the task fails.
+    w.m.stop().await;
+    w.m.env = vec![("BULWARK_FAULT_STEP".into(), "power_on:fail".into())];
+    w.m.spawn().await;
+    w.m.wait_hosts_connected(&["prot", "rec"], &w.agents())
+        .await;
+    let t = w
+        .post(&format!("/api/v1/vpgs/{}/failover-test", w.vpg), json!({}))
+        .await;
+    let id = t["id"].as_str().unwrap().to_string();
+    let t = w.wait_task(&id, "failed").await;
+    assert!(t["error"].as_str().unwrap().contains("power_on"), "{t:#}");
+    let failed = open_alerts(&w, "operation_failed").await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["severity"], "error");
+    assert!(
+        w.m.vm("app - Test").await.is_none(),
+        "the failed test's VMs were removed"
+    );
+    assert_eq!(open_alerts(&w, "test_time_boxed").await.len(), 1);
+
+    // A restart keeps them open (no condition owns them), and a good test clears them.
+    w.m.stop().await;
+    w.m.env.clear();
+    w.m.spawn().await;
+    w.m.wait_hosts_connected(&["prot", "rec"], &w.agents())
+        .await;
+    w.m.wait_vpg(&w.vpg, "Meeting SLA", SLA_WAIT, &w.agents(), meeting_sla)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(open_alerts(&w, "operation_failed").await.len(), 1);
+    let t = w
+        .post(&format!("/api/v1/vpgs/{}/failover-test", w.vpg), json!({}))
+        .await;
+    let id = t["id"].as_str().unwrap().to_string();
+    w.wait_task(&id, "waiting").await;
+    w.post(
+        &format!("/api/v1/vpgs/{}/failover-test/stop", w.vpg),
+        json!({"result": "passed"}),
+    )
+    .await;
+    w.wait_task(&id, "succeeded").await;
+    assert!(open_alerts(&w, "operation_failed").await.is_empty());
+    assert!(open_alerts(&w, "test_time_boxed").await.is_empty());
+}

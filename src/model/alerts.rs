@@ -42,6 +42,10 @@ pub enum AlertKind {
     JournalStorageError,
     RecoveryStorageError,
     TestOverdue,
+    /// A recovery operation failed (raised by the operations runner: an event alert).
+    OperationFailed,
+    /// A failover test ran into its time box and was stopped (an event alert).
+    TestTimeBoxed,
 }
 
 impl AlertKind {
@@ -56,6 +60,8 @@ impl AlertKind {
         AlertKind::JournalStorageError,
         AlertKind::RecoveryStorageError,
         AlertKind::TestOverdue,
+        AlertKind::OperationFailed,
+        AlertKind::TestTimeBoxed,
     ];
 
     /// The stable identifier used in JSON and the database.
@@ -71,7 +77,16 @@ impl AlertKind {
             AlertKind::JournalStorageError => "journal_storage_error",
             AlertKind::RecoveryStorageError => "recovery_storage_error",
             AlertKind::TestOverdue => "test_overdue",
+            AlertKind::OperationFailed => "operation_failed",
+            AlertKind::TestTimeBoxed => "test_time_boxed",
         }
+    }
+
+    /// Raised by what happened (an operation's end), not by a condition the evaluator
+    /// watches: no hysteresis machine owns it. It stays open until the VPG's next
+    /// operation ends as asked (acknowledging marks it seen).
+    pub fn is_event(self) -> bool {
+        matches!(self, AlertKind::OperationFailed | AlertKind::TestTimeBoxed)
     }
 
     pub fn parse(s: &str) -> Option<Self> {

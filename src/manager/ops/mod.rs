@@ -13,7 +13,7 @@
 //! a journal still busy) are retried with back-off within each step's bound.
 //!
 //! Fault injection for the crash tests: `BULWARK_FAULT_STEP=<step>:<before|after>`
-//! aborts the process at that step boundary.
+//! aborts the process at that step boundary; `<step>:fail` makes that step fail.
 
 mod steps;
 
@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use crate::manager::control::ControlPlane;
 use crate::manager::store::operations::{OpVpg, Operation, OperationState};
 use crate::manager::store::{Actor, StoreError};
+use crate::model::alerts::{AlertKind, Severity};
 use crate::model::operations::{
     self as plan, CheckpointCandidate, CheckpointChoice, CommitPolicy, Decision, OperationKind,
     Step,
@@ -61,7 +62,15 @@ pub struct Operations {
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     /// Serialises a driver's and a request's read-modify-write of one operation.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    fault: Option<(Step, bool)>,
+    fault: Option<(Step, Fault)>,
+}
+
+/// What an armed fault does at its step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    AbortBefore,
+    AbortAfter,
+    Fail,
 }
 
 impl Default for Operations {
@@ -74,14 +83,16 @@ impl Operations {
     pub fn new() -> Self {
         let fault = std::env::var("BULWARK_FAULT_STEP").ok().and_then(|v| {
             let (step, when) = v.split_once(':')?;
-            Some((Step::parse(step)?, when == "after"))
+            let f = match when {
+                "before" => Fault::AbortBefore,
+                "after" => Fault::AbortAfter,
+                "fail" => Fault::Fail,
+                _ => return None,
+            };
+            Some((Step::parse(step)?, f))
         });
-        if let Some((s, after)) = fault {
-            tracing::warn!(
-                step = s.as_str(),
-                after,
-                "fault injection armed: the manager aborts at this step boundary"
-            );
+        if let Some((s, f)) = fault {
+            tracing::warn!(step = s.as_str(), fault = ?f, "fault injection armed");
         }
         Self {
             wakers: Mutex::new(HashMap::new()),
@@ -111,8 +122,18 @@ impl Operations {
             .remove(id);
     }
 
+    /// Whether an injected fault makes `step` fail.
+    fn fails(&self, step: Step) -> bool {
+        self.fault == Some((step, Fault::Fail))
+    }
+
     fn fault_at(&self, step: Step, after: bool) {
-        if self.fault == Some((step, after)) {
+        let armed = if after {
+            Fault::AbortAfter
+        } else {
+            Fault::AbortBefore
+        };
+        if self.fault == Some((step, armed)) {
             tracing::error!(
                 step = step.as_str(),
                 after,
@@ -739,7 +760,11 @@ async fn drive(cp: Arc<ControlPlane>, id: String) {
         cp.changed.notify_waiters();
         cp.ops.fault_at(step, false);
         let started = tokio::time::Instant::now();
-        let result = steps::run(&cp, &mut o, step).await;
+        let result = if cp.ops.fails(step) {
+            Err(StepError::Fatal("fault injection: the step fails".into()))
+        } else {
+            steps::run(&cp, &mut o, step).await
+        };
         let guard = lock.lock().await;
         let now = Utc::now();
         match result {
@@ -868,6 +893,8 @@ async fn fail_step(cp: &Arc<ControlPlane>, o: &mut Operation, step: Step, e: Str
     } else {
         o.state = "failed".into();
         o.error = Some(ev_msg.clone());
+        // Past the decision nothing undoes by itself: the operator must act.
+        alert_failed(cp, o, &ev_msg).await;
     }
     let _ = cp
         .store
@@ -944,6 +971,69 @@ async fn finish(cp: &Arc<ControlPlane>, o: &mut Operation) -> Result<(), StoreEr
     cp.store
         .finish_operation(o, lifecycle, tested, report)
         .await?;
+    if let Some(f) = o.op.failure.clone() {
+        alert_failed(cp, o, &f).await;
+    } else {
+        if let Err(e) = cp.store.clear_event_alerts(&o.vpg_id).await {
+            tracing::warn!(operation = %o.id, error = %e, "cannot clear the VPG's operation alerts");
+        }
+        if o.op
+            .decision_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("time box"))
+        {
+            let msg = format!(
+                "VPG {}: failover test {} reached its time box and was stopped",
+                vpg_label(cp, &o.vpg_id).await,
+                o.id
+            );
+            if let Err(e) = cp
+                .store
+                .raise_event_alert(
+                    AlertKind::TestTimeBoxed,
+                    &o.vpg_id,
+                    Severity::Warning,
+                    msg,
+                    serde_json::json!({"operation": o.id}),
+                )
+                .await
+            {
+                tracing::warn!(operation = %o.id, error = %e, "cannot raise the time-box alert");
+            }
+        }
+    }
     cp.changed.notify_waiters();
     Ok(())
+}
+
+/// The VPG's name for a message (its id if it cannot be read).
+async fn vpg_label(cp: &ControlPlane, vpg_id: &str) -> String {
+    cp.store
+        .get_vpg(vpg_id)
+        .await
+        .map_or_else(|_| vpg_id.to_string(), |v| v.name)
+}
+
+/// Raises the VPG's `operation_failed` alert (once while open).
+async fn alert_failed(cp: &Arc<ControlPlane>, o: &Operation, why: &str) {
+    let msg = format!(
+        "VPG {}: {} {} failed: {why}",
+        vpg_label(cp, &o.vpg_id).await,
+        o.op.kind.as_str(),
+        o.id
+    );
+    let details = serde_json::json!({"operation": o.id, "kind": o.op.kind.as_str()});
+    if let Err(e) = cp
+        .store
+        .raise_event_alert(
+            AlertKind::OperationFailed,
+            &o.vpg_id,
+            Severity::Error,
+            msg,
+            details,
+        )
+        .await
+    {
+        tracing::warn!(operation = %o.id, error = %e, "cannot raise the operation alert");
+    }
 }

@@ -5,6 +5,7 @@
 use super::entity::{alert, host, vpg};
 use super::records::to_alert;
 use super::{new_id, now, Actor, NewEvent, Store, StoreError};
+use crate::model::alerts::{AlertKind, Severity};
 use crate::proto::api::Alert;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
@@ -136,6 +137,59 @@ impl Store {
             .await?;
         self.commit(txn).await?;
         Ok(m.id)
+    }
+
+    /// Raises an event alert of a VPG (see `AlertKind::is_event`) unless one of that kind
+    /// is open for it already (an operation's end may be handled twice across a restart).
+    /// Returns the open alert's id.
+    pub async fn raise_event_alert(
+        &self,
+        kind: AlertKind,
+        vpg_id: &str,
+        severity: Severity,
+        message: String,
+        details: serde_json::Value,
+    ) -> Result<String, StoreError> {
+        if let Some(open) = alert::Entity::find()
+            .filter(alert::Column::Kind.eq(kind.as_str()))
+            .filter(alert::Column::VpgId.eq(vpg_id))
+            .filter(alert::Column::ClearedAt.is_null())
+            .one(&self.db)
+            .await?
+        {
+            return Ok(open.id);
+        }
+        self.raise_alert(&NewAlert {
+            kind: kind.as_str().to_string(),
+            severity: severity.as_str().to_string(),
+            vpg_id: Some(vpg_id.to_string()),
+            host_id: None,
+            site_id: None,
+            message,
+            affected_count: 1,
+            details: Some(details),
+        })
+        .await
+    }
+
+    /// Clears the VPG's open event alerts (its operations ended as asked since).
+    pub async fn clear_event_alerts(&self, vpg_id: &str) -> Result<usize, StoreError> {
+        let kinds: Vec<&str> = AlertKind::ALL
+            .iter()
+            .filter(|k| k.is_event())
+            .map(|k| k.as_str())
+            .collect();
+        let open = alert::Entity::find()
+            .filter(alert::Column::Kind.is_in(kinds))
+            .filter(alert::Column::VpgId.eq(vpg_id))
+            .filter(alert::Column::ClearedAt.is_null())
+            .all(&self.db)
+            .await?;
+        let mut n = 0;
+        for a in open {
+            n += usize::from(self.clear_alert(&a.id).await?);
+        }
+        Ok(n)
     }
 
     /// Sets `cleared_at` and writes `alert.cleared`; false if it was not open.
