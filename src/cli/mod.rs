@@ -151,6 +151,27 @@ enum BenchWhat {
         #[arg(long, default_value_t = 20)]
         load_secs: u64,
     },
+    /// Recovery time and commit throughput through the manager REST API: a VPG of 10
+    /// VMs in this process on loopback; failover test and live failover RTO with 1 and
+    /// 8 GiB of journal history, then the commit's promote against a raw copy.
+    Rto {
+        /// Directory on the disk to measure (files are deleted afterwards).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// 1.0 is the full run (1 and 8 GiB of journal, ~35 GB of disk at the peak);
+        /// 0.125 is a quick one.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// VMs in the VPG (one protected host each).
+        #[arg(long, default_value_t = 10)]
+        vms: usize,
+        /// Size of each VM's disk (default: 1 GiB × scale, at least 64 MiB).
+        #[arg(long, value_parser = crate::agent::host::config::parse_size)]
+        disk_size: Option<u64>,
+        /// Failover tests at each journal size (the medians are compared).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
     /// The manager at scale: a child `bulwark manager` (SQLite or PostgreSQL) with
     /// simulated agents over the control channel; time to Meeting SLA, manager CPU and
     /// RSS, `GET /api/v1/vpgs` latency, checkpoint rounds, live-stream fan-out latency.
@@ -618,6 +639,25 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                     ScaleOutput::Table => print!("{}", bench_scale::table(&report)),
                     ScaleOutput::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchWhat::Rto {
+                dir,
+                scale,
+                vms,
+                disk_size,
+                repeats,
+            } => {
+                use crate::manager::bench_rto;
+                let mut opts = bench_rto::RtoOpts {
+                    vms,
+                    repeats,
+                    ..bench_rto::RtoOpts::new(dir, scale)
+                };
+                if let Some(d) = disk_size {
+                    opts.disk_size = d;
+                }
+                print!("{}", bench_rto::run(&opts).await?.text());
                 Ok(ExitCode::SUCCESS)
             }
             BenchWhat::Checkpoints {
