@@ -747,13 +747,16 @@ async fn a_stale_primary_after_a_committed_failover_is_fenced() {
         .await;
 }
 
-/// With the manager gone, `bulwark agent recover` on the recovery host brings the VPG
-/// up from what the manager had told it (desired state), at the latest checkpoint.
+/// With the manager and the protected site gone, `bulwark agent recover` on the
+/// recovery host brings the VPG up from what the manager had told it (desired state),
+/// at the latest checkpoint, and `bulwark agent end-recovery --commit` makes it stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn break_glass_recovery_with_the_manager_stopped() {
     let _g = SERIAL.lock().await;
     let mut w = World::new().await;
     let (_, sources) = w.tagged_sources("last-good").await;
+    // The disaster: the protected site and the manager are gone.
+    w.prot.kill9().await;
     w.m.stop().await;
     let data_dir = w.rec.data_dir.to_str().unwrap().to_string();
     let o = run(
@@ -790,6 +793,44 @@ async fn break_glass_recovery_with_the_manager_stopped() {
     for vm in ["VM app (on)", "VM db (on)"] {
         assert!(out.contains(vm), "{vm}: {out}");
     }
+    // Still no manager: the operator commits it on the host; the VMs are its own now.
+    let op = out
+        .split("operation ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no operation id printed: {out}"))
+        .to_string();
+    let o = run(
+        env!("CARGO_BIN_EXE_bulwark"),
+        &[
+            "agent".into(),
+            "end-recovery".into(),
+            "--data-dir".into(),
+            w.rec.data_dir.to_str().unwrap().to_string(),
+            "--operation".into(),
+            op,
+            "--commit".into(),
+        ],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let report: Value = serde_json::from_str(out.split_once(": ").unwrap().1.trim())
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    let mut urls = Vec::new();
+    for vm in report["vms"].as_array().unwrap() {
+        assert_eq!(vm["power_state"], "on", "{report}");
+        for d in vm["disks"].as_array().unwrap() {
+            urls.push((
+                vm["source_vm"].as_str().unwrap().to_string(),
+                w.rec.nbd_url(d["export"].as_str().unwrap()),
+            ));
+        }
+    }
+    urls.sort();
+    let got = read_all(&w, &urls, "break-glass-committed").await;
+    assert!(got == sources, "committed break-glass disks: {report}");
 }
 
 /// Open alerts of a kind for the VPG.

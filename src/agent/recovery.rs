@@ -1250,34 +1250,58 @@ pub async fn break_glass_via_admin(
     checkpoint: Option<u64>,
     test: bool,
 ) -> Result<BreakGlassReport, BreakGlassError> {
-    let path = data_dir.join("run").join("endpoints.json");
-    let bytes = match std::fs::read(&path) {
+    let body = serde_json::json!({ "vpg": vpg, "checkpoint": checkpoint, "test": test });
+    let out = admin_post(data_dir, "/v1/recoveries", &body).await?;
+    serde_json::from_slice(&out).map_err(|e| BreakGlassError::Refused(e.to_string()))
+}
+
+/// Ends a recovery from the command line (a break-glass one, with no manager to do it):
+/// commit makes its VMs this host's own, discard removes them.
+pub async fn end_via_admin(
+    data_dir: &Path,
+    operation: &str,
+    end: RecoveryEnd,
+) -> Result<serde_json::Value, BreakGlassError> {
+    let path = format!("/v1/recoveries/{operation}/end");
+    let out = admin_post(data_dir, &path, &serde_json::json!({ "end": end })).await?;
+    serde_json::from_slice(&out).map_err(|e| BreakGlassError::Refused(e.to_string()))
+}
+
+/// POSTs `body` to the admin endpoint of the agent running with `data_dir`; the
+/// response body, or the problem's detail as the error.
+async fn admin_post(
+    data_dir: &Path,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<Vec<u8>, BreakGlassError> {
+    let ep_path = data_dir.join("run").join("endpoints.json");
+    let bytes = match std::fs::read(&ep_path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(BreakGlassError::NoEndpoints { path })
+            return Err(BreakGlassError::NoEndpoints { path: ep_path })
         }
         Err(e) => {
             return Err(BreakGlassError::Endpoints {
-                path,
+                path: ep_path,
                 reason: e.to_string(),
             })
         }
     };
     let ep: crate::proto::agent::AgentEndpoints =
         serde_json::from_slice(&bytes).map_err(|e| BreakGlassError::Endpoints {
-            path: path.clone(),
+            path: ep_path.clone(),
             reason: e.to_string(),
         })?;
     let admin = ep.admin.ok_or(BreakGlassError::NoAdmin { pid: ep.pid })?;
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
-        // Boot-order delays make the answer take as long as the groups' delays.
+        // Boot-order delays make a recovery's answer take as long as the groups' delays.
         .timeout(Duration::from_secs(3600))
         .build()
         .map_err(|e| BreakGlassError::Refused(e.to_string()))?;
     let resp = client
-        .post(format!("http://{admin}/v1/recoveries"))
-        .json(&serde_json::json!({ "vpg": vpg, "checkpoint": checkpoint, "test": test }))
+        .post(format!("http://{admin}{path}"))
+        .json(body)
         .send()
         .await
         .map_err(|e| BreakGlassError::NotRunning {
@@ -1296,7 +1320,7 @@ pub async fn break_glass_via_admin(
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
         return Err(BreakGlassError::Refused(detail));
     }
-    serde_json::from_slice(&body).map_err(|e| BreakGlassError::Refused(e.to_string()))
+    Ok(body.to_vec())
 }
 
 fn disk_label(_dev: &Arc<dyn BlockDevice>) -> String {

@@ -261,6 +261,21 @@ enum AgentAction {
         #[arg(long, env = "BULWARK_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Ends a recovery that no manager runs (break-glass): `--commit` makes the
+    /// recovered VMs this host's own (journals promoted to the checkpoint), `--discard`
+    /// removes them and their scratch.
+    EndRecovery {
+        /// The operation id `bulwark agent recover` printed.
+        #[arg(long)]
+        operation: String,
+        #[arg(long, conflicts_with = "discard", required_unless_present = "discard")]
+        commit: bool,
+        #[arg(long)]
+        discard: bool,
+        /// The running agent's data directory (default: `[agent] data_dir`).
+        #[arg(long, env = "BULWARK_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -760,6 +775,32 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                     println!("    {}  nbd://{}/{}", d.name, r.nbd, d.export);
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(AgentArgs {
+            action:
+                Some(AgentAction::EndRecovery {
+                    operation,
+                    commit,
+                    discard: _,
+                    data_dir,
+                }),
+            ..
+        }) => {
+            use crate::proto::control::RecoveryEnd;
+            let data_dir = data_dir
+                .or_else(|| file.agent.data_dir.clone())
+                .context("--data-dir (or [agent] data_dir) is needed to find the running agent")?;
+            let end = if commit {
+                RecoveryEnd::Commit
+            } else {
+                RecoveryEnd::Discard
+            };
+            let out = crate::agent::recovery::end_via_admin(&data_dir, &operation, end).await?;
+            println!(
+                "recovery {operation} {}: {out}",
+                if commit { "committed" } else { "discarded" }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(a) => run_agent(a, &file).await,

@@ -4,8 +4,9 @@
 //! Force Sync, Full Sync), `GET /v1/received/{host}/{disk_id}/checkpoints` (with their
 //! recoverability), `GET /healthz`; the simulated hypervisor's VMs (`GET /v1/vms`,
 //! `POST /v1/vms`, `POST /v1/vms/{name}/power`) and the control channel's state
-//! (`GET /v1/control`); recoveries (`GET /v1/recoveries`, and `POST /v1/recoveries`:
-//! break-glass recovery of a VPG from the persisted desired state). Errors are problem-details JSON with a stable `code`, like the
+//! (`GET /v1/control`); recoveries (`GET /v1/recoveries`, `POST /v1/recoveries`:
+//! break-glass recovery of a VPG from the persisted desired state, and
+//! `POST /v1/recoveries/{operation}/end`: commit or discard one). Errors are problem-details JSON with a stable `code`, like the
 //! manager's API.
 
 use std::net::SocketAddr;
@@ -292,6 +293,33 @@ async fn break_glass_recovery(
     Ok((StatusCode::CREATED, Json(report)))
 }
 
+/// Body of `POST /v1/recoveries/{operation}/end`.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct EndRecoveryRequest {
+    pub end: crate::proto::control::RecoveryEnd,
+}
+
+/// Ends a running recovery here (commit or discard) under the generation this host
+/// knows for its VPG: what a manager would send, for a recovery no manager runs.
+async fn end_recovery(
+    State(s): State<AdminState>,
+    Path(operation): Path<String>,
+    body: Result<Json<EndRecoveryRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    let req = parsed(body)?;
+    let rec = vms_of(&s)?.recoveries();
+    let Some(r) = rec.reports().into_iter().find(|r| r.operation == operation) else {
+        return Err(AdminError(
+            StatusCode::NOT_FOUND,
+            "recovery.not_found",
+            format!("no recovery {operation:?} runs on this host"),
+        ));
+    };
+    let generation = s.agent.fencing().current(&r.vpg_id);
+    let out = rec.end(&operation, &r.vpg_id, generation, req.end).await?;
+    Ok(Json(out))
+}
+
 async fn control(State(s): State<AdminState>) -> Json<ControlStatus> {
     Json(match &s.control {
         Some(c) => c.status(),
@@ -328,6 +356,7 @@ pub fn router(state: AdminState) -> Router {
             "/v1/recoveries",
             get(list_recoveries).post(break_glass_recovery),
         )
+        .route("/v1/recoveries/{operation}/end", post(end_recovery))
         .fallback(not_found)
         .with_state(state)
 }
