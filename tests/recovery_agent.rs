@@ -535,6 +535,9 @@ async fn break_glass_cli_recovers_from_the_persisted_desired_state() {
             vpg_id: VPG.into(),
             name: "web".into(),
             fencing_generation: 0,
+            journal_history_secs: 0,
+            journal_hard_limit_bytes_per_disk: 0,
+            journal_warning_bytes_per_disk: 0,
             vms: vec![RecoveryVpgVm {
                 vm,
                 boot_group: 0,
@@ -675,4 +678,82 @@ async fn an_interrupted_commit_is_finished_at_restart() {
         "the finished commit differs from the checkpoint"
     );
     rec.shutdown().await.unwrap();
+}
+
+/// Background promotion: with the VPG's journal history at 1 s, the recovery agent
+/// moves older records into the replica by itself; the oldest checkpoint goes, the
+/// newest stays recoverable and reads as the source did at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_recovery_agent_promotes_journal_history_in_the_background() {
+    let vm = request("unused", 0, false, None).vms.remove(0);
+    let desired = DesiredState {
+        version: 1,
+        accept: vec![PROT.into()],
+        recovery: vec![RecoveryVpg {
+            vpg_id: VPG.into(),
+            name: "web".into(),
+            fencing_generation: 0,
+            journal_history_secs: 1,
+            journal_hard_limit_bytes_per_disk: 0,
+            journal_warning_bytes_per_disk: 0,
+            vms: vec![RecoveryVpgVm {
+                vm,
+                boot_group: 0,
+                boot_delay_secs: 0,
+            }],
+        }],
+        ..DesiredState::default()
+    };
+    let p = pair_with(Some(desired)).await;
+    assert_qemu_ok(&qemu_write(&p.prot, DISK, &["write -P 0x11 0 1M"]).await);
+    let c1 = checkpoint(&p).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_qemu_ok(&qemu_write(&p.prot, DISK, &["write -P 0x22 512k 1M"]).await);
+    let c2 = checkpoint(&p).await;
+    let dir = p._lab.path("out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let expected = copy_export(&url(&p.prot, DISK), &dir.join("src.raw")).await;
+
+    // Promotion runs every PROMOTE_EVERY; c1 is past the history window.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = Arc::clone(&p.rec);
+        let ids: Vec<u64> = tokio::task::spawn_blocking(move || {
+            a.received_checkpoints(PROT, 1)
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.id)
+                .collect()
+        })
+        .await
+        .unwrap();
+        if !ids.contains(&c1) {
+            assert!(ids.contains(&c2), "the newest checkpoint stays: {ids:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checkpoint {c1} was never promoted away: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recs = p.rec_vms.recoveries();
+    let report = recs
+        .recover(request("op-after-promotion", c2, true, None))
+        .await
+        .unwrap();
+    let export = report.vms[0].disks[0].export.clone();
+    p.rec_vms
+        .set_power("d0 - Test", PowerState::On)
+        .await
+        .unwrap();
+    let got = copy_export(&url(&p.rec, &export), &dir.join("rec.raw")).await;
+    assert!(
+        got == expected,
+        "the view after promotion differs from the source"
+    );
+    recs.end("op-after-promotion", VPG, 0, RecoveryEnd::Discard)
+        .await
+        .unwrap();
+    shutdown(p).await;
 }

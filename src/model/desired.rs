@@ -28,6 +28,9 @@ pub struct VpgRow {
     pub fencing_generation: u64,
     /// A recovery operation has stopped its protection (commit in progress).
     pub protection_stopped: bool,
+    pub journal_history_secs: u64,
+    pub journal_hard_limit_bytes: u64,
+    pub journal_warning_bytes: u64,
 }
 
 /// A disk of a member VM; `disk_id` is the agent's id, None until an agent reported it.
@@ -192,6 +195,10 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
                 vpg_id: vpg.id.clone(),
                 name: vpg.name.clone(),
                 fencing_generation: vpg.fencing_generation,
+                journal_history_secs: vpg.journal_history_secs,
+                // Shares are set below, once every disk of the VPG is counted.
+                journal_hard_limit_bytes_per_disk: 0,
+                journal_warning_bytes_per_disk: 0,
                 vms: Vec::new(),
             })
             .vms
@@ -302,6 +309,9 @@ mod tests {
             resync: ResyncPolicy::Automatic,
             fencing_generation: 1,
             protection_stopped: false,
+            journal_history_secs: 3600,
+            journal_hard_limit_bytes: 2 << 30,
+            journal_warning_bytes: 1 << 30,
         }
     }
 
@@ -426,6 +436,10 @@ mod tests {
         let v = &r1[0];
         assert_eq!((v.vpg_id.as_str(), v.name.as_str()), ("v", "VPG v"));
         assert_eq!(v.fencing_generation, 4);
+        assert_eq!(v.journal_history_secs, 3600);
+        // Two journals share the VPG's limits (an unreported disk has none).
+        assert_eq!(v.journal_hard_limit_bytes_per_disk, 1 << 30);
+        assert_eq!(v.journal_warning_bytes_per_disk, 1 << 29);
         let names: Vec<(&str, u32)> = v
             .vms
             .iter()

@@ -189,6 +189,17 @@ pub struct RecoveryVpg {
     pub vpg_id: String,
     pub name: String,
     pub fencing_generation: u64,
+    /// Journal history each of this VPG's journals here keeps; older records go into the
+    /// replica disks (background promotion). 0: nothing is promoted.
+    #[serde(default)]
+    pub journal_history_secs: u64,
+    /// Each journal's share of the VPG's journal hard limit (the VPG's limit over its
+    /// disks): past it, promotion goes further than the history. 0: no limit.
+    #[serde(default)]
+    pub journal_hard_limit_bytes_per_disk: u64,
+    /// Each journal's share of the VPG's journal warning size. 0: none.
+    #[serde(default)]
+    pub journal_warning_bytes_per_disk: u64,
     /// The VMs whose disks this host keeps journals of, in boot order (boot group, then
     /// name); each with its recovery network and re-IP setting.
     pub vms: Vec<RecoveryVpgVm>,

@@ -66,6 +66,9 @@ use crate::proto::stream::ReplicaState;
 
 pub use config::{AgentConfig, AgentConfigError, AgentFlags, AgentSection, Security};
 use config::{DiskConfig, PeerConfig};
+/// How often a recovery host promotes the journals it keeps.
+pub const PROMOTE_EVERY: Duration = Duration::from_secs(5);
+
 pub use reverse::{without_seeded_disks, SeededDisk, REVERSE_SEEDS_FILE};
 use splitter::Splitter;
 
@@ -649,6 +652,14 @@ impl Agent {
                     .instrument(tracing::info_span!("bitmap-clearer")),
             );
         }
+        if agent.receiver.is_some() {
+            let a = Arc::clone(&agent);
+            let c = agent.cancel.clone();
+            agent.tasks.spawn(
+                async move { a.promote_journals(c).await }
+                    .instrument(tracing::info_span!("promoter")),
+            );
+        }
         tracing::info!(
             host = %agent.cfg.host_name,
             site = %agent.cfg.site,
@@ -659,6 +670,68 @@ impl Agent {
             "agent started"
         );
         Ok(agent)
+    }
+
+    /// Recovery side, in the background: every [`PROMOTE_EVERY`], each journal of a VPG
+    /// the manager named (its `recovery` entries) moves the records older than the VPG's
+    /// journal history — or more, to stay under its share of the hard limit — into the
+    /// replica disk. Open views (a test, a failover before commit) hold it back by
+    /// themselves; a journal a sync runs over waits for the next round.
+    async fn promote_journals(self: Arc<Self>, cancel: CancellationToken) {
+        use crate::agent::journal::PromotePolicy;
+        let Some(receiver) = self.receiver.clone() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(PROMOTE_EVERY) => {}
+            }
+            let Some(desired) = lock(&self.managed).clone() else {
+                continue;
+            };
+            let mut work = Vec::new();
+            for v in desired
+                .recovery
+                .iter()
+                .filter(|v| v.journal_history_secs > 0)
+            {
+                let policy = PromotePolicy {
+                    now_ms: chrono::Utc::now().timestamp_millis(),
+                    history_ms: i64::try_from(v.journal_history_secs.saturating_mul(1000))
+                        .unwrap_or(i64::MAX),
+                    warn_bytes: (v.journal_warning_bytes_per_disk > 0)
+                        .then_some(v.journal_warning_bytes_per_disk),
+                    hard_limit_bytes: (v.journal_hard_limit_bytes_per_disk > 0)
+                        .then_some(v.journal_hard_limit_bytes_per_disk),
+                };
+                for d in v.vms.iter().flat_map(|m| &m.vm.disks) {
+                    work.push((d.host.clone(), d.disk_id, policy));
+                }
+            }
+            let r = receiver.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                for (host, disk, policy) in work {
+                    match r.promote(&host, disk, &policy) {
+                        Ok(Some(rep)) if rep.records_applied > 0 => {
+                            tracing::info!(%host, disk, records = rep.records_applied,
+                                freed = rep.bytes_freed, to = ?rep.promoted_to.map(|c| c.id),
+                                history_short = rep.history_short,
+                                blocked_by_view = rep.blocked_by_view,
+                                "journal promoted into the replica");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(%host, disk, error = %e, "journal promotion failed");
+                        }
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = done {
+                tracing::warn!(error = %e, "the promotion task failed");
+            }
+        }
     }
 
     pub fn config(&self) -> &AgentConfig {

@@ -291,6 +291,30 @@ impl ReceiverHandle {
         Ok(())
     }
 
+    /// Background promotion of (host, disk)'s journal under `policy` (see
+    /// [`Journal::promote`]): None when the journal is not open here or a sync runs over
+    /// it (a sync's bytes and its recoverability bookkeeping must see one replica).
+    /// Takes the journal's lock for as long as the promotion writes. Blocking.
+    pub fn promote(
+        &self,
+        host: &str,
+        disk_id: u64,
+        policy: &crate::agent::journal::PromotePolicy,
+    ) -> Result<Option<crate::agent::journal::PromoteReport>, StreamError> {
+        let key = (host.to_string(), disk_id);
+        let Some(j) = lock(&self.shared.journals).get(&key).cloned() else {
+            return Ok(None);
+        };
+        if self
+            .sync_state(host, disk_id)
+            .is_none_or(|s| s.running.is_some())
+        {
+            return Ok(None);
+        }
+        let report = lock(&j).promote(policy)?;
+        Ok(Some(report))
+    }
+
     /// Every durable checkpoint of a disk opened since this receiver started, with
     /// whether it may be recovered to (no sync made it unrecoverable). Takes the
     /// journal's lock: not for the reactor thread when the journal is busy.

@@ -533,6 +533,9 @@ impl Store {
                 let s: VpgSettings = serde_json::from_value(v.settings).unwrap_or_default();
                 let row = VpgRow {
                     name: v.name,
+                    journal_history_secs: u64::from(s.journal_history_secs),
+                    journal_hard_limit_bytes: s.journal_hard_limit_bytes,
+                    journal_warning_bytes: s.journal_warning_bytes,
                     lifecycle: lifecycle_of(&v.lifecycle),
                     paused: v.paused,
                     priority: s.priority,
