@@ -273,7 +273,18 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
     for (host, from) in accept {
         out.hosts.entry(host).or_default().accept = from.into_iter().collect();
     }
+    // A VPG's journal limits are shared equally by its journals, wherever they are.
+    let mut disks_of: BTreeMap<String, u64> = BTreeMap::new();
+    for r in break_glass.values() {
+        let n: usize = r.vms.iter().map(|v| v.vm.disks.len()).sum();
+        *disks_of.entry(r.vpg_id.clone()).or_default() += n as u64;
+    }
     for ((host, _), mut r) in break_glass {
+        if let Some(v) = vpgs.get(r.vpg_id.as_str()) {
+            let n = disks_of.get(&r.vpg_id).copied().unwrap_or(1).max(1);
+            r.journal_hard_limit_bytes_per_disk = v.journal_hard_limit_bytes / n;
+            r.journal_warning_bytes_per_disk = v.journal_warning_bytes / n;
+        }
         r.vms
             .sort_by(|a, b| (a.boot_group, &a.vm.name).cmp(&(b.boot_group, &b.vm.name)));
         out.hosts.entry(host).or_default().recovery.push(r);
