@@ -910,11 +910,15 @@ async fn operation_alerts_are_raised_and_cleared() {
         .await;
     let id = t["id"].as_str().unwrap().to_string();
     w.wait_task(&id, "waiting").await;
-    w.post(
-        &format!("/api/v1/vpgs/{}/failover-test/stop", w.vpg),
-        json!({"result": "passed"}),
-    )
-    .await;
+    // No body: the stop takes its defaults (result `passed`).
+    let (st, p) =
+        w.m.call(
+            "POST",
+            &format!("/api/v1/vpgs/{}/failover-test/stop", w.vpg),
+            None,
+        )
+        .await;
+    assert_eq!(st.as_u16(), 202, "{p}");
     w.wait_task(&id, "succeeded").await;
     assert!(open_alerts(&w, "operation_failed").await.is_empty());
     assert!(open_alerts(&w, "test_time_boxed").await.is_empty());

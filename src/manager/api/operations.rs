@@ -60,9 +60,10 @@ pub async fn stop_test(
     State(s): State<AppState>,
     c: Caller,
     ApiPath(id): ApiPath<String>,
-    ApiJson(body): ApiJson<FailoverTestStop>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     c.require(Role::Operator)?;
+    let body: FailoverTestStop = optional_json(&body, "a test stop request")?;
     let req = DecisionRequest {
         decision: Decision::Stop,
         test_result: Some(body.result.unwrap_or_else(|| "passed".into())),
@@ -126,17 +127,7 @@ pub async fn commit(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     c.require(Role::Operator)?;
-    // The body is optional: an empty one takes the operation's default.
-    let body: CommitRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CommitRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request(
-                "request.bad_json",
-                format!("the body is not a commit request: {e}"),
-            )
-        })?
-    };
+    let body: CommitRequest = optional_json(&body, "a commit request")?;
     let reverse = match body.reverse_protection {
         Some(r) => r,
         None => default_reverse(&s.control, &id).await?,
@@ -260,4 +251,17 @@ pub async fn get_report(
 ) -> Result<Response, ApiError> {
     c.require(Role::Viewer)?;
     Ok(ApiJson(s.control.store.get_report(&id).await?).into_response())
+}
+
+/// An optional JSON body: an empty one is `T::default()` (the operation's defaults).
+fn optional_json<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request("request.bad_json", format!("the body is not {what}: {e}"))
+    })
 }
