@@ -741,14 +741,21 @@ async fn drive(cp: Arc<ControlPlane>, id: String) {
         }
         // Persist before acting.
         let now = Utc::now();
+        let mut started = None;
         if let Some(s) = o.steps.get_mut(o.current) {
             if s.state != "running" {
                 s.state = "running".into();
                 s.started_at = Some(now);
                 s.message = None;
+                // An event, so the live stream carries the step's start too.
+                started = Some((
+                    "operation.step_started",
+                    "info",
+                    format!("{} step {} started", o.op.kind.as_str(), s.name),
+                ));
             }
         }
-        if let Err(e) = cp.store.save_operation(&o, phase_of(&o), None).await {
+        if let Err(e) = cp.store.save_operation(&o, phase_of(&o), started).await {
             drop(guard);
             tracing::warn!(operation = %id, error = %e, "cannot save the operation; retrying");
             tokio::select! {
