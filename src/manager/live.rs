@@ -240,22 +240,77 @@ impl Drop for ClientGuard {
     }
 }
 
-/// Reads the whole picture for a snapshot marked `seq`.
+/// The parts of a snapshot, as one read gave them.
+struct SnapshotParts {
+    vpgs: Vec<crate::proto::api::Vpg>,
+    alerts: Vec<crate::proto::api::Alert>,
+    tasks: Vec<crate::proto::api::Task>,
+    sites: Vec<crate::proto::api::Site>,
+    hosts: Vec<crate::proto::api::Host>,
+    events: Vec<Event>,
+}
+
+/// The last snapshot read, for clients that connect together (a console reload on many
+/// screens, every client after a manager restart): one read serves every client that
+/// was waiting when it started, instead of one whole read of the database each.
+struct LastRead {
+    /// The store it was read from (one process may run several managers: tests).
+    store: tokio::sync::watch::Receiver<u64>,
+    started: Instant,
+    parts: Arc<SnapshotParts>,
+}
+
+static LAST_READ: std::sync::OnceLock<tokio::sync::Mutex<Option<LastRead>>> =
+    std::sync::OnceLock::new();
+
+/// Reads the whole picture for a snapshot marked `seq`. The read is at least as new as
+/// the call (a read that started after the call began may be shared with other callers).
 pub async fn snapshot(
     store: &Store,
     seq: u64,
     reason: SnapshotReason,
 ) -> Result<Snapshot, StoreError> {
+    let called = Instant::now();
+    let me = store.commits();
+    let mut last = LAST_READ
+        .get_or_init(|| tokio::sync::Mutex::new(None))
+        .lock()
+        .await;
+    let shared = last
+        .as_ref()
+        .filter(|l| l.started >= called && l.store.same_channel(&me))
+        .map(|l| Arc::clone(&l.parts));
+    let parts = match shared {
+        Some(p) => p,
+        None => {
+            let started = Instant::now();
+            let parts = Arc::new(SnapshotParts {
+                vpgs: store.all_vpgs().await?,
+                alerts: store.open_alerts().await?,
+                tasks: store.live_tasks().await?,
+                sites: store.all_sites().await?,
+                hosts: store.all_hosts().await?,
+                events: store.recent_events().await?,
+            });
+            *last = Some(LastRead {
+                store: me,
+                started,
+                parts: Arc::clone(&parts),
+            });
+            parts
+        }
+    };
+    drop(last);
     Ok(Snapshot {
         seq,
         at: Utc::now(),
         reason,
-        vpgs: store.all_vpgs().await?,
-        alerts: store.open_alerts().await?,
-        tasks: store.live_tasks().await?,
-        sites: store.all_sites().await?,
-        hosts: store.all_hosts().await?,
-        events: store.recent_events().await?,
+        vpgs: parts.vpgs.clone(),
+        alerts: parts.alerts.clone(),
+        tasks: parts.tasks.clone(),
+        sites: parts.sites.clone(),
+        hosts: parts.hosts.clone(),
+        events: parts.events.clone(),
     })
 }
 

@@ -42,6 +42,16 @@ pub async fn list_vpgs(
     ApiQuery(p): ApiQuery<PageQuery>,
 ) -> Result<ApiJson<Page<Vpg>>, ApiError> {
     c.require(Role::Viewer)?;
+    // From the evaluator's snapshot while it is provably current, else the database.
+    let generation = s.control.config_generation();
+    if let Some(page) = s
+        .control
+        .vpg_list
+        .page(&s.store, generation, &q, &p)
+        .await?
+    {
+        return Ok(ApiJson(page));
+    }
     Ok(ApiJson(s.store.list_vpgs(&q, &p).await?))
 }
 

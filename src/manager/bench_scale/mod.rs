@@ -38,6 +38,8 @@ const INVENTORY_WITHIN: Duration = Duration::from_secs(300);
 const CREATE_CONCURRENCY: usize = 4;
 /// REST latency sampling: sequential, at most this many requests a second.
 const REST_RATE: f64 = 5.0;
+/// REST samples at least this slow are logged with their time in the window.
+const SLOW_MS: f64 = 100.0;
 /// A status change is made this often during the fan-out measurement.
 const TOGGLE_EVERY: Duration = Duration::from_secs(3);
 /// Linux clock ticks per second (`getconf CLK_TCK`: 100 on every mainstream kernel).
@@ -120,6 +122,9 @@ pub struct StreamReport {
     /// Why it was not measured, if it was not.
     pub skipped: Option<String>,
     pub clients_connected: usize,
+    /// From the clients' first connection to the last one holding its snapshot (before
+    /// the window; they all connect at once).
+    pub connect_secs: f64,
     /// Status changes made (pause toggles, or simulated syncs without a pause switch).
     pub changes_made: usize,
     pub change_method: String,
@@ -162,6 +167,8 @@ pub struct ScaleReport {
     pub setup_retries: u32,
     pub sim_heartbeats: u64,
     pub sim_disconnects: u64,
+    /// Hellos refused for a passing reason and retried by the simulated agents.
+    pub sim_refusals: u64,
     pub stream: StreamReport,
 }
 
@@ -234,6 +241,7 @@ async fn run_on(opts: &ScaleOpts, url: &str) -> Result<ScaleReport, BenchError> 
     agents.abort_all();
     report.sim_heartbeats = shared.heartbeats.load(Ordering::Relaxed);
     report.sim_disconnects = shared.disconnects.load(Ordering::Relaxed);
+    report.sim_refusals = shared.refusals.load(Ordering::Relaxed);
     manager.stop().await;
     outcome.map(|()| report)
 }
@@ -367,19 +375,39 @@ async fn measure(
         eprintln!("bench scale: every VPG Meeting SLA {s:.1} s after the first was created");
     }
 
+    // The live-stream clients connect and take their snapshots before the window: the
+    // window measures the steady state with them connected (their connection storm is
+    // reported on its own, `stream.connect_secs`).
+    let window = Duration::from_secs(opts.measure_secs);
+    let stop_clients = CancellationToken::new();
+    let clients = stream::connect(
+        manager.ws.clone(),
+        api.token.clone(),
+        opts.clients,
+        stop_clients.clone(),
+    )
+    .await;
+    if let Ok(c) = &clients {
+        eprintln!(
+            "bench scale: {} of {} stream clients have their snapshot ({:.1} s)",
+            c.ready(),
+            opts.clients,
+            c.connect_secs
+        );
+    }
+
     // The window.
     eprintln!("bench scale: measuring for {} s", opts.measure_secs);
-    let window = Duration::from_secs(opts.measure_secs);
     let rounds_before = rounds(&api).await.unwrap_or_default();
     let cpu_before = cpu_ticks(manager.pid)?;
     let started = Instant::now();
     let stream_task = tokio::spawn(stream::measure(
-        manager.ws.clone(),
+        clients,
         api.clone(),
         Arc::clone(shared),
         vpg_ids.clone(),
-        opts.clients,
         window,
+        stop_clients,
     ));
     let rest_task = tokio::spawn(rest_latency(api.clone(), window));
     let mut cpu_max = 0.0f64;
@@ -669,6 +697,13 @@ async fn rest_latency(api: Api, window: Duration) -> (Latency, Latency) {
         } else {
             samples[which].1 += 1;
         }
+        if ms >= SLOW_MS {
+            eprintln!(
+                "bench scale: slow {} {ms:.0} ms at {:.1} s into the window",
+                paths[which],
+                t.duration_since(started).as_secs_f64()
+            );
+        }
         if let Some(left) = gap.checked_sub(t.elapsed()) {
             tokio::time::sleep(left).await;
         }
@@ -866,6 +901,7 @@ impl PgScratch {
 
 /// Clients of `GET /api/v1/stream`.
 mod stream {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -873,29 +909,45 @@ mod stream {
     use serde_json::{json, Value};
     use tokio::task::JoinSet;
     use tokio_tungstenite::tungstenite::Message;
+    use tokio_util::sync::CancellationToken;
 
     use super::{Latency, StreamReport, TOGGLE_EVERY};
     use crate::lab::Api;
     use crate::manager::bench_scale::sim_agent::Shared;
 
     const STREAM_PATH: &str = "/api/v1/stream";
+    /// Longest wait for every client's snapshot before the window starts anyway.
+    const CONNECT_WITHIN: Duration = Duration::from_secs(30);
+    /// Longest a client stays connected, whatever happens.
+    const CLIENT_AT_MOST: Duration = Duration::from_secs(3600);
 
-    /// Connects `clients`, makes a status change every [`TOGGLE_EVERY`] for `window`,
-    /// and gathers each client's latencies.
-    pub async fn measure(
-        ws: String,
-        api: Api,
-        shared: Arc<Shared>,
-        vpgs: Vec<String>,
-        clients: usize,
-        window: Duration,
-    ) -> StreamReport {
-        let mut report = StreamReport::default();
-        if clients == 0 {
-            report.skipped = Some("--clients 0".into());
-            return report;
+    /// Live-stream clients, connected and (mostly) holding their snapshot.
+    pub struct Clients {
+        set: JoinSet<Result<Vec<f64>, String>>,
+        ready: Arc<AtomicUsize>,
+        /// From the first connection to the last snapshot received (or the wait's end).
+        pub connect_secs: f64,
+    }
+
+    impl Clients {
+        pub fn ready(&self) -> usize {
+            self.ready.load(Ordering::Relaxed)
         }
-        let url = format!("{ws}{STREAM_PATH}?access_token={}", api.token);
+    }
+
+    /// Connects `clients` and waits (at most [`CONNECT_WITHIN`]) until each has its
+    /// snapshot; they collect status-change latencies until `stop`. `Err`: why the
+    /// fan-out cannot be measured.
+    pub async fn connect(
+        ws: String,
+        token: String,
+        clients: usize,
+        stop: CancellationToken,
+    ) -> Result<Clients, String> {
+        if clients == 0 {
+            return Err("--clients 0".into());
+        }
+        let url = format!("{ws}{STREAM_PATH}?access_token={token}");
         // Probe: is there a stream at all?
         match tokio::time::timeout(
             Duration::from_secs(10),
@@ -907,29 +959,59 @@ mod stream {
                 let _ = s.close(None).await;
             }
             Ok(Err(e)) => {
-                report.skipped = Some(format!(
+                return Err(format!(
                     "no live stream at {STREAM_PATH} on this manager ({e}); fan-out not measured"
                 ));
-                return report;
             }
-            Err(_) => {
-                report.skipped = Some(format!("{STREAM_PATH}: no handshake within 10 s"));
-                return report;
-            }
+            Err(_) => return Err(format!("{STREAM_PATH}: no handshake within 10 s")),
         }
-        let deadline = tokio::time::Instant::now() + window;
+        let t = Instant::now();
+        let ready = Arc::new(AtomicUsize::new(0));
         let mut set = JoinSet::new();
         for _ in 0..clients {
-            set.spawn(client(url.clone(), deadline + Duration::from_secs(2)));
+            set.spawn(client(url.clone(), Arc::clone(&ready), stop.clone()));
         }
-        // Let them connect and take their snapshots.
-        tokio::time::sleep(Duration::from_secs(2).min(window / 4)).await;
+        let by = Instant::now() + CONNECT_WITHIN;
+        while ready.load(Ordering::Relaxed) < clients && Instant::now() < by {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Clients {
+            set,
+            ready,
+            connect_secs: t.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Makes a status change every [`TOGGLE_EVERY`] for `window`, then stops the
+    /// clients and gathers their latencies.
+    pub async fn measure(
+        clients: Result<Clients, String>,
+        api: Api,
+        shared: Arc<Shared>,
+        vpgs: Vec<String>,
+        window: Duration,
+        stop: CancellationToken,
+    ) -> StreamReport {
+        let mut report = StreamReport::default();
+        let mut clients = match clients {
+            Ok(c) => c,
+            Err(why) => {
+                report.skipped = Some(why);
+                return report;
+            }
+        };
+        report.connect_secs = clients.connect_secs;
+        let deadline = tokio::time::Instant::now() + window;
         let (made, method) = toggle(&api, &shared, &vpgs, deadline).await;
         report.changes_made = made;
         report.change_method = method;
+        tokio::time::sleep_until(deadline).await;
+        // The last change's frames are on their way.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
         let mut all = Vec::new();
         let mut errors = 0;
-        while let Some(r) = set.join_next().await {
+        while let Some(r) = clients.set.join_next().await {
             match r {
                 Ok(Ok(ms)) => {
                     report.clients_connected += 1;
@@ -995,29 +1077,41 @@ mod stream {
             .is_ok_and(|r| r.status().is_success())
     }
 
-    /// One client until `until`: latencies (ms) of every `vpg.status_changed` event it
+    /// One client until `stop`: latencies (ms) of every `vpg.status_changed` event it
     /// received, from the event's `at` to the frame's arrival.
-    async fn client(url: String, until: tokio::time::Instant) -> Result<Vec<f64>, String> {
+    async fn client(
+        url: String,
+        ready: Arc<AtomicUsize>,
+        stop: CancellationToken,
+    ) -> Result<Vec<f64>, String> {
         let (mut s, _) = tokio_tungstenite::connect_async(&url)
             .await
             .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         let mut snapshot = false;
-        let wall = Instant::now();
+        let until = tokio::time::Instant::now() + CLIENT_AT_MOST;
         loop {
-            let frame = match tokio::time::timeout_at(until, s.next()).await {
-                Err(_) => break,
-                Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break,
-                Ok(Some(Err(e))) => return Err(e.to_string()),
-                Ok(Some(Ok(Message::Text(t)))) => t,
-                Ok(Some(Ok(_))) => continue,
+            let frame = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = tokio::time::timeout_at(until, s.next()) => match r {
+                    Err(_) => break,
+                    Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break,
+                    Ok(Some(Err(e))) => return Err(e.to_string()),
+                    Ok(Some(Ok(Message::Text(t)))) => t,
+                    Ok(Some(Ok(_))) => continue,
+                },
             };
             let received = chrono::Utc::now();
             let Ok(v) = serde_json::from_str::<Value>(frame.as_str()) else {
                 continue;
             };
             match v["type"].as_str() {
-                Some("snapshot") => snapshot = true,
+                Some("snapshot") => {
+                    if !snapshot {
+                        ready.fetch_add(1, Ordering::Relaxed);
+                    }
+                    snapshot = true;
+                }
                 Some("delta") => {
                     for e in v["events"].as_array().into_iter().flatten() {
                         if e["kind"] != "vpg.status_changed" {
@@ -1037,9 +1131,6 @@ mod stream {
                     }
                 }
                 _ => {}
-            }
-            if wall.elapsed() > Duration::from_secs(3600) {
-                break;
             }
         }
         let _ = s.close(None).await;
@@ -1124,23 +1215,29 @@ pub fn table(r: &ScaleReport) -> String {
     );
     match &r.stream.skipped {
         Some(why) => row("stream fan-out", format!("skipped: {why}")),
-        None => row(
-            "stream fan-out",
-            format!(
-                "{} ({} clients, {} changes by {})",
-                lat(&r.stream.latency),
-                r.stream.clients_connected,
-                r.stream.changes_made,
-                r.stream.change_method
-            ),
-        ),
+        None => {
+            row(
+                "stream fan-out",
+                format!(
+                    "{} ({} clients, {} changes by {})",
+                    lat(&r.stream.latency),
+                    r.stream.clients_connected,
+                    r.stream.changes_made,
+                    r.stream.change_method
+                ),
+            );
+            row(
+                "stream clients connect + snapshot",
+                format!("{:.1} s for all (before the window)", r.stream.connect_secs),
+            );
+        }
     }
     row("setup requests retried", r.setup_retries.to_string());
     row(
         "simulated agents",
         format!(
-            "{} heartbeats, {} disconnects",
-            r.sim_heartbeats, r.sim_disconnects
+            "{} heartbeats, {} disconnects, {} refusals retried",
+            r.sim_heartbeats, r.sim_disconnects, r.sim_refusals
         ),
     );
     s

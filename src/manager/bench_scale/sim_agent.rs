@@ -40,6 +40,11 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause before reconnecting after a connection ended.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+/// Refusals a real agent also answers by connecting again (a race the manager lost, a
+/// database error); every other refusal ends the simulated agent.
+const TRANSIENT_REFUSALS: [&str; 2] = ["agent.retry", "agent.internal"];
+/// How many transient refusals in a row a simulated agent takes before giving up.
+const MAX_TRANSIENT_REFUSALS: u32 = 30;
 /// Nominal bytes a simulated journal grows per recoverable checkpoint.
 const JOURNAL_BYTES_PER_CHECKPOINT: u64 = 64 << 10;
 
@@ -127,6 +132,8 @@ pub struct Shared {
     pub desired: AtomicU64,
     pub connects: AtomicU64,
     pub disconnects: AtomicU64,
+    /// Hellos refused for a passing reason (`agent.retry`, `agent.internal`) and retried.
+    pub refusals: AtomicU64,
 }
 
 impl Shared {
@@ -185,6 +192,7 @@ pub async fn run(
         token: spec.enrolment_token.clone(),
     };
     let mut desired_version = None;
+    let mut refusals = 0u32;
     loop {
         if cancel.is_cancelled() {
             return Ok(());
@@ -194,14 +202,23 @@ pub async fn run(
             r = connection(&spec, &url, &mut credential, &mut desired_version, &shared, &cancel) => r,
         };
         match ended {
-            Ok(()) => {}
-            Err(Ended::Rejected(what)) => {
+            Ok(()) => refusals = 0,
+            Err(Ended::Rejected { code, what })
+                if TRANSIENT_REFUSALS.contains(&code.as_str())
+                    && refusals < MAX_TRANSIENT_REFUSALS =>
+            {
+                refusals += 1;
+                shared.refusals.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(host = %spec.host, %what, "simulated agent refused for now; connecting again");
+            }
+            Err(Ended::Rejected { what, .. }) => {
                 return Err(SimError::Failed {
                     host: spec.host.clone(),
                     what,
                 })
             }
             Err(Ended::Lost(what)) => {
+                refusals = 0;
                 shared.disconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(host = %spec.host, %what, "simulated agent lost its connection");
             }
@@ -214,7 +231,7 @@ pub async fn run(
 }
 
 enum Ended {
-    Rejected(String),
+    Rejected { code: String, what: String },
     Lost(String),
 }
 
@@ -282,7 +299,10 @@ async fn connection(
                 heartbeat_ms
             }
             Some(ManagerMessage::Rejected { code, reason }) => {
-                return Err(Ended::Rejected(format!("rejected: {code}: {reason}")))
+                return Err(Ended::Rejected {
+                    what: format!("rejected: {code}: {reason}"),
+                    code,
+                })
             }
             other => return Err(Ended::Lost(format!("expected welcome, got {other:?}"))),
         },

@@ -83,6 +83,8 @@ pub struct ControlPlane {
     pub ops: crate::manager::ops::Operations,
     /// Per-VM replication state (Hyper-V words) from the last evaluation.
     pub vm_states: evaluate::VmStates,
+    /// The VPG list as the last evaluation left it (`GET /api/v1/vpgs`).
+    pub vpg_list: evaluate::VpgList,
     /// The Prometheus registry: the evaluator sets per-VPG values, rounds observe holds.
     pub metrics: Arc<Metrics>,
     /// The live stream (`GET /api/v1/stream`): the evaluator hands it SLA samples.
@@ -108,6 +110,7 @@ impl ControlPlane {
             recovery: recovery::RecoveryTracker::new(),
             replicas: replicas::ReplicaDrops::new(),
             vm_states: evaluate::VmStates::default(),
+            vpg_list: evaluate::VpgList::default(),
             ops: crate::manager::ops::Operations::new(),
             hub: Hub::new(),
             store,

@@ -18,8 +18,8 @@ use crate::proto::control::CheckpointKind;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set, Statement, TransactionTrait,
 };
 use std::collections::HashMap;
 
@@ -45,6 +45,10 @@ pub struct LiveMember {
 pub struct CheckpointSummary {
     /// Ids of rows not (yet) recoverable, ascending.
     pub pending: Vec<u64>,
+    /// `taken_at` of each of `pending`, in the same order (the evaluator keeps the
+    /// summary in memory and moves a row's time into the span when it becomes
+    /// recoverable).
+    pub pending_at: Vec<DateTime<Utc>>,
     pub newest_recoverable: Option<DateTime<Utc>>,
     pub oldest_recoverable: Option<DateTime<Utc>>,
     /// How many rows are recoverable.
@@ -86,6 +90,50 @@ pub struct StatusUpdate {
     pub newest_recoverable_at: Option<DateTime<Utc>>,
 }
 
+/// A VPG as `GET /api/v1/vpgs` lists it, with what its RPO is computed from at read
+/// time.
+#[derive(Debug, Clone)]
+pub struct ListedVpg {
+    pub vpg: crate::proto::api::Vpg,
+    pub newest_recoverable_at: Option<DateTime<Utc>>,
+    pub rpo_actual_ms: Option<i64>,
+}
+
+impl ListedVpg {
+    /// The item as a read at `now` shows it (the RPO is exact at every read).
+    pub fn at(&self, now: DateTime<Utc>) -> crate::proto::api::Vpg {
+        let mut v = self.vpg.clone();
+        v.rpo_actual_secs =
+            super::vpgs::rpo_secs(self.newest_recoverable_at, self.rpo_actual_ms, now);
+        v
+    }
+
+    /// The evaluator's status columns, as the row now holds them.
+    pub fn apply(&mut self, u: &StatusUpdate) {
+        self.vpg.status = u.status;
+        self.vpg.sub_status = u.sub_status;
+        self.vpg.history_actual_secs = u.history_actual_secs.map(u64_of);
+        self.vpg.journal_bytes = u64_of(u.journal_bytes);
+        self.newest_recoverable_at = u.newest_recoverable_at;
+        self.rpo_actual_ms = u.rpo_actual_ms;
+    }
+}
+
+/// See [`Store::vpg_fingerprint`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VpgFingerprint {
+    pub count: i64,
+    pub max_updated_at: Option<DateTime<Utc>>,
+    pub version_sum: i64,
+}
+
+/// Checkpoints of one VPG an evaluator pass found recoverable.
+#[derive(Debug, Clone)]
+pub struct RecoverableMark {
+    pub vpg_id: String,
+    pub ids: Vec<u64>,
+}
+
 /// A completed round, to be stored.
 #[derive(Debug, Clone)]
 pub struct NewCheckpoint {
@@ -108,6 +156,9 @@ pub(crate) fn lifecycle_str(l: Lifecycle) -> &'static str {
         Lifecycle::Recovered => "recovered",
     }
 }
+
+/// Ids per `IN (…)` list: SQLite caps bound parameters.
+const IN_CHUNK: usize = 500;
 
 fn i64_id(id: u64) -> i64 {
     // Round ids are microseconds since the epoch: far below i64::MAX until the year
@@ -133,59 +184,186 @@ impl Store {
         only: Option<&str>,
         with_checkpoints: bool,
     ) -> Result<Vec<LiveVpg>, StoreError> {
+        let mut vpgs = self.live_vpg_heads(only).await?;
+        if vpgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = vpgs.iter().map(|v| v.id.clone()).collect();
+        let mut by_vpg = self.live_members(&ids).await?;
+        let mut summaries = if with_checkpoints {
+            self.checkpoint_summaries(&ids).await?
+        } else {
+            HashMap::new()
+        };
+        for v in &mut vpgs {
+            v.members = by_vpg.remove(&v.id).unwrap_or_default();
+            v.checkpoints = summaries.remove(&v.id).unwrap_or_default();
+        }
+        Ok(vpgs)
+    }
+
+    /// Every VPG (or one) as [`Store::live_vpgs`] gives it, without members and
+    /// checkpoint summary: one read of the `vpgs` table (the evaluator reads this every
+    /// pass and keeps members and checkpoints itself).
+    pub async fn live_vpg_heads(&self, only: Option<&str>) -> Result<Vec<LiveVpg>, StoreError> {
+        Ok(self
+            .vpg_heads(only)
+            .await?
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect())
+    }
+
+    /// [`Store::live_vpg_heads`] of every VPG, each with its list item as
+    /// `GET /api/v1/vpgs` shows it (member count 0: the caller knows the members) and
+    /// the [`VpgFingerprint`] of what was read.
+    pub async fn live_vpg_heads_listed(
+        &self,
+    ) -> Result<(Vec<(LiveVpg, ListedVpg)>, VpgFingerprint), StoreError> {
+        let rows = self.vpg_heads(None).await?;
+        let mut fp = VpgFingerprint {
+            count: i64::try_from(rows.len()).unwrap_or(i64::MAX),
+            ..VpgFingerprint::default()
+        };
+        for (_, l) in &rows {
+            fp.max_updated_at = fp.max_updated_at.max(Some(l.vpg.updated_at));
+            fp.version_sum = fp
+                .version_sum
+                .saturating_add(i64::try_from(l.vpg.version).unwrap_or(i64::MAX));
+        }
+        Ok((rows, fp))
+    }
+
+    async fn vpg_heads(&self, only: Option<&str>) -> Result<Vec<(LiveVpg, ListedVpg)>, StoreError> {
         let mut sel = vpg::Entity::find().order_by_asc(vpg::Column::Id);
         if let Some(id) = only {
             sel = sel.filter(vpg::Column::Id.eq(id));
         }
         let vpgs = sel.all(&self.db).await?;
-        if vpgs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids: Vec<String> = vpgs.iter().map(|v| v.id.clone()).collect();
-        let members = member::Entity::find()
-            .filter(member::Column::VpgId.is_in(ids.clone()))
-            .order_by_asc(member::Column::BootGroup)
-            .order_by_asc(member::Column::Id)
-            .all(&self.db)
-            .await?;
-        let vm_ids: Vec<String> = members.iter().map(|m| m.vm_id.clone()).collect();
-        let vms: HashMap<String, (String, String)> = vm::Entity::find()
-            .filter(vm::Column::Id.is_in(vm_ids.clone()))
-            .select_only()
-            .column(vm::Column::Id)
-            .column(vm::Column::Name)
-            .column(vm::Column::HostId)
-            .into_tuple::<(String, String, String)>()
-            .all(&self.db)
-            .await?
+        Ok(vpgs
             .into_iter()
-            .map(|(id, name, host)| (id, (name, host)))
-            .collect();
-        let mut devices: HashMap<String, Vec<Option<u64>>> = HashMap::new();
-        let rows: Vec<(String, Option<i64>)> = disk::Entity::find()
-            .filter(disk::Column::VmId.is_in(vm_ids))
-            .select_only()
-            .column(disk::Column::VmId)
-            .column(disk::Column::DeviceId)
-            .order_by_asc(disk::Column::Id)
-            .into_tuple()
-            .all(&self.db)
+            .map(|v| {
+                let live = LiveVpg {
+                    members: Vec::new(),
+                    checkpoints: CheckpointSummary::default(),
+                    lifecycle: lifecycle_of(&v.lifecycle),
+                    settings: serde_json::from_value(v.settings.clone()).unwrap_or_default(),
+                    operation: v
+                        .operation_phase
+                        .as_deref()
+                        .and_then(crate::model::status::OperationPhase::parse),
+                    id: v.id.clone(),
+                    name: v.name.clone(),
+                    paused: v.paused,
+                    status: v.status.clone(),
+                    sub_status: v.sub_status.clone(),
+                    rpo_actual_ms: v.rpo_actual_ms,
+                    history_actual_secs: v.history_actual_secs,
+                    journal_bytes: v.journal_bytes,
+                    protected_since: v.protected_since,
+                    history_since: v.history_since,
+                    newest_recoverable_at: v.newest_recoverable_at,
+                };
+                let newest_recoverable_at = v.newest_recoverable_at;
+                let rpo_actual_ms = v.rpo_actual_ms;
+                let listed = ListedVpg {
+                    vpg: super::vpgs::to_vpg(v, 0, None),
+                    newest_recoverable_at,
+                    rpo_actual_ms,
+                };
+                (live, listed)
+            })
+            .collect())
+    }
+
+    /// What changes in the `vpgs` table whenever anything but the evaluator's status
+    /// columns change: rows, the newest `updated_at`, the sum of versions (every
+    /// definition change bumps the version, every other write `updated_at`).
+    pub async fn vpg_fingerprint(&self) -> Result<VpgFingerprint, StoreError> {
+        let backend = self.backend();
+        let row = self
+            .db
+            .query_one(Statement::from_string(
+                backend,
+                "SELECT COUNT(*) AS n, MAX(updated_at) AS m, \
+                 CAST(COALESCE(SUM(version), 0) AS BIGINT) AS v FROM vpgs",
+            ))
             .await?;
-        for (vm_id, dev) in rows {
-            devices.entry(vm_id).or_default().push(dev.map(u64_of));
+        let Some(row) = row else {
+            return Ok(VpgFingerprint::default());
+        };
+        Ok(VpgFingerprint {
+            count: row.try_get("", "n")?,
+            max_updated_at: row.try_get("", "m")?,
+            version_sum: row.try_get("", "v")?,
+        })
+    }
+
+    /// The members of these VPGs, by VPG id, as [`Store::live_vpgs`] gives them.
+    pub async fn live_members(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, Vec<LiveMember>>, StoreError> {
+        let mut members = Vec::new();
+        for chunk in ids.chunks(IN_CHUNK) {
+            members.extend(
+                member::Entity::find()
+                    .filter(member::Column::VpgId.is_in(chunk.iter().cloned()))
+                    .order_by_asc(member::Column::BootGroup)
+                    .order_by_asc(member::Column::Id)
+                    .all(&self.db)
+                    .await?,
+            );
+        }
+        let vm_ids: Vec<String> = members.iter().map(|m| m.vm_id.clone()).collect();
+        let mut vms: HashMap<String, (String, String)> = HashMap::new();
+        let mut devices: HashMap<String, Vec<Option<u64>>> = HashMap::new();
+        for chunk in vm_ids.chunks(IN_CHUNK) {
+            vms.extend(
+                vm::Entity::find()
+                    .filter(vm::Column::Id.is_in(chunk.iter().cloned()))
+                    .select_only()
+                    .column(vm::Column::Id)
+                    .column(vm::Column::Name)
+                    .column(vm::Column::HostId)
+                    .into_tuple::<(String, String, String)>()
+                    .all(&self.db)
+                    .await?
+                    .into_iter()
+                    .map(|(id, name, host)| (id, (name, host))),
+            );
+            let mut rows: Vec<(String, String, Option<i64>)> = disk::Entity::find()
+                .filter(disk::Column::VmId.is_in(chunk.iter().cloned()))
+                .select_only()
+                .column(disk::Column::VmId)
+                .column(disk::Column::Id)
+                .column(disk::Column::DeviceId)
+                .into_tuple()
+                .all(&self.db)
+                .await?;
+            rows.sort_by(|a, b| a.1.cmp(&b.1));
+            for (vm_id, _, dev) in rows {
+                devices.entry(vm_id).or_default().push(dev.map(u64_of));
+            }
         }
         let mut host_ids: Vec<String> = vms.values().map(|(_, h)| h.clone()).collect();
         host_ids.extend(members.iter().filter_map(|m| m.recovery_host_id.clone()));
-        let hosts: HashMap<String, (String, bool)> = host::Entity::find()
-            .filter(host::Column::Id.is_in(host_ids))
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(|h| {
-                let enrolled = h.enrolled_at.is_some() || h.last_seen_at.is_some();
-                (h.id, (h.name, enrolled))
-            })
-            .collect();
+        host_ids.sort();
+        host_ids.dedup();
+        let mut hosts: HashMap<String, (String, bool)> = HashMap::new();
+        for chunk in host_ids.chunks(IN_CHUNK) {
+            hosts.extend(
+                host::Entity::find()
+                    .filter(host::Column::Id.is_in(chunk.iter().cloned()))
+                    .all(&self.db)
+                    .await?
+                    .into_iter()
+                    .map(|h| {
+                        let enrolled = h.enrolled_at.is_some() || h.last_seen_at.is_some();
+                        (h.id, (h.name, enrolled))
+                    }),
+            );
+        }
         let host_name = |id: &str| hosts.get(id).map(|(n, _)| n.clone());
         let mut by_vpg: HashMap<String, Vec<LiveMember>> = HashMap::new();
         for m in &members {
@@ -212,23 +390,34 @@ impl Store {
                     needs_configuration: member_needs_configuration(&settings),
                 });
         }
+        Ok(by_vpg)
+    }
+
+    /// The checkpoint summaries of these VPGs, in two grouped reads over their rows.
+    pub async fn checkpoint_summaries(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, CheckpointSummary>, StoreError> {
         let mut summaries: HashMap<String, CheckpointSummary> = HashMap::new();
-        if with_checkpoints {
-            let pending: Vec<(String, i64)> = checkpoint::Entity::find()
-                .filter(checkpoint::Column::VpgId.is_in(ids.clone()))
+        for chunk in ids.chunks(IN_CHUNK) {
+            let pending: Vec<(String, i64, DateTime<Utc>)> = checkpoint::Entity::find()
+                .filter(checkpoint::Column::VpgId.is_in(chunk.iter().cloned()))
                 .filter(checkpoint::Column::Recoverable.eq(false))
                 .select_only()
                 .column(checkpoint::Column::VpgId)
                 .column(checkpoint::Column::Id)
+                .column(checkpoint::Column::TakenAt)
                 .order_by_asc(checkpoint::Column::Id)
                 .into_tuple()
                 .all(&self.db)
                 .await?;
-            for (v, id) in pending {
-                summaries.entry(v).or_default().pending.push(u64_of(id));
+            for (v, id, at) in pending {
+                let s = summaries.entry(v).or_default();
+                s.pending.push(u64_of(id));
+                s.pending_at.push(at);
             }
             let spans: Vec<(String, Span, Span, i64)> = checkpoint::Entity::find()
-                .filter(checkpoint::Column::VpgId.is_in(ids))
+                .filter(checkpoint::Column::VpgId.is_in(chunk.iter().cloned()))
                 .filter(checkpoint::Column::Recoverable.eq(true))
                 .select_only()
                 .column(checkpoint::Column::VpgId)
@@ -246,29 +435,29 @@ impl Store {
                 s.newest_recoverable = newest;
             }
         }
-        Ok(vpgs
+        Ok(summaries)
+    }
+
+    /// Checkpoint rows not recoverable with an id above `above`, in id order, through
+    /// the primary key (the evaluator's per-pass look for new rows): (VPG, id, taken).
+    pub async fn pending_checkpoints_above(
+        &self,
+        above: u64,
+    ) -> Result<Vec<(String, u64, DateTime<Utc>)>, StoreError> {
+        let rows: Vec<(String, i64, DateTime<Utc>)> = checkpoint::Entity::find()
+            .filter(checkpoint::Column::Id.gt(i64_id(above)))
+            .filter(checkpoint::Column::Recoverable.eq(false))
+            .select_only()
+            .column(checkpoint::Column::VpgId)
+            .column(checkpoint::Column::Id)
+            .column(checkpoint::Column::TakenAt)
+            .order_by_asc(checkpoint::Column::Id)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
             .into_iter()
-            .map(|v| LiveVpg {
-                members: by_vpg.remove(&v.id).unwrap_or_default(),
-                checkpoints: summaries.remove(&v.id).unwrap_or_default(),
-                lifecycle: lifecycle_of(&v.lifecycle),
-                settings: serde_json::from_value(v.settings).unwrap_or_default(),
-                operation: v
-                    .operation_phase
-                    .as_deref()
-                    .and_then(crate::model::status::OperationPhase::parse),
-                id: v.id,
-                name: v.name,
-                paused: v.paused,
-                status: v.status,
-                sub_status: v.sub_status,
-                rpo_actual_ms: v.rpo_actual_ms,
-                history_actual_secs: v.history_actual_secs,
-                journal_bytes: v.journal_bytes,
-                protected_since: v.protected_since,
-                history_since: v.history_since,
-                newest_recoverable_at: v.newest_recoverable_at,
-            })
+            .map(|(v, id, at)| (v, u64_of(id), at))
             .collect())
     }
 
@@ -289,11 +478,12 @@ impl Store {
         let Some(v) = vpg::Entity::find_by_id(vpg_id).one(&self.db).await? else {
             return Ok(None);
         };
-        let pending: Vec<i64> = checkpoint::Entity::find()
+        let pending: Vec<(i64, DateTime<Utc>)> = checkpoint::Entity::find()
             .filter(checkpoint::Column::VpgId.eq(vpg_id))
             .filter(checkpoint::Column::Recoverable.eq(false))
             .select_only()
             .column(checkpoint::Column::Id)
+            .column(checkpoint::Column::TakenAt)
             .order_by_asc(checkpoint::Column::Id)
             .into_tuple()
             .all(&self.db)
@@ -309,7 +499,8 @@ impl Store {
             .one(&self.db)
             .await?;
         let mut summary = CheckpointSummary {
-            pending: pending.into_iter().map(u64_of).collect(),
+            pending: pending.iter().map(|(id, _)| u64_of(*id)).collect(),
+            pending_at: pending.into_iter().map(|(_, at)| at).collect(),
             ..CheckpointSummary::default()
         };
         if let Some((oldest, newest, n)) = span {
@@ -400,15 +591,7 @@ impl Store {
             .exec(&txn)
             .await?;
         if first.rows_affected > 0 {
-            NewEvent::info(
-                "vpg.first_recoverable_checkpoint",
-                "vpg",
-                vpg_id,
-                "the first checkpoint is recoverable: the VPG can be recovered".to_string(),
-            )
-            .vpg(vpg_id)
-            .write(&txn, &Actor::system())
-            .await?;
+            first_recoverable_event(&txn, vpg_id).await?;
         }
         self.commit(txn).await?;
         Ok(())
@@ -441,15 +624,107 @@ impl Store {
         &self,
         writes: &[(String, StatusUpdate)],
     ) -> Result<(), StoreError> {
-        if writes.is_empty() {
+        self.write_pass(&[], writes).await
+    }
+
+    /// What an evaluator pass writes, in one transaction: the checkpoints it found
+    /// recoverable (as [`Store::mark_recoverable`] for each VPG) and the cached status
+    /// columns that changed (as [`Store::write_status`]), with their events.
+    pub async fn write_pass(
+        &self,
+        marks: &[RecoverableMark],
+        writes: &[(String, StatusUpdate)],
+    ) -> Result<(), StoreError> {
+        let marks: Vec<&RecoverableMark> = marks.iter().filter(|m| !m.ids.is_empty()).collect();
+        if marks.is_empty() && writes.is_empty() {
             return Ok(());
         }
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
-        for (vpg_id, u) in writes {
-            Self::write_status_in(&txn, vpg_id, u).await?;
+        if !marks.is_empty() {
+            Self::mark_recoverable_in(&txn, &marks).await?;
+        }
+        for chunk in writes.chunks(IN_CHUNK) {
+            Self::write_statuses_in(&txn, chunk).await?;
         }
         self.commit(txn).await?;
+        Ok(())
+    }
+
+    async fn mark_recoverable_in(
+        txn: &DatabaseTransaction,
+        marks: &[&RecoverableMark],
+    ) -> Result<(), StoreError> {
+        // Ids are the table's primary key: one IN list per chunk whatever the VPG.
+        let ids: Vec<i64> = marks
+            .iter()
+            .flat_map(|m| m.ids.iter().map(|&i| i64_id(i)))
+            .collect();
+        for chunk in ids.chunks(IN_CHUNK) {
+            checkpoint::Entity::update_many()
+                .col_expr(checkpoint::Column::Recoverable, Expr::value(true))
+                .filter(checkpoint::Column::Id.is_in(chunk.iter().copied()))
+                .exec(txn)
+                .await?;
+        }
+        let vpg_ids: Vec<String> = marks.iter().map(|m| m.vpg_id.clone()).collect();
+        let t = now();
+        for chunk in vpg_ids.chunks(IN_CHUNK) {
+            vpg::Entity::update_many()
+                .col_expr(vpg::Column::HistorySince, Expr::value(t))
+                .filter(vpg::Column::Id.is_in(chunk.iter().cloned()))
+                .filter(vpg::Column::HistorySince.is_null())
+                .exec(txn)
+                .await?;
+            // The first recoverable checkpoint ever is an event: rare, one VPG at a time.
+            let first: Vec<String> = vpg::Entity::find()
+                .filter(vpg::Column::Id.is_in(chunk.iter().cloned()))
+                .filter(vpg::Column::ProtectedSince.is_null())
+                .select_only()
+                .column(vpg::Column::Id)
+                .into_tuple()
+                .all(txn)
+                .await?;
+            for vpg_id in first {
+                let res = vpg::Entity::update_many()
+                    .col_expr(vpg::Column::ProtectedSince, Expr::value(t))
+                    .filter(vpg::Column::Id.eq(vpg_id.as_str()))
+                    .filter(vpg::Column::ProtectedSince.is_null())
+                    .exec(txn)
+                    .await?;
+                if res.rows_affected > 0 {
+                    first_recoverable_event(txn, &vpg_id).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The status writes of one chunk: the current (name, status, sub-status) of every
+    /// VPG in one read, then one update each.
+    async fn write_statuses_in(
+        txn: &DatabaseTransaction,
+        writes: &[(String, StatusUpdate)],
+    ) -> Result<(), StoreError> {
+        let cur: HashMap<String, (String, String, String)> = vpg::Entity::find()
+            .filter(vpg::Column::Id.is_in(writes.iter().map(|(id, _)| id.clone())))
+            .select_only()
+            .column(vpg::Column::Id)
+            .column(vpg::Column::Name)
+            .column(vpg::Column::Status)
+            .column(vpg::Column::SubStatus)
+            .into_tuple::<(String, String, String, String)>()
+            .all(txn)
+            .await?
+            .into_iter()
+            .map(|(id, name, status, sub)| (id, (name, status, sub)))
+            .collect();
+        for (vpg_id, u) in writes {
+            let Some((name, status, sub_status)) = cur.get(vpg_id) else {
+                continue;
+            };
+            Self::write_status_in(txn, vpg_id, u, name, status, sub_status).await?;
+        }
         Ok(())
     }
 
@@ -457,10 +732,10 @@ impl Store {
         txn: &DatabaseTransaction,
         vpg_id: &str,
         u: &StatusUpdate,
+        cur_name: &str,
+        cur_status: &str,
+        cur_sub_status: &str,
     ) -> Result<(), StoreError> {
-        let Some(cur) = vpg::Entity::find_by_id(vpg_id).one(txn).await? else {
-            return Ok(());
-        };
         vpg::Entity::update_many()
             .col_expr(vpg::Column::Status, Expr::value(u.status.as_str()))
             .col_expr(vpg::Column::SubStatus, Expr::value(u.sub_status.as_str()))
@@ -477,11 +752,11 @@ impl Store {
             .filter(vpg::Column::Id.eq(vpg_id))
             .exec(txn)
             .await?;
-        if cur.status != u.status.as_str() || cur.sub_status != u.sub_status.as_str() {
+        if cur_status != u.status.as_str() || cur_sub_status != u.sub_status.as_str() {
             let from = (
-                VpgStatus::parse(&cur.status).map_or(cur.status.clone(), |s| s.label().into()),
-                VpgSubStatus::parse(&cur.sub_status)
-                    .map_or(cur.sub_status.clone(), |s| s.label().into()),
+                VpgStatus::parse(cur_status).map_or(cur_status.to_string(), |s| s.label().into()),
+                VpgSubStatus::parse(cur_sub_status)
+                    .map_or(cur_sub_status.to_string(), |s| s.label().into()),
             );
             let mut ev = NewEvent::info(
                 "vpg.status_changed",
@@ -489,7 +764,7 @@ impl Store {
                 vpg_id,
                 format!(
                     "VPG {}: {}{} → {}{}",
-                    cur.name,
+                    cur_name,
                     from.0,
                     paren(&from.1),
                     u.status.label(),
@@ -498,7 +773,7 @@ impl Store {
             )
             .vpg(vpg_id)
             .details(serde_json::json!({
-                "from": {"status": cur.status, "sub_status": cur.sub_status},
+                "from": {"status": cur_status, "sub_status": cur_sub_status},
                 "to": {"status": u.status.as_str(), "sub_status": u.sub_status.as_str()},
             }));
             if matches!(
@@ -584,6 +859,18 @@ impl Store {
         ev.write(&self.db, &Actor::system()).await?;
         Ok(())
     }
+}
+
+async fn first_recoverable_event(db: &impl ConnectionTrait, vpg_id: &str) -> Result<(), DbErr> {
+    NewEvent::info(
+        "vpg.first_recoverable_checkpoint",
+        "vpg",
+        vpg_id,
+        "the first checkpoint is recoverable: the VPG can be recovered".to_string(),
+    )
+    .vpg(vpg_id)
+    .write(db, &Actor::system())
+    .await
 }
 
 fn paren(s: &str) -> String {

@@ -17,7 +17,10 @@ mod vpgs;
 mod webhooks;
 
 pub use alerts::{AlertContext, HostAlertContext, NewAlert, VpgAlertContext};
-pub use checkpoints::{CheckpointSummary, LiveMember, LiveVpg, NewCheckpoint, StatusUpdate};
+pub use checkpoints::{
+    CheckpointSummary, ListedVpg, LiveMember, LiveVpg, NewCheckpoint, RecoverableMark,
+    StatusUpdate, VpgFingerprint,
+};
 pub use control::{Admitted, DesiredRows, ReplicaTarget, DEFAULT_ENROLMENT_SECS, ENROLMENT_PREFIX};
 pub use tokens::{hash_secret, AuthenticatedToken};
 pub use vpgs::{MetricCounts, VpgDeletion};

@@ -84,16 +84,25 @@ pub(crate) fn member_settings(m: &member::Model) -> MemberSettings {
     s
 }
 
-fn to_vpg(m: vpg::Model, vm_count: u32, members: Option<Vec<Member>>) -> Vpg {
+/// The RPO a read at `now` shows: now minus the newest recoverable checkpoint's time.
+pub(crate) fn rpo_secs(
+    newest_recoverable_at: Option<chrono::DateTime<chrono::Utc>>,
+    rpo_actual_ms: Option<i64>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<f64> {
+    match newest_recoverable_at {
+        Some(t) => Some(((now - t).num_milliseconds().max(0)) as f64 / 1000.0),
+        None => rpo_actual_ms.map(|ms| ms as f64 / 1000.0),
+    }
+}
+
+pub(crate) fn to_vpg(m: vpg::Model, vm_count: u32, members: Option<Vec<Member>>) -> Vpg {
     Vpg {
         status: VpgStatus::parse(&m.status).unwrap_or(VpgStatus::Initializing),
         sub_status: VpgSubStatus::parse(&m.sub_status).unwrap_or(VpgSubStatus::None),
         settings: serde_json::from_value(m.settings).unwrap_or_default(),
         // Exact at every read: now minus the newest recoverable checkpoint's time.
-        rpo_actual_secs: match m.newest_recoverable_at {
-            Some(t) => Some(((chrono::Utc::now() - t).num_milliseconds().max(0)) as f64 / 1000.0),
-            None => m.rpo_actual_ms.map(|ms| ms as f64 / 1000.0),
-        },
+        rpo_actual_secs: rpo_secs(m.newest_recoverable_at, m.rpo_actual_ms, chrono::Utc::now()),
         history_actual_secs: m.history_actual_secs.map(u64_of),
         journal_bytes: u64_of(m.journal_bytes),
         version: u64_of(m.version),
