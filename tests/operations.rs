@@ -425,7 +425,7 @@ async fn move_has_rpo_zero_and_rolls_back() {
 /// goes on to a consistent end: up before commit with the right bytes, then rolled
 /// back, every time; finally a commit interrupted before its promotion completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manager_killed_at_every_step_boundary_of_a_failover_resumes_it() {
+async fn manager_killed_at_every_step_boundary_of_a_failover_and_a_move_resumes_it() {
     let _g = SERIAL.lock().await;
     let mut w = World::new().await;
     let (tagged, sources) = w.tagged_sources("crash").await;
@@ -465,6 +465,44 @@ async fn manager_killed_at_every_step_boundary_of_a_failover_resumes_it() {
         w.wait_task(&id, "succeeded").await;
         let app = w.m.vm("app").await.unwrap();
         assert_eq!(app["power_state"], "on", "{fault}: {app}");
+        w.m.wait_vpg(&w.vpg, "Meeting SLA", SLA_WAIT, &w.agents(), meeting_sla)
+            .await;
+    }
+    // A move killed around its final checkpoint still comes up with the last write
+    // made before the shutdown (RPO 0).
+    for (i, fault) in [
+        "shut_down_protected:after",
+        "final_checkpoint:before",
+        "final_checkpoint:after",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut last = Vec::new();
+        for vm in ["app", "db"] {
+            write(&w.prot, vm, &[format!("write -P {} 2M 64k", 0x90 + i)]).await;
+            last.push(copy_export(&w.prot.nbd_url(vm), &w.lab.path(&format!("{vm}-{i}.mv"))).await);
+        }
+        w.m.stop().await;
+        w.m.env = vec![("BULWARK_FAULT_STEP".into(), fault.into())];
+        w.m.spawn().await;
+        w.m.wait_hosts_connected(&["prot", "rec"], &w.agents())
+            .await;
+        let t = w
+            .post(&format!("/api/v1/vpgs/{}/move", w.vpg), json!({}))
+            .await;
+        let id = t["id"].as_str().unwrap().to_string();
+        assert!(
+            w.m.wait_exit(Duration::from_secs(60)).await,
+            "move {fault}: the manager did not abort"
+        );
+        w.m.env.clear();
+        w.m.spawn().await;
+        let t = w.wait_task(&id, "waiting").await;
+        assert_recovered_equal(&w, &t, &last, &format!("move-{fault}")).await;
+        w.post(&format!("/api/v1/vpgs/{}/rollback", w.vpg), json!({}))
+            .await;
+        w.wait_task(&id, "succeeded").await;
         w.m.wait_vpg(&w.vpg, "Meeting SLA", SLA_WAIT, &w.agents(), meeting_sla)
             .await;
     }
