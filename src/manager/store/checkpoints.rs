@@ -639,15 +639,35 @@ impl Store {
         if marks.is_empty() && writes.is_empty() {
             return Ok(());
         }
-        let _w = self.write_guard().await;
+        let w = self.write_guard().await;
+        // SQLite: what the events name is read under the write lock but before the
+        // transaction. A transaction that reads first and then writes fails with
+        // SQLITE_BUSY_SNAPSHOT (517, "database is locked", busy_timeout does not help)
+        // when another connection committed in between; the guard keeps the other
+        // writers of these rows out meanwhile. PostgreSQL reads inside the transaction.
+        let mut before = HashMap::new();
+        if w.is_some() {
+            for chunk in writes.chunks(IN_CHUNK) {
+                before.extend(current_statuses(&self.db, chunk).await?);
+            }
+        }
         let txn = self.db.begin().await?;
         if !marks.is_empty() {
             Self::mark_recoverable_in(&txn, &marks).await?;
         }
         for chunk in writes.chunks(IN_CHUNK) {
-            Self::write_statuses_in(&txn, chunk).await?;
+            if w.is_none() {
+                before = current_statuses(&txn, chunk).await?;
+            }
+            for (vpg_id, u) in chunk {
+                let Some((name, status, sub_status)) = before.get(vpg_id) else {
+                    continue;
+                };
+                Self::write_status_in(&txn, vpg_id, u, name, status, sub_status).await?;
+            }
         }
         self.commit(txn).await?;
+        drop(w);
         Ok(())
     }
 
@@ -696,34 +716,6 @@ impl Store {
                     first_recoverable_event(txn, &vpg_id).await?;
                 }
             }
-        }
-        Ok(())
-    }
-
-    /// The status writes of one chunk: the current (name, status, sub-status) of every
-    /// VPG in one read, then one update each.
-    async fn write_statuses_in(
-        txn: &DatabaseTransaction,
-        writes: &[(String, StatusUpdate)],
-    ) -> Result<(), StoreError> {
-        let cur: HashMap<String, (String, String, String)> = vpg::Entity::find()
-            .filter(vpg::Column::Id.is_in(writes.iter().map(|(id, _)| id.clone())))
-            .select_only()
-            .column(vpg::Column::Id)
-            .column(vpg::Column::Name)
-            .column(vpg::Column::Status)
-            .column(vpg::Column::SubStatus)
-            .into_tuple::<(String, String, String, String)>()
-            .all(txn)
-            .await?
-            .into_iter()
-            .map(|(id, name, status, sub)| (id, (name, status, sub)))
-            .collect();
-        for (vpg_id, u) in writes {
-            let Some((name, status, sub_status)) = cur.get(vpg_id) else {
-                continue;
-            };
-            Self::write_status_in(txn, vpg_id, u, name, status, sub_status).await?;
         }
         Ok(())
     }
@@ -859,6 +851,26 @@ impl Store {
         ev.write(&self.db, &Actor::system()).await?;
         Ok(())
     }
+}
+
+/// The current (name, status, sub-status) of the VPGs of `writes`, by id, in one read.
+async fn current_statuses(
+    db: &impl ConnectionTrait,
+    writes: &[(String, StatusUpdate)],
+) -> Result<HashMap<String, (String, String, String)>, DbErr> {
+    Ok(vpg::Entity::find()
+        .filter(vpg::Column::Id.is_in(writes.iter().map(|(id, _)| id.clone())))
+        .select_only()
+        .column(vpg::Column::Id)
+        .column(vpg::Column::Name)
+        .column(vpg::Column::Status)
+        .column(vpg::Column::SubStatus)
+        .into_tuple::<(String, String, String, String)>()
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|(id, name, status, sub)| (id, (name, status, sub)))
+        .collect())
 }
 
 async fn first_recoverable_event(db: &impl ConnectionTrait, vpg_id: &str) -> Result<(), DbErr> {
