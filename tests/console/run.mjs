@@ -303,10 +303,11 @@ try {
     await dlg.getByLabel('Notes').fill(`console test ${stamp}`);
     await dlg.getByRole('button', { name: 'Start test' }).click();
     await dlg.waitFor({ state: 'detached' });
-    const panel = page.locator('#op-progress[data-kind=failover_test]');
-    await panel.waitFor();
+    // The panel of the test stopped above may still be shown: wait for the new task's.
+    const panel = page.locator(`#op-progress[data-kind=failover_test]:not([data-task="${other.id}"])`);
+    await panel.waitFor({ timeout: 15_000 });
     const taskId = await panel.getAttribute('data-task');
-    assert(taskId && taskId !== other.id, `a new task ${taskId}`);
+    assert(taskId, 'the new task is on the page');
     await page.locator('#op-progress[data-state=waiting]').waitFor({ timeout: 30_000 });
     await page.locator('#vpg-status .substatus[data-sub-status=testing_failover]').waitFor({ timeout: 20_000 });
     const task = await get(`/tasks/${taskId}`);
