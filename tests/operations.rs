@@ -310,6 +310,21 @@ async fn failover_test_then_failover_rollback_then_failover_commit() {
     // The protected VMs are shut down and locked.
     let app = w.m.vm("app").await.unwrap();
     assert_eq!(app["power_state"], "off", "{app}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = w.m.vpg(&w.vpg).await;
+        let states: Vec<&Value> = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| &m["replication_state"])
+            .collect();
+        if states.iter().all(|s| *s == "prepared_for_planned_failover") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "per-VM states: {states:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     w.post(&format!("/api/v1/vpgs/{}/rollback", w.vpg), json!({}))
         .await;
     w.wait_task(&fid, "succeeded").await;

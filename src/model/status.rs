@@ -185,6 +185,18 @@ impl OperationPhase {
         Self::ALL.iter().copied().find(|p| p.as_str() == s)
     }
 
+    /// The protected VMs are shut down and locked against starting in this phase
+    /// (Hyper-V's "prepared for planned failover"): a failover or move is up at the
+    /// recovery site and not rolled back.
+    pub fn protected_vms_locked(self) -> bool {
+        !matches!(
+            self,
+            OperationPhase::TestingFailover
+                | OperationPhase::RollingBackFailover
+                | OperationPhase::RollingBackMove
+        )
+    }
+
     /// Protection of the VPG stops in this phase (commit: its journals are promoted
     /// and the replicas become the recovered VMs' disks).
     pub fn stops_protection(self) -> bool {
@@ -1022,6 +1034,26 @@ mod tests {
             edit(&mut f);
             assert_eq!(derive_vm_state(&f), *want, "row {i}");
         }
+    }
+
+    #[test]
+    fn protected_vms_are_locked_from_bring_up_until_rollback() {
+        let locked: Vec<&str> = Op::ALL
+            .iter()
+            .filter(|p| p.protected_vms_locked())
+            .map(|p| p.as_str())
+            .collect();
+        assert_eq!(
+            locked,
+            [
+                "failover_before_commit",
+                "committing_failover",
+                "promoting_failover",
+                "move_before_commit",
+                "committing_move",
+                "promoting_move"
+            ]
+        );
     }
 
     #[test]

@@ -739,7 +739,7 @@ async fn evaluate_one(
             }),
             paused: v.paused,
             error: cp.recovery.facts(&keys).storage_error.is_some(),
-            prepared_for_move: false,
+            prepared_for_move: v.operation.is_some_and(|p| p.protected_vms_locked()),
             failed_over: v.lifecycle == Lifecycle::Recovered,
         };
         vm_states.insert(m.vm_id.clone(), derive_vm_state(&vm));
