@@ -277,15 +277,7 @@ impl Store {
             .one(&txn)
             .await?
             .ok_or_else(|| StoreError::not_found("vpg", vpg_id))?;
-        if let Some(running) = &v.operation_id {
-            return Err(StoreError::conflict(
-                "vpg.operation_running",
-                format!(
-                    "VPG `{}` already runs operation {running}: commit, roll it back or stop it first",
-                    v.name
-                ),
-            ));
-        }
+        super::vpgs::refuse_during_operation(&v, "start another operation")?;
         let id = new_id();
         let t = now();
         let steps: Vec<TaskStep> = op.plan.iter().map(|s| pending_step(*s)).collect();
@@ -695,12 +687,7 @@ impl Store {
                 .one(&txn)
                 .await?
                 .ok_or_else(|| StoreError::not_found("vpg", vpg_id))?;
-            if let Some(op) = &v.operation_id {
-                return Err(StoreError::conflict(
-                    "vpg.operation_running",
-                    format!("VPG `{}` runs operation {op}", v.name),
-                ));
-            }
+            super::vpgs::refuse_during_operation(&v, "be paused or resumed")?;
             if !matches!(
                 lifecycle_of(&v.lifecycle),
                 Lifecycle::Creating | Lifecycle::Protecting

@@ -493,7 +493,7 @@ impl Store {
                 });
             }
         }
-        refuse_during_operation(&cur, "changed")?;
+        refuse_during_operation(&cur, "be changed")?;
         if matches!(
             lifecycle_of(&cur.lifecycle),
             Lifecycle::Deleting | Lifecycle::WaitingRemoval
@@ -754,7 +754,7 @@ impl Store {
             }
         }
         // Even by force: the operation's task would go on acting on a VPG that is gone.
-        refuse_during_operation(&cur, "deleted")?;
+        refuse_during_operation(&cur, "be deleted")?;
         if force {
             super::checkpoints::remove_rows(&txn, id).await?;
             let mut ev = NewEvent::info(
@@ -858,14 +858,15 @@ pub struct MetricCounts {
     pub hosts: Vec<(String, i64)>,
 }
 
-/// A VPG with a recovery operation running may not change or go: its members, hosts and
-/// settings are what the operation acts on (409 `vpg.operation_running`).
-fn refuse_during_operation(v: &vpg::Model, what: &str) -> Result<(), StoreError> {
+/// A VPG with a recovery operation running may not change, go, pause or start another:
+/// its members, hosts and settings are what the operation acts on (409
+/// `vpg.operation_running`). `doing` completes "cannot …".
+pub(super) fn refuse_during_operation(v: &vpg::Model, doing: &str) -> Result<(), StoreError> {
     match &v.operation_id {
         Some(op) => Err(StoreError::conflict(
             "vpg.operation_running",
             format!(
-                "VPG `{}` cannot be {what} while operation {op} runs: commit, roll it back \
+                "VPG `{}` cannot {doing} while operation {op} runs: commit, roll it back \
                  or stop the test first",
                 v.name
             ),
