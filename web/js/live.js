@@ -1,8 +1,10 @@
 // The live stream (GET /api/v1/stream, WebSocket): a snapshot, then deltas with `seq`.
 // Keeps the state every page reads, reconnects by itself with `?since=<seq>` so no delta
 // is missed, and tells subscribers about changes (at most a few times a second).
+import { api } from './api.js';
 
 const SAMPLE_KEEP = 600; // per VPG: ten minutes of one-per-second samples
+const SEED_VPGS = 50; // VPGs whose sparklines are seeded from the RPO history
 const EVENT_KEEP = 500;
 
 export class LiveStore {
@@ -117,6 +119,7 @@ export class LiveStore {
           history_actual_secs: v.history_actual_secs, journal_bytes: v.journal_bytes });
       }
       for (const id of [...this.samples.keys()]) if (!this.vpgs.has(id)) this.samples.delete(id);
+      if (!this.hasSnapshot) this.seedSamples(frame.vpgs.map((v) => v.id));
       this.hasSnapshot = true;
     } else if (frame.type === 'delta') {
       for (const v of frame.vpgs || []) this.vpgs.set(v.id, v);
@@ -145,6 +148,33 @@ export class LiveStore {
     }
     this.seq = frame.seq;
     this.notify();
+  }
+
+  /**
+   * Sparklines start from the manager's RPO history (the last ten minutes) instead of
+   * empty: one request per VPG, for the first SEED_VPGS of them, after the first
+   * snapshot. Samples already received from the stream win.
+   */
+  async seedSamples(ids) {
+    const since = new Date(Date.now() - SAMPLE_KEEP * 1000).toISOString();
+    for (const id of ids.slice(0, SEED_VPGS)) {
+      if (this.closed) return;
+      let hist;
+      try {
+        hist = await api(`/vpgs/${id}/rpo-history?since=${encodeURIComponent(since)}&max_points=${SAMPLE_KEEP}`, { token: this.token });
+      } catch {
+        continue; // a history that cannot be read leaves the live samples alone
+      }
+      const list = this.samples.get(id) || [];
+      const first = list.length ? Date.parse(list[0].at) : Infinity;
+      const older = hist.samples
+        .filter((p) => Date.parse(p.at) < first)
+        .map((p) => ({ at: p.at, rpo: p.rpo_ms === null ? null : p.rpo_ms / 1000, history: p.history_secs, journal: null }));
+      if (!older.length) continue;
+      const merged = older.concat(list);
+      this.samples.set(id, merged.slice(-SAMPLE_KEEP));
+      this.notify();
+    }
   }
 
   pushSample(s) {
