@@ -347,6 +347,65 @@ impl Manager {
     }
 }
 
+/// A whole lab on one machine: a manager on SQLite in `dir`, a recovery agent `rec` (site
+/// dr) and one protected agent `prot-NN` (site prod) per entry of `disks`, each with that
+/// one disk (shown as a VM of the disk's name) of `disk_size` bytes; returned once every
+/// VM is in the inventory and every host connected.
+pub struct OneDiskPerHost {
+    pub manager: Manager,
+    pub api: Api,
+    pub recovery: LabAgent,
+    pub protected: Vec<LabAgent>,
+    pub inventory: Inventory,
+}
+
+impl OneDiskPerHost {
+    pub async fn start(
+        dir: &Path,
+        name: &str,
+        disks: &[String],
+        disk_size: u64,
+    ) -> Result<OneDiskPerHost, LabError> {
+        create_dir(dir)?;
+        let config = sqlite_config(dir, SocketAddr::from(([127, 0, 0, 1], 0)), None);
+        let manager = Manager::start(&config, name).await?;
+        let api = manager.api.clone();
+        let etoken = api.enrolment_token(name).await?;
+        let agent = |host: String, site: &'static str, section: String| {
+            let ws = manager.ws.clone();
+            let etoken = etoken.clone();
+            async move {
+                LabAgent::start(AgentSpec {
+                    data_dir: dir.join(&host),
+                    host: &host,
+                    site,
+                    section: &section,
+                    manager: &ws,
+                    enrolment_token: &etoken,
+                    tls_dir: None,
+                })
+                .await
+            }
+        };
+        let recovery = agent("rec".into(), "dr", "data_listen = \"127.0.0.1:0\"\n".into()).await?;
+        let mut protected = Vec::new();
+        for (i, disk) in disks.iter().enumerate() {
+            let section = format!("[[disks]]\nname = \"{disk}\"\nid = 1\nsize = {disk_size}\n");
+            protected.push(agent(format!("prot-{i:02}"), "prod", section).await?);
+        }
+        let inventory = api
+            .wait_inventory(disks.len(), &["rec"], Duration::from_secs(60))
+            .await?;
+        Ok(OneDiskPerHost {
+            manager,
+            api,
+            recovery,
+            protected,
+            inventory,
+        })
+    }
+}
+
 /// How to start one agent.
 pub struct AgentSpec<'a> {
     /// Its data directory.

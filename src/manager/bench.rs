@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::nbd::client::NbdClient;
 use crate::agent::nbd::NbdError;
-use crate::lab::{self, setup, AgentSpec, Api, LabAgent, Manager};
+use crate::lab::{self, setup, LabAgent, Manager};
 use crate::manager::control::ControlPlane;
 
 pub use crate::lab::LabError as BenchError;
@@ -66,37 +66,15 @@ impl System {
 }
 
 async fn start_system(dir: &Path, hosts: usize, disk_size: u64) -> Result<System, BenchError> {
-    lab::create_dir(dir)?;
-    let config = lab::sqlite_config(dir, std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None);
-    let manager = Manager::start(&config, "bench").await?;
-    let api: Api = manager.api.clone();
-    let etoken = api.enrolment_token("bench").await?;
-    let agent = |host: String, site: &'static str, section: String| {
-        let ws = manager.ws.clone();
-        let etoken = etoken.clone();
-        async move {
-            LabAgent::start(AgentSpec {
-                data_dir: dir.join(&host),
-                host: &host,
-                site,
-                section: &section,
-                manager: &ws,
-                enrolment_token: &etoken,
-                tls_dir: None,
-            })
-            .await
-        }
-    };
-    let recovery = agent("rec".into(), "dr", "data_listen = \"127.0.0.1:0\"\n".into()).await?;
-    let mut protected = Vec::new();
-    for i in 0..hosts {
-        let section = format!("[[disks]]\nname = \"vm-{i:02}\"\nid = 1\nsize = {disk_size}\n");
-        protected.push(agent(format!("prot-{i:02}"), "prod", section).await?);
-    }
-    // Every VM in the inventory, then one VPG over all of them.
-    let inv = api
-        .wait_inventory(hosts, &["rec"], Duration::from_secs(60))
-        .await?;
+    let disks: Vec<String> = (0..hosts).map(|i| format!("vm-{i:02}")).collect();
+    let lab::OneDiskPerHost {
+        manager,
+        api,
+        recovery,
+        protected,
+        inventory: inv,
+    } = lab::OneDiskPerHost::start(dir, "bench", &disks, disk_size).await?;
+    // One VPG over every VM.
     let members: Vec<(String, &str)> = (0..hosts).map(|i| (format!("vm-{i:02}"), "rec")).collect();
     let members: Vec<(&str, &str)> = members.iter().map(|(v, h)| (v.as_str(), *h)).collect();
     let vpg = api

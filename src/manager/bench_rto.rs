@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::agent::nbd::client::NbdClient;
-use crate::lab::{self, setup, AgentSpec, Api, LabAgent, Manager};
+use crate::lab::{self, setup, Api, LabAgent, Manager};
 
 pub use crate::lab::LabError as BenchError;
 
@@ -355,40 +355,14 @@ fn export(i: usize) -> String {
 }
 
 async fn start_system(dir: &Path, opts: &RtoOpts) -> Result<System, BenchError> {
-    lab::create_dir(dir)?;
-    let config = lab::sqlite_config(dir, std::net::SocketAddr::from(([127, 0, 0, 1], 0)), None);
-    let manager = Manager::start(&config, "bench-rto").await?;
-    let api: Api = manager.api.clone();
-    let etoken = api.enrolment_token("bench-rto").await?;
-    let agent = |host: String, site: &'static str, section: String| {
-        let ws = manager.ws.clone();
-        let etoken = etoken.clone();
-        async move {
-            LabAgent::start(AgentSpec {
-                data_dir: dir.join(&host),
-                host: &host,
-                site,
-                section: &section,
-                manager: &ws,
-                enrolment_token: &etoken,
-                tls_dir: None,
-            })
-            .await
-        }
-    };
-    let recovery = agent("rec".into(), "dr", "data_listen = \"127.0.0.1:0\"\n".into()).await?;
-    let mut protected = Vec::new();
-    for i in 0..opts.vms {
-        let section = format!(
-            "[[disks]]\nname = \"{}\"\nid = 1\nsize = {}\n",
-            export(i),
-            opts.disk_size
-        );
-        protected.push(agent(format!("prot-{i:02}"), "prod", section).await?);
-    }
-    let inv = api
-        .wait_inventory(opts.vms, &["rec"], Duration::from_secs(60))
-        .await?;
+    let disks: Vec<String> = (0..opts.vms).map(export).collect();
+    let lab::OneDiskPerHost {
+        manager,
+        api,
+        recovery,
+        protected,
+        inventory: inv,
+    } = lab::OneDiskPerHost::start(dir, "bench-rto", &disks, opts.disk_size).await?;
     let rec_host_id = inv
         .host("rec")
         .and_then(|h| h["id"].as_str())
