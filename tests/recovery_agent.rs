@@ -177,6 +177,30 @@ fn request(op: &str, checkpoint: u64, test: bool, budget: Option<u64>) -> Recove
     }
 }
 
+/// What a manager would have sent the recovery host: VPG "web" with the one VM, its
+/// journal kept `history_secs` (0: never promoted).
+fn managed_desired(history_secs: u64) -> DesiredState {
+    let vm = request("unused", 0, false, None).vms.remove(0);
+    DesiredState {
+        version: 1,
+        accept: vec![PROT.into()],
+        recovery: vec![RecoveryVpg {
+            vpg_id: VPG.into(),
+            name: "web".into(),
+            fencing_generation: 0,
+            journal_history_secs: history_secs,
+            journal_hard_limit_bytes_per_disk: 0,
+            journal_warning_bytes_per_disk: 0,
+            vms: vec![RecoveryVpgVm {
+                vm,
+                boot_group: 0,
+                boot_delay_secs: 0,
+            }],
+        }],
+        ..DesiredState::default()
+    }
+}
+
 async fn shutdown(p: Pair) {
     p.prot.shutdown().await.unwrap();
     p.rec.shutdown().await.unwrap();
@@ -527,25 +551,7 @@ async fn cli(args: &[&str]) -> std::process::Output {
 /// powers the VMs on; the printed export serves the checkpoint's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn break_glass_cli_recovers_from_the_persisted_desired_state() {
-    let vm = request("unused", 0, false, None).vms.remove(0);
-    let desired = DesiredState {
-        version: 1,
-        accept: vec![PROT.into()],
-        recovery: vec![RecoveryVpg {
-            vpg_id: VPG.into(),
-            name: "web".into(),
-            fencing_generation: 0,
-            journal_history_secs: 0,
-            journal_hard_limit_bytes_per_disk: 0,
-            journal_warning_bytes_per_disk: 0,
-            vms: vec![RecoveryVpgVm {
-                vm,
-                boot_group: 0,
-                boot_delay_secs: 0,
-            }],
-        }],
-        ..DesiredState::default()
-    };
+    let desired = managed_desired(0);
     let p = pair_with(Some(desired)).await;
     let data_dir = p.rec_cfg.data_dir.to_str().unwrap().to_string();
     // Not running yet (no endpoints file): a clear error.
@@ -685,25 +691,7 @@ async fn an_interrupted_commit_is_finished_at_restart() {
 /// newest stays recoverable and reads as the source did at it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_recovery_agent_promotes_journal_history_in_the_background() {
-    let vm = request("unused", 0, false, None).vms.remove(0);
-    let desired = DesiredState {
-        version: 1,
-        accept: vec![PROT.into()],
-        recovery: vec![RecoveryVpg {
-            vpg_id: VPG.into(),
-            name: "web".into(),
-            fencing_generation: 0,
-            journal_history_secs: 1,
-            journal_hard_limit_bytes_per_disk: 0,
-            journal_warning_bytes_per_disk: 0,
-            vms: vec![RecoveryVpgVm {
-                vm,
-                boot_group: 0,
-                boot_delay_secs: 0,
-            }],
-        }],
-        ..DesiredState::default()
-    };
+    let desired = managed_desired(1);
     let p = pair_with(Some(desired)).await;
     assert_qemu_ok(&qemu_write(&p.prot, DISK, &["write -P 0x11 0 1M"]).await);
     let c1 = checkpoint(&p).await;
