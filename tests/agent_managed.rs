@@ -183,6 +183,18 @@ async fn apply_protects_a_disk_written_before_with_an_initial_sync() {
         ],
     )
     .await;
+    // The guest's writes are counted whether or not the disk is replicated; the window
+    // holds whole seconds only, so it has them once their second is over.
+    let written = (64 + 192 + 64) << 10;
+    let w = d1(&prot.status()).writes;
+    assert_eq!((w.writes_total, w.bytes_total), (3, written), "{w:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let w = d1(&prot.status()).writes;
+    assert_eq!((w.window_writes, w.window_bytes), (3, written), "{w:?}");
+    assert_eq!(
+        w.bytes_per_sec(),
+        written as f64 * 1000.0 / w.window_ms as f64
+    );
 
     prot.apply(&protect(7, &rec, true, false)).await.unwrap();
     assert_eq!(prot.desired_version(), Some(7));
@@ -195,6 +207,13 @@ async fn apply_protects_a_disk_written_before_with_an_initial_sync() {
     // Writes after the sync stream as usual.
     write(&prot, &["write -P 0x44 2M 64k"]).await;
     let ckpt = checkpoint(&prot).await;
+    // The sync's reads and records are not the guest's writes.
+    let w = d1(&prot.status()).writes;
+    assert_eq!(
+        (w.writes_total, w.bytes_total),
+        (4, written + (64 << 10)),
+        "{w:?}"
+    );
 
     // The manager hears of the sync and the stream.
     let mut kinds = Vec::new();

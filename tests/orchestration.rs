@@ -199,6 +199,11 @@ async fn three_vms_on_two_hosts_reach_meeting_sla_and_a_tagged_view_equals_the_s
         "sync start and end events recorded for the VPG: {kinds:?}"
     );
 
+    // Throughput and IOPS per disk: web-1 written at a steady pace for longer than the
+    // manager's window, the other two idle.
+    let rate = assert_disk_throughput(&w.m, &vpg, &pa, "web-1", &["web-2", "db-1"]).await;
+    eprintln!("web-1 written at {rate:.0} B/s; the manager reported it");
+
     // Writes under protection, then a tagged checkpoint of a quiet moment, the sources
     // copied at that moment, then more writes the view must not show.
     for (i, (agent, export)) in exports.iter().enumerate() {
@@ -285,6 +290,77 @@ async fn three_vms_on_two_hosts_reach_meeting_sla_and_a_tagged_view_equals_the_s
             want,
         );
     }
+}
+
+/// Writes `export` at a steady pace for 7 s (64 KiB every 20 ms, acknowledged), then
+/// checks `GET /vpgs/{id}/disks`: the disk's throughput and IOPS match what was written
+/// (the agent's window is the last 5 whole seconds), the `idle` disks show none.
+/// Returns the rate written, bytes/s.
+async fn assert_disk_throughput(
+    m: &ManagerProc,
+    vpg: &str,
+    agent: &AgentProc,
+    export: &str,
+    idle: &[&str],
+) -> f64 {
+    const CHUNK: usize = 64 << 10;
+    let mut client = NbdClient::connect(agent.endpoints.nbd.as_str(), export)
+        .await
+        .unwrap();
+    let data = vec![0x77u8; CHUNK];
+    let started = Instant::now();
+    let mut writes = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while started.elapsed() < Duration::from_secs(7) {
+        tick.tick().await;
+        let off = (writes % 16) * CHUNK as u64 + (6 << 20);
+        client.write(off, &data, false).await.unwrap();
+        writes += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let (rate, iops) = (writes as f64 * CHUNK as f64 / secs, writes as f64 / secs);
+    // The next heartbeat carries the window that ends now.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let disks = loop {
+        let disks = m
+            .ok("GET", &format!("/api/v1/vpgs/{vpg}/disks"), None)
+            .await;
+        let busy = disks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["vm_name"] == export);
+        if busy.is_some_and(|d| d["throughput_bytes_per_sec"].as_f64() > Some(rate * 0.6))
+            || Instant::now() > deadline
+        {
+            break disks;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let disks = disks.as_array().unwrap();
+    assert_eq!(disks.len(), 1 + idle.len(), "{disks:?}");
+    for d in disks {
+        assert_eq!(d["reported"], true, "{d}");
+        assert_eq!(d["mode"], "streaming", "{d}");
+        let (got, got_iops) = (
+            d["throughput_bytes_per_sec"].as_f64().unwrap(),
+            d["iops"].as_f64().unwrap(),
+        );
+        if d["vm_name"] == export {
+            assert!(
+                (rate * 0.6..=rate * 1.4).contains(&got),
+                "{export}: wrote {rate:.0} B/s, reported {got:.0}: {d}"
+            );
+            assert!(
+                (iops * 0.6..=iops * 1.4).contains(&got_iops),
+                "{export}: wrote {iops:.1}/s, reported {got_iops:.1}: {d}"
+            );
+        } else {
+            assert!(idle.contains(&d["vm_name"].as_str().unwrap()), "{d}");
+            assert_eq!((got, got_iops), (0.0, 0.0), "idle disk: {d}");
+        }
+    }
+    rate
 }
 
 /// Writes counter n to VM A, waits for the acknowledgement, writes n to VM B, while

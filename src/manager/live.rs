@@ -86,6 +86,8 @@ pub struct Live {
     /// Latest SLA sample per VPG not yet published.
     samples: Mutex<HashMap<String, VpgSample>>,
     samples_ready: Notify,
+    /// Latest SLA sample per VPG, published or not: what a snapshot carries.
+    latest: Mutex<HashMap<String, VpgSample>>,
     clients: AtomicUsize,
     dropped: AtomicU64,
 }
@@ -117,6 +119,7 @@ impl Live {
             tx,
             samples: Mutex::new(HashMap::new()),
             samples_ready: Notify::new(),
+            latest: Mutex::new(HashMap::new()),
             clients: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
             settings,
@@ -193,12 +196,34 @@ impl Live {
         if samples.is_empty() {
             return;
         }
+        {
+            let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+            for s in &samples {
+                latest.insert(s.id.clone(), s.clone());
+            }
+        }
         let mut pending = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
         for s in samples {
             pending.insert(s.id.clone(), s);
         }
         drop(pending);
         self.samples_ready.notify_one();
+    }
+
+    /// Each VPG's latest sample, in id order.
+    pub fn latest_samples(&self) -> Vec<VpgSample> {
+        let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut v: Vec<VpgSample> = latest.values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Forgets the samples of VPGs not in `keep` (removed).
+    pub fn retain_samples(&self, keep: &std::collections::HashSet<&str>) {
+        self.latest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|id, _| keep.contains(id.as_str()));
     }
 
     fn take_samples(&self) -> Vec<VpgSample> {
@@ -311,6 +336,7 @@ pub async fn snapshot(
         sites: parts.sites.clone(),
         hosts: parts.hosts.clone(),
         events: parts.events.clone(),
+        samples: Vec::new(),
     })
 }
 
@@ -499,6 +525,8 @@ mod tests {
                     rpo_actual_secs: Some(1.0),
                     history_actual_secs: None,
                     journal_bytes: 0,
+                    throughput_bytes_per_sec: 0.0,
+                    iops: 0.0,
                 })
                 .collect(),
             ..Delta::default()

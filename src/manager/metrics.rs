@@ -109,6 +109,8 @@ struct Live {
     vpg_series: Mutex<HashMap<String, VpgSeries>>,
     disk_lag: Family<DiskLabels, FloatGauge>,
     disk_queued: Family<DiskLabels, Gauge>,
+    disk_write_bytes: Family<DiskLabels, FloatGauge>,
+    disk_writes: Family<DiskLabels, FloatGauge>,
     disk_sync: Family<DiskLabels, FloatGauge>,
     hold: Histogram,
     rounds: Family<ResultLabels, Counter>,
@@ -161,6 +163,8 @@ impl Metrics {
             vpg_series: Mutex::new(HashMap::new()),
             disk_lag: Family::default(),
             disk_queued: Family::default(),
+            disk_write_bytes: Family::default(),
+            disk_writes: Family::default(),
             disk_sync: Family::default(),
             // 50 µs … 51.2 ms: the hold bound is 50 ms by default.
             hold: Histogram::new(exponential_buckets(0.00005, 2.0, 11)),
@@ -205,6 +209,16 @@ impl Metrics {
             "disk_queued_bytes",
             "Bytes queued for the recovery site, not yet acknowledged durable",
             live.disk_queued.clone(),
+        );
+        registry.register(
+            "disk_write_bytes_per_second",
+            "Data the guest writes to the protected disk (last few seconds)",
+            live.disk_write_bytes.clone(),
+        );
+        registry.register(
+            "disk_writes_per_second",
+            "Write commands per second to the protected disk (last few seconds)",
+            live.disk_writes.clone(),
         );
         registry.register(
             "disk_sync_progress_ratio",
@@ -357,6 +371,8 @@ impl Metrics {
         let l = &self.live;
         l.disk_lag.clear();
         l.disk_queued.clear();
+        l.disk_write_bytes.clear();
+        l.disk_writes.clear();
         l.disk_sync.clear();
         for h in live {
             let Some(hb) = &h.heartbeat else { continue };
@@ -371,6 +387,12 @@ impl Metrics {
                 l.disk_queued
                     .get_or_create(&labels)
                     .set(i64::try_from(p.queued_bytes).unwrap_or(i64::MAX));
+                l.disk_write_bytes
+                    .get_or_create(&labels)
+                    .set(p.writes.bytes_per_sec());
+                l.disk_writes
+                    .get_or_create(&labels)
+                    .set(p.writes.writes_per_sec());
                 if let Some(r) = &p.sync.running {
                     // bytes_total 0 (an empty pass) counts as no progress, not NaN.
                     let ratio = if r.bytes_total == 0 {

@@ -23,7 +23,7 @@ pub struct AgentEndpoints {
 }
 
 /// How a protected disk's writes currently reach its recovery host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReplicationMode {
     /// Every write is queued for the stream.
@@ -88,10 +88,45 @@ pub struct ProtectedDiskStatus {
     /// The recovery host lost records it had acknowledged: a Full Sync is needed.
     pub replica_behind: bool,
     pub sync: DiskSyncStatus,
+    /// What the guest writes to the disk (throughput and IOPS).
+    #[serde(default)]
+    pub writes: WriteActivity,
+}
+
+/// Writes a guest made to one disk: totals since the agent started, and the writes of
+/// the last `window_ms` (whole seconds, the current one not included). Counts every
+/// write command; bytes are data written (zeroing and trimming carry none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteActivity {
+    pub writes_total: u64,
+    pub bytes_total: u64,
+    pub window_ms: u64,
+    pub window_writes: u64,
+    pub window_bytes: u64,
+}
+
+impl WriteActivity {
+    /// Data bytes written per second over the window (0 without a window).
+    pub fn bytes_per_sec(&self) -> f64 {
+        per_sec(self.window_bytes, self.window_ms)
+    }
+
+    /// Write commands per second over the window (IOPS).
+    pub fn writes_per_sec(&self) -> f64 {
+        per_sec(self.window_writes, self.window_ms)
+    }
+}
+
+fn per_sec(n: u64, window_ms: u64) -> f64 {
+    if window_ms == 0 {
+        0.0
+    } else {
+        n as f64 * 1000.0 / window_ms as f64
+    }
 }
 
 /// Where a protected disk stands with respect to syncs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncPhase {
     /// Nothing owed: the stream alone keeps the replica level.

@@ -338,6 +338,57 @@ pub struct Member {
     pub replication_state: VmReplicationState,
 }
 
+/// One disk of a VPG's VMs as its protected host reports it now
+/// (`GET /api/v1/vpgs/{id}/disks`): the figures behind the VPG's status.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VpgDisk {
+    pub vm_id: String,
+    pub vm_name: String,
+    pub disk_id: String,
+    pub disk_name: String,
+    pub size_bytes: u64,
+    pub host_id: String,
+    pub host_name: String,
+    /// The protected host reports this disk in this VPG now. When `false` (host away,
+    /// disk not yet protected) the live figures below are null or zero.
+    pub reported: bool,
+    pub mode: Option<crate::proto::agent::ReplicationMode>,
+    /// Age of the oldest write the recovery site does not hold durably yet (0 when
+    /// level).
+    pub lag_secs: Option<f64>,
+    /// Writes queued towards the recovery host (memory and spill).
+    pub queued_bytes: u64,
+    /// Bytes the dirty bitmap marks: written but not yet known durable at the recovery
+    /// site, or owed to a sync.
+    pub dirty_bytes: u64,
+    /// Data the guest writes, bytes per second over the last few seconds.
+    pub throughput_bytes_per_sec: f64,
+    /// Write commands per second over the same window.
+    pub iops: f64,
+    pub sync: Option<VpgDiskSync>,
+}
+
+/// Where a disk stands with respect to syncs.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VpgDiskSync {
+    pub phase: crate::proto::agent::SyncPhase,
+    /// Why it waits or failed, in words.
+    pub detail: Option<String>,
+    /// The pass running now, if any.
+    pub running: Option<VpgDiskSyncProgress>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VpgDiskSyncProgress {
+    pub kind: crate::model::status::SyncKind,
+    pub reason: String,
+    pub percent: u8,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Vpg {
     pub id: String,

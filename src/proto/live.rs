@@ -63,6 +63,10 @@ pub struct Snapshot {
     pub hosts: Vec<Host>,
     /// The most recent events, oldest first.
     pub events: Vec<Event>,
+    /// Each VPG's latest SLA and throughput figures (what `samples` in deltas carry),
+    /// so a client has throughput before the next delta.
+    #[serde(default)]
+    pub samples: Vec<VpgSample>,
 }
 
 /// What changed. Empty lists are omitted on the wire.
@@ -114,7 +118,8 @@ impl Delta {
     }
 }
 
-/// A VPG's SLA figures at `at` (the fields of the same names on [`Vpg`]).
+/// A VPG's SLA figures at `at` (the fields of the same names on [`Vpg`]), and what its
+/// VMs write: the sum over its disks of `GET /api/v1/vpgs/{id}/disks`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VpgSample {
     pub id: String,
@@ -122,6 +127,12 @@ pub struct VpgSample {
     pub rpo_actual_secs: Option<f64>,
     pub history_actual_secs: Option<u64>,
     pub journal_bytes: u64,
+    /// Data bytes per second the VPG's VMs write (over the last few seconds).
+    #[serde(default)]
+    pub throughput_bytes_per_sec: f64,
+    /// Write commands per second.
+    #[serde(default)]
+    pub iops: f64,
 }
 
 /// Query of `GET /api/v1/stream`.

@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod bench;
 pub mod config;
+pub mod meter;
 mod reverse;
 pub mod splitter;
 pub mod sync;
@@ -915,6 +916,7 @@ impl Agent {
     }
 
     pub fn status(&self) -> AgentStatus {
+        let now_ms = crate::agent::stream::now_ms();
         let mut stats = HashMap::new();
         for p in self.peers_now() {
             for s in p.sender.stats() {
@@ -960,6 +962,7 @@ impl Agent {
                     owes_sync: d.splitter.owes_sync(),
                     replica_behind: d.splitter.replica_behind(),
                     sync: d.sync.get().map(|s| s.status()).unwrap_or_default(),
+                    writes: d.splitter.write_activity(now_ms),
                 }
             })
             .collect();

@@ -30,9 +30,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use super::meter::WriteMeter;
 use crate::agent::dirty::DirtyTracker;
 use crate::agent::nbd::{WriteEvent, WriteSink};
 use crate::agent::stream::{Enqueued, Sender, StreamError};
+use crate::proto::agent::WriteActivity;
 use crate::proto::stream::{RecordBody, StreamRecord};
 
 /// Bits of the per-epoch counter.
@@ -80,6 +82,8 @@ struct State {
     paused: bool,
     /// Seq of the newest record queued on the current sender (0: none yet).
     last_queued: u64,
+    /// The guest's writes, whether or not they are streamed.
+    meter: WriteMeter,
 }
 
 /// See the module documentation.
@@ -132,6 +136,7 @@ impl Splitter {
                 sender,
                 paused: false,
                 last_queued: 0,
+                meter: WriteMeter::default(),
             }),
             tracker,
             region_shift,
@@ -475,9 +480,19 @@ impl Splitter {
         self.push(&mut st, body, ts).queued
     }
 
+    /// The guest's writes to this disk: totals and the last few seconds.
+    pub fn write_activity(&self, now_ms: i64) -> WriteActivity {
+        self.lock().meter.activity(now_ms)
+    }
+
     fn accept_event(&self, event: &WriteEvent<'_>) {
         let ts = crate::agent::stream::now_ms();
         let mut st = self.lock();
+        let bytes = match *event {
+            WriteEvent::Write { data, .. } => data.len() as u64,
+            WriteEvent::Zeroes { .. } | WriteEvent::Trim { .. } => 0,
+        };
+        st.meter.record(ts, bytes);
         match *event {
             WriteEvent::Write { offset, data, .. } => {
                 let mut off = offset;

@@ -77,7 +77,10 @@ async fn serve(s: AppState, socket: WebSocket, since: Option<u64>) {
         let first: Vec<Published> = match start {
             Start::Snapshot { seq, reason } => {
                 let snap = match live::snapshot(&s.store, seq, reason).await {
-                    Ok(snap) => snap,
+                    Ok(mut snap) => {
+                        snap.samples = live.latest_samples();
+                        snap
+                    }
                     Err(e) => break 'conn End::Failed(format!("snapshot: {e}")),
                 };
                 match serde_json::to_string(&Frame::Snapshot(snap)) {

@@ -110,6 +110,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
             vpgs::delete_vpg
         ))
         .routes(routes!(vpgs::list_members, vpgs::add_member))
+        .routes(routes!(vpgs::list_disks))
         .routes(routes!(vpgs::update_member, vpgs::remove_member))
         .routes(routes!(vpgs::list_checkpoints, vpgs::create_checkpoint))
         .routes(routes!(vpgs::rpo_history))

@@ -8,10 +8,11 @@ use crate::manager::store::VpgDeletion;
 use crate::model::access::Role;
 use crate::model::checkpoints::check_tag;
 use crate::model::settings::MemberSettings;
+use crate::proto::agent::ProtectedDiskStatus;
 use crate::proto::api::{
     Checkpoint, CheckpointCreate, CheckpointQuery, Member, MemberRemoveQuery, Page, PageQuery,
-    Problem, RpoHistory, RpoHistoryQuery, Vpg, VpgCreate, VpgDeleteQuery, VpgPatch, VpgQuery,
-    VpgReplace,
+    Problem, RpoHistory, RpoHistoryQuery, Vpg, VpgCreate, VpgDeleteQuery, VpgDisk, VpgDiskSync,
+    VpgDiskSyncProgress, VpgPatch, VpgQuery, VpgReplace,
 };
 use crate::proto::control::CheckpointKind;
 use axum::extract::State;
@@ -169,6 +170,90 @@ pub async fn list_members(
     let mut members = s.store.get_vpg(&id).await?.members.unwrap_or_default();
     live_member_states(&s, members.iter_mut());
     Ok(ApiJson(members))
+}
+
+/// Every disk of the VPG's VMs with what its protected host reports now: replication
+/// mode, lag, queue, dirty bytes, write throughput and IOPS, sync progress.
+#[utoipa::path(get, path = "/api/v1/vpgs/{id}/disks", tag = "vpgs", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<VpgDisk>), (status = 404, body = Problem)), security(("bearer" = [])))]
+pub async fn list_disks(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<ApiJson<Vec<VpgDisk>>, ApiError> {
+    c.require(Role::Viewer)?;
+    let members = s.store.get_vpg(&id).await?.members.unwrap_or_default();
+    let ids: Vec<String> = members.iter().map(|m| m.settings.vm_id.clone()).collect();
+    let vms = s.store.vms_by_ids(&ids).await?;
+    let mut host_ids: Vec<String> = vms.iter().map(|v| v.host_id.clone()).collect();
+    host_ids.sort();
+    host_ids.dedup();
+    let hosts = s.store.hosts_by_ids(&host_ids).await?;
+    let mut out = Vec::new();
+    // In the members' order (boot order as configured), disks in the VM's order.
+    for m in &members {
+        let Some(vm) = vms.iter().find(|v| v.id == m.settings.vm_id) else {
+            continue;
+        };
+        let host_name = hosts
+            .iter()
+            .find(|h| h.id == vm.host_id)
+            .map_or_else(|| vm.host_id.clone(), |h| h.name.clone());
+        let heartbeat = s.control.hub.live(&host_name).and_then(|l| l.heartbeat);
+        for d in &vm.disks {
+            let reported = heartbeat.as_ref().and_then(|hb| {
+                let device = d.device_id?;
+                hb.status
+                    .protected
+                    .iter()
+                    .find(|p| p.disk_id == device && p.group == id)
+            });
+            out.push(vpg_disk(vm, d, &host_name, reported));
+        }
+    }
+    Ok(ApiJson(out))
+}
+
+/// One disk's live figures from its host's report (`None`: not reported in this VPG).
+fn vpg_disk(
+    vm: &crate::proto::api::Vm,
+    d: &crate::proto::api::Disk,
+    host_name: &str,
+    p: Option<&ProtectedDiskStatus>,
+) -> VpgDisk {
+    VpgDisk {
+        vm_id: vm.id.clone(),
+        vm_name: vm.name.clone(),
+        disk_id: d.id.clone(),
+        disk_name: d.name.clone(),
+        size_bytes: d.size_bytes,
+        host_id: vm.host_id.clone(),
+        host_name: host_name.to_string(),
+        reported: p.is_some(),
+        mode: p.map(|p| p.mode),
+        lag_secs: p.map(|p| p.oldest_unacked_ms as f64 / 1000.0),
+        queued_bytes: p.map_or(0, |p| p.queued_bytes + p.spilled_bytes),
+        dirty_bytes: p.map_or(0, |p| {
+            p.dirty_regions
+                .saturating_mul(p.region_size)
+                .min(p.size_bytes)
+        }),
+        throughput_bytes_per_sec: p.map_or(0.0, |p| p.writes.bytes_per_sec()),
+        iops: p.map_or(0.0, |p| p.writes.writes_per_sec()),
+        sync: p.map(|p| VpgDiskSync {
+            phase: p.sync.phase,
+            detail: p.sync.detail.clone(),
+            running: p.sync.running.as_ref().map(|r| VpgDiskSyncProgress {
+                kind: r.kind,
+                reason: r.reason.clone(),
+                percent: r.percent,
+                bytes_done: r.bytes_done,
+                bytes_total: r.bytes_total,
+                bytes_per_sec: r.bytes_per_sec,
+                eta_secs: r.eta_secs,
+            }),
+        }),
+    }
 }
 
 #[utoipa::path(post, path = "/api/v1/vpgs/{id}/members", tag = "vpgs", params(("id" = String, Path), ("If-Match" = Option<String>, Header)),

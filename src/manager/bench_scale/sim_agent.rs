@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::model::status::SyncKind;
 use crate::proto::agent::{
     AgentEndpoints, AgentStatus, CheckpointDisk, DiskSyncStatus, PeerStatus, ProtectedDiskStatus,
-    ReplicationMode, StartState, SyncPhase, SyncProgress,
+    ReplicationMode, StartState, SyncPhase, SyncProgress, WriteActivity,
 };
 use crate::proto::control::{
     AgentHello, AgentMessage, CommandResult, Credential, DesiredState, Inventory, JournalReport,
@@ -530,6 +530,7 @@ fn rebuild_status(spec: &SimSpec, prot: &mut Protection, shared: &Shared) {
                     running,
                     ..DiskSyncStatus::default()
                 },
+                writes: WriteActivity::default(),
             }
         })
         .collect();

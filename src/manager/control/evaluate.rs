@@ -231,6 +231,8 @@ struct EvalState {
     members_read: Option<(u64, Instant)>,
     /// Checkpoint summaries kept in memory.
     checkpoints: Checkpoints,
+    /// Each VPG's write throughput and IOPS as last published.
+    throughput: HashMap<String, (f64, f64)>,
 }
 
 /// Every VPG's checkpoint summary, kept between passes (see the module docs).
@@ -354,6 +356,10 @@ async fn evaluate_all(cp: &ControlPlane, state: &mut EvalState) -> Result<(), St
     cp.recovery.retain(&keys);
     let id_set: HashSet<&str> = ids.iter().map(String::as_str).collect();
     state.thinned.retain(|id, _| id_set.contains(id.as_str()));
+    state
+        .throughput
+        .retain(|id, _| id_set.contains(id.as_str()));
+    cp.live.retain_samples(&id_set);
     let mut vm_states = HashMap::new();
     let mut observed = Vec::new();
     let index = index_reported(&live);
@@ -609,6 +615,9 @@ async fn evaluate_one(
     let now = Utc::now();
     let disks: Vec<Option<&ProtectedDiskStatus>> =
         keys.iter().map(|k| reported(index, &v.id, k)).collect();
+    let throughput = disks.iter().flatten().fold((0.0, 0.0), |(b, w), p| {
+        (b + p.writes.bytes_per_sec(), w + p.writes.writes_per_sec())
+    });
     let sync_facts: Vec<DiskSyncFact> = disks
         .iter()
         .flatten()
@@ -787,6 +796,10 @@ async fn evaluate_one(
     } else if update != stored {
         state.status_writes.push((v.id.clone(), update.clone()));
     }
+    let last_throughput = state
+        .throughput
+        .insert(v.id.clone(), throughput)
+        .unwrap_or((0.0, 0.0));
     if (
         update.rpo_actual_ms,
         update.history_actual_secs,
@@ -795,7 +808,8 @@ async fn evaluate_one(
         stored.rpo_actual_ms,
         stored.history_actual_secs,
         stored.journal_bytes,
-    ) {
+    ) || throughput != last_throughput
+    {
         state.samples.push(crate::proto::live::VpgSample {
             id: v.id.clone(),
             at: now,
@@ -804,6 +818,8 @@ async fn evaluate_one(
                 .history_actual_secs
                 .map(|s| u64::try_from(s).unwrap_or(0)),
             journal_bytes: u64::try_from(update.journal_bytes).unwrap_or(0),
+            throughput_bytes_per_sec: throughput.0,
+            iops: throughput.1,
         });
     }
     Ok(())

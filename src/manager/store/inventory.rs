@@ -599,6 +599,16 @@ impl Store {
         })
     }
 
+    /// The VMs among `ids` that exist, in id order, with their disks (one read).
+    pub async fn vms_by_ids(&self, ids: &[String]) -> Result<Vec<Vm>, StoreError> {
+        let rows = vm::Entity::find()
+            .filter(vm::Column::Id.is_in(ids.iter().map(String::as_str)))
+            .order_by_asc(vm::Column::Id)
+            .all(&self.db)
+            .await?;
+        self.to_vms(&self.db, rows).await
+    }
+
     pub async fn get_vm(&self, id: &str) -> Result<Vm, StoreError> {
         let m = vm::Entity::find_by_id(id)
             .one(&self.db)
