@@ -169,7 +169,8 @@ try {
     await until('the RPO figure to move', async () => (await page.locator('[data-rpo-for="ny-to-london"]').textContent()) !== rpo0);
     // A new VM (needed by the wizard later) makes an event that arrives on the stream.
     const host = hosts.find((x) => x.name === 'ny-esx-01');
-    vm = await rest('POST', '/vms', { host_id: host.id, name: vmName, disks: [{ name: `${vmName}-disk0`, size_bytes: 16 << 20 }] });
+    vm = await rest('POST', '/vms', { host_id: host.id, name: vmName, disks: [{ name: `${vmName}-disk0`, size_bytes: 16 << 20 }],
+      nics: [{ name: 'eth0', network: 'ny-prod', addresses: ['10.1.4.20/24'] }] });
     await page.locator('#recent-events', { hasText: vmName }).waitFor();
     assert(await page.evaluate(() => window.__noReload === true), 'the page did not reload');
   });
@@ -376,7 +377,65 @@ try {
     assert((await page.getByLabel('RPO target (seconds)').getAttribute('aria-invalid')) === 'true', 'the field is marked');
     assert((await get(`/vpgs?name=${vpgName}`)).items.length === 0, 'nothing created');
     await page.getByLabel('RPO target (seconds)').fill('60');
-    await page.getByRole('button', { name: 'Next' }).click();
+
+    // Per-VM and per-NIC recovery settings and the VPG's network mappings, with an
+    // invalid re-IP address first: the manager's message, the NIC's input marked.
+    await page.getByRole('button', { name: '3. Recovery' }).click();
+    const card = page.locator(`.member[data-vm="${vmName}"]`);
+    const storagePath = `/srv/bulwark/${stamp}`;
+    await card.getByLabel('Recovery storage path', { exact: true }).fill(storagePath);
+    await card.getByLabel('NIC eth0 test network', { exact: true }).fill('ldn-lab');
+    const reipFold = card.locator('details.reip');
+    assert(!(await reipFold.evaluate((d) => d.open)), 're-IP folded while unset');
+    await card.getByText('Re-IP eth0').click();
+    const addr = card.getByLabel('eth0 re-IP address', { exact: true });
+    await addr.fill('10.201.4.300');
+    await card.getByLabel('eth0 prefix length', { exact: true }).fill('24');
+    await page.getByRole('button', { name: 'Add network mapping' }).click();
+    assert(await page.evaluate(() => document.activeElement?.id) === 'w-map-0-from', 'focus on the new mapping row');
+    await page.getByLabel('Mapping 1 from (CIDR)', { exact: true }).fill('10.1.0.0/16');
+    await page.getByLabel('Mapping 1 to (CIDR)', { exact: true }).fill('10.201.0.0/16');
+    await page.getByRole('button', { name: 'Add network mapping' }).click();
+    await page.getByLabel('Mapping 2 from (CIDR)', { exact: true }).fill('192.168.0.0/24');
+    await page.getByRole('button', { name: 'Remove mapping 2' }).click();
+    assert(await page.locator('ol.mappings li').count() === 1, 'one mapping row left');
+    assert((await addr.inputValue()) === '10.201.4.300', 'typed values survive adding and removing rows');
+    await page.getByRole('button', { name: '5. Review' }).click();
+    await page.getByRole('button', { name: 'Create VPG' }).click();
+    await until('the re-IP problem', async () => (await problem.getAttribute('data-code')) === 'vpg.reip_invalid');
+    const badField = await problem.locator('.meta code').first().textContent();
+    assert(/^members\[0\]\.nics\[0\]\.(reip\.)?address$/.test(badField), `problem field ${badField}`);
+    assert(/10\.201\.4\.300/.test(await problem.textContent()), `the manager's detail text: ${await problem.textContent()}`);
+    await page.locator('.steps li[aria-current=step]', { hasText: 'Recovery' }).waitFor();
+    assert((await addr.getAttribute('aria-invalid')) === 'true', 'the NIC\'s re-IP address is marked');
+    assert(await reipFold.evaluate((d) => d.open), 'the re-IP fold is open');
+    assert(await page.locator('[aria-invalid=true]').count() === 1, 'only that input is marked');
+    assert((await get(`/vpgs?name=${vpgName}`)).items.length === 0, 'still nothing created');
+    await page.screenshot({ path: path.join(ARTIFACTS, 'wizard-recovery-error.png'), fullPage: true });
+    await addr.fill('10.201.4.20');
+    await card.getByLabel('eth0 gateway', { exact: true }).fill('10.201.4.1');
+    await card.getByLabel('eth0 DNS servers', { exact: true }).fill('10.201.0.53, 10.201.0.54');
+    assert((await card.locator('details.reip summary').textContent()) === 'Re-IP eth0 10.201.4.20/24 via 10.201.4.1, DNS 10.201.0.53, 10.201.0.54',
+      `the fold's summary follows the typing: ${await card.locator('details.reip summary').textContent()}`);
+    await page.screenshot({ path: path.join(ARTIFACTS, 'wizard-recovery.png'), fullPage: true });
+    // Narrow: no horizontal scroll, every control labelled.
+    await page.setViewportSize({ width: 390, height: 800 });
+    await page.waitForTimeout(300);
+    const [sw, cw] = await page.evaluate(() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]);
+    assert(sw <= cw, `wizard Recovery step at 390 px: scrollWidth ${sw} > clientWidth ${cw}`);
+    const unlabelled = await page.$$eval('form.wizard input, form.wizard select, form.wizard textarea, form.wizard button', (els) => els
+      .filter((e) => e.offsetParent !== null)
+      .filter((e) => !(e.labels?.length || e.getAttribute('aria-label') || (e.tagName === 'BUTTON' && e.textContent.trim())))
+      .map((e) => e.outerHTML.slice(0, 80)));
+    assert(unlabelled.length === 0, `wizard Recovery step: controls without a label: ${unlabelled.join(' | ')}`);
+    await page.screenshot({ path: path.join(ARTIFACTS, 'wizard-recovery-narrow.png'), fullPage: true });
+    await page.setViewportSize({ width: 1280, height: 800 });
+    await page.getByRole('button', { name: '5. Review' }).click();
+    const reviewed = await page.locator('#review-members').textContent();
+    for (const want of [storagePath, 'ldn-lab', '10.201.4.20/24 via 10.201.4.1, DNS 10.201.0.53, 10.201.0.54']) {
+      assert(reviewed.includes(want), `the review lists ${want}: ${reviewed}`);
+    }
+    assert((await page.locator('#review-mappings').textContent()).includes('10.1.0.0/16 → 10.201.0.0/16'), 'the review lists the mapping');
     await page.getByRole('button', { name: 'Create VPG' }).click();
     await page.locator('#vpg-name', { hasText: vpgName }).waitFor();
     const made = (await get(`/vpgs?name=${vpgName}`)).items;
@@ -386,10 +445,27 @@ try {
     assert(full.members.length === 1 && full.members[0].vm_id === vm.id, 'the chosen VM');
     assert(full.members[0].recovery_host_id === ldnHost.id && full.members[0].boot_group === 2, 'recovery host and boot group');
     assert(full.recovery_site_id === siteId('london') && full.protected_site_id === siteId('new-york'), 'sites');
+    const wantRecovery = {
+      storage: storagePath,
+      nics: [{ nic: 'eth0', failover_network: null, test_network: 'ldn-lab',
+        reip: { address: '10.201.4.20', prefix: 24, gateway: '10.201.4.1', dns: ['10.201.0.53', '10.201.0.54'] } }],
+      mappings: [{ from: '10.1.0.0/16', to: '10.201.0.0/16' }],
+    };
+    const recoveryOf = (v) => JSON.stringify({
+      storage: v.members[0].recovery_storage_path,
+      nics: v.members[0].nics.map((n) => ({ nic: n.nic, failover_network: n.failover_network ?? null, test_network: n.test_network ?? null,
+        reip: n.reip && { address: n.reip.address, prefix: n.reip.prefix, gateway: n.reip.gateway ?? null, dns: n.reip.dns } })),
+      mappings: v.settings.network_mappings,
+    });
+    assert(recoveryOf(full) === JSON.stringify(wantRecovery), `REST has exactly the recovery settings: ${recoveryOf(full)}`);
     // Edit: the same wizard, saved with PUT and If-Match.
     await page.getByRole('link', { name: 'Edit' }).click();
     await page.getByLabel('Name').waitFor();
     assert((await page.getByLabel('Name').inputValue()) === vpgName, 'the wizard starts from the VPG');
+    await page.getByRole('button', { name: '3. Recovery' }).click();
+    assert((await card.getByLabel('Recovery storage path', { exact: true }).inputValue()) === storagePath, 'the edit shows the storage path');
+    assert((await card.getByLabel('eth0 re-IP address', { exact: true }).inputValue()) === '10.201.4.20', 'the edit shows the re-IP');
+    assert((await page.getByLabel('Mapping 1 to (CIDR)', { exact: true }).inputValue()) === '10.201.0.0/16', 'the edit shows the mapping');
     await page.getByRole('button', { name: '4. SLA and journal' }).click();
     await page.getByLabel('RPO target (seconds)').fill('120');
     await page.getByRole('button', { name: 'Next' }).click();
@@ -398,6 +474,29 @@ try {
     await until('REST shows the edit', async () => (await get(`/vpgs/${made[0].id}`)).settings.rpo_target_secs === 120);
     const edited = await get(`/vpgs/${made[0].id}`);
     assert(edited.members.length === 1 && edited.members[0].boot_group === 2, 'members kept by the edit');
+    assert(recoveryOf(edited) === JSON.stringify(wantRecovery), `recovery settings kept by the edit: ${recoveryOf(edited)}`);
+  });
+
+  await step('VPG list: sparklines start from the manager\'s RPO history', async () => {
+    const since = new Date(Date.now() - 600_000).toISOString();
+    const hist = await get(`/vpgs/${ny.id}/rpo-history?since=${encodeURIComponent(since)}&max_points=600`);
+    assert(hist.samples.filter((p) => p.rpo_ms !== null).length > 1, 'ny-to-london has RPO history on the server');
+    // A fresh page: its live store starts empty. A point older than the page can only
+    // come from the history (live samples carry the manager's time of sending).
+    const sp = await newPage();
+    const opened = Date.now();
+    await signIn(sp, TOKEN);
+    await sp.locator('#role').waitFor();
+    await sp.goto(`${URL_}#/vpgs`);
+    const spark = sp.locator('#vpg-table tr[data-vpg="ny-to-london"] svg.spark');
+    await spark.waitFor();
+    const seeded = await until('a sparkline seeded from the history', async () => {
+      const n = Number(await spark.getAttribute('data-points'));
+      const first = await spark.getAttribute('data-first');
+      return n > 1 && first && Date.parse(first) < opened ? { n, first, after: Date.now() - opened } : false;
+    }, 10_000);
+    log(`    sparkline: ${seeded.n} points from ${seeded.first}, ${seeded.after} ms after the page opened`);
+    await sp.context().close();
   });
 
   // An alert the test controls: a journal warning size far below london-to-ny's journal.

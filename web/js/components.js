@@ -51,8 +51,9 @@ export function sparkline(points, target, { width = 120, height = 28 } = {}) {
   const vals = points.filter((p) => p.rpo !== null && p.rpo !== undefined);
   const last = vals.length ? vals[vals.length - 1].rpo : null;
   const title = `RPO ${fmtSecs(last)}, target ${fmtSecs(target)}, last ${points.length} samples`;
-  const svg = s('svg', { class: 'spark', width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': title },
-    s('title', {}, title));
+  // data-points / data-first: how many values are drawn and the oldest one's time (tests).
+  const svg = s('svg', { class: 'spark', width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': title,
+    'data-points': vals.length, 'data-first': vals.length ? vals[0].at : null }, s('title', {}, title));
   if (vals.length < 2) return svg;
   const t0 = Date.parse(vals[0].at);
   const t1 = Date.parse(vals[vals.length - 1].at);
