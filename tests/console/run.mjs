@@ -232,7 +232,7 @@ try {
     const detail = await get(`/vpgs/${ny.id}`);
     await until('the member VMs', async () => (await page.locator('#vm-table tbody tr').count()) === detail.members.length);
     for (const m of detail.members) {
-      const badge = await page.locator(`#vm-table tr[data-vm="${m.vm_name}"] .badge`).textContent();
+      const badge = await page.locator(`#vm-table tr[data-vm="${m.vm_name}"] .badge[data-state]`).textContent();
       assert(badge === word('vm_replication_states', m.replication_state), `${m.vm_name}: ${badge}`);
     }
     await until('per-disk lag from the manager\'s metrics', async () => /lag \d/.test(await page.locator('#vm-table').textContent()));
@@ -340,7 +340,8 @@ try {
     await testBtn.and(page.locator(':enabled')).waitFor();
     const row = page.locator('#vpg-report-table tr[data-kind=failover_test][data-result=stopped]').first();
     await row.waitFor();
-    const reports = await get(`/reports?vpg=${ny.id}`);
+    const listed = await get(`/reports?vpg=${ny.id}`);
+    const reports = Array.isArray(listed) ? listed : listed.items; // a plain list, or a page
     const mine = reports.find((r) => r.details?.operation === taskId);
     assert(mine && mine.kind === 'failover_test' && mine.result === 'stopped' && mine.details.test_result === 'passed', `REST report ${JSON.stringify(mine)?.slice(0, 200)}`);
     await page.locator(`#vpg-report-table tr[data-report="${mine.id}"]`).waitFor();
