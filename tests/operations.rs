@@ -278,7 +278,8 @@ async fn failover_test_then_failover_rollback_then_failover_commit() {
     assert_eq!(v["fencing_generation"], 1, "a test does not fence: {v}");
     let reports =
         w.m.ok("GET", &format!("/api/v1/reports?vpg={}", w.vpg), None)
-            .await;
+            .await["items"]
+            .clone();
     let r = &reports.as_array().unwrap()[0];
     assert_eq!(r["kind"], "failover_test", "{r}");
     assert_eq!(r["result"], "stopped", "{r}");
@@ -368,7 +369,8 @@ async fn failover_test_then_failover_rollback_then_failover_commit() {
     assert_recovered_equal(&w, &t2, &sources2, "committed").await;
     let reports =
         w.m.ok("GET", &format!("/api/v1/reports?vpg={}", w.vpg), None)
-            .await;
+            .await["items"]
+            .clone();
     let kinds: Vec<(&str, &str)> = reports
         .as_array()
         .unwrap()
@@ -431,7 +433,8 @@ async fn move_has_rpo_zero_and_rolls_back() {
     assert_eq!(app["power_state"], "on", "{app}");
     let reports =
         w.m.ok("GET", &format!("/api/v1/reports?vpg={}", w.vpg), None)
-            .await;
+            .await["items"]
+            .clone();
     assert_eq!(reports[0]["kind"], "move");
     assert_eq!(reports[0]["result"], "rolled_back");
 }
@@ -688,7 +691,8 @@ async fn move_commit_with_reverse_protection_then_failback() {
     }
     let reports =
         w.m.ok("GET", &format!("/api/v1/reports?vpg={}", w.vpg), None)
-            .await;
+            .await["items"]
+            .clone();
     let kinds: Vec<(&str, &str)> = reports
         .as_array()
         .unwrap()

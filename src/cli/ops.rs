@@ -328,11 +328,8 @@ pub async fn reports(c: &Client, col: &str, a: ReportsArgs, out: Output) -> Resu
     let (_, v) = c
         .call(Method::GET, &format!("/api/v1/reports{q}"), None)
         .await?;
-    output::list(
-        "reports",
-        v.as_array().map(Vec::as_slice).unwrap_or(&[]),
-        out,
-    );
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    output::list("reports", &items, out);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -573,7 +573,11 @@ impl MemberSettings {
             }
             check_network_name("failover_network", &nic.failover_network)
                 .and_then(|_| check_network_name("test_network", &nic.test_network))
-                .and_then(|_| nic.reip.as_ref().map_or(Ok(()), ReIp::validate))
+                .and_then(|_| {
+                    nic.reip
+                        .as_ref()
+                        .map_or(Ok(()), |r| r.validate().map_err(|e| e.under("reip")))
+                })
                 .map_err(|e| e.under(&at))?;
         }
         Ok(())
@@ -843,7 +847,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             (e.code, e.field.as_str()),
-            ("vpg.reip_invalid", "nics[0].address")
+            ("vpg.reip_invalid", "nics[0].reip.address")
         );
         assert_eq!(
             code(MemberSettings {

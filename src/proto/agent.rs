@@ -35,6 +35,23 @@ pub enum ReplicationMode {
     Unprotected,
 }
 
+impl ReplicationMode {
+    pub const ALL: [ReplicationMode; 3] = [
+        ReplicationMode::Streaming,
+        ReplicationMode::BitmapOnly,
+        ReplicationMode::Unprotected,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationMode::Streaming => "streaming",
+            ReplicationMode::BitmapOnly => "bitmap_only",
+            ReplicationMode::Unprotected => "unprotected",
+        }
+    }
+}
+
 /// What the dirty tracking found when the disk was opened at agent start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -143,6 +160,29 @@ pub enum SyncPhase {
     /// The last attempt failed (`detail`); it is retried, except a size mismatch, which
     /// waits for the operator.
     Failed,
+}
+
+impl SyncPhase {
+    pub const ALL: [SyncPhase; 6] = [
+        SyncPhase::Idle,
+        SyncPhase::WaitingForPeer,
+        SyncPhase::Required,
+        SyncPhase::Queued,
+        SyncPhase::Running,
+        SyncPhase::Failed,
+    ];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncPhase::Idle => "idle",
+            SyncPhase::WaitingForPeer => "waiting_for_peer",
+            SyncPhase::Required => "required",
+            SyncPhase::Queued => "queued",
+            SyncPhase::Running => "running",
+            SyncPhase::Failed => "failed",
+        }
+    }
 }
 
 /// A sync in progress.
@@ -333,4 +373,22 @@ pub struct ControlStatus {
 #[serde(deny_unknown_fields)]
 pub struct PowerRequest {
     pub state: crate::proto::control::PowerState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_names_are_the_serde_names() {
+        for m in ReplicationMode::ALL {
+            assert_eq!(serde_json::to_value(m).ok(), Some(m.as_str().into()));
+        }
+        for p in SyncPhase::ALL {
+            assert_eq!(serde_json::to_value(p).ok(), Some(p.as_str().into()));
+        }
+        let mut names: Vec<&str> = SyncPhase::ALL.iter().map(|p| p.as_str()).collect();
+        names.dedup();
+        assert_eq!(names.len(), SyncPhase::ALL.len());
+    }
 }

@@ -766,6 +766,10 @@ pub struct Lookups {
     pub vpg_sub_statuses: Vec<LookupValue>,
     pub vm_replication_states: Vec<LookupValue>,
     pub sync_kinds: Vec<LookupValue>,
+    /// A disk's `mode` in `GET /vpgs/{id}/disks`.
+    pub replication_modes: Vec<LookupValue>,
+    /// A disk's `sync.phase` in `GET /vpgs/{id}/disks`.
+    pub sync_phases: Vec<LookupValue>,
     pub priorities: Vec<LookupValue>,
     pub resync_modes: Vec<LookupValue>,
     pub roles: Vec<LookupValue>,
@@ -902,6 +906,6 @@ pub struct RecoveryReportView {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ReportQuery {
+    /// Only this VPG's reports.
     pub vpg: Option<String>,
-    pub limit: Option<u64>,
 }

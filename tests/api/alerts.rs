@@ -9,10 +9,11 @@ use crate::fake_agent::{vm, FakeAgent};
 use crate::helpers::{assert_problem, spawn_app_with, Backend, ControlSettings, TestApp};
 use bulwark::model::access::Role;
 use bulwark::model::alerts::Hysteresis;
-use bulwark::proto::agent::{AgentStatus, PeerStatus, ProtectedDiskStatus};
+use bulwark::proto::agent::{AgentStatus, PeerStatus, ProtectedDiskStatus, WriteActivity};
 use bulwark::proto::control::{
     AgentMessage, Heartbeat, JournalReport, ManagerMessage, RoundHeld, RoundReleased,
 };
+use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -282,6 +283,93 @@ async fn run(backend: Backend) {
     assert!(
         alerts(&app, "").await.is_empty(),
         "a healthy lab has no alert"
+    );
+
+    // Throughput: web's disk reports 10 MiB in 100 writes over its 5 s window.
+    ra.lock().unwrap().protected[0].writes = WriteActivity {
+        writes_total: 1000,
+        bytes_total: 100 << 20,
+        window_ms: 5000,
+        window_writes: 100,
+        window_bytes: 10 << 20,
+    };
+    let disks = wait_for("web's throughput", 10, || async {
+        let (_, d) = app.get(&format!("/api/v1/vpgs/{web}/disks")).await;
+        (d[0]["throughput_bytes_per_sec"].as_f64() > Some(0.0)).then_some(d)
+    })
+    .await;
+    let d = &disks[0];
+    assert_eq!(disks.as_array().unwrap().len(), 1, "{disks}");
+    assert_eq!(
+        (
+            d["vm_name"].as_str(),
+            d["disk_name"].as_str(),
+            d["host_name"].as_str()
+        ),
+        (Some("vm-a"), Some("vm-a-root"), Some("esx-a")),
+        "{d}"
+    );
+    assert_eq!(d["reported"], true);
+    assert_eq!(d["mode"], "streaming");
+    assert_eq!(
+        d["throughput_bytes_per_sec"].as_f64(),
+        Some(f64::from(2u32 << 20))
+    );
+    assert_eq!(d["iops"].as_f64(), Some(20.0));
+    assert_eq!(d["sync"]["phase"], "idle");
+    let (_, other) = app.get(&format!("/api/v1/vpgs/{db}/disks")).await;
+    assert_eq!(
+        other[0]["throughput_bytes_per_sec"].as_f64(),
+        Some(0.0),
+        "{other}"
+    );
+    // The stream: the evaluator's next pass sends web's figures as a sample; a client
+    // that connects after that finds them in its snapshot, before any delta.
+    let frames = |url: String| async move {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws.filter_map(|m| async move {
+            match m.ok()? {
+                tokio_tungstenite::tungstenite::Message::Text(t) => {
+                    serde_json::from_str::<Value>(t.as_str()).ok()
+                }
+                _ => None,
+            }
+        })
+        .boxed()
+    };
+    let url = format!("ws://{}/api/v1/stream?access_token={}", app.addr, app.admin);
+    let busy = |s: &Value| {
+        s["id"] == web.as_str()
+            && s["throughput_bytes_per_sec"].as_f64() == Some(f64::from(2u32 << 20))
+            && s["iops"].as_f64() == Some(20.0)
+    };
+    let mut first = frames(url.clone()).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(f) = first.next().await {
+            let samples = f["samples"].as_array().cloned().unwrap_or_default();
+            if samples.iter().any(busy) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a sample with web's throughput within 10 s");
+    drop(first);
+    let snap = frames(url).await.next().await.unwrap();
+    assert_eq!(snap["type"], "snapshot");
+    let samples = snap["samples"].as_array().unwrap();
+    assert!(samples.iter().any(busy), "{snap}");
+    let idle = samples.iter().find(|s| s["id"] == db.as_str()).unwrap();
+    assert_eq!(
+        idle["throughput_bytes_per_sec"].as_f64(),
+        Some(0.0),
+        "{idle}"
+    );
+    // An unknown VPG is a 404 problem, not an empty list.
+    assert_problem(
+        &app.get("/api/v1/vpgs/nope/disks").await,
+        StatusCode::NOT_FOUND,
+        "vpg.not_found",
     );
 
     // The recovery host stops reporting web's journal: its RPO grows past 10 s.

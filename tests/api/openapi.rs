@@ -39,6 +39,7 @@ const SERVED: &[(&str, &str)] = &[
     ("DELETE", "/api/v1/vpgs/{id}"),
     ("GET", "/api/v1/vpgs/{id}/members"),
     ("POST", "/api/v1/vpgs/{id}/members"),
+    ("GET", "/api/v1/vpgs/{id}/disks"),
     ("PUT", "/api/v1/vpgs/{id}/members/{vm_id}"),
     ("DELETE", "/api/v1/vpgs/{id}/members/{vm_id}"),
     ("GET", "/api/v1/vpgs/{id}/checkpoints"),

@@ -161,6 +161,18 @@ try {
     assert(label === word('vpg_statuses', 'meeting_sla'), `status word ${label}`);
   });
 
+  await step('dashboard: write throughput of the demo\'s guests, from the stream', async () => {
+    // The demo's guests write in bursts; within 20 s the sum is above zero, shown in
+    // words and as the all-VPG line, and the busiest VPGs are listed.
+    await until('throughput above zero', async () => Number(await page.locator('#throughput-total').getAttribute('data-bytes')) > 0, 20_000);
+    const text = await page.locator('#throughput-total').textContent();
+    assert(/^\d+(\.\d)? (B|KiB|MiB|GiB)\/s$/.test(text), `throughput in words: ${text}`);
+    assert(/\d+ IOPS/.test(await page.locator('#iops-total').textContent()), 'IOPS shown');
+    await until('the throughput line has points', async () =>
+      Number(await page.locator('#d-throughput ~ p svg.spark').getAttribute('data-points')) > 1, 10_000);
+    await page.locator('#busiest a').first().waitFor();
+  });
+
   const vmName = `console-vm-${stamp}`;
   let vm;
   await step('dashboard updates live, without reloading', async () => {
@@ -203,6 +215,8 @@ try {
       }
       return true;
     });
+    await until('a throughput figure per VPG', async () =>
+      (await page.$$eval('#vpg-table td[data-label=Throughput]', (tds) => tds.filter((t) => /\/s · \d/.test(t.textContent)).length)) === 2);
     const order = () => page.$$eval('#vpg-table tbody tr[data-vpg]', (rows) => rows.map((r) => r.dataset.vpg));
     await page.locator('button.sort[data-sort=vms]').click();
     assert(JSON.stringify(await order()) === JSON.stringify(['london-to-ny', 'ny-to-london']), `VMs ascending: ${await order()}`);
@@ -235,7 +249,23 @@ try {
       const badge = await page.locator(`#vm-table tr[data-vm="${m.vm_name}"] .badge[data-state]`).textContent();
       assert(badge === word('vm_replication_states', m.replication_state), `${m.vm_name}: ${badge}`);
     }
-    await until('per-disk lag from the manager\'s metrics', async () => /lag \d/.test(await page.locator('#vm-table').textContent()));
+    // Each disk's live figures from GET /vpgs/{id}/disks: mode in the manager's words,
+    // lag, write rate; the same disks REST lists.
+    const disks = await get(`/vpgs/${ny.id}/disks`);
+    assert(disks.length >= detail.members.length && disks.every((d) => d.reported), `REST disks ${JSON.stringify(disks).slice(0, 300)}`);
+    await until('every disk with its figures', async () => {
+      for (const d of disks) {
+        const li = page.locator(`#vm-table li[data-disk="${d.disk_name}"]`);
+        if (!(await li.count())) return false;
+        const mode = await li.locator('[data-mode]').textContent().catch(() => null);
+        if (mode !== word('replication_modes', d.mode)) return false;
+        if (!/lag \d/.test(await li.textContent()) || !(await li.locator('[data-throughput]').count())) return false;
+      }
+      return true;
+    });
+    await until('a disk being written shows a rate', async () =>
+      (await page.$$eval('#vm-table [data-throughput]', (els) => els.some((e) => Number(e.dataset.throughput) > 0))), 20_000);
+    assert(/IOPS/.test(await page.locator('#vpg-throughput').textContent()), 'the VPG\'s throughput in the summary');
     await until('checkpoints listed', async () => (await page.locator('#cp-table tbody tr').count()) > 0);
     assert(await page.locator('.timeline .tick').count() > 0, 'timeline ticks');
     assert(await page.locator('#vpg-ops').count() === 1, 'a place for operations in the header');
@@ -253,7 +283,7 @@ try {
     await page.locator('#tag-form .problem').waitFor();
     const hist = await page.locator('#rpo-chart svg.chart, #rpo-history-empty').first();
     await hist.waitFor();
-    log(`    RPO history: ${await page.locator('#rpo-chart svg.chart').count() ? 'chart drawn' : 'endpoint not there yet ("No RPO history yet.")'}`);
+    log(`    RPO history: ${await page.locator('#rpo-chart svg.chart').count() ? 'chart drawn' : 'no samples stored yet ("No RPO history yet.")'}`);
   });
 
   await step('recovery operations: failover test started and stopped from the console', async () => {
@@ -340,8 +370,7 @@ try {
     await testBtn.and(page.locator(':enabled')).waitFor();
     const row = page.locator('#vpg-report-table tr[data-kind=failover_test][data-result=stopped]').first();
     await row.waitFor();
-    const listed = await get(`/reports?vpg=${ny.id}`);
-    const reports = Array.isArray(listed) ? listed : listed.items; // a plain list, or a page
+    const reports = (await get(`/reports?vpg=${ny.id}`)).items;
     const mine = reports.find((r) => r.details?.operation === taskId);
     assert(mine && mine.kind === 'failover_test' && mine.result === 'stopped' && mine.details.test_result === 'passed', `REST report ${JSON.stringify(mine)?.slice(0, 200)}`);
     await page.locator(`#vpg-report-table tr[data-report="${mine.id}"]`).waitFor();
@@ -405,7 +434,7 @@ try {
     await page.getByRole('button', { name: 'Create VPG' }).click();
     await until('the re-IP problem', async () => (await problem.getAttribute('data-code')) === 'vpg.reip_invalid');
     const badField = await problem.locator('.meta code').first().textContent();
-    assert(/^members\[0\]\.nics\[0\]\.(reip\.)?address$/.test(badField), `problem field ${badField}`);
+    assert(/^members\[0\]\.nics\[0\]\.reip\.address$/.test(badField), `problem field ${badField}`);
     assert(/10\.201\.4\.300/.test(await problem.textContent()), `the manager's detail text: ${await problem.textContent()}`);
     await page.locator('.steps li[aria-current=step]', { hasText: 'Recovery' }).waitFor();
     assert((await addr.getAttribute('aria-invalid')) === 'true', 'the NIC\'s re-IP address is marked');
@@ -497,6 +526,12 @@ try {
       return n > 1 && first && Date.parse(first) < opened ? { n, first, after: Date.now() - opened } : false;
     }, 10_000);
     log(`    sparkline: ${seeded.n} points from ${seeded.first}, ${seeded.after} ms after the page opened`);
+    // The same history draws the detail page's chart (a young demo may have one 15 s
+    // bucket: a line of one point, attached but of no height).
+    await sp.locator('#vpg-table a', { hasText: 'ny-to-london' }).click();
+    const line = sp.locator('#rpo-chart svg.chart path.line').first();
+    await line.waitFor({ state: 'attached', timeout: 20_000 });
+    assert(/^M\d/.test(await line.getAttribute('d')), `the RPO chart's line: ${await line.getAttribute('d')}`);
     await sp.context().close();
   });
 

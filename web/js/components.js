@@ -1,7 +1,7 @@
 // Shared pieces: status badge, sparkline and line chart (inline SVG), progress bar,
 // problem (API error) box.
 
-import { h, fmtSecs } from './dom.js';
+import { h, fmtSecs, fmtRate } from './dom.js';
 import { label } from './lookups.js';
 
 const SVG = 'http://www.w3.org/2000/svg';
@@ -63,6 +63,28 @@ export function sparkline(points, target, { width = 120, height = 28 } = {}) {
   if (target) svg.append(s('line', { class: 'target', x1: 0, x2: width, y1: y(target), y2: y(target) }));
   const d = vals.map((p, i) => `${i ? 'L' : 'M'}${x(Date.parse(p.at)).toFixed(1)},${y(p.rpo).toFixed(1)}`).join('');
   svg.append(s('path', { class: last !== null && target && last > target ? 'line bad' : 'line', d }));
+  return svg;
+}
+
+/**
+ * A small write-rate sparkline: `points` [{at, bytes}] (bytes per second), scaled to its
+ * own peak. The accessible name states the latest rate and the peak.
+ */
+export function rateSparkline(points, name, { width = 120, height = 28 } = {}) {
+  const vals = points.filter((p) => p.bytes !== null && p.bytes !== undefined);
+  const last = vals.length ? vals[vals.length - 1].bytes : null;
+  const peak = Math.max(0, ...vals.map((p) => p.bytes));
+  const title = `${name}: ${fmtRate(last)} now, peak ${fmtRate(peak)} over the last ${vals.length} samples`;
+  const svg = s('svg', { class: 'spark', width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': title,
+    'data-points': vals.length }, s('title', {}, title));
+  if (vals.length < 2) return svg;
+  const t0 = Date.parse(vals[0].at);
+  const t1 = Date.parse(vals[vals.length - 1].at);
+  const max = peak * 1.1 || 1;
+  const x = (t) => (t1 === t0 ? 0 : ((t - t0) / (t1 - t0)) * (width - 2) + 1);
+  const y = (v) => height - 1 - (v / max) * (height - 2);
+  const d = vals.map((p, i) => `${i ? 'L' : 'M'}${x(Date.parse(p.at)).toFixed(1)},${y(p.bytes).toFixed(1)}`).join('');
+  svg.append(s('path', { class: 'line', d }));
   return svg;
 }
 

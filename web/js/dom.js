@@ -81,6 +81,14 @@ export function fmtBytes(b) {
   return `${v >= 100 || i === 0 ? Math.round(v) : v.toFixed(1)} ${units[i]}`;
 }
 
+/** A write rate: bytes per second (and, when given, write commands per second). */
+export function fmtRate(bytesPerSec, iops = null) {
+  if (bytesPerSec === null || bytesPerSec === undefined) return '–';
+  const rate = bytesPerSec > 0 && bytesPerSec < 1 ? '< 1 B/s' : `${fmtBytes(bytesPerSec)}/s`;
+  if (iops === null || iops === undefined) return rate;
+  return `${rate} · ${iops >= 10 || iops === 0 ? Math.round(iops) : iops.toFixed(1)} IOPS`;
+}
+
 export function fmtTime(iso) {
   if (!iso) return '–';
   const d = new Date(iso);

@@ -20,6 +20,8 @@ export class LiveStore {
     this.hosts = new Map();
     this.events = [];
     this.samples = new Map();
+    this.throughput = new Map(); // VPG id -> { bytes, iops } per second, latest
+    this.totals = []; // [{ at, bytes, iops }]: all VPGs together, for the dashboard
     this.lastFrameAt = null;
     this.reconnects = 0;
     this.listeners = new Set();
@@ -114,24 +116,34 @@ export class LiveStore {
       this.sites = new Map(frame.sites.map((s) => [s.id, s]));
       this.hosts = new Map(frame.hosts.map((h) => [h.id, h]));
       this.events = frame.events.slice(-EVENT_KEEP);
+      // The manager's latest sample per VPG carries throughput; a VPG without one has
+      // its record's figures and no writes measured yet.
+      const latest = new Map((frame.samples || []).map((x) => [x.id, x]));
+      this.throughput = new Map();
       for (const v of frame.vpgs) {
-        this.pushSample({ id: v.id, at: frame.at, rpo_actual_secs: v.rpo_actual_secs,
-          history_actual_secs: v.history_actual_secs, journal_bytes: v.journal_bytes });
+        const x = latest.get(v.id);
+        this.applySample({ id: v.id, at: frame.at, rpo_actual_secs: v.rpo_actual_secs,
+          history_actual_secs: v.history_actual_secs, journal_bytes: v.journal_bytes,
+          throughput_bytes_per_sec: x ? x.throughput_bytes_per_sec : 0, iops: x ? x.iops : 0 });
       }
       for (const id of [...this.samples.keys()]) if (!this.vpgs.has(id)) this.samples.delete(id);
+      this.pushTotal(frame.at);
       if (!this.hasSnapshot) this.seedSamples(frame.vpgs.map((v) => v.id));
       this.hasSnapshot = true;
     } else if (frame.type === 'delta') {
       for (const v of frame.vpgs || []) this.vpgs.set(v.id, v);
-      for (const id of frame.vpgs_removed || []) { this.vpgs.delete(id); this.samples.delete(id); }
-      for (const s of frame.samples || []) {
-        const v = this.vpgs.get(s.id);
-        if (v) {
-          this.vpgs.set(s.id, { ...v, rpo_actual_secs: s.rpo_actual_secs,
-            history_actual_secs: s.history_actual_secs, journal_bytes: s.journal_bytes });
-        }
-        this.pushSample(s);
+      for (const id of frame.vpgs_removed || []) {
+        this.vpgs.delete(id); this.samples.delete(id); this.throughput.delete(id);
       }
+      for (const x of frame.samples || []) {
+        const v = this.vpgs.get(x.id);
+        if (v) {
+          this.vpgs.set(x.id, { ...v, rpo_actual_secs: x.rpo_actual_secs,
+            history_actual_secs: x.history_actual_secs, journal_bytes: x.journal_bytes });
+        }
+        this.applySample(x);
+      }
+      if (frame.samples?.length || frame.vpgs_removed?.length) this.pushTotal(frame.at);
       for (const a of frame.alerts || []) this.alerts.set(a.id, a);
       for (const t of frame.tasks || []) this.tasks.set(t.id, t);
       for (const s of frame.sites || []) this.sites.set(s.id, s);
@@ -169,7 +181,7 @@ export class LiveStore {
       const first = list.length ? Date.parse(list[0].at) : Infinity;
       const older = hist.samples
         .filter((p) => Date.parse(p.at) < first)
-        .map((p) => ({ at: p.at, rpo: p.rpo_ms === null ? null : p.rpo_ms / 1000, history: p.history_secs, journal: null }));
+        .map((p) => ({ at: p.at, rpo: p.rpo_ms === null ? null : p.rpo_ms / 1000, history: p.history_secs, journal: null, throughput: null }));
       if (!older.length) continue;
       const merged = older.concat(list);
       this.samples.set(id, merged.slice(-SAMPLE_KEEP));
@@ -177,13 +189,37 @@ export class LiveStore {
     }
   }
 
-  pushSample(s) {
-    let list = this.samples.get(s.id);
-    if (!list) { list = []; this.samples.set(s.id, list); }
-    const t = Date.parse(s.at);
+  /** A VPG's figures from the stream: its current throughput, and one sparkline point. */
+  applySample(x) {
+    this.throughput.set(x.id, { bytes: x.throughput_bytes_per_sec ?? 0, iops: x.iops ?? 0 });
+    this.pushSample(x);
+  }
+
+  pushSample(x) {
+    let list = this.samples.get(x.id);
+    if (!list) { list = []; this.samples.set(x.id, list); }
+    const t = Date.parse(x.at);
     if (list.length && Date.parse(list[list.length - 1].at) >= t) return;
-    list.push({ at: s.at, rpo: s.rpo_actual_secs, history: s.history_actual_secs, journal: s.journal_bytes });
+    list.push({ at: x.at, rpo: x.rpo_actual_secs, history: x.history_actual_secs, journal: x.journal_bytes,
+      throughput: x.throughput_bytes_per_sec ?? null });
     if (list.length > SAMPLE_KEEP) list.splice(0, list.length - SAMPLE_KEEP);
+  }
+
+  /** Throughput and IOPS of every VPG together, now. */
+  totalThroughput() {
+    let bytes = 0;
+    let iops = 0;
+    for (const t of this.throughput.values()) { bytes += t.bytes; iops += t.iops; }
+    return { bytes, iops };
+  }
+
+  /** One point of the all-VPG throughput line per frame that moved it. */
+  pushTotal(at) {
+    const { bytes, iops } = this.totalThroughput();
+    const last = this.totals[this.totals.length - 1];
+    if (last && Date.parse(last.at) >= Date.parse(at)) return;
+    this.totals.push({ at, bytes, iops });
+    if (this.totals.length > SAMPLE_KEEP) this.totals.splice(0, this.totals.length - SAMPLE_KEEP);
   }
 
   openAlerts() {

@@ -6,6 +6,7 @@ use super::AppState;
 use crate::model::access::Role;
 use crate::model::settings::Priority;
 use crate::model::status::{SyncKind, VmReplicationState, VpgStatus, VpgSubStatus};
+use crate::proto::agent::{ReplicationMode, SyncPhase};
 use crate::proto::api::{Connectivity, Health, LookupValue, Lookups, Problem};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -81,6 +82,34 @@ fn fixed(rows: &[(&str, &str, &str)]) -> Vec<LookupValue> {
         .collect()
 }
 
+fn mode_words(m: ReplicationMode) -> (&'static str, &'static str) {
+    match m {
+        ReplicationMode::Streaming => ("Streaming", "every write goes to the recovery journal"),
+        ReplicationMode::BitmapOnly => (
+            "Tracking changes",
+            "writes are only marked in the dirty bitmap; a Bitmap Sync will send them",
+        ),
+        ReplicationMode::Unprotected => ("Not replicated", "the disk has no recovery host"),
+    }
+}
+
+fn phase_words(p: SyncPhase) -> (&'static str, &'static str) {
+    match p {
+        SyncPhase::Idle => ("Idle", "nothing owed: the stream keeps the replica level"),
+        SyncPhase::WaitingForPeer => (
+            "Waiting for the recovery host",
+            "a sync is owed; the recovery host is not reachable",
+        ),
+        SyncPhase::Required => (
+            "Resynchronization required",
+            "the resync policy holds the sync until resumed or the off-peak window opens",
+        ),
+        SyncPhase::Queued => ("Queued", "waiting for a free sync slot"),
+        SyncPhase::Running => ("Running", "a sync pass is running"),
+        SyncPhase::Failed => ("Failed", "the last attempt failed; it is retried"),
+    }
+}
+
 #[utoipa::path(get, path = "/api/v1/lookups", tag = "meta",
     responses((status = 200, body = Lookups), (status = 401, body = Problem)), security(("bearer" = [])))]
 pub async fn lookups(c: Caller) -> Result<ApiJson<Lookups>, ApiError> {
@@ -94,6 +123,14 @@ pub async fn lookups(c: Caller) -> Result<ApiJson<Lookups>, ApiError> {
             (s.as_str(), s.label(), s.description())
         }),
         sync_kinds: values(SyncKind::ALL, |s| (s.as_str(), s.label(), s.description())),
+        replication_modes: values(&ReplicationMode::ALL, |m| {
+            let (label, description) = mode_words(m);
+            (m.as_str(), label, description)
+        }),
+        sync_phases: values(&SyncPhase::ALL, |p| {
+            let (label, description) = phase_words(p);
+            (p.as_str(), label, description)
+        }),
         priorities: values(&Priority::ALL, |p| {
             (p.as_str(), p.as_str(), p.description())
         }),

@@ -16,8 +16,8 @@ use crate::manager::ops::{self, DecisionRequest};
 use crate::model::access::Role;
 use crate::model::operations::{Decision, OperationKind};
 use crate::proto::api::{
-    CommitRequest, FailoverStart, FailoverTestStart, FailoverTestStop, Problem, RecoveryReportView,
-    ReportQuery, Task, Vpg,
+    CommitRequest, FailoverStart, FailoverTestStart, FailoverTestStop, Page, PageQuery, Problem,
+    RecoveryReportView, ReportQuery, Task, Vpg,
 };
 
 fn accepted(t: Task) -> Response {
@@ -222,23 +222,20 @@ pub async fn force_sync(
     Ok((StatusCode::ACCEPTED, ApiJson(v)).into_response())
 }
 
-/// Recovery reports, newest first.
-#[utoipa::path(get, path = "/api/v1/reports", tag = "operations", params(ReportQuery),
-    responses((status = 200, body = [RecoveryReportView])),
+/// Recovery reports, newest first (by when the operation ended), a page at a time.
+#[utoipa::path(get, path = "/api/v1/reports", tag = "operations", params(ReportQuery, PageQuery),
+    responses((status = 200, body = Page<RecoveryReportView>), (status = 400, body = Problem)),
     security(("bearer" = [])))]
 pub async fn list_reports(
     State(s): State<AppState>,
     c: Caller,
     ApiQuery(q): ApiQuery<ReportQuery>,
-) -> Result<Response, ApiError> {
+    ApiQuery(p): ApiQuery<PageQuery>,
+) -> Result<ApiJson<Page<RecoveryReportView>>, ApiError> {
     c.require(Role::Viewer)?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let r = s
-        .control
-        .store
-        .list_reports(q.vpg.as_deref(), limit)
-        .await?;
-    Ok(ApiJson(r).into_response())
+    Ok(ApiJson(
+        s.control.store.list_reports(q.vpg.as_deref(), &p).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/reports/{id}", tag = "operations", params(("id" = String, Path)),

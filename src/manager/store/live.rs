@@ -77,7 +77,8 @@ impl Store {
 
     /// Tasks not finished, then the most recent finished ones.
     pub async fn live_tasks(&self) -> Result<Vec<Task>, StoreError> {
-        let running = ["pending", "running"];
+        // Not finished: a failover or move waiting for commit or rollback included.
+        let running = ["pending", "running", "waiting"];
         let mut out: Vec<Task> = task::Entity::find()
             .filter(task::Column::State.is_in(running))
             .order_by_desc(task::Column::Id)

@@ -17,7 +17,7 @@ use super::{new_id, now, u64_of, Actor, NewEvent, Store, StoreError};
 use crate::model::operations::{CheckpointChoice, CommitPolicy, Decision, OperationKind, Step};
 use crate::model::settings::{MemberSettings, VpgSettings};
 use crate::model::status::Lifecycle;
-use crate::proto::api::{RecoveryReportView, TaskStep};
+use crate::proto::api::{Page, PageQuery, RecoveryReportView, TaskStep};
 use crate::proto::control::RecoveryReport;
 
 /// Everything an operation remembers between steps (the task's `params`).
@@ -748,23 +748,37 @@ impl Store {
             .collect())
     }
 
+    /// Recovery reports, newest first (by when the operation ended).
     pub async fn list_reports(
         &self,
         vpg_id: Option<&str>,
-        limit: u64,
-    ) -> Result<Vec<RecoveryReportView>, StoreError> {
+        p: &PageQuery,
+    ) -> Result<Page<RecoveryReportView>, StoreError> {
         use sea_orm::QuerySelect;
-        let mut q =
-            recovery_report::Entity::find().order_by_desc(recovery_report::Column::StartedAt);
+        let limit = super::page_limit(p.limit)?;
+        // Ids are UUIDv7, written when the operation ends: their order is that time's.
+        let mut q = recovery_report::Entity::find().order_by_desc(recovery_report::Column::Id);
         if let Some(v) = vpg_id {
             q = q.filter(recovery_report::Column::VpgId.eq(v));
         }
-        Ok(q.limit(limit)
+        if let Some(c) = &p.cursor {
+            q = q.filter(recovery_report::Column::Id.lt(c.as_str()));
+        }
+        let mut items: Vec<RecoveryReportView> = q
+            .limit(limit + 1)
             .all(&self.db)
             .await?
             .into_iter()
             .map(report_view)
-            .collect())
+            .collect();
+        let more = items.len() as u64 > limit;
+        items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let next_cursor = if more {
+            items.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
     }
 
     pub async fn get_report(&self, id: &str) -> Result<RecoveryReportView, StoreError> {

@@ -1,27 +1,10 @@
-// Dashboard: VPGs by status, open alerts by severity, sites and hosts with
-// connectivity, journal growth, running tasks and recent events; all from the live stream.
+// Dashboard: VPGs by status, open alerts by severity, write throughput, sites and hosts
+// with connectivity, RPO of the VPGs nearest their target, running tasks and recent
+// events; all from the live stream.
 
-import { h, replace, fmtBytes, fmtAgo, fmtSecs } from '../dom.js';
+import { h, replace, fmtBytes, fmtAgo, fmtSecs, fmtRate } from '../dom.js';
 import { label, values } from '../lookups.js';
-import { statusTone, sparkline, progressBar } from '../components.js';
-
-/** Sum over VPGs of the journal growth over the last `windowSecs` of samples (bytes/s). */
-function journalGrowth(store, windowSecs = 60) {
-  let rate = 0;
-  let seen = false;
-  for (const list of store.samples.values()) {
-    if (list.length < 2) continue;
-    const last = list[list.length - 1];
-    const tEnd = Date.parse(last.at);
-    let first = list[0];
-    for (const p of list) { if (tEnd - Date.parse(p.at) <= windowSecs * 1000) { first = p; break; } }
-    const dt = (tEnd - Date.parse(first.at)) / 1000;
-    if (dt <= 0) continue;
-    rate += (last.journal - first.journal) / dt;
-    seen = true;
-  }
-  return seen ? rate : null;
-}
+import { statusTone, sparkline, rateSparkline, progressBar } from '../components.js';
 
 export function mount(root, ctx) {
   const body = h('div', { class: 'dash' });
@@ -34,7 +17,8 @@ export function mount(root, ctx) {
     const open = store.openAlerts();
     const bySev = new Map();
     for (const a of open) bySev.set(a.severity, (bySev.get(a.severity) || 0) + 1);
-    const growth = journalGrowth(store);
+    const total = store.totalThroughput();
+    const journals = vpgs.reduce((n, v) => n + v.journal_bytes, 0);
     const running = [...store.tasks.values()].filter((t) => t.state === 'running' || t.state === 'pending');
     const vmCount = vpgs.reduce((n, v) => n + v.vm_count, 0);
 
@@ -59,6 +43,23 @@ export function mount(root, ctx) {
             h('span', { class: `badge sev-${sv.id}` }, sv.label), h('span', { class: 'n' }, String(n)));
         })));
 
+    // What the protected VMs write, summed over every VPG (the agents measure it per
+    // disk over the last few seconds); the busiest VPGs below.
+    const busiest = vpgs.map((v) => ({ v, t: store.throughput.get(v.id) }))
+      .filter((x) => x.t && x.t.bytes > 0)
+      .sort((a, b) => b.t.bytes - a.t.bytes || a.v.name.localeCompare(b.v.name))
+      .slice(0, 5);
+    const throughputCard = h('section', { class: 'card', 'aria-labelledby': 'd-throughput' },
+      h('h2', { id: 'd-throughput' }, 'Throughput'),
+      h('p', { class: 'big' }, h('span', { id: 'throughput-total', dataset: { bytes: total.bytes } }, fmtRate(total.bytes))),
+      h('p', {}, h('span', { id: 'iops-total' }, `${Math.round(total.iops)} IOPS`), ' written by protected VMs ',
+        rateSparkline(store.totals, 'All VPGs')),
+      busiest.length
+        ? h('ul', { class: 'rpo-list', id: 'busiest' }, busiest.map(({ v, t }) =>
+          h('li', {}, h('a', { href: `#/vpgs/${v.id}` }, v.name), ' ', h('span', { class: 'num' }, fmtRate(t.bytes, t.iops)))))
+        : h('p', { class: 'muted' }, 'No VM is writing.'),
+      h('p', { class: 'muted' }, 'Journals hold ', h('span', { id: 'journal-total' }, fmtBytes(journals)), ' in all.'));
+
     const hostsBySite = new Map();
     for (const host of store.hosts.values()) {
       if (!hostsBySite.has(host.site_id)) hostsBySite.set(host.site_id, []);
@@ -82,9 +83,7 @@ export function mount(root, ctx) {
     const ratio = (v) => (v.rpo_actual_secs === null ? Infinity : v.rpo_actual_secs / v.settings.rpo_target_secs);
     const worst = [...vpgs].sort((a, b) => ratio(b) - ratio(a) || a.name.localeCompare(b.name)).slice(0, 10);
     const rpoCard = h('section', { class: 'card wide', 'aria-labelledby': 'd-rpo' },
-      h('h2', { id: 'd-rpo' }, vpgs.length > worst.length ? `RPO: the ${worst.length} VPGs nearest their target` : 'RPO and journals'),
-      h('p', {}, 'Journal growth, all VPGs (last minute of stream samples): ',
-        h('strong', { id: 'journal-growth' }, growth === null ? '–' : `${fmtBytes(Math.abs(growth))}/s${growth < 0 ? ' (shrinking)' : ''}`)),
+      h('h2', { id: 'd-rpo' }, vpgs.length > worst.length ? `RPO: the ${worst.length} VPGs nearest their target` : 'RPO'),
       h('ul', { class: 'rpo-list' }, worst.map((v) =>
         h('li', {}, h('a', { href: `#/vpgs/${v.id}` }, v.name), ' ',
           h('span', { class: 'num', dataset: { rpoFor: v.name } }, fmtSecs(v.rpo_actual_secs)),
@@ -99,7 +98,7 @@ export function mount(root, ctx) {
       h('ul', { class: 'events', id: 'recent-events' }, store.events.slice(-6).reverse().map((e) =>
         h('li', { class: `sev-${e.severity}` }, h('time', { datetime: e.at }, fmtAgo(e.at)), ' ', e.message))));
 
-    replace(body, statusCard, alertCard, rpoCard, siteCard, taskCard);
+    replace(body, statusCard, alertCard, throughputCard, rpoCard, siteCard, taskCard);
   }
 
   return { update };

@@ -20,16 +20,25 @@ export function mount(root, ctx, { id } = {}) {
     return { unmount() { gone = true; } };
   }
   const vpgSel = h('select', { id: 'report-vpg' }, h('option', { value: '' }, 'All VPGs'));
-  const load = async () => {
-    const q = vpgSel.value ? `?vpg=${encodeURIComponent(vpgSel.value)}&limit=200` : '?limit=200';
+  // A page of 100 at a time; "Older reports" follows the manager's cursor.
+  let items = [];
+  let cursor = null;
+  const load = async (more = false) => {
+    const q = new URLSearchParams({ limit: '100' });
+    if (vpgSel.value) q.set('vpg', vpgSel.value);
+    if (more && cursor) q.set('cursor', cursor);
     try {
-      const list = await api(`/reports${q}`);
-      if (!gone) replace(body, reportTable(list, { id: 'report-table', showVpg: true, href: (r) => `#/reports/${r.id}` }));
+      const page = await api(`/reports?${q}`);
+      items = more ? items.concat(page.items) : page.items;
+      cursor = page.next_cursor;
+      if (gone) return;
+      replace(body, reportTable(items, { id: 'report-table', showVpg: true, href: (r) => `#/reports/${r.id}` }),
+        cursor ? h('p', {}, h('button', { type: 'button', id: 'older-reports', onclick: () => load(true) }, 'Older reports')) : null);
     } catch (err) {
       if (!gone) replace(body, problemBox(err));
     }
   };
-  vpgSel.addEventListener('change', load);
+  vpgSel.addEventListener('change', () => load());
   replace(root, h('div', { class: 'section-head' }, h('h1', {}, 'Recovery reports'),
     h('div', { class: 'field' }, h('label', { for: 'report-vpg' }, 'VPG'), vpgSel)), body);
   load();

@@ -1,42 +1,20 @@
-// VPG detail: header (status, RPO, the place for operations), VMs with their replication
-// state and per-disk lag, settings, checkpoint timeline with tagging, RPO history chart,
+// VPG detail: header (status, RPO, throughput, the place for operations), VMs with their
+// replication state and per-disk figures (GET /vpgs/{id}/disks), settings, checkpoint timeline with tagging, RPO history chart,
 // tasks, alerts and events of this VPG; recovery operations (buttons, dialogs, live
 // progress) and the VPG's recovery reports.
 
 import { api, listPage, ApiError } from '../api.js';
-import { h, replace, fmtSecs, fmtBytes, fmtTime, fmtAgo, field } from '../dom.js';
+import { h, replace, fmtSecs, fmtBytes, fmtRate, fmtTime, fmtAgo, field } from '../dom.js';
 import { label } from '../lookups.js';
-import { statusBadge, replicationBadge, sparkline, lineChart, progressBar, problemBox } from '../components.js';
+import { statusBadge, replicationBadge, sparkline, rateSparkline, lineChart, progressBar, problemBox } from '../components.js';
 import { createOps, activeOperation, latestOperation, progressPanel, Countdowns, reportTable, fraction, taskStateWord, kindWord } from '../ops.js';
-
-/**
- * Parses the manager's Prometheus text for per-disk lag, queued bytes and the progress of
- * a running sync, keyed "host/disk" (the REST API has no per-disk figures).
- */
-async function diskMetrics() {
-  const res = await fetch('/metrics');
-  if (!res.ok) throw new Error(`metrics: HTTP ${res.status}`);
-  const text = await res.text();
-  const out = new Map();
-  const re = /^bulwark_disk_(lag_seconds|queued_bytes|sync_progress_ratio)\{([^}]*)\}\s+(\S+)/;
-  for (const line of text.split('\n')) {
-    const m = line.match(re);
-    if (!m) continue;
-    const labels = Object.fromEntries([...m[2].matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map((x) => [x[1], x[2]]));
-    const key = `${labels.host}/${labels.disk}`;
-    const entry = out.get(key) || {};
-    entry[m[1]] = Number(m[3]);
-    out.set(key, entry);
-  }
-  return out;
-}
 
 export function mount(root, ctx, { id }) {
   let store = ctx.store;
   let detail = null; // GET /vpgs/{id} (with members)
   let detailVersion = null;
   let vms = new Map();
-  let metrics = null;
+  let disks = null; // GET /vpgs/{id}/disks, by API disk id
   let checkpoints = null;
   let tagged = null;
   let eventsPage = [];
@@ -147,7 +125,7 @@ export function mount(root, ctx, { id }) {
 
   async function loadReports() {
     try {
-      reports = await api(`/reports?vpg=${encodeURIComponent(id)}&limit=20`);
+      reports = (await api(`/reports?vpg=${encodeURIComponent(id)}&limit=20`)).items;
     } catch (err) {
       if (!gone) replace(reportsSection, problemBox(err));
       return;
@@ -155,9 +133,11 @@ export function mount(root, ctx, { id }) {
     if (!gone) replace(reportsSection, reportTable(reports, { id: 'vpg-report-table', href: (r) => `#/reports/${r.id}` }));
   }
 
-  async function loadMetrics() {
-    try { metrics = await diskMetrics(); } catch { metrics = null; }
-    renderVms();
+  async function loadDisks() {
+    try {
+      disks = new Map((await api(`/vpgs/${id}/disks`)).map((d) => [d.disk_id, d]));
+    } catch { disks = null; }
+    if (!gone) renderVms();
   }
 
   async function loadCheckpoints() {
@@ -244,6 +224,9 @@ export function mount(root, ctx, { id }) {
         sparkline(store.samples.get(id) || [], s.rpo_target_secs))),
       h('div', {}, h('dt', {}, 'Journal history / target'), h('dd', {}, `${fmtSecs(v.history_actual_secs)} / ${fmtSecs(s.journal_history_secs)}`)),
       h('div', {}, h('dt', {}, 'Journal size'), h('dd', {}, `${fmtBytes(v.journal_bytes)} (warning ${fmtBytes(s.journal_warning_bytes)}, limit ${fmtBytes(s.journal_hard_limit_bytes)})`)),
+      h('div', {}, h('dt', {}, 'Throughput'), h('dd', { id: 'vpg-throughput' },
+        (() => { const t = store.throughput.get(id); return t ? fmtRate(t.bytes, t.iops) : '–'; })(), ' ',
+        rateSparkline((store.samples.get(id) || []).map((p) => ({ at: p.at, bytes: p.throughput })), 'Throughput'))),
       h('div', {}, h('dt', {}, 'VMs'), h('dd', {}, String(v.vm_count))),
       h('div', {}, h('dt', {}, 'Last failover test'), h('dd', {}, v.last_test_at ? fmtTime(v.last_test_at) : 'never'))));
   }
@@ -254,7 +237,7 @@ export function mount(root, ctx, { id }) {
     if (!members.length) { replace(vmSection, h('p', { class: 'muted' }, 'This VPG has no VMs.')); return; }
     const hostName = (hid) => (hid ? store.hosts.get(hid)?.name ?? hid : '–');
     replace(vmSection, h('div', { class: 'table-wrap' }, h('table', { class: 'grid', id: 'vm-table' },
-      h('thead', {}, h('tr', {}, ['VM', 'Replication', 'Power', 'Protected host', 'Recovery host', 'Boot group', 'Disks (lag, queued)']
+      h('thead', {}, h('tr', {}, ['VM', 'Replication', 'Power', 'Protected host', 'Recovery host', 'Boot group', 'Disks: mode, lag, writes, sync']
         .map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, members.map((m) => {
         const vm = vms.get(m.vm_id);
@@ -266,13 +249,34 @@ export function mount(root, ctx, { id }) {
           h('td', { 'data-label': 'Protected host' }, host),
           h('td', { 'data-label': 'Recovery host' }, hostName(m.recovery_host_id)),
           h('td', { 'data-label': 'Boot group', class: 'num' }, `${m.boot_group}${m.boot_delay_secs ? ` (+${m.boot_delay_secs} s)` : ''}`),
-          h('td', { 'data-label': 'Disks' }, vm ? h('ul', { class: 'disks' }, vm.disks.map((d) => {
-            const mt = metrics?.get(`${host}/${d.name}`);
-            return h('li', { dataset: { disk: d.name } }, `${d.name} (${fmtBytes(d.size_bytes)})`,
-              mt ? h('span', { class: 'muted' }, ` lag ${fmtSecs(mt.lag_seconds)}, queued ${fmtBytes(mt.queued_bytes)}`) : h('span', { class: 'muted' }, ' no stream figures'),
-              mt?.sync_progress_ratio !== undefined ? h('span', {}, ' sync ', progressBar(mt.sync_progress_ratio, `${d.name} sync progress`)) : null);
-          })) : '–'));
+          h('td', { 'data-label': 'Disks' }, vm ? h('ul', { class: 'disks' }, vm.disks.map((d) => diskItem(d, disks?.get(d.id)))) : '–'));
       })))));
+  }
+
+  /** One disk: size, then what its protected host reports now. */
+  function diskItem(d, live) {
+    const figures = [];
+    if (!live || !live.reported) {
+      figures.push(h('span', { class: 'muted' }, disks ? ' not reported by its host' : ' no live figures'));
+    } else {
+      const sync = live.sync;
+      figures.push(
+        h('span', { class: `badge ${live.mode === 'streaming' ? 'ok' : 'warn'}`, dataset: { mode: live.mode } }, label('replication_modes', live.mode)),
+        h('span', { class: 'muted' }, ` lag ${fmtSecs(live.lag_secs)}`,
+          live.queued_bytes ? `, queued ${fmtBytes(live.queued_bytes)}` : '',
+          live.dirty_bytes ? `, dirty ${fmtBytes(live.dirty_bytes)}` : '', ' · '),
+        h('span', { class: 'num', dataset: { throughput: live.throughput_bytes_per_sec } }, fmtRate(live.throughput_bytes_per_sec, live.iops)));
+      if (sync?.running) {
+        const r = sync.running;
+        figures.push(h('span', { class: 'sync', dataset: { syncKind: r.kind } }, ` ${label('sync_kinds', r.kind)} `,
+          progressBar(r.percent / 100, `${d.name} ${label('sync_kinds', r.kind)} progress`),
+          h('span', { class: 'muted' }, [r.bytes_per_sec ? ` ${fmtRate(r.bytes_per_sec)}` : '', r.eta_secs !== null ? `, ${fmtSecs(r.eta_secs)} left` : ''].join(''))));
+      } else if (sync && sync.phase !== 'idle') {
+        figures.push(h('span', { class: sync.phase === 'failed' ? 'bad-text' : 'warn-text', title: sync.detail || '' },
+          ` sync ${label('sync_phases', sync.phase).toLowerCase()}${sync.detail ? `: ${sync.detail}` : ''}`));
+      }
+    }
+    return h('li', { dataset: { disk: d.name } }, h('strong', {}, d.name), ` (${fmtBytes(d.size_bytes)}) `, ...figures);
   }
 
   function renderSettings() {
@@ -380,7 +384,7 @@ export function mount(root, ctx, { id }) {
 
   const every = (fn, ms) => { fn(); timers.push(setInterval(fn, ms)); };
   loadDetail();
-  every(loadMetrics, 3000);
+  every(loadDisks, 2000);
   every(loadCheckpoints, 5000);
   every(loadHistory, 15000);
   loadEvents();

@@ -1,7 +1,8 @@
 // VPG list: name, sites, status and sub-status, RPO with a live sparkline, journal
-// history and size, VM count; sortable columns and filters (kept in the URL hash query).
+// history and size, write throughput and IOPS, VM count; sortable columns and filters
+// (kept in the URL hash query).
 
-import { h, replace, fmtSecs, fmtBytes, field } from '../dom.js';
+import { h, replace, fmtSecs, fmtBytes, fmtRate, field } from '../dom.js';
 import { label, values } from '../lookups.js';
 import { statusBadge, sparkline } from '../components.js';
 
@@ -12,6 +13,7 @@ const COLUMNS = [
   { key: 'rpo', title: 'RPO / target', get: (v) => v.rpo_actual_secs ?? Infinity },
   { key: 'history', title: 'Journal history / target', get: (v) => v.history_actual_secs ?? -1 },
   { key: 'journal', title: 'Journal size', get: (v) => v.journal_bytes },
+  { key: 'throughput', title: 'Throughput', get: (v, s) => s.throughput.get(v.id)?.bytes ?? 0 },
   { key: 'vms', title: 'VMs', get: (v) => v.vm_count },
 ];
 
@@ -105,6 +107,11 @@ export function mount(root, ctx) {
         h('td', { 'data-label': 'History', class: 'num' },
           h('span', { class: histBad ? 'warn-text' : '' }, fmtSecs(v.history_actual_secs)), ` / ${fmtSecs(s.journal_history_secs)}`),
         h('td', { 'data-label': 'Journal', class: 'num' }, fmtBytes(v.journal_bytes)),
+        (() => {
+          const t = store.throughput.get(v.id);
+          return h('td', { 'data-label': 'Throughput', class: 'num', dataset: { throughput: t ? t.bytes : '' } },
+            t ? fmtRate(t.bytes, t.iops) : '–');
+        })(),
         h('td', { 'data-label': 'VMs', class: 'num' }, String(v.vm_count)));
     }) : h('tr', {}, h('td', { colspan: COLUMNS.length, class: 'muted' }, store.hasSnapshot ? 'No VPG matches.' : 'Loading…')));
   }
