@@ -13,6 +13,7 @@
 //! VPGs) is a single `site_disconnection` alert of that site with the number of VPGs it
 //! affects; those VPGs raise no RPO or history alerts of their own meanwhile.
 
+use super::units::{Bytes, Secs};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -314,10 +315,10 @@ pub fn conditions(
                 Severity::Error,
                 ids(),
                 format!(
-                    "VPG {}: RPO {} s exceeds its target of {} s",
+                    "VPG {}: RPO {} exceeds its target of {}",
                     v.name,
-                    rpo.as_secs(),
-                    v.rpo_target.as_secs()
+                    Secs(rpo.as_secs()),
+                    Secs(v.rpo_target.as_secs())
                 ),
             );
         }
@@ -343,11 +344,11 @@ pub fn conditions(
                 severity,
                 ids(),
                 format!(
-                    "VPG {}: journal history {} s is {:.0} % of its target of {} s",
+                    "VPG {}: journal history {} is {:.0} % of its target of {}",
                     v.name,
-                    v.history_actual.as_secs(),
+                    Secs(v.history_actual.as_secs()),
                     (r * 100.0).min(100.0),
-                    target.as_secs()
+                    Secs(target.as_secs())
                 ),
             );
         }
@@ -364,8 +365,10 @@ pub fn conditions(
                 Severity::Warning,
                 ids(),
                 format!(
-                    "VPG {}: journal {bytes} bytes passed the warning size of {} bytes",
-                    v.name, v.journal_warning_bytes
+                    "VPG {}: journal {} passed the warning size of {}",
+                    v.name,
+                    Bytes(bytes),
+                    Bytes(v.journal_warning_bytes)
                 ),
             );
             put(
@@ -375,8 +378,9 @@ pub fn conditions(
                 Severity::Error,
                 ids(),
                 format!(
-                    "VPG {}: journal reached its hard limit of {} bytes; history is promoted early",
-                    v.name, v.journal_hard_limit_bytes
+                    "VPG {}: journal reached its hard limit of {}; history is promoted early",
+                    v.name,
+                    Bytes(v.journal_hard_limit_bytes)
                 ),
             );
         }

@@ -13,6 +13,7 @@ pub mod rpo_history;
 pub mod settings;
 pub mod status;
 pub mod sync;
+pub mod units;
 pub mod validation;
 pub mod webhooks;
 

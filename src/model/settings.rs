@@ -286,7 +286,10 @@ impl VpgSettings {
             return Err(field_err(
                 "vpg.journal_hard_limit_too_small",
                 "journal_hard_limit_bytes",
-                format!("journal hard limit must be at least {MIN_JOURNAL_BYTES} bytes"),
+                format!(
+                    "journal hard limit must be at least {} ({MIN_JOURNAL_BYTES} bytes)",
+                    super::units::Bytes(MIN_JOURNAL_BYTES)
+                ),
             ));
         }
         if self.journal_warning_bytes == 0

@@ -90,8 +90,8 @@ const browser = await chromium.launch({
     '--disable-component-update', '--disable-sync'],
 });
 const pages = [];
-async function newPage(viewport = { width: 1280, height: 800 }) {
-  const context = await browser.newContext({ viewport });
+async function newPage(viewport = { width: 1280, height: 800 }, colorScheme = 'light') {
+  const context = await browser.newContext({ viewport, colorScheme });
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT);
   page.on('pageerror', (e) => { log('PAGE ERROR', e.message); pageErrors.push(e.message); });
@@ -354,6 +354,21 @@ try {
       assert(await page.locator(`#vpg-ops ${b}`).isDisabled(), `${b} disabled while the test runs`);
     }
     await page.screenshot({ path: path.join(ARTIFACTS, 'ops-test-running.png'), fullPage: true });
+    // The events and tasks page shows the same task, its progress on the same 0–100 scale,
+    // and it is on the dashboard among the tasks not finished.
+    assert(task.progress > 0 && task.progress < 100, `a test waiting for stop is part-way: ${task.progress}`);
+    const ev = await newPage();
+    await signIn(ev, TOKEN);
+    await ev.locator('#role').waitFor();
+    await ev.locator(`#recent-events, #d-tasks`).first().waitFor();
+    await ev.locator(`.tasks li[data-task="${taskId}"]`).waitFor();
+    await ev.goto(`${URL_}#/events`);
+    const taskRow = ev.locator(`#task-table tr[data-task="${taskId}"]`);
+    await taskRow.waitFor();
+    assert((await taskRow.locator('th').textContent()) === 'Failover test', `task kind in words: ${await taskRow.locator('th').textContent()}`);
+    const evPct = Number(await taskRow.locator('[role=progressbar]').getAttribute('aria-valuenow'));
+    assert(evPct === Math.round(task.progress), `events page progress ${evPct} = ${task.progress}`);
+    await ev.context().close();
 
     // Stop from the console: back to Meeting SLA, and a failover_test report.
     await page.locator('#vpg-ops #op-stop-test').click();
@@ -589,14 +604,41 @@ try {
     await page.locator('#event-table tbody tr', { hasText: vpgName }).first().waitFor();
   });
 
+  // Every page, named for its screenshot.
+  const firstReport = (await get('/reports?limit=1')).items[0];
+  const PAGES = [['dashboard', '#/'], ['vpgs', '#/vpgs'], ['vpg-detail', `#/vpgs/${ny.id}`], ['wizard', '#/vpgs/new'],
+    ['vpg-edit', `#/vpgs/${ldn.id}/edit`], ['alerts', '#/alerts'], ['events', '#/events'], ['reports', '#/reports'],
+    ...(firstReport ? [['report', `#/reports/${firstReport.id}`]] : [])];
+
+  await step('every page at 1280×800, light and dark: a screenshot each, dark really dark', async () => {
+    for (const scheme of ['light', 'dark']) {
+      const sp = await newPage({ width: 1280, height: 800 }, scheme);
+      await signIn(sp, TOKEN);
+      await sp.locator('#role').waitFor();
+      for (const [name, hash] of PAGES) {
+        await sp.goto(`${URL_}${hash}`);
+        await sp.locator('#stream-state[data-state=live]').waitFor();
+        await sp.waitForTimeout(1500); // lists, charts and disk figures load after the stream
+        await sp.screenshot({ path: path.join(ARTIFACTS, `${name}-${scheme}.png`), fullPage: true });
+      }
+      // The page background follows the scheme (a dark theme that is only half there
+      // would leave white panels).
+      const bg = await sp.evaluate(() => getComputedStyle(document.body).backgroundColor);
+      const lum = bg.match(/\d+/g).slice(0, 3).map(Number).reduce((a, b) => a + b, 0) / 3;
+      assert(scheme === 'dark' ? lum < 80 : lum > 175, `${scheme} background ${bg}`);
+      await sp.context().close();
+    }
+  });
+
   await step('390 px wide: no horizontal scroll, every control labelled, on every page', async () => {
     const np = await newPage({ width: 390, height: 800 });
     await signIn(np, TOKEN);
     await np.locator('#role').waitFor();
-    for (const hash of ['#/', '#/vpgs', `#/vpgs/${ny.id}`, '#/vpgs/new', '#/alerts', '#/events', '#/reports']) {
+    for (const [name, hash] of PAGES) {
       await np.goto(`${URL_}${hash}`);
       await np.locator('#stream-state[data-state=live]').waitFor();
       await np.waitForTimeout(700);
+      await np.screenshot({ path: path.join(ARTIFACTS, `${name}-390.png`), fullPage: true });
       const [sw, cw] = await np.evaluate(() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]);
       assert(sw <= cw, `${hash}: scrollWidth ${sw} > clientWidth ${cw}`);
       const unlabelled = await np.$$eval('input, select, textarea, button', (els) => els

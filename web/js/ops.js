@@ -520,7 +520,7 @@ export function reportDetail(r) {
     ['Kind', kindWord(r.kind)],
     ['VPG', h('a', { href: `#/vpgs/${r.vpg_id}` }, r.vpg_name)],
     ['Result', resultWord(r.result)],
-    d.test_result ? ['Test result', d.test_result] : null,
+    d.test_result ? ['Test result', d.test_result.charAt(0).toUpperCase() + d.test_result.slice(1)] : null,
     ['Checkpoint', r.checkpoint_at ? `${fmtTime(r.checkpoint_at)} (#${r.checkpoint_id})` : '–'],
     ['Started by', r.created_by],
     ['Started', fmtTime(r.started_at)],

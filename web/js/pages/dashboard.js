@@ -5,6 +5,7 @@
 import { h, replace, fmtBytes, fmtAgo, fmtSecs, fmtRate } from '../dom.js';
 import { label, values } from '../lookups.js';
 import { statusTone, sparkline, rateSparkline, progressBar } from '../components.js';
+import { kindWord, taskStateWord, fraction } from '../ops.js';
 
 export function mount(root, ctx) {
   const body = h('div', { class: 'dash' });
@@ -19,7 +20,7 @@ export function mount(root, ctx) {
     for (const a of open) bySev.set(a.severity, (bySev.get(a.severity) || 0) + 1);
     const total = store.totalThroughput();
     const journals = vpgs.reduce((n, v) => n + v.journal_bytes, 0);
-    const running = [...store.tasks.values()].filter((t) => t.state === 'running' || t.state === 'pending');
+    const running = [...store.tasks.values()].filter((t) => ['pending', 'running', 'waiting'].includes(t.state));
     const vmCount = vpgs.reduce((n, v) => n + v.vm_count, 0);
 
     const statusCard = h('section', { class: 'card', 'aria-labelledby': 'd-vpgs' },
@@ -93,7 +94,9 @@ export function mount(root, ctx) {
     const taskCard = h('section', { class: 'card wide', 'aria-labelledby': 'd-tasks' },
       h('h2', { id: 'd-tasks' }, h('a', { href: '#/events' }, 'Running tasks and recent events')),
       running.length
-        ? h('ul', { class: 'tasks' }, running.map((t) => h('li', {}, `${t.kind} `, progressBar(t.progress, `${t.kind} progress`))))
+        ? h('ul', { class: 'tasks' }, running.map((t) => h('li', { dataset: { task: t.id } },
+          t.vpg_id ? h('a', { href: `#/vpgs/${t.vpg_id}` }, store.vpgs.get(t.vpg_id)?.name ?? t.vpg_id) : null, ' ',
+          `${kindWord(t.kind)}: ${taskStateWord(t).toLowerCase()} `, progressBar(fraction(t.progress), `${kindWord(t.kind)} progress`))))
         : h('p', { class: 'muted' }, 'No task running.'),
       h('ul', { class: 'events', id: 'recent-events' }, store.events.slice(-6).reverse().map((e) =>
         h('li', { class: `sev-${e.severity}` }, h('time', { datetime: e.at }, fmtAgo(e.at)), ' ', e.message))));

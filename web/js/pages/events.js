@@ -3,8 +3,8 @@
 
 import { listPage } from '../api.js';
 import { h, replace, fmtTime, fmtAgo, field } from '../dom.js';
-import { label, values } from '../lookups.js';
 import { progressBar, problemBox } from '../components.js';
+import { kindWord, stepWord, taskStateWord, fraction } from '../ops.js';
 
 export function mount(root, ctx) {
   let store = ctx.store;
@@ -49,12 +49,12 @@ export function mount(root, ctx) {
     replace(tasksEl, tasks.length ? h('div', { class: 'table-wrap' }, h('table', { class: 'grid', id: 'task-table' },
       h('thead', {}, h('tr', {}, ['Task', 'VPG', 'State', 'Progress', 'Step', 'Started', 'By'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, tasks.map((t) => h('tr', { dataset: { task: t.id, state: t.state } },
-        h('th', { scope: 'row', 'data-label': 'Task' }, t.kind),
+        h('th', { scope: 'row', 'data-label': 'Task' }, kindWord(t.kind)),
         h('td', { 'data-label': 'VPG' }, t.vpg_id ? h('a', { href: `#/vpgs/${t.vpg_id}` }, store.vpgs.get(t.vpg_id)?.name ?? t.vpg_id) : '–'),
-        h('td', { 'data-label': 'State' }, label('task_states', t.state), t.error ? h('div', { class: 'bad-text' }, t.error) : null),
-        h('td', { 'data-label': 'Progress' }, progressBar(t.progress, `${t.kind} progress`)),
-        h('td', { 'data-label': 'Step' }, t.steps.length ? `${Math.min(t.current_step + 1, t.steps.length)}/${t.steps.length} ${t.steps[t.current_step]?.name ?? ''}` : '–'),
-        h('td', { 'data-label': 'Started' }, t.started_at ? h('time', { datetime: t.started_at, title: fmtTime(t.started_at) }, fmtAgo(t.started_at)) : '–'),
+        h('td', { 'data-label': 'State' }, taskStateWord(t), t.error ? h('div', { class: 'bad-text' }, t.error) : null),
+        h('td', { 'data-label': 'Progress' }, progressBar(fraction(t.progress), `${kindWord(t.kind)} progress`)),
+        h('td', { 'data-label': 'Step' }, t.steps.length ? `${Math.min(t.current_step + 1, t.steps.length)}/${t.steps.length} ${stepWord(t.steps[Math.min(t.current_step, t.steps.length - 1)]?.name ?? '')}` : '–'),
+        h('td', { 'data-label': 'Started', class: 'when' }, t.started_at ? h('time', { datetime: t.started_at, title: fmtTime(t.started_at) }, fmtAgo(t.started_at)) : '–'),
         h('td', { 'data-label': 'By' }, t.created_by))))))
       : h('p', { class: 'muted' }, 'No task yet. Operations (failover test, failover, move, …) appear here with their progress.'));
 
@@ -68,7 +68,7 @@ export function mount(root, ctx) {
     replace(eventsEl, list.length ? h('div', { class: 'table-wrap' }, h('table', { class: 'grid', id: 'event-table' },
       h('thead', {}, h('tr', {}, ['When', 'Severity', 'Kind', 'Message', 'Who'].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, list.map((e) => h('tr', { dataset: { event: e.id } },
-        h('td', { 'data-label': 'When' }, h('time', { datetime: e.at, title: fmtTime(e.at) }, fmtAgo(e.at))),
+        h('td', { 'data-label': 'When', class: 'when' }, h('time', { datetime: e.at, title: fmtTime(e.at) }, fmtAgo(e.at))),
         h('td', { 'data-label': 'Severity' }, h('span', { class: `badge sev-${e.severity}` }, e.severity)),
         h('td', { 'data-label': 'Kind' }, h('code', {}, e.kind)),
         h('td', { 'data-label': 'Message' }, e.message),
