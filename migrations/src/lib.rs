@@ -10,6 +10,7 @@ mod m20261129_000002_webhooks;
 mod m20261129_000003_site_bandwidth;
 mod m20261129_000004_operations;
 mod m20261129_000005_rpo_history;
+mod m20261129_000006_host_key_use;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000003_site_bandwidth::Migration),
             Box::new(m20261129_000004_operations::Migration),
             Box::new(m20261129_000005_rpo_history::Migration),
+            Box::new(m20261129_000006_host_key_use::Migration),
         ]
     }
 }

@@ -125,6 +125,69 @@ both!(
 );
 
 both!(
+    an_enrolment_whose_key_was_never_used_can_be_repeated_with_its_token,
+    |app: TestApp| async move {
+        // The agent enrols and vanishes before storing its key (it never speaks after
+        // the Welcome): the same one-use token enrols it again, with a new key.
+        let token = app.enrolment_token().await;
+        let lost = FakeAgent::connect(&app.ws_url(), FakeAgent::enrol("esx-lost", "prod", &token))
+            .await
+            .expect("welcome");
+        let k1 = lost.host_key.clone().unwrap();
+        lost.drop_hard();
+        let again = FakeAgent::connect(&app.ws_url(), FakeAgent::enrol("esx-lost", "prod", &token))
+            .await
+            .expect("the same token enrols the host again");
+        let k2 = again.host_key.clone().unwrap();
+        assert_ne!(k1, k2, "a new key");
+        assert_eq!(again.host_id, lost_id(&app).await);
+        let enrolled = events(&app, "kind=host.enrolled").await;
+        assert_eq!(enrolled.len(), 2, "{enrolled:?}");
+        assert!(
+            enrolled.iter().any(|e| e["details"]["again"] == true),
+            "{enrolled:?}"
+        );
+        // Spoke after the Welcome: the key is the host's credential from now on.
+        let mut again = again;
+        again.heartbeat().await;
+        again.close().await;
+        let r = rejected(&app, FakeAgent::with_key("esx-lost", "prod", &k1)).await;
+        assert_eq!(
+            r.code, "agent.bad_credential",
+            "the first key is gone: {r:?}"
+        );
+        let b = FakeAgent::connect(&app.ws_url(), FakeAgent::with_key("esx-lost", "prod", &k2))
+            .await
+            .expect("the second key admits");
+        b.close().await;
+        let r = rejected(&app, FakeAgent::enrol("esx-lost", "prod", &token)).await;
+        assert_eq!(r.code, "agent.token_used_up", "{r:?}");
+        // A token with uses left cannot take over a host whose key is in use either.
+        let (_, many) = app
+            .post(
+                "/api/v1/enrolment-tokens",
+                json!({"expires_in_secs": 3600, "max_uses": 5}),
+            )
+            .await;
+        let many = many["secret"].as_str().unwrap().to_string();
+        let r = rejected(&app, FakeAgent::enrol("esx-lost", "prod", &many)).await;
+        assert_eq!(r.code, "agent.already_enrolled", "{r:?}");
+        // Nor one whose key was never used, when it is another token.
+        let other = FakeAgent::connect(&app.ws_url(), FakeAgent::enrol("esx-new", "prod", &many))
+            .await
+            .expect("welcome");
+        other.drop_hard();
+        let fresh = app.enrolment_token().await;
+        let r = rejected(&app, FakeAgent::enrol("esx-new", "prod", &fresh)).await;
+        assert_eq!(r.code, "agent.already_enrolled", "{r:?}");
+    }
+);
+
+async fn lost_id(app: &TestApp) -> String {
+    app.host_id("esx-lost").await
+}
+
+both!(
     revoked_and_expired_tokens_are_refused,
     |app: TestApp| async move {
         // Validation and access first.

@@ -171,6 +171,7 @@ pub async fn serve(cp: Arc<ControlPlane>, mut socket: WebSocket) {
             return refuse(&mut socket, r).await;
         }
     };
+    let enrolled_now = host_key.is_some();
     let (conn_id, mut outbox) = cp.hub.register(&host.name, &host.id);
     tracing::info!(host = %host.name, agent_version = %hello.agent_version, enrolled = host_key.is_some(), "agent connected");
     let welcome = ManagerMessage::Welcome {
@@ -186,7 +187,7 @@ pub async fn serve(cp: Arc<ControlPlane>, mut socket: WebSocket) {
         cp.bump_generation();
         cp.changed.notify_waiters();
         cp.reconciler.push_to(&cp, &host.name).await;
-        pump(&cp, &host, &mut socket, &mut outbox).await
+        pump(&cp, &host, &mut socket, &mut outbox, enrolled_now).await
     } else {
         "socket failed before the welcome".to_string()
     };
@@ -220,6 +221,7 @@ async fn pump(
     host: &HostRef,
     socket: &mut WebSocket,
     outbox: &mut tokio::sync::mpsc::Receiver<ManagerMessage>,
+    mut key_unconfirmed: bool,
 ) -> String {
     let cancel: CancellationToken = cp.cancel_token();
     let mut last_seen_written = Instant::now();
@@ -274,6 +276,16 @@ async fn pump(
                     tokio::spawn(async move {
                         if let Err(e) = store.touch_host(&id).await {
                             tracing::warn!(host = %name, error = %e, "last_seen_at not written");
+                        }
+                    });
+                }
+                if key_unconfirmed {
+                    // An agent that just enrolled speaks only after storing its key.
+                    key_unconfirmed = false;
+                    let (store, id, name) = (cp.store.clone(), host.id.clone(), host.name.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = store.confirm_host_key(&id).await {
+                            tracing::warn!(host = %name, error = %e, "host key use not recorded (its next connection records it)");
                         }
                     });
                 }

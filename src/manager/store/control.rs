@@ -237,12 +237,17 @@ impl Store {
                     .await?
                     .ok_or_else(bad_credential)?;
                 match &h.host_key_hash {
-                    Some(stored) if hash_matches(stored, key) => Ok(Admitted {
-                        host_id: h.id,
-                        host_name: h.name,
-                        site_id: h.site_id,
-                        host_key: None,
-                    }),
+                    Some(stored) if hash_matches(stored, key) => {
+                        if h.key_used_at.is_none() {
+                            self.confirm_host_key(&h.id).await?;
+                        }
+                        Ok(Admitted {
+                            host_id: h.id,
+                            host_name: h.name,
+                            site_id: h.site_id,
+                            host_key: None,
+                        })
+                    }
                     _ => Err(bad_credential()),
                 }
             }
@@ -279,28 +284,6 @@ impl Store {
             return Err(refuse(
                 "agent.token_expired",
                 "the enrolment token has expired",
-            ));
-        }
-        // Counting the use is a conditional update, so two hosts racing for the last use
-        // of a token cannot both win (on either database).
-        let counted = enrolment_token::Entity::update_many()
-            .col_expr(
-                enrolment_token::Column::Uses,
-                Expr::col(enrolment_token::Column::Uses).add(1),
-            )
-            .filter(enrolment_token::Column::Id.eq(tok.id.as_str()))
-            .filter(
-                enrolment_token::Column::MaxUses
-                    .is_null()
-                    .or(Expr::col(enrolment_token::Column::Uses)
-                        .lt(Expr::col(enrolment_token::Column::MaxUses))),
-            )
-            .exec(&txn)
-            .await?;
-        if counted.rows_affected != 1 {
-            return Err(refuse(
-                "agent.token_used_up",
-                "the enrolment token has been used as often as it may",
             ));
         }
         let site = match site::Entity::find()
@@ -341,8 +324,20 @@ impl Store {
             .filter(host::Column::Name.eq(host_name.to_string()))
             .one(&txn)
             .await?;
+        // Enrolling again with the same token while the key issued by it was never used:
+        // the agent did not get its Welcome (the connection, or a write after the key was
+        // stored, failed). It gets a new key; the token's use was counted the first time.
+        let again = existing.as_ref().is_some_and(|h| {
+            h.host_key_hash.is_some()
+                && h.key_used_at.is_none()
+                && h.enrolled_by.as_deref() == Some(tok.id.as_str())
+                && h.site_id == site.id
+        });
+        if !again {
+            count_use(&txn, &tok.id).await?;
+        }
         let h = match existing {
-            Some(h) if h.host_key_hash.is_some() => {
+            Some(h) if h.host_key_hash.is_some() && !again => {
                 return Err(refuse(
                     "agent.already_enrolled",
                     format!(
@@ -361,6 +356,8 @@ impl Store {
                 let mut am = h.into_active_model();
                 am.host_key_hash = Set(Some(hash_secret(&key)));
                 am.enrolled_at = Set(Some(t));
+                am.enrolled_by = Set(Some(tok.id.clone()));
+                am.key_used_at = Set(None);
                 am.updated_at = Set(t);
                 am.update(&txn).await?
             }
@@ -380,6 +377,8 @@ impl Store {
                     updated_at: Set(t),
                     host_key_hash: Set(Some(hash_secret(&key))),
                     enrolled_at: Set(Some(t)),
+                    enrolled_by: Set(Some(tok.id.clone())),
+                    key_used_at: Set(None),
                 }
                 .insert(&txn)
                 .await
@@ -402,9 +401,16 @@ impl Store {
             "host.enrolled",
             "host",
             &h.id,
-            format!("host {host_name} enrolled at site {site_name}"),
+            if again {
+                format!(
+                    "host {host_name} enrolled again at site {site_name}: its first key was \
+                     never used"
+                )
+            } else {
+                format!("host {host_name} enrolled at site {site_name}")
+            },
         )
-        .details(serde_json::json!({ "enrolment_token_id": tok.id }))
+        .details(serde_json::json!({ "enrolment_token_id": tok.id, "again": again }))
         .write(&txn, &actor)
         .await?;
         self.commit(txn).await?;
@@ -414,6 +420,20 @@ impl Store {
             site_id: h.site_id,
             host_key: Some(key),
         })
+    }
+
+    /// The agent of `host_id` has its host key: it connected with it, or spoke after the
+    /// Welcome that carried it (the agent stores the key before anything else). From now
+    /// on the key is the host's only credential; its enrolment token cannot enrol it again.
+    pub async fn confirm_host_key(&self, host_id: &str) -> Result<(), StoreError> {
+        let _w = self.write_guard().await;
+        host::Entity::update_many()
+            .col_expr(host::Column::KeyUsedAt, Expr::value(now()))
+            .filter(host::Column::Id.eq(host_id))
+            .filter(host::Column::KeyUsedAt.is_null())
+            .exec(&self.db)
+            .await?;
+        Ok(())
     }
 
     // ---- connectivity ------------------------------------------------------------------
@@ -719,6 +739,32 @@ impl Store {
         self.commit(txn).await?;
         Ok(())
     }
+}
+
+/// Counts one use of an enrolment token. A conditional update, so two hosts racing for
+/// the last use of a token cannot both win (on either database).
+async fn count_use(txn: &sea_orm::DatabaseTransaction, token_id: &str) -> Result<(), StoreError> {
+    let counted = enrolment_token::Entity::update_many()
+        .col_expr(
+            enrolment_token::Column::Uses,
+            Expr::col(enrolment_token::Column::Uses).add(1),
+        )
+        .filter(enrolment_token::Column::Id.eq(token_id))
+        .filter(
+            enrolment_token::Column::MaxUses
+                .is_null()
+                .or(Expr::col(enrolment_token::Column::Uses)
+                    .lt(Expr::col(enrolment_token::Column::MaxUses))),
+        )
+        .exec(txn)
+        .await?;
+    if counted.rows_affected != 1 {
+        return Err(refuse(
+            "agent.token_used_up",
+            "the enrolment token has been used as often as it may",
+        ));
+    }
+    Ok(())
 }
 
 fn check_endpoints(hello: &AgentHello) -> Result<(), ValidationError> {

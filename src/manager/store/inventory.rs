@@ -370,6 +370,8 @@ impl Store {
             updated_at: Set(t),
             host_key_hash: Set(None),
             enrolled_at: Set(None),
+            enrolled_by: Set(None),
+            key_used_at: Set(None),
         }
         .insert(&txn)
         .await

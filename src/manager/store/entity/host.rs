@@ -21,6 +21,11 @@ pub struct Model {
     /// BLAKE3 of the host key issued at enrolment (None: never enrolled).
     pub host_key_hash: Option<String>,
     pub enrolled_at: Option<DateTimeUtc>,
+    /// The enrolment token that issued the host key.
+    pub enrolled_by: Option<String>,
+    /// When an agent first connected with the host key (None: issued, never used; the
+    /// same token may enrol the host again).
+    pub key_used_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
