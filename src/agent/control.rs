@@ -568,7 +568,7 @@ impl ControlClient {
                     reason: e.to_string(),
                 })?
                 .inspect_err(|e| {
-                    tracing::error!(error = %e, "cannot store the host key the manager issued: enrol this host again");
+                    tracing::error!(error = %e, "cannot store the host key the manager issued; the next connection enrols again with the token (the key was never used)");
                 })?;
             tracing::info!(path = %self.settings.key_path.display(), "enrolled: host key stored");
         }
