@@ -78,34 +78,44 @@ mod tests {
 
     const T0: i64 = 1_790_000_000_000;
 
+    /// A timeline in time order (the meter is fed by a clock that moves forward).
+    enum Step {
+        Write(i64, u64),
+        /// At this time: window writes, window bytes, total writes.
+        Check(i64, u64, u64, u64),
+    }
+
     #[test]
     fn window_holds_the_last_whole_seconds_only() {
-        let mut m = WriteMeter::default();
-        // Second 0: 2 writes; second 3: 1 write; second 6: 1 write.
-        m.record(T0, 4096);
-        m.record(T0 + 999, 4096);
-        m.record(T0 + 3_500, 65536);
-        m.record(T0 + 6_000, 512);
-        let table = [
-            // (now, window writes, window bytes)
-            (T0 + 500, 0, 0),              // second 0 still in progress
-            (T0 + 1_000, 2, 8192),         // second 0 complete
-            (T0 + 5_999, 3, 8192 + 65536), // seconds 0..=4
-            (T0 + 6_000, 1, 65536),        // second 0 left the window; 6 in progress
-            (T0 + 7_000, 2, 65536 + 512),  // seconds 2..=6
-            (T0 + 9_000, 1, 512),          // seconds 4..=8
-            (T0 + 60_000, 0, 0),           // long quiet
+        use Step::*;
+        let timeline = [
+            Write(0, 4096),
+            Check(500, 0, 0, 1), // second 0 still in progress
+            Write(999, 4096),
+            Check(1_000, 2, 8192, 2), // second 0 complete
+            Write(3_500, 65536),
+            Check(5_999, 3, 8192 + 65536, 3), // seconds 0..=4
+            Check(6_000, 1, 65536, 3),        // second 0 left the window
+            Write(6_000, 512),                // reuses second 0's slot
+            Check(6_999, 1, 65536, 4),        // second 6 in progress
+            Check(7_000, 2, 65536 + 512, 4),  // seconds 2..=6
+            Check(9_000, 1, 512, 4),          // seconds 4..=8
+            Check(60_000, 0, 0, 4),           // long quiet
         ];
-        for (now, writes, bytes) in table {
-            let a = m.activity(now);
-            assert_eq!(
-                (a.window_writes, a.window_bytes),
-                (writes, bytes),
-                "at +{}",
-                now - T0
-            );
-            assert_eq!(a.window_ms, WINDOW_SECS * 1000);
-            assert_eq!((a.writes_total, a.bytes_total), (4, 8192 + 65536 + 512));
+        let mut m = WriteMeter::default();
+        for step in timeline {
+            match step {
+                Write(t, bytes) => m.record(T0 + t, bytes),
+                Check(t, writes, bytes, total) => {
+                    let a = m.activity(T0 + t);
+                    assert_eq!(
+                        (a.window_writes, a.window_bytes, a.writes_total),
+                        (writes, bytes, total),
+                        "at +{t}"
+                    );
+                    assert_eq!(a.window_ms, WINDOW_SECS * 1000);
+                }
+            }
         }
     }
 
