@@ -240,6 +240,25 @@ try {
     assert(focused[0] === 'A' && focused[1] === 'ny-to-london', `focus kept on the row link: ${focused}`);
   });
 
+  await step('a status change on the server is on the page within a second, without reload', async () => {
+    // Pausing london-to-ny: the manager's status becomes "User paused protection"; the
+    // list must show it at most a second after REST does.
+    await page.evaluate(() => { window.__noReload = true; });
+    const row = page.locator('#vpg-table tr[data-vpg="london-to-ny"]');
+    const shown = row.locator('.substatus[data-sub-status=user_paused_protection]');
+    await rest('POST', `/vpgs/${ldn.id}/pause`);
+    const onServer = await until('paused on the server', async () =>
+      (await get(`/vpgs/${ldn.id}`)).sub_status === 'user_paused_protection' && Date.now(), 10_000);
+    await shown.waitFor({ timeout: 5_000 });
+    const lag = Date.now() - onServer;
+    log(`    status on the page ${lag} ms after REST had it`);
+    assert(lag <= 1000, `the page showed the status ${lag} ms after the server had it`);
+    assert((await shown.textContent()) === word('vpg_sub_statuses', 'user_paused_protection'), 'the manager\'s words');
+    await rest('POST', `/vpgs/${ldn.id}/resume`);
+    await until('resumed on the page', async () => (await shown.count()) === 0, 10_000);
+    assert(await page.evaluate(() => window.__noReload === true), 'the page did not reload');
+  });
+
   await step('VPG detail: VMs with replication states, checkpoints, tagging from the UI', async () => {
     await page.locator('#vpg-table a', { hasText: 'ny-to-london' }).click();
     await page.locator('#vpg-name', { hasText: 'ny-to-london' }).waitFor();
@@ -309,7 +328,8 @@ try {
     await page.screenshot({ path: path.join(ARTIFACTS, 'ops-dialog.png') });
     await page.keyboard.press('Escape');
     await dlg.waitFor({ state: 'detached' });
-    assert(await page.evaluate(() => document.activeElement?.id) === 'op-test', 'focus back on Test failover after Esc');
+    // (The header may re-render in the same instant; the focus follows within a frame.)
+    await until('focus back on Test failover after Esc', async () => (await page.evaluate(() => document.activeElement?.id)) === 'op-test', 2_000);
     assert(await testTasks() === before, 'Esc started nothing');
 
     // The manager's refusal is shown in the dialog: a test started elsewhere meanwhile.
