@@ -400,14 +400,8 @@ impl Store {
     ) -> Result<HashMap<String, CheckpointSummary>, StoreError> {
         let mut summaries: HashMap<String, CheckpointSummary> = HashMap::new();
         for chunk in ids.chunks(IN_CHUNK) {
-            let pending: Vec<(String, i64, DateTime<Utc>)> = checkpoint::Entity::find()
+            let pending: Vec<(String, i64, DateTime<Utc>)> = pending_rows()
                 .filter(checkpoint::Column::VpgId.is_in(chunk.iter().cloned()))
-                .filter(checkpoint::Column::Recoverable.eq(false))
-                .select_only()
-                .column(checkpoint::Column::VpgId)
-                .column(checkpoint::Column::Id)
-                .column(checkpoint::Column::TakenAt)
-                .order_by_asc(checkpoint::Column::Id)
                 .into_tuple()
                 .all(&self.db)
                 .await?;
@@ -444,14 +438,8 @@ impl Store {
         &self,
         above: u64,
     ) -> Result<Vec<(String, u64, DateTime<Utc>)>, StoreError> {
-        let rows: Vec<(String, i64, DateTime<Utc>)> = checkpoint::Entity::find()
+        let rows: Vec<(String, i64, DateTime<Utc>)> = pending_rows()
             .filter(checkpoint::Column::Id.gt(i64_id(above)))
-            .filter(checkpoint::Column::Recoverable.eq(false))
-            .select_only()
-            .column(checkpoint::Column::VpgId)
-            .column(checkpoint::Column::Id)
-            .column(checkpoint::Column::TakenAt)
-            .order_by_asc(checkpoint::Column::Id)
             .into_tuple()
             .all(&self.db)
             .await?;
@@ -905,4 +893,15 @@ pub(crate) async fn remove_rows(db: &impl ConnectionTrait, id: &str) -> Result<(
         .await?;
     vpg::Entity::delete_by_id(id).exec(db).await?;
     Ok(())
+}
+
+/// Checkpoint rows not recoverable yet, as (VPG, id, taken at), in id order.
+fn pending_rows() -> sea_orm::Select<checkpoint::Entity> {
+    checkpoint::Entity::find()
+        .filter(checkpoint::Column::Recoverable.eq(false))
+        .select_only()
+        .column(checkpoint::Column::VpgId)
+        .column(checkpoint::Column::Id)
+        .column(checkpoint::Column::TakenAt)
+        .order_by_asc(checkpoint::Column::Id)
 }
