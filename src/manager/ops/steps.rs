@@ -115,8 +115,8 @@ async fn prepare(cp: &ControlPlane, o: &mut Operation, v: &OpVpg) -> Result<Stri
         Some((true, at)) => {
             o.op.checkpoint_at = Some(at);
             Ok(format!(
-                "checkpoint {id} of {} ({}), {} VMs",
-                at.to_rfc3339(),
+                "checkpoint {id} taken {} ({}), {} VMs",
+                at.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
                 o.op.checkpoint.describe(),
                 members(o, v).len()
             ))
