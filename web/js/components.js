@@ -44,48 +44,58 @@ export function replicationBadge(state) {
 }
 
 /**
- * A small RPO sparkline: `points` [{at, rpo}] (seconds, null = none), `target` drawn as a
- * dashed line. The accessible name states the latest value and the target.
+ * A small line of `vals` [{at, v}] (nulls already left out) scaled to `max`, with an
+ * optional dashed `target`. data-points / data-first: how many values are drawn and the
+ * oldest one's time (tests).
  */
-export function sparkline(points, target, { width = 120, height = 28 } = {}) {
-  const vals = points.filter((p) => p.rpo !== null && p.rpo !== undefined);
-  const last = vals.length ? vals[vals.length - 1].rpo : null;
-  const title = `RPO ${fmtSecs(last)}, target ${fmtSecs(target)}, last ${points.length} samples`;
-  // data-points / data-first: how many values are drawn and the oldest one's time (tests).
+function spark(vals, { title, max, target = null, bad = false, width = 120, height = 28 }) {
   const svg = s('svg', { class: 'spark', width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': title,
     'data-points': vals.length, 'data-first': vals.length ? vals[0].at : null }, s('title', {}, title));
   if (vals.length < 2) return svg;
   const t0 = Date.parse(vals[0].at);
   const t1 = Date.parse(vals[vals.length - 1].at);
-  const max = Math.max(target || 0, ...vals.map((p) => p.rpo)) * 1.1 || 1;
+  const top = max * 1.1 || 1;
   const x = (t) => (t1 === t0 ? 0 : ((t - t0) / (t1 - t0)) * (width - 2) + 1);
-  const y = (v) => height - 1 - (v / max) * (height - 2);
+  const y = (v) => height - 1 - (v / top) * (height - 2);
   if (target) svg.append(s('line', { class: 'target', x1: 0, x2: width, y1: y(target), y2: y(target) }));
-  const d = vals.map((p, i) => `${i ? 'L' : 'M'}${x(Date.parse(p.at)).toFixed(1)},${y(p.rpo).toFixed(1)}`).join('');
-  svg.append(s('path', { class: last !== null && target && last > target ? 'line bad' : 'line', d }));
+  const d = vals.map((p, i) => `${i ? 'L' : 'M'}${x(Date.parse(p.at)).toFixed(1)},${y(p.v).toFixed(1)}`).join('');
+  svg.append(s('path', { class: bad ? 'line bad' : 'line', d }));
   return svg;
+}
+
+const present = (points, key) => points
+  .filter((p) => p[key] !== null && p[key] !== undefined)
+  .map((p) => ({ at: p.at, v: p[key] }));
+
+/**
+ * A small RPO sparkline: `points` [{at, rpo}] (seconds, null = none), `target` drawn as a
+ * dashed line. The accessible name states the latest value and the target.
+ */
+export function sparkline(points, target, size = {}) {
+  const vals = present(points, 'rpo');
+  const last = vals.length ? vals[vals.length - 1].v : null;
+  return spark(vals, {
+    ...size,
+    title: `RPO ${fmtSecs(last)}, target ${fmtSecs(target)}, last ${points.length} samples`,
+    max: Math.max(target || 0, ...vals.map((p) => p.v)),
+    target,
+    bad: last !== null && target && last > target,
+  });
 }
 
 /**
  * A small write-rate sparkline: `points` [{at, bytes}] (bytes per second), scaled to its
  * own peak. The accessible name states the latest rate and the peak.
  */
-export function rateSparkline(points, name, { width = 120, height = 28 } = {}) {
-  const vals = points.filter((p) => p.bytes !== null && p.bytes !== undefined);
-  const last = vals.length ? vals[vals.length - 1].bytes : null;
-  const peak = Math.max(0, ...vals.map((p) => p.bytes));
-  const title = `${name}: ${fmtRate(last)} now, peak ${fmtRate(peak)} over the last ${vals.length} samples`;
-  const svg = s('svg', { class: 'spark', width, height, viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': title,
-    'data-points': vals.length }, s('title', {}, title));
-  if (vals.length < 2) return svg;
-  const t0 = Date.parse(vals[0].at);
-  const t1 = Date.parse(vals[vals.length - 1].at);
-  const max = peak * 1.1 || 1;
-  const x = (t) => (t1 === t0 ? 0 : ((t - t0) / (t1 - t0)) * (width - 2) + 1);
-  const y = (v) => height - 1 - (v / max) * (height - 2);
-  const d = vals.map((p, i) => `${i ? 'L' : 'M'}${x(Date.parse(p.at)).toFixed(1)},${y(p.bytes).toFixed(1)}`).join('');
-  svg.append(s('path', { class: 'line', d }));
-  return svg;
+export function rateSparkline(points, name, size = {}) {
+  const vals = present(points, 'bytes');
+  const last = vals.length ? vals[vals.length - 1].v : null;
+  const peak = Math.max(0, ...vals.map((p) => p.v));
+  return spark(vals, {
+    ...size,
+    title: `${name}: ${fmtRate(last)} now, peak ${fmtRate(peak)} over the last ${vals.length} samples`,
+    max: peak,
+  });
 }
 
 /**
