@@ -6,6 +6,7 @@
 //! - [`manager`]: the control plane (HTTP API, database, SLA evaluation, operations).
 //! - [`agent`]: the data path (NBD interception, replication stream, journal).
 //! - [`cli`]: the `bulwark` command line.
+//! - [`net`]: socket options of the long-lived connections of both roles.
 //! - [`lab`]: the whole system in one process (manager, agents, REST helpers), for
 //!   benches and the demo; [`demo`]: `bulwark demo`.
 
@@ -15,4 +16,5 @@ pub mod demo;
 pub mod lab;
 pub mod manager;
 pub mod model;
+pub mod net;
 pub mod proto;

@@ -544,3 +544,102 @@ async fn bandwidth_limit_changes_at_run_time_without_reconnecting() {
         verify_disk(&st, d, &w);
     }
 }
+
+/// A receiver that answers the Hello with a Welcome for every disk, then falls silent:
+/// it neither reads nor writes again, and keeps the socket open (what a cable cut
+/// without resets looks like from the sender, once the socket buffers are full).
+async fn silent_after_welcome() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use bulwark::agent::stream::{FrameReader, FrameWriter};
+    use bulwark::proto::stream::{DiskAck, Frame};
+    // A small receive buffer (inherited by the accepted socket): the sender's writes
+    // block after a few MiB instead of filling an autotuned 32 MiB window.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 << 10).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = sock.listen(1).unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = l.accept().await.unwrap();
+        let (rd, wr) = tcp.into_split();
+        let mut reader = FrameReader::new(rd);
+        let mut writer = FrameWriter::new(wr, Compression::None);
+        let Some(Frame::Hello { disks, .. }) = reader.read_frame().await.unwrap() else {
+            panic!("expected Hello");
+        };
+        let acks = disks
+            .iter()
+            .map(|d| DiskAck {
+                disk_id: d.disk_id,
+                durable_seq: 0,
+            })
+            .collect();
+        writer
+            .send(&Frame::Welcome {
+                disks: acks,
+                refused: Vec::new(),
+            })
+            .await
+            .unwrap();
+        // Silent from now on; the halves live until the test ends the task.
+        let _keep = (reader, writer);
+        std::future::pending::<()>().await;
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_noticed_while_a_write_is_blocked() {
+    init_tracing();
+    let (addr, silent) = silent_after_welcome().await;
+    let cancel = CancellationToken::new();
+    let mut cfg = sender_config(addr, ClientTransport::Insecure);
+    cfg.peer_timeout = Duration::from_secs(2);
+    cfg.backoff_min = Duration::from_secs(30);
+    cfg.backoff_max = Duration::from_secs(30);
+    cfg.queue_memory = 128 << 20;
+    let (sender, mut events) = Sender::start(cfg, specs(&[7]), cancel.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !drain_events(&mut events).contains(&StreamEvent::Connected) {
+        assert!(Instant::now() < deadline, "never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Far more than the socket buffers of both ends hold: the send blocks for good.
+    const N: u64 = 3000;
+    let mut w = Workload::new(11, &[7]);
+    let recs: Vec<_> = (0..N).map(|_| w.next(7, 1 << 20)).collect();
+    let bytes: usize = recs.iter().map(|r| r.cost()).sum();
+    assert!(bytes > 32 << 20, "{bytes} bytes queued");
+    let queued_at = Instant::now();
+    enqueue_all(&sender, recs);
+    let deadline = queued_at + Duration::from_secs(8);
+    let mut seen = Vec::new();
+    let detected = loop {
+        seen.extend(drain_events(&mut events));
+        if let Some(e) = seen
+            .iter()
+            .find(|e| matches!(e, StreamEvent::Disconnected { .. }))
+        {
+            break e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a silent peer went unnoticed for 8 s with a 2 s peer timeout; connected = {}, events {seen:?}",
+            sender.is_connected()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let after = queued_at.elapsed();
+    assert!(!sender.is_connected());
+    assert!(
+        matches!(&detected, StreamEvent::Disconnected { error } if error.contains("timed out")),
+        "{detected:?}"
+    );
+    // Nothing was acknowledged: every record is still queued for the next connection.
+    let st = sender.stats();
+    assert_eq!(st[0].mode, DiskMode::Streaming);
+    assert_eq!(st[0].acked_seq, 0);
+    assert_eq!(st[0].queued_records, N);
+    eprintln!("silent peer noticed {after:?} after the records were queued");
+    cancel.cancel();
+    silent.abort();
+}

@@ -46,6 +46,11 @@ const PENDING_EVENTS: usize = 1024;
 const ORDINARY_QUEUE: usize = 256;
 /// Heartbeats missed before the manager is taken for dead.
 const SILENT_HEARTBEATS: u32 = 4;
+/// Bound of the TCP connect and of the WebSocket handshake to the manager.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Data sent to the manager and unacknowledged this long ends the connection (the
+/// floor under the heartbeat check: a writer blocked on a silent peer returns).
+const SOCKET_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the control channel could not be set up or a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -457,15 +462,23 @@ impl ControlClient {
             .trim_end_matches(']')
             .to_string();
         let port = request.uri().port_u16().unwrap_or(80);
-        let tcp = TcpStream::connect((host.as_str(), port))
+        // A partitioned manager drops the SYN: without a bound the kernel would retry
+        // for about two minutes before the back-off could try again.
+        let tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect((host.as_str(), port)))
             .await
+            .map_err(|_| connect_err(format!("no answer within {DIAL_TIMEOUT:?}")))?
             .map_err(|e| connect_err(e.to_string()))?;
         // Held/Released are small and must not wait for Nagle behind a heartbeat.
         tcp.set_nodelay(true)
             .map_err(|e| connect_err(e.to_string()))?;
-        let (ws, _) = tokio_tungstenite::client_async(request, tcp)
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
+        crate::net::tune_long_lived(&tcp, SOCKET_USER_TIMEOUT);
+        let (ws, _) =
+            tokio::time::timeout(DIAL_TIMEOUT, tokio_tungstenite::client_async(request, tcp))
+                .await
+                .map_err(|_| {
+                    connect_err(format!("no WebSocket handshake within {DIAL_TIMEOUT:?}"))
+                })?
+                .map_err(|e| connect_err(e.to_string()))?;
         Ok(ws)
     }
 

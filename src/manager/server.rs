@@ -6,10 +6,12 @@ use super::config::ManagerConfig;
 use super::control::ControlPlane;
 use super::metrics::Metrics;
 use super::store::{Store, StoreError};
+use axum::serve::ListenerExt;
 use axum::Router;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +100,14 @@ impl Application {
             shutdown.await;
             control.shutdown().await;
         };
-        axum::serve(self.listener, self.router)
+        // Agents' control channels and live-stream clients stay connected for days: a
+        // peer that vanished without a reset is found by keepalive, and a write to it
+        // ends instead of waiting on a full socket buffer.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+            crate::net::tune_long_lived(tcp, Duration::from_secs(30));
+        });
+        axum::serve(listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(ServerError::Serve)?;

@@ -216,18 +216,40 @@ pub struct AgentProc {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub args: Vec<String>,
+    /// Environment for the next (re)start, e.g. fault injection.
+    pub env: Vec<(String, String)>,
+    /// Network namespace to run in (`ip netns exec`), for partition tests.
+    pub netns: Option<String>,
     pub endpoints: AgentEndpoints,
     child: Option<Child>,
     http: reqwest::Client,
 }
 
 fn command(config: &Path, args: &[String], log: &Path) -> std::process::Command {
+    command_in(None, config, args, log)
+}
+
+/// The agent's command line, run in network namespace `netns` if given.
+fn command_in(
+    netns: Option<&str>,
+    config: &Path,
+    args: &[String],
+    log: &Path,
+) -> std::process::Command {
     let err = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"));
+    // `ip netns exec` execs the agent in place: the child's pid is the agent's.
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_bulwark")]);
+            c
+        }
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_bulwark")),
+    };
     c.arg("--config")
         .arg(config)
         .arg("agent")
@@ -244,6 +266,19 @@ fn command(config: &Path, args: &[String], log: &Path) -> std::process::Command 
 impl AgentProc {
     /// Starts the agent and waits (bounded) until it has written its endpoints.
     pub async fn start(name: &str, config: &Path, data_dir: &Path, args: &[&str]) -> AgentProc {
+        Self::start_with(name, config, data_dir, args, Vec::new(), None).await
+    }
+
+    /// [`AgentProc::start`] with environment variables and, optionally, in a network
+    /// namespace.
+    pub async fn start_with(
+        name: &str,
+        config: &Path,
+        data_dir: &Path,
+        args: &[&str],
+        env: Vec<(String, String)>,
+        netns: Option<&str>,
+    ) -> AgentProc {
         let log = data_dir
             .parent()
             .unwrap()
@@ -254,6 +289,8 @@ impl AgentProc {
             data_dir: data_dir.to_path_buf(),
             log,
             args: args.iter().map(|s| s.to_string()).collect(),
+            env,
+            netns: netns.map(String::from),
             endpoints: AgentEndpoints {
                 host_name: String::new(),
                 site: String::new(),
@@ -283,7 +320,8 @@ impl AgentProc {
             self.name
         )
         .unwrap();
-        let child = command(&self.config, &self.args, &self.log)
+        let child = command_in(self.netns.as_deref(), &self.config, &self.args, &self.log)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start bulwark: {e}"));
         let pid = child.id();

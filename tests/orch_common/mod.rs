@@ -94,13 +94,19 @@ pub struct ManagerProc {
 impl ManagerProc {
     /// Starts a manager on a free port with `[manager]` settings `extra` (TOML lines).
     pub async fn start(dir: &Path, db_url: &str, extra: &str) -> ManagerProc {
+        Self::start_on(dir, db_url, extra, "127.0.0.1:0").await
+    }
+
+    /// [`ManagerProc::start`] listening on `listen` (an address of a test namespace's
+    /// link, for agents in other namespaces).
+    pub async fn start_on(dir: &Path, db_url: &str, extra: &str, listen: &str) -> ManagerProc {
         let config = dir.join("manager.toml");
         std::fs::write(&config, format!("[manager]\n{extra}\n")).unwrap();
         let mut m = ManagerProc {
             config,
             db_url: db_url.to_string(),
             log: dir.join("manager.stderr.log"),
-            addr: "127.0.0.1:0".into(),
+            addr: listen.into(),
             admin_token: String::new(),
             env: Vec::new(),
             child: None,

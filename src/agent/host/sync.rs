@@ -368,6 +368,18 @@ impl BlockRead for DevRead<'_> {
     }
 }
 
+/// Fault injection for the race tests: `BULWARK_FAULT_SYNC_DELAY_MS=N` holds each disk's
+/// first sync attempt N ms after its stream connected, so records and checkpoints reach
+/// the recovery journal before the first sync begins (as when the sync session was
+/// refused and retried later than the stream).
+fn fault_sync_delay() -> Option<Duration> {
+    std::env::var("BULWARK_FAULT_SYNC_DELAY_MS")
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -610,6 +622,7 @@ impl DiskSync {
     /// The task: runs until `cancel`.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(500);
+        let mut fault_delay = fault_sync_delay();
         while !cancel.is_cancelled() {
             if self.splitter.is_paused() {
                 // "User paused protection": the sync waits for the resume (a poke).
@@ -630,6 +643,14 @@ impl DiskSync {
                 );
                 self.pause(Duration::from_millis(200), &cancel).await;
                 continue;
+            }
+            if let Some(d) = fault_delay.take() {
+                tracing::warn!(disk = %self.disk.name, delay_ms = d.as_millis() as u64,
+                    "fault injection: the first sync attempt waits with the stream connected");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(d) => {}
+                }
             }
             match self.attempt(&cancel).await {
                 Ok(Attempt::Completed) | Ok(Attempt::NothingNeeded) => {

@@ -583,6 +583,7 @@ async fn serve(
 ) -> Result<(), StreamError> {
     let cfg = &shared.cfg;
     let _ = tcp.set_nodelay(true);
+    crate::net::tune_long_lived(&tcp, cfg.peer_timeout);
     let (stream, cert): (Box<dyn Io>, Option<CertificateDer<'static>>) = match &cfg.transport {
         ServerTransport::Insecure => (Box::new(tcp), None),
         ServerTransport::Tls(config) => {
@@ -702,12 +703,15 @@ async fn serve(
             durable_seq: o.durable,
         })
         .collect();
-    writer
-        .send(&Frame::Welcome {
+    tokio::time::timeout(
+        cfg.handshake_timeout,
+        writer.send(&Frame::Welcome {
             disks: welcome,
             refused,
-        })
-        .await?;
+        }),
+    )
+    .await
+    .map_err(|_| StreamError::Timeout("sending Welcome"))??;
     tracing::info!(%host, disks = opened.len(), "replication stream accepted");
     // The journals are in use until this connection ends.
     let mut _busy = Vec::with_capacity(opened.len());

@@ -696,9 +696,12 @@ pub struct SessionConn {
 }
 
 impl SessionConn {
+    /// Sends one frame; a peer that takes none of it for the peer timeout is `Timeout`.
     pub async fn send(&mut self, f: &Frame) -> Result<(), StreamError> {
         self.last_sent = Instant::now();
-        self.writer.send(f).await
+        tokio::time::timeout(self.timeout, self.writer.send(f))
+            .await
+            .map_err(|_| StreamError::Timeout("sending to the sync peer"))?
     }
 
     /// Sends a Ping if nothing was sent for a ping interval: a pass whose data all goes
@@ -721,7 +724,9 @@ impl SessionConn {
 
     pub async fn flush(&mut self) -> Result<(), StreamError> {
         self.last_sent = Instant::now();
-        self.writer.flush().await
+        tokio::time::timeout(self.timeout, self.writer.flush())
+            .await
+            .map_err(|_| StreamError::Timeout("sending to the sync peer"))?
     }
 
     /// The next frame (answers to keepalives are skipped); a refusal becomes
@@ -820,6 +825,7 @@ async fn dial(cfg: &SenderConfig) -> Result<Box<dyn Io>, StreamError> {
         .map_err(|_| StreamError::Timeout("connect"))?
         .map_err(io("connect"))?;
     let _ = tcp.set_nodelay(true);
+    crate::net::tune_long_lived(&tcp, cfg.peer_timeout);
     match &cfg.transport {
         ClientTransport::Insecure => Ok(Box::new(tcp)),
         ClientTransport::Tls {
@@ -866,13 +872,17 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
         .iter()
         .map(|d| (d.disk_id, d.fencing_generation))
         .collect();
-    writer
-        .send(&Frame::Hello {
+    // Every wait on the peer is bounded: a silent peer must not hold the handshake.
+    tokio::time::timeout(
+        cfg.peer_timeout,
+        writer.send(&Frame::Hello {
             protocol_version: PROTOCOL_VERSION,
             host_name: cfg.host_name.clone(),
             disks,
-        })
-        .await?;
+        }),
+    )
+    .await
+    .map_err(|_| StreamError::Timeout("sending Hello"))??;
     let welcome = tokio::time::timeout(cfg.peer_timeout, reader.read_frame())
         .await
         .map_err(|_| StreamError::Timeout("waiting for Welcome"))??;
@@ -997,16 +1007,16 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
             next_ping = tokio::time::Instant::now() + cfg.ping_interval;
         }
         batch.clear();
-        collect(inner, &mut batch)?;
+        collect(inner, &mut batch, batch_budget(*limit.borrow()))?;
         if batch.is_empty() {
-            writer.flush().await?;
+            unless_reader_ended(&mut reader_task, writer.flush()).await?;
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 r = &mut reader_task => {
                     return match r {
+                        // Stopped with the sender.
                         Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(e),
-                        Err(e) => Err(StreamError::Protocol(format!("ack reader: {e}"))),
+                        r => Err(reader_end(r)),
                     };
                 }
                 _ = inner.wake.notified() => {}
@@ -1019,21 +1029,60 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
             // is the one copy of the data on the send path.
             writer.push(&Frame::Record(StreamRecord::clone(rec)))?;
         }
-        pace(&mut bucket, &mut limit, writer.buffered()).await;
-        if reader_task.is_finished() {
-            return match reader_task.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(StreamError::Protocol(format!("ack reader: {e}"))),
-            };
-        }
-        writer.flush().await?;
+        let n = writer.buffered();
+        unless_reader_ended(&mut reader_task, async {
+            pace(&mut bucket, &mut limit, n).await;
+            Ok(())
+        })
+        .await?;
+        unless_reader_ended(&mut reader_task, writer.flush()).await?;
     }
 }
 
-/// Takes the next records to send (up to ~1 MiB), refilling memory from spill logs.
-fn collect(inner: &Inner, batch: &mut Vec<Arc<StreamRecord>>) -> Result<(), StreamError> {
+/// Runs `io` (a write to the receiver, or the pacing before one) unless the ack reader
+/// ends first. The reader owns the peer timeout: when the peer falls silent (a cable cut
+/// without resets) no Pong comes back, and a write behind a full socket buffer would
+/// otherwise wait for as long as the kernel retransmits, with the disks still reported
+/// as streaming.
+async fn unless_reader_ended<T>(
+    reader: &mut tokio::task::JoinHandle<Result<(), StreamError>>,
+    io: impl std::future::Future<Output = Result<T, StreamError>>,
+) -> Result<T, StreamError> {
+    tokio::select! {
+        r = io => r,
+        r = reader => Err(reader_end(r)),
+    }
+}
+
+/// Why the connection ends when its ack reader did: the reader's own error, or `Closed`
+/// when it was stopped (the connection is being cancelled).
+fn reader_end(r: Result<Result<(), StreamError>, tokio::task::JoinError>) -> StreamError {
+    match r {
+        Ok(Ok(())) => StreamError::Closed,
+        Ok(Err(e)) => e,
+        Err(e) => StreamError::Protocol(format!("ack reader: {e}")),
+    }
+}
+
+/// Record bytes one batch may take: 1 MiB, or a quarter second's worth under a bandwidth
+/// limit (at least 64 KiB), so that the Ping queued before a batch — and the Pong that
+/// proves the peer alive — never waits behind more data than the link moves well inside
+/// the peer timeout.
+fn batch_budget(limit: Option<u64>) -> usize {
     const BATCH: usize = 1 << 20;
+    match limit {
+        None => BATCH,
+        Some(rate) => ((rate / 4) as usize).clamp(64 << 10, BATCH),
+    }
+}
+
+/// Takes the next records to send (about `budget` bytes), refilling memory from spill
+/// logs.
+fn collect(
+    inner: &Inner,
+    batch: &mut Vec<Arc<StreamRecord>>,
+    budget: usize,
+) -> Result<(), StreamError> {
     let mut guard = inner.lock();
     let st = &mut *guard;
     if st.reconnect {
@@ -1079,13 +1128,13 @@ fn collect(inner: &Inner, batch: &mut Vec<Arc<StreamRecord>>) -> Result<(), Stre
                 batch.push(q.rec.clone());
                 d.sent = q.rec.seq;
                 bytes += q.cost;
-                if bytes >= BATCH {
+                if bytes >= budget {
                     break;
                 }
             }
             break;
         }
-        if bytes >= BATCH {
+        if bytes >= budget {
             break;
         }
     }

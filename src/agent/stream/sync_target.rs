@@ -96,11 +96,19 @@ mod replica_serde {
 }
 
 impl SyncState {
+    /// The state of a disk whose replica is `replica`. Only an `Existing` replica (one
+    /// that a sync brought level) can back a recoverable checkpoint: over an empty or a
+    /// pre-seeded replica nothing is recoverable until the first sync ends, whatever
+    /// reached the journal before it began.
     pub fn new(replica: ReplicaState) -> Self {
         SyncState {
             replica,
             running: None,
-            floor_seq: 0,
+            floor_seq: if replica == ReplicaState::Existing {
+                0
+            } else {
+                u64::MAX
+            },
             holes: Vec::new(),
             last: None,
         }
@@ -151,6 +159,11 @@ impl SyncState {
 
 /// Whether the checkpoint at `seq` may be recovered to, as far as syncs go.
 pub fn recoverable(state: &SyncState, seq: u64) -> bool {
+    // A replica no sync has completed holds nothing of what the disk held before its
+    // records began (also for a state file written before floors said so).
+    if state.replica != ReplicaState::Existing {
+        return false;
+    }
     // A sync's start seq is the last one assigned before its pass: a checkpoint with
     // exactly that seq was placed before the pass wrote anything, so it stays whole.
     if seq < state.floor_seq || state.holes.iter().any(|&(s, e)| s < seq && seq <= e) {
@@ -675,17 +688,57 @@ mod tests {
 
     #[test]
     fn delta_sync_leaves_a_hole() {
-        let mut s = SyncState::new(ReplicaState::PreSeeded);
+        let mut s = SyncState::new(ReplicaState::Existing);
         s.begin(Delta, 10);
         assert!(recoverable(&s, 9));
         assert!(!recoverable(&s, 11));
         s.end(20, 2).unwrap();
         assert_eq!(s.holes, vec![(10, 20)]);
         assert_eq!(s.floor_seq, 0);
-        assert_eq!(s.replica, ReplicaState::Existing);
         assert!(recoverable(&s, 9));
         assert!(!recoverable(&s, 15));
         assert!(recoverable(&s, 21));
+    }
+
+    #[test]
+    fn nothing_is_recoverable_before_the_first_sync_ends() {
+        for replica in [ReplicaState::Empty, ReplicaState::PreSeeded] {
+            let mut s = SyncState::new(replica);
+            // Records and checkpoints may reach the journal before the sync begins (the
+            // stream was admitted first): none of them is recoverable.
+            for seq in [0, 1, 9, 10, 11, 1 << 40] {
+                assert!(
+                    !recoverable(&s, seq),
+                    "{replica:?}: seq {seq} before the sync"
+                );
+            }
+            // A Delta over a pre-seeded copy keeps nothing from before it either.
+            s.begin(
+                if replica == ReplicaState::Empty {
+                    Initial
+                } else {
+                    Delta
+                },
+                10,
+            );
+            assert!(!recoverable(&s, 9), "{replica:?}: seq 9 while it runs");
+            s.end(20, 2).unwrap();
+            assert_eq!(s.replica, ReplicaState::Existing);
+            assert_eq!(s.floor_seq, 20, "{replica:?}");
+            assert!(s.holes.is_empty(), "{replica:?}");
+            assert!(!recoverable(&s, 9), "{replica:?}: seq 9 after the sync");
+            assert!(!recoverable(&s, 15), "{replica:?}: seq 15 after the sync");
+            assert!(recoverable(&s, 20), "{replica:?}: seq 20 after the sync");
+            assert!(recoverable(&s, 21), "{replica:?}: seq 21 after the sync");
+        }
+    }
+
+    #[test]
+    fn a_state_file_of_an_unsynced_replica_with_a_zero_floor_recovers_nothing() {
+        // Written by an earlier version: floor 0 over an empty replica.
+        let mut s = SyncState::new(ReplicaState::Empty);
+        s.floor_seq = 0;
+        assert!(!recoverable(&s, 5));
     }
 
     #[test]
@@ -763,14 +816,20 @@ mod tests {
         let cell = SyncCell::load_or_init(&d).unwrap();
         assert_eq!(cell.get(), SyncState::new(ReplicaState::Empty));
         cell.update(|s| {
-            s.begin(Delta, 3);
+            s.begin(Initial, 3);
             s.end(9, 7)
         })
         .unwrap();
-        assert!(cell.update(|s| s.end(10, 0)).is_err());
+        cell.update(|s| {
+            s.begin(Delta, 12);
+            s.end(20, 8)
+        })
+        .unwrap();
+        assert!(cell.update(|s| s.end(21, 0)).is_err());
         let again = SyncCell::load_or_init(&d).unwrap();
         assert_eq!(again.get(), cell.get());
-        assert_eq!(again.get().holes, vec![(3, 9)]);
+        assert_eq!(again.get().floor_seq, 9);
+        assert_eq!(again.get().holes, vec![(12, 20)]);
         let text = std::fs::read_to_string(d.join(SYNC_STATE_FILE)).unwrap();
         assert!(text.contains("\"existing\""), "{text}");
 
