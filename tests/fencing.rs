@@ -4,6 +4,8 @@
 //! - a recovery host that learned a newer fencing generation refuses the stream of a
 //!   protected host still at the old one (its journal does not change; the protected
 //!   host reports `stream_fenced`) and admits it again at the new generation;
+//! - a generation change that reaches the recovery host before the protected host costs
+//!   a reconnect, not the queue: no sync follows;
 //! - the record survives a restart of the recovery host;
 //! - `SeedReverse` turns the old protected disk into the pre-seeded replica of the
 //!   recovered disk, so the reverse Delta Sync sends only the blocks that differ.
@@ -232,6 +234,68 @@ async fn a_stale_protected_host_is_fenced_and_admitted_again_at_the_new_generati
         &read_view(&j, ckpt, SIZE),
         &img,
     );
+}
+
+/// A move or failover raises the generation on every host at once; here the recovery
+/// host learns it first. The protected host's live stream is closed and its next Hello
+/// refused, but its own new generation follows within the fenced bound: the queue was
+/// kept, so the stream resends from the durable seq — no bitmap-only, no sync, nothing
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_change_racing_the_stream_keeps_the_queue_and_needs_no_sync() {
+    let lab = Lab::new(&[]);
+    let (prot, rec) = streaming_at_1(&lab).await;
+    let mut events = prot.subscribe_events();
+    let before = journal_head(&rec, PROT, 1);
+
+    rec.apply(&accept(2, &[PROT], 2)).await.unwrap();
+    write(&prot, "d1", &["write -P 0x99 3M 64k"]).await;
+    event(&mut events, "stream_fenced").await;
+    write(
+        &prot,
+        "d1",
+        &["write -P 0x98 3M 4k", "write -P 0x97 256k 8k"],
+    )
+    .await;
+    let s = prot.status();
+    let d = disk(&s, "d1");
+    assert_eq!(d.mode, ReplicationMode::Streaming, "queue kept: {d:#?}");
+    assert!(!d.owes_sync && d.queued_records > 0, "{d:#?}");
+    assert_eq!(
+        journal_head(&rec, PROT, 1),
+        before,
+        "nothing of the old generation was appended"
+    );
+
+    // Its own generation arrives (within the bound): streaming again, nothing owed.
+    prot.apply(&protect(2, "d1", 1, &rec, REC, 2))
+        .await
+        .unwrap();
+    let s = wait(&prot, "the queue resent and acknowledged", |s| {
+        let d = disk(s, "d1");
+        d.queued_records == 0 && d.acked_seq >= d.last_seq
+    })
+    .await;
+    let d = disk(&s, "d1");
+    assert_eq!(d.mode, ReplicationMode::Streaming, "{d:#?}");
+    assert!(!d.owes_sync, "{d:#?}");
+    let ckpt = checkpoint(&prot, "d1").await;
+    // Time for a wrongly started sync to show.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = prot.status();
+    let d = disk(&s, "d1");
+    assert_eq!(
+        d.sync.completed, 1,
+        "only the Initial Sync ran: {:#?}",
+        d.sync
+    );
+    assert!(d.sync.running.is_none() && !d.owes_sync, "{:#?}", d.sync);
+    let storage = lab.path(REC).join("replicas").join(PROT);
+    prot.shutdown().await.unwrap();
+    rec.shutdown().await.unwrap();
+    let j = open_journal(&storage, 1, SIZE);
+    let img = std::fs::read(lab.path(PROT).join("disks").join("d1.img")).unwrap();
+    assert_same("replica after the race", &read_view(&j, ckpt, SIZE), &img);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -172,6 +172,23 @@ enum BenchWhat {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+    /// A planned move of a VPG of 3 VMs on 2 protected hosts through the manager REST
+    /// API, in this process on loopback: moves alternate between idle guests and guests
+    /// writing, each rolled back; median time to "before commit" of each and the ratio.
+    Move {
+        /// Directory on the disk to measure (files are deleted afterwards).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Moves of each kind (idle, writing).
+        #[arg(long, default_value_t = 10)]
+        moves: usize,
+        /// Size of each VM's disk.
+        #[arg(long, default_value = "64MiB", value_parser = crate::agent::host::config::parse_size)]
+        disk_size: u64,
+        /// Milliseconds between one guest's 16 KiB writes under load.
+        #[arg(long, default_value_t = 2)]
+        write_interval_ms: u64,
+    },
     /// The manager at scale: a child `bulwark manager` (SQLite or PostgreSQL) with
     /// simulated agents over the control channel; time to Meeting SLA, manager CPU and
     /// RSS, `GET /api/v1/vpgs` latency, checkpoint rounds, live-stream fan-out latency.
@@ -673,6 +690,22 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                     opts.disk_size = d;
                 }
                 print!("{}", bench_rto::run(&opts).await?.text());
+                Ok(ExitCode::SUCCESS)
+            }
+            BenchWhat::Move {
+                dir,
+                moves,
+                disk_size,
+                write_interval_ms,
+            } => {
+                use crate::manager::bench_move;
+                let opts = bench_move::MoveOpts {
+                    moves,
+                    disk_size,
+                    write_interval: std::time::Duration::from_millis(write_interval_ms),
+                    ..bench_move::MoveOpts::new(dir)
+                };
+                print!("{}", bench_move::run(&opts).await?.text());
                 Ok(ExitCode::SUCCESS)
             }
             BenchWhat::Checkpoints {

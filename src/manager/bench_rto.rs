@@ -535,7 +535,7 @@ fn ms_between(s: &Value) -> Option<f64> {
     Some((b - a).num_microseconds()? as f64 / 1000.0)
 }
 
-fn steps_of(task: &Value) -> Vec<(String, f64)> {
+pub(crate) fn steps_of(task: &Value) -> Vec<(String, f64)> {
     task["steps"]
         .as_array()
         .map(|s| {
@@ -548,7 +548,7 @@ fn steps_of(task: &Value) -> Vec<(String, f64)> {
 
 /// Polls the task until `state` (or fails on `failed`/`cancelled`): every 5 ms while
 /// `waiting` is timed, every 100 ms otherwise (the client's load stays off a commit).
-async fn wait_task(
+pub(crate) async fn wait_task(
     api: &Api,
     id: &str,
     state: &str,

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_move;
 pub mod bench_rto;
 pub mod bench_scale;
 pub mod config;

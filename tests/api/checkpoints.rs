@@ -887,3 +887,70 @@ async fn metrics_follow_rounds_and_the_vpg() {
         "{m}"
     );
 }
+
+// A move's final checkpoint that never became recoverable is discarded when a new one
+// replaces it: the listing keeps recoverable rows and other tags, and the discard is an
+// event.
+both_ctl!(
+    superseded_final_checkpoints_are_discarded_not_listed,
+    |app: TestApp| async move {
+        use bulwark::manager::store::NewCheckpoint;
+        use bulwark::proto::control::CheckpointKind;
+        let w = app.world(1).await;
+        let vpg = app
+            .create(
+                "/api/v1/vpgs",
+                json!({"name": "moving", "recovery_site_id": w.recovery_site,
+                    "members": [{"vm_id": w.vms[0], "recovery_host_id": w.recovery_host}]}),
+            )
+            .await;
+        let final_tag = "move: final checkpoint";
+        for (id, tag) in [
+            (1_000u64, final_tag),
+            (1_001, final_tag),
+            (1_002, "before the move"),
+        ] {
+            app.store
+                .insert_checkpoint(
+                    NewCheckpoint {
+                        id,
+                        vpg_id: vpg.clone(),
+                        taken_at: chrono::Utc::now(),
+                        kind: CheckpointKind::UserTagged,
+                        tag: Some(tag.into()),
+                    },
+                    None,
+                )
+                .await
+                .unwrap();
+        }
+        app.store.mark_recoverable(&vpg, &[1_001]).await.unwrap();
+        let gone = app
+            .store
+            .discard_unrecoverable_tagged(&vpg, final_tag, "replaced by a new one")
+            .await
+            .unwrap();
+        assert_eq!(gone, vec![1_000]);
+        let (_, cps) = app
+            .get(&format!("/api/v1/vpgs/{vpg}/checkpoints?limit=100"))
+            .await;
+        let mut ids: Vec<i64> = cps["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_i64().unwrap())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec![1_001, 1_002], "{cps:#}");
+        assert!(event_kinds(&app, &vpg)
+            .await
+            .contains(&"checkpoint.discarded".to_string()));
+        // Nothing left to discard: a no-op.
+        let again = app
+            .store
+            .discard_unrecoverable_tagged(&vpg, final_tag, "replaced by a new one")
+            .await
+            .unwrap();
+        assert!(again.is_empty());
+    }
+);

@@ -165,6 +165,20 @@ impl Splitter {
         self.lock().owes_sync
     }
 
+    /// Dirty regions a sync must bring level: the bitmap's while a sync is owed (dirty
+    /// at start, written while not streamed, dropped by the stream, replica behind),
+    /// else none. A region dirty only because its records are in flight — queued, or
+    /// acknowledged and waiting for the clearer — clears on its acknowledgement; it is
+    /// no reason for a sync.
+    pub fn owed_regions(&self) -> u64 {
+        let st = self.lock();
+        if st.owes_sync {
+            self.tracker.bitmap().dirty_count()
+        } else {
+            0
+        }
+    }
+
     fn regions(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
         (len > 0).then(|| {
             (
@@ -668,6 +682,16 @@ mod tests {
             }
             for r in &must_stay {
                 prop_assert!(bitmap.is_dirty(*r), "region {r} dirty at start was cleared");
+            }
+            // What a sync decision is told: the owed regions, never those merely in
+            // flight (a busy disk always has some).
+            if s.owes_sync() {
+                prop_assert_eq!(s.owed_regions(), bitmap.dirty_count());
+            } else {
+                prop_assert_eq!(s.owed_regions(), 0);
+            }
+            if !dirty_at_start && !s.dropped_since_sync() {
+                prop_assert!(!s.owes_sync(), "nothing dropped, nothing dirty at start");
             }
         }
         if !s.owes_sync() {

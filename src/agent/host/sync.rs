@@ -799,7 +799,10 @@ impl DiskSync {
             replica_size: (replica != ReplicaState::Empty).then_some(replica_size),
             preseeded: replica == ReplicaState::PreSeeded,
             tracking,
-            dirty_regions: self.device.tracker().bitmap().dirty_count(),
+            // Owed regions only: a busy disk always has dirty regions whose records are
+            // in flight, and a poke (a new desired state, a reconnect) must not turn
+            // them into a sync.
+            dirty_regions: self.splitter.owed_regions(),
             bitmap_only: self.splitter.is_bitmap_only() || self.splitter.dropped_since_sync(),
             journal_storage_error: false,
             replica_behind_acknowledged: self.splitter.replica_behind(),

@@ -7,7 +7,8 @@
 //!
 //! Per-disk state machine:
 //! ```text
-//!   Streaming ──(memory and spill full, or peer away > away_bound)──▶ BitmapOnly
+//!   Streaming ──(memory and spill full, peer away > away_bound,
+//!                or fenced by the recovery side > fenced_bound)──▶ BitmapOnly
 //!   BitmapOnly ──(sync_finished(disk))──▶ Streaming
 //! ```
 //! In Streaming a record is queued in memory, or, once memory is full (or the disk
@@ -41,6 +42,12 @@ use crate::proto::stream::{
     Compression, DiskAck, DiskHello, DiskLag, Frame, RecordBody, StreamRecord, MAX_WRITE_DATA,
     PROTOCOL_VERSION,
 };
+
+/// How long a fenced disk keeps its queue by default (see
+/// [`SenderConfig::fenced_bound`]): the manager pushes desired states at once and resends
+/// them every 5 s to hosts that did not apply them, so a protected host that has not
+/// caught up by then is not merely behind by a push.
+pub const DEFAULT_FENCED_BOUND: Duration = Duration::from_secs(10);
 
 /// A disk this sender streams.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +83,12 @@ pub struct SenderConfig {
     /// A disk with records queued goes bitmap-only once the peer has been unreachable
     /// this long.
     pub away_bound: Duration,
+    /// A disk the recovery side refused by fencing keeps its queue this long (at most
+    /// `away_bound`) for its own new generation ([`Sender::set_fencing`]) to arrive: a
+    /// failover or move bumps the generation on every host at once, and the recovery
+    /// host may learn it first. Past it, a disk with records queued goes bitmap-only, as
+    /// for a peer away too long (a stale primary stays shut out either way).
+    pub fenced_bound: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
@@ -97,6 +110,7 @@ impl SenderConfig {
             spill_dir: None,
             spill_limit: 0,
             away_bound: Duration::from_secs(300),
+            fenced_bound: DEFAULT_FENCED_BOUND,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
@@ -145,9 +159,9 @@ pub enum StreamEvent {
         disk: u64,
     },
     /// The receiver refused this disk in its Welcome, saying why. A fenced disk (the
-    /// recovery side knows a newer fencing generation of its VPG) has gone bitmap-only:
-    /// it is not offered again until its fencing generation changes
-    /// ([`Sender::set_fencing`]).
+    /// recovery side knows a newer fencing generation of its VPG) keeps its queue and is
+    /// not offered again until its fencing generation changes ([`Sender::set_fencing`]);
+    /// past [`SenderConfig::fenced_bound`] it goes bitmap-only (`NeedsBitmapSync`).
     DiskRefused {
         disk: u64,
         fenced: bool,
@@ -197,6 +211,9 @@ struct DiskQ {
     accepted: bool,
     /// Refused by fencing on the last connection.
     fenced: bool,
+    /// Since when the recovery side refuses this disk's generation (`None`: it does not).
+    /// The queue is kept meanwhile, up to [`SenderConfig::fenced_bound`].
+    fenced_since: Option<Instant>,
 }
 
 impl DiskQ {
@@ -281,6 +298,30 @@ impl Inner {
         for id in ids {
             self.go_bitmap(st, id, "peer away longer than the bound");
         }
+    }
+
+    /// Past the fenced bound, every fenced disk with something queued goes bitmap-only:
+    /// its own new generation did not come, so it is not a race with a failover or move
+    /// that the next Hello settles.
+    fn check_fenced(&self, st: &mut State) {
+        let bound = self.fenced_bound();
+        let ids: Vec<u64> = st
+            .disks
+            .iter()
+            .filter(|(_, d)| {
+                d.mode == DiskMode::Streaming
+                    && d.queued() > 0
+                    && d.fenced_since.is_some_and(|t| t.elapsed() >= bound)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.go_bitmap(st, id, "stream fenced by the recovery host");
+        }
+    }
+
+    fn fenced_bound(&self) -> Duration {
+        self.cfg.fenced_bound.min(self.cfg.away_bound)
     }
 
     fn apply_ack(&self, st: &mut State, a: DiskAck) {
@@ -416,6 +457,12 @@ impl Sender {
             inner.go_bitmap(st, disk, "peer away longer than the bound");
             return Ok(Enqueued::BitmapOnly);
         }
+        if d.fenced_since
+            .is_some_and(|t| t.elapsed() >= inner.fenced_bound())
+        {
+            inner.go_bitmap(st, disk, "stream fenced by the recovery host");
+            return Ok(Enqueued::BitmapOnly);
+        }
         let cost = rec.cost();
         let spill_empty = d.spill.as_ref().is_none_or(|s| s.is_empty());
         let r = if spill_empty && st.mem_cost + cost <= inner.cfg.queue_memory {
@@ -515,6 +562,7 @@ impl Sender {
                 d.spec.vpg_id = vpg_id.to_string();
                 d.spec.fencing_generation = fencing_generation;
                 d.fenced = false;
+                d.fenced_since = None;
                 st.reconnect = true;
             }
             changed
@@ -671,6 +719,7 @@ fn new_disk_q(cfg: &SenderConfig, spec: DiskSpec) -> Result<DiskQ, StreamError> 
         sent: 0,
         accepted: false,
         fenced: false,
+        fenced_since: None,
     })
 }
 
@@ -803,6 +852,7 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
             {
                 let mut st = inner.lock();
                 inner.check_away(&mut st);
+                inner.check_fenced(&mut st);
                 // A disk added while backing off is worth an early try.
                 if st.reconnect {
                     break;
@@ -908,6 +958,7 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
                 d.sent = d.acked;
                 d.accepted = true;
                 d.fenced = false;
+                d.fenced_since = None;
             }
         }
         let mut explained = HashSet::new();
@@ -927,13 +978,19 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
             }
             d.fenced = r.fenced;
             if r.fenced {
-                tracing::error!(disk = r.disk_id, vpg = %d.spec.vpg_id,
+                // A failover or move raises the generation on every host at once and the
+                // recovery host may have it first (from the manager, or from another
+                // protected host's Hello): this host's own is likely on its way. The
+                // queue is kept, so once `set_fencing` brings it the stream resends from
+                // the durable seq and nothing is owed to a sync. A stale primary never
+                // gets it: past the fenced bound (or the queue's bounds) the disk goes
+                // bitmap-only. Nothing of this Hello reaches the journal meanwhile.
+                let since = *d.fenced_since.get_or_insert_with(Instant::now);
+                tracing::warn!(disk = r.disk_id, vpg = %d.spec.vpg_id,
                     fencing_generation = d.spec.fencing_generation, reason = %r.reason,
-                    "recovery host fenced the disk's stream: writes go to the dirty bitmap only");
-                // This Hello will never be accepted again; holding records for it would
-                // only fill the queue. The dirty bitmap keeps what changed, as for an
-                // unreachable peer.
-                inner.go_bitmap(st, r.disk_id, "stream fenced by the recovery host");
+                    fenced_for_ms = since.elapsed().as_millis() as u64,
+                    "recovery host fenced the disk's stream: queue kept for a new generation");
+                inner.check_fenced(st);
             } else {
                 tracing::warn!(disk = r.disk_id, reason = %r.reason, "receiver refused disk");
             }
@@ -1088,6 +1145,7 @@ fn collect(
     if st.reconnect {
         return Err(StreamError::Reconfigured);
     }
+    inner.check_fenced(st);
     let mut bytes = 0usize;
     let limit = inner.cfg.queue_memory;
     for d in st.disks.values_mut() {

@@ -241,13 +241,20 @@ async fn shut_down(cp: &ControlPlane, o: &mut Operation, v: &OpVpg) -> Result<St
     }
 }
 
+/// The tag of a move's final checkpoint.
+pub(crate) const FINAL_CHECKPOINT_TAG: &str = "move: final checkpoint";
+
 async fn final_checkpoint(cp: &Arc<ControlPlane>, o: &mut Operation) -> Result<String, StepError> {
     let id = match o.op.checkpoint_id {
         Some(id) => id,
         None => {
+            // An earlier attempt's checkpoint that never became recoverable (retaken
+            // below, or lost with a manager that stopped mid-step) is replaced by this
+            // one: it must not stay listed as a recovery point that failed.
+            discard_superseded(cp, &o.vpg_id).await?;
             let req = RoundRequest {
                 kind: CheckpointKind::UserTagged,
-                tag: Some("move: final checkpoint".into()),
+                tag: Some(FINAL_CHECKPOINT_TAG.into()),
                 quiesce: false,
             };
             let c = cp
@@ -272,14 +279,39 @@ async fn final_checkpoint(cp: &Arc<ControlPlane>, o: &mut Operation) -> Result<S
             return Ok(format!("final checkpoint {id} is durable in every journal"));
         }
         if tokio::time::Instant::now() >= deadline {
-            // A new attempt takes a new checkpoint.
+            // A new attempt takes a new checkpoint; this one is discarded now (also if
+            // no attempt follows: the operation then fails and rolls back).
             o.op.checkpoint_id = None;
+            o.op.checkpoint_at = None;
+            discard_superseded(cp, &o.vpg_id).await?;
             return Err(StepError::Retry(format!(
-                "checkpoint {id} did not become recoverable in time"
+                "checkpoint {id} did not become recoverable in time: discarded, a new one \
+                 is taken"
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Deletes the VPG's final checkpoints that are not recoverable (see
+/// `Store::discard_unrecoverable_tagged`).
+async fn discard_superseded(cp: &ControlPlane, vpg_id: &str) -> Result<(), StepError> {
+    let ids = cp
+        .store
+        .discard_unrecoverable_tagged(
+            vpg_id,
+            FINAL_CHECKPOINT_TAG,
+            "it did not become recoverable in time and a new final checkpoint replaces it",
+        )
+        .await?;
+    if !ids.is_empty() {
+        tracing::warn!(
+            vpg = vpg_id,
+            ?ids,
+            "move: unrecoverable final checkpoints discarded"
+        );
+    }
+    Ok(())
 }
 
 fn recover_vm(o: &Operation, m: &OpMember, s: &VpgSettings) -> RecoverVm {

@@ -597,6 +597,52 @@ impl Store {
         Ok(res.rows_affected)
     }
 
+    /// Deletes the VPG's checkpoints tagged `tag` that are not recoverable — rows an
+    /// operation replaced by a new checkpoint (a move's final checkpoint that did not
+    /// become recoverable in time): no operation will use them, and listed they would
+    /// only look like recovery points that failed. One event per row, in the same
+    /// transaction. A row that became recoverable meanwhile stays. Returns the ids.
+    pub async fn discard_unrecoverable_tagged(
+        &self,
+        vpg_id: &str,
+        tag: &str,
+        why: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let ids: Vec<i64> = checkpoint::Entity::find()
+            .filter(checkpoint::Column::VpgId.eq(vpg_id))
+            .filter(checkpoint::Column::Tag.eq(tag))
+            .filter(checkpoint::Column::Recoverable.eq(false))
+            .select_only()
+            .column(checkpoint::Column::Id)
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        checkpoint::Entity::delete_many()
+            .filter(checkpoint::Column::Id.is_in(ids.iter().copied()))
+            .filter(checkpoint::Column::Recoverable.eq(false))
+            .exec(&txn)
+            .await?;
+        for id in &ids {
+            NewEvent::info(
+                "checkpoint.discarded",
+                "checkpoint",
+                &id.to_string(),
+                format!("checkpoint `{tag}` {id} discarded: {why}"),
+            )
+            .vpg(vpg_id)
+            .details(serde_json::json!({"id": id, "tag": tag, "reason": why}))
+            .write(&txn, &Actor::system())
+            .await?;
+        }
+        self.commit(txn).await?;
+        Ok(ids)
+    }
+
     /// Rewrites the cached status columns; a change of status or sub-status is an event
     /// in the same transaction. `seen` is the (status, sub-status) the caller derived
     /// from: if another writer changed them meanwhile the update still applies (the
