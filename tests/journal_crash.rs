@@ -329,3 +329,59 @@ fn commit_result_is_the_view() {
         bulwark::agent::journal::Appended::Duplicate
     );
 }
+
+/// A journal closed by a failure is retired (its sync thread stopped, its durable seq
+/// final) and its directory opened again in the same process while the retired one
+/// still exists: the new journal holds at least what was durable, and the retired one
+/// still answers what it held but takes nothing more.
+#[test]
+fn a_failed_journal_is_retired_and_its_directory_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    // Once armed, every fdatasync of a segment fails (on the sync thread).
+    let armed = Arc::new(AtomicBool::new(false));
+    let a = armed.clone();
+    let hook: bulwark::agent::journal::FaultHook = Arc::new(move |p| match p {
+        FaultPoint::SegmentSync { .. } if a.load(Ordering::SeqCst) => {
+            Err(JournalError::Injected(p))
+        }
+        _ => Ok(()),
+    });
+    let mut j = Journal::open(
+        dir.path().join("journal"),
+        dir.path().join("replica.img"),
+        config(Some(hook)),
+    )
+    .unwrap();
+    fill(&mut j);
+    let durable = j.sync().unwrap();
+    assert_eq!(durable, 60);
+    assert_eq!(j.failure(), None);
+    for seq in 61..=64u64 {
+        j.append(Record::write(seq, 0, seq * 512, &[7u8; 512]))
+            .unwrap();
+    }
+    armed.store(true, Ordering::SeqCst);
+    assert!(j.sync().is_err(), "the injected failure fails the sync");
+    let why = j.failure().expect("closed after the failure");
+    assert!(matches!(
+        j.append(Record::write(65, 0, 0, &[1u8; 512])),
+        Err(JournalError::Closed(_))
+    ));
+    assert_eq!(j.open_views(), 0);
+    let cps = j.checkpoints();
+    assert_eq!(j.retire(), 60);
+    assert_eq!(j.retire(), 60, "idempotent");
+    assert_eq!(j.failure(), Some(why), "the first failure is kept");
+
+    let again = Journal::open(
+        dir.path().join("journal"),
+        dir.path().join("replica.img"),
+        config(None),
+    )
+    .unwrap();
+    assert!(again.durable_seq() >= 60, "{}", again.durable_seq());
+    assert_eq!(again.failure(), None);
+    assert_eq!(again.checkpoints(), cps);
+    assert_eq!(j.checkpoints(), cps, "the retired journal still answers");
+    assert!(j.sync().is_err());
+}

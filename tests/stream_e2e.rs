@@ -643,3 +643,139 @@ async fn a_silent_peer_is_noticed_while_a_write_is_blocked() {
     cancel.cancel();
     silent.abort();
 }
+
+/// A size-limited tmpfs mounted by the test (root); unmounted on drop, lazily if busy.
+struct Tmpfs {
+    path: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let o = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "mount a tmpfs at {} (this test needs root): {}",
+            path.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn resize(&self, mib: u64) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(&self.path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount {}", self.path.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let plain = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+        if !plain.is_ok_and(|s| s.success()) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.path)
+                .status();
+        }
+    }
+}
+
+/// The journal's file system fills up: the journal closes itself and the disk is
+/// refused (its records stay queued at the sender), and stays refused while the file
+/// system is full. Once space is freed the receiver reopens the journal, the sender
+/// offers the disk again by itself (no reconnect forced from outside) and resends from
+/// the durable seq: every record exactly once, the view equals the model, and no
+/// bitmap-only (nothing was dropped, so no sync is owed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_whose_file_system_filled_is_reopened_and_resent_once_space_is_freed() {
+    init_tracing();
+    let certs = Certs::new();
+    let dir = tempfile::tempdir().unwrap();
+    let st = storage(dir.path());
+    let fs = Tmpfs::mount(&st, 3);
+    let rx = RunningReceiver::start(
+        "127.0.0.1:0".parse().unwrap(),
+        certs.server(),
+        &[(PRO, &st)],
+    )
+    .await;
+    let cancel = CancellationToken::new();
+    let (sender, mut events) = Sender::start(
+        sender_config(rx.addr, certs.client(PRO)),
+        specs(&[7]),
+        cancel.clone(),
+    )
+    .unwrap();
+    let mut w = Workload::new(18, &[7]);
+
+    // Write until the journal reports its storage error (bounded: well past 3 MiB).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut batches = 0;
+    while rx.handle.storage_error(PRO, 7).is_none() {
+        assert!(
+            batches < 200 && Instant::now() < deadline,
+            "no storage error after {batches} batches: {:?}",
+            sender.stats()
+        );
+        enqueue_all(&sender, (0..8).map(|_| w.next(7, 64 << 10)).collect());
+        batches += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sender.is_refused(7) {
+        assert!(Instant::now() < deadline, "disk never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // More writes meanwhile: they wait in the queue.
+    enqueue_all(&sender, (0..20).map(|_| w.next(7, 64 << 10)).collect());
+    // Still refused after several offers while the file system is full.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(sender.is_refused(7));
+    assert!(rx.handle.storage_error(PRO, 7).is_some());
+    let acked = sender.stats()[0].acked_seq;
+    assert!(
+        acked < w.next_seq[&7] - 1,
+        "the refused disk's records wait unacknowledged"
+    );
+
+    fs.resize(64);
+    sender.enqueue(w.checkpoint(7)).unwrap();
+    wait_drained(&sender, Duration::from_secs(30)).await;
+    assert!(!sender.is_refused(7));
+    assert_eq!(rx.handle.storage_error(PRO, 7), None, "error cleared");
+    let ev = drain_events(&mut events);
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            StreamEvent::DiskRefused {
+                disk: 7,
+                fenced: false,
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+    assert!(
+        !ev.iter().any(|e| matches!(
+            e,
+            StreamEvent::NeedsBitmapSync { .. } | StreamEvent::ReplicaBehind { .. }
+        )),
+        "nothing dropped, nothing lost: {ev:?}"
+    );
+    assert_eq!(sender.stats()[0].mode, DiskMode::Streaming);
+    cancel.cancel();
+    rx.stop().await;
+    verify_disk(&st, 7, &w);
+}

@@ -109,6 +109,7 @@ fn info(f: &Frame) -> (u64, ReplicaState, u64, Option<u8>) {
             replica,
             durable_seq,
             running,
+            ..
         }) => (*size, *replica, *durable_seq, *running),
         other => panic!("expected Info, got {other:?}"),
     }

@@ -88,7 +88,7 @@ vocabulary! {
         RecoveryIsPossible = "recovery_is_possible", "Recovery is possible", "The protected site cannot be reached, but recovery at the recovery site is available.";
         SiteDisconnection = "site_disconnection", "Site disconnection", "The recovery site cannot be reached, so protection is halted.";
         SiteDisconnectionNoCheckpoints = "site_disconnection_no_checkpoints", "Site disconnection. No checkpoints", "The recovery site cannot be reached and no checkpoint is available to recover to.";
-        JournalStorageError = "journal_storage_error", "Journal storage error", "Writing the journal failed; a sync will follow once storage recovers.";
+        JournalStorageError = "journal_storage_error", "Journal storage error", "Writing the journal failed; it is reopened once its storage takes writes again, and a sync follows if records were dropped or lost meanwhile.";
         RecoveryStorageError = "recovery_storage_error", "Recovery storage error", "The recovery disks cannot be written or read.";
         UserPausedProtection = "user_paused_protection", "User paused protection", "An operator paused protection; changes are tracked and sent on resume.";
         NeedsConfiguration = "needs_configuration", "Needs configuration", "A setting protection needs is missing (for example a member's recovery host).";

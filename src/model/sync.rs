@@ -35,8 +35,14 @@ pub struct DiskSyncFacts {
     pub dirty_regions: u64,
     /// The stream dropped records (outbound overflow, peer away too long).
     pub bitmap_only: bool,
-    /// The recovery journal had an I/O error.
-    pub journal_storage_error: bool,
+    /// The recovery journal was reopened after a storage error holding less than it had
+    /// made durable (the recovery side says so): what it lost is in no bitmap, and its
+    /// replica's consistency with the stream is unknown.
+    pub journal_lost_records: bool,
+    /// The recovery host refused the disk's stream for a journal storage error since
+    /// the last completed sync (it could not take records): what the stream dropped or
+    /// the journal lost meanwhile is owed to that error.
+    pub journal_refused: bool,
     /// The recovery side holds less than it once acknowledged (its journal was lost or
     /// replaced): the bitmap no longer covers the difference.
     pub replica_behind_acknowledged: bool,
@@ -58,7 +64,8 @@ impl DiskSyncFacts {
             tracking: Tracking::Clean,
             dirty_regions: 0,
             bitmap_only: false,
-            journal_storage_error: false,
+            journal_lost_records: false,
+            journal_refused: false,
             replica_behind_acknowledged: false,
             reverse_protection: false,
             force_sync: false,
@@ -143,7 +150,10 @@ pub fn sync_needed(f: &DiskSyncFacts) -> Option<SyncNeed> {
     if replica_size != f.protected_size {
         return need(Full, WholeDisk, SyncReason::SizeChanged);
     }
-    if f.journal_storage_error {
+    // A journal storage error costs what it cost, no more: acknowledged records lost →
+    // Full; records dropped while the journal refused the disk → the bitmap has them
+    // (below); nothing lost → the stream resent it all and no sync is needed.
+    if f.journal_lost_records || (f.replica_behind_acknowledged && f.journal_refused) {
         return need(Full, WholeDisk, SyncReason::JournalStorageError);
     }
     if f.replica_behind_acknowledged {
@@ -168,7 +178,12 @@ pub fn sync_needed(f: &DiskSyncFacts) -> Option<SyncNeed> {
         Tracking::Clean => {}
     }
     if f.bitmap_only {
-        return need(Bitmap, DirtyRegions, SyncReason::StreamDropped);
+        let reason = if f.journal_refused {
+            SyncReason::JournalStorageError
+        } else {
+            SyncReason::StreamDropped
+        };
+        return need(Bitmap, DirtyRegions, reason);
     }
     if f.dirty_regions > 0 {
         return need(Bitmap, DirtyRegions, SyncReason::DirtyAtStart);
@@ -285,7 +300,7 @@ mod tests {
                 "no replica wins over everything",
                 |f| {
                     f.replica_size = None;
-                    f.journal_storage_error = true;
+                    f.journal_lost_records = true;
                     f.tracking = Tracking::Unclean;
                 },
                 Some((Initial, WholeDisk, SyncReason::NewDisk)),
@@ -304,9 +319,56 @@ mod tests {
                 Some((Full, WholeDisk, SyncReason::SizeChanged)),
             ),
             (
-                "journal error",
-                |f| f.journal_storage_error = true,
+                "journal lost acknowledged records",
+                |f| f.journal_lost_records = true,
                 Some((Full, WholeDisk, SyncReason::JournalStorageError)),
+            ),
+            (
+                "journal lost records: the cause, not the symptom",
+                |f| {
+                    f.journal_lost_records = true;
+                    f.replica_behind_acknowledged = true;
+                    f.bitmap_only = true;
+                },
+                Some((Full, WholeDisk, SyncReason::JournalStorageError)),
+            ),
+            (
+                "refused by a journal error, then behind",
+                |f| {
+                    f.journal_refused = true;
+                    f.replica_behind_acknowledged = true;
+                },
+                Some((Full, WholeDisk, SyncReason::JournalStorageError)),
+            ),
+            (
+                "journal refused the disk, nothing dropped or lost: no sync",
+                |f| f.journal_refused = true,
+                None,
+            ),
+            (
+                "journal refused the disk and the queue overflowed",
+                |f| {
+                    f.journal_refused = true;
+                    f.bitmap_only = true;
+                },
+                Some((Bitmap, DirtyRegions, SyncReason::JournalStorageError)),
+            ),
+            (
+                "journal refused, but a crash says more",
+                |f| {
+                    f.journal_refused = true;
+                    f.bitmap_only = true;
+                    f.tracking = Tracking::Unclean;
+                },
+                Some((Delta, ActivityLog, SyncReason::UncleanRestart)),
+            ),
+            (
+                "size mismatch before a journal error",
+                |f| {
+                    f.protected_size = 2 * G;
+                    f.journal_lost_records = true;
+                },
+                Some((Full, WholeDisk, SyncReason::SizeChanged)),
             ),
             (
                 "replica behind",

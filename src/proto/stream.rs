@@ -288,6 +288,12 @@ pub enum SyncFrame {
         durable_seq: u64,
         /// The kind of a sync that began and did not end (a resumed session).
         running: Option<u8>,
+        /// The journal was reopened after a storage error holding less than it had made
+        /// durable: the replica must be rewritten whole (Full Sync), and no checkpoint
+        /// after the loss is recoverable until that ends. On the wire a trailing flags
+        /// byte (bit 0) that is only sent when set, so a peer of an earlier build reads
+        /// every other Info as before.
+        journal_lost: bool,
     },
     Begin {
         kind: u8,
@@ -327,6 +333,8 @@ const S_BLOCK_REQ: u8 = 6;
 const S_BLOCK_DIGESTS: u8 = 7;
 const S_END: u8 = 8;
 const S_OK: u8 = 9;
+/// `SyncFrame::Info`'s optional trailing flags byte.
+const INFO_JOURNAL_LOST: u8 = 1;
 
 impl SyncFrame {
     fn encode(&self, out: &mut Vec<u8>) {
@@ -350,12 +358,16 @@ impl SyncFrame {
                 replica,
                 durable_seq,
                 running,
+                journal_lost,
             } => {
                 out.push(S_INFO);
                 put_u64(out, *size);
                 out.push(replica.byte());
                 put_u64(out, *durable_seq);
                 out.push(running.unwrap_or(0));
+                if *journal_lost {
+                    out.push(INFO_JOURNAL_LOST);
+                }
             }
             SyncFrame::Begin {
                 kind,
@@ -434,6 +446,16 @@ impl SyncFrame {
                 replica: ReplicaState::from_byte(r.u8()?)?,
                 durable_seq: r.u64()?,
                 running: Some(r.u8()?).filter(|&k| k != 0),
+                // Optional trailing flags (absent from earlier builds, and when clear).
+                journal_lost: match r.rest() {
+                    [] => false,
+                    [flags] if flags & !INFO_JOURNAL_LOST == 0 => {
+                        let lost = flags & INFO_JOURNAL_LOST != 0;
+                        r.take(1)?;
+                        lost
+                    }
+                    _ => return Err(corrupt("bad Info flags")),
+                },
             },
             S_BEGIN => SyncFrame::Begin {
                 kind: r.u8()?,
@@ -835,6 +857,10 @@ impl<'a> Rd<'a> {
         }
         Ok(n)
     }
+    /// What is left of the payload, without consuming it.
+    fn rest(&self) -> &'a [u8] {
+        self.b
+    }
     fn end(&self) -> Result<(), FrameError> {
         if self.b.is_empty() {
             Ok(())
@@ -1096,13 +1122,17 @@ mod tests {
                 any::<u64>(),
                 0u8..3,
                 any::<u64>(),
-                proptest::option::of(1u8..5)
+                proptest::option::of(1u8..5),
+                any::<bool>(),
             )
-                .prop_map(|(size, r, durable_seq, running)| SyncFrame::Info {
-                    size,
-                    replica: ReplicaState::from_byte(r).unwrap(),
-                    durable_seq,
-                    running,
+                .prop_map(|(size, r, durable_seq, running, journal_lost)| {
+                    SyncFrame::Info {
+                        size,
+                        replica: ReplicaState::from_byte(r).unwrap(),
+                        durable_seq,
+                        running,
+                        journal_lost,
+                    }
                 }),
             (any::<u8>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(k, s, b, c)| {
                 SyncFrame::Begin {
@@ -1270,6 +1300,41 @@ mod tests {
         p[4 + 4 + 8] = 2;
         assert!(matches!(
             decode_payload(T_WELCOME, &p),
+            Err(FrameError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn info_carries_journal_loss_as_an_optional_trailing_flag() {
+        let info = |journal_lost| {
+            Frame::Sync(SyncFrame::Info {
+                size: 4096,
+                replica: ReplicaState::Existing,
+                durable_seq: 9,
+                running: None,
+                journal_lost,
+            })
+        };
+        let mut clear = Vec::new();
+        info(false).encode_payload(&mut clear);
+        let mut lost = Vec::new();
+        info(true).encode_payload(&mut lost);
+        // Unset, the bytes are those of earlier builds (type, size, replica, seq, running).
+        assert_eq!(clear.len(), 1 + 8 + 1 + 8 + 1);
+        assert_eq!(lost.len(), clear.len() + 1);
+        assert_eq!(&lost[..clear.len()], &clear[..]);
+        assert_eq!(decode_payload(T_SYNC, &clear).unwrap(), info(false));
+        assert_eq!(decode_payload(T_SYNC, &lost).unwrap(), info(true));
+        // Unknown flag bits, or more bytes, are corrupt.
+        let mut bad = clear.clone();
+        bad.push(2);
+        assert!(matches!(
+            decode_payload(T_SYNC, &bad),
+            Err(FrameError::Corrupt(_))
+        ));
+        lost.push(0);
+        assert!(matches!(
+            decode_payload(T_SYNC, &lost),
             Err(FrameError::Corrupt(_))
         ));
     }

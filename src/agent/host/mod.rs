@@ -1934,6 +1934,14 @@ async fn watch_events(
             StreamEvent::Connected => {
                 tracing::info!("stream connected");
                 set(None);
+                // The recovery side may have changed while the stream was down (a journal
+                // reopened after a storage error, lost records): each disk's sync task
+                // asks it once whether a sync is needed.
+                for d in lock(&routes).values() {
+                    if let Some(ds) = d.sync.get() {
+                        ds.poke();
+                    }
+                }
                 emit(stream_event(
                     "stream_connected",
                     None,
@@ -2023,7 +2031,15 @@ async fn watch_events(
                     format!("{peer} refused the stream of disk {disk}: {reason}"),
                     serde_json::json!({ "peer": peer, "fenced": fenced, "reason": reason }),
                 ));
+                // Not fenced and not a size mismatch: the recovery journal could not take
+                // records (a storage error there).
+                let journal = !fenced && !reason.contains("size mismatch");
                 set(Some(format!("disk {disk} refused: {reason}")));
+                if journal {
+                    if let Some(d) = route(disk) {
+                        d.splitter.on_journal_refused();
+                    }
+                }
             }
             StreamEvent::DiskNotAccepted { disk } => {
                 tracing::warn!(disk, "recovery host did not accept the disk");

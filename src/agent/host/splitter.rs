@@ -73,6 +73,15 @@ struct State {
     owed_from: u64,
     /// The recovery side lost records it had acknowledged: only a Full Sync helps.
     replica_behind: bool,
+    /// The recovery host refused the disk's stream (a journal storage error there) since
+    /// the last completed sync: records the stream dropped meanwhile, and any it lost,
+    /// are owed to that error (the sync says so).
+    journal_refused: bool,
+    /// Refusals seen, and how many had been seen when the running pass began: a pass
+    /// that completes clears `journal_refused` only if no refusal came after its start
+    /// (one racing the pass's end still owes its drops to the error).
+    refusals: u64,
+    refusals_at_begin: u64,
     /// Highest seq the sender reported acknowledged.
     acked: u64,
     /// Where records go; `None`: the disk is not replicated (the bitmap alone records
@@ -132,6 +141,9 @@ impl Splitter {
                 owes_sync,
                 owed_from: 0,
                 replica_behind: false,
+                journal_refused: false,
+                refusals: 0,
+                refusals_at_begin: 0,
                 acked: 0,
                 sender,
                 paused: false,
@@ -327,6 +339,19 @@ impl Splitter {
         st.owed_from = 0;
     }
 
+    /// The recovery host refused the disk's stream, not by fencing: its journal could not
+    /// take records (a storage error). Remembered until a sync completes.
+    pub fn on_journal_refused(&self) {
+        let mut st = self.lock();
+        st.journal_refused = true;
+        st.refusals += 1;
+    }
+
+    /// Whether the recovery host refused the disk's stream since the last completed sync.
+    pub fn journal_refused_since_sync(&self) -> bool {
+        self.lock().journal_refused
+    }
+
     /// The sender reported `NeedsBitmapSync` for this disk.
     pub fn on_needs_bitmap_sync(&self) {
         let mut st = self.lock();
@@ -416,6 +441,7 @@ impl Splitter {
         }
         st.owes_sync = true;
         st.owed_from = from >> self.region_shift;
+        st.refusals_at_begin = st.refusals;
         Ok(st.next_seq - 1)
     }
 
@@ -474,6 +500,9 @@ impl Splitter {
         st.owed_from = 0;
         st.replica_behind = false;
         st.dropped = false;
+        if st.refusals == st.refusals_at_begin {
+            st.journal_refused = false;
+        }
     }
 
     /// Whether the stream dropped this disk's records since the last completed sync.
@@ -833,6 +862,52 @@ mod tests {
             prop_assert_eq!(tracker.bitmap().dirty_count(), 0, "everything passed and acknowledged");
             cancel.cancel();
         }
+    }
+
+    #[test]
+    fn a_journal_refusal_is_remembered_until_a_sync_that_began_after_it_completes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let dir = tempfile::tempdir().unwrap();
+        let (tracker, _) = DirtyTracker::open(
+            DirtyPaths::in_dir(dir.path(), "d"),
+            SIZE,
+            DirtyConfig::default(),
+        )
+        .unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (sender, _events) = Sender::start(
+            SenderConfig::new(
+                "h",
+                "127.0.0.1:9".parse().unwrap(),
+                ClientTransport::Insecure,
+            ),
+            vec![DiskSpec {
+                disk_id: 1,
+                size: SIZE,
+                vpg_id: String::new(),
+                fencing_generation: 0,
+                generation: 1,
+            }],
+            cancel.clone(),
+        )
+        .unwrap();
+        let s = Splitter::new(1, 1, Some(sender), Arc::new(tracker));
+        assert!(!s.journal_refused_since_sync());
+        // A pass begins, the journal refuses the disk before the pass's end is recorded:
+        // the refusal outlives that pass (drops after it are the error's doing).
+        s.begin_sync(0).unwrap();
+        s.on_journal_refused();
+        s.finish_sync();
+        assert!(s.journal_refused_since_sync());
+        // A pass that began after the refusal clears it when it completes.
+        s.begin_sync(0).unwrap();
+        s.finish_sync();
+        assert!(!s.journal_refused_since_sync());
+        cancel.cancel();
     }
 
     #[test]

@@ -766,20 +766,22 @@ impl DiskSync {
             },
         )
         .await?;
-        let (replica_size, replica, running) = match self.recv(&mut conn, cancel).await? {
-            SyncFrame::Info {
-                size,
-                replica,
-                running,
-                ..
-            } => (size, replica, running),
-            other => {
-                return Err(SyncRunError::Protocol(format!(
-                    "expected Info, got {}",
-                    describe(&other)
-                )))
-            }
-        };
+        let (replica_size, replica, running, journal_lost) =
+            match self.recv(&mut conn, cancel).await? {
+                SyncFrame::Info {
+                    size,
+                    replica,
+                    running,
+                    journal_lost,
+                    ..
+                } => (size, replica, running, journal_lost),
+                other => {
+                    return Err(SyncRunError::Protocol(format!(
+                        "expected Info, got {}",
+                        describe(&other)
+                    )))
+                }
+            };
         // Hyper-V checks sizes first: nothing is sent for a mismatched pair.
         if replica_size != self.disk.size {
             return Err(SyncRunError::SizeMismatch {
@@ -790,6 +792,11 @@ impl DiskSync {
         // The session answered for the disk (a refusal, e.g. a size mismatch, came back
         // as an error above); data needs the stream too.
         if !self.sender().is_accepted(self.disk.id) {
+            // The recovery agent answered for the disk, so its journal is open again
+            // after a refusal (a storage error): the stream need not wait out its delay.
+            if self.sender().is_refused(self.disk.id) {
+                self.sender().reoffer_soon();
+            }
             return Ok(Attempt::NotAccepted);
         }
         let requests = *lock(&self.requests);
@@ -804,7 +811,8 @@ impl DiskSync {
             // them into a sync.
             dirty_regions: self.splitter.owed_regions(),
             bitmap_only: self.splitter.is_bitmap_only() || self.splitter.dropped_since_sync(),
-            journal_storage_error: false,
+            journal_lost_records: journal_lost,
+            journal_refused: self.splitter.journal_refused_since_sync(),
             replica_behind_acknowledged: self.splitter.replica_behind(),
             reverse_protection: false,
             force_sync: requests.force,

@@ -1246,6 +1246,33 @@ impl Journal {
         self.syncer.durable_seq()
     }
 
+    /// The first failure that closed the journal (a write, an `fdatasync`, an injected
+    /// fault), if any: the journal must then be reopened.
+    pub fn failure(&self) -> Option<String> {
+        self.check_ok().err().map(|e| match e {
+            JournalError::Closed(why) => why,
+            other => other.to_string(),
+        })
+    }
+
+    /// Views open on this journal now (a view keeps its checkpoint's records readable).
+    pub fn open_views(&self) -> usize {
+        self.shared.pins().by_seq.values().sum()
+    }
+
+    /// Takes a journal that failed out of service before its directory is opened again:
+    /// stops the sync thread (a sync in progress is waited for, queued ones are
+    /// abandoned, as in a crash) and returns the durable seq as it ends — everything up
+    /// to it was made durable and may have been acknowledged. The journal stays closed
+    /// (it still answers what it held: checkpoints, durable seq). Idempotent.
+    pub fn retire(&mut self) -> u64 {
+        if self.failed.is_none() {
+            self.failed = Some("the journal was retired".into());
+        }
+        self.syncer.stop();
+        self.durable_seq()
+    }
+
     /// Highest seq accepted (durable or not).
     pub fn last_seq(&self) -> u64 {
         self.last_seq

@@ -368,8 +368,10 @@ impl Syncer {
     }
 }
 
-impl Drop for Syncer {
-    fn drop(&mut self) {
+impl Syncer {
+    /// Stops the thread (idempotent): a sync in progress is waited for, queued ones are
+    /// abandoned, as when the journal is dropped. Waiters get `Closed` from then on.
+    pub(crate) fn stop(&mut self) {
         self.inner.state().stop = true;
         self.inner.work.notify_all();
         self.inner.done.notify_all();
@@ -380,5 +382,11 @@ impl Drop for Syncer {
                 tracing::error!(dir = %self.inner.dir.display(), "journal sync thread panicked");
             }
         }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

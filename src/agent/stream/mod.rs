@@ -85,6 +85,10 @@ pub enum StreamError {
     /// The sender's disk set changed: the connection is renewed (not a failure).
     #[error("the disk set changed; reconnecting")]
     Reconfigured,
+    /// Disks the receiver refused (not fenced) are offered again by a new connection
+    /// (not a failure).
+    #[error("offering refused disks again; reconnecting")]
+    Reoffer,
     #[error("protection of disk {0} is paused")]
     Paused(u64),
     #[error("sync state {path}: {reason}")]

@@ -9,6 +9,12 @@
 //! is a sync `Hello` is a sync session (`sync_target`): same admission, same registry,
 //! and it leaves the host's stream connection alone.
 //!
+//! A journal that failed (a full file system, an I/O error: it closes itself on the first
+//! one) stays in the registry, its error reported, and its disk is refused (not fenced)
+//! until a connection or a recovery asks for it once its storage takes writes again:
+//! then it is replaced by a freshly opened one, checked against what it had made durable
+//! (`reopen_if_failed`). The sender offers a refused disk again by itself.
+//!
 //! The allow-list changes at run time ([`ReceiverHandle::set_allow`]): new connections
 //! are admitted against the current list, and every live connection of a host taken off
 //! it is closed. Each open journal counts the connections using it, so a journal in use
@@ -311,8 +317,21 @@ impl ReceiverHandle {
         {
             return Ok(None);
         }
-        let report = lock(&j).promote(policy)?;
-        Ok(Some(report))
+        let mut g = lock(&j);
+        // A journal closed by a storage error waits to be reopened (a connection asking
+        // for it does that once its storage works); its error is reported already.
+        if g.failure().is_some() {
+            return Ok(None);
+        }
+        match g.promote(policy) {
+            Ok(report) => Ok(Some(report)),
+            Err(e) => {
+                if g.failure().is_some() {
+                    note_error(&self.shared, host, disk_id, &e);
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Every durable checkpoint of a disk opened since this receiver started, with
@@ -347,12 +366,14 @@ impl ReceiverHandle {
         storage: &Path,
     ) -> Result<(SharedJournal, Arc<SyncCell>), StreamError> {
         let key = (host.to_string(), disk_id);
+        let dir = storage.join(format!("disk-{disk_id:016x}"));
         let mut reg = lock(&self.shared.journals);
+        // A journal that failed is no use to a recovery: reopened if its storage works.
+        reopen_if_failed(&self.shared, &mut reg, &key, &dir)?;
         let sync = lock(&self.shared.syncs).get(&key).cloned();
         if let (Some(j), Some(sync)) = (reg.get(&key), sync) {
             return Ok((j.clone(), sync));
         }
-        let dir = storage.join(format!("disk-{disk_id:016x}"));
         let replica = dir.join("replica.img");
         let size = match std::fs::metadata(&replica) {
             Ok(m) => m.len(),
@@ -1007,7 +1028,9 @@ fn open_disk(
     size: u64,
 ) -> Result<OpenDisk, StreamError> {
     let key = (host.to_string(), disk_id);
+    let dir = storage.join(format!("disk-{disk_id:016x}"));
     let mut reg = lock(&shared.journals);
+    reopen_if_failed(shared, &mut reg, &key, &dir)?;
     if let Some(j) = reg.get(&key) {
         let have = lock(j).disk_size();
         if have != size {
@@ -1022,7 +1045,6 @@ fn open_disk(
             });
         }
     }
-    let dir = storage.join(format!("disk-{disk_id:016x}"));
     let replica = dir.join("replica.img");
     // Checked before opening: the journal would extend a shorter replica.
     match std::fs::metadata(&replica) {
@@ -1053,6 +1075,127 @@ fn open_disk(
         sync,
         busy: Busy::take(&shared.busy, key),
     })
+}
+
+/// File a storage probe writes in a disk's directory (removed again at once).
+const PROBE_FILE: &str = "storage-probe.tmp";
+/// Bytes a storage probe writes before a failed journal is reopened.
+const PROBE_BYTES: usize = 4 << 20;
+
+/// Whether the file system under `dir` takes writes again: writes `bytes` to a probe
+/// file, fdatasyncs it and removes it (also after a failure, to give the space back).
+fn probe_storage(dir: &Path, bytes: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(PROBE_FILE);
+    let written = (|| {
+        let mut f = std::fs::File::create(&path)?;
+        let buf = vec![0u8; 256 << 10];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len());
+            f.write_all(&buf[..n])?;
+            left -= n;
+        }
+        f.sync_data()
+    })();
+    let removed = match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    written.and(removed)
+}
+
+/// Replaces a journal of the registry that failed (an I/O error, a full file system:
+/// it closed itself on the first error) by a freshly opened one, so that a connection
+/// asking for the disk again — or a recovery — finds it working. Only once its storage
+/// takes writes again ([`probe_storage`]) and only while nothing else holds it (no view
+/// of a recovery, no other connection, no report in progress); otherwise the caller is
+/// refused with the reason and a later request tries again.
+///
+/// The failed journal's sync thread is stopped first, and its durable seq then is what
+/// it may have acknowledged. Opening cuts a torn tail at the last valid record; if the
+/// journal holds less than that afterwards, records it had made durable were lost:
+/// the disk's sync state records it (durably, before anyone sees the new journal), so no
+/// checkpoint after the loss is recoverable until a Full Sync ends, and sync sessions
+/// say so in their `Info`. If it holds at least that, the sender resends from the
+/// Welcome's durable seq and nothing is missing. Called with the registry locked (`reg`).
+/// Blocking.
+fn reopen_if_failed(
+    shared: &Shared,
+    reg: &mut HashMap<(String, u64), SharedJournal>,
+    key: &(String, u64),
+    dir: &Path,
+) -> Result<(), StreamError> {
+    let Some(j) = reg.get(key) else {
+        return Ok(());
+    };
+    let (failure, views, size) = {
+        let g = lock(j);
+        (g.failure(), g.open_views(), g.disk_size())
+    };
+    let Some(failure) = failure else {
+        return Ok(());
+    };
+    // Whatever closed it (an append, a sync, a promotion, a commit), it is reported until
+    // the disk streams again.
+    lock(&shared.errors)
+        .entry(key.clone())
+        .or_insert_with(|| failure.clone());
+    let refused = |why: String| {
+        StreamError::Refused(format!(
+            "journal storage error: {failure}; the journal {why}"
+        ))
+    };
+    if views > 0 {
+        return Err(refused(format!(
+            "is not reopened while {views} view(s) of a recovery hold it"
+        )));
+    }
+    if Arc::strong_count(j) > 1 || lock(&shared.busy).contains_key(key) {
+        return Err(refused(
+            "is not reopened while another connection still holds it".into(),
+        ));
+    }
+    if let Err(e) = probe_storage(dir, PROBE_BYTES) {
+        return Err(refused(format!(
+            "is reopened once its storage takes writes again (probe: {e})"
+        )));
+    }
+    // Nothing may touch the files while they are opened again.
+    let durable_before = lock(j).retire();
+    let mut cfg = JournalConfig::new(key.1, size);
+    cfg.segment_size = shared.cfg.segment_size;
+    cfg.write_buffer = shared.cfg.write_buffer;
+    let fresh = match Journal::open(dir.join("journal"), dir.join("replica.img"), cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            // The retired journal stays in the registry (closed): the error is still
+            // reported, and the next request tries again.
+            tracing::error!(host = %key.0, disk = key.1, error = %e, "reopening the journal failed");
+            note_error(shared, &key.0, key.1, &e);
+            return Err(refused(format!("could not be reopened: {e}")));
+        }
+    };
+    let held = fresh.durable_seq();
+    if held < durable_before {
+        let cell = match lock(&shared.syncs).get(key).cloned() {
+            Some(c) => c,
+            None => Arc::new(SyncCell::load_or_init(dir)?),
+        };
+        if let Err(e) = cell.lose_after(held) {
+            return Err(refused(format!(
+                "lost records and recording that failed: {e}"
+            )));
+        }
+        lock(&shared.syncs).insert(key.clone(), cell);
+        tracing::error!(host = %key.0, disk = key.1, durable_before, held,
+            "the reopened journal holds less than it had made durable: no checkpoint after \
+             the loss is recoverable until a Full Sync ends");
+    }
+    tracing::warn!(host = %key.0, disk = key.1, durable_before, held, first_failure = %failure,
+        "journal reopened after a storage error");
+    reg.insert(key.clone(), Arc::new(Mutex::new(fresh)));
+    Ok(())
 }
 
 fn checkpoint_kind(k: u8) -> Option<CheckpointKind> {
@@ -1183,7 +1326,13 @@ fn append_loop(
         let mut round = Vec::with_capacity(touched.len());
         for (id, ts) in std::mem::take(&mut touched) {
             if let Some(j) = journals.get(&id) {
-                round.push((id, lock(j).request_sync()?, ts));
+                match lock(j).request_sync() {
+                    Ok(seq) => round.push((id, seq, ts)),
+                    Err(e) => {
+                        note_error(shared, host, id, &e);
+                        return Err(e.into());
+                    }
+                }
             }
         }
         pending = 0;

@@ -17,6 +17,11 @@
 //! `NeedsBitmapSync`; records enqueued meanwhile are dropped on the spot (the dirty
 //! bitmap the NBD side keeps has them).
 //!
+//! A disk the receiver refuses without fencing it (its journal had a storage error) keeps
+//! its queue and is offered again by a new connection after a delay (1 s, doubling to the
+//! back-off bound while refusals go on; [`Sender::reoffer_soon`] shortens it); a fenced
+//! disk goes bitmap-only and waits for a new fencing generation.
+//!
 //! The disk set changes at run time ([`Sender::add_disk`], [`Sender::remove_disk`]): the
 //! `Hello` names the disks and the receiver opens their journals for the connection, so
 //! a change ends the connection and the next one carries the new set. Resending from the
@@ -61,6 +66,9 @@ pub struct DiskSpec {
     pub vpg_id: String,
     pub fencing_generation: u64,
 }
+
+/// First delay before a disk the receiver refused (not fenced) is offered again.
+const REOFFER_MIN: Duration = Duration::from_secs(1);
 
 /// How the sender runs.
 #[derive(Debug, Clone)]
@@ -214,6 +222,12 @@ struct DiskQ {
     /// Since when the recovery side refuses this disk's generation (`None`: it does not).
     /// The queue is kept meanwhile, up to [`SenderConfig::fenced_bound`].
     fenced_since: Option<Instant>,
+    /// Refused for a reason that may pass (a journal storage error at the recovery host,
+    /// not fencing, not a size mismatch), or left out, on the last connection: offered
+    /// again after a bounded delay.
+    refused: bool,
+    /// The reason of the last refusal.
+    refusal: String,
 }
 
 impl DiskQ {
@@ -230,6 +244,13 @@ struct State {
     away_since: Option<Instant>,
     /// The disk set changed since the current connection's Hello: reconnect.
     reconnect: bool,
+    /// Delay before disks the receiver refused (not fenced) are offered again by a new
+    /// connection; doubles up to the back-off bound while refusals go on.
+    reoffer_delay: Duration,
+    /// When the current connection offers its refused disks again (`None`: none refused).
+    reoffer_at: Option<Instant>,
+    /// When the current connection's Welcome came.
+    welcomed_at: Option<Instant>,
 }
 
 struct Inner {
@@ -261,6 +282,11 @@ impl Inner {
             return;
         }
         d.mode = DiskMode::BitmapOnly;
+        let reason = if d.refused && !d.fenced {
+            format!("{reason} while the recovery host refused the disk")
+        } else {
+            reason.to_string()
+        };
         st.mem_cost -= d.mem_cost;
         d.mem.clear();
         d.mem_cost = 0;
@@ -279,7 +305,7 @@ impl Inner {
         self.event(StreamEvent::NeedsBitmapSync {
             disk,
             acked_seq: d.acked,
-            reason: reason.to_string(),
+            reason,
         });
     }
 
@@ -414,6 +440,9 @@ impl Sender {
                 spill_cost: 0,
                 away_since: Some(Instant::now()),
                 reconnect: false,
+                reoffer_delay: REOFFER_MIN,
+                reoffer_at: None,
+                welcomed_at: None,
             }),
             wake: Notify::new(),
             events: tx,
@@ -663,6 +692,33 @@ impl Sender {
         self.inner.lock().away_since.is_none()
     }
 
+    /// Whether the receiver refused `disk` (not fenced) on the last connection; it is
+    /// offered again after a bounded delay.
+    pub fn is_refused(&self, disk: u64) -> bool {
+        self.inner
+            .lock()
+            .disks
+            .get(&disk)
+            .is_some_and(|d| d.refused && !d.fenced)
+    }
+
+    /// Offers the refused disks again soon (once the current connection is a second
+    /// old), rather than at the end of the growing delay: for a caller that learnt the
+    /// recovery side may take them now (its sync session was admitted). No-op when no
+    /// disk is refused.
+    pub fn reoffer_soon(&self) {
+        {
+            let mut st = self.inner.lock();
+            let Some(at) = st.reoffer_at else { return };
+            let soon = st
+                .welcomed_at
+                .map_or_else(Instant::now, |w| w + REOFFER_MIN)
+                .max(Instant::now());
+            st.reoffer_at = Some(at.min(soon));
+        }
+        self.inner.wake.notify_one();
+    }
+
     /// Whether the peer accepted `disk` on the current connection.
     pub fn is_accepted(&self, disk: u64) -> bool {
         let st = self.inner.lock();
@@ -720,6 +776,8 @@ fn new_disk_q(cfg: &SenderConfig, spec: DiskSpec) -> Result<DiskQ, StreamError> 
         accepted: false,
         fenced: false,
         fenced_since: None,
+        refused: false,
+        refusal: String::new(),
     })
 }
 
@@ -823,6 +881,12 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
             // The disk set changed: dial again at once with the new Hello.
             Err(StreamError::Reconfigured) => {
                 tracing::info!(peer = %inner.cfg.peer, "disk set changed: reconnecting");
+                continue;
+            }
+            // Disks the receiver refused are offered again: a new Hello at once (the
+            // delay was the wait before this).
+            Err(StreamError::Reoffer) => {
+                tracing::info!(peer = %inner.cfg.peer, "offering refused disks again: reconnecting");
                 continue;
             }
             Err(StreamError::Refused(reason)) => {
@@ -950,6 +1014,7 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
         let mut guard = inner.lock();
         let st = &mut *guard;
         st.away_since = None;
+        st.welcomed_at = Some(Instant::now());
         let ids: HashSet<u64> = accepted.iter().map(|a| a.disk_id).collect();
         for a in &accepted {
             inner.apply_ack(st, *a);
@@ -959,6 +1024,14 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
                 d.accepted = true;
                 d.fenced = false;
                 d.fenced_since = None;
+                if d.refused {
+                    tracing::info!(
+                        disk = a.disk_id,
+                        durable_seq = a.durable_seq,
+                        "receiver accepts the disk it refused before"
+                    );
+                }
+                d.refused = false;
             }
         }
         let mut explained = HashSet::new();
@@ -977,6 +1050,13 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
                 continue;
             }
             d.fenced = r.fenced;
+            // The same refusal again (a re-offer while the journal's storage is still
+            // unusable) is not news: logged, not reported again.
+            let repeated = d.refused && d.refusal == r.reason;
+            // A size mismatch waits for the operator (a new disk spec reconnects anyway);
+            // anything else (a journal storage error) may pass: offered again.
+            d.refused = !r.fenced && !r.reason.contains("size mismatch");
+            d.refusal.clone_from(&r.reason);
             if r.fenced {
                 // A failover or move raises the generation on every host at once and the
                 // recovery host may have it first (from the manager, or from another
@@ -992,7 +1072,12 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
                     "recovery host fenced the disk's stream: queue kept for a new generation");
                 inner.check_fenced(st);
             } else {
+                // Not final (the recovery journal may be reopened once its storage works
+                // again): the records stay queued and the disk is offered again soon.
                 tracing::warn!(disk = r.disk_id, reason = %r.reason, "receiver refused disk");
+            }
+            if repeated {
+                continue;
             }
             inner.event(StreamEvent::DiskRefused {
                 disk: r.disk_id,
@@ -1000,13 +1085,23 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
                 reason: r.reason,
             });
         }
-        for id in st
+        for (id, d) in st
             .disks
-            .keys()
-            .filter(|id| !ids.contains(id) && !explained.contains(id))
+            .iter_mut()
+            .filter(|(id, _)| !ids.contains(id) && !explained.contains(id))
         {
             tracing::warn!(disk = id, "receiver did not accept disk");
+            d.refused = true;
             inner.event(StreamEvent::DiskNotAccepted { disk: *id });
+        }
+        // Disks refused for a reason that may pass are offered again by a new connection
+        // after a delay that grows while the refusals go on.
+        if st.disks.values().any(|d| d.refused && !d.fenced) {
+            st.reoffer_at = Some(Instant::now() + st.reoffer_delay);
+            st.reoffer_delay = (st.reoffer_delay * 2).min(cfg.backoff_max.max(REOFFER_MIN));
+        } else {
+            st.reoffer_at = None;
+            st.reoffer_delay = REOFFER_MIN;
         }
     }
     tracing::info!(peer = %cfg.peer, disks = accepted.len(), "replication stream connected");
@@ -1063,10 +1158,21 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
             writer.push(&Frame::Ping { nonce, lag })?;
             next_ping = tokio::time::Instant::now() + cfg.ping_interval;
         }
+        let reoffer_at = inner.lock().reoffer_at;
+        if reoffer_at.is_some_and(|t| Instant::now() >= t) {
+            unless_reader_ended(&mut reader_task, writer.flush()).await?;
+            return Err(StreamError::Reoffer);
+        }
         batch.clear();
         collect(inner, &mut batch, batch_budget(*limit.borrow()))?;
         if batch.is_empty() {
             unless_reader_ended(&mut reader_task, writer.flush()).await?;
+            let reoffer = async {
+                match reoffer_at {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 r = &mut reader_task => {
@@ -1078,6 +1184,7 @@ async fn connection(inner: &Arc<Inner>, cancel: &CancellationToken) -> Result<()
                 }
                 _ = inner.wake.notified() => {}
                 _ = tokio::time::sleep_until(next_ping) => {}
+                _ = reoffer => {}
             }
             continue;
         }

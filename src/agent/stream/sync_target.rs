@@ -63,6 +63,12 @@ pub struct SyncState {
     /// Seq ranges `start..=end` of finished Delta/Bitmap syncs, oldest first.
     pub holes: Vec<(u64, u64)>,
     pub last: Option<LastSync>,
+    /// The journal was reopened after a storage error holding only the records up to
+    /// this seq, less than it had made durable: records after it were lost, so no
+    /// checkpoint after it is recoverable until a sync that rewrites the whole replica
+    /// (Full) ends. Absent in files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_after: Option<u64>,
 }
 
 mod replica_serde {
@@ -111,7 +117,15 @@ impl SyncState {
             },
             holes: Vec::new(),
             last: None,
+            lost_after: None,
         }
+    }
+
+    /// The journal lost the records after `seq` that it had made durable (reopened
+    /// after a storage error): checkpoints after `seq` stop being recoverable until a
+    /// Full Sync ends. A second loss keeps the earlier point.
+    pub fn lose_after(&mut self, seq: u64) {
+        self.lost_after = Some(self.lost_after.map_or(seq, |l| l.min(seq)));
     }
 
     /// A sync begins (or a resumed one begins again).
@@ -138,6 +152,8 @@ impl SyncState {
         if !keeps_earlier_checkpoints(r.kind) || self.floor_seq == u64::MAX {
             self.floor_seq = end_seq;
             self.holes.retain(|&(_, e)| e >= end_seq);
+            // The replica was rewritten whole: what the journal lost is in it again.
+            self.lost_after = None;
         } else {
             self.holes.push((r.start_seq, end_seq));
             while self.holes.len() > MAX_HOLES {
@@ -167,6 +183,10 @@ pub fn recoverable(state: &SyncState, seq: u64) -> bool {
     // A sync's start seq is the last one assigned before its pass: a checkpoint with
     // exactly that seq was placed before the pass wrote anything, so it stays whole.
     if seq < state.floor_seq || state.holes.iter().any(|&(s, e)| s < seq && seq <= e) {
+        return false;
+    }
+    // Records before it were lost: its view would miss writes the disk had.
+    if state.lost_after.is_some_and(|l| seq > l) {
         return false;
     }
     match state.running {
@@ -212,6 +232,15 @@ impl SyncCell {
 
     pub(crate) fn get(&self) -> SyncState {
         lock(&self.state).clone()
+    }
+
+    /// Records, durably, that the journal lost what it held after `seq` (see
+    /// [`SyncState::lose_after`]). Blocking (fsync).
+    pub(crate) fn lose_after(&self, seq: u64) -> Result<SyncState, StreamError> {
+        self.update(|s| {
+            s.lose_after(seq);
+            Ok(())
+        })
     }
 
     /// Applies `f` and persists the result; blocking (fsync). On an error from `f` or the
@@ -420,6 +449,7 @@ pub(crate) async fn session<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             replica: st.replica,
             durable_seq: durable,
             running: st.running.map(|r| sync_kind_byte(r.kind)),
+            journal_lost: st.lost_after.is_some(),
         }))
         .await?;
 
@@ -631,6 +661,7 @@ mod tests {
             floor_seq,
             holes: holes.to_vec(),
             last: None,
+            lost_after: None,
         }
     }
 
@@ -739,6 +770,55 @@ mod tests {
         let mut s = SyncState::new(ReplicaState::Empty);
         s.floor_seq = 0;
         assert!(!recoverable(&s, 5));
+    }
+
+    #[test]
+    fn records_lost_by_the_journal_hide_later_checkpoints_until_a_full_sync_ends() {
+        let mut s = SyncState::new(ReplicaState::Existing);
+        s.begin(Delta, 5);
+        s.end(8, 0).unwrap();
+        s.lose_after(20);
+        // Before the loss: recoverable as before (outside the Delta's hole).
+        assert!(recoverable(&s, 4));
+        assert!(!recoverable(&s, 6));
+        assert!(recoverable(&s, 20));
+        // After it: a view would miss the lost writes.
+        assert!(!recoverable(&s, 21));
+        assert!(!recoverable(&s, 1000));
+        // A second loss keeps the earlier point.
+        s.lose_after(30);
+        assert_eq!(s.lost_after, Some(20));
+        s.lose_after(12);
+        assert_eq!(s.lost_after, Some(12));
+        assert!(!recoverable(&s, 13));
+        // A Bitmap or Delta Sync does not bring the lost records back.
+        s.begin(Bitmap, 40);
+        s.end(50, 0).unwrap();
+        assert_eq!(s.lost_after, Some(12));
+        assert!(!recoverable(&s, 60));
+        // A Full Sync rewrites the replica: after its end all is well again.
+        s.begin(Full, 60);
+        assert!(!recoverable(&s, 4), "Full: nothing earlier while it runs");
+        s.end(70, 0).unwrap();
+        assert_eq!(s.lost_after, None);
+        assert!(!recoverable(&s, 69));
+        assert!(recoverable(&s, 71));
+    }
+
+    #[test]
+    fn a_sync_state_without_the_loss_field_still_loads() {
+        let old =
+            r#"{"replica":"existing","running":null,"floor_seq":3,"holes":[[5,8]],"last":null}"#;
+        let s: SyncState = serde_json::from_str(old).unwrap();
+        assert_eq!(s.lost_after, None);
+        assert_eq!(s.floor_seq, 3);
+        // And it is written without it while there is none.
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(!text.contains("lost_after"), "{text}");
+        let mut lost = s.clone();
+        lost.lose_after(9);
+        let back: SyncState = serde_json::from_str(&serde_json::to_string(&lost).unwrap()).unwrap();
+        assert_eq!(back, lost);
     }
 
     #[test]
