@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bulwark::agent::control::{ControlClient, ControlSettings};
 use bulwark::agent::host::{admin, Agent, AgentConfig};
-use bulwark::agent::hypervisor::{self, HostVms, HypervisorDriver as _, SimHypervisor};
+use bulwark::agent::hypervisor::{self, HostVms, HypervisorDriver as _, VmCatalog};
 use bulwark::proto::agent::ControlStatus;
 use bulwark::proto::control::{
     AgentMessage, CheckpointKind, Command, CommandBody, Credential, DesiredState, Inventory,
@@ -201,7 +201,7 @@ disks = [{ name = "web-0", id = 7, size = "1 MiB" }]
 
 struct Host {
     agent: Arc<Agent>,
-    hv: Arc<SimHypervisor>,
+    hv: Arc<VmCatalog>,
     vms: Arc<HostVms>,
     cfg: AgentConfig,
 }
@@ -472,6 +472,8 @@ async fn enrolment_rounds_commands_heartbeats_and_reconnect() {
                 name: "db-0".into(),
                 size_bytes: 1 << 20,
             }],
+            boot: None,
+            nics: vec![],
         },
     }));
     let (_, r) = c1

@@ -441,7 +441,7 @@ async fn seed_reverse_makes_the_old_disk_the_replica_and_the_delta_sync_sends_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_vm_is_removed_from_the_simulated_hypervisor_once() {
-    use bulwark::agent::hypervisor::{HypervisorDriver, SimHypervisor, VmSpec};
+    use bulwark::agent::hypervisor::{HypervisorDriver, VmCatalog, VmSpec};
     use bulwark::proto::control::NewDisk;
     let lab = Lab::new(&[]);
     let cfg = AgentConfig::loopback(
@@ -451,7 +451,7 @@ async fn a_seeded_vm_is_removed_from_the_simulated_hypervisor_once() {
         Some(lab.path("certs")),
     )
     .unwrap();
-    let hv = SimHypervisor::open(&cfg).unwrap();
+    let hv = VmCatalog::open(&cfg).unwrap();
     hv.create_vm(&VmSpec {
         name: "web".into(),
         cpus: 1,
@@ -460,6 +460,8 @@ async fn a_seeded_vm_is_removed_from_the_simulated_hypervisor_once() {
             name: "web-0".into(),
             size_bytes: 1 << 20,
         }],
+        boot: None,
+        nics: vec![],
     })
     .unwrap();
     assert!(hv.remove_seeded_vm("web").unwrap());
@@ -468,7 +470,7 @@ async fn a_seeded_vm_is_removed_from_the_simulated_hypervisor_once() {
     assert!(hv.remove_seeded_vm("bare").unwrap());
     drop(hv);
     let names = |c: &AgentConfig| -> Vec<String> {
-        let hv = SimHypervisor::open(c).unwrap();
+        let hv = VmCatalog::open(c).unwrap();
         hv.inventory().vms.into_iter().map(|v| v.name).collect()
     };
     // Without a seed record the file brings its VM back; the run-time VM stays removed.

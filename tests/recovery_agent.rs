@@ -173,6 +173,7 @@ fn request(op: &str, checkpoint: u64, test: bool, budget: Option<u64>) -> Recove
                 disk_id: 1,
                 name: DISK.into(),
             }],
+            boot: None,
         }],
     }
 }

@@ -32,9 +32,9 @@ use crate::agent::host::{Agent, AgentSection};
 use crate::agent::hypervisor::{HostVms, VmSpec};
 use crate::proto::agent::ControlStatus;
 use crate::proto::control::{
-    AgentEvent, AgentHello, AgentMessage, Command, CommandBody, CommandResult, Credential,
-    DesiredState, Heartbeat, ManagerMessage, PowerState, RoundHeld, RoundHold, CONTROL_PATH,
-    CONTROL_PROTOCOL,
+    AgentEvent, AgentHello, AgentMessage, CheckpointKind, Command, CommandBody, CommandResult,
+    Credential, DesiredState, Heartbeat, ManagerMessage, PowerState, QuiesceMethod, RoundHeld,
+    RoundHold, CONTROL_PATH, CONTROL_PROTOCOL,
 };
 
 /// Command results remembered for answering a resent command.
@@ -742,7 +742,10 @@ impl ControlClient {
         tokio::spawn(async move {
             let driver = Arc::clone(me.vms.driver());
             let vms = hold.quiesce.clone();
-            let r = tokio::task::spawn_blocking(move || driver.quiesce(&vms))
+            // The guests get the round's hold bound: one that does not answer in time
+            // aborts the round rather than hold its I/O longer.
+            let within = std::time::Duration::from_millis(hold.bound_ms);
+            let r = tokio::task::spawn_blocking(move || driver.quiesce(&vms, within))
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
@@ -753,21 +756,22 @@ impl ControlClient {
                 timestamp_ms: crate::agent::stream::now_ms(),
                 disks: vec![],
                 error: Some(error),
+                quiesce: None,
             };
             match r {
                 Err(e) => {
                     tracing::warn!(round = hold.round, error = %e, "quiesce failed: nothing held");
                     me.send_urgent(&AgentMessage::Held(refuse(format!("quiesce failed: {e}"))));
                 }
-                Ok(()) if !still_wanted => {
+                Ok(_) if !still_wanted => {
                     me.thaw(hold.quiesce.clone());
                     me.send_urgent(&AgentMessage::Held(refuse(
                         "the round was released or aborted while the guests were quiesced".into(),
                     )));
                 }
-                Ok(()) => {
+                Ok(method) => {
                     let vms = hold.quiesce.clone();
-                    me.hold_now(hold, Some(vms));
+                    me.hold_now(hold, Some((vms, method)));
                 }
             }
         });
@@ -780,8 +784,19 @@ impl ControlClient {
 
     /// Holds, answers Held at once, and answers Released when the hold ends (thawing the
     /// quiesced guests after it).
-    fn hold_now(self: &Arc<Self>, hold: RoundHold, quiesced: Option<Vec<String>>) {
-        let (held, released) = self.agent.hold_round(&hold);
+    /// A round whose guests were only paused is crash consistent: its markers say so.
+    fn hold_now(
+        self: &Arc<Self>,
+        mut hold: RoundHold,
+        quiesced: Option<(Vec<String>, QuiesceMethod)>,
+    ) {
+        let method = quiesced.as_ref().map(|(_, m)| *m);
+        if method == Some(QuiesceMethod::Paused) && hold.kind == CheckpointKind::AppConsistent {
+            hold.kind = CheckpointKind::Scheduled;
+        }
+        let quiesced = quiesced.map(|(vms, _)| vms);
+        let (mut held, released) = self.agent.hold_round(&hold);
+        held.quiesce = method.filter(|_| held.error.is_none());
         self.send_urgent(&AgentMessage::Held(held));
         match released {
             Some(rx) => {
@@ -907,6 +922,8 @@ impl ControlClient {
                 cpus,
                 memory_mib,
                 disks,
+                boot,
+                nics,
             } => {
                 let vm = self
                     .vms
@@ -915,10 +932,20 @@ impl ControlClient {
                         cpus,
                         memory_mib,
                         disks,
+                        boot,
+                        nics,
                     })
                     .await
                     .map_err(|e| e.to_string())?;
                 serde_json::to_value(vm).map_err(|e| e.to_string())
+            }
+            CommandBody::ReadConsole { vm, max_bytes } => {
+                let tail = self
+                    .vms
+                    .console(&vm, max_bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                serde_json::to_value(tail).map_err(|e| e.to_string())
             }
             CommandBody::PowerOn { vm } => self.power(&vm, PowerState::On).await,
             CommandBody::PowerOff { vm } => self.power(&vm, PowerState::Off).await,

@@ -554,6 +554,16 @@ impl Recoveries {
                         }
                     })
                     .collect(),
+                // It boots as the protected VM did, on the recovery (or test) network.
+                boot: vm.boot.clone(),
+                nics: vm
+                    .network
+                    .iter()
+                    .map(|n| crate::proto::control::Nic {
+                        network: Some(n.clone()),
+                        mac: None,
+                    })
+                    .collect(),
             };
             let driver = Arc::clone(&self.driver);
             blocking(move || Ok(driver.create_recovered_vm(&spec_vm)?)).await?;

@@ -210,6 +210,7 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
                     memory_mib: r.memory_mib,
                     network: r.network.clone(),
                     ip_address: r.ip_address.clone(),
+                    boot: None,
                     disks: recover_disks,
                 },
                 boot_group: r.boot_group,

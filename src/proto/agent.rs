@@ -20,6 +20,9 @@ pub struct AgentEndpoints {
     pub data: Option<String>,
     /// Local admin HTTP endpoint, if enabled.
     pub admin: Option<String>,
+    /// The NBD listener's unix socket (where the local hypervisor attaches disks).
+    #[serde(default)]
+    pub nbd_socket: Option<String>,
 }
 
 /// How a protected disk's writes currently reach its recovery host.

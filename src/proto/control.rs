@@ -93,6 +93,70 @@ pub struct InventoryVm {
     /// powered on until `ReleaseFailover`.
     #[serde(default)]
     pub prepared_for_failover: bool,
+    /// How the VM boots; `None` for a simulated VM. A recovered VM boots the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
+    /// Its network interfaces, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
+}
+
+/// How a VM boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Boot {
+    /// Direct kernel boot: files on the host that runs the VM (a recovery host needs
+    /// the same paths).
+    Kernel {
+        kernel: String,
+        #[serde(default)]
+        initrd: Option<String>,
+        #[serde(default)]
+        cmdline: String,
+    },
+    /// The firmware boots the first disk.
+    Firmware,
+}
+
+/// A network interface of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    /// The network it is attached to (a name the host knows); `None`: not connected.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// `52:54:00:xx:xx:xx`; `None`: the hypervisor picks one.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// How the guests of a checkpoint round were quiesced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuiesceMethod {
+    /// The guest agent froze the filesystems (`guest-fsfreeze-freeze`): application
+    /// consistent.
+    GuestAgent,
+    /// The VM's CPUs were paused around the marker: crash consistent only.
+    Paused,
+}
+
+impl QuiesceMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuiesceMethod::GuestAgent => "guest_agent",
+            QuiesceMethod::Paused => "paused",
+        }
+    }
+
+    /// The weaker of two (a round is as consistent as its least quiesced VM).
+    pub fn weakest(self, other: QuiesceMethod) -> QuiesceMethod {
+        if self == QuiesceMethod::Paused || other == QuiesceMethod::Paused {
+            QuiesceMethod::Paused
+        } else {
+            QuiesceMethod::GuestAgent
+        }
+    }
 }
 
 /// Everything the host's hypervisor driver knows.
@@ -277,6 +341,10 @@ pub struct RoundHeld {
     /// Why the host could not take part (no disk of the VPG here, quiesce failed,
     /// shutting down). Nothing is held then.
     pub error: Option<String>,
+    /// How this host quiesced the round's VMs (none asked: `None`). Only a round whose
+    /// every host answered `guest_agent` is app consistent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce: Option<QuiesceMethod>,
 }
 
 /// Completions flow again.
@@ -356,6 +424,10 @@ pub struct RecoverVm {
     #[serde(default)]
     pub ip_address: Option<String>,
     pub disks: Vec<RecoverDisk>,
+    /// How the protected VM boots (the recovered VM boots the same way); `None` for a
+    /// simulated VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
 }
 
 /// One disk of a VM to recover: the journal it comes from.
@@ -442,12 +514,22 @@ pub enum CommandBody {
         disk_id: u64,
         action: SyncAction,
     },
-    /// Simulated hypervisor: a new VM with new (sparse, zeroed) disks.
+    /// A new VM with new (sparse, zeroed) disks, powered on.
     CreateVm {
         name: String,
         cpus: u32,
         memory_mib: u64,
         disks: Vec<NewDisk>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot: Option<Boot>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        nics: Vec<Nic>,
+    },
+    /// The tail of a VM's serial console log (at most `max_bytes`). Output:
+    /// [`ConsoleTail`].
+    ReadConsole {
+        vm: String,
+        max_bytes: u64,
     },
     PowerOn {
         vm: String,
@@ -507,6 +589,18 @@ pub enum CommandBody {
         fencing_generation: u64,
         seeds: Vec<ReverseSeed>,
     },
+}
+
+/// The end of a VM's serial console log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleTail {
+    pub vm: String,
+    /// The text (invalid UTF-8 replaced), starting at a line boundary when truncated.
+    pub text: String,
+    /// Bytes the whole log holds.
+    pub total_bytes: u64,
+    /// Older output was left out.
+    pub truncated: bool,
 }
 
 /// A disk to create with a VM.

@@ -298,6 +298,7 @@ impl AgentProc {
                 nbd: String::new(),
                 data: None,
                 admin: None,
+                nbd_socket: None,
             },
             child: None,
             http: reqwest::Client::builder()

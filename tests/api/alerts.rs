@@ -70,6 +70,7 @@ fn run_agent(mut a: FakeAgent, report: Shared) -> tokio::task::JoinHandle<()> {
                         timestamp_ms: chrono::Utc::now().timestamp_millis(),
                         disks: vec![],
                         error: None,
+                        quiesce: None,
                     }))
                     .await;
                 }

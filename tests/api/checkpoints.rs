@@ -145,6 +145,7 @@ async fn sim_loop(mut a: FakeAgent, mut rx: mpsc::UnboundedReceiver<Cmd>, log: L
                     timestamp_ms: chrono::Utc::now().timestamp_millis(),
                     disks: vec![],
                     error: None,
+                    quiesce: None,
                 };
                 match mode {
                     HoldMode::Answer(d) => due_helds.push((Instant::now() + d, held)),

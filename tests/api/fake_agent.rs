@@ -76,6 +76,8 @@ pub fn vm(name: &str, disks: &[(u64, &str, u64)]) -> InventoryVm {
             })
             .collect(),
         prepared_for_failover: false,
+        boot: None,
+        nics: Vec::new(),
     }
 }
 
@@ -277,6 +279,7 @@ impl FakeAgent {
                 nbd: "127.0.0.1:10809".into(),
                 data: Some("127.0.0.1:9701".into()),
                 admin: None,
+                nbd_socket: None,
             },
             protected: Vec::new(),
             peers: Vec::new(),

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::agent::sync::HashConfig;
 use crate::agent::tls::TlsFiles;
 use crate::model::settings::{Priority, ResyncPolicy};
+use crate::proto::control::{Boot, Nic};
 use crate::proto::stream::Compression;
 
 pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
@@ -164,6 +165,27 @@ pub struct AgentSection {
     /// Simulated hypervisor: quiesce fails with this message (shows the error path of
     /// app-consistent checkpoints).
     pub sim_quiesce_error: Option<String>,
+    /// `"sim"` (default: VMs are records, power is a flag) or `"qemu"` (each VM is a
+    /// `qemu-system-x86_64` process the agent supervises); `--hypervisor`.
+    pub hypervisor: Option<String>,
+    /// `[agent.qemu]`: settings of the QEMU driver.
+    #[serde(default)]
+    pub qemu: QemuSection,
+}
+
+/// `[agent.qemu]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuSection {
+    /// The emulator (default `qemu-system-x86_64` on `PATH`).
+    pub binary: Option<PathBuf>,
+    /// `"auto"` (default: KVM if it boots a guest here, else TCG), `"kvm"` or `"tcg"`.
+    pub accel: Option<String>,
+    /// Seconds a guest gets to shut down after ACPI power-down before `quit` (default 30).
+    pub powerdown_timeout_secs: Option<u64>,
+    /// Seconds QEMU queues a guest's disk I/O while the agent's NBD socket is gone (an
+    /// agent restart) before failing it (default 60).
+    pub reconnect_delay_secs: Option<u64>,
 }
 
 /// `[[agent.vms]]`: a VM of the simulated hypervisor.
@@ -177,6 +199,12 @@ pub struct VmSection {
     pub memory_mib: u64,
     #[serde(default)]
     pub disks: Vec<VmDiskSection>,
+    /// How it boots (`hypervisor = "qemu"`): `{ kind = "kernel", kernel, initrd,
+    /// cmdline }` or `{ kind = "firmware" }`.
+    #[serde(default)]
+    pub boot: Option<Boot>,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
 }
 
 fn one_cpu() -> u32 {
@@ -338,6 +366,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Names of its disks, in order.
     pub disks: Vec<String>,
+    pub boot: Option<Boot>,
+    pub nics: Vec<Nic>,
 }
 
 fn addr(field: &str, value: &str) -> Result<SocketAddr, AgentConfigError> {
@@ -651,6 +681,11 @@ impl AgentConfig {
         self.data_dir.join("state")
     }
 
+    /// The NBD listener's unix socket.
+    pub fn nbd_socket(&self) -> PathBuf {
+        nbd_socket_path(&self.data_dir)
+    }
+
     /// Spill logs of the stream to `peer`.
     pub fn spill_dir(&self, peer: &str) -> PathBuf {
         self.data_dir.join("spill").join(peer)
@@ -762,9 +797,19 @@ fn resolve_vms(
             cpus: v.cpus,
             memory_mib: v.memory_mib,
             disks: own,
+            boot: v.boot.clone(),
+            nics: v.nics.clone(),
         });
     }
     Ok(vms)
+}
+
+/// Longest path a unix socket may have (`sun_path` holds 108 bytes with the NUL).
+pub const MAX_UNIX_PATH: usize = 108;
+
+/// `<data-dir>/run/nbd.sock`: the agent's NBD listener on a unix socket.
+pub fn nbd_socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("run").join("nbd.sock")
 }
 
 /// Where the journal and the replica disk of `disk_id` from a protected host live under

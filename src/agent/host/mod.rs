@@ -573,9 +573,16 @@ impl Agent {
         // Bound now (its address goes into the endpoints), served once protection is in
         // place.
         let registry = ExportRegistry::new();
-        let server =
+        let mut server =
             NbdServer::bind(cfg.nbd_listen, registry.clone(), ServerConfig::default()).await?;
         let nbd_addr = server.local_addr()?;
+        let socket = cfg.nbd_socket();
+        if socket.as_os_str().len() < crate::agent::host::config::MAX_UNIX_PATH {
+            server.listen_unix(&socket)?;
+        } else {
+            tracing::warn!(path = %socket.display(), "data directory path too long for a unix socket: NBD over TCP only");
+        }
+        let nbd_socket = server.unix_path().map(|p| p.display().to_string());
 
         let endpoints = AgentEndpoints {
             host_name: cfg.host_name.clone(),
@@ -584,6 +591,7 @@ impl Agent {
             nbd: nbd_addr.to_string(),
             data: data_addr.map(|a| a.to_string()),
             admin: None,
+            nbd_socket,
         };
         let agent = Arc::new(Agent {
             cfg,
@@ -1640,6 +1648,7 @@ impl Agent {
                     timestamp_ms: crate::agent::stream::now_ms(),
                     disks: vec![],
                     error: Some(error),
+                    quiesce: None,
                 },
                 None,
             )
@@ -1678,6 +1687,7 @@ impl Agent {
             timestamp_ms,
             disks,
             error: None,
+            quiesce: None,
         };
         if !hold.barrier {
             drop(guards);

@@ -1,13 +1,16 @@
 //! The listener: binds, accepts connections (bounded), runs a handler per connection
 //! (negotiation, then transmission), and on shutdown stops accepting and waits for every
-//! handler to finish its in-flight requests.
+//! handler to finish its in-flight requests. Besides its TCP address a server may also
+//! listen on a unix socket (the local hypervisor attaches its guests' disks there).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -63,6 +66,7 @@ impl Default for ServerConfig {
 #[derive(Debug)]
 pub struct NbdServer {
     listener: TcpListener,
+    unix: Option<(UnixListener, PathBuf)>,
     registry: ExportRegistry,
     shared: Arc<Shared>,
 }
@@ -126,6 +130,7 @@ impl NbdServer {
         let pool = BufPool::new(config.pool_keep_bytes);
         Ok(NbdServer {
             listener,
+            unix: None,
             registry,
             shared: Arc::new(Shared {
                 config,
@@ -134,6 +139,26 @@ impl NbdServer {
                 stats: Arc::new(ServerStats::default()),
             }),
         })
+    }
+
+    /// Also listens on the unix socket `path` (a stale socket file left by a killed
+    /// agent is replaced; the file is removed when the server stops).
+    pub fn listen_unix(&mut self, path: &Path) -> Result<(), NbdError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.unix = Some((UnixListener::bind(path)?, path.to_path_buf()));
+        Ok(())
+    }
+
+    /// The unix socket served, if any.
+    pub fn unix_path(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|(_, p)| p.as_path())
     }
 
     /// The bound address.
@@ -166,18 +191,30 @@ impl NbdServer {
                     Err(_) => break,
                 },
             };
-            let (sock, peer) = tokio::select! {
+            let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue;
+                r = self.listener.accept() => r.map(|(sock, peer)| {
+                    // Small replies must not wait for Nagle.
+                    if let Err(e) = sock.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY failed");
                     }
-                },
+                    let (rd, wr) = sock.into_split();
+                    (Conn::new(rd, wr), peer.to_string())
+                }),
+                r = accept_unix(self.unix.as_ref()) => r.map(|sock| {
+                    let (rd, wr) = sock.into_split();
+                    (Conn::new(rd, wr), "unix".to_string())
+                }),
+            };
+            let (conn, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
             };
             backoff = Duration::from_millis(10);
             let handler = Handler {
@@ -188,14 +225,45 @@ impl NbdServer {
             };
             tracker.spawn(
                 handler
-                    .run(sock)
+                    .run(conn.rd, conn.wr)
                     .instrument(tracing::debug_span!("nbd_conn", %peer)),
             );
         }
         tracker.close();
         tracker.wait().await;
+        if let Some((_, path)) = &self.unix {
+            let _ = std::fs::remove_file(path);
+        }
         tracing::info!("nbd server stopped");
         Ok(())
+    }
+}
+
+/// The two halves of an accepted connection, whatever its transport.
+struct Conn {
+    rd: Box<dyn AsyncRead + Send + Unpin>,
+    wr: Box<dyn AsyncWrite + Send + Unpin>,
+}
+
+impl Conn {
+    fn new(
+        rd: impl AsyncRead + Send + Unpin + 'static,
+        wr: impl AsyncWrite + Send + Unpin + 'static,
+    ) -> Conn {
+        Conn {
+            rd: Box::new(rd),
+            wr: Box::new(wr),
+        }
+    }
+}
+
+/// The next unix connection; never resolves without a unix listener.
+async fn accept_unix(
+    unix: Option<&(UnixListener, PathBuf)>,
+) -> std::io::Result<tokio::net::UnixStream> {
+    match unix {
+        Some((l, _)) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
     }
 }
 
@@ -208,12 +276,11 @@ struct Handler {
 }
 
 impl Handler {
-    async fn run(self, sock: TcpStream) {
-        // Small replies must not wait for Nagle.
-        if let Err(e) = sock.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY failed");
-        }
-        let (rd, mut wr) = sock.into_split();
+    async fn run(
+        self,
+        rd: Box<dyn AsyncRead + Send + Unpin>,
+        mut wr: Box<dyn AsyncWrite + Send + Unpin>,
+    ) {
         let mut rd = FrameReader::new(rd);
         let negotiated = tokio::select! {
             _ = self.shutdown.cancelled() => return,

@@ -288,6 +288,8 @@ async fn measure(
                     export: format!("vm-{h:03}-{i:03}-disk0"),
                 }],
                 prepared_for_failover: false,
+                boot: None,
+                nics: Vec::new(),
             })
             .collect();
         let spec = SimSpec {

@@ -405,6 +405,7 @@ async fn handle(
                             })
                             .collect(),
                         error: None,
+                        quiesce: None,
                     }
                 }
                 None => RoundHeld {
@@ -413,6 +414,7 @@ async fn handle(
                     timestamp_ms: chrono::Utc::now().timestamp_millis(),
                     disks: Vec::new(),
                     error: Some("no disk of the VPG on this host".into()),
+                    quiesce: None,
                 },
             };
             send(ws, to_json(&AgentMessage::Held(reply))?).await
@@ -542,6 +544,7 @@ fn rebuild_status(spec: &SimSpec, prot: &mut Protection, shared: &Shared) {
             nbd: "127.0.0.1:10809".into(),
             data: Some("127.0.0.1:9701".into()),
             admin: None,
+            nbd_socket: None,
         },
         protected,
         peers: prot

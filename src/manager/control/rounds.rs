@@ -1193,6 +1193,7 @@ mod tests {
                 timestamp_ms: 0,
                 disks: vec![],
                 error: None,
+                quiesce: None,
             },
         );
         assert!(matches!(rx.try_recv(), Ok((h, Reply::Held(_))) if h == "h"));

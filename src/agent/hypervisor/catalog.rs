@@ -1,151 +1,36 @@
-//! The hypervisor seen from the agent: the [`HypervisorDriver`] trait (inventory, VM
-//! creation, power, quiesce/thaw for app-consistent checkpoints) and [`SimHypervisor`],
-//! the simulated driver of the demo and the tests; plus [`HostVms`], which keeps a VM's
-//! power state and its disks' NBD exports in step (a VM's disks are the agent's
-//! protected disks, served only while it runs).
+//! [`VmCatalog`]: the VMs of a host, their definitions and power states. On its own it
+//! is the simulated hypervisor driver (`hypervisor = "sim"`: power is a flag, quiesce
+//! always succeeds); the QEMU driver keeps its VMs in one too.
 //!
-//! The simulated driver owns `<data-dir>/state/vms.json`: VMs created at run time, every
-//! VM's power state and the next free disk id, replaced crash-safely on every change.
-//! VMs come from three places: `[[agent.vms]]` (their definition is the file's, their
-//! power state is remembered), `[[agent.disks]]` entries that belong to no VM (each shown
-//! as a VM of the disk's name), and VMs created at run time (kept whole in the state file).
+//! The catalog owns `<data-dir>/state/vms.json`: VMs created at run time, every VM's
+//! power state and the next free disk id, replaced crash-safely on every change. VMs
+//! come from three places: `[[agent.vms]]` (their definition is the file's, their power
+//! state is remembered), `[[agent.disks]]` entries that belong to no VM (each shown as a
+//! VM of the disk's name), and VMs created at run time (kept whole in the state file).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use super::{
+    event, invalid, vm_disk_config, HypervisorDriver, HypervisorError, PowerChange, VmSpec,
+};
 use crate::agent::crashsafe;
-use crate::agent::host::config::{check_disk_name, check_vm_name, DiskConfig, DEFAULT_GROUP};
-use crate::agent::host::{Agent, AgentConfig, AgentError};
-use crate::model::settings::{Priority, ResyncPolicy};
+use crate::agent::host::config::{check_disk_name, check_vm_name, DiskConfig};
+use crate::agent::host::AgentConfig;
 use crate::proto::control::{
-    AgentEvent, Inventory, InventoryDisk, InventoryVm, NewDisk, PowerState,
+    AgentEvent, Boot, Inventory, InventoryDisk, InventoryVm, Nic, PowerState, QuiesceMethod,
 };
 
-/// Largest simulated disk (64 TiB): a bound on what a request may make us allocate.
+/// Largest disk (64 TiB): a bound on what a request may make us allocate.
 const MAX_DISK_SIZE: u64 = 64 << 40;
 /// Most disks per VM.
 const MAX_DISKS_PER_VM: usize = 64;
-
-/// Errors of the hypervisor driver and of the VM operations around it.
-#[derive(Debug, thiserror::Error)]
-pub enum HypervisorError {
-    #[error("no VM named `{0}`")]
-    NoSuchVm(String),
-    #[error("a VM named `{0}` already exists")]
-    DuplicateVm(String),
-    #[error("a disk named `{0}` already exists on this host")]
-    DuplicateDisk(String),
-    #[error("{field}: {reason}")]
-    Invalid { field: String, reason: String },
-    #[error("quiesce of VM `{vm}` failed: {reason}")]
-    Quiesce { vm: String, reason: String },
-    #[error("VM state {}: {reason}", path.display())]
-    State { path: PathBuf, reason: String },
-    #[error(transparent)]
-    Persist(#[from] crashsafe::CrashSafeError),
-    #[error(transparent)]
-    Agent(#[from] AgentError),
-    #[error("background task failed: {0}")]
-    Task(String),
-    #[error("VM `{0}` is prepared for planned failover: it cannot be powered on until the failover is released")]
-    Prepared(String),
-    #[error("VM `{0}` belongs to a recovery: end the recovery instead")]
-    Recovered(String),
-    #[error("this hypervisor driver cannot {0}")]
-    Unsupported(&'static str),
-}
-
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> HypervisorError {
-    HypervisorError::Invalid {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
-
-/// A VM to create.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmSpec {
-    pub name: String,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    #[serde(default)]
-    pub disks: Vec<NewDisk>,
-}
-
-/// The outcome of a power request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PowerChange {
-    pub vm: InventoryVm,
-    /// `false` when the VM already was in the requested state.
-    pub changed: bool,
-}
-
-/// What the agent needs of a hypervisor. Methods may block (state files, a real
-/// hypervisor's API): call them off the reactor.
-pub trait HypervisorDriver: Send + Sync + 'static {
-    /// Every VM on the host.
-    fn inventory(&self) -> Inventory;
-    /// A new VM with new (sparse, zeroed) disks, powered on. Disk ids are chosen here.
-    fn create_vm(&self, spec: &VmSpec) -> Result<InventoryVm, HypervisorError>;
-    fn power_on(&self, vm: &str) -> Result<PowerChange, HypervisorError>;
-    fn power_off(&self, vm: &str) -> Result<PowerChange, HypervisorError>;
-    /// Quiesces the guests (flush application state, pause I/O) for an app-consistent
-    /// checkpoint; every VM or none (on error the ones already quiesced are thawed).
-    fn quiesce(&self, vms: &[String]) -> Result<(), HypervisorError>;
-    /// Undoes [`HypervisorDriver::quiesce`]. Never fails: a guest that cannot be thawed
-    /// is the hypervisor's problem to report.
-    fn thaw(&self, vms: &[String]);
-    /// Events worth recording at the manager (`vm_created`, `vm_power`).
-    fn subscribe(&self) -> broadcast::Receiver<AgentEvent>;
-    /// A VM brought up by a recovery, powered off: its disks (`spec.disks`, named by
-    /// their NBD export) are journal views served by `agent::recovery`, not local disks;
-    /// their disk ids are allocated now and kept if the recovery is committed. The same
-    /// VM again (same name and disks) answers the existing one.
-    fn create_recovered_vm(&self, _spec: &VmSpec) -> Result<InventoryVm, HypervisorError> {
-        Err(HypervisorError::Unsupported("create recovered VMs"))
-    }
-    /// Removes a VM [`HypervisorDriver::create_recovered_vm`] made (false: no such VM).
-    fn remove_recovered_vm(&self, _name: &str) -> Result<bool, HypervisorError> {
-        Err(HypervisorError::Unsupported("remove recovered VMs"))
-    }
-    /// A committed recovery: the recovered VM becomes a regular VM of this host whose
-    /// disks are local disks (same names and ids). Idempotent.
-    fn adopt_recovered_vm(&self, _name: &str) -> Result<InventoryVm, HypervisorError> {
-        Err(HypervisorError::Unsupported("adopt recovered VMs"))
-    }
-    /// Locks (or unlocks) a VM against power-on ("Prepared for planned failover").
-    fn set_prepared(&self, _name: &str, _prepared: bool) -> Result<InventoryVm, HypervisorError> {
-        Err(HypervisorError::Unsupported(
-            "lock VMs for a planned failover",
-        ))
-    }
-    /// Reverse protection: removes a VM whose disks all became pre-seeded replicas
-    /// (`SeedReverse`). `Ok(false)` if there is no such VM (already removed).
-    fn remove_seeded_vm(&self, _name: &str) -> Result<bool, HypervisorError> {
-        Err(HypervisorError::Unsupported("remove VMs"))
-    }
-}
-
-/// The protected disk a VM disk is: `<data-dir>/disks/<name>.img`, default group, not
-/// replicated until the manager's desired state says where.
-pub fn vm_disk_config(data_dir: &Path, disk: &InventoryDisk) -> DiskConfig {
-    DiskConfig {
-        name: disk.name.clone(),
-        id: disk.disk_id,
-        size: disk.size_bytes,
-        path: data_dir.join("disks").join(format!("{}.img", disk.name)),
-        group: DEFAULT_GROUP.to_string(),
-        recovery_host: None,
-        resync: ResyncPolicy::Automatic,
-        priority: Priority::Medium,
-    }
-}
 
 /// Where a simulated VM's definition comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,26 +48,30 @@ enum Origin {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct SimDisk {
+struct DiskRecord {
     name: String,
     id: u64,
     size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct SimVm {
+struct VmRecord {
     name: String,
     origin: Origin,
     cpus: u32,
     memory_mib: u64,
     power_state: PowerState,
-    disks: Vec<SimDisk>,
+    disks: Vec<DiskRecord>,
     /// Locked against power-on by a planned failover (`PrepareFailover`).
     #[serde(default)]
     prepared: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot: Option<Boot>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    nics: Vec<Nic>,
 }
 
-impl SimVm {
+impl VmRecord {
     fn inventory(&self) -> InventoryVm {
         InventoryVm {
             name: self.name.clone(),
@@ -200,6 +89,8 @@ impl SimVm {
                 })
                 .collect(),
             prepared_for_failover: self.prepared,
+            boot: self.boot.clone(),
+            nics: self.nics.clone(),
         }
     }
 }
@@ -210,11 +101,11 @@ struct StateFile {
     /// Every disk id below it has been handed out (ids are never reused, even if a
     /// configuration entry disappears).
     next_disk_id: u64,
-    vms: Vec<SimVm>,
+    vms: Vec<VmRecord>,
 }
 
-/// The simulated hypervisor. See the module documentation.
-pub struct SimHypervisor {
+/// The VMs of a host; the simulated driver. See the module documentation.
+pub struct VmCatalog {
     path: PathBuf,
     state: Mutex<StateFile>,
     quiesce_error: Mutex<Option<String>>,
@@ -223,31 +114,20 @@ pub struct SimHypervisor {
     events: broadcast::Sender<AgentEvent>,
 }
 
-impl std::fmt::Debug for SimHypervisor {
+impl std::fmt::Debug for VmCatalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimHypervisor")
+        f.debug_struct("VmCatalog")
             .field("path", &self.path)
             .finish_non_exhaustive()
     }
 }
 
-fn event(kind: &str, vm: &str, message: String, details: serde_json::Value) -> AgentEvent {
-    AgentEvent {
-        kind: kind.into(),
-        disk_id: None,
-        vm: Some(vm.to_string()),
-        message,
-        details,
-        at_ms: crate::agent::stream::now_ms(),
-    }
-}
-
-impl SimHypervisor {
+impl VmCatalog {
     /// Opens the simulated hypervisor of the agent configured by `cfg` (blocking): the
     /// configuration's VMs and bare disks, and the run-time VMs and power states of
     /// `<data-dir>/state/vms.json`. A run-time VM that now clashes with the
     /// configuration (name, disk name or disk id) is refused, never silently dropped.
-    pub fn open(cfg: &AgentConfig) -> Result<SimHypervisor, HypervisorError> {
+    pub fn open(cfg: &AgentConfig) -> Result<VmCatalog, HypervisorError> {
         let state_dir = cfg.state_dir();
         std::fs::create_dir_all(&state_dir).map_err(|e| HypervisorError::State {
             path: state_dir.clone(),
@@ -280,7 +160,7 @@ impl SimHypervisor {
                 .iter()
                 .any(|v| v.name == name && v.origin == origin && v.prepared)
         };
-        let runtime: Vec<&SimVm> = saved
+        let runtime: Vec<&VmRecord> = saved
             .vms
             .iter()
             .filter(|v| matches!(v.origin, Origin::Runtime | Origin::Recovered))
@@ -305,13 +185,13 @@ impl SimHypervisor {
                         format!("disk `{name}` is not among the agent's disks"),
                     )
                 })?;
-                disks.push(SimDisk {
+                disks.push(DiskRecord {
                     name: d.name.clone(),
                     id: d.id,
                     size: d.size,
                 });
             }
-            vms.push(SimVm {
+            vms.push(VmRecord {
                 name: v.name.clone(),
                 origin: Origin::Config,
                 cpus: v.cpus,
@@ -319,6 +199,8 @@ impl SimHypervisor {
                 power_state: saved_power(&v.name, Origin::Config),
                 disks,
                 prepared: saved_prepared(&v.name, Origin::Config),
+                boot: v.boot.clone(),
+                nics: v.nics.clone(),
             });
         }
         for d in cfg
@@ -326,18 +208,20 @@ impl SimHypervisor {
             .iter()
             .filter(|d| !in_vm.contains(d.name.as_str()))
         {
-            vms.push(SimVm {
+            vms.push(VmRecord {
                 name: d.name.clone(),
                 origin: Origin::Disk,
                 cpus: 1,
                 memory_mib: 1024,
                 power_state: saved_power(&d.name, Origin::Disk),
-                disks: vec![SimDisk {
+                disks: vec![DiskRecord {
                     name: d.name.clone(),
                     id: d.id,
                     size: d.size,
                 }],
                 prepared: saved_prepared(&d.name, Origin::Disk),
+                boot: None,
+                nics: Vec::new(),
             });
         }
         for v in runtime {
@@ -381,7 +265,7 @@ impl SimHypervisor {
             .next_disk_id
             .max(max_id.map_or(1, |m| m.saturating_add(1)));
         let state = StateFile { next_disk_id, vms };
-        let hv = SimHypervisor {
+        let hv = VmCatalog {
             path,
             state: Mutex::new(StateFile::default()),
             quiesce_error: Mutex::new(None),
@@ -445,6 +329,28 @@ impl SimHypervisor {
             .collect()
     }
 
+    /// The VM named `name`, as the inventory shows it.
+    pub fn get(&self, name: &str) -> Option<InventoryVm> {
+        self.lock()
+            .vms
+            .iter()
+            .find(|v| v.name == name)
+            .map(VmRecord::inventory)
+    }
+
+    /// Whether `name` was brought up by a recovery not committed yet.
+    pub fn is_recovered(&self, name: &str) -> bool {
+        self.lock()
+            .vms
+            .iter()
+            .any(|v| v.name == name && v.origin == Origin::Recovered)
+    }
+
+    /// Sends an event to the subscribers.
+    pub fn emit(&self, ev: AgentEvent) {
+        let _ = self.events.send(ev);
+    }
+
     /// Test/demo knob: quiesce fails with `reason` (or succeeds again with `None`).
     pub fn fail_quiesce(&self, reason: Option<String>) {
         *self
@@ -462,7 +368,14 @@ impl SimHypervisor {
         self.thaws.load(Ordering::SeqCst)
     }
 
-    fn set_power(&self, name: &str, power: PowerState) -> Result<PowerChange, HypervisorError> {
+    /// Records `name`'s power state (a power-on of a prepared VM is refused) and, if it
+    /// changed, sends a `vm_power` event saying `cause` (`request`, `guest`, `exited`…).
+    pub fn set_power(
+        &self,
+        name: &str,
+        power: PowerState,
+        cause: &str,
+    ) -> Result<PowerChange, HypervisorError> {
         let change = self.update(|s| {
             let vm = s
                 .vms
@@ -490,7 +403,7 @@ impl SimHypervisor {
                 "vm_power",
                 name,
                 format!("VM {name} powered {}", power.as_str()),
-                serde_json::json!({ "state": power }),
+                serde_json::json!({ "state": power, "cause": cause }),
             ));
         }
         Ok(change)
@@ -530,10 +443,10 @@ fn check_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
     Ok(())
 }
 
-impl HypervisorDriver for SimHypervisor {
+impl HypervisorDriver for VmCatalog {
     fn inventory(&self) -> Inventory {
         Inventory {
-            vms: self.lock().vms.iter().map(SimVm::inventory).collect(),
+            vms: self.lock().vms.iter().map(VmRecord::inventory).collect(),
         }
     }
 
@@ -557,13 +470,13 @@ impl HypervisorDriver for SimHypervisor {
                 s.next_disk_id = id
                     .checked_add(1)
                     .ok_or_else(|| invalid("disks", "disk ids exhausted"))?;
-                disks.push(SimDisk {
+                disks.push(DiskRecord {
                     name: d.name.clone(),
                     id,
                     size: d.size_bytes,
                 });
             }
-            let vm = SimVm {
+            let vm = VmRecord {
                 name: spec.name.clone(),
                 origin: Origin::Runtime,
                 cpus: spec.cpus,
@@ -571,6 +484,8 @@ impl HypervisorDriver for SimHypervisor {
                 power_state: PowerState::On,
                 disks,
                 prepared: false,
+                boot: spec.boot.clone(),
+                nics: spec.nics.clone(),
             };
             s.vms.push(vm.clone());
             Ok(vm.inventory())
@@ -586,14 +501,14 @@ impl HypervisorDriver for SimHypervisor {
     }
 
     fn power_on(&self, vm: &str) -> Result<PowerChange, HypervisorError> {
-        self.set_power(vm, PowerState::On)
+        self.set_power(vm, PowerState::On, "request")
     }
 
     fn power_off(&self, vm: &str) -> Result<PowerChange, HypervisorError> {
-        self.set_power(vm, PowerState::Off)
+        self.set_power(vm, PowerState::Off, "request")
     }
 
-    fn quiesce(&self, vms: &[String]) -> Result<(), HypervisorError> {
+    fn quiesce(&self, vms: &[String], _within: Duration) -> Result<QuiesceMethod, HypervisorError> {
         self.quiesces.fetch_add(1, Ordering::SeqCst);
         {
             let s = self.lock();
@@ -611,8 +526,9 @@ impl HypervisorDriver for SimHypervisor {
                 vm: vm.clone(),
                 reason,
             }),
-            // The simulated guests have nothing to flush: acknowledged at once.
-            _ => Ok(()),
+            // The simulated guests have nothing to flush: acknowledged at once, as a guest
+            // agent would.
+            _ => Ok(QuiesceMethod::GuestAgent),
         }
     }
 
@@ -654,13 +570,13 @@ impl HypervisorDriver for SimHypervisor {
                 s.next_disk_id = id
                     .checked_add(1)
                     .ok_or_else(|| invalid("disks", "disk ids exhausted"))?;
-                disks.push(SimDisk {
+                disks.push(DiskRecord {
                     name: d.name.clone(),
                     id,
                     size: d.size_bytes,
                 });
             }
-            let vm = SimVm {
+            let vm = VmRecord {
                 name: spec.name.clone(),
                 origin: Origin::Recovered,
                 cpus: spec.cpus,
@@ -668,6 +584,8 @@ impl HypervisorDriver for SimHypervisor {
                 power_state: PowerState::Off,
                 disks,
                 prepared: false,
+                boot: spec.boot.clone(),
+                nics: spec.nics.clone(),
             };
             s.vms.push(vm.clone());
             Ok(vm.inventory())
@@ -767,158 +685,10 @@ impl HypervisorDriver for SimHypervisor {
     }
 }
 
-/// The VMs of a running agent: the driver and the agent's exports kept in step, one VM
-/// operation at a time (a power-off racing a power-on could otherwise leave a running
-/// VM without its disks). Shared by the control channel and the admin endpoint.
-pub struct HostVms {
-    driver: Arc<dyn HypervisorDriver>,
-    agent: Arc<Agent>,
-    /// Shared with `recoveries`: one VM operation at a time, recoveries included.
-    ops: Arc<tokio::sync::Mutex<()>>,
-    recoveries: Arc<crate::agent::recovery::Recoveries>,
-}
-
-impl std::fmt::Debug for HostVms {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostVms").finish_non_exhaustive()
-    }
-}
-
-impl HostVms {
-    /// Also restores the recoveries persisted under `state/recoveries/` (in the
-    /// background when called inside a runtime; every recovery call waits for it).
-    pub fn new(driver: Arc<dyn HypervisorDriver>, agent: Arc<Agent>) -> HostVms {
-        let ops = Arc::new(tokio::sync::Mutex::new(()));
-        let recoveries = crate::agent::recovery::Recoveries::new(
-            Arc::clone(&driver),
-            Arc::clone(&agent),
-            Arc::clone(&ops),
-        );
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let r = Arc::clone(&recoveries);
-            rt.spawn(async move { r.restored().await });
-        }
-        HostVms {
-            driver,
-            agent,
-            ops,
-            recoveries,
-        }
-    }
-
-    /// The recoveries this host runs (recovery side) and the planned-failover locks.
-    pub fn recoveries(&self) -> &Arc<crate::agent::recovery::Recoveries> {
-        &self.recoveries
-    }
-
-    pub fn driver(&self) -> &Arc<dyn HypervisorDriver> {
-        &self.driver
-    }
-
-    pub fn agent(&self) -> &Arc<Agent> {
-        &self.agent
-    }
-
-    pub fn inventory(&self) -> Inventory {
-        self.driver.inventory()
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn HypervisorDriver) -> Result<T, HypervisorError> + Send + 'static,
-    ) -> Result<T, HypervisorError> {
-        let d = Arc::clone(&self.driver);
-        tokio::task::spawn_blocking(move || f(d.as_ref()))
-            .await
-            .map_err(|e| HypervisorError::Task(e.to_string()))?
-    }
-
-    /// Creates the VM, then opens and exports its disks. A disk that fails to open stays
-    /// in the VM (it is opened again at the next start) and the error is returned.
-    pub async fn create(&self, spec: VmSpec) -> Result<InventoryVm, HypervisorError> {
-        let _one = self.ops.lock().await;
-        let vm = self.blocking(move |d| d.create_vm(&spec)).await?;
-        let data_dir = self.agent.config().data_dir.clone();
-        for disk in &vm.disks {
-            self.agent.add_disk(vm_disk_config(&data_dir, disk)).await?;
-        }
-        Ok(vm)
-    }
-
-    /// Powers a VM on (its exports served first, so the guest finds its disks) or off
-    /// (the guest stops, then its exports are withdrawn, in-flight requests drained).
-    pub async fn set_power(
-        &self,
-        name: &str,
-        power: PowerState,
-    ) -> Result<PowerChange, HypervisorError> {
-        // Recovered VMs re-created after a restart must be known before their power
-        // changes (the restore takes the operations lock itself).
-        self.recoveries.restored().await;
-        let _one = self.ops.lock().await;
-        let vm = self
-            .driver
-            .inventory()
-            .vms
-            .into_iter()
-            .find(|v| v.name == name)
-            .ok_or_else(|| HypervisorError::NoSuchVm(name.to_string()))?;
-        let n = name.to_string();
-        match power {
-            PowerState::On => {
-                if vm.prepared_for_failover {
-                    return Err(HypervisorError::Prepared(name.to_string()));
-                }
-                for d in &vm.disks {
-                    // A recovered VM's disks are its recovery's exports.
-                    if !self.recoveries.set_exported(&d.export, true).await? {
-                        self.agent.set_exported(&d.export, true).await?;
-                    }
-                }
-                self.blocking(move |d| d.power_on(&n)).await
-            }
-            PowerState::Off => {
-                let change = self.blocking(move |d| d.power_off(&n)).await?;
-                for d in &vm.disks {
-                    if !self.recoveries.set_exported(&d.export, false).await? {
-                        self.agent.set_exported(&d.export, false).await?;
-                    }
-                }
-                Ok(change)
-            }
-        }
-    }
-}
-
-/// Starts an agent with the simulated hypervisor: the run-time VMs' disks are opened
-/// with the configuration's, and the disks of powered-off VMs are not served.
-pub async fn start_agent(
-    cfg: AgentConfig,
-) -> Result<(Arc<Agent>, Arc<SimHypervisor>), HypervisorError> {
-    let mut cfg = crate::agent::host::without_seeded_disks(cfg)?;
-    let c = cfg.clone();
-    let hv = tokio::task::spawn_blocking(move || SimHypervisor::open(&c))
-        .await
-        .map_err(|e| HypervisorError::Task(e.to_string()))??;
-    for d in hv.runtime_disks(&cfg.data_dir) {
-        if !cfg.disks.iter().any(|c| c.name == d.name) {
-            cfg.disks.push(d);
-        }
-    }
-    let agent = Agent::start(cfg).await?;
-    for disk in hv.powered_off_disks() {
-        // The export was served for the moment between start and here; a guest of a VM
-        // that is off has no business writing, so this only matters to stray clients.
-        if let Err(e) = agent.set_exported(&disk, false).await {
-            tracing::warn!(%disk, error = %e, "cannot withdraw the export of a powered-off VM's disk");
-        }
-    }
-    Ok((agent, Arc::new(hv)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::control::NewDisk;
 
     fn cfg(dir: &Path, section: &str) -> AgentConfig {
         AgentConfig::loopback(dir, "h1", section, None).unwrap()
@@ -936,6 +706,8 @@ mod tests {
                     size_bytes: *s,
                 })
                 .collect(),
+            boot: None,
+            nics: vec![],
         }
     }
 
@@ -958,7 +730,7 @@ mod tests {
         // VM disks are protected disks like [[disks]].
         let names: Vec<_> = c.disks.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["bare", "web-0", "web-1"]);
-        let hv = SimHypervisor::open(&c).unwrap();
+        let hv = VmCatalog::open(&c).unwrap();
         let inv = hv.inventory();
         assert_eq!(inv.vms.len(), 2);
         let web = inv.vms.iter().find(|v| v.name == "web").unwrap();
@@ -978,7 +750,7 @@ mod tests {
     fn runtime_vms_and_power_state_survive_a_reopen_and_ids_are_never_reused() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), SECTION);
-        let hv = SimHypervisor::open(&c).unwrap();
+        let hv = VmCatalog::open(&c).unwrap();
         let db = hv
             .create_vm(&spec("db", &[("db-0", 1 << 20), ("db-1", 2 << 20)]))
             .unwrap();
@@ -993,7 +765,7 @@ mod tests {
         hv.power_off("db").unwrap();
         drop(hv);
 
-        let hv = SimHypervisor::open(&c).unwrap();
+        let hv = VmCatalog::open(&c).unwrap();
         let inv = hv.inventory();
         let db2 = inv.vms.iter().find(|v| v.name == "db").unwrap();
         assert_eq!(db2.disks, db.disks);
@@ -1013,14 +785,14 @@ mod tests {
 
         // A configuration that drops the VM "web" does not free its ids for reuse.
         let c2 = cfg(dir.path(), "");
-        let hv = SimHypervisor::open(&c2).unwrap();
+        let hv = VmCatalog::open(&c2).unwrap();
         let x = hv.create_vm(&spec("x", &[("x-0", 512)])).unwrap();
         assert_eq!(x.disks[0].disk_id, 15);
         // The same configuration with the run-time disks already added opens too.
         let mut c3 = c2.clone();
         c3.disks.extend(hv.runtime_disks(&c3.data_dir));
         drop(hv);
-        let hv = SimHypervisor::open(&c3).unwrap();
+        let hv = VmCatalog::open(&c3).unwrap();
         assert_eq!(hv.inventory().vms.len(), 3);
     }
 
@@ -1028,7 +800,7 @@ mod tests {
     fn duplicate_and_invalid_names_are_refused_and_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), SECTION);
-        let hv = SimHypervisor::open(&c).unwrap();
+        let hv = VmCatalog::open(&c).unwrap();
         let before = hv.inventory();
         let e = hv.create_vm(&spec("web", &[])).unwrap_err();
         assert!(matches!(e, HypervisorError::DuplicateVm(_)), "{e}");
@@ -1068,12 +840,12 @@ mod tests {
     fn a_runtime_vm_that_now_clashes_with_the_configuration_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), "");
-        let hv = SimHypervisor::open(&c).unwrap();
+        let hv = VmCatalog::open(&c).unwrap();
         hv.create_vm(&spec("web", &[("w0", 512)])).unwrap();
         drop(hv);
-        let e = SimHypervisor::open(&cfg(dir.path(), SECTION)).unwrap_err();
+        let e = VmCatalog::open(&cfg(dir.path(), SECTION)).unwrap_err();
         assert!(e.to_string().contains("also in the configuration"), "{e}");
-        let e = SimHypervisor::open(&cfg(
+        let e = VmCatalog::open(&cfg(
             dir.path(),
             "[[disks]]\nname = 'w0'\nid = 99\nsize = 512\n",
         ))
@@ -1087,23 +859,29 @@ mod tests {
         let c = cfg(dir.path(), "");
         std::fs::create_dir_all(c.state_dir()).unwrap();
         std::fs::write(c.state_dir().join("vms.json"), b"{ not json").unwrap();
-        let e = SimHypervisor::open(&c).unwrap_err();
+        let e = VmCatalog::open(&c).unwrap_err();
         assert!(e.to_string().contains("not a VM state file"), "{e}");
     }
 
     #[test]
     fn quiesce_counts_and_fails_on_request() {
         let dir = tempfile::tempdir().unwrap();
-        let hv = SimHypervisor::open(&cfg(dir.path(), SECTION)).unwrap();
-        hv.quiesce(&["web".into()]).unwrap();
+        let hv = VmCatalog::open(&cfg(dir.path(), SECTION)).unwrap();
+        assert_eq!(
+            hv.quiesce(&["web".into()], Duration::from_secs(1)).unwrap(),
+            QuiesceMethod::GuestAgent
+        );
         hv.thaw(&["web".into()]);
         assert_eq!((hv.quiesce_count(), hv.thaw_count()), (1, 1));
         assert!(matches!(
-            hv.quiesce(&["nobody".into()]).unwrap_err(),
+            hv.quiesce(&["nobody".into()], Duration::from_secs(1))
+                .unwrap_err(),
             HypervisorError::NoSuchVm(_)
         ));
         hv.fail_quiesce(Some("guest agent not responding".into()));
-        let e = hv.quiesce(&["web".into()]).unwrap_err();
+        let e = hv
+            .quiesce(&["web".into()], Duration::from_secs(1))
+            .unwrap_err();
         assert!(e.to_string().contains("guest agent not responding"), "{e}");
         assert_eq!(hv.quiesce_count(), 3);
     }
@@ -1111,7 +889,7 @@ mod tests {
     #[test]
     fn power_changes_are_events() {
         let dir = tempfile::tempdir().unwrap();
-        let hv = SimHypervisor::open(&cfg(dir.path(), SECTION)).unwrap();
+        let hv = VmCatalog::open(&cfg(dir.path(), SECTION)).unwrap();
         let mut rx = hv.subscribe();
         hv.power_off("web").unwrap();
         hv.power_off("web").unwrap();

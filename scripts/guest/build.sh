@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Build the Bulwark test guest: OUT_DIR/vmlinuz + OUT_DIR/initrd.img.
+#
+#   scripts/guest/build.sh [OUT_DIR]      (default: <repo>/target/guest)
+#
+# Offline apart from `apt-get download` of the Debian cloud kernel package.
+# The initramfs holds static busybox, the host's mke2fs/e2fsck (real ext4 with
+# a journal) with their shared libraries, a few kernel modules and /init.
+# Cached: if the outputs exist and the stamp matches sha256(init + build.sh),
+# it only prints the paths. See scripts/guest/README.md for the guest contract.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+OUT=${1:-$REPO/target/guest}
+KMETA=linux-image-cloud-amd64
+# Modules we want; their dependencies are added automatically.
+WANT_MODULES="virtio_pci virtio_blk virtio_net button evdev"
+
+die() { echo "build.sh: error: $*" >&2; exit 1; }
+need() { # need TOOL PACKAGE
+    command -v "$1" >/dev/null 2>&1 || die "host tool '$1' is missing: apt-get install $2"
+}
+
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+STAMP=$(cat "$HERE/init" "$HERE/build.sh" | sha256sum | cut -d' ' -f1)
+
+if [[ -f $OUT/vmlinuz && -f $OUT/initrd.img && "$(cat "$OUT/stamp" 2>/dev/null)" == "$STAMP" ]]; then
+    echo "$OUT/vmlinuz"
+    echo "$OUT/initrd.img"
+    exit 0
+fi
+
+need apt-get apt
+need apt-cache apt
+need dpkg-deb dpkg
+need cpio cpio
+need gzip gzip
+need sha256sum coreutils
+need ldd libc-bin
+need busybox busybox-static
+BUSYBOX=$(command -v busybox)
+[[ "$(ldd "$BUSYBOX" 2>&1 || true)" == *"not a dynamic executable"* ]] \
+    || die "$BUSYBOX is not statically linked: apt-get install busybox-static"
+E2BIN=
+for d in /sbin /usr/sbin; do [[ -x $d/mke2fs && -x $d/e2fsck ]] && { E2BIN=$d; break; }; done
+[[ -n $E2BIN ]] || die "host tools mke2fs/e2fsck are missing: apt-get install e2fsprogs"
+
+CACHE=$OUT/cache
+mkdir -p "$CACHE/debs"
+
+# --- kernel package: resolve the meta package locally, download only if not cached
+KPKG=$(apt-cache depends "$KMETA" 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }' || true)
+if [[ -n $KPKG ]]; then
+    DEB=$(ls "$CACHE/debs/${KPKG}"_*.deb 2>/dev/null | tail -n1 || true)
+    if [[ -z $DEB ]]; then
+        echo "build.sh: downloading $KPKG" >&2
+        (cd "$CACHE/debs" && apt-get download "$KPKG" >&2) \
+            || die "apt-get download $KPKG failed (needs a Debian mirror; try apt-get update)"
+        DEB=$(ls "$CACHE/debs/${KPKG}"_*.deb | tail -n1)
+    fi
+else
+    # no apt lists: fall back to whatever was cached before
+    DEB=$(ls "$CACHE/debs"/linux-image-*-cloud-amd64_*.deb 2>/dev/null | tail -n1 || true)
+    [[ -n $DEB ]] || die "cannot resolve $KMETA (run apt-get update) and nothing is cached"
+fi
+echo "build.sh: kernel package $(basename "$DEB")" >&2
+
+KX=$CACHE/kernel
+rm -rf "$KX"
+dpkg-deb -x "$DEB" "$KX"
+VMLINUZ=$(ls "$KX"/boot/vmlinuz-* | head -n1)
+MODDIR=$(ls -d "$KX"/lib/modules/* | head -n1)
+
+# --- modules, dependencies first (read from each .ko's .modinfo section)
+mod_path() { find "$MODDIR/kernel" -name "$1.ko" | head -n1; }
+mod_deps() { tr '\0' '\n' <"$1" | sed -n 's/^depends=//p' | tr ',' ' '; }
+ORDER=()
+add_mod() {
+    local m=$1 p d
+    for d in "${ORDER[@]:-}"; do [[ $d == "$m" ]] && return 0; done
+    if grep -q "/$m\.ko\$" "$MODDIR/modules.builtin" 2>/dev/null; then return 0; fi
+    p=$(mod_path "$m")
+    [[ -n $p ]] || die "module $m not found in $(basename "$DEB")"
+    for d in $(mod_deps "$p"); do add_mod "${d//-/_}"; done
+    ORDER+=("$m")
+}
+for m in $WANT_MODULES; do add_mod "$m"; done
+
+# --- initramfs tree
+ROOT=$CACHE/root
+rm -rf "$ROOT"
+mkdir -p "$ROOT"/{bin,sbin,dev,proc,sys,mnt,run,tmp,etc,lib/modules,lib64}
+cp "$BUSYBOX" "$ROOT/bin/busybox"
+for a in $("$BUSYBOX" --list); do
+    [[ $a == busybox || -e $ROOT/bin/$a ]] || ln -s busybox "$ROOT/bin/$a"
+done
+for m in "${ORDER[@]}"; do
+    cp "$(mod_path "$m")" "$ROOT/lib/modules/$m.ko"
+    echo "$m" >>"$ROOT/lib/modules/load.order"
+done
+# host e2fsprogs (busybox mke2fs only makes ext2) + their libraries and loader
+for t in mke2fs e2fsck; do
+    cp -L "$E2BIN/$t" "$ROOT/sbin/$t"
+    for lib in $(ldd "$E2BIN/$t" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+        mkdir -p "$ROOT$(dirname "$lib")"
+        cp -L "$lib" "$ROOT$lib"
+    done
+done
+[[ -f /etc/mke2fs.conf ]] && cp /etc/mke2fs.conf "$ROOT/etc/"
+cp "$HERE/init" "$ROOT/init"
+chmod 755 "$ROOT/init"
+
+# --- pack (tmp + rename so a failed build never leaves a half-written output)
+(cd "$ROOT" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -9 >"$OUT/initrd.img.tmp"
+cp "$VMLINUZ" "$OUT/vmlinuz.tmp"
+mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
+mv "$OUT/initrd.img.tmp" "$OUT/initrd.img"
+echo "$STAMP" >"$OUT/stamp"
+echo "build.sh: modules: ${ORDER[*]}" >&2
+echo "$OUT/vmlinuz"
+echo "$OUT/initrd.img"
