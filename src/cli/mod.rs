@@ -334,6 +334,10 @@ struct AgentArgs {
     /// `<data-dir>/state/host.key` and used from then on.
     #[arg(long, env = "BULWARK_ENROLMENT_TOKEN", hide_env_values = true)]
     enrolment_token: Option<String>,
+    /// `sim` (VMs are records; the default) or `qemu` (each VM a supervised
+    /// `qemu-system-x86_64`; settings in `[agent.qemu]`).
+    #[arg(long, env = "BULWARK_HYPERVISOR")]
+    hypervisor: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -871,14 +875,17 @@ async fn run_agent(a: AgentArgs, file: &ConfigFile) -> Result<ExitCode> {
         c.credential()?;
     }
     let admin_listen = config.admin_listen;
+    let choice =
+        hypervisor::DriverChoice::resolve(&file.agent, a.hypervisor.as_deref(), &config.data_dir)?;
     let stop = shutdown_signal();
-    let (agent, hv) = hypervisor::start_agent(config)
+    let started = hypervisor::start_agent_with(config, choice)
         .await
         .context("starting the agent")?;
     if let Some(reason) = &file.agent.sim_quiesce_error {
-        hv.fail_quiesce(Some(reason.clone()));
+        started.catalog.fail_quiesce(Some(reason.clone()));
     }
-    let vms = Arc::new(HostVms::new(hv, agent.clone()));
+    let agent = started.agent;
+    let vms = Arc::new(HostVms::new(started.driver, agent.clone()));
     let stop_control = tokio_util::sync::CancellationToken::new();
     let mut control_task = None;
     let mut client = None;

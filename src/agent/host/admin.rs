@@ -99,6 +99,17 @@ impl From<HypervisorError> for AdminError {
                 e.to_string(),
             ),
             HypervisorError::Agent(a) => a.into(),
+            HypervisorError::Prepared(_) | HypervisorError::Recovered(_) => {
+                AdminError(StatusCode::CONFLICT, "vm.locked", e.to_string())
+            }
+            HypervisorError::Unsupported(_) => {
+                AdminError(StatusCode::CONFLICT, "vm.unsupported", e.to_string())
+            }
+            HypervisorError::Qemu { .. } => AdminError(
+                StatusCode::BAD_GATEWAY,
+                "vm.hypervisor_failed",
+                e.to_string(),
+            ),
             other => AdminError(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "vm.internal",
@@ -236,6 +247,32 @@ async fn power(
     Ok(Json(change.vm))
 }
 
+/// `?max_bytes=` of the console route.
+#[derive(Debug, serde::Deserialize)]
+struct ConsoleQuery {
+    max_bytes: Option<u64>,
+}
+
+/// Most of a serial log one request returns.
+const CONSOLE_MAX_BYTES: u64 = 64 << 10;
+
+/// `GET /v1/vms/{name}/console`: the end of the VM's serial console log.
+async fn console(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<ConsoleQuery>,
+) -> Result<Json<crate::proto::control::ConsoleTail>, AdminError> {
+    let max = q.max_bytes.unwrap_or(CONSOLE_MAX_BYTES);
+    if max == 0 || max > CONSOLE_MAX_BYTES {
+        return Err(AdminError(
+            StatusCode::BAD_REQUEST,
+            "vm.invalid",
+            format!("max_bytes must be 1 to {CONSOLE_MAX_BYTES}"),
+        ));
+    }
+    Ok(Json(vms_of(&s)?.console(&name, max).await?))
+}
+
 /// Body of `POST /v1/recoveries` (break-glass recovery, `bulwark agent recover`).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct BreakGlassRequest {
@@ -351,6 +388,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}/power", post(power))
+        .route("/v1/vms/{name}/console", get(console))
         .route("/v1/control", get(control))
         .route(
             "/v1/recoveries",

@@ -241,7 +241,18 @@ impl QemuHypervisor {
         })?;
         let accel = match settings.accel {
             AccelChoice::Force(a) => a,
-            AccelChoice::Auto => probe_accel(&settings.binary, &settings.vms_dir),
+            AccelChoice::Auto => {
+                // A kernel some VM boots is the best probe there is (see `probe`).
+                let kernel = catalog
+                    .inventory()
+                    .vms
+                    .into_iter()
+                    .find_map(|v| match v.boot {
+                        Some(crate::proto::control::Boot::Kernel { kernel, .. }) => Some(kernel),
+                        _ => None,
+                    });
+                probe_accel(&settings.binary, &settings.vms_dir, kernel.as_deref())
+            }
         };
         tracing::info!(accel = accel.as_str(), binary = %settings.binary.display(), "QEMU driver");
         let hv = Arc::new_cyclic(|me| QemuHypervisor {
@@ -699,10 +710,10 @@ fn tail_of(old: &[u8], cur: &[u8], max: usize) -> (Vec<u8>, bool) {
     (out, true)
 }
 
-/// Picks KVM when `/dev/kvm` is usable and a KVM guest actually runs code here;
-/// otherwise TCG. (Nested KVM on some hosts opens fine and then hangs every guest at
-/// the first instruction past the firmware: only running a guest tells.)
-fn probe_accel(binary: &Path, scratch: &Path) -> Accel {
+/// Picks KVM when `/dev/kvm` is usable and a guest actually boots under it here
+/// (`kernel`: one a VM boots); otherwise TCG. Nested KVM on some hosts opens fine and
+/// then hangs every Linux guest: only booting one tells.
+fn probe_accel(binary: &Path, scratch: &Path, kernel: Option<&str>) -> Accel {
     let usable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -711,7 +722,7 @@ fn probe_accel(binary: &Path, scratch: &Path) -> Accel {
     if !usable {
         return Accel::Tcg;
     }
-    match probe::kvm_runs_a_guest(binary, &scratch.join(".kvm-probe")) {
+    match probe::kvm_runs_a_guest(binary, &scratch.join(".kvm-probe"), kernel) {
         Ok(true) => Accel::Kvm,
         Ok(false) => {
             tracing::warn!("KVM is present but a probe guest did not run under it: using TCG");
