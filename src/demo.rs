@@ -7,6 +7,10 @@
 //!
 //! Everything is set up through the public REST API, as an operator would, so the
 //! console shows exactly what a real installation shows.
+//!
+//! With real VMs (`--real-vms`) every host runs the QEMU driver and New York protects
+//! two real guests (the test guest of `scripts/guest/`, writing files with a checksum
+//! manifest) to London in one VPG; the guests are powered off when the demo ends.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,7 +39,24 @@ pub struct DemoOpts {
     pub quiet: bool,
     /// The console's files (`web/`), if found.
     pub web_dir: Option<PathBuf>,
+    /// Real guests under QEMU instead of simulated VMs.
+    pub real_vms: Option<RealVms>,
 }
+
+/// The guest image of a demo with real VMs.
+#[derive(Debug, Clone)]
+pub struct RealVms {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
+}
+
+/// The real guests: (VM, host), each protected to London.
+const REAL_VMS: [(&str, &str, &str); 2] = [
+    ("web-01", "ny-esx-01", "ldn-esx-01"),
+    ("app-01", "ny-esx-02", "ldn-esx-02"),
+];
 
 const NY: &str = "new-york";
 const LDN: &str = "london";
@@ -162,6 +183,7 @@ fn demo_dir(dir: Option<PathBuf>) -> Result<PathBuf, LabError> {
 /// Everything running; torn down in reverse order of start.
 struct Demo {
     dir: PathBuf,
+    real: Option<RealVms>,
     manager: Manager,
     agents: Vec<(String, LabAgent)>,
     workloads: Vec<JoinHandle<()>>,
@@ -185,7 +207,10 @@ impl Demo {
         for (host, site) in HOSTS {
             // Every host can be both: VMs protected from it and replicas received.
             let mut section = String::from("data_listen = \"127.0.0.1:0\"\n");
-            for vm in VMS.iter().filter(|v| v.host == host) {
+            if let Some(real) = &self.real {
+                section.push_str(&real_section(real, host, &mut disk_id));
+            }
+            for vm in VMS.iter().filter(|v| v.host == host && self.real.is_none()) {
                 disk_id += 1;
                 section.push_str(&format!(
                     "[[vms]]\nname = {:?}\ncpus = 2\nmemory_mib = 4096\ndisks = [{{ name = {:?}, id = {disk_id}, size = {} }}]\n",
@@ -207,10 +232,26 @@ impl Demo {
             self.agents.push((host.to_string(), agent));
         }
         let hosts: Vec<&str> = HOSTS.iter().map(|(h, _)| *h).collect();
+        let count = if self.real.is_some() {
+            REAL_VMS.len()
+        } else {
+            VMS.len()
+        };
         let inv = self
             .api()
-            .wait_inventory(VMS.len(), &hosts, Duration::from_secs(60))
+            .wait_inventory(count, &hosts, Duration::from_secs(60))
             .await?;
+        if self.real.is_some() {
+            // The guests write by themselves; one VPG, New York to London.
+            let (name, site, settings) = vpgs()[0].clone();
+            let members: Vec<(&str, &str)> = REAL_VMS.iter().map(|(vm, _, rec)| (*vm, *rec)).collect();
+            let id = self
+                .api()
+                .ensure_vpg(&inv, name, site, settings, &members)
+                .await?;
+            self.vpg_ids.push((name.to_string(), id));
+            return Ok(());
+        }
         self.start_workloads(quiet);
         for (name, recovery_site, settings) in vpgs() {
             let members: Vec<(&str, &str)> = VMS
@@ -286,11 +327,39 @@ impl Demo {
                 .map_or("–".to_string(), |r| format!("{r:.1} s"));
             parts.push(format!("{name}: {status}{sub} RPO {rpo}"));
         }
+        if self.real.is_some() {
+            return Ok((
+                format!("{} | {}", parts.join(" | "), self.guest_progress().await),
+                all_meeting,
+            ));
+        }
         let mb = self.written.load(Ordering::Relaxed) as f64 / 1e6;
         Ok((
             format!("{} | guests wrote {mb:.0} MB", parts.join(" | ")),
             all_meeting,
         ))
+    }
+
+    /// Each real guest's last progress line (`wrote=N`), from its serial console.
+    async fn guest_progress(&self) -> String {
+        let mut out = Vec::new();
+        for (vm, host, _) in REAL_VMS {
+            let Some((_, a)) = self.agents.iter().find(|(h, _)| h == host) else {
+                continue;
+            };
+            let files = match a.vms.console(vm, 4096).await {
+                Ok(tail) => tail
+                    .text
+                    .lines()
+                    .rev()
+                    .find_map(|l| l.split("BULWARK-GUEST wrote=").nth(1))
+                    .and_then(|r| r.split_whitespace().next())
+                    .map_or("booting".to_string(), |n| format!("{n} files")),
+                Err(_) => "off".to_string(),
+            };
+            out.push(format!("{vm} {files}"));
+        }
+        out.join(", ")
     }
 
     async fn shutdown(self) -> Result<(), LabError> {
@@ -299,6 +368,11 @@ impl Demo {
             let _ = w.await;
         }
         let mut first_error = None;
+        if self.real.is_some() {
+            for (_, a) in &self.agents {
+                a.power_off_guests().await;
+            }
+        }
         for (host, a) in self.agents.into_iter().rev() {
             if let Err(e) = a.stop().await {
                 tracing::warn!(host, error = %e, "agent shutdown");
@@ -308,6 +382,25 @@ impl Demo {
         self.manager.stop().await?;
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// The `[agent]` lines of a host with real guests: the QEMU driver and its VMs.
+fn real_section(real: &RealVms, host: &str, disk_id: &mut u64) -> String {
+    let mut s = format!(
+        "hypervisor = \"qemu\"\n[qemu]\naccel = {:?}\npowerdown_timeout_secs = 15\n",
+        real.accel
+    );
+    for (vm, _, _) in REAL_VMS.iter().filter(|(_, h, _)| *h == host) {
+        *disk_id += 1;
+        s.push_str(&format!(
+            "[[vms]]\nname = {vm:?}\nmemory_mib = 256\ndisks = [{{ name = {:?}, id = {disk_id}, size = {} }}]\nboot = {{ kind = \"kernel\", kernel = {:?}, initrd = {:?}, cmdline = \"console=ttyS0 panic=-1 bulwark.interval_ms=1000\" }}\n",
+            disk_name(vm),
+            64 * MIB,
+            real.kernel.display().to_string(),
+            real.initrd.display().to_string(),
+        ));
+    }
+    s
 }
 
 fn disk_name(vm: &str) -> String {
@@ -382,9 +475,14 @@ pub async fn run(
     let dir = demo_dir(opts.dir)?;
     let config = lab::sqlite_config(&dir, opts.listen, opts.web_dir);
     let manager = Manager::start(&config, "demo").await?;
-    print_banner(&dir, &manager);
+    if opts.real_vms.is_some() {
+        print_real_banner(&dir, &manager);
+    } else {
+        print_banner(&dir, &manager);
+    }
     let mut demo = Demo {
         dir,
+        real: opts.real_vms,
         manager,
         agents: Vec::new(),
         workloads: Vec::new(),
@@ -455,5 +553,15 @@ fn print_banner(dir: &Path, manager: &Manager) {
     );
     println!(
         "  starting sites {NY} and {LDN} (2 hosts each, agents with mutual TLS), 6 VMs with guest workloads, VPGs ny-to-london (RPO 10 s) and london-to-ny (RPO 30 s); Ctrl-C stops"
+    );
+}
+
+fn print_real_banner(dir: &Path, manager: &Manager) {
+    println!("Bulwark demo with real VMs");
+    println!("  directory:  {}", dir.display());
+    println!("  console:    http://{}/", manager.addr);
+    println!("  API token:  {}", manager.api.token);
+    println!(
+        "  starting sites {NY} and {LDN} (2 hosts each, QEMU driver), real guests web-01 and app-01 writing files, VPG ny-to-london; serial consoles under <dir>/hosts/<host>/vms/; Ctrl-C stops"
     );
 }

@@ -406,6 +406,36 @@ impl OneDiskPerHost {
     }
 }
 
+/// The test guest of `scripts/guest/` (kernel, initramfs): built by its script into
+/// `target/guest` of the source tree (cached there), the way the tests and the benches
+/// get it. Needs the Debian packages the script names.
+pub fn guest_image() -> Result<(PathBuf, PathBuf), LabError> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = repo.join("scripts/guest/build.sh");
+    if !script.exists() {
+        return Err(setup(format!(
+            "{} not found: give the guest's kernel and initramfs instead",
+            script.display()
+        )));
+    }
+    let out = repo.join("target/guest");
+    let o = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .output()
+        .map_err(|source| LabError::Io {
+            what: format!("run {}", script.display()),
+            source,
+        })?;
+    if !o.status.success() {
+        return Err(setup(format!(
+            "building the test guest failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )));
+    }
+    Ok((out.join("vmlinuz"), out.join("initrd.img")))
+}
+
 /// How to start one agent.
 pub struct AgentSpec<'a> {
     /// Its data directory.
@@ -424,6 +454,7 @@ pub struct AgentSpec<'a> {
 /// An agent running as tasks of this process, with its control client.
 pub struct LabAgent {
     pub agent: Arc<Agent>,
+    pub vms: Arc<HostVms>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -445,17 +476,41 @@ impl LabAgent {
                 ..AgentFlags::default()
             },
         )?;
-        let (agent, hv) = hypervisor::start_agent(cfg).await?;
-        let vms = Arc::new(HostVms::new(hv, Arc::clone(&agent)));
+        // `hypervisor = "qemu"` in the section makes its VMs real guests.
+        let choice = hypervisor::DriverChoice::resolve(&file, None, &spec.data_dir)?;
+        let started = hypervisor::start_agent_with(cfg, choice).await?;
+        let agent = started.agent;
+        let vms = Arc::new(HostVms::new(started.driver, Arc::clone(&agent)));
         let settings = AgentControl::new(
             spec.manager,
             Some(spec.enrolment_token.to_string()),
             &spec.data_dir,
         )?;
-        let client = ControlClient::new(settings, Arc::clone(&agent), vms)?;
+        let client = ControlClient::new(settings, Arc::clone(&agent), Arc::clone(&vms))?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(client.run(stop.clone()));
-        Ok(LabAgent { agent, stop, task })
+        Ok(LabAgent {
+            agent,
+            vms,
+            stop,
+            task,
+        })
+    }
+
+    /// Powers off every running VM of the host (real guests outlive an agent that
+    /// stops; a lab that ends takes them with it).
+    pub async fn power_off_guests(&self) {
+        for vm in self.vms.inventory().vms {
+            if vm.power_state == crate::proto::control::PowerState::On {
+                if let Err(e) = self
+                    .vms
+                    .set_power(&vm.name, crate::proto::control::PowerState::Off)
+                    .await
+                {
+                    tracing::warn!(vm = %vm.name, error = %e, "cannot power off");
+                }
+            }
+        }
     }
 
     /// Ends the control client, then shuts the agent down cleanly (streams drained,

@@ -140,7 +140,20 @@ echo "  w3: still running 5 s after system_powerdown"
 qmp quit
 wait_exit
 
-echo "5. ddbench on a 300 MiB disk"
+echo "5. bulwark.files reached: the guest stays up, then honours the power button"
+boot w4 "$DISK" bulwark.mode=workload bulwark.files=5 bulwark.interval_ms=0
+ready
+expect fs recovered
+wait_line '^BULWARK-GUEST done '
+sleep 3
+kill -0 "$QPID" 2>/dev/null || fail "w4: guest went down after done"
+qmp system_powerdown
+wait_line '^BULWARK-GUEST shutdown '
+expect clean 1
+expect wrote 5
+wait_exit
+
+echo "6. ddbench on a 300 MiB disk"
 DD=$T/dd.raw
 truncate -s 300M "$DD"
 boot d1 "$DD" bulwark.mode=ddbench bulwark.ddsize_mib=256

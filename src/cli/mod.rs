@@ -355,6 +355,18 @@ struct DemoArgs {
     /// No status line every few seconds.
     #[arg(long)]
     quiet: bool,
+    /// Real guests under QEMU (needs `qemu-system-x86`): two VMs protected from New
+    /// York to London. The test guest is built by `scripts/guest/build.sh` unless
+    /// `--guest-kernel` and `--guest-initrd` name one.
+    #[arg(long)]
+    real_vms: bool,
+    #[arg(long, requires = "real_vms")]
+    guest_kernel: Option<PathBuf>,
+    #[arg(long, requires = "real_vms")]
+    guest_initrd: Option<PathBuf>,
+    /// `auto` (KVM if a guest boots under it, else TCG), `kvm` or `tcg`.
+    #[arg(long, default_value = "auto", requires = "real_vms")]
+    accel: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -497,6 +509,23 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(a) => {
+            let real_vms = if a.real_vms {
+                let (kernel, initrd) = match (a.guest_kernel, a.guest_initrd) {
+                    (Some(k), Some(i)) => (k, i),
+                    (None, None) => {
+                        eprintln!("Building the test guest (scripts/guest/build.sh, cached)…");
+                        crate::lab::guest_image().context("the test guest")?
+                    }
+                    _ => anyhow::bail!("--guest-kernel and --guest-initrd go together"),
+                };
+                Some(crate::demo::RealVms {
+                    kernel,
+                    initrd,
+                    accel: a.accel,
+                })
+            } else {
+                None
+            };
             let opts = crate::demo::DemoOpts {
                 dir: a.dir,
                 listen: a.listen,
@@ -507,6 +536,7 @@ async fn run(command: Command, file: ConfigFile) -> Result<ExitCode> {
                     .web_dir
                     .clone()
                     .or_else(crate::manager::config::default_web_dir),
+                real_vms,
             };
             crate::demo::run(opts, shutdown_signal())
                 .await

@@ -409,6 +409,29 @@ impl AgentProc {
         r.json().await.unwrap()
     }
 
+    /// A request to the admin endpoint: status and JSON body (Null if none).
+    pub async fn admin_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut rb = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.admin()));
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{}: {method} {path}: {e}", self.name));
+        let code = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (code, v)
+    }
+
     pub async fn checkpoint(&self, req: &CheckpointRequest) -> CheckpointReport {
         let r = self
             .http

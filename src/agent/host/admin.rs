@@ -273,6 +273,35 @@ async fn console(
     Ok(Json(vms_of(&s)?.console(&name, max).await?))
 }
 
+/// Body of `POST /v1/vms/{name}/quiesce`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuiesceRequest {
+    /// How long the guest gets (default 5000).
+    within_ms: Option<u64>,
+}
+
+/// `POST /v1/vms/{name}/quiesce`: freezes the guest's filesystems (guest agent) or
+/// pauses the VM, until `POST …/thaw`. Answers `{ "quiesce": "guest_agent" | "paused" }`.
+async fn quiesce(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    body: Option<Json<QuiesceRequest>>,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let within = std::time::Duration::from_millis(req.within_ms.unwrap_or(5000).clamp(1, 60_000));
+    let method = vms_of(&s)?.quiesce(&name, within).await?;
+    Ok(Json(serde_json::json!({ "vm": name, "quiesce": method })))
+}
+
+async fn thaw(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, AdminError> {
+    vms_of(&s)?.thaw(&name).await?;
+    Ok(Json(serde_json::json!({ "vm": name, "thawed": true })))
+}
+
 /// Body of `POST /v1/recoveries` (break-glass recovery, `bulwark agent recover`).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 pub struct BreakGlassRequest {
@@ -389,6 +418,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}/power", post(power))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/quiesce", post(quiesce))
+        .route("/v1/vms/{name}/thaw", post(thaw))
         .route("/v1/control", get(control))
         .route(
             "/v1/recoveries",

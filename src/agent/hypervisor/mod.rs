@@ -245,6 +245,22 @@ impl HostVms {
         vms
     }
 
+    /// Quiesces one VM outside a checkpoint round (an operator taking a copy of its
+    /// disks): see [`HypervisorDriver::quiesce`]. Undo with [`HostVms::thaw`].
+    pub async fn quiesce(&self, vm: &str, within: Duration) -> Result<QuiesceMethod, HypervisorError> {
+        let vms = vec![vm.to_string()];
+        self.blocking(move |d| d.quiesce(&vms, within)).await
+    }
+
+    pub async fn thaw(&self, vm: &str) -> Result<(), HypervisorError> {
+        let vms = vec![vm.to_string()];
+        self.blocking(move |d| {
+            d.thaw(&vms);
+            Ok(())
+        })
+        .await
+    }
+
     /// The last `max_bytes` of a VM's serial console.
     pub async fn console(&self, vm: &str, max_bytes: u64) -> Result<ConsoleTail, HypervisorError> {
         let vm = vm.to_string();

@@ -1,0 +1,296 @@
+//! The harness of the real-VM tests: the test guest image (built once by
+//! `scripts/guest/build.sh`, cached under `target/guest`), agent configurations with
+//! `hypervisor = "qemu"`, and the guests' serial consoles read as `BULWARK-GUEST` lines.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bulwark::agent::hypervisor::qemu::vm_dir_name;
+
+use crate::agent_common::*;
+use crate::orch_common::*;
+
+/// The guest kernel and initramfs.
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// Builds (or finds in the cache) the test guest. QEMU and the guest are required:
+/// `.ci/run` installs `qemu-system-x86`.
+pub fn image() -> &'static GuestImage {
+    static IMAGE: OnceLock<GuestImage> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        assert!(
+            std::process::Command::new("qemu-system-x86_64")
+                .arg("--version")
+                .output()
+                .is_ok(),
+            "qemu-system-x86_64 is needed by the real-VM tests: apt-get install qemu-system-x86"
+        );
+        let out = std::process::Command::new("bash")
+            .arg(repo.join("scripts/guest/build.sh"))
+            .arg(repo.join("target/guest"))
+            .output()
+            .expect("run scripts/guest/build.sh");
+        assert!(
+            out.status.success(),
+            "building the test guest failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dir = repo.join("target/guest");
+        GuestImage {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+        }
+    })
+}
+
+/// A VM of the test guest with one disk (named like the VM).
+#[derive(Debug, Clone)]
+pub struct GuestVm {
+    pub name: String,
+    pub disk_id: u64,
+    pub size: u64,
+    /// `bulwark.*` parameters after the defaults.
+    pub params: String,
+    /// A kernel path instead of the test guest's (a bad one, say).
+    pub kernel: Option<String>,
+}
+
+impl GuestVm {
+    pub fn new(name: &str, disk_id: u64, params: &str) -> GuestVm {
+        GuestVm {
+            name: name.into(),
+            disk_id,
+            size: 64 * MIB,
+            params: params.into(),
+            kernel: None,
+        }
+    }
+}
+
+/// The `[agent]` configuration of a managed agent whose VMs are test guests under QEMU
+/// (TCG: nested KVM hangs Linux guests on these machines).
+#[allow(clippy::too_many_arguments)]
+pub fn qemu_toml(
+    lab: &Lab,
+    data_dir: &Path,
+    host: &str,
+    site: &str,
+    manager_ws: &str,
+    token: &str,
+    recovery: bool,
+    vms: &[GuestVm],
+    qemu_extra: &str,
+) -> String {
+    let img = image();
+    let mut s = managed_toml(lab, data_dir, host, site, manager_ws, token, recovery, &[], "hypervisor = \"qemu\"");
+    s.push_str(&format!(
+        "[agent.qemu]\naccel = \"tcg\"\npowerdown_timeout_secs = 15\nreconnect_delay_secs = 60\n{qemu_extra}\n"
+    ));
+    for vm in vms {
+        let kernel = vm
+            .kernel
+            .clone()
+            .unwrap_or_else(|| img.kernel.display().to_string());
+        s.push_str(&format!(
+            "[[agent.vms]]\nname = {:?}\nmemory_mib = 256\ndisks = [{{ name = {:?}, id = {}, size = {} }}]\nboot = {{ kind = \"kernel\", kernel = {:?}, initrd = {:?}, cmdline = {:?} }}\n",
+            vm.name,
+            vm.name,
+            vm.disk_id,
+            vm.size,
+            kernel,
+            img.initrd.display().to_string(),
+            format!("console=ttyS0 panic=-1 bulwark.interval_ms=50 {}", vm.params),
+        ));
+    }
+    s
+}
+
+/// Starts a managed agent with QEMU guests.
+#[allow(clippy::too_many_arguments)]
+pub async fn start_qemu_agent(
+    lab: &Lab,
+    m: &ManagerProc,
+    token: &str,
+    host: &str,
+    site: &str,
+    recovery: bool,
+    vms: &[GuestVm],
+    qemu_extra: &str,
+) -> AgentProc {
+    let data = lab.path(host);
+    std::fs::create_dir_all(&data).unwrap();
+    let text = qemu_toml(lab, &data, host, site, &m.ws_url(), token, recovery, vms, qemu_extra);
+    let cfg = write_config(lab.dir.path(), host, &text);
+    AgentProc::start(host, &cfg, &data, &[]).await
+}
+
+/// The serial log of `vm` on `agent` (earlier boots included).
+pub fn serial(agent: &AgentProc, vm: &str) -> String {
+    let dir = agent.data_dir.join("vms").join(vm_dir_name(vm));
+    let old = std::fs::read(dir.join("serial.log.0")).unwrap_or_default();
+    let cur = std::fs::read(dir.join("serial.log")).unwrap_or_default();
+    String::from_utf8_lossy(&[old, cur].concat()).into_owned()
+}
+
+/// The QEMU pid of `vm` on `agent`, if its pid file names a live process.
+pub fn qemu_pid(agent: &AgentProc, vm: &str) -> Option<i32> {
+    let p = agent
+        .data_dir
+        .join("vms")
+        .join(vm_dir_name(vm))
+        .join("qemu.pid");
+    let pid: i32 = std::fs::read_to_string(p).ok()?.trim().parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+    (state != "Z").then_some(pid)
+}
+
+/// One `BULWARK-GUEST <event> k=v …` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub event: String,
+    pub kv: BTreeMap<String, String>,
+}
+
+impl Line {
+    pub fn num(&self, key: &str) -> u64 {
+        self.kv
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {self:?}"))
+    }
+    pub fn get(&self, key: &str) -> &str {
+        self.kv.get(key).map_or("", String::as_str)
+    }
+}
+
+/// Every guest line of a serial log, in order. The progress line `wrote=N …` has the
+/// event `wrote`.
+pub fn lines(log: &str) -> Vec<Line> {
+    log.lines()
+        .filter_map(|l| l.trim_end_matches('\r').split_once("BULWARK-GUEST "))
+        .map(|(_, rest)| {
+            let mut words = rest.split_whitespace();
+            let first = words.next().unwrap_or("");
+            let mut kv = BTreeMap::new();
+            let event = match first.split_once('=') {
+                Some((k, v)) => {
+                    kv.insert(k.to_string(), v.to_string());
+                    k.to_string()
+                }
+                None => first.to_string(),
+            };
+            for w in words {
+                if let Some((k, v)) = w.split_once('=') {
+                    kv.insert(k.to_string(), v.to_string());
+                }
+            }
+            Line { event, kv }
+        })
+        .collect()
+}
+
+/// Waits until the `n`-th (0-based) line of `event` appears in `vm`'s log on `agent`;
+/// panics with the log after `within`.
+pub async fn wait_line(agent: &AgentProc, vm: &str, event: &str, n: usize, within: Duration) -> Line {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = serial(agent, vm);
+        if let Some(l) = lines(&log).into_iter().filter(|l| l.event == event).nth(n) {
+            return l;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{vm} on {}: no `{event}` line #{n} within {within:?}; serial log (tail):\n{}\n--- agent (tail):\n{}",
+                agent.name,
+                tail(&log, 30),
+                tail(&agent.stderr(), 30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many `event` lines `vm`'s log holds now.
+pub fn count(agent: &AgentProc, vm: &str, event: &str) -> usize {
+    lines(&serial(agent, vm))
+        .iter()
+        .filter(|l| l.event == event)
+        .count()
+}
+
+/// The test guests' I/O error total over every line of the log.
+pub fn io_errors(agent: &AgentProc, vm: &str) -> u64 {
+    lines(&serial(agent, vm))
+        .iter()
+        .filter_map(|l| l.kv.get("io_errors").and_then(|v| v.parse::<u64>().ok()))
+        .max()
+        .unwrap_or(0)
+        + count(agent, vm, "ioerror") as u64
+}
+
+#[test]
+fn guest_lines_parse() {
+    let log = "noise\r\nBULWARK-GUEST ready fs=new verified=0 bad=0 io_errors=0 ready_ms=3030\r\n[ 1.0] x\nBULWARK-GUEST wrote=10 io_errors=0\n";
+    let l = lines(log);
+    assert_eq!(l.len(), 2);
+    assert_eq!(l[0].event, "ready");
+    assert_eq!(l[0].get("fs"), "new");
+    assert_eq!(l[0].num("ready_ms"), 3030);
+    assert_eq!(l[1].event, "wrote");
+    assert_eq!(l[1].num("wrote"), 10);
+}
+
+/// Kills every QEMU whose pid file lies under `root` when dropped: QEMU runs daemonized
+/// and outlives the agents a test kills, so a test cleans up after itself.
+pub struct QemuReaper {
+    pub root: PathBuf,
+}
+
+impl QemuReaper {
+    fn pid_files(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == "qemu.pid") {
+                out.push(p);
+            } else if depth > 0 && p.is_dir() {
+                Self::pid_files(&p, out, depth - 1);
+            }
+        }
+    }
+
+    /// Live QEMU processes of the lab.
+    pub fn running(&self) -> Vec<i32> {
+        let mut files = Vec::new();
+        Self::pid_files(&self.root, &mut files, 4);
+        files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok()?.trim().parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+}
+
+impl Drop for QemuReaper {
+    fn drop(&mut self) {
+        for pid in self.running() {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    }
+}
