@@ -11,6 +11,7 @@
 //!   benches and the demo; [`demo`]: `bulwark demo`.
 
 pub mod agent;
+pub mod bench_guests;
 pub mod cli;
 pub mod demo;
 pub mod lab;

@@ -14,8 +14,14 @@ mod orch_common;
 #[path = "real_vms/guest.rs"]
 mod guest;
 
+#[path = "real_vms/agent_kill.rs"]
+mod agent_kill;
 #[path = "real_vms/failover_test.rs"]
 mod failover_test;
+#[path = "real_vms/live.rs"]
+mod live;
+#[path = "real_vms/power.rs"]
+mod power;
 
 /// Guests are heavy on two cores: one scenario at a time.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

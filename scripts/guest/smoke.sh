@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of the test guest under QEMU TCG: workload + ACPI power-down, verify,
-# crash (kill -9) + verify, acpi=ignore, ddbench. Exits non-zero on any failed check.
+# crash (kill -9) + verify, acpi=ignore, ddbench, qemu-guest-agent fsfreeze/thaw
+# (the product's q35 + virtio-serial setup). Exits non-zero on any failed check.
 #
 #   scripts/guest/smoke.sh [GUEST_DIR]      (default: <repo>/target/guest)
 set -euo pipefail
@@ -27,12 +28,14 @@ fail() {
     exit 1
 }
 
+# machine and extra devices for boot(); steps 7-8 switch to the product's setup
+HW=(-accel tcg)
 # boot NAME DISK APPEND... : start a guest in the background (sets NAME, QPID, T0)
 boot() {
     NAME=$1 DISK=$2
     shift 2
     T0=$(date +%s%N)
-    qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reboot -display none -monitor none \
+    qemu-system-x86_64 "${HW[@]}" -m 256 -nographic -no-reboot -display none -monitor none \
         -kernel "$KERNEL" -initrd "$INITRD" -append "console=ttyS0 panic=-1 $*" \
         -drive "file=$DISK,format=raw,if=virtio" -serial "file:$T/$NAME.log" \
         -qmp "unix:$T/$NAME.qmp,server=on,wait=off" </dev/null >"$T/$NAME.out" 2>&1 &
@@ -76,6 +79,51 @@ for c in sys.argv[2:]:
     if "error" in r: sys.exit("qmp %s: %s" % (c, r["error"]))
 PY
 }
+# chardev_open LABEL: frontend-open of chardev LABEL from QMP query-chardev (true|false)
+chardev_open() {
+    python3 - "$T/$NAME.qmp" "$1" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+def cmd(name):
+    f.write(json.dumps({"execute": name}) + "\n"); f.flush()
+    while True:  # skip asynchronous events
+        r = json.loads(f.readline())
+        if "return" in r or "error" in r: return r
+json.loads(f.readline())  # greeting
+cmd("qmp_capabilities")
+for c in cmd("query-chardev")["return"]:
+    if c["label"] == sys.argv[2]:
+        print(str(c["frontend-open"]).lower())
+        break
+else:
+    sys.exit("query-chardev: no chardev " + sys.argv[2])
+PY
+}
+# qga CMD: a guest agent command the way the product sends it (new connection,
+# guest-sync with a fresh id, read until its return, then CMD); prints "RETURN MS"
+qga() {
+    python3 - "$T/$NAME.qga" "$1" <<'PY'
+import json, random, socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.settimeout(30); s.connect(sys.argv[1]); f = s.makefile("rw")
+def send(obj): f.write(json.dumps(obj) + "\n"); f.flush()
+def recv():
+    while True:
+        line = f.readline()
+        if not line: sys.exit("qga: connection closed")
+        try: return json.loads(line)
+        except ValueError: pass  # stale bytes from an earlier session
+n = random.randrange(1, 2**31)
+send({"execute": "guest-sync", "arguments": {"id": n}})
+while recv() != {"return": n}: pass
+t = time.monotonic()
+send({"execute": sys.argv[2]})
+r = recv()
+if "error" in r: sys.exit("qga %s: %s" % (sys.argv[2], r["error"]))
+print(json.dumps(r["return"]), round((time.monotonic() - t) * 1000))
+PY
+}
+# nwrote: number of wrote= lines so far
+nwrote() { tr -d '\r' <"$T/$NAME.log" | grep -ac '^BULWARK-GUEST wrote=' || true; }
 # field KEY: value of KEY=... in LINE
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$LINE"; }
 ready() { # ready: wait for the ready line, record timings
@@ -162,6 +210,79 @@ expect fs none
 wait_line '^BULWARK-GUEST dd '
 expect bytes $((256 * 1024 * 1024))
 expect io_errors 0
+wait_exit
+
+echo "7. qemu-guest-agent (product setup: q35, -cpu max, virtio-serial): freeze, thaw"
+QD=$T/qga.raw
+truncate -s 64M "$QD"
+qga_hw() { # qga_hw NAME: the product's machine and guest agent channel
+    HW=(-machine q35,accel=tcg -cpu max
+        -chardev "socket,id=qga0,path=$T/$1.qga,server=on,wait=off"
+        -device virtio-serial-pci,id=vser0
+        -device virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0)
+}
+qga_hw g1
+boot g1 "$QD" bulwark.mode=workload bulwark.interval_ms=50 bulwark.qga=1
+wait_line '^BULWARK-GUEST (qga started|warn reason=qga-failed|error) '
+[[ $LINE == *" qga started "* ]] || fail "g1: $LINE"
+ready
+expect fs new
+[[ $(chardev_open qga0) == true ]] || fail "g1: query-chardev: qga0 frontend-open is not true"
+echo "  g1: query-chardev qga0 frontend-open=true"
+wait_line '^BULWARK-GUEST wrote=10 '
+t10=$SECONDS
+wait_line '^BULWARK-GUEST wrote=20 '
+# frozen window: at least 3 s and twice the time the last 10 files took
+HOLD=$((2 * (SECONDS - t10) > 3 ? 2 * (SECONDS - t10) : 3))
+OUT=$(qga guest-fsfreeze-freeze) || fail "g1: guest-fsfreeze-freeze failed"
+read -r RET FREEZE_MS <<<"$OUT"
+[[ $RET == 1 ]] || fail "g1: guest-fsfreeze-freeze froze $RET filesystems, expected 1"
+OUT=$(qga guest-fsfreeze-status) || fail "g1: guest-fsfreeze-status failed"
+[[ $OUT == '"frozen" '* ]] || fail "g1: guest-fsfreeze-status: $OUT"
+sleep 0.5 # a file that was complete when the freeze came may still be reported
+n0=$(nwrote)
+sleep "$HOLD"
+n1=$(nwrote)
+((n1 == n0)) || fail "g1: the workload went on while frozen ($n0 -> $n1 wrote= lines in $HOLD s)"
+echo "  g1: frozen in $FREEZE_MS ms (1 filesystem), status frozen, no wrote= line for $HOLD s"
+OUT=$(qga guest-fsfreeze-thaw) || fail "g1: guest-fsfreeze-thaw failed"
+read -r RET THAW_MS <<<"$OUT"
+[[ $RET == 1 ]] || fail "g1: guest-fsfreeze-thaw thawed $RET filesystems, expected 1"
+OUT=$(qga guest-fsfreeze-status) || fail "g1: guest-fsfreeze-status failed"
+[[ $OUT == '"thawed" '* ]] || fail "g1: guest-fsfreeze-status after thaw: $OUT"
+deadline=$((SECONDS + 20))
+until (($(nwrote) > n1)); do
+    ((SECONDS < deadline)) || fail "g1: no progress within 20 s after thaw"
+    sleep 0.2
+done
+LINE=$(tr -d '\r' <"$T/g1.log" | grep -a '^BULWARK-GUEST wrote=' | tail -n1)
+echo "  g1: thawed in $THAW_MS ms, resumed: $LINE"
+expect io_errors 0
+# frozen again when the power button comes: /init thaws, then shuts down cleanly
+OUT=$(qga guest-fsfreeze-freeze) || fail "g1: second guest-fsfreeze-freeze failed"
+[[ $OUT == '1 '* ]] || fail "g1: second guest-fsfreeze-freeze: $OUT"
+qmp system_powerdown
+wait_line '^BULWARK-GUEST shutdown '
+expect clean 1
+expect io_errors 0
+expect thawed 1
+G1=$(field wrote)
+wait_exit
+TIMINGS+="  g1: guest-fsfreeze-freeze ${FREEZE_MS} ms, guest-fsfreeze-thaw ${THAW_MS} ms (after guest-sync)"$'\n'
+
+echo "8. same disk and setup without bulwark.qga=1 (idle): verify, frontend-open false"
+qga_hw g2
+boot g2 "$QD" bulwark.mode=idle
+ready
+expect fs clean
+expect bad 0
+expect verified "$G1"
+grep -aq 'BULWARK-GUEST qga' "$T/g2.log" && fail "g2: qga line without bulwark.qga=1"
+[[ $(chardev_open qga0) == false ]] || fail "g2: query-chardev: qga0 frontend-open is not false"
+echo "  g2: query-chardev qga0 frontend-open=false"
+qmp system_powerdown
+wait_line '^BULWARK-GUEST shutdown '
+expect clean 1
 wait_exit
 
 echo "boot to ready line:"

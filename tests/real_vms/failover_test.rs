@@ -71,6 +71,7 @@ async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
     let host = |h: &str| if h == "prot-a" { &pa } else { &pb };
     m.wait_hosts_connected(&["prot-a", "prot-b", "rec"], &agents)
         .await;
+    wait_inventory(&m, &["vm-1", "vm-2"]).await;
     for (h, vm, _) in guests {
         let r = wait_line(host(h), vm, "ready", 0, BOOT).await;
         assert_eq!(r.get("fs"), "new", "{vm}: {r:?}");

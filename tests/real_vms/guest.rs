@@ -89,9 +89,15 @@ pub fn qemu_toml(
 ) -> String {
     let img = image();
     let mut s = managed_toml(lab, data_dir, host, site, manager_ws, token, recovery, &[], "hypervisor = \"qemu\"");
-    s.push_str(&format!(
-        "[agent.qemu]\naccel = \"tcg\"\npowerdown_timeout_secs = 15\nreconnect_delay_secs = 60\n{qemu_extra}\n"
-    ));
+    // `qemu_extra` may override the defaults.
+    s.push_str("[agent.qemu]\naccel = \"tcg\"\n");
+    for (key, default) in [("powerdown_timeout_secs", 15), ("reconnect_delay_secs", 60)] {
+        if !qemu_extra.contains(key) {
+            s.push_str(&format!("{key} = {default}\n"));
+        }
+    }
+    s.push_str(qemu_extra);
+    s.push('\n');
     for vm in vms {
         let kernel = vm
             .kernel
@@ -291,6 +297,17 @@ impl Drop for QemuReaper {
             let _ = std::process::Command::new("kill")
                 .args(["-9", &pid.to_string()])
                 .status();
+        }
+    }
+}
+
+/// Waits until the manager's inventory lists every VM of `names`.
+pub async fn wait_inventory(m: &ManagerProc, names: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in names {
+        while m.vm(n).await.is_none() {
+            assert!(Instant::now() < deadline, "VM {n} never in the inventory");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
