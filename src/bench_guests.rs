@@ -167,7 +167,11 @@ fn plain_qemu(
 
 /// Boots `cmd` and waits for the first `event` line of its serial log; returns the
 /// time from the start and the line. The QEMU is killed afterwards.
-async fn boot_until(mut cmd: Command, serial: &Path, event: &str) -> Result<(f64, String), LabError> {
+async fn boot_until(
+    mut cmd: Command,
+    serial: &Path,
+    event: &str,
+) -> Result<(f64, String), LabError> {
     let _ = std::fs::remove_file(serial);
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(io("start qemu-system-x86_64"))?;
@@ -187,7 +191,12 @@ async fn boot_until(mut cmd: Command, serial: &Path, event: &str) -> Result<(f64
 }
 
 /// Waits until `agent`'s VM `vm` has printed `n` lines of `event`; returns the last.
-async fn console_line(agent: &LabAgent, vm: &str, event: &str, n: usize) -> Result<String, LabError> {
+async fn console_line(
+    agent: &LabAgent,
+    vm: &str,
+    event: &str,
+    n: usize,
+) -> Result<String, LabError> {
     let deadline = Instant::now() + STEP;
     loop {
         if let Ok(t) = agent.vms.console(vm, 64 << 10).await {
@@ -197,7 +206,9 @@ async fn console_line(agent: &LabAgent, vm: &str, event: &str, n: usize) -> Resu
             }
         }
         if Instant::now() > deadline {
-            return Err(setup(format!("{vm}: no `{event}` line #{n} within {STEP:?}")));
+            return Err(setup(format!(
+                "{vm}: no `{event}` line #{n} within {STEP:?}"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -231,7 +242,9 @@ async fn timed_test(
     for vm in vms {
         let line = console_line(rec, &format!("{vm} - Test"), "ready", 1).await?;
         if field(&line, "bad") != Some(0) || field(&line, "verified") != Some(u64::from(FILES)) {
-            return Err(setup(format!("{vm}: the recovered guest did not verify: {line}")));
+            return Err(setup(format!(
+                "{vm}: the recovered guest did not verify: {line}"
+            )));
         }
     }
     let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -247,8 +260,11 @@ async fn timed_test(
 
 pub async fn run(opts: &GuestBenchOpts) -> Result<GuestBenchReport, LabError> {
     let (kernel, initrd) = lab::guest_image()?;
-    let dir = std::path::absolute(opts.dir.join(format!("bench-guests-{}", std::process::id())))
-        .map_err(io("resolve the bench directory"))?;
+    let dir = std::path::absolute(
+        opts.dir
+            .join(format!("bench-guests-{}", std::process::id())),
+    )
+    .map_err(io("resolve the bench directory"))?;
     lab::create_dir(&dir)?;
     let out = run_in(opts, &dir, &kernel, &initrd).await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -266,7 +282,11 @@ async fn run_in(
         "tcg" => Accel::Tcg,
         other => return Err(setup(format!("--accel {other}: expected kvm or tcg"))),
     };
-    let config = lab::sqlite_config(dir, "127.0.0.1:0".parse().map_err(|_| setup("address"))?, None);
+    let config = lab::sqlite_config(
+        dir,
+        "127.0.0.1:0".parse().map_err(|_| setup("address"))?,
+        None,
+    );
     let manager = Manager::start(&config, "bench-guests").await?;
     let api = manager.api.clone();
     let etoken = api.enrolment_token("bench-guests").await?;
@@ -315,7 +335,10 @@ async fn run_in(
     })
     .await?;
     let agents = [prot, rec];
-    let out = measure(opts, accel, dir, kernel, initrd, &api, &agents, &group, &verify, &dd).await;
+    let out = measure(
+        opts, accel, dir, kernel, initrd, &api, &agents, &group, &verify, &dd,
+    )
+    .await;
     for a in &agents {
         a.power_off_guests().await;
     }
@@ -397,7 +420,12 @@ async fn measure(
     std::fs::File::create(&raw)
         .and_then(|f| f.set_len((opts.dd_mib + 16) * MIB))
         .map_err(io(format!("create {}", raw.display())))?;
-    let (_, local) = boot_until(plain_qemu(accel, kernel, initrd, dd, &raw, &serial), &serial, "dd").await?;
+    let (_, local) = boot_until(
+        plain_qemu(accel, kernel, initrd, dd, &raw, &serial),
+        &serial,
+        "dd",
+    )
+    .await?;
     let dd_of = |l: &str| -> Result<(u64, u64), LabError> {
         match (field(l, "bytes"), field(l, "ms"), field(l, "io_errors")) {
             (Some(b), Some(ms), Some(0)) if b > 0 => Ok((b, ms)),

@@ -244,7 +244,8 @@ impl Demo {
         if self.real.is_some() {
             // The guests write by themselves; one VPG, New York to London.
             let (name, site, settings) = vpgs()[0].clone();
-            let members: Vec<(&str, &str)> = REAL_VMS.iter().map(|(vm, _, rec)| (*vm, *rec)).collect();
+            let members: Vec<(&str, &str)> =
+                REAL_VMS.iter().map(|(vm, _, rec)| (*vm, *rec)).collect();
             let id = self
                 .api()
                 .ensure_vpg(&inv, name, site, settings, &members)

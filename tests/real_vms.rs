@@ -22,6 +22,8 @@ mod failover_test;
 mod live;
 #[path = "real_vms/power.rs"]
 mod power;
+#[path = "real_vms/quiesce.rs"]
+mod quiesce;
 
 /// Guests are heavy on two cores: one scenario at a time.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -34,9 +34,12 @@ async fn a_killed_agent_costs_the_guest_no_io_error_and_no_file() {
     )
     .await;
     let rec = start_qemu_agent(&lab, &m, &token, "rec", "dr", true, &[], "").await;
-    m.wait_hosts_connected(&["prot", "rec"], &[&prot, &rec]).await;
+    m.wait_hosts_connected(&["prot", "rec"], &[&prot, &rec])
+        .await;
     wait_inventory(&m, &["vm-1"]).await;
-    let vpg = m.create_vpg("kill", &["vm-1"], "dr", "rec", settings()).await;
+    let vpg = m
+        .create_vpg("kill", &["vm-1"], "dr", "rec", settings())
+        .await;
     m.wait_vpg(&vpg, "Meeting SLA", SLA_WAIT, &[&prot, &rec], |v| {
         v["status"] == "meeting_sla" && v["sub_status"] == "none"
     })
@@ -52,7 +55,9 @@ async fn a_killed_agent_costs_the_guest_no_io_error_and_no_file() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         prot.spawn().await;
         assert_eq!(
-            prot.stderr().matches("re-attached to a running guest").count(),
+            prot.stderr()
+                .matches("re-attached to a running guest")
+                .count(),
             round + 1,
             "round {round}: the agent re-attached\n{}",
             tail(&prot.stderr(), 30)
@@ -62,12 +67,19 @@ async fn a_killed_agent_costs_the_guest_no_io_error_and_no_file() {
         wait_line(&prot, "vm-1", "wrote", before + 2, BOOT).await;
         assert_eq!(io_errors(&prot, "vm-1"), 0, "{}", serial(&prot, "vm-1"));
     }
-    m.wait_vpg(&vpg, "Meeting SLA after the restarts", SLA_WAIT, &[&prot, &rec], |v| {
-        v["status"] == "meeting_sla" && v["sub_status"] == "none"
-    })
+    m.wait_vpg(
+        &vpg,
+        "Meeting SLA after the restarts",
+        SLA_WAIT,
+        &[&prot, &rec],
+        |v| v["status"] == "meeting_sla" && v["sub_status"] == "none",
+    )
     .await;
     let io_events = m.events("?kind=agent.vm_block_io_error").await;
-    assert!(io_events.is_empty(), "QMP reported guest I/O errors: {io_events:#?}");
+    assert!(
+        io_events.is_empty(),
+        "QMP reported guest I/O errors: {io_events:#?}"
+    );
 
     // Nothing acknowledged is lost: a clean reboot verifies every file written.
     let (code, v) = prot

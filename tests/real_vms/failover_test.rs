@@ -64,8 +64,28 @@ async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
     let m = ManagerProc::start(lab.dir.path(), &db.url, MANAGER).await;
     let token = m.enrolment_token().await;
     let guests = [("prot-a", "vm-1", 1u64), ("prot-b", "vm-2", 2u64)];
-    let pa = start_qemu_agent(&lab, &m, &token, "prot-a", "prod", false, &[GuestVm::new("vm-1", 1, "")], "").await;
-    let pb = start_qemu_agent(&lab, &m, &token, "prot-b", "prod", false, &[GuestVm::new("vm-2", 2, "")], "").await;
+    let pa = start_qemu_agent(
+        &lab,
+        &m,
+        &token,
+        "prot-a",
+        "prod",
+        false,
+        &[GuestVm::new("vm-1", 1, "")],
+        "",
+    )
+    .await;
+    let pb = start_qemu_agent(
+        &lab,
+        &m,
+        &token,
+        "prot-b",
+        "prod",
+        false,
+        &[GuestVm::new("vm-2", 2, "")],
+        "",
+    )
+    .await;
     let rec = start_qemu_agent(&lab, &m, &token, "rec", "dr", true, &[], "").await;
     let agents = [&pa, &pb, &rec];
     let host = |h: &str| if h == "prot-a" { &pa } else { &pb };
@@ -79,7 +99,9 @@ async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
     let vms = m.vm("vm-1").await.unwrap();
     assert_eq!(vms["power_state"], "on", "{vms}");
 
-    let vpg = m.create_vpg("real", &["vm-1", "vm-2"], "dr", "rec", settings()).await;
+    let vpg = m
+        .create_vpg("real", &["vm-1", "vm-2"], "dr", "rec", settings())
+        .await;
     m.wait_vpg(&vpg, "Meeting SLA", SLA_WAIT, &agents, |v| {
         v["status"] == "meeting_sla" && v["sub_status"] == "none"
     })
@@ -124,7 +146,10 @@ async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
     for ((h, vm, _), n) in guests.iter().zip(&wrote_at_pause) {
         wait_line(host(h), vm, "wrote", n + 1, BOOT).await;
     }
-    let pids: Vec<Option<i32>> = guests.iter().map(|(h, vm, _)| qemu_pid(host(h), vm)).collect();
+    let pids: Vec<Option<i32>> = guests
+        .iter()
+        .map(|(h, vm, _)| qemu_pid(host(h), vm))
+        .collect();
 
     // --- Failover test at the tag: both recovered guests boot and verify.
     let t = post(
@@ -139,7 +164,11 @@ async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
     for (_, vm, _) in guests {
         let test_vm = format!("{vm} - Test");
         let r = wait_line(&rec, &test_vm, "ready", 0, BOOT).await;
-        assert_eq!(r.num("bad"), 0, "{test_vm}: files of the manifest at the tag are bad: {r:?}");
+        assert_eq!(
+            r.num("bad"),
+            0,
+            "{test_vm}: files of the manifest at the tag are bad: {r:?}"
+        );
         assert!(
             r.num("verified") >= 20,
             "{test_vm}: the tag had at least 20 files: {r:?}"
@@ -171,9 +200,11 @@ async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
     wait_task(&m, &tid, "succeeded", &agents).await;
     for (_, vm, _) in guests {
         let test_vm = format!("{vm} - Test");
-        eventually(&format!("{test_vm}'s QEMU ended"), Duration::from_secs(30), || {
-            qemu_pid(&rec, &test_vm).is_none()
-        })
+        eventually(
+            &format!("{test_vm}'s QEMU ended"),
+            Duration::from_secs(30),
+            || qemu_pid(&rec, &test_vm).is_none(),
+        )
         .await;
     }
     let deadline = Instant::now() + Duration::from_secs(10);

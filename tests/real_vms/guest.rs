@@ -88,7 +88,17 @@ pub fn qemu_toml(
     qemu_extra: &str,
 ) -> String {
     let img = image();
-    let mut s = managed_toml(lab, data_dir, host, site, manager_ws, token, recovery, &[], "hypervisor = \"qemu\"");
+    let mut s = managed_toml(
+        lab,
+        data_dir,
+        host,
+        site,
+        manager_ws,
+        token,
+        recovery,
+        &[],
+        "hypervisor = \"qemu\"",
+    );
     // `qemu_extra` may override the defaults.
     s.push_str("[agent.qemu]\naccel = \"tcg\"\n");
     for (key, default) in [("powerdown_timeout_secs", 15), ("reconnect_delay_secs", 60)] {
@@ -131,7 +141,17 @@ pub async fn start_qemu_agent(
 ) -> AgentProc {
     let data = lab.path(host);
     std::fs::create_dir_all(&data).unwrap();
-    let text = qemu_toml(lab, &data, host, site, &m.ws_url(), token, recovery, vms, qemu_extra);
+    let text = qemu_toml(
+        lab,
+        &data,
+        host,
+        site,
+        &m.ws_url(),
+        token,
+        recovery,
+        vms,
+        qemu_extra,
+    );
     let cfg = write_config(lab.dir.path(), host, &text);
     AgentProc::start(host, &cfg, &data, &[]).await
 }
@@ -153,7 +173,12 @@ pub fn qemu_pid(agent: &AgentProc, vm: &str) -> Option<i32> {
         .join("qemu.pid");
     let pid: i32 = std::fs::read_to_string(p).ok()?.trim().parse().ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+    let state = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .to_string();
     (state != "Z").then_some(pid)
 }
 
@@ -204,7 +229,13 @@ pub fn lines(log: &str) -> Vec<Line> {
 
 /// Waits until the `n`-th (0-based) line of `event` appears in `vm`'s log on `agent`;
 /// panics with the log after `within`.
-pub async fn wait_line(agent: &AgentProc, vm: &str, event: &str, n: usize, within: Duration) -> Line {
+pub async fn wait_line(
+    agent: &AgentProc,
+    vm: &str,
+    event: &str,
+    n: usize,
+    within: Duration,
+) -> Line {
     let deadline = Instant::now() + within;
     loop {
         let log = serial(agent, vm);

@@ -67,9 +67,11 @@ async fn live_failover_rolls_back_to_clean_originals_then_commits_running_guests
     post(&m, &format!("/api/v1/vpgs/{vpg}/rollback"), json!({})).await;
     wait_task(&m, &fid, "succeeded", &agents).await;
     for vm in vms {
-        eventually(&format!("recovered {vm} gone"), Duration::from_secs(30), || {
-            qemu_pid(&rec, vm).is_none()
-        })
+        eventually(
+            &format!("recovered {vm} gone"),
+            Duration::from_secs(30),
+            || qemu_pid(&rec, vm).is_none(),
+        )
         .await;
         let before = lines(&serial(&prot, vm))
             .into_iter()

@@ -60,7 +60,11 @@ async fn a_deaf_guest_is_quit_and_a_qemu_that_cannot_start_fails_the_operation()
         took >= Duration::from_secs(3) && took < Duration::from_secs(20),
         "power-off took {took:?}: the timeout is 3 s"
     );
-    assert_eq!(count(&prot, "deaf", "shutdown"), 0, "the guest never shut down");
+    assert_eq!(
+        count(&prot, "deaf", "shutdown"),
+        0,
+        "the guest never shut down"
+    );
     assert!(qemu_pid(&prot, "deaf").is_none(), "QEMU {pid} quit");
     assert!(
         prot.stderr().contains("guest ignored the ACPI power-down"),
@@ -71,7 +75,9 @@ async fn a_deaf_guest_is_quit_and_a_qemu_that_cannot_start_fails_the_operation()
     // --- A recovery whose QEMU cannot start: the operation fails, saying why, and
     // rolls back.
     std::fs::remove_file(&kernel_copy).unwrap();
-    let vpg = m.create_vpg("bad", &["gone"], "dr", "rec", settings()).await;
+    let vpg = m
+        .create_vpg("bad", &["gone"], "dr", "rec", settings())
+        .await;
     m.wait_vpg(&vpg, "Meeting SLA", SLA_WAIT, &agents, |v| {
         v["status"] == "meeting_sla" && v["sub_status"] == "none"
     })
@@ -95,7 +101,10 @@ async fn a_deaf_guest_is_quit_and_a_qemu_that_cannot_start_fails_the_operation()
     .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while m.vm("gone - Test").await.is_some() {
-        assert!(Instant::now() < deadline, "the test VM stays in the inventory");
+        assert!(
+            Instant::now() < deadline,
+            "the test VM stays in the inventory"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let v = m

@@ -247,7 +247,11 @@ impl HostVms {
 
     /// Quiesces one VM outside a checkpoint round (an operator taking a copy of its
     /// disks): see [`HypervisorDriver::quiesce`]. Undo with [`HostVms::thaw`].
-    pub async fn quiesce(&self, vm: &str, within: Duration) -> Result<QuiesceMethod, HypervisorError> {
+    pub async fn quiesce(
+        &self,
+        vm: &str,
+        within: Duration,
+    ) -> Result<QuiesceMethod, HypervisorError> {
         let vms = vec![vm.to_string()];
         self.blocking(move |d| d.quiesce(&vms, within)).await
     }

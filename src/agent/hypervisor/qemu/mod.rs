@@ -560,8 +560,11 @@ impl QemuHypervisor {
                     return Ok(QuiesceMethod::GuestAgent);
                 }
                 Err(e) => {
-                    // A freeze that timed out may still complete in the guest.
-                    let _ = qmp::guest_agent(&path, "guest-fsfreeze-thaw", None, QMP_TIMEOUT);
+                    // A freeze that timed out may still complete in the guest: thaw it,
+                    // without making the round wait.
+                    std::thread::spawn(move || {
+                        let _ = qmp::guest_agent(&path, "guest-fsfreeze-thaw", None, QMP_TIMEOUT);
+                    });
                     return Err(fail(format!("guest agent: {e}")));
                 }
             }
@@ -573,8 +576,13 @@ impl QemuHypervisor {
                 Ok(QuiesceMethod::Paused)
             }
             Err(e) => {
-                let _ = m.monitor.execute("cont", None, QMP_TIMEOUT);
-                m.pausing.store(false, Ordering::SeqCst);
+                // A stop that timed out may still happen: undo it without making the
+                // round wait for a QEMU that does not answer.
+                let (monitor, machine) = (Arc::clone(&m.monitor), Arc::clone(&m));
+                std::thread::spawn(move || {
+                    let _ = monitor.execute("cont", None, QMP_TIMEOUT);
+                    machine.pausing.store(false, Ordering::SeqCst);
+                });
                 Err(fail(format!("QMP stop: {e}")))
             }
         }
@@ -699,13 +707,23 @@ fn tail_of(old: &[u8], cur: &[u8], max: usize) -> (Vec<u8>, bool) {
         return ([old, cur].concat(), false);
     }
     let skip = total - max;
+    let byte = |i: usize| {
+        if i < old.len() {
+            old[i]
+        } else {
+            cur[i - old.len()]
+        }
+    };
     let mut out = if skip >= old.len() {
         cur[skip - old.len()..].to_vec()
     } else {
         [&old[skip..], cur].concat()
     };
-    if let Some(nl) = out.iter().position(|&b| b == b'\n') {
-        out.drain(..=nl);
+    // Cut inside a line: its rest goes.
+    if byte(skip - 1) != b'\n' {
+        if let Some(nl) = out.iter().position(|&b| b == b'\n') {
+            out.drain(..=nl);
+        }
     }
     (out, true)
 }
@@ -900,7 +918,7 @@ mod tests {
         let a = vm_dir_name("web - Test");
         let b = vm_dir_name("web _ Test");
         assert_ne!(a, b, "same cleaned prefix, different names");
-        assert!(a.starts_with("web___Test-"));
+        assert!(a.starts_with("web_-_Test-"), "{a}");
         let long = vm_dir_name(&"x".repeat(200));
         assert_eq!(long.len(), VM_DIR_MAX);
         assert!(vm_dir_name("../../etc")
@@ -911,13 +929,18 @@ mod tests {
     #[test]
     fn console_tails_start_at_a_line() {
         assert_eq!(tail_of(b"a\n", b"b\n", 10), (b"a\nb\n".to_vec(), false));
-        // Cut inside the old log: the partial line goes.
+        // Cut at a line boundary: whole lines stay.
         assert_eq!(
             tail_of(b"one\ntwo\n", b"three\n", 10),
-            (b"three\n".to_vec(), true)
+            (b"two\nthree\n".to_vec(), true)
         );
         assert_eq!(
             tail_of(b"one\ntwo\n", b"three\n", 11),
+            (b"two\nthree\n".to_vec(), true)
+        );
+        // Cut inside a line of the old log: the partial line goes.
+        assert_eq!(
+            tail_of(b"one\ntwo\n", b"three\n", 9),
             (b"three\n".to_vec(), true)
         );
         assert_eq!(
