@@ -1156,7 +1156,16 @@ impl ControlClient {
                 }
             };
             match next {
-                (_, Ok(e)) => self.send_event(e),
+                (_, Ok(e)) => {
+                    // A guest that powered itself off (or whose QEMU ended) changed the
+                    // inventory without a command: the manager hears it now.
+                    let unrequested_power = e.kind == "vm_power"
+                        && e.details.get("cause").and_then(|c| c.as_str()) != Some("request");
+                    self.send_event(e);
+                    if unrequested_power {
+                        self.send_urgent(&AgentMessage::Inventory(self.vms.inventory()));
+                    }
+                }
                 (_, Err(RecvError::Lagged(n))) => {
                     tracing::warn!(lost = n, "control channel: events lost (too many at once)")
                 }
