@@ -215,6 +215,31 @@ fn offline_commands_and_manager_process() {
         "{err}"
     );
 
+    // A VM's console is read through its host's agent: a host without one has none.
+    let create = |what: &str, doc: String| {
+        let (ok, out, err) = client(&m, &token, &[what, "create", "-f", "-"], Some(&doc));
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["id"].as_str().unwrap().to_string()
+    };
+    let site = create("site", r#"{"name": "lab"}"#.into());
+    let host = create(
+        "host",
+        format!(r#"{{"name": "esx-lab", "site_id": "{site}"}}"#),
+    );
+    create("vm", format!(r#"{{"name": "web", "host_id": "{host}"}}"#));
+    let (ok, _, err) = client(&m, &token, &["vm", "console", "web"], None);
+    assert!(!ok && err.contains("host.unreachable"), "{err}");
+    let (ok, _, err) = client(
+        &m,
+        &token,
+        &["vm", "console", "web", "--max-bytes", "70000"],
+        None,
+    );
+    assert!(!ok && err.contains("request.invalid_max_bytes"), "{err}");
+    let (ok, _, err) = client(&m, &token, &["site", "console", "lab"], None);
+    assert!(!ok && err.contains("belongs to a VM"), "{err}");
+
     // SIGTERM stops the manager cleanly.
     let mut m = m;
     let child = &mut m.child;

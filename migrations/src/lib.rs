@@ -11,6 +11,7 @@ mod m20261129_000003_site_bandwidth;
 mod m20261129_000004_operations;
 mod m20261129_000005_rpo_history;
 mod m20261129_000006_host_key_use;
+mod m20261208_000001_vm_boot_quiesce;
 
 pub struct Migrator;
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000004_operations::Migration),
             Box::new(m20261129_000005_rpo_history::Migration),
             Box::new(m20261129_000006_host_key_use::Migration),
+            Box::new(m20261208_000001_vm_boot_quiesce::Migration),
         ]
     }
 }

@@ -1,5 +1,5 @@
 //! A small client of the REST API: list, get, create, update and delete of sites,
-//! hosts, VMs and VPGs, by id or by name, as a table or as JSON.
+//! hosts, VMs and VPGs, by id or by name, as a table or as JSON; a VM's console.
 
 use super::output;
 use crate::proto::api::Problem;
@@ -80,6 +80,13 @@ enum Action {
     Checkpoints(super::ops::CheckpointsArgs),
     /// VPGs only: recovery reports (of one VPG, or all).
     Reports(super::ops::ReportsArgs),
+    /// VMs only: the end of the VM's serial console, read from its host now.
+    Console {
+        name: String,
+        /// At most this many bytes of the end of the log (1 to 65536).
+        #[arg(long, value_name = "BYTES")]
+        max_bytes: Option<u64>,
+    },
     /// Hosts only: tokens an agent exchanges for its host key on first contact.
     #[command(name = "enrolment-token")]
     EnrolmentToken {
@@ -175,6 +182,29 @@ impl Client {
             _ => bail!("several {collection} are named `{name_or_id}`; use an id"),
         }
     }
+}
+
+/// The console text as it is (with a note on stderr when older output was left out), or
+/// the whole answer as JSON.
+fn print_console(v: &Value, out: Output) -> Result<()> {
+    if out == Output::Json {
+        output::one(v, out);
+        return Ok(());
+    }
+    let text = v["text"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no console text in the answer"))?;
+    print!("{text}");
+    if !text.is_empty() && !text.ends_with('\n') {
+        println!();
+    }
+    if v["truncated"].as_bool() == Some(true) {
+        eprintln!(
+            "(older output left out: the log holds {} bytes; --max-bytes shows up to 65536)",
+            v["total_bytes"]
+        );
+    }
+    Ok(())
 }
 
 fn singular(collection: &str) -> &str {
@@ -299,6 +329,17 @@ pub async fn run(collection: &str, a: ResourceArgs) -> Result<ExitCode> {
             return super::ops::checkpoints(&client, collection, x, a.output).await
         }
         Action::Reports(x) => return super::ops::reports(&client, collection, x, a.output).await,
+        Action::Console { name, max_bytes } => {
+            if collection != "vms" {
+                bail!("a console belongs to a VM: `bulwark vm console NAME`");
+            }
+            let id = client.resolve(collection, &name).await?;
+            let q = max_bytes.map_or_else(String::new, |n| format!("?max_bytes={n}"));
+            let (_, v) = client
+                .call(Method::GET, &format!("/api/v1/vms/{id}/console{q}"), None)
+                .await?;
+            print_console(&v, a.output)?;
+        }
         Action::EnrolmentToken {
             action:
                 EnrolmentTokenAction::Create {

@@ -16,7 +16,7 @@ fn columns(collection: &str) -> &'static [&'static str] {
             "vm_count",
             "rpo_actual_secs",
         ],
-        "checkpoints" => &["id", "taken_at", "kind", "tag", "recoverable"],
+        "checkpoints" => &["id", "taken_at", "kind", "tag", "quiesce", "recoverable"],
         "reports" => &[
             "id",
             "vpg_name",

@@ -1,5 +1,6 @@
-//! Checkpoints across a VPG's journals: round ids, tags, and which checkpoints are
-//! recoverable.
+//! Checkpoints across a VPG's journals: round ids, tags, how consistent a round is
+//! (the quiesce method its hosts report, and the kind it is stored as), and which
+//! checkpoints are recoverable.
 //!
 //! A checkpoint C of a VPG is *recoverable* when every journal of every member disk
 //! holds C durably and recoverably. Each recovery host reports per journal the ids that
@@ -12,6 +13,7 @@
 use std::collections::BTreeSet;
 
 use super::ValidationError;
+use crate::proto::control::{CheckpointKind, QuiesceMethod};
 
 /// Longest user tag, in characters.
 pub const MAX_TAG_CHARS: usize = 64;
@@ -44,6 +46,41 @@ pub fn check_tag(tag: &str) -> Result<String, ValidationError> {
         ));
     }
     Ok(t.to_string())
+}
+
+/// How a round's guests were quiesced, from every host's answer: `None` when the round
+/// did not ask; else the weakest answer, a host that answered without a method counting
+/// as [`QuiesceMethod::Paused`] (nothing says its guests were frozen).
+pub fn round_quiesce(
+    asked: bool,
+    answers: impl IntoIterator<Item = Option<QuiesceMethod>>,
+) -> Option<QuiesceMethod> {
+    if !asked {
+        return None;
+    }
+    Some(
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or(QuiesceMethod::Paused))
+            .fold(QuiesceMethod::GuestAgent, QuiesceMethod::weakest),
+    )
+}
+
+/// The kind a completed round is stored as: what was asked, except that an
+/// app-consistent round whose guests were not all frozen by their guest agents is only
+/// crash consistent (user-tagged when it has a tag, else scheduled). So
+/// `latest_app_consistent`, which goes by the stored kind, never picks such a round.
+pub fn round_kind(
+    asked: CheckpointKind,
+    tagged: bool,
+    quiesce: Option<QuiesceMethod>,
+) -> CheckpointKind {
+    match (asked, quiesce) {
+        (CheckpointKind::AppConsistent, Some(QuiesceMethod::GuestAgent)) => asked,
+        (CheckpointKind::AppConsistent, _) if tagged => CheckpointKind::UserTagged,
+        (CheckpointKind::AppConsistent, _) => CheckpointKind::Scheduled,
+        _ => asked,
+    }
 }
 
 /// What the manager knows about one journal (one protected disk at its recovery host).
@@ -123,6 +160,31 @@ mod tests {
         let mut j = DiskJournal::default();
         j.apply(ids, ids.iter().min().copied(), ids.iter().max().copied());
         j
+    }
+
+    #[test]
+    fn a_round_is_as_consistent_as_its_least_quiesced_host() {
+        use QuiesceMethod::{GuestAgent as G, Paused as P};
+        assert_eq!(round_quiesce(false, [Some(G), Some(G)]), None);
+        assert_eq!(round_quiesce(true, [Some(G), Some(G)]), Some(G));
+        assert_eq!(round_quiesce(true, [Some(G), Some(P)]), Some(P));
+        assert_eq!(
+            round_quiesce(true, [Some(G), None]),
+            Some(P),
+            "a host that does not say how it quiesced counts as paused"
+        );
+        use CheckpointKind::{AppConsistent as A, Scheduled as S, UserTagged as U};
+        assert_eq!(round_kind(A, true, Some(G)), A);
+        assert_eq!(round_kind(A, true, Some(P)), U);
+        assert_eq!(round_kind(A, false, Some(P)), S);
+        assert_eq!(round_kind(A, true, None), U, "asked but nothing reported");
+        assert_eq!(round_kind(U, true, None), U);
+        assert_eq!(round_kind(S, false, None), S);
+        assert_eq!(
+            round_kind(U, true, Some(G)),
+            U,
+            "a kind is never raised by a quiesce answer"
+        );
     }
 
     #[test]

@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::model::settings::{Priority, ResyncPolicy};
 use crate::model::status::Lifecycle;
 use crate::proto::control::{
-    DesiredState, DiskProtection, PeerTarget, RecoverDisk, RecoverVm, RecoveryVpg, RecoveryVpgVm,
+    Boot, DesiredState, DiskProtection, PeerTarget, RecoverDisk, RecoverVm, RecoveryVpg,
+    RecoveryVpgVm,
 };
 
 /// A VPG as far as the desired state cares.
@@ -62,6 +63,8 @@ pub struct MemberRecovery {
     pub ip_address: Option<String>,
     pub boot_group: u32,
     pub boot_delay_secs: u64,
+    /// How the protected VM boots: the recovered VM boots the same way.
+    pub boot: Option<Boot>,
 }
 
 /// A host, its replication listener, its site and that site's bandwidth limit.
@@ -210,7 +213,7 @@ pub fn desired_states(vpgs: &[VpgRow], members: &[MemberRow], hosts: &[HostRow])
                     memory_mib: r.memory_mib,
                     network: r.network.clone(),
                     ip_address: r.ip_address.clone(),
-                    boot: None,
+                    boot: r.boot.clone(),
                     disks: recover_disks,
                 },
                 boot_group: r.boot_group,
@@ -429,6 +432,12 @@ mod tests {
         let mut web = member("v", "web", "p1", Some("r1"), &[(Some(1), "root")]);
         web.recovery.network = Some("dr-net".into());
         web.recovery.ip_address = Some("10.9.0.20/24".into());
+        let kernel = Boot::Kernel {
+            kernel: "/srv/guest/vmlinuz".into(),
+            initrd: Some("/srv/guest/initrd".into()),
+            cmdline: "console=ttyS0".into(),
+        };
+        web.recovery.boot = Some(kernel.clone());
         let members = vec![
             // Boot group 1 ("db…"), listed first: the order comes from the boot groups.
             member(
@@ -461,6 +470,12 @@ mod tests {
         assert_eq!(v.vms[0].vm.network.as_deref(), Some("dr-net"));
         assert_eq!(v.vms[0].vm.ip_address.as_deref(), Some("10.9.0.20/24"));
         assert_eq!(
+            v.vms[0].vm.boot.as_ref(),
+            Some(&kernel),
+            "the recovered VM boots as the protected one"
+        );
+        assert_eq!(v.vms[1].vm.boot, None, "a simulated VM has no boot");
+        assert_eq!(
             v.vms[1].vm.disks,
             vec![RecoverDisk {
                 host: "p2".into(),
@@ -473,6 +488,12 @@ mod tests {
         let mut other = got.hosts["r1"].clone();
         other.recovery[0].vms[0].boot_delay_secs = 30;
         assert!(!same_content(&got.hosts["r1"], &other));
+        let mut other = got.hosts["r1"].clone();
+        other.recovery[0].vms[0].vm.boot = Some(Boot::Firmware);
+        assert!(
+            !same_content(&got.hosts["r1"], &other),
+            "a change of boot is a new desired state"
+        );
     }
 
     #[test]

@@ -649,6 +649,31 @@ mod tests {
     }
 
     #[test]
+    fn latest_app_consistent_never_picks_a_round_whose_guests_were_only_paused() {
+        use crate::model::checkpoints::round_kind;
+        use crate::proto::control::QuiesceMethod as Q;
+        // Both rounds asked to quiesce; the newer one's guests were only paused.
+        let cands: Vec<CheckpointCandidate> = [(20, Some(Q::GuestAgent)), (21, Some(Q::Paused))]
+            .into_iter()
+            .map(|(id, q)| CheckpointCandidate {
+                id,
+                kind: round_kind(K::AppConsistent, true, q),
+                tag: Some(format!("t{id}")),
+                recoverable: true,
+            })
+            .collect();
+        assert_eq!(
+            choose_checkpoint(&CheckpointChoice::LatestAppConsistent, &cands),
+            Ok(20)
+        );
+        assert_eq!(
+            choose_checkpoint(&CheckpointChoice::LatestTagged, &cands),
+            Ok(21),
+            "the paused round is an ordinary tagged one"
+        );
+    }
+
+    #[test]
     fn boot_groups_start_in_order_with_the_longest_delay() {
         let vms = [
             ("db", 0, 30),

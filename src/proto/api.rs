@@ -224,18 +224,89 @@ impl PowerState {
     }
 }
 
-/// A network interface as the hypervisor reports it.
+/// A network interface. The hypervisor reports `network` and `mac` (in NIC order); the
+/// name and the addresses are the operator's (an agent names a NIC it reports first
+/// `net0`, `net1`, … by its position).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Nic {
     pub name: String,
     #[serde(default)]
     pub network: Option<String>,
+    /// `xx:xx:xx:xx:xx:xx` (hex); absent: the hypervisor picks one.
     #[serde(default)]
+    #[schema(example = "52:54:00:12:34:56")]
     pub mac: Option<String>,
     /// Addresses in CIDR form, e.g. `10.1.4.20/24`.
     #[serde(default)]
     pub addresses: Vec<String>,
+}
+
+/// How a VM boots (`kind`: `kernel` or `firmware`). A recovered VM boots as its
+/// protected VM did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Boot {
+    /// Direct kernel boot from files on the host that runs the VM (a recovery host needs
+    /// the same paths).
+    Kernel {
+        /// Absolute path of the kernel image on the host.
+        #[schema(example = "/var/lib/bulwark/guest/vmlinuz")]
+        kernel: String,
+        /// Absolute path of the initial ramdisk, if any.
+        #[serde(default)]
+        initrd: Option<String>,
+        /// The kernel command line.
+        #[serde(default)]
+        cmdline: String,
+    },
+    /// The firmware boots the first disk.
+    Firmware,
+}
+
+impl Boot {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Boot::Kernel { .. } => "kernel",
+            Boot::Firmware => "firmware",
+        }
+    }
+}
+
+impl From<crate::proto::control::Boot> for Boot {
+    fn from(b: crate::proto::control::Boot) -> Self {
+        use crate::proto::control::Boot as C;
+        match b {
+            C::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => Boot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            },
+            C::Firmware => Boot::Firmware,
+        }
+    }
+}
+
+impl From<Boot> for crate::proto::control::Boot {
+    fn from(b: Boot) -> Self {
+        use crate::proto::control::Boot as C;
+        match b {
+            Boot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => C::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            },
+            Boot::Firmware => C::Firmware,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -271,6 +342,9 @@ pub struct Vm {
     pub cpus: u32,
     pub memory_mib: u64,
     pub nics: Vec<Nic>,
+    /// How it boots, as its host's agent reports it (or as created); null for a
+    /// simulated VM or when not known.
+    pub boot: Option<Boot>,
     pub disks: Vec<Disk>,
     /// The VPG protecting this VM, if any.
     pub vpg_id: Option<String>,
@@ -279,21 +353,29 @@ pub struct Vm {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Body of `POST /api/v1/vms`. On a host an agent has registered for, the agent (which
+/// must be connected) creates the VM (disks, NICs, boot) and powers it on; on a host
+/// without an agent the VM is only recorded.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmCreate {
     pub host_id: String,
     pub name: String,
+    /// As recorded on a host without an agent (an agent starts the VMs it creates).
     #[serde(default = "default_power")]
     pub power_state: PowerState,
     #[serde(default = "default_cpus")]
     pub cpus: u32,
     #[serde(default = "default_memory")]
     pub memory_mib: u64,
+    /// At most 8.
     #[serde(default)]
     pub nics: Vec<Nic>,
     #[serde(default)]
     pub disks: Vec<DiskCreate>,
+    /// How it boots (a QEMU host needs it; a simulated one records it).
+    #[serde(default)]
+    pub boot: Option<Boot>,
 }
 
 fn default_power() -> PowerState {
@@ -326,6 +408,30 @@ pub struct VmQuery {
     /// `true`: only VMs in a VPG; `false`: only VMs in none (candidates for a new VPG).
     pub protected: Option<bool>,
     pub name: Option<String>,
+}
+
+/// The most `GET /api/v1/vms/{id}/console` returns (and its default).
+pub const CONSOLE_MAX_BYTES: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConsoleQuery {
+    /// The most bytes of the log's end to return, 1 to 65536 (default 65536).
+    pub max_bytes: Option<u64>,
+}
+
+/// The end of a VM's serial console log, read from its host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VmConsole {
+    pub vm_id: String,
+    /// The VM's name on its host.
+    pub vm: String,
+    /// The text (invalid UTF-8 replaced), starting at a line boundary when truncated.
+    pub text: String,
+    /// Bytes the whole log holds.
+    pub total_bytes: u64,
+    /// Older output was left out.
+    pub truncated: bool,
 }
 
 // ---- VPGs --------------------------------------------------------------------------
@@ -539,10 +645,17 @@ pub struct Checkpoint {
     pub id: i64,
     pub vpg_id: String,
     pub taken_at: DateTime<Utc>,
-    /// `scheduled`, `user_tagged` or `app_consistent`.
+    /// `scheduled`, `user_tagged` or `app_consistent`. A round asked to quiesce whose
+    /// guests were only paused is `user_tagged` (or `scheduled`), never `app_consistent`.
     pub kind: String,
     pub tag: Option<String>,
     pub recoverable: bool,
+    /// How the guests were quiesced: `guest_agent` (file systems frozen), `paused` (CPUs
+    /// paused: crash consistent only), or null when the round did not quiesce.
+    pub quiesce: Option<String>,
+    /// Application consistent: every guest's file systems were frozen (`quiesce` is
+    /// `guest_agent`).
+    pub app_consistent: bool,
 }
 
 /// Body of `POST /api/v1/vpgs/{id}/checkpoints`: take a tagged checkpoint now.
@@ -776,6 +889,10 @@ pub struct Lookups {
     pub connectivity: Vec<LookupValue>,
     pub power_states: Vec<LookupValue>,
     pub checkpoint_kinds: Vec<LookupValue>,
+    /// A checkpoint's `quiesce`.
+    pub quiesce_methods: Vec<LookupValue>,
+    /// A VM's `boot.kind`.
+    pub boot_kinds: Vec<LookupValue>,
     pub task_states: Vec<LookupValue>,
     pub alert_severities: Vec<LookupValue>,
 }

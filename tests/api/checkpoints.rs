@@ -8,11 +8,12 @@
 //! logged with its arrival time, next to the time each Held was sent, so a test can
 //! check the order across hosts.
 
-use crate::fake_agent::{vm, FakeAgent};
+use crate::fake_agent::{kernel_boot, nic, vm, vm_with, FakeAgent};
 use crate::helpers::{assert_problem, spawn_app_with, Backend, ControlSettings, TestApp};
 use bulwark::proto::agent::{AgentStatus, PeerStatus, ProtectedDiskStatus};
 use bulwark::proto::control::{
-    AgentMessage, Heartbeat, JournalReport, ManagerMessage, RoundHeld, RoundReleased,
+    AgentMessage, CommandBody, Heartbeat, JournalReport, ManagerMessage, QuiesceMethod, RoundHeld,
+    RoundReleased,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -37,6 +38,9 @@ enum Cmd {
     /// Sent in the next heartbeat only (reports are incremental).
     Journals(Vec<JournalReport>),
     Mode(HoldMode),
+    /// How the agent says it quiesced a round's VMs when a Hold asks it to (default:
+    /// `guest_agent`; `None`: it does not say).
+    Quiesce(Option<QuiesceMethod>),
     /// Answered once every command before it is applied.
     Ping(tokio::sync::oneshot::Sender<()>),
     Disconnect,
@@ -86,6 +90,7 @@ async fn sim_loop(mut a: FakeAgent, mut rx: mpsc::UnboundedReceiver<Cmd>, log: L
     let mut status: AgentStatus = a.status();
     let mut journals: Vec<JournalReport> = Vec::new();
     let mut mode = HoldMode::Answer(Duration::ZERO);
+    let mut quiesce = Some(QuiesceMethod::GuestAgent);
     let mut due_helds: Vec<(Instant, RoundHeld)> = Vec::new();
     let mut held_at: std::collections::HashMap<u64, Instant> = Default::default();
     let mut next_hb = Instant::now();
@@ -96,6 +101,7 @@ async fn sim_loop(mut a: FakeAgent, mut rx: mpsc::UnboundedReceiver<Cmd>, log: L
                 Cmd::Peers(p) => status.peers = p,
                 Cmd::Journals(j) => journals.extend(j),
                 Cmd::Mode(m) => mode = m,
+                Cmd::Quiesce(q) => quiesce = q,
                 Cmd::Ping(tx) => {
                     let _ = tx.send(());
                 }
@@ -145,7 +151,7 @@ async fn sim_loop(mut a: FakeAgent, mut rx: mpsc::UnboundedReceiver<Cmd>, log: L
                     timestamp_ms: chrono::Utc::now().timestamp_millis(),
                     disks: vec![],
                     error: None,
-                    quiesce: None,
+                    quiesce: if h.quiesce.is_empty() { None } else { quiesce },
                 };
                 match mode {
                     HoldMode::Answer(d) => due_helds.push((Instant::now() + d, held)),
@@ -233,9 +239,9 @@ fn settings() -> ControlSettings {
     }
 }
 
-/// Two protected hosts (esx-a: vm-a with disk 1, esx-b: vm-b with disk 2) and a
-/// recovery host, each a running [`Sim`], and a VPG protecting both VMs (no scheduled
-/// rounds unless `interval_ms` is short).
+/// Two protected hosts (esx-a: vm-a with disk 1, a QEMU VM booting a kernel with one
+/// NIC; esx-b: vm-b with disk 2, simulated) and a recovery host, each a running [`Sim`],
+/// and a VPG protecting both VMs (no scheduled rounds unless `interval_ms` is short).
 struct Lab {
     a: Sim,
     b: Option<Sim>,
@@ -258,7 +264,12 @@ async fn lab(app: &TestApp, two_hosts: bool, interval_ms: u32, rpo_secs: u32) ->
         .agent(
             "esx-a",
             "prod",
-            vec![vm("vm-a", &[(1, "vm-a-root", 1 << 30)])],
+            vec![vm_with(
+                "vm-a",
+                &[(1, "vm-a-root", 1 << 30)],
+                Some(kernel_boot()),
+                vec![nic(Some("lan"), Some("52:54:00:00:00:0a"))],
+            )],
         )
         .await;
     let b = if two_hosts {
@@ -458,6 +469,145 @@ both_ctl!(
             _ => None,
         });
         assert_eq!(quiesced, Some(vec!["vm-b".to_string()]));
+    }
+);
+
+/// (kind, quiesce, app_consistent) of a checkpoint as the API shows it.
+fn consistency(c: &Value) -> (String, Value, bool) {
+    (
+        c["kind"].as_str().unwrap().to_string(),
+        c["quiesce"].clone(),
+        c["app_consistent"].as_bool().unwrap(),
+    )
+}
+
+both_ctl!(
+    a_round_is_as_consistent_as_its_least_quiesced_host_and_recovery_boots_as_protected,
+    |app: TestApp| async move {
+        let lab = lab(&app, true, 3_600_000, 7200).await;
+        lab.protect(None);
+        ready(&app, &lab).await;
+        let b = lab.b.as_ref().unwrap();
+        let app_consistent = |t: &'static str| {
+            let app = &app;
+            let vpg = lab.vpg.clone();
+            async move {
+                let (s, c) = app
+                    .post(
+                        &format!("/api/v1/vpgs/{vpg}/checkpoints"),
+                        json!({"tag": t, "app_consistent": true}),
+                    )
+                    .await;
+                assert_eq!(s, StatusCode::CREATED, "{t}: {c}");
+                c
+            }
+        };
+        let s = |v: &str| v.to_string();
+        // Every guest agent froze its file systems: application consistent.
+        let frozen = app_consistent("frozen").await;
+        assert_eq!(
+            consistency(&frozen),
+            (s("app_consistent"), json!("guest_agent"), true)
+        );
+        // esx-b's guest has no agent: its CPUs were paused. Crash consistent only, and
+        // a tagged round says so by its kind.
+        b.set_now(Cmd::Quiesce(Some(QuiesceMethod::Paused))).await;
+        let paused = app_consistent("paused").await;
+        assert_eq!(
+            consistency(&paused),
+            (s("user_tagged"), json!("paused"), false)
+        );
+        // A host that does not say how it quiesced counts as paused.
+        b.set_now(Cmd::Quiesce(None)).await;
+        let unsaid = app_consistent("unsaid").await;
+        assert_eq!(
+            consistency(&unsaid),
+            (s("user_tagged"), json!("paused"), false)
+        );
+        // A plain tagged round asks nobody to quiesce.
+        b.set_now(Cmd::Quiesce(Some(QuiesceMethod::GuestAgent)))
+            .await;
+        let (st, plain) = tag(&app, &lab.vpg, "plain").await;
+        assert_eq!(st, StatusCode::CREATED, "{plain}");
+        assert_eq!(consistency(&plain), (s("user_tagged"), Value::Null, false));
+        // The rows say the same as the answers.
+        let rows = checkpoints(&app, &lab.vpg).await;
+        let stored: Vec<(String, (String, Value, bool))> = rows
+            .iter()
+            .map(|c| (c["tag"].as_str().unwrap().to_string(), consistency(c)))
+            .collect();
+        let want: Vec<(String, (String, Value, bool))> = [&plain, &unsaid, &paused, &frozen]
+            .iter()
+            .map(|c| (c["tag"].as_str().unwrap().to_string(), consistency(c)))
+            .collect();
+        assert_eq!(stored, want, "newest first");
+
+        // Every journal holds all four.
+        let ids: Vec<u64> = rows.iter().map(|c| c["id"].as_u64().unwrap()).collect();
+        let oldest = ids.iter().min().copied();
+        lab.dr.set(Cmd::Journals(vec![
+            journal(1, &ids, oldest),
+            journal(2, &ids, oldest),
+        ]));
+        app.eventually("all recoverable", || async {
+            let rows = checkpoints(&app, &lab.vpg).await;
+            (rows.len() == 4 && rows.iter().all(|r| r["recoverable"] == true)).then_some(())
+        })
+        .await;
+        // The latest app-consistent checkpoint is the frozen one, not a newer paused one.
+        let (st, task) = app
+            .post(
+                &format!("/api/v1/vpgs/{}/failover-test", lab.vpg),
+                json!({"checkpoint": "latest_app_consistent"}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::ACCEPTED, "{task}");
+        assert_eq!(task["details"]["checkpoint_id"], frozen["id"], "{task:#}");
+        // The recovery host brings vm-a up booting as it did on esx-a; vm-b, simulated,
+        // has no boot to carry.
+        let vms = app
+            .eventually("Recover sent to esx-dr", || async {
+                lab.seen().into_iter().find_map(|x| match x {
+                    Seen::Got(h, _, ManagerMessage::Command(c)) if h == "esx-dr" => match c.body {
+                        CommandBody::Recover {
+                            vms, checkpoint, ..
+                        } => {
+                            assert_eq!(Some(checkpoint), frozen["id"].as_u64());
+                            Some(vms)
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                })
+            })
+            .await;
+        let boots: Vec<(&str, Option<_>)> = vms
+            .iter()
+            .map(|v| (v.source_vm.as_str(), v.boot.clone()))
+            .collect();
+        assert_eq!(
+            boots,
+            vec![("vm-a", Some(kernel_boot())), ("vm-b", None)],
+            "{vms:?}"
+        );
+        assert_eq!(vms[0].name, "vm-a - Test");
+        // So does break-glass recovery: the recovery host's desired state carries it.
+        let desired = lab
+            .seen()
+            .into_iter()
+            .rev()
+            .find_map(|x| match x {
+                Seen::Got(h, _, ManagerMessage::Desired(d)) if h == "esx-dr" => Some(d),
+                _ => None,
+            })
+            .expect("esx-dr got its desired state");
+        let r = desired
+            .recovery
+            .iter()
+            .find(|r| r.vpg_id == lab.vpg)
+            .expect("break-glass metadata of the VPG");
+        let vm_a = r.vms.iter().find(|v| v.vm.name == "vm-a").expect("vm-a");
+        assert_eq!(vm_a.vm.boot, Some(kernel_boot()));
     }
 );
 
@@ -919,6 +1069,7 @@ both_ctl!(
                         taken_at: chrono::Utc::now(),
                         kind: CheckpointKind::UserTagged,
                         tag: Some(tag.into()),
+                        quiesce: None,
                     },
                     None,
                 )

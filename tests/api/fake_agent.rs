@@ -14,6 +14,11 @@
 //! ```
 //!
 //! `connect` returns `Err(Rejection)` when the manager answers `Rejected`.
+//!
+//! Commands: `let c = a.command().await;` then `a.answer(&c.id, Ok(output))`, or for a
+//! `ReadConsole` `a.answer_console(&c, log)` (the tail as the agent cuts it). Rounds:
+//! `a.held(&hold, Some(QuiesceMethod::GuestAgent))` says how the round's VMs were
+//! quiesced (only when the hold asked for it).
 
 #![allow(dead_code)]
 
@@ -21,8 +26,9 @@ use std::time::Duration;
 
 use bulwark::proto::agent::{AgentEndpoints, AgentStatus};
 use bulwark::proto::control::{
-    AgentEvent, AgentHello, AgentMessage, Credential, DesiredState, Heartbeat, Inventory,
-    InventoryDisk, InventoryVm, JournalReport, ManagerMessage, PowerState, CONTROL_PATH,
+    AgentEvent, AgentHello, AgentMessage, Boot, Command, CommandBody, CommandResult, ConsoleTail,
+    Credential, DesiredState, Heartbeat, Inventory, InventoryDisk, InventoryVm, JournalReport,
+    ManagerMessage, Nic, PowerState, QuiesceMethod, RoundHeld, RoundHold, CONTROL_PATH,
     CONTROL_PROTOCOL,
 };
 use futures::{SinkExt, StreamExt};
@@ -78,6 +84,62 @@ pub fn vm(name: &str, disks: &[(u64, &str, u64)]) -> InventoryVm {
         prepared_for_failover: false,
         boot: None,
         nics: Vec::new(),
+    }
+}
+
+/// A kernel boot as a QEMU host reports it.
+pub fn kernel_boot() -> Boot {
+    Boot::Kernel {
+        kernel: "/srv/guest/vmlinuz".into(),
+        initrd: Some("/srv/guest/initrd.img".into()),
+        cmdline: "console=ttyS0 quiet".into(),
+    }
+}
+
+/// A NIC as an agent reports it.
+pub fn nic(network: Option<&str>, mac: Option<&str>) -> Nic {
+    Nic {
+        network: network.map(str::to_string),
+        mac: mac.map(str::to_string),
+    }
+}
+
+/// A VM of a real hypervisor: [`vm`] with how it boots and its NICs.
+pub fn vm_with(
+    name: &str,
+    disks: &[(u64, &str, u64)],
+    boot: Option<Boot>,
+    nics: Vec<Nic>,
+) -> InventoryVm {
+    InventoryVm {
+        boot,
+        nics,
+        ..vm(name, disks)
+    }
+}
+
+/// The end of `log` as an agent cuts it for `max_bytes`: whole when it fits, else the
+/// last `max_bytes` starting after the first line break in them.
+pub fn console_tail(vm: &str, log: &str, max_bytes: u64) -> ConsoleTail {
+    let total = log.len() as u64;
+    if total <= max_bytes {
+        return ConsoleTail {
+            vm: vm.to_string(),
+            text: log.to_string(),
+            total_bytes: total,
+            truncated: false,
+        };
+    }
+    let tail = &log.as_bytes()[(total - max_bytes) as usize..];
+    let tail = match tail.iter().position(|b| *b == b'\n') {
+        Some(i) => &tail[i + 1..],
+        None => tail,
+    };
+    ConsoleTail {
+        vm: vm.to_string(),
+        text: String::from_utf8_lossy(tail).into_owned(),
+        total_bytes: total,
+        truncated: true,
     }
 }
 
@@ -248,6 +310,84 @@ impl FakeAgent {
     /// Reports a new inventory.
     pub async fn inventory(&mut self, vms: Vec<InventoryVm>) {
         self.send(AgentMessage::Inventory(Inventory { vms })).await;
+    }
+
+    /// The next command (skipping other messages).
+    pub async fn command(&mut self) -> Command {
+        self.recv_until(|m| match m {
+            ManagerMessage::Command(c) => Some(c),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Whether a command arrives within `d` (other messages are skipped).
+    pub async fn command_within(&mut self, d: Duration) -> Option<Command> {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv_within(left).await {
+                Some(Some(ManagerMessage::Command(c))) => return Some(c),
+                Some(Some(_)) => continue,
+                Some(None) | None => return None,
+            }
+        }
+    }
+
+    /// Answers command `id`: its output, or the agent's error.
+    pub async fn answer(&mut self, id: &str, result: Result<serde_json::Value, String>) {
+        let (ok, error, output) = match result {
+            Ok(v) => (true, None, v),
+            Err(e) => (false, Some(e), serde_json::Value::Null),
+        };
+        self.send(AgentMessage::CommandResult(CommandResult {
+            id: id.to_string(),
+            ok,
+            error,
+            output,
+        }))
+        .await;
+    }
+
+    /// Answers a `ReadConsole` with the end of `log` (panics on another command).
+    pub async fn answer_console(&mut self, c: &Command, log: &str) {
+        let CommandBody::ReadConsole { vm, max_bytes } = &c.body else {
+            panic!("expected ReadConsole, got {:?}", c.body);
+        };
+        let tail = console_tail(vm, log, *max_bytes);
+        self.answer(&c.id, Ok(serde_json::to_value(tail).unwrap()))
+            .await;
+    }
+
+    /// Answers a round's Hold: markers placed, and how the round's VMs were quiesced
+    /// (`method`, reported only when the hold asked to quiesce).
+    pub async fn held(&mut self, hold: &RoundHold, method: Option<QuiesceMethod>) {
+        self.send(AgentMessage::Held(RoundHeld {
+            round: hold.round,
+            vpg_id: hold.vpg_id.clone(),
+            timestamp_ms: chrono::Utc::now().timestamp_millis(),
+            disks: vec![],
+            error: None,
+            quiesce: if hold.quiesce.is_empty() {
+                None
+            } else {
+                method
+            },
+        }))
+        .await;
+    }
+
+    /// Reports an event about a VM.
+    pub async fn vm_event(&mut self, kind: &str, vm: &str, details: serde_json::Value) {
+        self.send(AgentMessage::Event(AgentEvent {
+            kind: kind.to_string(),
+            disk_id: None,
+            vm: Some(vm.to_string()),
+            message: format!("{kind} of {vm}"),
+            details,
+            at_ms: chrono::Utc::now().timestamp_millis(),
+        }))
+        .await;
     }
 
     /// Reports an event.

@@ -35,4 +35,5 @@ mod openapi;
 mod pagination;
 mod rpo_history;
 mod validation;
+mod vms;
 mod webhooks;

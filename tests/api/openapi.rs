@@ -28,6 +28,7 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/api/v1/vms/{id}"),
     ("PATCH", "/api/v1/vms/{id}"),
     ("DELETE", "/api/v1/vms/{id}"),
+    ("GET", "/api/v1/vms/{id}/console"),
     ("GET", "/api/v1/vms/{id}/disks"),
     ("POST", "/api/v1/vms/{id}/disks"),
     ("DELETE", "/api/v1/vms/{id}/disks/{disk_id}"),

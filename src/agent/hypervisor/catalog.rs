@@ -177,6 +177,10 @@ impl VmCatalog {
             .collect();
         let mut vms = Vec::new();
         for v in &cfg.vms {
+            check_machine(v.boot.as_ref(), &v.nics).map_err(|e| HypervisorError::State {
+                path: path.clone(),
+                reason: format!("[[agent.vms]] `{}`: {e}", v.name),
+            })?;
             let mut disks = Vec::new();
             for name in &v.disks {
                 let d = cfg.disks.iter().find(|d| &d.name == name).ok_or_else(|| {
@@ -410,8 +414,54 @@ impl VmCatalog {
     }
 }
 
+/// How a VM boots and its NICs, as a hypervisor will be given them: absolute paths
+/// without control characters, at most 8 NICs, MACs `xx:xx:xx:xx:xx:xx` (a MAC goes
+/// into QEMU's option syntax, where a comma would add options).
+pub fn check_machine(boot: Option<&Boot>, nics: &[Nic]) -> Result<(), HypervisorError> {
+    if let Some(Boot::Kernel {
+        kernel,
+        initrd,
+        cmdline,
+    }) = boot
+    {
+        for (field, p) in std::iter::once(("boot.kernel", kernel))
+            .chain(initrd.iter().map(|i| ("boot.initrd", i)))
+        {
+            if !p.starts_with('/') || p.len() > 4096 || p.chars().any(char::is_control) {
+                return Err(invalid(field, "must be an absolute path"));
+            }
+        }
+        if cmdline.len() > 4096 || cmdline.chars().any(char::is_control) {
+            return Err(invalid(
+                "boot.cmdline",
+                "at most 4096 characters, no control characters",
+            ));
+        }
+    }
+    if nics.len() > 8 {
+        return Err(invalid("nics", "at most 8 NICs"));
+    }
+    for (i, n) in nics.iter().enumerate() {
+        if let Some(mac) = &n.mac {
+            let ok = mac.len() == 17
+                && mac.split(':').count() == 6
+                && mac
+                    .split(':')
+                    .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+            if !ok {
+                return Err(invalid(
+                    format!("nics[{i}].mac"),
+                    "must be xx:xx:xx:xx:xx:xx (hex)",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_spec(spec: &VmSpec) -> Result<(), HypervisorError> {
     check_vm_name(&spec.name).map_err(|r| invalid("name", r))?;
+    check_machine(spec.boot.as_ref(), &spec.nics)?;
     if spec.cpus == 0 || spec.cpus > 1024 {
         return Err(invalid("cpus", "must be 1 to 1024"));
     }
@@ -900,5 +950,31 @@ mod tests {
         );
         assert_eq!(e.details["state"], "off");
         assert!(rx.try_recv().is_err(), "no event for a VM already off");
+    }
+
+    #[test]
+    fn machine_definitions_are_checked() {
+        let kernel = |k: &str| Boot::Kernel {
+            kernel: k.into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+        };
+        let nic = |m: &str| Nic {
+            network: None,
+            mac: Some(m.into()),
+        };
+        assert!(check_machine(Some(&kernel("/k/vmlinuz")), &[nic("52:54:00:AB:cd:01")]).is_ok());
+        assert!(check_machine(Some(&Boot::Firmware), &[]).is_ok());
+        assert!(
+            check_machine(Some(&kernel("vmlinuz")), &[]).is_err(),
+            "relative"
+        );
+        assert!(
+            check_machine(None, &[nic("52:54:00:00:00:01,romfile=/x")]).is_err(),
+            "injection"
+        );
+        assert!(check_machine(None, &[nic("52:54:00:00:00")]).is_err());
+        let many: Vec<Nic> = (0..9).map(|_| nic("52:54:00:00:00:01")).collect();
+        assert!(check_machine(None, &many).is_err());
     }
 }

@@ -3,10 +3,12 @@
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::{created, AppState};
+use crate::manager::control::vms::{self, VmCommandError};
 use crate::model::access::Role;
 use crate::proto::api::{
-    Disk, DiskCreate, Host, HostCreate, HostPatch, HostQuery, Page, PageQuery, Problem, Site,
-    SiteCreate, SitePatch, SiteQuery, Vm, VmCreate, VmPatch, VmQuery,
+    ConsoleQuery, Disk, DiskCreate, Host, HostCreate, HostPatch, HostQuery, Page, PageQuery,
+    Problem, Site, SiteCreate, SitePatch, SiteQuery, Vm, VmConsole, VmCreate, VmPatch, VmQuery,
+    CONSOLE_MAX_BYTES,
 };
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -146,16 +148,74 @@ pub async fn list_vms(
     Ok(ApiJson(s.store.list_vms(&q, &p).await?))
 }
 
+impl From<VmCommandError> for ApiError {
+    fn from(e: VmCommandError) -> Self {
+        let detail = e.to_string();
+        match e {
+            VmCommandError::Store(s) => s.into(),
+            VmCommandError::HostUnreachable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "host.unreachable", detail)
+            }
+            VmCommandError::Timeout { .. } => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "host.timeout", detail)
+            }
+            VmCommandError::ConsoleUnavailable { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "vm.console_unavailable", detail)
+            }
+            VmCommandError::CreateRefused { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "vm.create_refused", detail)
+            }
+            VmCommandError::BadAnswer { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "host.bad_answer", detail)
+            }
+        }
+    }
+}
+
+/// Creates a VM. On a host with an agent the agent creates it (disks, NICs, boot) and
+/// starts it, and the answer is the VM as the agent reports it; the host's agent must be
+/// connected (503 otherwise). On a host no agent ever registered for, the VM is recorded.
 #[utoipa::path(post, path = "/api/v1/vms", tag = "inventory", request_body = VmCreate,
-    responses((status = 201, body = Vm), (status = 409, body = Problem), (status = 422, body = Problem)), security(("bearer" = [])))]
+    responses((status = 201, body = Vm), (status = 409, body = Problem, description = "Name taken, or the agent refused"),
+        (status = 422, body = Problem), (status = 503, body = Problem, description = "The host's agent is not connected"),
+        (status = 504, body = Problem)), security(("bearer" = [])))]
 pub async fn create_vm(
     State(s): State<AppState>,
     c: Caller,
     ApiJson(body): ApiJson<VmCreate>,
 ) -> Result<Response, ApiError> {
     c.require(Role::Admin)?;
-    let vm = s.store.create_vm(&c.actor(), body).await?;
+    let vm = vms::create_vm(&s.control, &c.actor(), body).await?;
     Ok(created(format!("/api/v1/vms/{}", vm.id), vm))
+}
+
+/// The end of the VM's serial console log, read now from its host (operator: a console
+/// may show what viewers should not see).
+#[utoipa::path(get, path = "/api/v1/vms/{id}/console", tag = "inventory", params(("id" = String, Path), ConsoleQuery),
+    responses((status = 200, body = VmConsole), (status = 400, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "The host cannot read this VM's console (`vm.console_unavailable`)"),
+        (status = 503, body = Problem, description = "The host's agent is not connected (`host.unreachable`)"),
+        (status = 504, body = Problem, description = "The host did not answer within 15 s")),
+    security(("bearer" = [])))]
+pub async fn vm_console(
+    State(s): State<AppState>,
+    c: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ConsoleQuery>,
+) -> Result<ApiJson<VmConsole>, ApiError> {
+    c.require(Role::Operator)?;
+    let max_bytes = q.max_bytes.unwrap_or(CONSOLE_MAX_BYTES);
+    if !(1..=CONSOLE_MAX_BYTES).contains(&max_bytes) {
+        let mut a = ApiError::bad_request(
+            "request.invalid_max_bytes",
+            format!("max_bytes must be 1 to {CONSOLE_MAX_BYTES}"),
+        );
+        a.field = Some("max_bytes".into());
+        return Err(a);
+    }
+    Ok(ApiJson(
+        vms::read_console(&s.control, &id, max_bytes).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{id}", tag = "inventory", params(("id" = String, Path)),

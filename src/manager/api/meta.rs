@@ -167,8 +167,28 @@ pub async fn lookups(c: Caller) -> Result<ApiJson<Lookups>, ApiError> {
             (
                 "app_consistent",
                 "App-consistent",
-                "taken with the guests quiesced",
+                "taken with every guest's file systems frozen by its guest agent",
             ),
+        ]),
+        quiesce_methods: fixed(&[
+            (
+                "guest_agent",
+                "Guest agent",
+                "the guest agent froze the file systems: application consistent",
+            ),
+            (
+                "paused",
+                "Paused",
+                "the VM's CPUs were paused (no guest agent): crash consistent only",
+            ),
+        ]),
+        boot_kinds: fixed(&[
+            (
+                "kernel",
+                "Kernel",
+                "direct kernel boot from files on the host that runs the VM",
+            ),
+            ("firmware", "Firmware", "the firmware boots the first disk"),
         ]),
         task_states: fixed(&[
             ("pending", "Pending", "accepted, not started"),

@@ -100,6 +100,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
             inventory::update_vm,
             inventory::delete_vm
         ))
+        .routes(routes!(inventory::vm_console))
         .routes(routes!(inventory::list_disks, inventory::add_disk))
         .routes(routes!(inventory::delete_disk))
         .routes(routes!(vpgs::list_vpgs, vpgs::create_vpg))

@@ -1,8 +1,9 @@
 //! Agents under the manager: the control channel (`channel`), who is connected and what
 //! they last said (`hub`), the desired state each host must run and the inventory they
 //! report (`reconcile`), checkpoint rounds with the cross-host consistency barrier
-//! (`rounds`), which checkpoints every journal of a VPG holds (`recovery`), and the VPG
-//! status that follows from all of it (`evaluate`).
+//! (`rounds`), which checkpoints every journal of a VPG holds (`recovery`), the VPG
+//! status that follows from all of it (`evaluate`), and VM requests that go through a
+//! VM's host (`vms`: create, console).
 //!
 //! The database holds what should be; agents report what is. Nothing here replays
 //! commands: every (re)connection and every change recomputes the desired state from the
@@ -16,6 +17,7 @@ pub mod reconcile;
 pub mod recovery;
 pub mod replicas;
 pub mod rounds;
+pub mod vms;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -11,6 +11,11 @@
 //! 3. Every host answers `Released`; only if all released on time (the agent did not
 //!    have to release by itself at the bound) is the checkpoint stored.
 //!
+//! A round asked to quiesce (app-consistent) is stored with the weakest quiesce method
+//! the hosts answered in `Held` (`model::checkpoints::round_quiesce`), and only as
+//! app-consistent when every guest agent froze its file systems
+//! (`model::checkpoints::round_kind`).
+//!
 //! Any error, silence or late answer aborts the round (`Abort` to all, no row); the
 //! markers already in the journals are harmless, since nothing refers to them. Rounds of
 //! different VPGs run concurrently; one VPG's rounds never overlap.
@@ -33,10 +38,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::ControlPlane;
 use crate::manager::store::{Actor, LiveVpg, NewCheckpoint, Store, StoreError};
-use crate::model::checkpoints::next_round_id;
+use crate::model::checkpoints::{next_round_id, round_kind, round_quiesce};
 use crate::model::status::Lifecycle;
 use crate::proto::api::Checkpoint;
-use crate::proto::control::{CheckpointKind, ManagerMessage, RoundHeld, RoundHold, RoundReleased};
+use crate::proto::control::{
+    CheckpointKind, ManagerMessage, QuiesceMethod, RoundHeld, RoundHold, RoundReleased,
+};
 
 /// Samples kept for the hold-time and latency percentiles.
 const SAMPLES: usize = 10_000;
@@ -117,6 +124,14 @@ pub struct RoundStats {
 enum Reply {
     Held(RoundHeld),
     Released(RoundReleased),
+}
+
+/// What a completed round reports.
+struct Outcome {
+    /// The longest write-completion hold across its hosts, µs.
+    hold_us: u64,
+    /// How its guests were quiesced (None: not asked).
+    quiesce: Option<QuiesceMethod>,
 }
 
 /// Aborted rounds of one VPG since they were last reported.
@@ -433,16 +448,27 @@ impl Rounds {
             self.unsafe_round(cp, vpg_id, round, &req, &plan, rx).await
         };
         match result {
-            Ok(hold_us) => {
+            Ok(Outcome { hold_us, quiesce }) => {
                 self.record(hold_us, started.elapsed());
                 cp.metrics
                     .observe_round(Some(Duration::from_micros(hold_us)));
+                let kind = round_kind(req.kind, req.tag.is_some(), quiesce);
+                if kind != req.kind {
+                    tracing::info!(
+                        vpg = vpg_id,
+                        round,
+                        asked = req.kind.as_str(),
+                        stored = kind.as_str(),
+                        "guests were paused, not frozen: the checkpoint is crash consistent only"
+                    );
+                }
                 let c = NewCheckpoint {
                     id: round,
                     vpg_id: vpg_id.to_string(),
                     taken_at,
-                    kind: req.kind,
+                    kind,
                     tag: req.tag.clone(),
+                    quiesce,
                 };
                 match actor {
                     // Asked for by an operator: audited, in its own transaction.
@@ -472,7 +498,8 @@ impl Rounds {
         }
     }
 
-    /// Phases 1 and 2 with the barrier. Returns the longest hold (µs) or why it failed.
+    /// Phases 1 and 2 with the barrier. Returns the longest hold and how the guests were
+    /// quiesced, or why it failed.
     async fn barrier_round(
         &self,
         cp: &ControlPlane,
@@ -481,7 +508,7 @@ impl Rounds {
         req: &RoundRequest,
         plan: &Plan,
         mut rx: mpsc::UnboundedReceiver<(String, Reply)>,
-    ) -> Result<u64, String> {
+    ) -> Result<Outcome, String> {
         let bound = cp.settings.hold_bound;
         let abort = |why: String| {
             for host in plan.keys() {
@@ -496,7 +523,8 @@ impl Rounds {
             }
         }
         let deadline = tokio::time::Instant::now() + bound;
-        let mut held: HashSet<&str> = HashSet::new();
+        // Host → how it quiesced.
+        let mut held: HashMap<&str, Option<QuiesceMethod>> = HashMap::new();
         while held.len() < plan.len() {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some((host, Reply::Held(h)))) => {
@@ -506,7 +534,7 @@ impl Rounds {
                     if let Some(e) = h.error {
                         return abort(format!("{host}: {e}"));
                     }
-                    held.insert(name.as_str());
+                    held.insert(name.as_str(), h.quiesce);
                 }
                 Ok(Some((host, Reply::Released(r)))) => {
                     // Released before we released: the host gave up holding.
@@ -517,7 +545,7 @@ impl Rounds {
                     let missing: Vec<&str> = plan
                         .keys()
                         .map(String::as_str)
-                        .filter(|h| !held.contains(h))
+                        .filter(|h| !held.contains_key(h))
                         .collect();
                     return abort(format!(
                         "no Held within {} ms from {}",
@@ -564,7 +592,10 @@ impl Rounds {
                 }
             }
         }
-        Ok(released.values().copied().max().unwrap_or(0))
+        Ok(Outcome {
+            hold_us: released.values().copied().max().unwrap_or(0),
+            quiesce: round_quiesce(req.quiesce, held.into_values()),
+        })
     }
 
     /// Test-only mode without the barrier: each host inserts its markers and goes on at
@@ -578,8 +609,9 @@ impl Rounds {
         req: &RoundRequest,
         plan: &Plan,
         mut rx: mpsc::UnboundedReceiver<(String, Reply)>,
-    ) -> Result<u64, String> {
+    ) -> Result<Outcome, String> {
         let bound = cp.settings.hold_bound;
+        let mut methods = Vec::with_capacity(plan.len());
         for (host, vms) in plan {
             let hold = hold_message(cp, vpg_id, round, req, vms, false);
             cp.hub
@@ -592,6 +624,7 @@ impl Rounds {
                         if let Some(e) = r.error {
                             return Err(format!("{host}: {e}"));
                         }
+                        methods.push(r.quiesce);
                         break;
                     }
                     Ok(Some(_)) => continue,
@@ -600,7 +633,10 @@ impl Rounds {
                 }
             }
         }
-        Ok(0)
+        Ok(Outcome {
+            hold_us: 0,
+            quiesce: round_quiesce(req.quiesce, methods),
+        })
     }
 }
 
@@ -765,6 +801,8 @@ fn stored(c: NewCheckpoint) -> Checkpoint {
         kind: c.kind.as_str().to_string(),
         tag: c.tag,
         recoverable: false,
+        quiesce: c.quiesce.map(|q| q.as_str().to_string()),
+        app_consistent: c.quiesce == Some(QuiesceMethod::GuestAgent),
     }
 }
 
@@ -1030,6 +1068,8 @@ mod tests {
             taken_at: crate::manager::store::now(),
             kind: CheckpointKind::Scheduled,
             tag: None,
+            // Every other row carries a quiesce method, to show the writer keeps it.
+            quiesce: (id % 2 == 0).then_some(QuiesceMethod::Paused),
         }
     }
 
@@ -1064,14 +1104,16 @@ mod tests {
             1,
             "one transaction for the batch"
         );
-        let ids: Vec<i64> = entity::checkpoint::Entity::find()
+        let rows = entity::checkpoint::Entity::find()
             .all(store.connection())
             .await
-            .expect("rows")
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
+            .expect("rows");
+        let ids: Vec<i64> = rows.iter().map(|m| m.id).collect();
         assert_eq!(ids, (1_000..1_120).collect::<Vec<i64>>());
+        for m in &rows {
+            let want = (m.id % 2 == 0).then_some("paused");
+            assert_eq!(m.quiesce.as_deref(), want, "row {}", m.id);
+        }
 
         // A bad row (VPG deleted while its round ran) fails alone.
         let (a, ra) = oneshot::channel();

@@ -322,7 +322,7 @@ fn recover_vm(o: &Operation, m: &OpMember, s: &VpgSettings) -> RecoverVm {
         memory_mib: m.memory_mib,
         network: recovery_network(&m.settings, s, is_test(o)),
         ip_address: recovery_ip(&m.settings, is_test(o)),
-        boot: None,
+        boot: m.boot.clone(),
         disks: m
             .disks
             .iter()

@@ -14,7 +14,7 @@ use crate::model::membership::member_needs_configuration;
 use crate::model::settings::VpgSettings;
 use crate::model::status::{Lifecycle, VpgStatus, VpgSubStatus};
 use crate::proto::api::Checkpoint;
-use crate::proto::control::CheckpointKind;
+use crate::proto::control::{CheckpointKind, QuiesceMethod};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -142,6 +142,8 @@ pub struct NewCheckpoint {
     pub taken_at: DateTime<Utc>,
     pub kind: CheckpointKind,
     pub tag: Option<String>,
+    /// How the round's guests were quiesced; None when it did not quiesce.
+    pub quiesce: Option<QuiesceMethod>,
 }
 
 /// One end of a VPG's recoverable span.
@@ -523,6 +525,7 @@ impl Store {
             kind: Set(c.kind.as_str().to_string()),
             tag: Set(c.tag.clone()),
             recoverable: Set(false),
+            quiesce: Set(c.quiesce.map(|q| q.as_str().to_string())),
         }
         .insert(&txn)
         .await?;
@@ -538,19 +541,15 @@ impl Store {
                 },
             )
             .vpg(&c.vpg_id)
-            .details(serde_json::json!({"id": m.id, "kind": c.kind.as_str(), "tag": c.tag}))
+            .details(
+                serde_json::json!({"id": m.id, "kind": c.kind.as_str(), "tag": c.tag,
+                "quiesce": c.quiesce.map(QuiesceMethod::as_str)}),
+            )
             .write(&txn, actor)
             .await?;
         }
         self.commit(txn).await?;
-        Ok(Checkpoint {
-            id: m.id,
-            vpg_id: m.vpg_id,
-            taken_at: m.taken_at,
-            kind: m.kind,
-            tag: m.tag,
-            recoverable: m.recoverable,
-        })
+        Ok(super::records::to_checkpoint(m))
     }
 
     /// Marks checkpoints recoverable; the first one ever starts the VPG's protection age.

@@ -607,6 +607,7 @@ impl Store {
                         ip_address: recovery_ip(&ms, false),
                         boot_group: ms.boot_group,
                         boot_delay_secs: u64::from(ms.boot_delay_secs),
+                        boot: super::inventory::boot_of(v.boot.as_deref()),
                     },
                     vpg_id: m.vpg_id,
                     vm: v.name.clone(),
@@ -727,7 +728,7 @@ impl Store {
         let txn = self.db.begin().await?;
         NewEvent {
             kind: &kind,
-            severity: agent_event_severity(&ev.kind),
+            severity: agent_event_severity(&ev.kind, &ev.details),
             vpg_id: vpg_id.as_deref(),
             subject_type: "host",
             subject_id: Some(host_id),
@@ -826,8 +827,19 @@ fn agent_event_kind(kind: &str) -> String {
     }
 }
 
-fn agent_event_severity(kind: &str) -> &'static str {
+fn agent_event_severity(kind: &str, details: &serde_json::Value) -> &'static str {
     match kind {
+        // A VM that went off without being asked to (QEMU ended, failed, had nothing to
+        // boot) is down against the operator's will; a guest powering itself off is not.
+        "vm_power" => match details.get("cause").and_then(serde_json::Value::as_str) {
+            Some("exited" | "failed" | "no_boot") => "warning",
+            _ => "info",
+        },
+        // A guest's disk failed under it (QEMU stopped the VM on the error): its
+        // application is down now.
+        "vm_block_io_error" => "error",
+        // The guest shut down, stopped or resumed: what a VM does, not a fault.
+        "vm_shutdown" | "vm_stopped" | "vm_resumed" => "info",
         "disk_bitmap_only" | "replica_behind" | "stream_disconnected" | "storage_error" => {
             "warning"
         }
@@ -899,8 +911,28 @@ mod tests {
         let d = agent_event_details(&end, None);
         assert_eq!(d["blocks_sent"], 12);
         assert_eq!(d["duration_ms"], 40);
-        assert_eq!(agent_event_severity("replica_behind"), "warning");
-        assert_eq!(agent_event_severity("sync_started"), "info");
+        let none = serde_json::Value::Null;
+        assert_eq!(agent_event_severity("replica_behind", &none), "warning");
+        assert_eq!(agent_event_severity("sync_started", &none), "info");
+        assert_eq!(agent_event_severity("vm_block_io_error", &none), "error");
+        assert_eq!(agent_event_severity("journal_error", &none), "warning");
+        for k in ["vm_shutdown", "vm_stopped", "vm_resumed", "vm_power"] {
+            assert_eq!(agent_event_severity(k, &none), "info", "{k}");
+        }
+        let power = |cause: &str| serde_json::json!({"state": "off", "cause": cause});
+        for (cause, want) in [
+            ("request", "info"),
+            ("guest", "info"),
+            ("exited", "warning"),
+            ("failed", "warning"),
+            ("no_boot", "warning"),
+        ] {
+            assert_eq!(
+                agent_event_severity("vm_power", &power(cause)),
+                want,
+                "{cause}"
+            );
+        }
     }
 
     #[test]

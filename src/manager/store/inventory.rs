@@ -1,4 +1,5 @@
-//! Sites, hosts, VMs and disks.
+//! Sites, hosts, VMs and disks, and the inventory agents report (VMs with their disks,
+//! NICs and how they boot).
 
 use super::entity::{disk, host, member, site, vm, vpg};
 use super::{
@@ -13,7 +14,7 @@ use crate::proto::api::{
     Connectivity, Disk, DiskCreate, Host, HostCreate, HostPatch, HostQuery, Nic, Page, PageQuery,
     PowerState, Site, SiteCreate, SitePatch, SiteQuery, Vm, VmCreate, VmPatch, VmQuery,
 };
-use crate::proto::control::{Inventory, InventoryDisk};
+use crate::proto::control::{self, Inventory, InventoryDisk};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel, PaginatorTrait,
     QueryFilter, QueryOrder, QuerySelect, Set, TransactionTrait,
@@ -21,7 +22,10 @@ use sea_orm::{
 use std::collections::{HashMap, HashSet};
 
 const MAX_DISKS_PER_VM: usize = 64;
-const MAX_NICS_PER_VM: usize = 32;
+/// NICs per VM (virtio NICs each take a PCI slot of the VM).
+pub const MAX_NICS_PER_VM: usize = 8;
+/// Longest boot file path and kernel command line, in bytes.
+const MAX_BOOT_TEXT: usize = 4096;
 
 fn to_site(m: site::Model) -> Site {
     Site {
@@ -89,17 +93,130 @@ pub(super) fn check_text(field: &str, v: &Option<String>) -> Result<(), Validati
     }
 }
 
-fn check_nics(nics: &[Nic]) -> Result<(), ValidationError> {
-    if nics.len() > MAX_NICS_PER_VM {
+fn check_nic_count(n: usize) -> Result<(), ValidationError> {
+    if n > MAX_NICS_PER_VM {
         return Err(ValidationError::new(
             "vm.too_many_nics",
             "nics",
-            format!("a VM has at most {MAX_NICS_PER_VM} NICs"),
+            format!("a VM has at most {MAX_NICS_PER_VM} NICs, not {n}"),
         ));
     }
+    Ok(())
+}
+
+/// A MAC address as `xx:xx:xx:xx:xx:xx` (hex digits, either case).
+fn check_mac(field: &str, mac: &Option<String>) -> Result<(), ValidationError> {
+    let Some(mac) = mac else { return Ok(()) };
+    let groups: Vec<&str> = mac.split(':').collect();
+    let ok = groups.len() == 6
+        && groups
+            .iter()
+            .all(|g| g.len() == 2 && g.bytes().all(|b| b.is_ascii_hexdigit()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            "vm.nic_mac_invalid",
+            field,
+            format!("`{mac}` is not a MAC address such as 52:54:00:12:34:56 (six pairs of hex digits separated by colons)"),
+        ))
+    }
+}
+
+/// A boot file on the host: an absolute path, no control characters.
+fn check_boot_path(field: &str, what: &str, p: &str) -> Result<(), ValidationError> {
+    if p.trim().is_empty() {
+        return Err(ValidationError::new(
+            "vm.boot_path_invalid",
+            field,
+            format!("the {what} path is empty: give the absolute path of the file on the host"),
+        ));
+    }
+    if !p.starts_with('/') {
+        return Err(ValidationError::new(
+            "vm.boot_path_invalid",
+            field,
+            format!("the {what} path `{p}` is not absolute: it must start with `/`"),
+        ));
+    }
+    if p.len() > MAX_BOOT_TEXT || p.chars().any(char::is_control) {
+        return Err(ValidationError::new(
+            "vm.boot_path_invalid",
+            field,
+            format!(
+                "the {what} path must be at most {MAX_BOOT_TEXT} bytes without control characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// How a VM boots: for a kernel boot, absolute kernel (and initrd) paths and a bounded
+/// command line.
+pub(crate) fn check_boot(boot: &control::Boot) -> Result<(), ValidationError> {
+    let control::Boot::Kernel {
+        kernel,
+        initrd,
+        cmdline,
+    } = boot
+    else {
+        return Ok(());
+    };
+    check_boot_path("boot.kernel", "kernel", kernel)?;
+    if let Some(i) = initrd {
+        check_boot_path("boot.initrd", "initrd", i)?;
+    }
+    if cmdline.len() > MAX_BOOT_TEXT || cmdline.chars().any(char::is_control) {
+        return Err(ValidationError::new(
+            "vm.boot_cmdline_invalid",
+            "boot.cmdline",
+            format!(
+                "the kernel command line must be at most {MAX_BOOT_TEXT} bytes without control characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `vms.boot` as stored: JSON of the boot definition.
+pub(super) fn boot_json(boot: Option<&control::Boot>) -> Option<String> {
+    boot.and_then(|b| serde_json::to_string(b).ok())
+}
+
+/// `vms.boot` as read; a value that no longer parses counts as unknown.
+pub(super) fn boot_of(stored: Option<&str>) -> Option<control::Boot> {
+    stored.and_then(|s| serde_json::from_str(s).ok())
+}
+
+/// The NICs to store for what an agent reports: network and MAC as reported, in order;
+/// the name and addresses (the operator's, which the agent does not know) kept from the
+/// stored NIC at the same position, else named `net<i>` (the hypervisor's own name).
+fn reported_nics(reported: &[control::Nic], stored: &[Nic]) -> Vec<Nic> {
+    reported
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let kept = stored.get(i);
+            Nic {
+                name: kept.map_or_else(|| format!("net{i}"), |k| k.name.clone()),
+                network: r.network.clone(),
+                mac: r.mac.clone(),
+                addresses: kept.map(|k| k.addresses.clone()).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+fn nics_of(stored: &serde_json::Value) -> Vec<Nic> {
+    serde_json::from_value(stored.clone()).unwrap_or_default()
+}
+
+fn check_nics(nics: &[Nic]) -> Result<(), ValidationError> {
+    check_nic_count(nics.len())?;
     for (i, n) in nics.iter().enumerate() {
         let at = format!("nics[{i}]");
         Name::parse(&n.name).map_err(|e| e.under(&at))?;
+        check_mac(&format!("{at}.mac"), &n.mac)?;
         if nics[..i].iter().any(|o| o.name == n.name) {
             return Err(ValidationError::new(
                 "vm.duplicate_nic",
@@ -537,6 +654,7 @@ impl Store {
                     site_id: sites.get(&m.host_id).cloned().unwrap_or_default(),
                     disks: disks.remove(&m.id).unwrap_or_default(),
                     nics: serde_json::from_value(m.nics).unwrap_or_default(),
+                    boot: boot_of(m.boot.as_deref()).map(Into::into),
                     power_state: PowerState::parse(&m.power_state).unwrap_or(PowerState::Off),
                     cpus: u32::try_from(m.cpus).unwrap_or(0),
                     memory_mib: u64_of(m.memory_mib),
@@ -620,30 +738,9 @@ impl Store {
         v.pop().ok_or_else(|| StoreError::not_found("vm", id))
     }
 
+    /// Records a VM (a host without an agent: nothing is created anywhere).
     pub async fn create_vm(&self, actor: &Actor, input: VmCreate) -> Result<Vm, StoreError> {
-        let name = Name::parse(&input.name)?;
-        check_nics(&input.nics)?;
-        if input.disks.len() > MAX_DISKS_PER_VM {
-            return Err(ValidationError::new(
-                "vm.too_many_disks",
-                "disks",
-                format!("a VM has at most {MAX_DISKS_PER_VM} disks"),
-            )
-            .into());
-        }
-        for (i, d) in input.disks.iter().enumerate() {
-            check_disk(d).map_err(|e| e.under(&format!("disks[{i}]")))?;
-            if input.disks[..i].iter().any(|o| o.name == d.name) {
-                return Err(ValidationError::new(
-                    "vm.duplicate_disk",
-                    format!("disks[{i}].name"),
-                    format!("disk `{}` is listed twice", d.name),
-                )
-                .into());
-            }
-        }
-        let cpus = check_cpus(input.cpus)?;
-        let memory = check_memory(input.memory_mib)?;
+        let name = check_vm_create(&input)?;
         let _w = self.write_guard().await;
         let txn = self.db.begin().await?;
         if host::Entity::find_by_id(&input.host_id)
@@ -651,38 +748,59 @@ impl Store {
             .await?
             .is_none()
         {
-            return Err(ValidationError::new(
-                "vm.unknown_host",
-                "host_id",
-                format!("no host with id {}", input.host_id),
-            )
-            .into());
+            return Err(unknown_host(&input.host_id).into());
         }
-        let t = now();
-        let id = new_id();
-        let m = vm::ActiveModel {
-            id: Set(id.clone()),
-            host_id: Set(input.host_id),
-            name: Set(name.to_string()),
-            power_state: Set(input.power_state.as_str().to_string()),
-            cpus: Set(cpus),
-            memory_mib: Set(memory),
-            nics: Set(serde_json::to_value(&input.nics).unwrap_or_default()),
-            created_at: Set(t),
-            updated_at: Set(t),
-        }
-        .insert(&txn)
-        .await
-        .map_err(on_unique(
-            "vm.name_taken",
-            format!("the host already has a VM named `{name}`"),
-        ))?;
-        for d in input.disks {
-            insert_disk(&txn, &id, d, None).await?;
-        }
-        NewEvent::info("vm.created", "vm", &id, format!("VM {name} created"))
+        let m = insert_vm(&txn, &name, input).await?;
+        NewEvent::info("vm.created", "vm", &m.id, format!("VM {name} created"))
             .write(&txn, actor)
             .await?;
+        let id = m.id.clone();
+        let mut out = self.to_vms(&txn, vec![m]).await?;
+        self.commit(txn).await?;
+        out.pop().ok_or_else(|| StoreError::not_found("vm", &id))
+    }
+
+    /// Records a VM a host's agent has just created for `input` (its inventory, sent
+    /// before the command's answer, usually holds it already): the operator's NIC names
+    /// and addresses go onto the NICs the agent reports, by position, and the creation is
+    /// audited as the operator's. A VM the inventory did not bring is recorded as asked.
+    pub async fn record_created_vm(
+        &self,
+        actor: &Actor,
+        input: VmCreate,
+    ) -> Result<Vm, StoreError> {
+        let name = check_vm_create(&input)?;
+        let _w = self.write_guard().await;
+        let txn = self.db.begin().await?;
+        let found = vm::Entity::find()
+            .filter(vm::Column::HostId.eq(input.host_id.as_str()))
+            .filter(vm::Column::Name.eq(name.as_str()))
+            .one(&txn)
+            .await?;
+        let m = match found {
+            Some(cur) => {
+                let mut nics = nics_of(&cur.nics);
+                for (n, asked) in nics.iter_mut().zip(&input.nics) {
+                    n.name.clone_from(&asked.name);
+                    n.addresses.clone_from(&asked.addresses);
+                }
+                let mut am = cur.into_active_model();
+                am.nics = Set(serde_json::to_value(&nics).unwrap_or_default());
+                am.updated_at = Set(now());
+                am.update(&txn).await?
+            }
+            None => insert_vm(&txn, &name, input).await?,
+        };
+        NewEvent::info(
+            "vm.created",
+            "vm",
+            &m.id,
+            format!("VM {name} created by its host's agent"),
+        )
+        .details(serde_json::json!({ "host_id": m.host_id, "by_agent": true }))
+        .write(&txn, actor)
+        .await?;
+        let id = m.id.clone();
         let mut out = self.to_vms(&txn, vec![m]).await?;
         self.commit(txn).await?;
         out.pop().ok_or_else(|| StoreError::not_found("vm", &id))
@@ -899,6 +1017,78 @@ async fn insert_disk(
     ))
 }
 
+/// Every rule of a new VM that needs no database (name, NICs, disks, CPUs, memory,
+/// boot). Returns the VM's name, parsed.
+pub fn check_vm_create(input: &VmCreate) -> Result<String, StoreError> {
+    let name = Name::parse(&input.name)?;
+    check_nics(&input.nics)?;
+    if input.disks.len() > MAX_DISKS_PER_VM {
+        return Err(ValidationError::new(
+            "vm.too_many_disks",
+            "disks",
+            format!("a VM has at most {MAX_DISKS_PER_VM} disks"),
+        )
+        .into());
+    }
+    for (i, d) in input.disks.iter().enumerate() {
+        check_disk(d).map_err(|e| e.under(&format!("disks[{i}]")))?;
+        if input.disks[..i].iter().any(|o| o.name == d.name) {
+            return Err(ValidationError::new(
+                "vm.duplicate_disk",
+                format!("disks[{i}].name"),
+                format!("disk `{}` is listed twice", d.name),
+            )
+            .into());
+        }
+    }
+    check_cpus(input.cpus)?;
+    check_memory(input.memory_mib)?;
+    if let Some(b) = &input.boot {
+        check_boot(&b.clone().into())?;
+    }
+    Ok(name.to_string())
+}
+
+pub(crate) fn unknown_host(id: &str) -> ValidationError {
+    ValidationError::new(
+        "vm.unknown_host",
+        "host_id",
+        format!("no host with id {id}"),
+    )
+}
+
+/// The VM's row and its disks (checked by [`check_vm_create`]).
+async fn insert_vm(
+    db: &impl ConnectionTrait,
+    name: &str,
+    input: VmCreate,
+) -> Result<vm::Model, StoreError> {
+    let t = now();
+    let boot = input.boot.map(control::Boot::from);
+    let m = vm::ActiveModel {
+        id: Set(new_id()),
+        host_id: Set(input.host_id),
+        name: Set(name.to_string()),
+        power_state: Set(input.power_state.as_str().to_string()),
+        cpus: Set(check_cpus(input.cpus)?),
+        memory_mib: Set(check_memory(input.memory_mib)?),
+        nics: Set(serde_json::to_value(&input.nics).unwrap_or_default()),
+        boot: Set(boot_json(boot.as_ref())),
+        created_at: Set(t),
+        updated_at: Set(t),
+    }
+    .insert(db)
+    .await
+    .map_err(on_unique(
+        "vm.name_taken",
+        format!("the host already has a VM named `{name}`"),
+    ))?;
+    for d in input.disks {
+        insert_disk(db, &m.id, d, None).await?;
+    }
+    Ok(m)
+}
+
 /// The Hyper-V-style state of a VM from its VPG's lifecycle (None: not protected).
 pub(crate) fn vm_state(vpg: Option<&(String, bool)>) -> VmReplicationState {
     let facts = match vpg {
@@ -945,6 +1135,13 @@ pub(super) fn check_inventory(inv: &Inventory) -> Result<(), StoreError> {
         }
         check_cpus(v.cpus).map_err(|e| e.under(&at))?;
         check_memory(v.memory_mib)?;
+        check_nic_count(v.nics.len()).map_err(|e| e.under(&at))?;
+        for (j, n) in v.nics.iter().enumerate() {
+            check_mac(&format!("{at}.nics[{j}].mac"), &n.mac)?;
+        }
+        if let Some(b) = &v.boot {
+            check_boot(b).map_err(|e| e.under(&at))?;
+        }
         if v.disks.len() > MAX_DISKS_PER_VM {
             return Err(ValidationError::new(
                 "vm.too_many_disks",
@@ -1035,12 +1232,21 @@ impl Store {
             let vm_id = match by_name.remove(&name) {
                 Some(cur) => {
                     let id = cur.id.clone();
-                    if cur.power_state != power || cur.cpus != cpus || cur.memory_mib != memory {
+                    let stored_nics = nics_of(&cur.nics);
+                    let nics = reported_nics(&r.nics, &stored_nics);
+                    if cur.power_state != power
+                        || cur.cpus != cpus
+                        || cur.memory_mib != memory
+                        || boot_of(cur.boot.as_deref()) != r.boot
+                        || stored_nics != nics
+                    {
                         let returned = cur.power_state == PowerState::Missing.as_str();
                         let mut am = cur.into_active_model();
                         am.power_state = Set(power.to_string());
                         am.cpus = Set(cpus);
                         am.memory_mib = Set(memory);
+                        am.boot = Set(boot_json(r.boot.as_ref()));
+                        am.nics = Set(serde_json::to_value(&nics).unwrap_or_default());
                         am.updated_at = Set(t);
                         am.update(&txn).await?;
                         if returned {
@@ -1066,7 +1272,9 @@ impl Store {
                         power_state: Set(power.to_string()),
                         cpus: Set(cpus),
                         memory_mib: Set(memory),
-                        nics: Set(serde_json::json!([])),
+                        nics: Set(serde_json::to_value(reported_nics(&r.nics, &[]))
+                            .unwrap_or_else(|_| serde_json::json!([]))),
+                        boot: Set(boot_json(r.boot.as_ref())),
                         created_at: Set(t),
                         updated_at: Set(t),
                     }

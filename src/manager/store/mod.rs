@@ -22,6 +22,8 @@ pub use checkpoints::{
     StatusUpdate, VpgFingerprint,
 };
 pub use control::{Admitted, DesiredRows, ReplicaTarget, DEFAULT_ENROLMENT_SECS, ENROLMENT_PREFIX};
+pub(crate) use inventory::unknown_host;
+pub use inventory::{check_vm_create, MAX_NICS_PER_VM};
 pub use tokens::{hash_secret, AuthenticatedToken};
 pub use vpgs::{MetricCounts, VpgDeletion};
 pub use webhooks::{

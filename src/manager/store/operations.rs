@@ -157,6 +157,8 @@ pub struct OpMember {
     pub settings: MemberSettings,
     /// (name, agent disk id, size) in name order.
     pub disks: Vec<(String, Option<u64>, u64)>,
+    /// How the VM boots (its recovered VM boots the same way); None when not known.
+    pub boot: Option<crate::proto::control::Boot>,
 }
 
 /// A VPG as an operation needs it.
@@ -244,6 +246,7 @@ impl Store {
                 recovery_host: rh.map(|h| h.name),
                 settings,
                 disks,
+                boot: super::inventory::boot_of(vm.boot.as_deref()),
             });
         }
         out.sort_by(|a, b| a.vm.cmp(&b.vm));

@@ -8,6 +8,7 @@ use crate::proto::api::{
     Alert, AlertQuery, Checkpoint, CheckpointQuery, Event, EventQuery, Page, PageQuery, Task,
     TaskQuery, TaskStep,
 };
+use crate::proto::control::QuiesceMethod;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 fn cursor_i64(c: &Option<String>) -> Result<Option<i64>, StoreError> {
@@ -24,7 +25,8 @@ fn cursor_i64(c: &Option<String>) -> Result<Option<i64>, StoreError> {
         .transpose()
 }
 
-fn to_checkpoint(m: checkpoint::Model) -> Checkpoint {
+pub(super) fn to_checkpoint(m: checkpoint::Model) -> Checkpoint {
+    let app_consistent = m.quiesce.as_deref() == Some(QuiesceMethod::GuestAgent.as_str());
     Checkpoint {
         id: m.id,
         vpg_id: m.vpg_id,
@@ -32,6 +34,8 @@ fn to_checkpoint(m: checkpoint::Model) -> Checkpoint {
         kind: m.kind,
         tag: m.tag,
         recoverable: m.recoverable,
+        quiesce: m.quiesce,
+        app_consistent,
     }
 }
 

@@ -12,6 +12,9 @@ pub struct Model {
     pub kind: String,
     pub tag: Option<String>,
     pub recoverable: bool,
+    /// How the round's guests were quiesced: `guest_agent`, `paused`, or None when the
+    /// round did not quiesce.
+    pub quiesce: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

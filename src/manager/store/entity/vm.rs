@@ -13,6 +13,8 @@ pub struct Model {
     pub cpus: i32,
     pub memory_mib: i64,
     pub nics: Json,
+    /// How the VM boots: JSON of `proto::control::Boot`; None when not known.
+    pub boot: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }
