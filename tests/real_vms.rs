@@ -16,6 +16,8 @@ mod guest;
 
 #[path = "real_vms/agent_kill.rs"]
 mod agent_kill;
+#[path = "real_vms/demo.rs"]
+mod demo;
 #[path = "real_vms/failover_test.rs"]
 mod failover_test;
 #[path = "real_vms/live.rs"]

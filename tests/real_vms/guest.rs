@@ -290,41 +290,39 @@ pub struct QemuReaper {
     pub root: PathBuf,
 }
 
-impl QemuReaper {
-    fn pid_files(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.file_name().is_some_and(|n| n == "qemu.pid") {
-                out.push(p);
-            } else if depth > 0 && p.is_dir() {
-                Self::pid_files(&p, out, depth - 1);
-            }
+fn pid_files(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.file_name().is_some_and(|n| n == "qemu.pid") {
+            out.push(p);
+        } else if depth > 0 && p.is_dir() {
+            pid_files(&p, out, depth - 1);
         }
     }
+}
 
-    /// Live QEMU processes of the lab.
-    pub fn running(&self) -> Vec<i32> {
-        let mut files = Vec::new();
-        Self::pid_files(&self.root, &mut files, 4);
-        files
-            .iter()
-            .filter_map(|f| std::fs::read_to_string(f).ok()?.trim().parse::<i32>().ok())
-            .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .ok()
-                    .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
-                    .unwrap_or(false)
-            })
-            .collect()
-    }
+/// Live QEMU processes whose pid files lie under `root`.
+pub fn qemus_under(root: &Path) -> Vec<i32> {
+    let mut files = Vec::new();
+    pid_files(root, &mut files, 4);
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok()?.trim().parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 impl Drop for QemuReaper {
     fn drop(&mut self) {
-        for pid in self.running() {
+        for pid in qemus_under(&self.root) {
             let _ = std::process::Command::new("kill")
                 .args(["-9", &pid.to_string()])
                 .status();
