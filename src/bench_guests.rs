@@ -7,10 +7,11 @@
 //!    verified every file of its manifest), for a VPG of one VM and a VPG of `group`
 //!    VMs in one boot group (until the last one is ready), against a plain cold boot of
 //!    a copy of the same disk from a local raw file (from starting QEMU to the same
-//!    line).
+//!    line), one alone and `group` at once (under TCG a boot is CPU-bound: `group`
+//!    guests on fewer cores cannot boot as fast as one, whoever starts them).
 //! 2. **Guest write throughput**: `dd oflag=direct` of `dd_mib` MiB inside the guest
-//!    (its `dd` line) onto a protected, replicating disk, onto the agent's NBD export
-//!    before the disk is protected, and onto a local raw file.
+//!    (its `dd` line) onto a protected, replicating disk, onto an agent's NBD export that
+//!    is not protected, and onto a local raw file, one after the other on an idle host.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -61,6 +62,7 @@ impl GuestBenchOpts {
 pub struct GuestBenchReport {
     pub accel: String,
     pub cold_boot_ms: f64,
+    pub cold_group_ms: f64,
     pub rto_one_ms: f64,
     pub rto_group_ms: f64,
     pub group: usize,
@@ -87,6 +89,9 @@ impl GuestBenchReport {
              ratio (target <= 1.30):              {r1:>8.2}\n\
              RTO to guest-ready, {g} VMs, 1 group: {grp:>8.0} ms\n\
              ratio to 1 VM (target <= 1.50):      {r2:>8.2}\n\
+             plain cold boot, {g} at once:         {cgrp:>8.0} ms\n\
+             \x20 its ratio to one plain boot:        {r5:>8.2}  (the machine's ceiling)\n\
+             ratio RTO {g} VMs / {g} plain at once: {r6:>8.2}\n\
              guest dd oflag=direct, {mib} MiB:\n\
              \x20 local raw file:                    {local:>8.1} MiB/s\n\
              \x20 agent NBD, not protected:          {plain:>8.1} MiB/s\n\
@@ -100,6 +105,9 @@ impl GuestBenchReport {
             g = self.group,
             grp = self.rto_group_ms,
             r2 = self.rto_group_ms / self.rto_one_ms,
+            cgrp = self.cold_group_ms,
+            r5 = self.cold_group_ms / self.cold_boot_ms,
+            r6 = self.rto_group_ms / self.cold_group_ms,
             mib = self.dd_local.0 / MIB,
             r3 = prot / local,
             r4 = prot / plain,
@@ -313,6 +321,12 @@ async fn run_in(
         section.push_str(&vm(name, i + 2, DISK, &verify));
     }
     section.push_str(&vm("dd", opts.group + 2, (opts.dd_mib + 16) * MIB, &dd));
+    section.push_str(&vm(
+        "dd-free",
+        opts.group + 3,
+        (opts.dd_mib + 16) * MIB,
+        &dd,
+    ));
     let prot = LabAgent::start(AgentSpec {
         data_dir: dir.join("prot"),
         host: "prot",
@@ -364,16 +378,17 @@ async fn measure(
 ) -> Result<GuestBenchReport, LabError> {
     let [prot, rec] = agents;
     let inv = api
-        .wait_inventory(group.len() + 2, &["prot", "rec"], Duration::from_secs(60))
+        .wait_inventory(group.len() + 3, &["prot", "rec"], Duration::from_secs(60))
         .await?;
     // The verifying guests write their files, then idle: their disks stay as tagged.
     for vm in std::iter::once("solo").chain(group.iter().map(String::as_str)) {
         console_line(prot, vm, "done", 1).await?;
     }
-    // The write guest ran once at start, before any protection: through the agent's
-    // NBD export, nothing replicated.
-    let unprotected = console_line(prot, "dd", "dd", 1).await?;
-    wait_power(prot, "dd", PowerState::Off).await?;
+    // The write guests ran once at start, while the others booted: not measured.
+    for vm in ["dd", "dd-free"] {
+        console_line(prot, vm, "dd", 1).await?;
+        wait_power(prot, vm, PowerState::Off).await?;
+    }
     let settings = json!({"checkpoint_interval_ms": 1000, "rpo_target_secs": 30, "journal_history_secs": 3600});
     let one = api
         .ensure_vpg(&inv, "one", "dr", settings.clone(), &[("solo", "rec")])
@@ -402,6 +417,23 @@ async fn measure(
         }
         cold.push(ms);
     }
+    // The same, `group` at once (each on its own copy).
+    let mut cold_group = Vec::new();
+    for _ in 0..opts.repeats {
+        let mut boots = Vec::new();
+        for i in 0..group.len() {
+            let disk = dir.join(format!("solo-copy-{i}.raw"));
+            std::fs::copy(&copy, &disk).map_err(io("copy the plain disk"))?;
+            let log = dir.join(format!("plain-serial-{i}.log"));
+            let cmd = plain_qemu(accel, kernel, initrd, verify, &disk, &log);
+            boots.push(async move { boot_until(cmd, &log, "ready").await });
+        }
+        let mut slowest: f64 = 0.0;
+        for r in futures::future::join_all(boots).await {
+            slowest = slowest.max(r?.0);
+        }
+        cold_group.push(slowest);
+    }
     let mut rto_one = Vec::new();
     let mut rto_group = Vec::new();
     for _ in 0..opts.repeats {
@@ -409,13 +441,18 @@ async fn measure(
         rto_group.push(timed_test(api, rec, &grp, group).await?);
     }
 
-    // Writes: protected and replicating, then a local raw file.
-    prot.vms
-        .set_power("dd", PowerState::On)
-        .await
-        .map_err(|e| setup(format!("power on the write guest: {e}")))?;
-    let protected = console_line(prot, "dd", "dd", 2).await?;
-    wait_power(prot, "dd", PowerState::Off).await?;
+    // Writes, one guest at a time: an unprotected export, a protected and replicating
+    // one, then a local raw file.
+    let mut second_run = Vec::new();
+    for vm in ["dd-free", "dd"] {
+        prot.vms
+            .set_power(vm, PowerState::On)
+            .await
+            .map_err(|e| setup(format!("power on {vm}: {e}")))?;
+        second_run.push(console_line(prot, vm, "dd", 2).await?);
+        wait_power(prot, vm, PowerState::Off).await?;
+    }
+    let (unprotected, protected) = (second_run[0].clone(), second_run[1].clone());
     let raw = dir.join("dd-local.raw");
     std::fs::File::create(&raw)
         .and_then(|f| f.set_len((opts.dd_mib + 16) * MIB))
@@ -435,6 +472,7 @@ async fn measure(
     Ok(GuestBenchReport {
         accel: accel.as_str().into(),
         cold_boot_ms: median(cold),
+        cold_group_ms: median(cold_group),
         rto_one_ms: median(rto_one),
         rto_group_ms: median(rto_group),
         group: group.len(),

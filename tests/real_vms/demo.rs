@@ -26,7 +26,14 @@ async fn the_demo_with_real_vms_protects_writing_guests_and_stops_cleanly() {
     let dir = tmp.path().join("demo");
     let _reaper = QemuReaper { root: dir.clone() };
     let child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
-        .args(["demo", "--real-vms", "--accel", "tcg", "--listen", "127.0.0.1:0"])
+        .args([
+            "demo",
+            "--real-vms",
+            "--accel",
+            "tcg",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .args(["--duration", "240", "--dir"])
         .arg(&dir)
         .arg("--guest-kernel")
@@ -69,20 +76,24 @@ async fn the_demo_with_real_vms_protects_writing_guests_and_stops_cleanly() {
     }
     assert_eq!(qemus_under(&dir).len(), 2, "two guests run");
     let pid = demo.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(60);
     let exit = loop {
         if let Some(s) = demo.0.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "demo did not stop within 60 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "demo did not stop within 60 s of SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(exit.success(), "demo exit status {exit}");
-    assert!(
-        qemus_under(&dir).is_empty(),
-        "the guests were powered off"
-    );
+    assert!(qemus_under(&dir).is_empty(), "the guests were powered off");
     for host in ["ny-esx-01", "ny-esx-02"] {
         let vms = dir.join("hosts").join(host).join("vms");
         let log: String = std::fs::read_dir(&vms)
