@@ -20,6 +20,8 @@ mod agent_kill;
 mod demo;
 #[path = "real_vms/failover_test.rs"]
 mod failover_test;
+#[path = "real_vms/firmware.rs"]
+mod firmware;
 #[path = "real_vms/live.rs"]
 mod live;
 #[path = "real_vms/power.rs"]

@@ -59,6 +59,8 @@ pub struct GuestVm {
     pub params: String,
     /// A kernel path instead of the test guest's (a bad one, say).
     pub kernel: Option<String>,
+    /// The firmware boots the disk instead of a kernel.
+    pub firmware: bool,
 }
 
 impl GuestVm {
@@ -69,6 +71,7 @@ impl GuestVm {
             size: 64 * MIB,
             params: params.into(),
             kernel: None,
+            firmware: false,
         }
     }
 }
@@ -113,6 +116,13 @@ pub fn qemu_toml(
             .kernel
             .clone()
             .unwrap_or_else(|| img.kernel.display().to_string());
+        if vm.firmware {
+            s.push_str(&format!(
+                "[[agent.vms]]\nname = {:?}\nmemory_mib = 64\ndisks = [{{ name = {:?}, id = {}, size = {} }}]\nboot = {{ kind = \"firmware\" }}\n",
+                vm.name, vm.name, vm.disk_id, vm.size
+            ));
+            continue;
+        }
         s.push_str(&format!(
             "[[agent.vms]]\nname = {:?}\nmemory_mib = 256\ndisks = [{{ name = {:?}, id = {}, size = {} }}]\nboot = {{ kind = \"kernel\", kernel = {:?}, initrd = {:?}, cmdline = {:?} }}\n",
             vm.name,

@@ -753,7 +753,7 @@ fn probe_accel(binary: &Path, scratch: &Path, kernel: Option<&str>) -> Accel {
     }
 }
 
-mod probe;
+pub mod probe;
 
 impl HypervisorDriver for QemuHypervisor {
     fn inventory(&self) -> Inventory {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The probe guest: a boot sector (assembled with nasm from the source below) that
+/// The probe guest (also a firmware-bootable disk for tests): a boot sector (assembled with nasm from the source below) that
 /// writes `R` to COM1, enters protected mode, then long mode with an identity-mapped
 /// 2 MiB page, writes `K\n` and halts.
 ///
@@ -30,7 +30,7 @@ const BOOT_SECTOR: &[&str] = &[
     "ffff0000009acf00ffff00000092cf0000000000009a20001f00987c",
 ];
 
-fn boot_sector() -> Vec<u8> {
+pub fn boot_sector() -> Vec<u8> {
     let mut s = hex::decode(BOOT_SECTOR.concat()).unwrap_or_default();
     s.resize(512, 0);
     s[510] = 0x55;
