@@ -54,13 +54,24 @@ for d in /sbin /usr/sbin; do [[ -x $d/mke2fs && -x $d/e2fsck ]] && { E2BIN=$d; b
 CACHE=$OUT/cache
 mkdir -p "$CACHE/debs"
 
+# apt_download PKG: into the cache; stale package lists (a mirror moved on since the
+# machine's last `apt-get update`) are refreshed once, as root, and the download retried.
+APT_REFRESHED=
+apt_download() {
+    (cd "$CACHE/debs" && apt-get download "$1" >&2) && return 0
+    [[ -z $APT_REFRESHED && $(id -u) == 0 ]] || return 1
+    APT_REFRESHED=1
+    echo "build.sh: apt-get update, then retrying $1" >&2
+    apt-get update -qq >&2 && (cd "$CACHE/debs" && apt-get download "$1" >&2)
+}
+
 # fetch_deb PKG: path of PKG's .deb in the cache, downloaded first if not cached
 fetch_deb() {
     local deb
     deb=$(ls "$CACHE/debs/$1"_*.deb 2>/dev/null | tail -n1 || true)
     if [[ -z $deb ]]; then
         echo "build.sh: downloading $1" >&2
-        (cd "$CACHE/debs" && apt-get download "$1" >&2) \
+        apt_download "$1" \
             || die "apt-get download $1 failed (needs a Debian mirror; try apt-get update)"
         deb=$(ls "$CACHE/debs/$1"_*.deb | tail -n1)
     fi
@@ -68,12 +79,21 @@ fetch_deb() {
 }
 
 # --- kernel package: resolve the meta package locally, download only if not cached
-KPKG=$(apt-cache depends "$KMETA" 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }' || true)
+kernel_pkg() {
+    apt-cache depends "$KMETA" 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }' || true
+}
+KPKG=$(kernel_pkg)
+if [[ -z $KPKG && $(id -u) == 0 ]] && ! ls "$CACHE/debs"/linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then
+    # no package lists yet (a fresh machine): fetch them once
+    APT_REFRESHED=1
+    apt-get update -qq >&2 || true
+    KPKG=$(kernel_pkg)
+fi
 if [[ -n $KPKG ]]; then
     DEB=$(ls "$CACHE/debs/${KPKG}"_*.deb 2>/dev/null | tail -n1 || true)
     if [[ -z $DEB ]]; then
         echo "build.sh: downloading $KPKG" >&2
-        (cd "$CACHE/debs" && apt-get download "$KPKG" >&2) \
+        apt_download "$KPKG" \
             || die "apt-get download $KPKG failed (needs a Debian mirror; try apt-get update)"
         DEB=$(ls "$CACHE/debs/${KPKG}"_*.deb | tail -n1)
     fi
