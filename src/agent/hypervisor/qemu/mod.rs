@@ -40,8 +40,11 @@ use crate::proto::control::{
     AgentEvent, ConsoleTail, Inventory, InventoryVm, PowerState, QuiesceMethod,
 };
 
-/// A serial log larger than this is moved to `serial.log.0` when the VM starts.
+/// A serial log larger than this is rotated (when the VM starts, and every
+/// `HOUSEKEEPING_EVERY` while it runs), keeping its last `SERIAL_KEEP_BYTES`.
 const SERIAL_ROTATE_BYTES: u64 = 1 << 20;
+const SERIAL_KEEP_BYTES: u64 = 256 << 10;
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
 /// Bound on QMP commands that should answer at once.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on QEMU's start (until it daemonizes, its disks connected and kernel loaded).
@@ -262,6 +265,19 @@ impl QemuHypervisor {
             machines: Mutex::new(BTreeMap::new()),
             me: me.clone(),
         });
+        // Keeps the running guests' serial logs bounded; ends with the driver.
+        let weak = Arc::downgrade(&hv);
+        std::thread::Builder::new()
+            .name("qemu-housekeeping".into())
+            .spawn(move || loop {
+                std::thread::sleep(HOUSEKEEPING_EVERY);
+                let Some(hv) = weak.upgrade() else { return };
+                let running: Vec<String> = lock(&hv.machines).keys().cloned().collect();
+                for vm in running {
+                    rotate_serial(&hv.files(&vm), SERIAL_ROTATE_BYTES);
+                }
+            })
+            .map_err(|e| HypervisorError::Task(e.to_string()))?;
         for vm in hv.catalog.inventory().vms {
             if vm.power_state != PowerState::On {
                 continue;
@@ -691,11 +707,36 @@ fn run_daemonizing(binary: &Path, args: &[String], within: Duration) -> Result<(
 }
 
 /// Moves a serial log larger than `limit` to `serial.log.0` (replacing the older one).
+/// Keeps a serial log under `limit`: past it, its last `SERIAL_KEEP_BYTES` replace
+/// `serial.log.0` and the log starts over. Safe while QEMU runs: it opened the log for
+/// appending, so its next line lands at the new end (a line written between the copy
+/// and the truncation is lost).
 fn rotate_serial(files: &VmFiles, limit: u64) {
-    let big = std::fs::metadata(files.serial()).is_ok_and(|m| m.len() > limit);
-    if big {
-        if let Err(e) = std::fs::rename(files.serial(), files.serial_old()) {
-            tracing::warn!(error = %e, "cannot rotate the serial log");
+    let rotate = || -> std::io::Result<bool> {
+        let len = match std::fs::metadata(files.serial()) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if len <= limit {
+            return Ok(false);
+        }
+        let log = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(files.serial())?;
+        let keep = len.min(SERIAL_KEEP_BYTES);
+        let mut tail = vec![0u8; keep as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&log, &mut tail, len - keep)?;
+        std::fs::write(files.serial_old(), &tail)?;
+        log.set_len(0)?;
+        Ok(true)
+    };
+    match rotate() {
+        Ok(true) => tracing::debug!(log = %files.serial().display(), "serial log rotated"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(log = %files.serial().display(), error = %e, "cannot rotate the serial log")
         }
     }
 }
@@ -947,6 +988,29 @@ mod tests {
             tail_of(b"", b"l1\nl2\nl3\n", 7),
             (b"l2\nl3\n".to_vec(), true)
         );
+    }
+
+    #[test]
+    fn serial_logs_rotate_keeping_their_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = VmFiles {
+            dir: dir.path().to_path_buf(),
+        };
+        rotate_serial(&files, 10); // no log yet: nothing to do
+        let line = b"0123456789abcdef\n";
+        let body: Vec<u8> = line.repeat((SERIAL_KEEP_BYTES as usize / line.len()) + 100);
+        std::fs::write(files.serial(), &body).unwrap();
+        rotate_serial(&files, body.len() as u64);
+        assert_eq!(
+            std::fs::read(files.serial()).unwrap(),
+            body,
+            "under the limit"
+        );
+        rotate_serial(&files, 1024);
+        assert!(std::fs::read(files.serial()).unwrap().is_empty());
+        let old = std::fs::read(files.serial_old()).unwrap();
+        assert_eq!(old.len() as u64, SERIAL_KEEP_BYTES);
+        assert!(body.ends_with(&old));
     }
 
     #[test]
