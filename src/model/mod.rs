@@ -6,6 +6,7 @@ pub mod access;
 pub mod alerts;
 pub mod checkpoints;
 pub mod desired;
+pub mod machine;
 pub mod membership;
 pub mod names;
 pub mod operations;

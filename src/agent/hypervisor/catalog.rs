@@ -414,49 +414,26 @@ impl VmCatalog {
     }
 }
 
-/// How a VM boots and its NICs, as a hypervisor will be given them: absolute paths
-/// without control characters, at most 8 NICs, MACs `xx:xx:xx:xx:xx:xx` (a MAC goes
-/// into QEMU's option syntax, where a comma would add options).
+/// How a VM boots and its NICs: the rules of [`crate::model::machine`], as the manager
+/// checks them.
 pub fn check_machine(boot: Option<&Boot>, nics: &[Nic]) -> Result<(), HypervisorError> {
-    if let Some(Boot::Kernel {
-        kernel,
-        initrd,
-        cmdline,
-    }) = boot
-    {
-        for (field, p) in std::iter::once(("boot.kernel", kernel))
-            .chain(initrd.iter().map(|i| ("boot.initrd", i)))
+    use crate::model::machine;
+    let checked = (|| {
+        if let Some(Boot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        }) = boot
         {
-            if !p.starts_with('/') || p.len() > 4096 || p.chars().any(char::is_control) {
-                return Err(invalid(field, "must be an absolute path"));
-            }
+            machine::check_kernel_boot(kernel, initrd.as_deref(), cmdline)?;
         }
-        if cmdline.len() > 4096 || cmdline.chars().any(char::is_control) {
-            return Err(invalid(
-                "boot.cmdline",
-                "at most 4096 characters, no control characters",
-            ));
+        machine::check_nic_count(nics.len())?;
+        for (i, n) in nics.iter().enumerate() {
+            machine::check_mac(&format!("nics[{i}].mac"), &n.mac)?;
         }
-    }
-    if nics.len() > 8 {
-        return Err(invalid("nics", "at most 8 NICs"));
-    }
-    for (i, n) in nics.iter().enumerate() {
-        if let Some(mac) = &n.mac {
-            let ok = mac.len() == 17
-                && mac.split(':').count() == 6
-                && mac
-                    .split(':')
-                    .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
-            if !ok {
-                return Err(invalid(
-                    format!("nics[{i}].mac"),
-                    "must be xx:xx:xx:xx:xx:xx (hex)",
-                ));
-            }
-        }
-    }
-    Ok(())
+        Ok(())
+    })();
+    checked.map_err(|e: crate::model::ValidationError| invalid(e.field, e.message))
 }
 
 fn check_spec(spec: &VmSpec) -> Result<(), HypervisorError> {

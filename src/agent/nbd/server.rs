@@ -193,21 +193,11 @@ impl NbdServer {
             };
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.listener.accept() => r.map(|(sock, peer)| {
-                    // Small replies must not wait for Nagle.
-                    if let Err(e) = sock.set_nodelay(true) {
-                        tracing::debug!(error = %e, "TCP_NODELAY failed");
-                    }
-                    let (rd, wr) = sock.into_split();
-                    (Conn::new(rd, wr), peer.to_string())
-                }),
-                r = accept_unix(self.unix.as_ref()) => r.map(|sock| {
-                    let (rd, wr) = sock.into_split();
-                    (Conn::new(rd, wr), "unix".to_string())
-                }),
+                r = self.listener.accept() => r.map(|(sock, peer)| Accepted::Tcp(sock, peer)),
+                r = accept_unix(self.unix.as_ref()) => r.map(Accepted::Unix),
             };
-            let (conn, peer) = match accepted {
-                Ok(x) => x,
+            let accepted = match accepted {
+                Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -223,11 +213,22 @@ impl NbdServer {
                 shutdown: shutdown.clone(),
                 _permit: permit,
             };
-            tracker.spawn(
-                handler
-                    .run(conn.rd, conn.wr)
-                    .instrument(tracing::debug_span!("nbd_conn", %peer)),
-            );
+            match accepted {
+                Accepted::Tcp(sock, peer) => {
+                    // Small replies must not wait for Nagle.
+                    if let Err(e) = sock.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY failed");
+                    }
+                    let (rd, wr) = sock.into_split();
+                    let span = tracing::debug_span!("nbd_conn", %peer);
+                    tracker.spawn(handler.run(rd, wr).instrument(span));
+                }
+                Accepted::Unix(sock) => {
+                    let (rd, wr) = sock.into_split();
+                    let span = tracing::debug_span!("nbd_conn", peer = "unix");
+                    tracker.spawn(handler.run(rd, wr).instrument(span));
+                }
+            }
         }
         tracker.close();
         tracker.wait().await;
@@ -239,22 +240,10 @@ impl NbdServer {
     }
 }
 
-/// The two halves of an accepted connection, whatever its transport.
-struct Conn {
-    rd: Box<dyn AsyncRead + Send + Unpin>,
-    wr: Box<dyn AsyncWrite + Send + Unpin>,
-}
-
-impl Conn {
-    fn new(
-        rd: impl AsyncRead + Send + Unpin + 'static,
-        wr: impl AsyncWrite + Send + Unpin + 'static,
-    ) -> Conn {
-        Conn {
-            rd: Box::new(rd),
-            wr: Box::new(wr),
-        }
-    }
+/// An accepted connection; each transport gets its own monomorphic handler.
+enum Accepted {
+    Tcp(tokio::net::TcpStream, SocketAddr),
+    Unix(tokio::net::UnixStream),
 }
 
 /// The next unix connection; never resolves without a unix listener.
@@ -276,11 +265,11 @@ struct Handler {
 }
 
 impl Handler {
-    async fn run(
-        self,
-        rd: Box<dyn AsyncRead + Send + Unpin>,
-        mut wr: Box<dyn AsyncWrite + Send + Unpin>,
-    ) {
+    async fn run<R, W>(self, rd: R, mut wr: W)
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
         let mut rd = FrameReader::new(rd);
         let negotiated = tokio::select! {
             _ = self.shutdown.cancelled() => return,

@@ -7,6 +7,7 @@ use super::{
     StoreError,
 };
 use crate::model::desired::MIN_BANDWIDTH_LIMIT;
+use crate::model::machine;
 use crate::model::names::Name;
 use crate::model::status::{derive_vm_state, VmFacts, VmReplicationState};
 use crate::model::ValidationError;
@@ -22,10 +23,7 @@ use sea_orm::{
 use std::collections::{HashMap, HashSet};
 
 const MAX_DISKS_PER_VM: usize = 64;
-/// NICs per VM (virtio NICs each take a PCI slot of the VM).
-pub const MAX_NICS_PER_VM: usize = 8;
-/// Longest boot file path and kernel command line, in bytes.
-const MAX_BOOT_TEXT: usize = 4096;
+pub use crate::model::machine::MAX_NICS_PER_VM;
 
 fn to_site(m: site::Model) -> Site {
     Site {
@@ -93,89 +91,17 @@ pub(super) fn check_text(field: &str, v: &Option<String>) -> Result<(), Validati
     }
 }
 
-fn check_nic_count(n: usize) -> Result<(), ValidationError> {
-    if n > MAX_NICS_PER_VM {
-        return Err(ValidationError::new(
-            "vm.too_many_nics",
-            "nics",
-            format!("a VM has at most {MAX_NICS_PER_VM} NICs, not {n}"),
-        ));
-    }
-    Ok(())
-}
-
-/// A MAC address as `xx:xx:xx:xx:xx:xx` (hex digits, either case).
-fn check_mac(field: &str, mac: &Option<String>) -> Result<(), ValidationError> {
-    let Some(mac) = mac else { return Ok(()) };
-    let groups: Vec<&str> = mac.split(':').collect();
-    let ok = groups.len() == 6
-        && groups
-            .iter()
-            .all(|g| g.len() == 2 && g.bytes().all(|b| b.is_ascii_hexdigit()));
-    if ok {
-        Ok(())
-    } else {
-        Err(ValidationError::new(
-            "vm.nic_mac_invalid",
-            field,
-            format!("`{mac}` is not a MAC address such as 52:54:00:12:34:56 (six pairs of hex digits separated by colons)"),
-        ))
-    }
-}
-
-/// A boot file on the host: an absolute path, no control characters.
-fn check_boot_path(field: &str, what: &str, p: &str) -> Result<(), ValidationError> {
-    if p.trim().is_empty() {
-        return Err(ValidationError::new(
-            "vm.boot_path_invalid",
-            field,
-            format!("the {what} path is empty: give the absolute path of the file on the host"),
-        ));
-    }
-    if !p.starts_with('/') {
-        return Err(ValidationError::new(
-            "vm.boot_path_invalid",
-            field,
-            format!("the {what} path `{p}` is not absolute: it must start with `/`"),
-        ));
-    }
-    if p.len() > MAX_BOOT_TEXT || p.chars().any(char::is_control) {
-        return Err(ValidationError::new(
-            "vm.boot_path_invalid",
-            field,
-            format!(
-                "the {what} path must be at most {MAX_BOOT_TEXT} bytes without control characters"
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// How a VM boots: for a kernel boot, absolute kernel (and initrd) paths and a bounded
 /// command line.
 pub(crate) fn check_boot(boot: &control::Boot) -> Result<(), ValidationError> {
-    let control::Boot::Kernel {
-        kernel,
-        initrd,
-        cmdline,
-    } = boot
-    else {
-        return Ok(());
-    };
-    check_boot_path("boot.kernel", "kernel", kernel)?;
-    if let Some(i) = initrd {
-        check_boot_path("boot.initrd", "initrd", i)?;
+    match boot {
+        control::Boot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => machine::check_kernel_boot(kernel, initrd.as_deref(), cmdline),
+        control::Boot::Firmware => Ok(()),
     }
-    if cmdline.len() > MAX_BOOT_TEXT || cmdline.chars().any(char::is_control) {
-        return Err(ValidationError::new(
-            "vm.boot_cmdline_invalid",
-            "boot.cmdline",
-            format!(
-                "the kernel command line must be at most {MAX_BOOT_TEXT} bytes without control characters"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// `vms.boot` as stored: JSON of the boot definition.
@@ -212,11 +138,11 @@ fn nics_of(stored: &serde_json::Value) -> Vec<Nic> {
 }
 
 fn check_nics(nics: &[Nic]) -> Result<(), ValidationError> {
-    check_nic_count(nics.len())?;
+    machine::check_nic_count(nics.len())?;
     for (i, n) in nics.iter().enumerate() {
         let at = format!("nics[{i}]");
         Name::parse(&n.name).map_err(|e| e.under(&at))?;
-        check_mac(&format!("{at}.mac"), &n.mac)?;
+        machine::check_mac(&format!("{at}.mac"), &n.mac)?;
         if nics[..i].iter().any(|o| o.name == n.name) {
             return Err(ValidationError::new(
                 "vm.duplicate_nic",
@@ -1135,9 +1061,9 @@ pub(super) fn check_inventory(inv: &Inventory) -> Result<(), StoreError> {
         }
         check_cpus(v.cpus).map_err(|e| e.under(&at))?;
         check_memory(v.memory_mib)?;
-        check_nic_count(v.nics.len()).map_err(|e| e.under(&at))?;
+        machine::check_nic_count(v.nics.len()).map_err(|e| e.under(&at))?;
         for (j, n) in v.nics.iter().enumerate() {
-            check_mac(&format!("{at}.nics[{j}].mac"), &n.mac)?;
+            machine::check_mac(&format!("{at}.nics[{j}].mac"), &n.mac)?;
         }
         if let Some(b) = &v.boot {
             check_boot(b).map_err(|e| e.under(&at))?;
