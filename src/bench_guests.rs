@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::agent::hypervisor::qemu::cmdline::Accel;
+use crate::guest::{self, GuestLine};
 use crate::lab::{self, setup, AgentSpec, LabAgent, LabError, Manager};
 use crate::proto::control::PowerState;
 
@@ -125,19 +126,6 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
     move |source| LabError::Io { what, source }
 }
 
-/// The guest lines (`BULWARK-GUEST <event> …`) of a log whose event is `event`.
-fn guest_lines<'a>(log: &'a str, event: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    log.lines()
-        .filter_map(|l| l.split_once("BULWARK-GUEST ").map(|(_, r)| r.trim_end()))
-        .filter(move |r| r.split_whitespace().next() == Some(event))
-}
-
-fn field(line: &str, key: &str) -> Option<u64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-}
-
 /// The same QEMU settings as the driver's (`qemu::cmdline`), with a local raw disk:
 /// the plain boot every figure is compared with.
 fn plain_qemu(
@@ -179,14 +167,14 @@ async fn boot_until(
     mut cmd: Command,
     serial: &Path,
     event: &str,
-) -> Result<(f64, String), LabError> {
+) -> Result<(f64, GuestLine), LabError> {
     let _ = std::fs::remove_file(serial);
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(io("start qemu-system-x86_64"))?;
     let found = loop {
         let log = std::fs::read_to_string(serial).unwrap_or_default();
-        if let Some(l) = guest_lines(&log, event).next() {
-            break Some((started.elapsed().as_secs_f64() * 1000.0, l.to_string()));
+        if let Some(l) = guest::events(&log, event).into_iter().next() {
+            break Some((started.elapsed().as_secs_f64() * 1000.0, l));
         }
         if started.elapsed() > STEP || child.try_wait().ok().flatten().is_some() {
             break None;
@@ -204,13 +192,12 @@ async fn console_line(
     vm: &str,
     event: &str,
     n: usize,
-) -> Result<String, LabError> {
+) -> Result<GuestLine, LabError> {
     let deadline = Instant::now() + STEP;
     loop {
         if let Ok(t) = agent.vms.console(vm, 64 << 10).await {
-            let lines: Vec<&str> = guest_lines(&t.text, event).collect();
-            if lines.len() >= n {
-                return Ok(lines[n - 1].to_string());
+            if let Some(l) = guest::events(&t.text, event).into_iter().nth(n - 1) {
+                return Ok(l);
             }
         }
         if Instant::now() > deadline {
@@ -249,9 +236,9 @@ async fn timed_test(
     let id = t["id"].as_str().unwrap_or_default().to_string();
     for vm in vms {
         let line = console_line(rec, &format!("{vm} - Test"), "ready", 1).await?;
-        if field(&line, "bad") != Some(0) || field(&line, "verified") != Some(u64::from(FILES)) {
+        if line.number("bad") != Some(0) || line.number("verified") != Some(u64::from(FILES)) {
             return Err(setup(format!(
-                "{vm}: the recovered guest did not verify: {line}"
+                "{vm}: the recovered guest did not verify: {line:?}"
             )));
         }
     }
@@ -267,7 +254,7 @@ async fn timed_test(
 }
 
 pub async fn run(opts: &GuestBenchOpts) -> Result<GuestBenchReport, LabError> {
-    let (kernel, initrd) = lab::guest_image()?;
+    let (kernel, initrd) = guest::image()?;
     let dir = std::path::absolute(
         opts.dir
             .join(format!("bench-guests-{}", std::process::id())),
@@ -412,8 +399,8 @@ async fn measure(
     for _ in 0..opts.repeats {
         let cmd = plain_qemu(accel, kernel, initrd, verify, &copy, &serial);
         let (ms, line) = boot_until(cmd, &serial, "ready").await?;
-        if field(&line, "bad") != Some(0) {
-            return Err(setup(format!("plain boot did not verify: {line}")));
+        if line.number("bad") != Some(0) {
+            return Err(setup(format!("plain boot did not verify: {line:?}")));
         }
         cold.push(ms);
     }
@@ -463,10 +450,10 @@ async fn measure(
         "dd",
     )
     .await?;
-    let dd_of = |l: &str| -> Result<(u64, u64), LabError> {
-        match (field(l, "bytes"), field(l, "ms"), field(l, "io_errors")) {
+    let dd_of = |l: &GuestLine| -> Result<(u64, u64), LabError> {
+        match (l.number("bytes"), l.number("ms"), l.number("io_errors")) {
             (Some(b), Some(ms), Some(0)) if b > 0 => Ok((b, ms)),
-            _ => Err(setup(format!("bad dd line: {l}"))),
+            _ => Err(setup(format!("bad dd line: {l:?}"))),
         }
     };
     Ok(GuestBenchReport {
@@ -521,14 +508,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn guest_lines_and_fields() {
-        let log = "x\r\nBULWARK-GUEST dd bytes=268435456 ms=300 io_errors=0\r\nBULWARK-GUEST ready fs=new verified=0 bad=0\n";
-        let dd: Vec<&str> = guest_lines(log, "dd").collect();
-        assert_eq!(dd.len(), 1);
-        assert_eq!(field(dd[0], "bytes"), Some(268_435_456));
-        assert_eq!(field(dd[0], "ms"), Some(300));
-        assert_eq!(guest_lines(log, "ready").count(), 1);
-        assert_eq!(field("ready verified=3", "bad"), None);
+    fn figures() {
         assert!((mib_s((256 * MIB, 1000)) - 256.0).abs() < 1e-9);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
     }

@@ -349,12 +349,9 @@ impl Demo {
                 continue;
             };
             let files = match a.vms.console(vm, 4096).await {
-                Ok(tail) => tail
-                    .text
-                    .lines()
-                    .rev()
-                    .find_map(|l| l.split("BULWARK-GUEST wrote=").nth(1))
-                    .and_then(|r| r.split_whitespace().next())
+                Ok(tail) => crate::guest::events(&tail.text, "wrote")
+                    .last()
+                    .and_then(|l| l.number("wrote"))
                     .map_or("booting".to_string(), |n| format!("{n} files")),
                 Err(_) => "off".to_string(),
             };

@@ -406,36 +406,6 @@ impl OneDiskPerHost {
     }
 }
 
-/// The test guest of `scripts/guest/` (kernel, initramfs): built by its script into
-/// `target/guest` of the source tree (cached there), the way the tests and the benches
-/// get it. Needs the Debian packages the script names.
-pub fn guest_image() -> Result<(PathBuf, PathBuf), LabError> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = repo.join("scripts/guest/build.sh");
-    if !script.exists() {
-        return Err(setup(format!(
-            "{} not found: give the guest's kernel and initramfs instead",
-            script.display()
-        )));
-    }
-    let out = repo.join("target/guest");
-    let o = std::process::Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .output()
-        .map_err(|source| LabError::Io {
-            what: format!("run {}", script.display()),
-            source,
-        })?;
-    if !o.status.success() {
-        return Err(setup(format!(
-            "building the test guest failed: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )));
-    }
-    Ok((out.join("vmlinuz"), out.join("initrd.img")))
-}
-
 /// How to start one agent.
 pub struct AgentSpec<'a> {
     /// Its data directory.

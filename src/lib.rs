@@ -14,6 +14,7 @@ pub mod agent;
 pub mod bench_guests;
 pub mod cli;
 pub mod demo;
+pub mod guest;
 pub mod lab;
 pub mod manager;
 pub mod model;

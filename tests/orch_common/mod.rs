@@ -549,20 +549,32 @@ pub async fn start_managed(
     vms: &[VmDef],
     extra: &str,
 ) -> AgentProc {
+    start_configured(lab, host, |data| {
+        managed_toml(
+            lab,
+            data,
+            host,
+            site,
+            &m.ws_url(),
+            token,
+            recovery,
+            vms,
+            extra,
+        )
+    })
+    .await
+}
+
+/// Starts an agent from the config file `config(data_dir)` makes, its data directory
+/// `lab.path(host)`.
+pub async fn start_configured(
+    lab: &Lab,
+    host: &str,
+    config: impl FnOnce(&Path) -> String,
+) -> AgentProc {
     let data = lab.path(host);
     std::fs::create_dir_all(&data).unwrap();
-    let text = managed_toml(
-        lab,
-        &data,
-        host,
-        site,
-        &m.ws_url(),
-        token,
-        recovery,
-        vms,
-        extra,
-    );
-    let cfg = crate::agent_common::write_config(lab.dir.path(), host, &text);
+    let cfg = crate::agent_common::write_config(lab.dir.path(), host, &config(&data));
     AgentProc::start(host, &cfg, &data, &[]).await
 }
 

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::agent_common::*;
 use crate::failover_test::{settings, BOOT, MANAGER};
 use crate::guest::*;
 use crate::orch_common::*;
@@ -15,17 +14,12 @@ use crate::orch_common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agent_costs_the_guest_no_io_error_and_no_file() {
     let _g = crate::SERIAL.lock().await;
-    let lab = Lab::new(&["prot", "rec"]);
-    let _reaper = QemuReaper {
-        root: lab.dir.path().to_path_buf(),
-    };
-    let db = PgDb::new().await;
-    let m = ManagerProc::start(lab.dir.path(), &db.url, MANAGER).await;
-    let token = m.enrolment_token().await;
+    let w = world(&["prot", "rec"], MANAGER).await;
+    let (lab, m, token) = (&w.lab, &w.m, &w.token);
     let mut prot = start_qemu_agent(
-        &lab,
-        &m,
-        &token,
+        lab,
+        m,
+        token,
         "prot",
         "prod",
         false,
@@ -33,10 +27,10 @@ async fn a_killed_agent_costs_the_guest_no_io_error_and_no_file() {
         "",
     )
     .await;
-    let rec = start_qemu_agent(&lab, &m, &token, "rec", "dr", true, &[], "").await;
+    let rec = start_qemu_agent(lab, m, token, "rec", "dr", true, &[], "").await;
     m.wait_hosts_connected(&["prot", "rec"], &[&prot, &rec])
         .await;
-    wait_inventory(&m, &["vm-1"]).await;
+    wait_inventory(m, &["vm-1"]).await;
     let vpg = m
         .create_vpg("kill", &["vm-1"], "dr", "rec", settings())
         .await;

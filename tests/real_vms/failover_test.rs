@@ -56,18 +56,13 @@ pub async fn eventually(what: &str, within: Duration, mut pred: impl FnMut() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
     let _g = crate::SERIAL.lock().await;
-    let lab = Lab::new(&["prot-a", "prot-b", "rec"]);
-    let _reaper = QemuReaper {
-        root: lab.dir.path().to_path_buf(),
-    };
-    let db = PgDb::new().await;
-    let m = ManagerProc::start(lab.dir.path(), &db.url, MANAGER).await;
-    let token = m.enrolment_token().await;
+    let w = world(&["prot-a", "prot-b", "rec"], MANAGER).await;
+    let (lab, m, token) = (&w.lab, &w.m, &w.token);
     let guests = [("prot-a", "vm-1", 1u64), ("prot-b", "vm-2", 2u64)];
     let pa = start_qemu_agent(
-        &lab,
-        &m,
-        &token,
+        lab,
+        m,
+        token,
         "prot-a",
         "prod",
         false,
@@ -76,9 +71,9 @@ async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
     )
     .await;
     let pb = start_qemu_agent(
-        &lab,
-        &m,
-        &token,
+        lab,
+        m,
+        token,
         "prot-b",
         "prod",
         false,
@@ -86,12 +81,12 @@ async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
         "",
     )
     .await;
-    let rec = start_qemu_agent(&lab, &m, &token, "rec", "dr", true, &[], "").await;
+    let rec = start_qemu_agent(lab, m, token, "rec", "dr", true, &[], "").await;
     let agents = [&pa, &pb, &rec];
     let host = |h: &str| if h == "prot-a" { &pa } else { &pb };
     m.wait_hosts_connected(&["prot-a", "prot-b", "rec"], &agents)
         .await;
-    wait_inventory(&m, &["vm-1", "vm-2"]).await;
+    wait_inventory(m, &["vm-1", "vm-2"]).await;
     for (h, vm, _) in guests {
         let r = wait_line(host(h), vm, "ready", 0, BOOT).await;
         assert_eq!(r.get("fs"), "new", "{vm}: {r:?}");
@@ -153,13 +148,13 @@ async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
 
     // --- Failover test at the tag: both recovered guests boot and verify.
     let t = post(
-        &m,
+        m,
         &format!("/api/v1/vpgs/{vpg}/failover-test"),
         json!({"checkpoint": "tag:t1"}),
     )
     .await;
     let tid = t["id"].as_str().unwrap().to_string();
-    let t = wait_task(&m, &tid, "waiting", &agents).await;
+    let t = wait_task(m, &tid, "waiting", &agents).await;
     assert_eq!(t["details"]["checkpoint_id"], tag, "{t:#}");
     for (_, vm, _) in guests {
         let test_vm = format!("{vm} - Test");
@@ -192,12 +187,12 @@ async fn failover_test_boots_both_guests_at_the_tag_and_protection_goes_on() {
 
     // --- Stop the test: the test VMs are gone, protection meets its SLA.
     post(
-        &m,
+        m,
         &format!("/api/v1/vpgs/{vpg}/failover-test/stop"),
         json!({"result": "passed"}),
     )
     .await;
-    wait_task(&m, &tid, "succeeded", &agents).await;
+    wait_task(m, &tid, "succeeded", &agents).await;
     for (_, vm, _) in guests {
         let test_vm = format!("{vm} - Test");
         eventually(

@@ -28,13 +28,8 @@ async fn wait_serial(agent: &AgentProc, vm: &str, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn firmware_boot_from_the_protected_and_the_recovered_disk() {
     let _g = crate::SERIAL.lock().await;
-    let lab = Lab::new(&["prot", "rec"]);
-    let _reaper = QemuReaper {
-        root: lab.dir.path().to_path_buf(),
-    };
-    let db = PgDb::new().await;
-    let m = ManagerProc::start(lab.dir.path(), &db.url, MANAGER).await;
-    let token = m.enrolment_token().await;
+    let w = world(&["prot", "rec"], MANAGER).await;
+    let (lab, m, token) = (&w.lab, &w.m, &w.token);
     // The VM's disk holds the boot sector before the agent first opens it.
     let disks = lab.path("prot").join("disks");
     std::fs::create_dir_all(&disks).unwrap();
@@ -44,11 +39,11 @@ async fn firmware_boot_from_the_protected_and_the_recovered_disk() {
     let mut fw = GuestVm::new("fw", 1, "");
     fw.firmware = true;
     fw.size = MIB;
-    let prot = start_qemu_agent(&lab, &m, &token, "prot", "prod", false, &[fw], "").await;
-    let rec = start_qemu_agent(&lab, &m, &token, "rec", "dr", true, &[], "").await;
+    let prot = start_qemu_agent(lab, m, token, "prot", "prod", false, &[fw], "").await;
+    let rec = start_qemu_agent(lab, m, token, "rec", "dr", true, &[], "").await;
     let agents = [&prot, &rec];
     m.wait_hosts_connected(&["prot", "rec"], &agents).await;
-    wait_inventory(&m, &["fw"]).await;
+    wait_inventory(m, &["fw"]).await;
     wait_serial(&prot, "fw", "RK\n").await;
     let vm = m.vm("fw").await.unwrap();
     assert_eq!(vm["boot"]["kind"], "firmware", "{vm}");
@@ -58,15 +53,15 @@ async fn firmware_boot_from_the_protected_and_the_recovered_disk() {
         v["status"] == "meeting_sla" && v["sub_status"] == "none"
     })
     .await;
-    let t = post(&m, &format!("/api/v1/vpgs/{vpg}/failover-test"), json!({})).await;
+    let t = post(m, &format!("/api/v1/vpgs/{vpg}/failover-test"), json!({})).await;
     let tid = t["id"].as_str().unwrap().to_string();
-    wait_task(&m, &tid, "waiting", &agents).await;
+    wait_task(m, &tid, "waiting", &agents).await;
     wait_serial(&rec, "fw - Test", "RK\n").await;
     post(
-        &m,
+        m,
         &format!("/api/v1/vpgs/{vpg}/failover-test/stop"),
         json!({"result": "passed"}),
     )
     .await;
-    wait_task(&m, &tid, "succeeded", &agents).await;
+    wait_task(m, &tid, "succeeded", &agents).await;
 }

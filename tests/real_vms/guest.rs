@@ -2,7 +2,6 @@
 //! `scripts/guest/build.sh`, cached under `target/guest`), agent configurations with
 //! `hypervisor = "qemu"`, and the guests' serial consoles read as `BULWARK-GUEST` lines.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -23,7 +22,6 @@ pub struct GuestImage {
 pub fn image() -> &'static GuestImage {
     static IMAGE: OnceLock<GuestImage> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
         assert!(
             std::process::Command::new("qemu-system-x86_64")
                 .arg("--version")
@@ -31,21 +29,9 @@ pub fn image() -> &'static GuestImage {
                 .is_ok(),
             "qemu-system-x86_64 is needed by the real-VM tests: apt-get install qemu-system-x86"
         );
-        let out = std::process::Command::new("bash")
-            .arg(repo.join("scripts/guest/build.sh"))
-            .arg(repo.join("target/guest"))
-            .output()
-            .expect("run scripts/guest/build.sh");
-        assert!(
-            out.status.success(),
-            "building the test guest failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dir = repo.join("target/guest");
-        GuestImage {
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd.img"),
-        }
+        let (kernel, initrd) =
+            bulwark::guest::image().unwrap_or_else(|e| panic!("the test guest: {e}"));
+        GuestImage { kernel, initrd }
     })
 }
 
@@ -149,21 +135,46 @@ pub async fn start_qemu_agent(
     vms: &[GuestVm],
     qemu_extra: &str,
 ) -> AgentProc {
-    let data = lab.path(host);
-    std::fs::create_dir_all(&data).unwrap();
-    let text = qemu_toml(
-        lab,
-        &data,
-        host,
-        site,
-        &m.ws_url(),
+    start_configured(lab, host, |data| {
+        qemu_toml(
+            lab,
+            data,
+            host,
+            site,
+            &m.ws_url(),
+            token,
+            recovery,
+            vms,
+            qemu_extra,
+        )
+    })
+    .await
+}
+
+/// What every scenario starts from: a lab, a manager on its own PostgreSQL database,
+/// an enrolment token. Its QEMUs are killed when it goes, before the manager.
+pub struct World {
+    _reaper: QemuReaper,
+    pub m: ManagerProc,
+    pub token: String,
+    _db: PgDb,
+    pub lab: Lab,
+}
+
+pub async fn world(hosts: &[&str], manager: &str) -> World {
+    let lab = Lab::new(hosts);
+    let db = PgDb::new().await;
+    let m = ManagerProc::start(lab.dir.path(), &db.url, manager).await;
+    let token = m.enrolment_token().await;
+    World {
+        _reaper: QemuReaper {
+            root: lab.dir.path().to_path_buf(),
+        },
+        m,
         token,
-        recovery,
-        vms,
-        qemu_extra,
-    );
-    let cfg = write_config(lab.dir.path(), host, &text);
-    AgentProc::start(host, &cfg, &data, &[]).await
+        _db: db,
+        lab,
+    }
 }
 
 /// The serial log of `vm` on `agent` (earlier boots included).
@@ -174,6 +185,14 @@ pub fn serial(agent: &AgentProc, vm: &str) -> String {
     String::from_utf8_lossy(&[old, cur].concat()).into_owned()
 }
 
+/// Whether `pid` is a live process (not a zombie: pid 1 here does not reap daemons).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+        .unwrap_or(false)
+}
+
 /// The QEMU pid of `vm` on `agent`, if its pid file names a live process.
 pub fn qemu_pid(agent: &AgentProc, vm: &str) -> Option<i32> {
     let p = agent
@@ -182,59 +201,21 @@ pub fn qemu_pid(agent: &AgentProc, vm: &str) -> Option<i32> {
         .join(vm_dir_name(vm))
         .join("qemu.pid");
     let pid: i32 = std::fs::read_to_string(p).ok()?.trim().parse().ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let state = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .next()?
-        .to_string();
-    (state != "Z").then_some(pid)
+    alive(pid).then_some(pid)
 }
 
-/// One `BULWARK-GUEST <event> k=v …` line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Line {
-    pub event: String,
-    pub kv: BTreeMap<String, String>,
+pub use bulwark::guest::{lines, GuestLine as Line};
+
+/// A number of a guest line the test relies on.
+pub trait Num {
+    fn num(&self, key: &str) -> u64;
 }
 
-impl Line {
-    pub fn num(&self, key: &str) -> u64 {
-        self.kv
-            .get(key)
-            .and_then(|v| v.parse().ok())
+impl Num for Line {
+    fn num(&self, key: &str) -> u64 {
+        self.number(key)
             .unwrap_or_else(|| panic!("{key} in {self:?}"))
     }
-    pub fn get(&self, key: &str) -> &str {
-        self.kv.get(key).map_or("", String::as_str)
-    }
-}
-
-/// Every guest line of a serial log, in order. The progress line `wrote=N …` has the
-/// event `wrote`.
-pub fn lines(log: &str) -> Vec<Line> {
-    log.lines()
-        .filter_map(|l| l.trim_end_matches('\r').split_once("BULWARK-GUEST "))
-        .map(|(_, rest)| {
-            let mut words = rest.split_whitespace();
-            let first = words.next().unwrap_or("");
-            let mut kv = BTreeMap::new();
-            let event = match first.split_once('=') {
-                Some((k, v)) => {
-                    kv.insert(k.to_string(), v.to_string());
-                    k.to_string()
-                }
-                None => first.to_string(),
-            };
-            for w in words {
-                if let Some((k, v)) = w.split_once('=') {
-                    kv.insert(k.to_string(), v.to_string());
-                }
-            }
-            Line { event, kv }
-        })
-        .collect()
 }
 
 /// Waits until the `n`-th (0-based) line of `event` appears in `vm`'s log on `agent`;
@@ -282,18 +263,6 @@ pub fn io_errors(agent: &AgentProc, vm: &str) -> u64 {
         + count(agent, vm, "ioerror") as u64
 }
 
-#[test]
-fn guest_lines_parse() {
-    let log = "noise\r\nBULWARK-GUEST ready fs=new verified=0 bad=0 io_errors=0 ready_ms=3030\r\n[ 1.0] x\nBULWARK-GUEST wrote=10 io_errors=0\n";
-    let l = lines(log);
-    assert_eq!(l.len(), 2);
-    assert_eq!(l[0].event, "ready");
-    assert_eq!(l[0].get("fs"), "new");
-    assert_eq!(l[0].num("ready_ms"), 3030);
-    assert_eq!(l[1].event, "wrote");
-    assert_eq!(l[1].num("wrote"), 10);
-}
-
 /// Kills every QEMU whose pid file lies under `root` when dropped: QEMU runs daemonized
 /// and outlives the agents a test kills, so a test cleans up after itself.
 pub struct QemuReaper {
@@ -321,12 +290,7 @@ pub fn qemus_under(root: &Path) -> Vec<i32> {
     files
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok()?.trim().parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
-                .unwrap_or(false)
-        })
+        .filter(|pid| alive(*pid))
         .collect()
 }
 

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::agent_common::*;
 use crate::failover_test::{eventually, post, settings, wait_task, BOOT, MANAGER};
 use crate::guest::*;
 use crate::orch_common::*;
@@ -15,18 +14,13 @@ use crate::orch_common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_failover_rolls_back_to_clean_originals_then_commits_running_guests() {
     let _g = crate::SERIAL.lock().await;
-    let lab = Lab::new(&["prot", "rec"]);
-    let _reaper = QemuReaper {
-        root: lab.dir.path().to_path_buf(),
-    };
-    let db = PgDb::new().await;
-    let m = ManagerProc::start(lab.dir.path(), &db.url, MANAGER).await;
-    let token = m.enrolment_token().await;
+    let w = world(&["prot", "rec"], MANAGER).await;
+    let (lab, m, token) = (&w.lab, &w.m, &w.token);
     let vms = ["vm-1", "vm-2"];
     let prot = start_qemu_agent(
-        &lab,
-        &m,
-        &token,
+        lab,
+        m,
+        token,
         "prot",
         "prod",
         false,
@@ -34,10 +28,10 @@ async fn live_failover_rolls_back_to_clean_originals_then_commits_running_guests
         "",
     )
     .await;
-    let rec = start_qemu_agent(&lab, &m, &token, "rec", "dr", true, &[], "").await;
+    let rec = start_qemu_agent(lab, m, token, "rec", "dr", true, &[], "").await;
     let agents = [&prot, &rec];
     m.wait_hosts_connected(&["prot", "rec"], &agents).await;
-    wait_inventory(&m, &vms).await;
+    wait_inventory(m, &vms).await;
     let vpg = m.create_vpg("live", &vms, "dr", "rec", settings()).await;
     m.wait_vpg(&vpg, "Meeting SLA", SLA_WAIT, &agents, |v| {
         v["status"] == "meeting_sla" && v["sub_status"] == "none"
@@ -49,9 +43,9 @@ async fn live_failover_rolls_back_to_clean_originals_then_commits_running_guests
 
     // --- Live failover at the latest checkpoint: the originals shut down cleanly, the
     // recovered guests boot at the recovery host and find their files.
-    let t = post(&m, &format!("/api/v1/vpgs/{vpg}/failover"), json!({})).await;
+    let t = post(m, &format!("/api/v1/vpgs/{vpg}/failover"), json!({})).await;
     let fid = t["id"].as_str().unwrap().to_string();
-    wait_task(&m, &fid, "waiting", &agents).await;
+    wait_task(m, &fid, "waiting", &agents).await;
     for vm in vms {
         let s = wait_line(&prot, vm, "shutdown", 0, BOOT).await;
         assert_eq!(s.get("clean"), "1", "{vm}: {s:?}");
@@ -68,8 +62,8 @@ async fn live_failover_rolls_back_to_clean_originals_then_commits_running_guests
 
     // --- Rollback: the recovered guests go, the originals boot again on clean
     // filesystems with every file they wrote before the shutdown.
-    post(&m, &format!("/api/v1/vpgs/{vpg}/rollback"), json!({})).await;
-    wait_task(&m, &fid, "succeeded", &agents).await;
+    post(m, &format!("/api/v1/vpgs/{vpg}/rollback"), json!({})).await;
+    wait_task(m, &fid, "succeeded", &agents).await;
     for vm in vms {
         eventually(
             &format!("recovered {vm} gone"),
@@ -98,21 +92,21 @@ async fn live_failover_rolls_back_to_clean_originals_then_commits_running_guests
 
     // --- Failover again and commit: the recovered guests keep running as the recovery
     // host's VMs, the same QEMU processes, still writing, never an I/O error.
-    let t = post(&m, &format!("/api/v1/vpgs/{vpg}/failover"), json!({})).await;
+    let t = post(m, &format!("/api/v1/vpgs/{vpg}/failover"), json!({})).await;
     let cid = t["id"].as_str().unwrap().to_string();
-    wait_task(&m, &cid, "waiting", &agents).await;
+    wait_task(m, &cid, "waiting", &agents).await;
     let mut pids = Vec::new();
     for vm in vms {
         wait_line(&rec, vm, "ready", 0, BOOT).await;
         pids.push(qemu_pid(&rec, vm).expect("recovered guest runs"));
     }
     post(
-        &m,
+        m,
         &format!("/api/v1/vpgs/{vpg}/commit"),
         json!({"reverse_protection": false}),
     )
     .await;
-    wait_task(&m, &cid, "succeeded", &agents).await;
+    wait_task(m, &cid, "succeeded", &agents).await;
     for (vm, pid) in vms.iter().zip(&pids) {
         assert_eq!(qemu_pid(&rec, vm), Some(*pid), "{vm} was not restarted");
         let n = count(&rec, vm, "wrote");

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::agent_common::*;
 use crate::failover_test::{eventually, post, settings, wait_task, BOOT, MANAGER};
 use crate::guest::*;
 use crate::orch_common::*;
@@ -15,13 +14,8 @@ use crate::orch_common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deaf_guest_is_quit_and_a_qemu_that_cannot_start_fails_the_operation() {
     let _g = crate::SERIAL.lock().await;
-    let lab = Lab::new(&["prot", "rec"]);
-    let _reaper = QemuReaper {
-        root: lab.dir.path().to_path_buf(),
-    };
-    let db = PgDb::new().await;
-    let m = ManagerProc::start(lab.dir.path(), &db.url, MANAGER).await;
-    let token = m.enrolment_token().await;
+    let w = world(&["prot", "rec"], MANAGER).await;
+    let (lab, m, token) = (&w.lab, &w.m, &w.token);
     // The kernel of `gone` exists on the protected host only: a copy removed after the
     // guest booted, so its recovery cannot start it.
     let kernel_copy = lab.path("gone-vmlinuz");
@@ -29,9 +23,9 @@ async fn a_deaf_guest_is_quit_and_a_qemu_that_cannot_start_fails_the_operation()
     let mut gone = GuestVm::new("gone", 2, "");
     gone.kernel = Some(kernel_copy.display().to_string());
     let prot = start_qemu_agent(
-        &lab,
-        &m,
-        &token,
+        lab,
+        m,
+        token,
         "prot",
         "prod",
         false,
@@ -39,10 +33,10 @@ async fn a_deaf_guest_is_quit_and_a_qemu_that_cannot_start_fails_the_operation()
         "powerdown_timeout_secs = 3",
     )
     .await;
-    let rec = start_qemu_agent(&lab, &m, &token, "rec", "dr", true, &[], "").await;
+    let rec = start_qemu_agent(lab, m, token, "rec", "dr", true, &[], "").await;
     let agents = [&prot, &rec];
     m.wait_hosts_connected(&["prot", "rec"], &agents).await;
-    wait_inventory(&m, &["deaf", "gone"]).await;
+    wait_inventory(m, &["deaf", "gone"]).await;
     for vm in ["deaf", "gone"] {
         wait_line(&prot, vm, "ready", 0, BOOT).await;
     }
@@ -82,9 +76,9 @@ async fn a_deaf_guest_is_quit_and_a_qemu_that_cannot_start_fails_the_operation()
         v["status"] == "meeting_sla" && v["sub_status"] == "none"
     })
     .await;
-    let t = post(&m, &format!("/api/v1/vpgs/{vpg}/failover-test"), json!({})).await;
+    let t = post(m, &format!("/api/v1/vpgs/{vpg}/failover-test"), json!({})).await;
     let tid = t["id"].as_str().unwrap().to_string();
-    let t = wait_task(&m, &tid, "failed", &agents).await;
+    let t = wait_task(m, &tid, "failed", &agents).await;
     let steps = t["steps"].as_array().unwrap();
     let failed = steps
         .iter()

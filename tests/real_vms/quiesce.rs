@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::agent_common::*;
 use crate::failover_test::{post, settings, wait_task, BOOT, MANAGER};
 use crate::guest::*;
 use crate::orch_common::*;
@@ -16,17 +15,12 @@ use crate::orch_common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_agent_checkpoints_are_app_consistent_and_paused_ones_are_not() {
     let _g = crate::SERIAL.lock().await;
-    let lab = Lab::new(&["prot", "rec"]);
-    let _reaper = QemuReaper {
-        root: lab.dir.path().to_path_buf(),
-    };
-    let db = PgDb::new().await;
-    let m = ManagerProc::start(lab.dir.path(), &db.url, MANAGER).await;
-    let token = m.enrolment_token().await;
+    let w = world(&["prot", "rec"], MANAGER).await;
+    let (lab, m, token) = (&w.lab, &w.m, &w.token);
     let prot = start_qemu_agent(
-        &lab,
-        &m,
-        &token,
+        lab,
+        m,
+        token,
         "prot",
         "prod",
         false,
@@ -37,10 +31,10 @@ async fn guest_agent_checkpoints_are_app_consistent_and_paused_ones_are_not() {
         "",
     )
     .await;
-    let rec = start_qemu_agent(&lab, &m, &token, "rec", "dr", true, &[], "").await;
+    let rec = start_qemu_agent(lab, m, token, "rec", "dr", true, &[], "").await;
     let agents = [&prot, &rec];
     m.wait_hosts_connected(&["prot", "rec"], &agents).await;
-    wait_inventory(&m, &["frozen", "plain"]).await;
+    wait_inventory(m, &["frozen", "plain"]).await;
     wait_line(&prot, "frozen", "qga", 0, BOOT).await;
     let fz = m
         .create_vpg("fz", &["frozen"], "dr", "rec", settings())
@@ -108,13 +102,13 @@ async fn guest_agent_checkpoints_are_app_consistent_and_paused_ones_are_not() {
     // --- Recovered from the app-consistent checkpoint the filesystem is clean: the
     // freeze left nothing in the ext4 journal.
     let t = post(
-        &m,
+        m,
         &format!("/api/v1/vpgs/{fz}/failover-test"),
         json!({"checkpoint": "latest_app_consistent"}),
     )
     .await;
     let tid = t["id"].as_str().unwrap().to_string();
-    let t = wait_task(&m, &tid, "waiting", &agents).await;
+    let t = wait_task(m, &tid, "waiting", &agents).await;
     assert_eq!(t["details"]["checkpoint_id"], id, "{t:#}");
     let r = wait_line(&rec, "frozen - Test", "ready", 0, BOOT).await;
     assert_eq!(
@@ -124,12 +118,12 @@ async fn guest_agent_checkpoints_are_app_consistent_and_paused_ones_are_not() {
     );
     assert_eq!(r.num("bad"), 0, "{r:?}");
     post(
-        &m,
+        m,
         &format!("/api/v1/vpgs/{fz}/failover-test/stop"),
         json!({"result": "passed"}),
     )
     .await;
-    wait_task(&m, &tid, "succeeded", &agents).await;
+    wait_task(m, &tid, "succeeded", &agents).await;
 
     // --- A QEMU that does not answer (stopped with SIGSTOP): the round is aborted
     // within its bound, nothing is held, and the next round works again.

@@ -104,6 +104,51 @@ struct StateFile {
     vms: Vec<VmRecord>,
 }
 
+impl StateFile {
+    /// Adds the VM `spec` describes (its name is free): new disk ids for its disks,
+    /// whose names must be unused on the host.
+    fn add(
+        &mut self,
+        spec: &VmSpec,
+        origin: Origin,
+        power_state: PowerState,
+    ) -> Result<InventoryVm, HypervisorError> {
+        if let Some(d) = spec.disks.iter().find(|d| {
+            self.vms
+                .iter()
+                .flat_map(|v| &v.disks)
+                .any(|o| o.name == d.name)
+        }) {
+            return Err(HypervisorError::DuplicateDisk(d.name.clone()));
+        }
+        let mut disks = Vec::new();
+        for d in &spec.disks {
+            let id = self.next_disk_id;
+            self.next_disk_id = id
+                .checked_add(1)
+                .ok_or_else(|| invalid("disks", "disk ids exhausted"))?;
+            disks.push(DiskRecord {
+                name: d.name.clone(),
+                id,
+                size: d.size_bytes,
+            });
+        }
+        let vm = VmRecord {
+            name: spec.name.clone(),
+            origin,
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            power_state,
+            disks,
+            prepared: false,
+            boot: spec.boot.clone(),
+            nics: spec.nics.clone(),
+        };
+        self.vms.push(vm.clone());
+        Ok(vm.inventory())
+    }
+}
+
 /// The VMs of a host; the simulated driver. See the module documentation.
 pub struct VmCatalog {
     path: PathBuf,
@@ -483,39 +528,7 @@ impl HypervisorDriver for VmCatalog {
             if s.vms.iter().any(|v| v.name == spec.name) {
                 return Err(HypervisorError::DuplicateVm(spec.name.clone()));
             }
-            if let Some(d) = spec.disks.iter().find(|d| {
-                s.vms
-                    .iter()
-                    .flat_map(|v| &v.disks)
-                    .any(|o| o.name == d.name)
-            }) {
-                return Err(HypervisorError::DuplicateDisk(d.name.clone()));
-            }
-            let mut disks = Vec::new();
-            for d in &spec.disks {
-                let id = s.next_disk_id;
-                s.next_disk_id = id
-                    .checked_add(1)
-                    .ok_or_else(|| invalid("disks", "disk ids exhausted"))?;
-                disks.push(DiskRecord {
-                    name: d.name.clone(),
-                    id,
-                    size: d.size_bytes,
-                });
-            }
-            let vm = VmRecord {
-                name: spec.name.clone(),
-                origin: Origin::Runtime,
-                cpus: spec.cpus,
-                memory_mib: spec.memory_mib,
-                power_state: PowerState::On,
-                disks,
-                prepared: false,
-                boot: spec.boot.clone(),
-                nics: spec.nics.clone(),
-            };
-            s.vms.push(vm.clone());
-            Ok(vm.inventory())
+            s.add(spec, Origin::Runtime, PowerState::On)
         })?;
         tracing::info!(vm = %vm.name, disks = vm.disks.len(), "VM created");
         let _ = self.events.send(event(
@@ -583,39 +596,7 @@ impl HypervisorDriver for VmCatalog {
                     Err(HypervisorError::DuplicateVm(spec.name.clone()))
                 };
             }
-            if let Some(d) = spec.disks.iter().find(|d| {
-                s.vms
-                    .iter()
-                    .flat_map(|v| &v.disks)
-                    .any(|o| o.name == d.name)
-            }) {
-                return Err(HypervisorError::DuplicateDisk(d.name.clone()));
-            }
-            let mut disks = Vec::new();
-            for d in &spec.disks {
-                let id = s.next_disk_id;
-                s.next_disk_id = id
-                    .checked_add(1)
-                    .ok_or_else(|| invalid("disks", "disk ids exhausted"))?;
-                disks.push(DiskRecord {
-                    name: d.name.clone(),
-                    id,
-                    size: d.size_bytes,
-                });
-            }
-            let vm = VmRecord {
-                name: spec.name.clone(),
-                origin: Origin::Recovered,
-                cpus: spec.cpus,
-                memory_mib: spec.memory_mib,
-                power_state: PowerState::Off,
-                disks,
-                prepared: false,
-                boot: spec.boot.clone(),
-                nics: spec.nics.clone(),
-            };
-            s.vms.push(vm.clone());
-            Ok(vm.inventory())
+            s.add(spec, Origin::Recovered, PowerState::Off)
         })?;
         tracing::info!(vm = %vm.name, disks = vm.disks.len(), "recovered VM created");
         let _ = self.events.send(event(
